@@ -1,0 +1,54 @@
+# weir: the commands a newcomer needs. `make help` lists them.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+HARNESS := PYTHONPATH=tests $(PY) -m harness
+# Go lives in /usr/local/go on Debian images that install it from the tarball.
+export PATH := $(PATH):/usr/local/go/bin
+
+.PHONY: help setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
+
+help: ## List the targets and what they do
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install weir (editable) with the dev tools, pinned by constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
+	$(BIN)/ruff check runtime operator tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test-unit: setup ## Fast tests of the pure logic; no servers
+	$(PY) -m pytest tests/unit -q
+
+test-integration: setup ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts (and builds once)
+	$(PY) -m pytest tests/integration -q
+
+test: lint test-unit test-integration ## Everything: lint, unit and server-backed tests (what CI runs)
+
+services-up: setup ## Start Kafka and S3 for manual work and print how to reach them
+	$(HARNESS) up kafka s3
+
+services-down: setup ## Stop the servers started by services-up
+	$(HARNESS) down kafka s3
+
+kube-up: setup ## Start a kube-apiserver + etcd (built from Go modules on first use) and print its kubeconfig
+	$(HARNESS) up kube
+
+kube-down: setup ## Stop the kube-apiserver and etcd
+	$(HARNESS) down kube
+
+clean: ## Remove the virtualenv and caches inside the repo (the server cache in ~/.cache/weir stays)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
