@@ -11,10 +11,15 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 # Go lives in /usr/local/go on Debian images that install it from the tarball.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: help setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
+
+.PHONY: help demo setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
+
+demo: setup ## Command 1: start a local Kafka broker and run the revenue-per-minute example on generated events
+	$(HARNESS) up kafka
+	$(BIN)/weir demo --bootstrap-servers 127.0.0.1:$${WEIR_KAFKA_PORT:-19092}
 
 setup: $(STAMP) ## Create .venv and install weir (editable) with the dev tools, pinned by constraints.txt
 

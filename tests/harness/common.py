@@ -75,8 +75,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None,
-               interval: float = 0.2) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, log: Path | None = None, interval: float = 0.2
+) -> None:
     """Poll ``check`` until it is true; on timeout raise ServerError with the log's tail."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -116,8 +117,13 @@ def spawn(cmd: list[str], rdir: Path, env: dict[str, str] | None = None, cwd: Pa
     log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        start_new_session=True,
     )
     log.close()
     (rdir / "pid").write_text(str(proc.pid))

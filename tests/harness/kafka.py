@@ -95,12 +95,22 @@ def ensure_jars() -> Path:
             return libs
         tmp = libs.with_name("libs.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-               f"-DoutputDirectory={tmp}", "-DincludeScope=runtime", f"-Dkafka.version={VERSION}"]
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+            f"-Dkafka.version={VERSION}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise ServerError(f"fetching Kafka {VERSION} jars with Maven failed:\n"
-                              f"{done.stdout}\n{done.stderr}")
+            raise ServerError(
+                f"fetching Kafka {VERSION} jars with Maven failed:\n{done.stdout}\n{done.stderr}"
+            )
         shutil.rmtree(libs, ignore_errors=True)
         tmp.rename(libs)
         marker.write_text(VERSION)
@@ -135,32 +145,72 @@ def up() -> Running:
         controller_port = env_port("WEIR_KAFKA_CONTROLLER_PORT", 19093)
         for p in (port, controller_port):
             if port_open(p):
-                raise ServerError(f"port {p} is taken by another process; set WEIR_KAFKA_PORT / "
-                                  "WEIR_KAFKA_CONTROLLER_PORT to free ports")
+                raise ServerError(
+                    f"port {p} is taken by another process; set WEIR_KAFKA_PORT / "
+                    "WEIR_KAFKA_CONTROLLER_PORT to free ports"
+                )
         data = rdir / "data"
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir()
         props = rdir / "server.properties"
-        props.write_text(SERVER_PROPERTIES.format(host=HOST, port=port, controller_port=controller_port,
-                                                  data=data, max_message_bytes=MAX_MESSAGE_BYTES))
+        props.write_text(
+            SERVER_PROPERTIES.format(
+                host=HOST,
+                port=port,
+                controller_port=controller_port,
+                data=data,
+                max_message_bytes=MAX_MESSAGE_BYTES,
+            )
+        )
         log4j = rdir / "log4j.properties"
         log4j.write_text(LOG4J.format(log=rdir / "broker.log"))
         classpath = f"{libs}/*"
         java = _java()
         log_opt = f"-Dlog4j.configuration=file:{log4j}"
-        cluster_id = subprocess.run(
-            [java, "-cp", classpath, log_opt, "kafka.tools.StorageTool", "random-uuid"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]
+        cluster_id = (
+            subprocess.run(
+                [java, "-cp", classpath, log_opt, "kafka.tools.StorageTool", "random-uuid"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         fmt = subprocess.run(
-            [java, "-cp", classpath, log_opt, "kafka.tools.StorageTool", "format",
-             "-t", cluster_id, "-c", str(props)],
-            capture_output=True, text=True, check=False,
+            [
+                java,
+                "-cp",
+                classpath,
+                log_opt,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
             raise ServerError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
-        spawn([java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", log_opt,
-               "-cp", classpath, "kafka.Kafka", str(props)], rdir)
+        spawn(
+            [
+                java,
+                "-Xms256m",
+                "-Xmx1g",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                log_opt,
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(props),
+            ],
+            rdir,
+        )
         bootstrap = f"{HOST}:{port}"
         wait_until(lambda: port_open(port), 60, "Kafka broker port", rdir / "server.log")
         wait_until(lambda: _broker_ready(bootstrap), 60, "Kafka broker metadata", rdir / "server.log")
@@ -174,8 +224,10 @@ def down() -> None:
 
 
 def describe(r: Running) -> str:
-    return (f"Kafka {r.info['version']} (KRaft, single node): bootstrap.servers={r.info['bootstrap']}\n"
-            f"  logs: {r.run_dir / 'server.log'}, {r.info['log']}")
+    return (
+        f"Kafka {r.info['version']} (KRaft, single node): bootstrap.servers={r.info['bootstrap']}\n"
+        f"  logs: {r.run_dir / 'server.log'}, {r.info['log']}"
+    )
 
 
 @dataclass(frozen=True)
@@ -209,8 +261,9 @@ class KafkaHelper:
     def unique(self, prefix: str = "t") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
-    def create_topic(self, name: str | None = None, partitions: int = 1,
-                     config: dict[str, str] | None = None) -> str:
+    def create_topic(
+        self, name: str | None = None, partitions: int = 1, config: dict[str, str] | None = None
+    ) -> str:
         from confluent_kafka.admin import NewTopic
 
         name = name or self.unique()
@@ -226,14 +279,24 @@ class KafkaHelper:
 
     def _has_leaders(self, topic: str, partitions: int) -> bool:
         md = self.admin().list_topics(topic, timeout=5).topics.get(topic)
-        return (md is not None and md.error is None and len(md.partitions) == partitions
-                and all(p.leader >= 0 for p in md.partitions.values()))
+        return (
+            md is not None
+            and md.error is None
+            and len(md.partitions) == partitions
+            and all(p.leader >= 0 for p in md.partitions.values())
+        )
 
     def producer(self, **config: Any) -> Any:
         from confluent_kafka import Producer
 
-        return Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5,
-                         "message.max.bytes": MAX_MESSAGE_BYTES, **config})
+        return Producer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "linger.ms": 5,
+                "message.max.bytes": MAX_MESSAGE_BYTES,
+                **config,
+            }
+        )
 
     def produce(self, topic: str, records: Iterable[dict[str, Any]]) -> int:
         """Produce records given as dicts with ``value`` and optional ``key``, ``partition``,
@@ -268,8 +331,10 @@ class KafkaHelper:
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.unique("probe")})
         try:
             md = consumer.list_topics(topic, timeout=10).topics[topic]
-            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in sorted(md.partitions)}
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in sorted(md.partitions)
+            }
         finally:
             consumer.close()
 
@@ -284,11 +349,16 @@ class KafkaHelper:
     def _iter_all(self, topic: str, isolation: str, timeout: float) -> Iterator[Message]:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap, "group.id": self.unique("reader"),
-            "isolation.level": isolation, "enable.auto.commit": False,
-            "enable.partition.eof": True, "auto.offset.reset": "earliest",
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": self.unique("reader"),
+                "isolation.level": isolation,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+            }
+        )
         try:
             partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -305,8 +375,15 @@ class KafkaHelper:
                             continue
                         raise AssertionError(f"reading {topic}: {err}")
                     pending.add(msg.partition())  # more records after an earlier EOF
-                    yield Message(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-                                  msg.timestamp()[1], tuple(msg.headers() or ()))
+                    yield Message(
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.key(),
+                        msg.value(),
+                        msg.timestamp()[1],
+                        tuple(msg.headers() or ()),
+                    )
         finally:
             consumer.close()
 
@@ -318,4 +395,3 @@ class KafkaHelper:
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
         result = self.admin().list_consumer_group_offsets([request])[group].result(timeout=30)
         return {tp.partition: tp.offset for tp in result.topic_partitions}
-

@@ -59,11 +59,15 @@ def ensure_built() -> Path:
         env = {**os.environ, "GOBIN": str(path.parent), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
         done = subprocess.run(
             [go, "install", "-trimpath", "-ldflags", "-s -w", f"{MINIO_MODULE}@{MINIO_VERSION}"],
-            capture_output=True, text=True, env=env, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         if done.returncode != 0 or not path.exists():
-            raise ServerError(f"building MinIO {MINIO_VERSION} failed:\n"
-                              f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+            raise ServerError(
+                f"building MinIO {MINIO_VERSION} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+            )
     return path
 
 
@@ -77,10 +81,27 @@ def _start(rdir: Path, port: int, console_port: int, fresh: bool) -> None:
     if fresh:
         shutil.rmtree(data, ignore_errors=True)
     data.mkdir(exist_ok=True)
-    env = {"MINIO_ROOT_USER": ACCESS_KEY, "MINIO_ROOT_PASSWORD": SECRET_KEY, "MINIO_BROWSER": "off",
-           "MINIO_UPDATE": "off", "MINIO_REGION": REGION}
-    spawn([str(ensure_built()), "server", "--quiet", "--address", f"{HOST}:{port}",
-           "--console-address", f"{HOST}:{console_port}", str(data)], rdir, env=env)
+    env = {
+        "MINIO_ROOT_USER": ACCESS_KEY,
+        "MINIO_ROOT_PASSWORD": SECRET_KEY,
+        "MINIO_BROWSER": "off",
+        "MINIO_UPDATE": "off",
+        "MINIO_REGION": REGION,
+    }
+    spawn(
+        [
+            str(ensure_built()),
+            "server",
+            "--quiet",
+            "--address",
+            f"{HOST}:{port}",
+            "--console-address",
+            f"{HOST}:{console_port}",
+            str(data),
+        ],
+        rdir,
+        env=env,
+    )
     wait_until(lambda: _ready(port), 60, "MinIO", rdir / "server.log")
 
 
@@ -97,12 +118,20 @@ def up() -> Running:
         console_port = env_port("WEIR_S3_CONSOLE_PORT", 19001)
         for p in (port, console_port):
             if port_open(p):
-                raise ServerError(f"port {p} is taken by another process; set WEIR_S3_PORT / "
-                                  "WEIR_S3_CONSOLE_PORT to free ports")
+                raise ServerError(
+                    f"port {p} is taken by another process; set WEIR_S3_PORT / "
+                    "WEIR_S3_CONSOLE_PORT to free ports"
+                )
         _start(rdir, port, console_port, fresh=True)
-        info = {"endpoint": f"http://{HOST}:{port}", "port": port, "console_port": console_port,
-                "access_key": ACCESS_KEY, "secret_key": SECRET_KEY, "region": REGION,
-                "version": MINIO_VERSION}
+        info = {
+            "endpoint": f"http://{HOST}:{port}",
+            "port": port,
+            "console_port": console_port,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "region": REGION,
+            "version": MINIO_VERSION,
+        }
         write_info(rdir, info)
         return Running(NAME, info, rdir, started_here=True)
 
@@ -113,9 +142,11 @@ def down() -> None:
 
 def describe(r: Running) -> str:
     i = r.info
-    return (f"S3 (MinIO {i['version']}): endpoint {i['endpoint']} region {i['region']}\n"
-            f"  AWS_ACCESS_KEY_ID={i['access_key']} AWS_SECRET_ACCESS_KEY={i['secret_key']}\n"
-            f"  logs: {r.run_dir / 'server.log'}")
+    return (
+        f"S3 (MinIO {i['version']}): endpoint {i['endpoint']} region {i['region']}\n"
+        f"  AWS_ACCESS_KEY_ID={i['access_key']} AWS_SECRET_ACCESS_KEY={i['secret_key']}\n"
+        f"  logs: {r.run_dir / 'server.log'}"
+    )
 
 
 @dataclass
@@ -146,10 +177,17 @@ class S3Helper:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                          connect_timeout=2, read_timeout=10),
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2},
+                connect_timeout=2,
+                read_timeout=10,
+            ),
         )
 
     def new_bucket(self) -> str:
@@ -159,8 +197,12 @@ class S3Helper:
 
     def env(self) -> dict[str, str]:
         """The variables a worker process reads to reach this server."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": self.region, "AWS_ENDPOINT_URL_S3": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
 
     def stop(self) -> None:
         """Stop the server process but keep its data (an outage, not a wipe)."""

@@ -15,8 +15,13 @@ from harness.s3 import S3Helper
 
 
 def _transactional_producer(kafka: KafkaHelper) -> Producer:
-    producer = Producer({"bootstrap.servers": kafka.bootstrap,
-                         "transactional.id": kafka.unique("txn"), "enable.idempotence": True})
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "transactional.id": kafka.unique("txn"),
+            "enable.idempotence": True,
+        }
+    )
     producer.init_transactions(30)
     return producer
 
@@ -53,9 +58,15 @@ def test_offsets_sent_with_a_transaction_become_the_groups_committed_offsets(kaf
     kafka.produce(source, ({"value": f"v{i}".encode(), "partition": i % 4} for i in range(100)))
     group = kafka.unique("group")
 
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         "isolation.level": "read_committed"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.assign([TopicPartition(source, p, 0) for p in range(4)])
     producer = _transactional_producer(kafka)
     consumed: dict[int, int] = {}

@@ -1,0 +1,192 @@
+"""The `weir` command: run a worker, validate a manifest, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from weir import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_KAFKA_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weir", description="Stateful, windowed Kafka pipelines. Run `weir COMMAND --help` for details."
+    )
+    parser.add_argument("--version", action="version", version=f"weir {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one worker of a StreamJob",
+        description="Run one worker of the StreamJob in JOB (YAML or JSON manifest). Worker I of N owns "
+        "the input partitions p with p % N == I, for the source topics and for the "
+        "repartition topic alike. Metrics and the control API are served on --http-port. "
+        "SIGTERM finishes the current batch, flushes output, commits and exits 0.",
+        epilog="exit codes: 0 stopped cleanly, 1 failed while running, 2 invalid manifest or missing "
+        "topic, 3 Kafka unreachable",
+    )
+    run.add_argument("job", type=Path, help="StreamJob manifest, YAML or JSON")
+    run.add_argument(
+        "--worker-index",
+        type=int,
+        help="this worker's index I (default: WEIR_WORKER_INDEX, the pod ordinal in Kubernetes, else 0)",
+    )
+    run.add_argument(
+        "--workers", type=int, help="number of workers N (default: WEIR_WORKERS, else spec.parallelism)"
+    )
+    run.add_argument("--bootstrap-servers", help="override spec.kafka.bootstrapServers")
+    run.add_argument(
+        "--state-dir", type=Path, help="where RocksDB state lives (default: WEIR_STATE_DIR, else <tmp>/weir)"
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        help="metrics and control port (default: WEIR_HTTP_PORT, else 9249; 0 picks a free port)",
+    )
+    run.add_argument("--http-host", default="0.0.0.0", help="address to serve HTTP on (default 0.0.0.0)")
+    run.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to retry an unreachable broker before giving up (default 60)",
+    )
+    run.add_argument(
+        "--commit-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often output, state and offsets are made durable (default 5)",
+    )
+    run.add_argument("--print-results", action="store_true", help="also print each window result")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a StreamJob manifest and print its plan",
+        description="Validate a StreamJob manifest; errors name the field path.",
+    )
+    validate.add_argument("job", type=Path)
+
+    demo = sub.add_parser(
+        "demo",
+        help="generate e-commerce events and run the revenue-per-minute example on them",
+        description="Create the example topics, produce simulated e-commerce events (page views, "
+        "add-to-cart, purchases) at 60x speed, run one worker of the revenue-per-minute "
+        "example and print each window's result as it closes.",
+    )
+    demo.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=40.0,
+        metavar="SECONDS",
+        help="stop after this long (default 40; Ctrl-C stops earlier)",
+    )
+    demo.add_argument("--rate", type=int, default=2000, help="events per second (default 2000)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "demo":
+        from weir import demo
+
+        return demo.main(args.bootstrap_servers, args.duration, args.rate)
+    return _run(args)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from weir.spec import SpecError, load_job
+
+    try:
+        job = load_job(args.job)
+    except SpecError as exc:
+        print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    plan = job.pipeline.plan()
+    print(f"{job.namespace}/{job.name}: valid")
+    print(f"  source topics: {', '.join(job.pipeline.source.topics)}")
+    print(f"  repartition topic: {job.repartition_topic or '(none: keyed by the message key)'}")
+    print(f"  window: {plan.window.type}; outputs: {', '.join(plan.aggregate.outputs)}")
+    print(f"  sink: {job.pipeline.sink.topic}; dead letters: {job.dead_letter_topic}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from weir import kafka as kio
+    from weir.config import Environment
+    from weir.control import ControlServer
+    from weir.metrics import WorkerMetrics
+    from weir.spec import SpecError, load_job
+    from weir.worker import Worker, WorkerSettings, plan_for
+
+    log = logging.getLogger("weir")
+    env = Environment.read()
+    try:
+        job = load_job(args.job)
+    except SpecError as exc:
+        print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    workers = args.workers or env.workers or job.spec.parallelism
+    index = args.worker_index if args.worker_index is not None else (env.worker_index or 0)
+    if not 0 <= index < workers:
+        print(f"--worker-index {index} is outside 0..{workers - 1}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    kafka = kio.KafkaSettings(
+        bootstrap_servers=args.bootstrap_servers or env.bootstrap_servers or job.spec.kafka.bootstrap_servers,
+        consumer=dict(job.spec.kafka.consumer),
+        producer=dict(job.spec.kafka.producer),
+        connect_timeout_s=args.connect_timeout,
+    )
+    settings = WorkerSettings(
+        index=index,
+        count=workers,
+        state_dir=(args.state_dir or env.state_dir) / job.namespace / job.name,
+        http_host=args.http_host,
+        http_port=args.http_port if args.http_port is not None else env.http_port,
+        commit_interval_s=args.commit_interval,
+    )
+    metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)
+
+    def show(record: dict[str, Any]) -> None:
+        print(orjson.dumps(record).decode(), flush=True)
+
+    worker = Worker(plan_for(job), kafka, settings, metrics, on_result=show if args.print_results else None)
+    worker.install_signal_handlers()
+    control = ControlServer(
+        metrics.registry,
+        alive=worker.alive,
+        ready=lambda: (worker.ready, "" if worker.ready else "connecting to Kafka and restoring state"),
+        status=worker.status,
+        host=settings.http_host,
+        port=settings.http_port,
+    )
+    control.start()
+    log.info("serving metrics and control on %s:%d", settings.http_host, control.port)
+    try:
+        return worker.run()
+    except (kio.TopicMissing, SpecError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_SPEC
+    except kio.KafkaUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_KAFKA_UNAVAILABLE
+    finally:
+        control.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Per-record preparation: one generated function per pipeline decodes, filters, keys and timestamps records.
+
+``compile_prepare(pipeline)`` turns the part of a pipeline before its window (source
+decoding, event time, filters, select, rename, key) into a single Python function,
+generated as source and compiled once, so the hot path makes no per-step calls. The
+function reads every field straight from the decoded source record (``FieldScope`` maps
+names through select and rename) and builds the output record once, after all filters.
+
+Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``:
+
+- returns ``(group_key, event_time_ms, record)``, or ``None`` when a filter drops the
+  record;
+- raises ``DeadLetter(reason, detail)`` for a record that cannot be processed. Reasons:
+  ``too_large`` (value longer than ``source.maxValueBytes``; checked before decoding),
+  ``decode_error`` (not JSON; for ``raw``, not UTF-8), ``not_an_object`` (JSON but not an
+  object, or a null value), ``missing_field`` (event-time, key or aggregate field absent),
+  ``wrong_type`` (event time, key or numeric aggregate field of the wrong JSON type),
+  ``bad_timestamp`` (event time unparsable or outside year 1970..9999, or a negative Kafka
+  timestamp), ``bad_key`` (message key not UTF-8).
+
+Order of checks: size, decoding, filters, then event time, key and aggregate fields. A
+record a filter drops is therefore never dead-lettered for its other fields (page views
+without a price do not pollute the dead-letter topic of a revenue job).
+
+Keys are strings: a message key is decoded as UTF-8 and a null message key is ``""``; a key
+field must hold a string or an integer (written in decimal); any other type is
+``wrong_type``, null included.
+
+Repartitioning: when ``pipeline.plan().repartition`` is set, stage 1 runs ``prepare`` and
+forwards each result with ``encode_forward`` (message key = group key, value = the JSON
+array ``[event_time_ms, record]``); stage 2 reads the repartition topic with
+``prepare_repartitioned``, which returns the same triple without re-checking. The event
+time travels in the value rather than the Kafka timestamp so that it does not depend on
+the topic's timestamp type or on time-based retention of old event times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias
+
+import orjson
+
+from weir.spec import Condition, FieldScope, Pipeline, PipelineLike, as_pipeline
+
+__all__ = [
+    "REASONS",
+    "DeadLetter",
+    "Prepare",
+    "Prepared",
+    "Reason",
+    "compile_prepare",
+    "encode_forward",
+    "prepare_repartitioned",
+    "prepare_source",
+]
+
+Reason: TypeAlias = Literal[
+    "too_large", "decode_error", "not_an_object", "missing_field", "wrong_type", "bad_timestamp", "bad_key"
+]
+REASONS: Final[tuple[Reason, ...]] = (
+    "too_large",
+    "decode_error",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "bad_timestamp",
+    "bad_key",
+)
+
+Prepared: TypeAlias = tuple[str, int, dict[str, Any]]
+"""(group key, event time in epoch milliseconds, record)."""
+
+Prepare: TypeAlias = Callable[[bytes | None, bytes | None, int], Prepared | None]
+"""``prepare(value, key, kafka_ts_ms)``; see the module docstring for the contract."""
+
+
+class DeadLetter(Exception):
+    """A record cannot be processed; it goes to the dead-letter topic with ``reason``
+    (one of ``REASONS``) and a human-readable ``detail``."""
+
+    __slots__ = ("detail", "reason")
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+# Event times must fall in years 1970..9999: the range ISO 8601 strings can express, and a
+# guard against seconds written where milliseconds are expected being taken literally.
+_MAX_EVENT_TIME_MS: Final = 253_402_300_800_000
+
+_MISSING: Final = object()
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_fromisoformat: Final = datetime.fromisoformat
+
+
+_JSON_TYPES: Final = {
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for dead-letter details."""
+    if value is None:
+        return "null"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _iso_to_ms(text: str) -> int:
+    """Epoch milliseconds of an ISO 8601 timestamp with a UTC offset; ``DeadLetter`` otherwise."""
+    try:
+        moment = _fromisoformat(text)
+    except ValueError:
+        raise DeadLetter("bad_timestamp", f"not an ISO 8601 timestamp: {text[:64]!r}") from None
+    if moment.tzinfo is None:
+        # The spec cannot say which zone the producer meant; guessing UTC would silently
+        # shift every window, so such records are dead-lettered instead.
+        raise DeadLetter("bad_timestamp", f"ISO 8601 timestamp without UTC offset: {text[:64]!r}")
+    delta = moment - _EPOCH
+    return delta.days * 86_400_000 + delta.seconds * 1_000 + delta.microseconds // 1_000
+
+
+def _key_of(value: object, field: str) -> str:
+    """A key field's value as a string (slow path: the value is not a string)."""
+    if value.__class__ is int:
+        return str(value)
+    if value is _MISSING:
+        raise DeadLetter("missing_field", f"key field {field!r} is missing")
+    got = _json_type(value)
+    raise DeadLetter("wrong_type", f"key field {field!r} must be a string or integer, not {got}")
+
+
+def _decode_key(key: bytes) -> str:
+    try:
+        return key.decode()
+    except UnicodeDecodeError as exc:
+        raise DeadLetter("bad_key", f"message key is not UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+def _decode_error(exc: Exception) -> DeadLetter:
+    return DeadLetter("decode_error", str(exc))
+
+
+def _not_an_object(value: object) -> DeadLetter:
+    return DeadLetter("not_an_object", f"the value is a JSON {_json_type(value)}, not an object")
+
+
+def _out_of_range(millis: int, what: str) -> DeadLetter:
+    return DeadLetter("bad_timestamp", f"{millis} ms is outside years 1970..9999 ({what})")
+
+
+def _check_number(value: object, field: str, why: str) -> None:
+    """Raise the right ``DeadLetter`` for a value that failed the fast numeric test."""
+    if value is _MISSING:
+        raise DeadLetter("missing_field", f"{why} field {field!r} is missing")
+    raise DeadLetter("wrong_type", f"{why} field {field!r} must be a number, not {_json_type(value)}")
+
+
+# --------------------------------------------------------------------------- code generation
+
+
+class _Source:
+    """A tiny emitter of indented Python source lines plus the constants they refer to."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.constants: dict[str, object] = {}
+        self._temps = 0
+
+    def emit(self, depth: int, line: str) -> None:
+        self.lines.append("    " * depth + line)
+
+    def constant(self, value: object) -> str:
+        name = f"_k{len(self.constants)}"
+        self.constants[name] = value
+        return name
+
+    def temp(self) -> str:
+        self._temps += 1
+        return f"_v{self._temps}"
+
+
+def _condition_expr(src: _Source, condition: Condition, scope: FieldScope) -> str:
+    """A Python expression over the decoded source record ``r`` that is the condition's value."""
+    if condition.and_ is not None:
+        return "(" + " and ".join(_condition_expr(src, c, scope) for c in condition.and_) + ")"
+    if condition.or_ is not None:
+        return "(" + " or ".join(_condition_expr(src, c, scope) for c in condition.or_) + ")"
+    if condition.not_ is not None:
+        return f"(not {_condition_expr(src, condition.not_, scope)})"
+    assert condition.field is not None and condition.op is not None
+    field = repr(scope.source_of(condition.field))
+    op, value = condition.op, condition.value
+    if op == "exists":
+        return f"({field} in r)"
+    if op in ("eq", "ne"):
+        expr = _equals_expr(src, field, value)
+        return expr if op == "eq" else f"(not {expr})"
+    if op in ("in", "notIn"):
+        assert isinstance(value, tuple)
+        expr = _member_expr(src, field, value)
+        return expr if op == "in" else f"(not {expr})"
+    python_op = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
+    v = src.temp()
+    if isinstance(value, str):
+        return f"(({v} := r.get({field})).__class__ is str and {v} {python_op} {value!r})"
+    is_number = f"(({v} := r.get({field})).__class__ is int or {v}.__class__ is float)"
+    return f"({is_number} and {v} {python_op} {value!r})"
+
+
+def _equals_expr(src: _Source, field: str, value: object) -> str:
+    if value is None:
+        return f"(r.get({field}, _MISSING) is None)"
+    if isinstance(value, bool):
+        return f"(r.get({field}) is {value!r})"
+    if isinstance(value, str):
+        # str.__eq__ is only true for strings, so no type test is needed.
+        return f"(r.get({field}) == {value!r})"
+    v = src.temp()
+    # Python has True == 1; JSON booleans are not numbers.
+    return f"(({v} := r.get({field})) == {value!r} and {v}.__class__ is not bool)"
+
+
+def _member_expr(src: _Source, field: str, values: tuple[object, ...]) -> str:
+    strings = frozenset(v for v in values if isinstance(v, str))
+    numbers = frozenset(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
+    booleans = frozenset(v for v in values if isinstance(v, bool))
+    v = src.temp()
+    # Only hashable JSON scalars may meet a set (arrays and objects would raise), and a
+    # boolean must not match a number (True in {1} is true in Python).
+    parts = []
+    first = f"({v} := r.get({field}, _MISSING))"
+    if strings:
+        parts.append(f"({first}.__class__ is str and {v} in {src.constant(strings)})")
+        first = v
+    if numbers:
+        is_number = f"({first}.__class__ is int or {v}.__class__ is float)"
+        parts.append(f"({is_number} and {v} in {src.constant(numbers)})")
+        first = v
+    if booleans:
+        parts.append(f"({first}.__class__ is bool and {v} in {src.constant(booleans)})")
+        first = v
+    if None in values:
+        parts.append(f"({first} is None)")
+    return "(" + " or ".join(parts) + ")" if parts else "False"
+
+
+def _generate(pipeline: Pipeline) -> _Source:
+    plan = pipeline.plan()
+    source = pipeline.source
+    src = _Source()
+    emit = src.emit
+    emit(0, "def prepare(value, key, kafka_ts_ms):")
+
+    # -- decode
+    limit = source.max_value_bytes
+    if source.format == "json":
+        emit(1, "if value is None:")
+        emit(2, "raise DeadLetter('not_an_object', 'the value is null (a tombstone)')")
+        emit(1, f"if len(value) > {limit}:")
+        emit(2, f"raise DeadLetter('too_large', f'{{len(value)}} bytes > maxValueBytes {limit}')")
+        emit(1, "try:")
+        emit(2, "r = _loads(value)")
+        emit(1, "except _JSONDecodeError as exc:")
+        emit(2, "raise _decode_error(exc) from None")
+        emit(1, "if r.__class__ is not dict:")
+        emit(2, "raise _not_an_object(r)")
+    else:
+        emit(1, "if value is None:")
+        emit(2, "r = {'value': None}")
+        emit(1, "else:")
+        emit(2, f"if len(value) > {limit}:")
+        emit(3, f"raise DeadLetter('too_large', f'{{len(value)}} bytes > maxValueBytes {limit}')")
+        emit(2, "try:")
+        emit(3, "r = {'value': value.decode()}")
+        emit(2, "except UnicodeDecodeError as exc:")
+        emit(3, "raise DeadLetter('decode_error', f'not UTF-8: {exc.reason} at byte {exc.start}') from None")
+
+    # -- filters (reading source fields through the select/rename mapping so far)
+    scope = FieldScope(raw=source.format == "raw")
+    key_scope_field: str | None = None
+    for index, step in enumerate(pipeline.steps):
+        if step.filter is not None:
+            emit(1, f"if not {_condition_expr(src, step.filter, scope)}:  # steps[{index}]")
+            emit(2, "return None")
+        elif step.select is not None:
+            scope.select(index, step.select)
+        elif step.rename is not None:
+            scope.rename(index, step.rename)
+        elif step.key_by is not None and step.key_by.field is not None:
+            key_scope_field = scope.source_of(step.key_by.field)
+        elif step.window is not None:
+            break
+
+    # -- event time
+    event_time = source.event_time
+    if event_time is None or event_time.field is None:
+        emit(1, "t = kafka_ts_ms")
+        emit(1, "if t < 0:")
+        emit(2, "raise DeadLetter('bad_timestamp', f'Kafka record timestamp is {t}')")
+    else:
+        name = repr(event_time.field)
+        what = f"event-time field {event_time.field!r}"
+        emit(1, f"t = r.get({name}, _MISSING)")
+        if event_time.format == "iso8601":
+            emit(1, "if t.__class__ is str:")
+            emit(2, "t = _iso_to_ms(t)")
+        else:
+            emit(1, "if t.__class__ is int:")
+            emit(2, "t = t * 1000" if event_time.format == "epochSeconds" else "pass")
+            emit(1, "elif t.__class__ is float:")
+            # round, not int(): 1700000000.123 * 1000 is 1700000000122.9999...
+            emit(2, "t = round(t * 1000)" if event_time.format == "epochSeconds" else "t = int(t)")
+        emit(1, "elif t is _MISSING:")
+        emit(2, f"raise DeadLetter('missing_field', {what + ' is missing'!r})")
+        emit(1, "else:")
+        kind = "a string" if event_time.format == "iso8601" else "a number"
+        emit(2, f"raise DeadLetter('wrong_type', {what + ' must be ' + kind + ', not '!r} + _json_type(t))")
+        emit(1, f"if not 0 <= t < {_MAX_EVENT_TIME_MS}:")
+        emit(2, f"raise _out_of_range(t, {what!r})")
+
+    # -- key
+    if plan.key_from == "messageKey":
+        emit(1, "k = '' if key is None else _decode_key(key)")
+    else:
+        read = key_scope_field if plan.key_from == "keyByField" else plan.key_field
+        assert read is not None and plan.key_field is not None
+        emit(1, f"k = r.get({read!r}, _MISSING)")
+        emit(1, "if k.__class__ is not str:")
+        emit(2, f"k = _key_of(k, {plan.key_field!r})")
+
+    # -- fields the aggregate reads
+    numeric = set(plan.aggregate.numeric_fields())
+    present: set[str] = set()
+    for field in plan.aggregate.fields():
+        read = scope.source_of(field)
+        present.add(read)
+        if field in numeric:
+            v = src.temp()
+            emit(1, f"{v} = r.get({read!r}, _MISSING)")
+            emit(1, f"if not ({v}.__class__ is float or {v}.__class__ is int):")
+            emit(2, f"_check_number({v}, {field!r}, 'aggregate')")
+        else:
+            emit(1, f"if {read!r} not in r:")
+            message = f"aggregate field {field!r} is missing"
+            emit(2, f"raise DeadLetter('missing_field', {message!r})")
+    if key_scope_field is not None:
+        present.add(key_scope_field)
+
+    # -- output record, built once
+    if scope.passthrough:
+        moves = scope.output_moves()
+        dropped = scope.dropped()
+        temps = []
+        for _current, origin in moves:
+            v = src.temp()
+            temps.append(v)
+            emit(1, f"{v} = r.pop({origin!r}, _MISSING)")
+        for name in sorted(dropped - {origin for _, origin in moves}):
+            emit(1, f"r.pop({name!r}, None)")
+        for (current, _origin), v in zip(moves, temps, strict=True):
+            emit(1, f"if {v} is not _MISSING:")
+            emit(2, f"r[{current!r}] = {v}")
+        emit(1, "return k, t, r")
+    else:
+        always = {cur: origin for cur, origin in scope.explicit.items() if origin in present}
+        items = ", ".join(f"{cur!r}: r[{origin!r}]" for cur, origin in always.items())
+        emit(1, f"o = {{{items}}}")
+        for current, origin in scope.explicit.items():
+            if current in always:
+                continue
+            emit(1, f"if {origin!r} in r:")
+            emit(2, f"o[{current!r}] = r[{origin!r}]")
+        emit(1, "return k, t, o")
+    return src
+
+
+_NAMESPACE: Final[dict[str, object]] = {
+    "DeadLetter": DeadLetter,
+    "_MISSING": _MISSING,
+    "_loads": orjson.loads,
+    "_JSONDecodeError": orjson.JSONDecodeError,
+    "_decode_error": _decode_error,
+    "_not_an_object": _not_an_object,
+    "_json_type": _json_type,
+    "_iso_to_ms": _iso_to_ms,
+    "_key_of": _key_of,
+    "_decode_key": _decode_key,
+    "_check_number": _check_number,
+    "_out_of_range": _out_of_range,
+}
+
+
+def prepare_source(pipeline: Pipeline | PipelineLike) -> str:
+    """The Python source ``compile_prepare`` generates for ``pipeline`` (for reading and debugging)."""
+    return "\n".join(_generate(as_pipeline(pipeline)).lines) + "\n"
+
+
+def compile_prepare(pipeline: Pipeline | PipelineLike) -> Prepare:
+    """Compile the pre-window part of ``pipeline`` into one prepare function (see the module
+    docstring for its contract). With a repartition, this is stage 1's function."""
+    generated = _generate(as_pipeline(pipeline))
+    text = "\n".join(generated.lines) + "\n"
+    namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants}
+    # The source is generated from a validated spec; names and values enter it only via repr().
+    exec(compile(text, "<weir prepare>", "exec"), namespace)
+    function: Prepare = namespace["prepare"]
+    return function
+
+
+def encode_forward(group_key: str, event_time_ms: int, record: dict[str, Any]) -> tuple[bytes, bytes]:
+    """Message key and value with which stage 1 forwards a prepared record to the
+    repartition topic; ``prepare_repartitioned`` reads them back."""
+    return group_key.encode(), orjson.dumps((event_time_ms, record))
+
+
+def prepare_repartitioned(value: bytes | None, key: bytes | None, kafka_ts_ms: int) -> Prepared:
+    """Stage 2's prepare: read a record written by ``encode_forward``.
+
+    Stage 1 has already filtered and checked it, so nothing is re-validated except the
+    framing; ``kafka_ts_ms`` is ignored (the event time is in the value). Raises
+    ``DeadLetter`` (``decode_error``/``not_an_object``/``bad_key``) only for records that
+    were not written by ``encode_forward``.
+    """
+    if value is None:
+        raise DeadLetter("not_an_object", "the value is null (a tombstone)")
+    try:
+        event_time, record = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise _decode_error(exc) from None
+    except (TypeError, ValueError):
+        raise DeadLetter("not_an_object", "not an [event_time, record] pair") from None
+    if event_time.__class__ is not int or record.__class__ is not dict:
+        raise DeadLetter("not_an_object", "not an [event_time, record] pair")
+    return ("" if key is None else _decode_key(key)), event_time, record

@@ -1,0 +1,701 @@
+"""The worker process: consumes its partitions, runs the pipeline's stages, produces results.
+
+Data path of one worker (index ``I`` of ``N``)::
+
+    source partitions p with p % N == I ──► prepare (decode, time, filter, key)
+        ├─ no repartition: window + aggregate per partition ──► sink topic
+        └─ repartition:    ──► repartition topic (records + watermark markers)
+    repartition partitions q with q % N == I ──► window + aggregate per partition ──► sink
+
+Every input partition is a *task* with its own watermark and (if it windows) its own
+RocksDB store, so a partition's state and its offset always move together and results do
+not depend on how partitions are spread over workers.
+
+Watermarks. A task's watermark is ``max event time seen - maxOutOfOrderness`` and only
+rises; it is read per record, so whether a record is late does not depend on batching.
+When a task has had no record for ``idleTimeout`` its watermark follows the wall clock
+(``now - maxOutOfOrderness``): windows of a quiet partition still close, and a quiet
+upstream partition does not hold back the repartitioned stage. A repartitioned task's
+watermark is the minimum over every upstream source partition, learnt from the watermark
+markers (records with a null key) that each upstream task writes to every repartition
+partition; until every upstream partition has reported, it does not advance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_STORED, KafkaError, KafkaException, TopicPartition
+
+from weir import kafka as kio
+from weir.aggregates import Aggregator, compile_aggregates
+from weir.records import DeadLetter, compile_prepare, encode_forward, prepare_repartitioned
+from weir.spec import Job
+from weir.state import PartitionStore
+from weir.windowing import NO_WATERMARK, WindowOperator, WindowResult
+
+log = logging.getLogger(__name__)
+
+Prepare = Callable[[bytes | None, bytes | None, int], "tuple[str, int, dict[str, Any]] | None"]
+
+
+class LateRecord(Exception):
+    """A record whose every window had closed when it arrived."""
+
+    reason = "late"
+
+    def __init__(self, ts: int, watermark: int) -> None:
+        self.detail = (
+            f"event time {ts} is at or behind the watermark {watermark} by more than "
+            "allowedLateness for every window it belongs to"
+        )
+        super().__init__(self.detail)
+
+
+class DeliveryFailed(RuntimeError):
+    """A record could not be delivered to Kafka; the worker stops without committing."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything the worker needs from the job, resolved once from the spec (``plan_for``)."""
+
+    job_id: str
+    group_id: str
+    source_topics: tuple[str, ...]
+    start_from: str
+    prepare: Prepare
+    dead_letter_types: type[Exception]
+    max_out_of_orderness_ms: int
+    idle_timeout_ms: int
+    window_kind: str
+    size_ms: int | None
+    slide_ms: int | None
+    gap_ms: int | None
+    allowed_lateness_ms: int
+    aggregator: Aggregator
+    emit: str
+    sink_topic: str
+    dead_letter_topic: str | None
+    repartition_topic: str | None = None
+    repartition_partitions: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How this worker runs: its place among the workers, where state lives, its HTTP port."""
+
+    index: int
+    count: int
+    state_dir: Path
+    http_host: str = "0.0.0.0"
+    http_port: int = 9249
+    batch_size: int = 5000
+    commit_interval_s: float = 5.0
+    watermark_interval_s: float = 0.2
+    max_cached_windows: int = 1_000_000
+    shutdown_timeout_s: float = 20.0
+
+
+def plan_for(job: Job) -> RunPlan:
+    """Resolve a loaded job into what the worker runs."""
+    pipeline = job.pipeline
+    plan = pipeline.plan()
+    window, aggregate = plan.window, plan.aggregate
+    specs = [(name, o.fn, o.field) for name, o in aggregate.outputs.items()]
+    return RunPlan(
+        job_id=f"{job.namespace}/{job.name}",
+        group_id=job.consumer_group,
+        source_topics=tuple(pipeline.source.topics),
+        start_from=pipeline.source.start_from,
+        prepare=compile_prepare(pipeline),
+        dead_letter_types=DeadLetter,
+        max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
+        idle_timeout_ms=pipeline.watermark.idle_timeout,
+        window_kind=window.type,
+        size_ms=window.size,
+        slide_ms=window.slide,
+        gap_ms=window.gap,
+        allowed_lateness_ms=window.allowed_lateness,
+        aggregator=compile_aggregates(specs),
+        emit=aggregate.emit,
+        sink_topic=pipeline.sink.topic,
+        dead_letter_topic=job.dead_letter_topic,
+        repartition_topic=job.repartition_topic,
+        repartition_partitions=plan.repartition.partitions if plan.repartition else None,
+    )
+
+
+def assigned(partitions: int, index: int, count: int) -> list[int]:
+    """The static assignment rule: worker ``index`` of ``count`` owns p with p % count == index."""
+    return [p for p in range(partitions) if p % count == index]
+
+
+@dataclass(eq=False)
+class Task:
+    """One input partition: its watermark, its position, and (when it windows) its operator."""
+
+    topic: str
+    partition: int
+    label: str
+    op: WindowOperator | None
+    store: PartitionStore | None
+    forward: bool = False
+    wm: int = NO_WATERMARK
+    next_offset: int = -1
+    last_record: float = 0.0
+    idle: bool = False
+    records: int = 0
+    bytes: int = 0
+    late: int = 0
+    # Repartitioned tasks: watermark per upstream source partition.
+    upstream: dict[str, int] = field(default_factory=dict)
+    wm_sent: int = NO_WATERMARK
+    metrics: Any = None
+    published: tuple[int, int, int] = (0, 0, 0)
+
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition, self.next_offset)
+
+
+_ISO_CACHE: dict[int, str] = {}
+
+
+def iso(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds; window bounds repeat for many keys, so cache them."""
+    s = _ISO_CACHE.get(ms)
+    if s is None:
+        if len(_ISO_CACHE) > 100_000:
+            _ISO_CACHE.clear()
+        s = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+        s = s.replace("+00:00", "Z")
+        _ISO_CACHE[ms] = s
+    return s
+
+
+def result_record(r: WindowResult, with_final: bool) -> dict[str, Any]:
+    """The sink record of one window result (the shape documented in the README)."""
+    out: dict[str, Any] = {
+        "key": r.key,
+        "windowStart": iso(r.start),
+        "windowEnd": iso(r.end),
+        "windowStartMs": r.start,
+        "windowEndMs": r.end,
+    }
+    out.update(r.values)
+    if with_final:
+        out["final"] = r.final
+    return out
+
+
+class Worker:
+    """Runs one worker until ``stop()`` (or SIGTERM); see the module docstring."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        kafka: kio.KafkaSettings,
+        settings: WorkerSettings,
+        metrics: Any = None,
+        wall_ms: Callable[[], int] | None = None,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.kafka = kafka
+        self.settings = settings
+        self.metrics = metrics
+        self._wall_ms = wall_ms or (lambda: int(time.time() * 1000))
+        self._on_result = on_result
+        self._stop = threading.Event()
+        self._errors: list[str] = []
+        self.tasks: dict[tuple[str, int], Task] = {}
+        self.upstream_count = 0
+        self.ready = False
+        self.alive_at = time.monotonic()
+        self.busy_s = 0.0
+        self.started = time.monotonic()
+        self.dead_lettered: dict[str, int] = {}
+        self.records_out = 0
+        self.out_counts: dict[str, int] = {}
+        self.out_bytes: dict[str, int] = {}
+        self.queue_full = 0
+        self._published: dict[str, tuple[int, int]] = {}
+        self._status: dict[str, Any] = {}
+        from weir.metrics import BusyTracker, RateTracker
+
+        self._busy = BusyTracker(clock=time.perf_counter)
+        self._rate = RateTracker(clock=time.perf_counter)
+
+    # -- life cycle ---------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def alive(self) -> bool:
+        """Liveness: the loop has come round within the last 60 s."""
+        return time.monotonic() - self.alive_at < 60.0
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _on_delivery_error(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def run(self) -> int:
+        """Consume, process and produce until stopped; returns the process exit code."""
+        plan, settings = self.plan, self.settings
+        admin = kio.admin(self.kafka)
+        partitions = kio.wait_for_broker(admin, self.kafka)
+        wanted = {t: "spec.pipeline.source.topics" for t in plan.source_topics}
+        wanted[plan.sink_topic] = "spec.pipeline.sink.topic"
+        if plan.dead_letter_topic:
+            wanted[plan.dead_letter_topic] = "spec.pipeline.deadLetter.topic"
+        kio.require_topics(partitions, wanted, self.kafka.bootstrap_servers)
+        self.upstream_count = sum(partitions[t] for t in plan.source_topics)
+        repart_partitions = 0
+        if plan.repartition_topic:
+            repart_partitions = kio.ensure_topic(
+                admin,
+                plan.repartition_topic,
+                plan.repartition_partitions or max(partitions[t] for t in plan.source_topics),
+                partitions,
+            )
+
+        self.consumer = kio.new_consumer(kio.consumer_config(self.kafka, plan.group_id, plan.start_from))
+        self.producer = kio.new_producer(kio.producer_config(self.kafka, self._on_delivery_error))
+        try:
+            self._build_tasks(partitions, repart_partitions)
+            assignment = [t.tp() for t in self.tasks.values()]
+            self.consumer.assign(assignment)
+            self.ready = True
+            log.info(
+                "worker %d/%d of %s assigned %s",
+                settings.index,
+                settings.count,
+                plan.job_id,
+                ", ".join(t.label for t in self.tasks.values()) or "nothing",
+            )
+            self._loop(repart_partitions)
+            self._commit()
+            return 0
+        except DeliveryFailed as exc:
+            log.error("stopping without commit: %s", exc)
+            return 1
+        finally:
+            self.ready = False
+            with contextlib.suppress(Exception):
+                self.consumer.close()
+            for task in self.tasks.values():
+                if task.store is not None:
+                    task.store.close()
+
+    def _build_tasks(self, partitions: dict[str, int], repart_partitions: int) -> None:
+        plan, settings = self.plan, self.settings
+        windows_here = plan.repartition_topic is None
+        for topic in plan.source_topics:
+            for p in assigned(partitions[topic], settings.index, settings.count):
+                self._add_task(topic, p, window=windows_here)
+        if plan.repartition_topic:
+            for q in assigned(repart_partitions, settings.index, settings.count):
+                self._add_task(plan.repartition_topic, q, window=True)
+
+    def _add_task(self, topic: str, partition: int, window: bool) -> None:
+        plan = self.plan
+        label = f"{topic}-{partition}"
+        op = store = None
+        if window:
+            store = PartitionStore(
+                self.settings.state_dir / label,
+                plan.aggregator.dumps,
+                plan.aggregator.loads,
+                self.settings.max_cached_windows,
+            )
+            op = WindowOperator(
+                plan.window_kind,
+                plan.size_ms,
+                plan.slide_ms,
+                plan.gap_ms,
+                plan.allowed_lateness_ms,
+                plan.aggregator,
+                plan.emit,  # type: ignore[arg-type]
+                store,
+            )
+        task = Task(topic, partition, label, op, store, forward=not window, last_record=time.monotonic())
+        task.next_offset = OFFSET_STORED
+        if self.metrics is not None:
+            task.metrics = self.metrics.bind_partition(label)
+        progress = store.progress if store is not None else None
+        if progress is not None and op is not None:
+            # Local state wins: it was written together with the offset it matches.
+            task.next_offset = int(progress["offset"])
+            task.wm = int(progress["wm"])
+            task.upstream = {k: int(v) for k, v in progress.get("upstream", {}).items()}
+            op.restore()
+        self.tasks[(topic, partition)] = task
+
+    # -- the hot loop -------------------------------------------------------------------
+    def _loop(self, repart_partitions: int) -> None:
+        consumer, settings = self.consumer, self.settings
+        batch_size = settings.batch_size
+        next_commit = time.monotonic() + settings.commit_interval_s
+        next_tick = 0.0
+        perf = time.perf_counter
+        while not self._stop.is_set():
+            msgs = consumer.consume(batch_size, timeout=0.1)
+            t0 = perf()
+            if msgs:
+                self._process(msgs, repart_partitions)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now, repart_partitions)
+                next_tick = now + settings.watermark_interval_s
+            self.producer.poll(0)
+            if self._errors:
+                raise DeliveryFailed("; ".join(self._errors[:3]))
+            if now >= next_commit:
+                self._commit()
+                next_commit = time.monotonic() + settings.commit_interval_s
+            t1 = perf()
+            self.busy_s += t1 - t0
+            if msgs:
+                self._busy.add_busy(t0, t1)
+                self._rate.add(len(msgs))
+            self.alive_at = now
+
+    def _process(self, msgs: list[Any], repart_partitions: int) -> None:
+        by_task: dict[Task, list[Any]] = {}
+        tasks = self.tasks
+        last_key: tuple[str, int] | None = None
+        bucket: list[Any] = []
+        for m in msgs:
+            if m.error() is not None:
+                self._consume_error(m.error())
+                continue
+            key = (m.topic(), m.partition())
+            if key != last_key:
+                task = tasks[key]
+                bucket = by_task.setdefault(task, [])
+                last_key = key
+            bucket.append(m)
+        now = time.monotonic()
+        for task, batch in by_task.items():
+            task.last_record = now
+            task.idle = False
+            if task.forward:
+                self._forward(task, batch, repart_partitions)
+            elif task.topic == self.plan.repartition_topic:
+                self._window_repartitioned(task, batch)
+            else:
+                self._window_source(task, batch)
+            task.next_offset = batch[-1].offset() + 1
+            self._fire(task)
+
+    def _consume_error(self, err: Any) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consumer: %s", err)
+
+    def _window_source(self, task: Task, batch: list[Any]) -> None:
+        """Stage 1 without repartition: prepare and window each record of one partition."""
+        prepare = self.plan.prepare
+        dead = self.plan.dead_letter_types
+        assert task.op is not None
+        process = task.op.process
+        ooo = self.plan.max_out_of_orderness_ms
+        wm = task.wm
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            if value is not None:
+                nbytes += len(value)
+            try:
+                out = prepare(value, m.key(), m.timestamp()[1])
+            except dead as exc:
+                self._dead_letter(m, exc)
+                continue
+            if out is None:
+                continue
+            key, ts, record = out
+            if not process(key, ts, record, wm):
+                task.late += 1
+                self._dead_letter_late(m, ts, wm)
+            if ts - ooo > wm:
+                wm = ts - ooo
+        task.wm = wm
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    def _forward(self, task: Task, batch: list[Any], repart_partitions: int) -> None:
+        """Stage 1 with repartition: prepare each record and send it on by its group key."""
+        prepare = self.plan.prepare
+        dead = self.plan.dead_letter_types
+        topic = self.plan.repartition_topic
+        assert topic is not None
+        produce = self._produce
+        ooo = self.plan.max_out_of_orderness_ms
+        wm = task.wm
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            if value is not None:
+                nbytes += len(value)
+            try:
+                out = prepare(value, m.key(), m.timestamp()[1])
+            except dead as exc:
+                self._dead_letter(m, exc)
+                continue
+            if out is None:
+                continue
+            key, ts, record = out
+            # Keyed by the group key: Kafka's partitioner spreads keys over the repartition
+            # partitions deterministically, so a key always lands on the same task.
+            fkey, fvalue = encode_forward(key, ts, record)
+            produce(topic, fvalue, fkey)
+            if ts - ooo > wm:
+                wm = ts - ooo
+        task.wm = wm
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    def _window_repartitioned(self, task: Task, batch: list[Any]) -> None:
+        """Stage 2: records and upstream watermark markers from the repartition topic."""
+        assert task.op is not None
+        process = task.op.process
+        loads = orjson.loads
+        upstream = task.upstream
+        wm = self._min_upstream(task)
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            nbytes += len(value) if value is not None else 0
+            k = m.key()
+            if k is None:  # a watermark marker: {"src": "<topic>-<partition>", "wm": ms}
+                marker = loads(value)
+                if marker["wm"] > upstream.get(marker["src"], NO_WATERMARK):
+                    upstream[marker["src"]] = marker["wm"]
+                    wm = self._min_upstream(task)
+                continue
+            try:
+                key, ts, record = prepare_repartitioned(value, k, 0)
+            except DeadLetter as exc:
+                self._dead_letter(m, exc)
+                continue
+            if not process(key, ts, record, wm):
+                task.late += 1
+                self._dead_letter_late(m, ts, wm)
+        task.wm = max(task.wm, wm)
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    def _min_upstream(self, task: Task) -> int:
+        if len(task.upstream) < self.upstream_count:
+            return NO_WATERMARK
+        return min(task.upstream.values())
+
+    def _fire(self, task: Task) -> None:
+        if task.op is None:
+            return
+        results = task.op.advance(task.wm)
+        if not results:
+            return
+        topic = self.plan.sink_topic
+        with_final = self.plan.emit == "updates"
+        produce = self._produce
+        dumps = orjson.dumps
+        for r in results:
+            record = result_record(r, with_final)
+            produce(topic, dumps(record), r.key.encode())
+            if self._on_result is not None:
+                self._on_result(record)
+        self.records_out += len(results)
+
+    def _tick(self, now: float, repart_partitions: int) -> None:
+        """Periodic work: idle watermarks, watermark markers, firing, status and metrics."""
+        idle_after = self.plan.idle_timeout_ms / 1000
+        wall = self._wall_ms()
+        floor = wall - self.plan.max_out_of_orderness_ms
+        for task in self.tasks.values():
+            if task.topic == self.plan.repartition_topic:
+                task.wm = max(task.wm, self._min_upstream(task))
+            elif idle_after > 0 and now - task.last_record >= idle_after:
+                task.idle = True
+                if floor > task.wm:
+                    task.wm = floor
+            if task.forward:
+                self._send_markers(task, repart_partitions)
+            else:
+                self._fire(task)
+        self._publish(now)
+
+    def _send_markers(self, task: Task, repart_partitions: int) -> None:
+        if task.wm == task.wm_sent or task.wm == NO_WATERMARK:
+            return
+        topic = self.plan.repartition_topic
+        assert topic is not None
+        marker = orjson.dumps({"src": task.label, "wm": task.wm})
+        for q in range(repart_partitions):
+            self._produce(topic, marker, None, q)
+        task.wm_sent = task.wm
+
+    # -- output -------------------------------------------------------------------------
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int = -1,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
+        producer = self.producer
+        while True:
+            try:
+                producer.produce(topic, value, key, partition, headers=headers)
+                self.out_counts[topic] = self.out_counts.get(topic, 0) + 1
+                self.out_bytes[topic] = self.out_bytes.get(topic, 0) + (len(value) if value else 0)
+                return
+            except BufferError:
+                # The producer's queue is full: back-pressure. Stop taking input until
+                # deliveries make room; never drop and never crash.
+                self.queue_full += 1
+                if self.metrics is not None:
+                    self.metrics.producer_queue_full_total.inc()
+                producer.poll(0.05)
+
+    def _dead_letter(self, m: Any, exc: Exception) -> None:
+        reason = str(getattr(exc, "reason", "error"))
+        detail = str(getattr(exc, "detail", exc))
+        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.dead_letter_total.labels(reason=reason).inc()
+        topic = self.plan.dead_letter_topic
+        if topic is None:
+            log.warning(
+                "dead letter (%s) at %s-%d@%d dropped: no deadLetter topic configured: %s",
+                reason,
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                detail,
+            )
+            return
+        # An oversized value is not copied: it would fail the same size limit again. The
+        # headers locate the original in its source topic.
+        value = None if reason == "too_large" else m.value()
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("weir.reason", reason.encode()),
+            ("weir.detail", detail[:1000].encode()),
+            ("weir.source.topic", m.topic().encode()),
+            ("weir.source.partition", str(m.partition()).encode()),
+            ("weir.source.offset", str(m.offset()).encode()),
+        ]
+        self._produce(topic, value, m.key(), -1, headers)
+
+    def _dead_letter_late(self, m: Any, ts: int, wm: int) -> None:
+        self._dead_letter(m, LateRecord(ts, wm))
+
+    # -- commit points ------------------------------------------------------------------
+    def _commit(self) -> None:
+        """Make output durable, then state with its offsets, then the group's offsets.
+
+        At-least-once: a crash after the flush but before the commit replays records whose
+        results were already written. (Exactly-once through transactions replaces this.)
+        """
+        remaining = self.producer.flush(self.settings.shutdown_timeout_s)
+        if remaining or self._errors:
+            raise DeliveryFailed(f"{remaining} records undelivered; {'; '.join(self._errors[:3])}")
+        offsets = []
+        for task in self.tasks.values():
+            if task.next_offset < 0:
+                continue
+            if task.store is not None:
+                task.store.flush({"offset": task.next_offset, "wm": task.wm, "upstream": task.upstream})
+                if task.metrics is not None:
+                    task.metrics.state_size.set(task.store.size_bytes())
+            offsets.append(task.tp())
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("committing offsets failed (will retry at the next commit point): %s", exc)
+
+    # -- observation --------------------------------------------------------------------
+    def _publish(self, now: float) -> None:
+        wall = self._wall_ms()
+        partitions = []
+        for task in self.tasks.values():
+            lag = None
+            with contextlib.suppress(KafkaException):
+                _lo, hi = self.consumer.get_watermark_offsets(task.tp(), cached=True)
+                if hi >= 0 and task.next_offset >= 0:
+                    lag = max(0, hi - task.next_offset)
+            if task.metrics is not None:
+                self._publish_task(task, lag, wall)
+            partitions.append(
+                {
+                    "partition": task.label,
+                    "offset": task.next_offset,
+                    "lag": lag,
+                    "watermark": None if task.wm == NO_WATERMARK else task.wm,
+                    "watermarkLagMs": None if task.wm == NO_WATERMARK else wall - task.wm,
+                    "idle": task.idle,
+                    "records": task.records,
+                    "late": task.late,
+                    "openWindows": task.op.open_windows if task.op is not None else 0,
+                }
+            )
+        if self.metrics is not None:
+            for topic, count in self.out_counts.items():
+                nbytes = self.out_bytes.get(topic, 0)
+                before, before_bytes = self._published.get(topic, (0, 0))
+                if count > before:
+                    self.metrics.records_out_total.labels(topic).inc(count - before)
+                    self.metrics.bytes_out_total.labels(topic).inc(nbytes - before_bytes)
+                    self._published[topic] = (count, nbytes)
+            self.metrics.busy_ratio.set(self._busy.ratio())
+            self.metrics.processing_rate.set(self._rate.rate())
+        elapsed = max(1e-9, now - self.started)
+        self._status = {
+            "job": self.plan.job_id,
+            "worker": self.settings.index,
+            "workers": self.settings.count,
+            "ready": self.ready,
+            "partitions": partitions,
+            "busyRatio": self._busy.ratio(),
+            "busyRatioSinceStart": min(1.0, self.busy_s / elapsed),
+            "recordsPerSecond": self._rate.rate(),
+            "recordsIn": sum(t.records for t in self.tasks.values()),
+            "recordsOut": self.records_out,
+            "deadLettered": dict(self.dead_lettered), "producerQueueFull": self.queue_full,
+        }
+
+    def _publish_task(self, task: Task, lag: int | None, wall: int) -> None:
+        """Move a task's counters to its metrics by the change since the last publish."""
+        pm = task.metrics
+        records, nbytes, late = task.published
+        pm.records_in.inc(task.records - records)
+        pm.bytes_in.inc(task.bytes - nbytes)
+        pm.late_records.inc(task.late - late)
+        task.published = (task.records, task.bytes, task.late)
+        if lag is not None:
+            pm.consumer_lag.set(lag)
+        if task.wm != NO_WATERMARK:
+            pm.set_watermark(task.wm, wall)
+        if task.op is not None:
+            pm.open_windows.set(task.op.open_windows)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for the control API (replaced, never mutated, so safe across threads)."""
+        return self._status

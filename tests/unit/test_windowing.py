@@ -1,0 +1,371 @@
+"""The window operator over random multi-partition streams, against the brute-force reference."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from weir.aggregates import AggSpec, compile_aggregates
+from weir.testing import Event, InMemoryWindowStore, random_events, reference_windows
+from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult
+
+SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+
+SPECS: list[AggSpec] = [
+    ("n", "count", None),
+    ("revenue", "sum", "price"),
+    ("cheapest", "min", "price"),
+    ("dearest", "max", "price"),
+    ("avg_qty", "avg", "qty"),
+    ("users", "count_distinct", "user"),
+    ("first_user", "first", "user"),
+    ("last_price", "last", "price"),
+]
+EMIT_MODES: list[EmitMode] = ["final", "updates"]
+END_OF_TIME = 2**62
+
+Window = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    size: int | None
+    slide: int | None
+    gap: int | None
+    lateness: int
+
+
+@dataclass
+class Run:
+    outputs: list[list[WindowResult]] = field(default_factory=list)
+    late: list[Event] = field(default_factory=list)
+
+    def finals(self) -> dict[Window, dict[str, Any]]:
+        out: dict[Window, dict[str, Any]] = {}
+        for batch in self.outputs:
+            for r in batch:
+                if r.final:
+                    assert (r.key, r.start, r.end) not in out, f"{r} fired twice"
+                    out[(r.key, r.start, r.end)] = r.values
+        return out
+
+
+def typed(results: dict[Window, dict[str, Any]]) -> dict[Window, str]:
+    """Compare values with their JSON types (1 vs 1.0 vs True), which == ignores."""
+    return {k: json.dumps(v, sort_keys=True) for k, v in results.items()}
+
+
+def run_operator(
+    events: list[Event],
+    shape: Shape,
+    ooo: int,
+    emit: EmitMode,
+    *,
+    seed: int,
+    advance_probability: float = 0.3,
+    restore_at: int | None = None,
+    serialised_store: bool = False,
+) -> Run:
+    """Feed ``events`` partition by partition in random batches, advancing at random boundaries.
+
+    Each record's watermark is its partition's max event time before it minus ``ooo``. With
+    ``restore_at``, every partition's operator is thrown away at that batch boundary and a new
+    one is restored from a copy of its store that went through dumps/loads (as a restart would).
+    """
+    agg = compile_aggregates(SPECS)
+    rng = random.Random(seed)
+
+    def new_store() -> InMemoryWindowStore:
+        return InMemoryWindowStore(agg.dumps, agg.loads) if serialised_store else InMemoryWindowStore()
+
+    def new_operator(store: InMemoryWindowStore) -> WindowOperator:
+        return WindowOperator(
+            shape.kind, shape.size, shape.slide, shape.gap, shape.lateness, agg, emit, store
+        )
+
+    partitions = sorted({e[0] for e in events})
+    stores = {p: new_store() for p in partitions}
+    ops = {p: new_operator(stores[p]) for p in partitions}
+    max_ts: dict[int, int] = {}
+    run = Run()
+    i = 0
+    restored = False
+    while i < len(events):
+        if restore_at is not None and not restored and i >= restore_at:
+            restored = True
+            for p in partitions:
+                copy = new_store()
+                for k, acc in stores[p].items():
+                    copy.put(k, agg.loads(agg.dumps(acc)))
+                stores[p] = copy
+                ops[p] = new_operator(copy)
+                ops[p].restore()
+        batch = events[i : i + rng.randint(1, 12)]
+        i += len(batch)
+        by_partition: dict[int, list[tuple[str, int, dict[str, Any], int]]] = {}
+        origin: dict[int, list[Event]] = {}
+        for event in batch:
+            p, key, ts, record = event
+            watermark = max_ts[p] - ooo if p in max_ts else NO_WATERMARK
+            max_ts[p] = max(max_ts.get(p, ts), ts)
+            by_partition.setdefault(p, []).append((key, ts, record, watermark))
+            origin.setdefault(p, []).append(event)
+        late_items: list[tuple[str, int, dict[str, Any], int]] = []
+        for p, items in by_partition.items():
+            late_items.extend(ops[p].process_batch(items))
+            if rng.random() < advance_probability:
+                run.outputs.append(ops[p].advance(max_ts[p] - ooo))
+        # process_batch returns the late items themselves; map them back to events, in order.
+        late_ids = {id(item[2]) for item in late_items}
+        run.late.extend(e for e in batch if id(e[3]) in late_ids)
+    for p in partitions:
+        run.outputs.append(ops[p].advance(END_OF_TIME))
+        assert ops[p].open_windows == 0
+        assert len(stores[p]) == 0
+    return run
+
+
+def check_output_order(run: Run) -> None:
+    for batch in run.outputs:
+        flags = [r.final for r in batch]
+        assert flags == sorted(flags), "updates come before finals"
+        for final in (False, True):
+            order = [(r.end, r.key, r.start) for r in batch if r.final is final]
+            assert order == sorted(order)
+            assert len(set(order)) == len(order), "a window is emitted at most once per advance"
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, kind: str) -> tuple[list[Event], Shape, int]:
+    size = draw(st.integers(min_value=1, max_value=60))
+    shape = Shape(
+        kind=kind,
+        size=size,
+        slide=draw(st.integers(min_value=1, max_value=size)),
+        gap=draw(st.integers(min_value=1, max_value=40)),
+        lateness=draw(st.integers(min_value=0, max_value=30)),
+    )
+    ooo = draw(st.integers(min_value=0, max_value=40))
+    events = random_events(
+        draw(st.integers(min_value=0, max_value=2**32)),
+        draw(st.integers(min_value=0, max_value=250)),
+        partitions=draw(st.integers(min_value=1, max_value=3)),
+        keys=draw(st.integers(min_value=1, max_value=6)),
+        start_ms=draw(st.sampled_from([0, -1000, 1_700_000_000_000])),
+        mean_step_ms=draw(st.integers(min_value=0, max_value=10)),
+        max_out_of_orderness_ms=draw(st.integers(min_value=0, max_value=50)),
+        too_late_fraction=draw(st.sampled_from([0.0, 0.05, 0.2])),
+    )
+    return events, shape, ooo
+
+
+def check_against_reference(scenario: tuple[list[Event], Shape, int], emit: EmitMode, seed: int) -> None:
+    events, shape, ooo = scenario
+    expected, expected_late = reference_windows(
+        events, shape.kind, shape.size, shape.slide, shape.gap, shape.lateness, ooo, SPECS
+    )
+    run = run_operator(events, shape, ooo, emit, seed=seed, serialised_store=seed % 2 == 0)
+    check_output_order(run)
+    assert typed(run.finals()) == typed(expected)
+    assert run.late == expected_late
+    if emit == "updates":
+        check_updates_end_in_the_final_value(run)
+    else:
+        assert all(r.final for batch in run.outputs for r in batch)
+
+
+def check_updates_end_in_the_final_value(run: Run) -> None:
+    last_update: dict[Window, dict[str, Any]] = {}
+    finished: set[Window] = set()
+    for batch in run.outputs:
+        for r in batch:
+            w = (r.key, r.start, r.end)
+            assert w not in finished, "nothing is emitted for a window after its final result"
+            if r.final:
+                finished.add(w)
+                assert typed({w: last_update[w]}) == typed({w: r.values})
+            else:
+                last_update[w] = r.values
+
+
+@pytest.mark.parametrize("emit", EMIT_MODES)
+@SETTINGS
+@given(scenario=scenarios("tumbling"), seed=st.integers(min_value=0, max_value=1000))
+def test_tumbling_windows_match_the_brute_force_reference(
+    emit: EmitMode, scenario: tuple[list[Event], Shape, int], seed: int
+) -> None:
+    check_against_reference(scenario, emit, seed)
+
+
+@pytest.mark.parametrize("emit", EMIT_MODES)
+@SETTINGS
+@given(scenario=scenarios("sliding"), seed=st.integers(min_value=0, max_value=1000))
+def test_sliding_windows_match_the_brute_force_reference(
+    emit: EmitMode, scenario: tuple[list[Event], Shape, int], seed: int
+) -> None:
+    check_against_reference(scenario, emit, seed)
+
+
+@pytest.mark.parametrize("emit", EMIT_MODES)
+@SETTINGS
+@given(scenario=scenarios("session"), seed=st.integers(min_value=0, max_value=1000))
+def test_session_windows_match_the_brute_force_reference(
+    emit: EmitMode, scenario: tuple[list[Event], Shape, int], seed: int
+) -> None:
+    check_against_reference(scenario, emit, seed)
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+@SETTINGS
+@given(data=st.data(), seed=st.integers(min_value=0, max_value=1000))
+def test_restoring_from_the_store_mid_stream_gives_the_same_results(
+    kind: str, data: st.DataObject, seed: int
+) -> None:
+    events, shape, ooo = data.draw(scenarios(kind))
+    restore_at = data.draw(st.integers(min_value=0, max_value=max(0, len(events))))
+    emit = data.draw(st.sampled_from(EMIT_MODES))
+    expected, expected_late = reference_windows(
+        events, shape.kind, shape.size, shape.slide, shape.gap, shape.lateness, ooo, SPECS
+    )
+    run = run_operator(events, shape, ooo, emit, seed=seed, restore_at=restore_at)
+    assert typed(run.finals()) == typed(expected)
+    assert run.late == expected_late
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+@settings(deadline=None, max_examples=15)
+@given(scenario=st.data())
+def test_results_do_not_depend_on_how_often_advance_is_called(kind: str, scenario: st.DataObject) -> None:
+    events, shape, ooo = scenario.draw(scenarios(kind))
+    never = run_operator(events, shape, ooo, "final", seed=1, advance_probability=0.0)
+    always = run_operator(events, shape, ooo, "final", seed=2, advance_probability=1.0)
+    assert typed(never.finals()) == typed(always.finals())
+    assert never.late == always.late
+
+
+# -- specific behaviours ----------------------------------------------------------------------
+
+
+def operator(kind: str = "tumbling", emit: EmitMode = "final", lateness: int = 0) -> WindowOperator:
+    agg = compile_aggregates([("n", "count", None), ("s", "sum", "x")])
+    return WindowOperator(kind, 10, 5, 10, lateness, agg, emit, InMemoryWindowStore())
+
+
+def test_a_record_whose_windows_are_all_closed_is_late_and_stores_nothing() -> None:
+    op = operator(lateness=3)
+    assert op.process("a", 5, {"x": 1}, 11)  # [0,10) closes at W = 9 + 3 = 12
+    assert not op.process("a", 5, {"x": 1}, 12)
+    assert op.open_windows == 1
+    assert op.advance(12) == [WindowResult("a", 0, 10, {"n": 1, "s": 1}, True)]
+    assert op.open_windows == 0
+
+
+def test_lateness_comes_from_the_watermark_not_from_what_is_in_memory() -> None:
+    # [0,10) has fired and gone; a record for it that arrives with a watermark of 8 would be
+    # in time, but watermarks never go back: the operator already saw 9, so the record is late
+    # and the window is not emitted a second time.
+    op = operator()
+    assert op.process("a", 1, {"x": 1}, NO_WATERMARK)
+    assert [r.final for r in op.advance(9)] == [True]
+    assert not op.process("a", 2, {"x": 1}, 8)
+    assert op.advance(END_OF_TIME) == []
+
+
+def test_closed_windows_fire_in_order_of_end_then_key() -> None:
+    op = operator()
+    for key, ts in [("b", 3), ("a", 13), ("a", 4), ("c", 1), ("b", 25)]:
+        assert op.process(key, ts, {"x": ts}, NO_WATERMARK)
+    fired = op.advance(19)
+    assert [(r.key, r.start) for r in fired] == [("a", 0), ("b", 0), ("c", 0), ("a", 10)]
+    assert op.open_windows == 1
+    assert [(r.key, r.start) for r in op.advance(END_OF_TIME)] == [("b", 20)]
+
+
+def test_updates_mode_emits_each_changed_window_once_per_advance_then_its_final_value() -> None:
+    op = operator(emit="updates")
+    op.process("a", 1, {"x": 1}, NO_WATERMARK)
+    op.process("a", 2, {"x": 2}, NO_WATERMARK)
+    op.process("b", 12, {"x": 5}, NO_WATERMARK)
+    assert op.advance(0) == [
+        WindowResult("a", 0, 10, {"n": 2, "s": 3}, False),
+        WindowResult("b", 10, 20, {"n": 1, "s": 5}, False),
+    ]
+    assert op.advance(1) == []  # nothing changed
+    op.process("a", 3, {"x": 3}, 1)
+    assert op.advance(9) == [
+        WindowResult("a", 0, 10, {"n": 3, "s": 6}, False),
+        WindowResult("a", 0, 10, {"n": 3, "s": 6}, True),
+    ]
+
+
+def test_a_record_bridging_two_sessions_merges_them() -> None:
+    op = operator("session")
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10)
+    op.process("a", 15, {"x": 2}, NO_WATERMARK)  # [15,25)
+    assert op.open_windows == 2
+    op.process("a", 9, {"x": 4}, NO_WATERMARK)  # [9,19) touches both
+    assert op.open_windows == 1
+    assert op.advance(END_OF_TIME) == [WindowResult("a", 0, 25, {"n": 3, "s": 7}, True)]
+
+
+@pytest.mark.parametrize("advance_first", [True, False])
+def test_a_record_never_joins_a_session_that_is_already_closed(advance_first: bool) -> None:
+    op = operator("session")
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10), closed from W = 9
+    fired = op.advance(9) if advance_first else []
+    # In time for its own session [5,15) but overlapping the closed [0,10): a new session,
+    # whether or not [0,10) has been fired yet.
+    assert op.process("a", 5, {"x": 2}, 9)
+    fired += op.advance(END_OF_TIME)
+    assert fired == [
+        WindowResult("a", 0, 10, {"n": 1, "s": 1}, True),
+        WindowResult("a", 5, 15, {"n": 1, "s": 2}, True),
+    ]
+
+
+def test_a_closed_but_unfired_session_survives_a_restore_without_absorbing_new_records() -> None:
+    agg = compile_aggregates([("n", "count", None)])
+    store = InMemoryWindowStore()
+    op = WindowOperator("session", None, None, 10, 0, agg, "final", store)
+    op.process("a", 0, {}, NO_WATERMARK)
+    op.process("a", 20, {}, 9)  # [0,10) is closed now but not fired
+    restored = WindowOperator("session", None, None, 10, 0, agg, "final", store)
+    restored.restore()
+    assert restored.open_windows == 2
+    assert restored.process("a", 5, {}, 10)
+    assert restored.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 10, {"n": 1}, True),
+        WindowResult("a", 5, 15, {"n": 1}, True),
+        WindowResult("a", 20, 30, {"n": 1}, True),
+    ]
+
+
+def test_sliding_records_skip_their_closed_windows_but_fill_the_open_ones() -> None:
+    op = operator("sliding")  # size 10, slide 5
+    assert op.process("a", 12, {"x": 1}, 14)  # [5,15) closed at W=14; [10,20) open
+    assert op.advance(END_OF_TIME) == [WindowResult("a", 10, 20, {"n": 1, "s": 1}, True)]
+
+
+def test_a_store_that_copies_on_get_sees_every_change() -> None:
+    agg = compile_aggregates([("n", "count", None)])
+    store = InMemoryWindowStore(agg.dumps, agg.loads)
+    op = WindowOperator("tumbling", 10, None, None, 0, agg, "final", store)
+    for ts in range(5):
+        op.process("a", ts, {}, NO_WATERMARK)
+    assert store.puts == 5
+    assert op.advance(END_OF_TIME) == [WindowResult("a", 0, 10, {"n": 5}, True)]
+
+
+def test_the_operator_rejects_an_unknown_emit_mode_and_bad_shapes() -> None:
+    agg = compile_aggregates([("n", "count", None)])
+    with pytest.raises(ValueError, match="emit"):
+        WindowOperator("tumbling", 10, None, None, 0, agg, "sometimes", InMemoryWindowStore())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="slide_ms"):
+        WindowOperator("sliding", 10, 20, None, 0, agg, "final", InMemoryWindowStore())
