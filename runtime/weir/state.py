@@ -69,7 +69,8 @@ class PartitionStore:
         self._deleted: set[WindowKey] = set()
         # Whether RocksDB may hold windows that are not in memory: false for a new
         # partition until the first eviction, so misses cost no disk read.
-        self._on_disk = any(True for _ in self._window_keys())
+        self._count = sum(1 for _ in self._window_keys())
+        self._on_disk = self._count > 0
 
     # -- the WindowOperator seam ------------------------------------------------------
     def get(self, k: WindowKey) -> list[Any] | None:
@@ -82,14 +83,25 @@ class PartitionStore:
         return acc
 
     def put(self, k: WindowKey, acc: list[Any]) -> None:
+        if k not in self._cache and not self._stored(k):
+            self._count += 1
         self._cache[k] = acc
         self._dirty.add(k)
+        self._deleted.discard(k)
 
     def delete(self, k: WindowKey) -> None:
-        self._cache.pop(k, None)
+        if k in self._cache:
+            del self._cache[k]
+            self._count -= 1
+        elif self._stored(k):
+            self._count -= 1
         self._dirty.discard(k)
         if self._on_disk:
             self._deleted.add(k)
+
+    def _stored(self, k: WindowKey) -> bool:
+        """Whether RocksDB holds ``k`` (not yet deleted); only asked once windows have spilled."""
+        return self._on_disk and k not in self._deleted and self._db.get(encode_key(k)) is not None
 
     def items(self) -> Iterator[tuple[WindowKey, list[Any]]]:
         """Every window, in memory or on disk (used on restore; not on the hot path)."""
@@ -103,7 +115,8 @@ class PartitionStore:
                 yield k, self._loads(bytes(raw_value))
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.items())
+        """Number of windows held, in memory or on disk (kept as a count: O(1))."""
+        return self._count
 
     # -- durability ---------------------------------------------------------------------
     @property

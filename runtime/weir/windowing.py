@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from operator import itemgetter
+from operator import attrgetter
 from typing import Any, Literal, NamedTuple, Protocol
 
 from weir.aggregates import Accumulator, Aggregator
@@ -20,8 +20,6 @@ WindowKey = tuple[str, int, int]
 
 NO_WATERMARK = -(2**63)
 """The watermark before a partition has seen any record: nothing is complete yet."""
-
-_end = itemgetter(1)
 
 
 class WindowStore(Protocol):
@@ -66,6 +64,10 @@ class WindowOperator:
     already seen is raised to the highest seen, so a window that has closed (and perhaps fired)
     never reopens and is never emitted twice.
 
+    Sessions: each record makes ``[ts, ts + gap)``; sessions of a key that intersect (half-open:
+    touching is not intersecting) merge, in chains too. A record never merges into a session that
+    is closed at the record's watermark, fired or not: it starts or joins a separate session.
+
     ``advance(watermark)`` returns, in "updates" mode, first every window changed since the last
     emission (``final=False``, ordered by end, key, start), then, in both modes, every window
     now closed (``final=True``, ordered by end, key, start), and forgets the closed ones. A
@@ -96,13 +98,17 @@ class WindowOperator:
         self.aggregator = aggregator
         self.emit: EmitMode = emit
         self._store = store
-        # Timer index: window end -> store keys of the open windows ending there, plus a heap of
-        # the ends. The heap may hold ends whose set has gone (sessions that merged away); advance
-        # skips those, so closing costs O(closed windows * log), never a scan of all windows.
-        self._timers: dict[int, set[WindowKey]] = {}
+        # Timer index: a heap of timer times plus, per time, what to check then. Tumbling and
+        # sliding windows never change their end, so their timer is their end and the entry is
+        # the store key. Sessions grow, so their entry is the mutable _Session and its timer may
+        # lag its end: when it fires, the session is either closed (fire it) or re-armed at its
+        # current end. Extending a session (the common per-record case) then touches no index,
+        # and advance costs O(due timers * log), never a scan of all windows.
         self._heap: list[int] = []
-        # Session windows only: key -> that key's open sessions as (start, end), sorted, disjoint.
-        self._sessions: dict[str, list[tuple[int, int]]] = {}
+        self._timers: dict[int, list[WindowKey]] = {}
+        self._session_timers: dict[int, list[_Session]] = {}
+        # Sessions only: key -> that key's sessions not known to be closed, sorted by start.
+        self._sessions: dict[str, list[_Session]] = {}
         # "updates" mode: windows changed since the last emission.
         self._changed: set[WindowKey] = set()
         # Highest watermark seen, in a one-slot list so the process closure can update it.
@@ -116,8 +122,8 @@ class WindowOperator:
 
     @property
     def open_windows(self) -> int:
-        """Number of windows held (open, or closed but not yet fired by ``advance``)."""
-        return sum(len(ks) for ks in self._timers.values())
+        """Number of windows held in the store (open, or closed but not yet fired by ``advance``)."""
+        return len(self._store)
 
     @property
     def watermark(self) -> int:
@@ -152,47 +158,72 @@ class WindowOperator:
         # A window is closed iff end <= watermark - allowed_lateness + 1.
         threshold = watermark - self.shape.allowed_lateness_ms + 1
         heap = self._heap
-        timers = self._timers
-        sessions = self._sessions
-        while heap and heap[0] <= threshold:
-            ks = timers.pop(heapq.heappop(heap), None)
-            if not ks:
-                continue  # stale heap entry: its windows merged away, or a duplicate push
-            for k in sorted(ks):  # one end: order by key, then start
-                acc = store.get(k)
-                if acc is None:
-                    raise RuntimeError(f"window {k} is in the timer index but not in the store")
-                store.delete(k)
-                out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
-                if sessions:
-                    _forget_session(sessions, k)
+        if not heap or heap[0] > threshold:
+            return out
+        if self.shape.kind == "session":
+            due = self._due_sessions(threshold)
+        else:
+            due = []
+            timers = self._timers
+            while heap and heap[0] <= threshold:
+                due.extend(timers.pop(heapq.heappop(heap)))
+        due.sort(key=_fire_order)
+        for k in due:
+            acc = store.get(k)
+            if acc is None:
+                raise RuntimeError(f"window {k} is in the timer index but not in the store")
+            store.delete(k)
+            out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
         return out
+
+    def _due_sessions(self, threshold: int) -> list[WindowKey]:
+        heap = self._heap
+        timers = self._session_timers
+        sessions = self._sessions
+        due: list[WindowKey] = []
+        while heap and heap[0] <= threshold:
+            for s in timers.pop(heapq.heappop(heap)):
+                if not s.live:
+                    continue  # merged into another session, which has its own timer
+                if s.end <= threshold:
+                    s.live = False
+                    due.append((s.key, s.start, s.end))
+                    key_sessions = sessions.get(s.key)
+                    if key_sessions is not None and s in key_sessions:
+                        key_sessions.remove(s)
+                        if not key_sessions:
+                            del sessions[s.key]
+                else:
+                    # Grew since the timer was set: wait for its current end (> threshold, so
+                    # this loop will not pop it again).
+                    _arm(timers, heap, s.end, s)
+        return due
 
     def restore(self) -> None:
         """Rebuild the timer index and the per-key session lists from ``store.items()``.
 
         Call once after constructing the operator over a store that already holds state
         (a restart). Pending "updates" emissions are not persisted: replaying input from the
-        checkpointed offsets re-marks the windows it touches.
+        checkpointed offsets re-marks the windows it touches. Neither is the watermark: the
+        caller passes it with every record, as before the restart.
         """
-        timers = self._timers
-        sessions = self._sessions
-        timers.clear()
-        sessions.clear()
+        self._timers.clear()
+        self._session_timers.clear()
+        self._sessions.clear()
         self._changed.clear()
-        is_session = self.shape.kind == "session"
-        for k, _acc in self._store.items():
-            key, start, end = k
-            ks = timers.get(end)
-            if ks is None:
-                timers[end] = {k}
-            else:
-                ks.add(k)
-            if is_session:
-                sessions.setdefault(key, []).append((start, end))
-        for lst in sessions.values():
-            lst.sort()
-        self._heap[:] = timers
+        self._heap.clear()
+        if self.shape.kind == "session":
+            for (key, start, end), _acc in self._store.items():
+                s = _Session(key, start, end)
+                self._sessions.setdefault(key, []).append(s)
+                self._session_timers.setdefault(end, []).append(s)
+            for key_sessions in self._sessions.values():
+                key_sessions.sort(key=_start)
+            self._heap.extend(self._session_timers)
+        else:
+            for k, _acc in self._store.items():
+                self._timers.setdefault(k[2], []).append(k)
+            self._heap.extend(self._timers)
         heapq.heapify(self._heap)
 
     # -- per-kind record paths -------------------------------------------------------------
@@ -223,12 +254,12 @@ class WindowOperator:
             acc = get(k)
             if acc is None:
                 acc = create()
-                ks = timers.get(end)
-                if ks is None:
-                    timers[end] = {k}
+                bucket = timers.get(end)
+                if bucket is None:
+                    timers[end] = [k]
                     heappush(heap, end)
                 else:
-                    ks.add(k)
+                    bucket.append(k)
             add(acc, record, ts)
             put(k, acc)
             if changed is not None:
@@ -267,12 +298,12 @@ class WindowOperator:
                 acc = get(k)
                 if acc is None:
                     acc = create()
-                    ks = timers.get(end)
-                    if ks is None:
-                        timers[end] = {k}
+                    bucket = timers.get(end)
+                    if bucket is None:
+                        timers[end] = [k]
                         heappush(heap, end)
                     else:
-                        ks.add(k)
+                        bucket.append(k)
                 add(acc, record, ts)
                 put(k, acc)
                 if changed is not None:
@@ -287,19 +318,8 @@ class WindowOperator:
         store = self._store
         get, put, delete = store.get, store.put, store.delete
         create, add, merge = self.aggregator.create, self.aggregator.add, self.aggregator.merge
-        timers, heap, wm, sessions = self._timers, self._heap, self._watermark, self._sessions
+        timers, heap, wm, sessions = self._session_timers, self._heap, self._watermark, self._sessions
         changed = self._changed if self.emit == "updates" else None
-        heappush = heapq.heappush
-
-        def unschedule(k: WindowKey) -> None:
-            ks = timers.get(k[2])
-            if ks is not None:
-                ks.discard(k)
-                if not ks:
-                    # The heap keeps the end; advance skips it as stale.
-                    del timers[k[2]]
-            if changed is not None:
-                changed.discard(k)
 
         def process(key: str, ts: int, record: dict[str, Any], watermark: int) -> bool:
             if watermark > wm[0]:
@@ -318,61 +338,64 @@ class WindowOperator:
                 # Sessions closed at this watermark stay closed (watermarks never go back), never
                 # merge again, and wait in the store and timers for advance to fire them: drop
                 # them from the mergeable list. They always form a prefix: a record that could
-                # start a session before a closed one's start would itself be late, so no open
-                # session starts at or before a closed one.
-                while sess and sess[0][1] <= threshold:
+                # start a session at or before a closed one's start would itself be late, so no
+                # open session starts at or before a closed one.
+                while sess and sess[0].end <= threshold:
                     del sess[0]
                 # The remaining sessions are open, hence pairwise disjoint, so ends are sorted too
                 # and the ones [ts, end) intersects are contiguous.
                 i = bisect_right(sess, ts, key=_end)
                 j = i
                 n = len(sess)
-                while j < n and sess[j][0] < end:
+                while j < n and sess[j].start < end:
                     j += 1
             if i == j:
-                sess.insert(i, (ts, end))
+                s = _Session(key, ts, end)
+                sess.insert(i, s)
+                _arm(timers, heap, end, s)
                 k = (key, ts, end)
                 acc = create()
             else:
-                start = sess[i][0]
-                if ts < start:
-                    start = ts
-                last_end = sess[j - 1][1]
-                if last_end > end:
-                    end = last_end
-                old = (key, sess[i][0], sess[i][1])
+                s = sess[i]
+                old = (key, s.start, s.end)
                 found = get(old)
                 if found is None:
                     raise RuntimeError(f"session {old} is indexed but not in the store")
                 acc = found
-                if j - i == 1 and old[1] == start and old[2] == end:
-                    # The record falls inside an existing session: the common case.
+                start = s.start if s.start <= ts else ts
+                last_end = sess[j - 1].end
+                if last_end > end:
+                    end = last_end
+                if j - i == 1 and start == s.start and end == s.end:
+                    # The record falls inside an existing session.
                     add(acc, record, ts)
                     put(old, acc)
                     if changed is not None:
                         changed.add(old)
                     return True
                 delete(old)
-                unschedule(old)
+                if changed is not None:
+                    changed.discard(old)
                 # Merge in start order. Disjoint sessions cannot share an event time, so merge's
                 # first/last tie rule never matters here; the new record is added last, as the
-                # latest arrival.
+                # latest arrival. The first session survives (keeping its timer, which is at or
+                # before its new end); the others die and their timers are skipped.
                 for m in range(i + 1, j):
-                    other = (key, sess[m][0], sess[m][1])
-                    other_acc = get(other)
+                    other = sess[m]
+                    other_key = (key, other.start, other.end)
+                    other_acc = get(other_key)
                     if other_acc is None:
-                        raise RuntimeError(f"session {other} is indexed but not in the store")
+                        raise RuntimeError(f"session {other_key} is indexed but not in the store")
                     acc = merge(acc, other_acc)
-                    delete(other)
-                    unschedule(other)
-                sess[i:j] = [(start, end)]
+                    delete(other_key)
+                    if changed is not None:
+                        changed.discard(other_key)
+                    other.live = False
+                if j - i > 1:
+                    del sess[i + 1 : j]
+                s.start = start
+                s.end = end
                 k = (key, start, end)
-            ks = timers.get(end)
-            if ks is None:
-                timers[end] = {k}
-                heappush(heap, end)
-            else:
-                ks.add(k)
             add(acc, record, ts)
             put(k, acc)
             if changed is not None:
@@ -382,17 +405,30 @@ class WindowOperator:
         return process
 
 
+class _Session:
+    """One session of one key; mutated in place as it grows so no index needs updating."""
+
+    __slots__ = ("end", "key", "live", "start")
+
+    def __init__(self, key: str, start: int, end: int) -> None:
+        self.key = key
+        self.start = start
+        self.end = end
+        self.live = True  # False once merged into another session or fired
+
+
+def _arm(timers: dict[int, list[_Session]], heap: list[int], at: int, s: _Session) -> None:
+    bucket = timers.get(at)
+    if bucket is None:
+        timers[at] = [s]
+        heapq.heappush(heap, at)
+    else:
+        bucket.append(s)
+
+
+_end = attrgetter("end")
+_start = attrgetter("start")
+
+
 def _fire_order(k: WindowKey) -> tuple[int, str, int]:
     return (k[2], k[0], k[1])
-
-
-def _forget_session(sessions: dict[str, list[tuple[int, int]]], k: WindowKey) -> None:
-    sess = sessions.get(k[0])
-    if sess is None:
-        return
-    try:
-        sess.remove((k[1], k[2]))
-    except ValueError:
-        return  # already dropped from the mergeable list when it closed
-    if not sess:
-        del sessions[k[0]]

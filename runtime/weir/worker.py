@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_STORED, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_STORED,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from weir import kafka as kio
 from weir.aggregates import Aggregator, compile_aggregates
@@ -276,6 +283,7 @@ class Worker:
         self.producer = kio.new_producer(kio.producer_config(self.kafka, self._on_delivery_error))
         try:
             self._build_tasks(partitions, repart_partitions)
+            self._resolve_start_offsets()
             assignment = [t.tp() for t in self.tasks.values()]
             self.consumer.assign(assignment)
             self.ready = True
@@ -309,6 +317,33 @@ class Worker:
         if plan.repartition_topic:
             for q in assigned(repart_partitions, settings.index, settings.count):
                 self._add_task(plan.repartition_topic, q, window=True)
+
+    def _resolve_start_offsets(self) -> None:
+        """Give every task without local state a concrete start offset.
+
+        The group's committed offset if it has one, else the source's start position. Asked
+        explicitly (and retried) rather than left to the consumer's lazy lookup, so a slow
+        group coordinator shows up as a logged retry instead of a silent stall.
+        """
+        pending = [t for t in self.tasks.values() if t.next_offset == OFFSET_STORED]
+        if not pending:
+            return
+        deadline = time.monotonic() + self.kafka.connect_timeout_s
+        while True:
+            try:
+                committed = self.consumer.committed([t.tp() for t in pending], timeout=10)
+                break
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise kio.KafkaUnavailable(
+                        f"cannot read the committed offsets of {self.plan.group_id}: {exc}"
+                    ) from exc
+                log.warning("reading committed offsets of %s failed (%s); retrying", self.plan.group_id, exc)
+                time.sleep(1)
+        start = OFFSET_BEGINNING if self.plan.start_from == "earliest" else OFFSET_END
+        for task, tp in zip(pending, committed, strict=True):
+            task.next_offset = tp.offset if tp.offset >= 0 else start
+        log.info("start offsets: %s", ", ".join(f"{t.label}@{t.next_offset}" for t in pending))
 
     def _add_task(self, topic: str, partition: int, window: bool) -> None:
         plan = self.plan
@@ -678,7 +713,8 @@ class Worker:
             "recordsPerSecond": self._rate.rate(),
             "recordsIn": sum(t.records for t in self.tasks.values()),
             "recordsOut": self.records_out,
-            "deadLettered": dict(self.dead_lettered), "producerQueueFull": self.queue_full,
+            "deadLettered": dict(self.dead_lettered),
+            "producerQueueFull": self.queue_full,
         }
 
     def _publish_task(self, task: Task, lag: int | None, wall: int) -> None:

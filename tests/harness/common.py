@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Servers started by this process: kept referenced so their Popen objects are not
+# garbage-collected (with a ResourceWarning) while the server still runs.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
 CACHE = Path(os.environ.get("WEIR_CACHE", Path.home() / ".cache" / "weir"))
 RUN = CACHE / "run"
 HOST = "127.0.0.1"
@@ -126,6 +130,7 @@ def spawn(cmd: list[str], rdir: Path, env: dict[str, str] | None = None, cwd: Pa
         start_new_session=True,
     )
     log.close()
+    _CHILDREN[proc.pid] = proc
     (rdir / "pid").write_text(str(proc.pid))
     return proc.pid
 
@@ -144,6 +149,10 @@ def stop_pid(rdir: Path, timeout: float = 15.0) -> None:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+    child = _CHILDREN.pop(pid, None) if pid is not None else None
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout)
     for name in ("pid", "info.json"):
         with contextlib.suppress(FileNotFoundError):
             (rdir / name).unlink()

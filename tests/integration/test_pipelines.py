@@ -297,11 +297,17 @@ def test_bad_records_are_dead_lettered_with_reasons_and_the_job_keeps_running(
 ) -> None:
     source = kafka.create_topic(partitions=1, config={"max.message.bytes": str(4 * 1024 * 1024)})
     sink, dlq = kafka.create_topic(), kafka.create_topic()
-    good = [{"value": orjson.dumps({"ts": START_MS + i * 100, "price": 2}), "key": b"a"} for i in range(50)]
+    good = [
+        {"value": orjson.dumps({"ts": START_MS + i * 100, "price": 2, "user": "u"}), "key": b"a"}
+        for i in range(50)
+    ]
     bad = [
         {"value": b'{"ts": 1, "price": ', "key": b"a"},  # decode_error
         {"value": orjson.dumps({"price": 3}), "key": b"a"},  # missing_field
-        {"value": orjson.dumps({"ts": START_MS + 10, "price": "three"}), "key": b"a"},  # wrong_type
+        {
+            "value": orjson.dumps({"ts": START_MS + 10, "price": "three", "user": "u"}),
+            "key": b"a",
+        },  # wrong_type
         {
             "value": orjson.dumps({"ts": START_MS, "price": 1, "pad": "x" * 2_000_000}),
             "key": b"a",
@@ -359,7 +365,11 @@ def test_metrics_parse_and_move_as_records_flow(kafka: KafkaHelper, tmp_path: Pa
             kafka.produce(
                 source,
                 (
-                    {"value": orjson.dumps({"ts": START_MS + i, "price": 1}), "key": b"k", "partition": i % 2}
+                    {
+                        "value": orjson.dumps({"ts": START_MS + i, "price": 1, "user": "u"}),
+                        "key": b"k",
+                        "partition": i % 2,
+                    }
                     for i in range(500)
                 ),
             )

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from weir.aggregates import Aggregator, AggSpec, compile_aggregates
 from weir.testing import reference_aggregate
 
-SETTINGS = settings(deadline=None, max_examples=80)
+SETTINGS = settings(deadline=None, max_examples=100)
 
 ALL_SPECS: list[AggSpec] = [
     ("n", "count", None),

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weir.aggregates import AggSpec, compile_aggregates
-from weir.testing import Event, InMemoryWindowStore, random_events, reference_windows
+from weir.testing import Event, FakeClock, InMemoryWindowStore, random_events, reference_windows
 from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult
 
-SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 
 SPECS: list[AggSpec] = [
     ("n", "count", None),
@@ -369,3 +369,13 @@ def test_the_operator_rejects_an_unknown_emit_mode_and_bad_shapes() -> None:
         WindowOperator("tumbling", 10, None, None, 0, agg, "sometimes", InMemoryWindowStore())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="slide_ms"):
         WindowOperator("sliding", 10, 20, None, 0, agg, "final", InMemoryWindowStore())
+
+
+def test_the_fake_clock_moves_only_when_told_and_never_backwards() -> None:
+    clock = FakeClock(1_000)
+    assert clock() == 1_000
+    assert clock.advance(250) == 1_250
+    clock.now_ms = 5_000
+    assert clock() == 5_000
+    with pytest.raises(ValueError, match="backwards"):
+        clock.advance(-1)
