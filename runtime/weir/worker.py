@@ -13,7 +13,8 @@ not depend on how partitions are spread over workers.
 
 Watermarks. A task's watermark is ``max event time seen - maxOutOfOrderness`` and only
 rises; it is read per record, so whether a record is late does not depend on batching.
-When a task has had no record for ``idleTimeout`` its watermark follows the wall clock
+When a task has consumed everything its partition holds and then had no record for
+``idleTimeout``, its watermark follows the wall clock
 (``now - maxOutOfOrderness``): windows of a quiet partition still close, and a quiet
 upstream partition does not hold back the repartitioned stage. A repartitioned task's
 watermark is the minimum over every upstream source partition, learnt from the watermark
@@ -565,7 +566,7 @@ class Worker:
         for task in self.tasks.values():
             if task.topic == self.plan.repartition_topic:
                 task.wm = max(task.wm, self._min_upstream(task))
-            elif idle_after > 0 and now - task.last_record >= idle_after:
+            elif idle_after > 0 and now - task.last_record >= idle_after and self._caught_up(task):
                 task.idle = True
                 if floor > task.wm:
                     task.wm = floor
@@ -574,6 +575,22 @@ class Worker:
             else:
                 self._fire(task)
         self._publish(now)
+
+    def _caught_up(self, task: Task) -> bool:
+        """Whether the task has consumed all its partition holds. Only such a partition can be
+        idle: one with records waiting (a slow start, back-pressure) is slow, not quiet, and
+        must not have its watermark moved past the records still to come."""
+        try:
+            lo, hi = self.consumer.get_watermark_offsets(task.tp(), cached=True)
+        except KafkaException:
+            return False
+        if hi < 0:  # no fetch response yet: nothing is known about the partition's end
+            return False
+        if task.next_offset == OFFSET_END:  # started at the end and nothing came since
+            return True
+        if task.next_offset == OFFSET_BEGINNING:  # nothing consumed: caught up if it is empty
+            return bool(lo == hi)
+        return task.next_offset >= hi
 
     def _send_markers(self, task: Task, repart_partitions: int) -> None:
         if task.wm == task.wm_sent or task.wm == NO_WATERMARK:
