@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often output, state and offsets are made durable (default 5)",
     )
+    run.add_argument("--max-cached-windows", type=int, default=1_000_000, metavar="N",
+                     help="windows kept in memory per partition; the rest live in RocksDB on disk "
+                          "(default 1000000)")
     run.add_argument("--print-results", action="store_true", help="also print each window result")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -158,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         http_host=args.http_host,
         http_port=args.http_port if args.http_port is not None else env.http_port,
         commit_interval_s=args.commit_interval,
+        max_cached_windows=args.max_cached_windows,
     )
     metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)
 

@@ -85,7 +85,13 @@ class Running:
     """Workers of one job in threads of this process, stopped when the job has caught up."""
 
     def __init__(
-        self, job_path: Path, kafka: KafkaHelper, workers: int, state: Path, metrics: bool = False
+        self,
+        job_path: Path,
+        kafka: KafkaHelper,
+        workers: int,
+        state: Path,
+        metrics: bool = False,
+        max_cached_windows: int = 1_000_000,
     ) -> None:
         job = load_job(job_path)
         settings = kio.KafkaSettings(
@@ -98,7 +104,13 @@ class Running:
             Worker(
                 plan_for(job),
                 settings,
-                WorkerSettings(index=i, count=workers, state_dir=state / f"w{i}", commit_interval_s=1),
+                WorkerSettings(
+                    index=i,
+                    count=workers,
+                    state_dir=state / f"w{i}",
+                    commit_interval_s=1,
+                    max_cached_windows=max_cached_windows,
+                ),
                 metrics=WorkerMetrics(f"test/{job.name}", i) if metrics else None,
             )
             for i in range(workers)
@@ -446,3 +458,28 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(kafka: KafkaHelper, t
     committed = kafka.committed(f"weir-test-term-{source[-6:]}", source)
     assert sum(committed.values()) > 0
     assert all(o >= 0 for o in committed.values())
+
+
+def test_windows_spilled_to_disk_give_the_same_results_as_windows_in_memory(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    # 16 windows in memory per partition: every commit evicts most of them to RocksDB and
+    # later records read them back, so this exercises the disk path of the state store.
+    window, (size, slide, gap) = WINDOWS["sliding"]
+    events = random_events(
+        21,
+        3000,
+        partitions=2,
+        keys=60,
+        start_ms=START_MS,
+        mean_step_ms=40,
+        max_out_of_orderness_ms=OOO_MS,
+        too_late_fraction=0.0,
+    )
+    expected, _late = reference_windows(events, "sliding", size, slide, gap, LATENESS_MS, OOO_MS, SPECS)
+    source, sink, dlq = kafka.create_topic(partitions=2), kafka.create_topic(), kafka.create_topic()
+    produce_events(kafka, source, events)
+    job = manifest(tmp_path, f"spill-{source[-6:]}", kafka, source, sink, dlq, window)
+    with Running(job, kafka, 1, tmp_path / "state", max_cached_windows=16) as running:
+        running.wait_caught_up({source: kafka.end_offsets(source)})
+    assert_same(results_of(kafka.read_all(sink)), expected)
