@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
+.PHONY: help demo bench bench-quick setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,14 @@ kube-up: setup ## Start a kube-apiserver + etcd (built from Go modules on first 
 
 kube-down: setup ## Stop the kube-apiserver and etcd
 	$(HARNESS) down kube
+
+bench: setup ## Benchmark one worker against the raw consume+decode ceiling; rewrites BENCHMARKS.md (~2 min)
+	$(HARNESS) up kafka
+	$(PY) bench/run.py
+
+bench-quick: setup ## The benchmark on 200,000 events, 2 runs (~20 s)
+	$(HARNESS) up kafka
+	$(PY) bench/run.py --quick
 
 clean: ## Remove the virtualenv and caches inside the repo (the server cache in ~/.cache/weir stays)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -55,6 +55,10 @@ def consumer_config(settings: KafkaSettings, group_id: str, start_from: str) -> 
         "fetch.min.bytes": 1,
         "fetch.wait.max.ms": 100,
         "queued.max.messages.kbytes": 65536,
+        # librdkafka backs a partition's fetcher off for fetch.queue.backoff.ms (default 1 s)
+        # once its local queue is full; a Python loop drains in bursts, so the default stalls
+        # consumption for most of each second. 10 ms measured 5x the raw consume rate.
+        "fetch.queue.backoff.ms": 10,
         **settings.consumer,
     }
 
