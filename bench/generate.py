@@ -26,7 +26,9 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
+
+from weir import kafka as kio
 
 GENERATOR_VERSION = 1
 BASE_TS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -116,34 +118,8 @@ def topic_size(admin: AdminClient, bootstrap: str, topic: str) -> tuple[int, int
 
 
 def create_topic(admin: AdminClient, topic: str, partitions: int) -> None:
-    """Create ``topic``, deleting a previous one of that name first (waits out the deletion)."""
-    if topic in admin.list_topics(timeout=10).topics:
-        for f in admin.delete_topics([topic], operation_timeout=30).values():
-            f.result(timeout=30)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            for f in admin.create_topics(
-                [NewTopic(topic, num_partitions=partitions, replication_factor=-1)], operation_timeout=30
-            ).values():
-                f.result(timeout=30)
-            break
-        except Exception as exc:
-            transient = "marked for deletion" in str(exc) or "already exists" in str(exc)
-            if not transient or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    while time.monotonic() < deadline:
-        md = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if (
-            md is not None
-            and md.error is None
-            and md.partitions
-            and all(p.leader >= 0 for p in md.partitions.values())
-        ):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"topic {topic} has no leaders after 60 s")
+    """Create ``topic`` empty, deleting a previous one of that name first."""
+    kio.recreate_topics(admin, {topic: partitions})
 
 
 def ensure_input(

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from weir import kafka as kio
 from weir.spec import load_job
@@ -34,30 +34,13 @@ def example_manifest() -> Path:
 
 
 def _recreate(admin: AdminClient, topics: dict[str, int], group: str) -> None:
-    existing = set(admin.list_topics(timeout=10).topics)
-    doomed = [t for t in topics if t in existing]
-    if doomed:
-        for f in admin.delete_topics(doomed, operation_timeout=30).values():
-            f.result(timeout=30)
+    """Start from nothing: the demo's topics empty and its consumer group gone."""
     try:
         for f in admin.delete_consumer_groups([group], request_timeout=10).values():
             f.result(timeout=10)
     except Exception:  # noqa: BLE001 - the group does not exist on a first run
         pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            futures = admin.create_topics(
-                [NewTopic(t, num_partitions=n, replication_factor=-1) for t, n in topics.items()],
-                operation_timeout=30,
-            )
-            for f in futures.values():
-                f.result(timeout=30)
-            return
-        except Exception as exc:
-            if "marked for deletion" not in str(exc) and "already exists" not in str(exc):
-                raise
-            time.sleep(0.5)
+    kio.recreate_topics(admin, topics)
 
 
 def _generate(bootstrap: str, topic: str, rate: int, stop: threading.Event, counts: dict[str, int]) -> None:

@@ -144,7 +144,12 @@ def ensure_topic(client: AdminClient, name: str, partitions: int, existing: Mapp
     except KafkaException as exc:
         if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another worker created it first
             raise
-    deadline = time.monotonic() + 30
+    return wait_for_leaders(client, name)
+
+
+def wait_for_leaders(client: AdminClient, name: str, timeout_s: float = 30.0) -> int:
+    """Wait until every partition of ``name`` has a leader; returns its partition count."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         md = client.list_topics(name, timeout=5).topics.get(name)
         if (
@@ -155,7 +160,38 @@ def ensure_topic(client: AdminClient, name: str, partitions: int, existing: Mapp
         ):
             return len(md.partitions)
         time.sleep(0.2)
-    raise TopicMissing(f"topic '{name}' was created but has no leaders after 30s")
+    raise TopicMissing(f"topic '{name}' has no leaders after {timeout_s:.0f}s")
+
+
+def recreate_topics(client: AdminClient, topics: Mapping[str, int], timeout_s: float = 60.0) -> None:
+    """Delete each of ``topics`` that exists and create them all empty with the given
+    partition counts (for demos and benchmarks that own their topics). Deletion completes
+    asynchronously on the broker, so creation is retried until it goes through."""
+    existing = set(client.list_topics(timeout=10).topics)
+    doomed = [t for t in topics if t in existing]
+    if doomed:
+        for f in client.delete_topics(doomed, operation_timeout=30).values():
+            f.result(timeout=30)
+    deadline = time.monotonic() + timeout_s
+    pending = dict(topics)
+    while pending:
+        futures = client.create_topics(
+            [NewTopic(t, num_partitions=n, replication_factor=-1) for t, n in pending.items()],
+            operation_timeout=30,
+        )
+        for name, future in futures.items():
+            try:
+                future.result(timeout=30)
+                del pending[name]
+            except KafkaException as exc:
+                if "marked for deletion" not in str(exc) and "already exists" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise TopicMissing(f"topic '{name}' could not be recreated: {exc}") from exc
+        if pending:
+            time.sleep(0.5)
+    for name in topics:
+        wait_for_leaders(client, name, timeout_s)
 
 
 def new_consumer(config: dict[str, Any]) -> Consumer:

@@ -47,14 +47,12 @@ from confluent_kafka import (
 
 from weir import kafka as kio
 from weir.aggregates import Aggregator, compile_aggregates
-from weir.records import DeadLetter, compile_prepare, encode_forward, prepare_repartitioned
+from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
 from weir.state import PartitionStore
 from weir.windowing import NO_WATERMARK, WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
-
-Prepare = Callable[[bytes | None, bytes | None, int], "tuple[str, int, dict[str, Any]] | None"]
 
 
 class LateRecord(Exception):
@@ -239,6 +237,7 @@ class Worker:
         self.queue_full = 0
         self._published: dict[str, tuple[int, int]] = {}
         self._status: dict[str, Any] = {}
+        self._forward = self._forwarder() if plan.repartition_topic else None
         from weir.metrics import BusyTracker, RateTracker
 
         self._busy = BusyTracker(clock=time.perf_counter)
@@ -391,7 +390,7 @@ class Worker:
             msgs = consumer.consume(batch_size, timeout=0.1)
             t0 = perf()
             if msgs:
-                self._process(msgs, repart_partitions)
+                self._process(msgs)
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now, repart_partitions)
@@ -409,7 +408,7 @@ class Worker:
                 self._rate.add(len(msgs))
             self.alive_at = now
 
-    def _process(self, msgs: list[Any], repart_partitions: int) -> None:
+    def _process(self, msgs: list[Any]) -> None:
         by_task: dict[Task, list[Any]] = {}
         tasks = self.tasks
         last_key: tuple[str, int] | None = None
@@ -425,15 +424,17 @@ class Worker:
                 last_key = key
             bucket.append(m)
         now = time.monotonic()
+        forward = self._forward
         for task, batch in by_task.items():
             task.last_record = now
             task.idle = False
-            if task.forward:
-                self._forward(task, batch, repart_partitions)
-            elif task.topic == self.plan.repartition_topic:
+            if task.topic == self.plan.repartition_topic:
                 self._window_repartitioned(task, batch)
+            elif forward is not None and task.forward:
+                self._stage1(task, batch, forward)
             else:
-                self._window_source(task, batch)
+                assert task.op is not None
+                self._stage1(task, batch, task.op.process)
             task.next_offset = batch[-1].offset() + 1
             self._fire(task)
 
@@ -444,12 +445,17 @@ class Worker:
             raise KafkaException(err)
         log.warning("consumer: %s", err)
 
-    def _window_source(self, task: Task, batch: list[Any]) -> None:
-        """Stage 1 without repartition: prepare and window each record of one partition."""
+    def _stage1(
+        self, task: Task, batch: list[Any], accept: Callable[[str, int, dict[str, Any], int], bool]
+    ) -> None:
+        """Prepare each source record of one partition and hand it to ``accept``.
+
+        ``accept(key, ts, record, watermark)`` is the window operator's ``process`` (False:
+        the record is late) or, with a repartition, ``_forwarder``. Dead letters, the
+        per-record watermark and the counters are the same either way.
+        """
         prepare = self.plan.prepare
         dead = self.plan.dead_letter_types
-        assert task.op is not None
-        process = task.op.process
         ooo = self.plan.max_out_of_orderness_ms
         wm = task.wm
         nbytes = 0
@@ -465,7 +471,7 @@ class Worker:
             if out is None:
                 continue
             key, ts, record = out
-            if not process(key, ts, record, wm):
+            if not accept(key, ts, record, wm):
                 task.late += 1
                 self._dead_letter_late(m, ts, wm)
             if ts - ooo > wm:
@@ -474,37 +480,22 @@ class Worker:
         task.records += len(batch)
         task.bytes += nbytes
 
-    def _forward(self, task: Task, batch: list[Any], repart_partitions: int) -> None:
-        """Stage 1 with repartition: prepare each record and send it on by its group key."""
-        prepare = self.plan.prepare
-        dead = self.plan.dead_letter_types
+    def _forwarder(self) -> Callable[[str, int, dict[str, Any], int], bool]:
+        """Stage 1's ``accept`` with a repartition: send the record on by its group key.
+
+        Keyed by the group key, Kafka's partitioner spreads keys over the repartition
+        partitions deterministically, so a key always lands on the same stage-2 task.
+        """
         topic = self.plan.repartition_topic
         assert topic is not None
         produce = self._produce
-        ooo = self.plan.max_out_of_orderness_ms
-        wm = task.wm
-        nbytes = 0
-        for m in batch:
-            value = m.value()
-            if value is not None:
-                nbytes += len(value)
-            try:
-                out = prepare(value, m.key(), m.timestamp()[1])
-            except dead as exc:
-                self._dead_letter(m, exc)
-                continue
-            if out is None:
-                continue
-            key, ts, record = out
-            # Keyed by the group key: Kafka's partitioner spreads keys over the repartition
-            # partitions deterministically, so a key always lands on the same task.
+
+        def forward(key: str, ts: int, record: dict[str, Any], _wm: int) -> bool:
             fkey, fvalue = encode_forward(key, ts, record)
             produce(topic, fvalue, fkey)
-            if ts - ooo > wm:
-                wm = ts - ooo
-        task.wm = wm
-        task.records += len(batch)
-        task.bytes += nbytes
+            return True
+
+        return forward
 
     def _window_repartitioned(self, task: Task, batch: list[Any]) -> None:
         """Stage 2: records and upstream watermark markers from the repartition topic."""
