@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo bench bench-quick setup lint test-unit test-integration test services-up services-down kube-up kube-down clean
+.PHONY: help demo bench bench-quick setup lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -37,8 +37,8 @@ lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
 test-unit: setup ## Fast tests of the pure logic; no servers
 	$(PY) -m pytest tests/unit -q
 
-test-integration: setup ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts (and builds once)
-	$(PY) -m pytest tests/integration -q
+test-integration: setup ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts (and builds once); the kind suite skips without docker
+	$(PY) -m pytest tests/integration tests/e2e -q -rs
 
 test: lint test-unit test-integration ## Everything: lint, unit and server-backed tests (what CI runs)
 
@@ -48,11 +48,17 @@ services-up: setup ## Start Kafka and S3 for manual work and print how to reach 
 services-down: setup ## Stop the servers started by services-up
 	$(HARNESS) down kafka s3
 
+kube-build: setup ## Build kube-apiserver and etcd from Go modules into ~/.cache/weir/kube (once; minutes)
+	PYTHONPATH=tests $(PY) -c 'from harness.kube import ensure_built; print(*ensure_built().values(), sep="\n")'
+
 kube-up: setup ## Start a kube-apiserver + etcd (built from Go modules on first use) and print its kubeconfig
 	$(HARNESS) up kube
 
 kube-down: setup ## Stop the kube-apiserver and etcd
 	$(HARNESS) down kube
+
+e2e-kind: setup ## End-to-end on a kind cluster (needs docker, kind, kubectl, helm): image, chart, Kafka, S3, a StreamJob
+	bash tests/e2e/kind/run-kind-e2e.sh
 
 bench: setup ## Benchmark one worker against the raw consume+decode ceiling; rewrites BENCHMARKS.md (~2 min)
 	$(HARNESS) up kafka

@@ -1,3 +1,3 @@
 """Fixtures shared by every test directory: the real servers live in `harness`."""
 
-pytest_plugins = ["harness.fixtures"]
+pytest_plugins = ["harness.fixtures", "harness.kube"]
