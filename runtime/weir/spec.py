@@ -44,29 +44,51 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_VERSION",
     "KIND",
+    "MAX_STEPS",
+    "RESERVED_LABEL_PREFIX",
+    "WORKER_ENV_PREFIX",
     "Aggregate",
+    "AutoscalerSpec",
+    "CheckpointCredentials",
+    "CheckpointSpec",
     "Condition",
     "DeadLetterSink",
+    "DeliveryGuarantee",
     "Duration",
+    "EnvVar",
     "EventTime",
     "FieldScope",
     "Job",
     "JobSpec",
+    "JobState",
+    "KafkaSasl",
     "KafkaSpec",
+    "KafkaTls",
     "KeyBy",
+    "KubernetesObject",
+    "LocalObjectReference",
     "ObjectMeta",
+    "ObjectName",
     "Output",
     "Pipeline",
     "PipelineLike",
     "Plan",
+    "PodTemplate",
     "PositiveDuration",
+    "Quantity",
     "Repartition",
+    "Resources",
+    "SecretKey",
+    "SecretKeyRef",
+    "SecurityProtocol",
     "Sink",
     "Source",
     "SourceKey",
     "SpecError",
     "Step",
     "StreamJob",
+    "Toleration",
+    "UpgradeMode",
     "Watermark",
     "Window",
     "as_pipeline",
@@ -138,8 +160,8 @@ def _parse_positive_duration(value: object) -> int:
     return millis
 
 
-# Kubernetes' structural schemas express "string or integer" only as int-or-string; the
-# anyOf below is the form the API server accepts next to that marker.
+# Kubernetes' structural schemas express "string or integer" only as int-or-string; the CRD
+# generator (weir_operator.crd) reduces the anyOf to its bare types and hoists the constraints.
 _DURATION_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": _DURATION_PATTERN}],
     "x-kubernetes-int-or-string": True,
@@ -342,6 +364,17 @@ def _check_scalar(value: object) -> None:
 class KeyBy(_Model):
     """Re-key records for the window: by a record field, or by the Kafka message key."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.field) != (has(self.messageKey) && self.messageKey)",
+                    "message": "must set exactly one of field, messageKey: true",
+                }
+            ]
+        }
+    )
+
     field: FieldName | None = None
     """Record field (after the steps before it) whose value is the key; strings and integers."""
     message_key: Annotated[bool, Field(strict=True)] = False
@@ -363,6 +396,19 @@ WindowType: TypeAlias = Literal["tumbling", "sliding", "session"]
 
 class Window(_Model):
     """Event-time windows: ``tumbling`` (size), ``sliding`` (size, slide) or ``session`` (gap)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.type == 'session' ? (has(self.gap) && !has(self.size) && !has(self.slide)) "
+                    ": (has(self.size) && !has(self.gap) && (self.type == 'sliding') == has(self.slide))",
+                    "message": "a tumbling window takes size, a sliding window size and slide, "
+                    "a session window gap",
+                }
+            ]
+        }
+    )
 
     type: WindowType
     """The kind of window."""
@@ -461,6 +507,18 @@ _STEP_KINDS: tuple[tuple[str, StepKind], ...] = (
 
 class Step(_Model):
     """One pipeline step; exactly one member is set."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.filter), has(self.select), has(self.rename), has(self.keyBy), "
+                    "has(self.window), has(self.aggregate)].exists_one(x, x)",
+                    "message": "must set exactly one of filter, select, rename, keyBy, window, aggregate",
+                }
+            ]
+        }
+    )
 
     filter: Condition | None = None
     """Keep only records for which the condition holds."""
@@ -610,6 +668,10 @@ class Plan:
     aggregate: Aggregate
 
 
+MAX_STEPS = 100
+"""Most steps a pipeline may have. The bound lets the API server cost the per-step CEL rules."""
+
+
 class Pipeline(_Model):
     """A complete pipeline: source → steps → sink.
 
@@ -622,8 +684,8 @@ class Pipeline(_Model):
     """Input topics and decoding."""
     watermark: Watermark = Watermark()
     """Event-time progress."""
-    steps: tuple[Step, ...]
-    """The processing steps, in order."""
+    steps: Annotated[tuple[Step, ...], Field(max_length=MAX_STEPS)]
+    """The processing steps, in order (at most 100)."""
     sink: Sink
     """Where window results go."""
     dead_letter: DeadLetterSink | None = None
@@ -791,9 +853,97 @@ KafkaProperties = Annotated[dict[str, Any], WithJsonSchema(_KAFKA_PROPERTIES_SCH
 
 _ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
+# --------------------------------------------------------------------------- Kubernetes references
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+ObjectName = Annotated[str, Field(pattern=_DNS_SUBDOMAIN, max_length=253)]
+"""The name of a Kubernetes object such as a Secret (a DNS subdomain)."""
+SecretKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
+"""A key of a Secret's data."""
+
+
+class SecretKeyRef(_Model):
+    """One key of a Secret in the StreamJob's namespace. Only the reference is stored: workers
+    receive the value as an environment variable (``secretKeyRef``) or a mounted file."""
+
+    name: ObjectName
+    """Name of the Secret."""
+    key: SecretKey
+    """Key within the Secret."""
+
+
+
+
+class KafkaSasl(_Model):
+    """SASL authentication to the brokers; the username and password come from Secrets.
+
+    Workers receive them as the environment variables ``WEIR_KAFKA_SASL_USERNAME`` and
+    ``WEIR_KAFKA_SASL_PASSWORD`` (``secretKeyRef``), never through the StreamJob or its ConfigMap.
+    """
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    """The SASL mechanism (librdkafka ``sasl.mechanism``)."""
+    username_secret: SecretKeyRef
+    """Secret key holding the username."""
+    password_secret: SecretKeyRef
+    """Secret key holding the password."""
+
+
+class KafkaTls(_Model):
+    """TLS to the brokers. An empty object means TLS verified against the image's system CAs.
+
+    Workers find each PEM file at the path named by ``WEIR_KAFKA_SSL_CA_LOCATION``,
+    ``WEIR_KAFKA_SSL_CERTIFICATE_LOCATION`` and ``WEIR_KAFKA_SSL_KEY_LOCATION`` (mounted
+    from the Secrets), and the key's password in ``WEIR_KAFKA_SSL_KEY_PASSWORD``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.certSecret) == has(self.keySecret)",
+                    "message": "certSecret and keySecret go together (mutual TLS needs both)",
+                },
+                {
+                    "rule": "!has(self.keyPasswordSecret) || has(self.keySecret)",
+                    "message": "keyPasswordSecret only applies with keySecret",
+                },
+            ]
+        }
+    )
+
+    ca_secret: SecretKeyRef | None = None
+    """PEM certificate(s) of the CA that signed the brokers' certificates; omitted means the
+    system CAs."""
+    cert_secret: SecretKeyRef | None = None
+    """PEM client certificate for mutual TLS; needs ``keySecret``."""
+    key_secret: SecretKeyRef | None = None
+    """PEM private key of the client certificate; needs ``certSecret``."""
+    key_password_secret: SecretKeyRef | None = None
+    """Password of an encrypted ``keySecret``."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> KafkaTls:
+        if (self.cert_secret is None) != (self.key_secret is None):
+            pair = ("keySecret", "certSecret")
+            missing, given = pair if self.key_secret is None else pair[::-1]
+            raise _LocatedError((missing,), f"is required with {given} (mutual TLS needs both)")
+        if self.key_password_secret is not None and self.key_secret is None:
+            raise _LocatedError(("keyPasswordSecret",), "only applies with keySecret")
+        return self
+
+
+SecurityProtocol: TypeAlias = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+# Properties that kafka.sasl and kafka.tls decide; giving them as well would contradict them.
+_SECURITY_KAFKA_PROPERTIES = frozenset(
+    {"security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username"}
+)
+
 
 class KafkaSpec(_Model):
-    """How workers reach Kafka; secrets are not part of it."""
+    """How workers reach Kafka; secrets are not part of it, only references to them."""
 
     bootstrap_servers: Annotated[str, Field(min_length=1)]
     """``host:port[,host:port...]`` of the brokers."""
@@ -801,22 +951,323 @@ class KafkaSpec(_Model):
     """Extra librdkafka consumer properties (string, integer or boolean values)."""
     producer: KafkaProperties = {}
     """Extra librdkafka producer properties (string, integer or boolean values)."""
+    sasl: KafkaSasl | None = None
+    """SASL authentication; omitted means none."""
+    tls: KafkaTls | None = None
+    """TLS to the brokers; omitted means plaintext."""
 
     @field_validator("consumer", "producer")
     @classmethod
     def _properties(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_kafka_properties(value)
 
+    @model_validator(mode="after")
+    def _security_set_once(self) -> KafkaSpec:
+        if self.sasl is None and self.tls is None:
+            return self
+        for side, properties in (("consumer", self.consumer), ("producer", self.producer)):
+            for name in properties:
+                if name in _SECURITY_KAFKA_PROPERTIES or name.startswith("ssl."):
+                    raise _LocatedError((side, name), "is decided by kafka.sasl / kafka.tls; remove it here")
+        return self
+
+    @property
+    def security_protocol(self) -> SecurityProtocol:
+        """librdkafka ``security.protocol`` implied by ``sasl`` and ``tls``."""
+        if self.sasl is not None:
+            return "SASL_SSL" if self.tls is not None else "SASL_PLAINTEXT"
+        return "SSL" if self.tls is not None else "PLAINTEXT"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+# s3://bucket[/prefix] with S3's bucket naming rules, or an absolute file:// path.
+_STORE_URL_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
+
+
+class CheckpointCredentials(_Model):
+    """The Secret with the S3 access key; workers get its values as ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY`` (``secretKeyRef``)."""
+
+    name: ObjectName
+    """Name of the Secret."""
+    access_key_id_key: SecretKey = "AWS_ACCESS_KEY_ID"
+    """Key holding the access key id."""
+    secret_access_key_key: SecretKey = "AWS_SECRET_ACCESS_KEY"
+    """Key holding the secret access key."""
+
+
+class CheckpointSpec(_Model):
+    """Where and how often workers checkpoint their state and offsets.
+
+    Checkpoints go to ``<url>/<namespace>/<job>/checkpoints/<id>/`` and savepoints to
+    ``<url>/<namespace>/<job>/savepoints/<id>/``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.url.startsWith('s3://') || "
+                    "!(has(self.endpoint) || has(self.region) || has(self.credentialsSecret))",
+                    "message": "endpoint, region and credentialsSecret only apply to an s3:// url",
+                }
+            ]
+        }
+    )
+
+    url: Annotated[str, Field(pattern=_STORE_URL_PATTERN)]
+    """The store: ``s3://bucket/prefix`` or ``file:///absolute/path``."""
+    interval: PositiveDuration = 10_000
+    """Time between checkpoints (default 10s)."""
+    retain: Annotated[int, Field(ge=1, strict=True)] = 3
+    """Completed checkpoints kept per job; older ones are deleted (savepoints are never)."""
+    endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$")] | None = None
+    """S3 endpoint of an S3-compatible server (path-style addressing); omitted means AWS."""
+    region: Annotated[str, Field(min_length=1)] | None = None
+    """S3 region; omitted means the AWS SDK's default."""
+    credentials_secret: CheckpointCredentials | None = None
+    """Secret with the S3 access key; omitted means the pod's ambient credentials (e.g. a
+    ServiceAccount bound to an IAM role)."""
+    cleanup_policy: Literal["retain", "delete"] = "retain"
+    """What happens to the job's checkpoints and savepoints when the StreamJob is deleted."""
+
+    @model_validator(mode="after")
+    def _s3_only_members(self) -> CheckpointSpec:
+        if not self.url.startswith("s3://"):
+            for name in ("endpoint", "region", "credentials_secret"):
+                if getattr(self, name) is not None:
+                    alias = to_camel(name)
+                    raise _LocatedError((alias,), "only applies to an s3:// url")
+        return self
+
+
+# --------------------------------------------------------------------------- pods
+
+# Kubernetes' resource.Quantity syntax (k8s.io/apimachinery/pkg/api/resource).
+_QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(_QUANTITY_PATTERN)
+_QUANTITY_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "integer"}, {"type": "string", "pattern": _QUANTITY_PATTERN}],
+    "x-kubernetes-int-or-string": True,
+}
+
+
+def _check_quantity(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _QUANTITY_RE.fullmatch(value):
+        return value
+    if isinstance(value, float):
+        # The API server takes a quantity as an integer or a string only.
+        raise ValueError(f"write a fractional quantity as a string, e.g. '{value}' or '500m' (got {value!r})")
+    raise ValueError(f"must be a quantity such as 500m, 2, 1.5, 512Mi or 2Gi (got {value!r})")
+
+
+Quantity = Annotated[int | str, BeforeValidator(_check_quantity), WithJsonSchema(_QUANTITY_SCHEMA)]
+"""A Kubernetes resource quantity: an integer or a string such as ``"500m"`` or ``"2Gi"``."""
+
+# A free-form Kubernetes object (an affinity, an EnvVarSource): the models pass it through
+# unchanged and the API server validates it where it lands, in the pod template.
+_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+KubernetesObject = Annotated[dict[str, Any], WithJsonSchema(_OBJECT_SCHEMA)]
+
+
+class Resources(_Model):
+    """Compute resources of each worker container, as in a Kubernetes container's ``resources``."""
+
+    limits: dict[Annotated[str, Field(min_length=1)], Quantity] = {}
+    """Maximum amount per resource (``cpu``, ``memory``, ``ephemeral-storage``, ...)."""
+    requests: dict[Annotated[str, Field(min_length=1)], Quantity] = {}
+    """Amount per resource the scheduler reserves."""
+
+
+_ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+WORKER_ENV_PREFIX = "WEIR_"
+"""Environment variables starting with this are the operator's way of configuring workers;
+``spec.env`` may not set them."""
+
+
+class EnvVar(_Model):
+    """An environment variable of the worker container (a Kubernetes ``EnvVar``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.value) && has(self.valueFrom))",
+                    "message": "set value or valueFrom, not both",
+                }
+            ]
+        }
+    )
+
+    name: Annotated[str, Field(pattern=_ENV_NAME_PATTERN)]
+    """Variable name."""
+    value: str | None = None
+    """Literal value; never put a secret here, use ``valueFrom.secretKeyRef``."""
+    value_from: KubernetesObject | None = None
+    """A Kubernetes ``EnvVarSource``: ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef`` or
+    ``resourceFieldRef``."""
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise _LocatedError(("valueFrom",), "set value or valueFrom, not both")
+        return self
+
+
+class Toleration(_Model):
+    """A Kubernetes pod toleration."""
+
+    key: str | None = None
+    """Taint key; omitted with ``operator: Exists`` tolerates every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """How ``value`` is compared (Kubernetes default ``Equal``)."""
+    value: str | None = None
+    """Taint value for ``Equal``."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; omitted means all."""
+    toleration_seconds: Annotated[int, Field(strict=True)] | None = None
+    """For ``NoExecute``: how long the pod stays bound after the taint appears."""
+
+
+class LocalObjectReference(_Model):
+    """A reference to an object by name in the StreamJob's namespace."""
+
+    name: ObjectName
+    """The object's name."""
+
+
+RESERVED_LABEL_PREFIX = "weir.dev/"
+"""Labels and annotations under this prefix belong to weir (the StatefulSet selector uses them)."""
+
+
+class PodTemplate(_Model):
+    """Overrides applied to every worker pod."""
+
+    labels: dict[str, str] = {}
+    """Extra pod labels (not under ``weir.dev/``)."""
+    annotations: dict[str, str] = {}
+    """Extra pod annotations (not under ``weir.dev/``)."""
+    node_selector: dict[str, str] = {}
+    """Node labels a worker's node must have."""
+    tolerations: tuple[Toleration, ...] = ()
+    """Taints the workers tolerate."""
+    affinity: KubernetesObject | None = None
+    """A Kubernetes ``Affinity`` (node, pod and pod anti-affinity)."""
+    service_account_name: ObjectName | None = None
+    """ServiceAccount the workers run as; omitted means the namespace's ``default`` (workers
+    need no Kubernetes API access, so no token is mounted unless this is set)."""
+    image_pull_secrets: tuple[LocalObjectReference, ...] = ()
+    """Secrets for pulling the image from a private registry."""
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith(RESERVED_LABEL_PREFIX):
+                raise _LocatedError((key,), f"keys under {RESERVED_LABEL_PREFIX} are set by weir")
+        return value
+
+
+# --------------------------------------------------------------------------- autoscaler
+
+
+class AutoscalerSpec(_Model):
+    """Parallelism that follows the job's load (the operator's autoscaler reads these).
+
+    Scales up when utilization exceeds the target or lag exceeds a threshold, down slowly,
+    never below ``minParallelism`` or above ``maxParallelism``, and only to parallelisms that
+    divide the input partitions evenly.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxParallelism) || "
+                    "(has(self.minParallelism) ? self.minParallelism : 1) <= self.maxParallelism",
+                    "message": "minParallelism must not exceed maxParallelism",
+                    "fieldPath": ".minParallelism",
+                }
+            ]
+        }
+    )
+
+    enabled: Annotated[bool, Field(strict=True)] = False
+    """Whether the operator changes ``parallelism``; when false it only recommends."""
+    min_parallelism: Annotated[int, Field(ge=1, strict=True)] = 1
+    """Lowest parallelism the autoscaler sets."""
+    max_parallelism: Annotated[int, Field(ge=1, strict=True)] | None = None
+    """Highest parallelism the autoscaler sets; omitted means the input partition count."""
+    target_utilization: Annotated[float, Field(gt=0, le=1)] = 0.7
+    """Busy ratio (0-1] the workers should run at."""
+    lag_threshold_records: Annotated[int, Field(ge=0, strict=True)] | None = None
+    """Scale up when the consumer lag of a partition exceeds this many records."""
+    lag_threshold_time: Duration | None = None
+    """Scale up when the time lag (age of the oldest unprocessed record) exceeds this."""
+    metrics_window: PositiveDuration = 300_000
+    """Window over which rates, lag and utilization are averaged (default 5m)."""
+    scale_up_stabilization_window: Duration = 60_000
+    """Minimum time between scaling up again (default 1m)."""
+    scale_down_stabilization_window: Duration = 900_000
+    """Load must stay low this long before scaling down (default 15m)."""
+    catch_up_duration: PositiveDuration = 300_000
+    """Time in which a scaled job should work off its lag (default 5m)."""
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> AutoscalerSpec:
+        if self.max_parallelism is not None and self.min_parallelism > self.max_parallelism:
+            raise _LocatedError(
+                ("minParallelism",),
+                f"must not exceed maxParallelism ({self.min_parallelism} > {self.max_parallelism})",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- job spec
+
+UpgradeMode: TypeAlias = Literal["stateless", "savepoint", "last-state"]
+JobState: TypeAlias = Literal["running", "suspended"]
+DeliveryGuarantee: TypeAlias = Literal["exactly-once", "at-least-once"]
+
 
 class JobSpec(_Model):
-    """The runtime's view of a StreamJob ``spec``: what to run and where.
+    """A StreamJob ``spec``: what to run, where and how the operator manages it.
 
     Exactly one of ``pipeline`` (declarative) and ``entrypoint`` (a Python function
     returning a pipeline) is set.
     """
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.pipeline) != has(self.entrypoint)",
+                    "message": "must set exactly one of pipeline, entrypoint",
+                }
+            ]
+        }
+    )
+
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """Worker image; omitted means the operator's default worker image. With ``entrypoint``
+    the module must be importable in it."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Kubernetes image pull policy; omitted means the Kubernetes default."""
     parallelism: Annotated[int, Field(ge=1, strict=True)] = 1
     """Number of workers; at most the partition count of each stage's input."""
+    resources: Resources | None = None
+    """Compute resources of each worker."""
+    env: tuple[EnvVar, ...] = ()
+    """Extra environment variables of each worker (not starting with ``WEIR_``)."""
+    pod_template: PodTemplate | None = None
+    """Overrides for the worker pods."""
     kafka: KafkaSpec
     """Kafka connection."""
     pipeline: Pipeline | None = None
@@ -824,20 +1275,56 @@ class JobSpec(_Model):
     entrypoint: Annotated[str, Field(pattern=_ENTRYPOINT_PATTERN)] | None = None
     """``package.module:function``; the function takes no arguments and returns a Pipeline
     or a pipeline builder. The module must be importable in the worker image."""
+    checkpoint: CheckpointSpec | None = None
+    """Checkpoint store and cadence; omitted means no durable state (a restart starts from
+    the committed offsets with empty windows)."""
+    delivery_guarantee: DeliveryGuarantee = "exactly-once"
+    """``exactly-once``: output and offsets commit in one Kafka transaction.
+    ``at-least-once``: no transactions; after a failure some results may be written twice."""
+    upgrade_mode: UpgradeMode = "savepoint"
+    """How a changed spec replaces running workers: ``savepoint`` (stop with a savepoint,
+    restore from it), ``last-state`` (restore from the latest checkpoint) or ``stateless``
+    (start from the committed offsets without state)."""
+    state: JobState = "running"
+    """``suspended`` stops the workers (with a savepoint unless ``upgradeMode`` is stateless);
+    ``running`` starts them again from it."""
+    restart_nonce: Annotated[int, Field(strict=True)] | None = None
+    """Change it to restart every worker (using ``upgradeMode``)."""
+    savepoint_trigger_nonce: Annotated[int, Field(strict=True)] | None = None
+    """Change it to take a savepoint of the running job."""
+    autoscaler: AutoscalerSpec | None = None
+    """Lag- and utilization-driven parallelism; omitted means a fixed ``parallelism``."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: tuple[EnvVar, ...]) -> tuple[EnvVar, ...]:
+        seen: set[str] = set()
+        for index, var in enumerate(value):
+            if var.name.startswith(WORKER_ENV_PREFIX):
+                raise _LocatedError(
+                    (index, "name"), f"variables starting with {WORKER_ENV_PREFIX} are set by the operator"
+                )
+            if var.name in seen:
+                raise _LocatedError((index, "name"), f"{var.name} is set twice")
+            seen.add(var.name)
+        return value
 
     @model_validator(mode="after")
     def _pipeline_or_entrypoint(self) -> JobSpec:
         if (self.pipeline is None) == (self.entrypoint is None):
             got = "both" if self.pipeline is not None else "neither"
             raise ValueError(f"must set exactly one of pipeline, entrypoint (got {got})")
+        credentials = self.checkpoint.credentials_secret if self.checkpoint is not None else None
+        if credentials is not None:
+            for index, var in enumerate(self.env):
+                if var.name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    raise _LocatedError(
+                        ("env", index, "name"), "is set from checkpoint.credentialsSecret; remove one of them"
+                    )
         return self
 
 
 # --------------------------------------------------------------------------- manifests
-
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-
 
 class ObjectMeta(BaseModel):
     """The parts of Kubernetes object metadata weir reads; other keys (labels, uid, ...)
@@ -847,6 +1334,8 @@ class ObjectMeta(BaseModel):
 
     name: Annotated[str, Field(pattern=_DNS_SUBDOMAIN, max_length=253)]
     namespace: Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)] = "default"
+    uid: str | None = None
+    """Set by the API server; the operator's children name it in their ownerReferences."""
 
 
 class StreamJob(_Model):
@@ -969,7 +1458,8 @@ _MODELS: dict[str, type[BaseModel]] = {}
 
 
 def _register_models() -> None:
-    for model in (Pipeline, JobSpec, StreamJob, Step, Condition, Window, Source, KafkaSpec):
+    models = (Pipeline, JobSpec, StreamJob, Step, Condition, Window, Source, KafkaSpec)
+    for model in (*models, CheckpointSpec, AutoscalerSpec, PodTemplate):
         _MODELS[model.__name__] = model
 
 

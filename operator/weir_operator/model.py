@@ -1,0 +1,230 @@
+"""The StreamJob status models: what the operator writes under ``status`` (and the CRD's status schema).
+
+The spec models live in the runtime (``weir.spec``), which workers also read; the status is
+the operator's alone. Like the spec models they are frozen pydantic models with camelCase
+aliases, and the CRD's status schema is generated from them (``weir_operator.crd``).
+
+Reading a status back from the API server ignores keys these models do not know: kopf keeps
+its own bookkeeping under ``status.kopf``, which the CRD allows (``x-kubernetes-preserve-
+unknown-fields`` on ``status``).
+
+Status is the operator's write-ahead log: before it acts (take a savepoint, replace the
+workers, ...) it records an ``Intent`` with a fresh id, so that an operator restarted in
+between resumes the intent instead of starting it again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeAlias
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "CONDITION_TYPES",
+    "CheckpointInfo",
+    "ConditionStatus",
+    "ConditionType",
+    "Intent",
+    "IntentAction",
+    "Lag",
+    "Phase",
+    "SavepointInfo",
+    "SavepointTrigger",
+    "ScalingDecision",
+    "StatusCondition",
+    "StreamJobStatus",
+]
+
+
+class _Status(BaseModel):
+    """Base of the status models: frozen, camelCase, unknown keys ignored on reading."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+    )
+
+
+Phase: TypeAlias = Literal[
+    "Pending",
+    "Deploying",
+    "Running",
+    "Upgrading",
+    "Savepointing",
+    "Suspended",
+    "RollingBack",
+    "Failed",
+    "Deleting",
+]
+"""The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail."""
+
+ConditionType: TypeAlias = Literal["Ready", "Progressing", "Degraded", "Stalled"]
+ConditionStatus: TypeAlias = Literal["True", "False", "Unknown"]
+CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "Progressing", "Degraded", "Stalled")
+"""Every condition type, in the order the operator writes them."""
+
+
+class StatusCondition(_Status):
+    """One condition, shaped like Kubernetes' ``metav1.Condition``.
+
+    ``Ready``: all workers are ready and checkpoints complete. ``Progressing``: the operator
+    is moving the job towards its spec (deploying, scaling, upgrading). ``Degraded``: the job
+    runs but something is wrong (workers crash-looping, checkpoints failing). ``Stalled``:
+    the operator cannot make progress without a change to the spec or the cluster.
+    """
+
+    type: ConditionType
+    """Which condition."""
+    status: ConditionStatus
+    """Whether it holds."""
+    reason: Annotated[str, Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)]
+    """CamelCase machine-readable cause (``WorkersCrashLooping``)."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable detail; never a secret value."""
+    last_transition_time: AwareDatetime
+    """When ``status`` last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The ``metadata.generation`` this condition was computed for."""
+
+
+class Lag(_Status):
+    """Consumer lag of the job's consumer group, summed over its input partitions."""
+
+    records: Annotated[int, Field(ge=0)]
+    """Records not yet processed."""
+    seconds: Annotated[float, Field(ge=0)] | None = None
+    """Age of the oldest unprocessed record, where known."""
+    measured_at: AwareDatetime
+    """When the lag was measured."""
+
+
+class CheckpointInfo(_Status):
+    """A completed checkpoint."""
+
+    id: Annotated[str, Field(min_length=1)]
+    """Checkpoint id (its directory name in the store)."""
+    url: Annotated[str, Field(min_length=1)]
+    """Where it is: ``<store>/<namespace>/<job>/checkpoints/<id>/``."""
+    completed_at: AwareDatetime
+    """When its manifest was written."""
+
+
+SavepointTrigger: TypeAlias = Literal["nonce", "upgrade", "suspend", "shutdown", "manual"]
+
+
+class SavepointInfo(_Status):
+    """A completed (or failed) savepoint."""
+
+    id: Annotated[str, Field(min_length=1)]
+    """Savepoint id (its directory name in the store); also the request id sent to the workers."""
+    url: str | None = None
+    """Where it is: ``<store>/<namespace>/<job>/savepoints/<id>/``; absent when it failed."""
+    trigger: SavepointTrigger
+    """Why it was taken: ``savepointTriggerNonce``, an upgrade, a suspend, a shutdown, by hand."""
+    trigger_nonce: int | None = None
+    """The ``spec.savepointTriggerNonce`` it answered, for ``trigger: nonce``."""
+    generation: Annotated[int, Field(ge=0)] | None = None
+    """``metadata.generation`` of the spec the workers ran."""
+    completed_at: AwareDatetime | None = None
+    """When its manifest was written."""
+    error: str | None = None
+    """Why it failed; absent for a completed savepoint."""
+
+
+IntentAction: TypeAlias = Literal[
+    "deploy",
+    "scale",
+    "redeploy",
+    "upgrade",
+    "savepoint",
+    "suspend",
+    "resume",
+    "restart",
+    "rollback",
+    "cleanup",
+]
+
+
+class Intent(_Status):
+    """The action the operator has decided on and is carrying out (the write-ahead log entry).
+
+    Written to status before the action starts and cleared when it is done; an operator that
+    finds an intent on start-up resumes it (the id makes the worker requests idempotent).
+    """
+
+    action: IntentAction
+    """What is being done."""
+    id: Annotated[str, Field(min_length=1)]
+    """Unique id of this intent; used as the request id of savepoints it triggers."""
+    generation: Annotated[int, Field(ge=0)]
+    """``metadata.generation`` of the spec the intent works towards."""
+    started_at: AwareDatetime
+    """When the intent was recorded."""
+    fingerprint: str | None = None
+    """Fingerprint of the pod-relevant spec the intent deploys (``weir_operator.render.fingerprint``)."""
+    parallelism: Annotated[int, Field(ge=0)] | None = None
+    """Parallelism the intent deploys or scales to."""
+    savepoint_id: str | None = None
+    """Savepoint the intent takes or restores from."""
+    restore_from: str | None = None
+    """URL of the checkpoint or savepoint the new workers restore from."""
+
+
+class ScalingDecision(_Status):
+    """The autoscaler's latest recommendation and why."""
+
+    at: AwareDatetime
+    """When it was made."""
+    from_parallelism: Annotated[int, Field(ge=0)]
+    """Parallelism before."""
+    to_parallelism: Annotated[int, Field(ge=0)]
+    """Recommended parallelism."""
+    applied: bool = False
+    """Whether the operator changed ``spec.parallelism`` (autoscaler enabled)."""
+    reason: str = ""
+    """The numbers behind it (utilization, lag, rates)."""
+
+
+class StreamJobStatus(_Status):
+    """``status`` of a StreamJob, written only by the operator."""
+
+    phase: Phase | None = None
+    """Life-cycle phase."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The ``metadata.generation`` the operator last acted on."""
+    conditions: tuple[StatusCondition, ...] = ()
+    """``Ready``, ``Progressing``, ``Degraded``, ``Stalled``."""
+    parallelism: Annotated[int, Field(ge=0)] | None = None
+    """Workers the job currently runs with (the scale subresource's ``status.replicas``)."""
+    selector: str | None = None
+    """Label selector of the worker pods (the scale subresource's ``status.selector``)."""
+    ready_workers: Annotated[int, Field(ge=0)] | None = None
+    """Workers passing their readiness probe."""
+    worker_restarts: Annotated[int, Field(ge=0)] | None = None
+    """Container restarts summed over the current workers."""
+    lag: Lag | None = None
+    """Consumer lag of the job."""
+    last_checkpoint: CheckpointInfo | None = None
+    """Latest completed checkpoint."""
+    last_savepoint: SavepointInfo | None = None
+    """Latest savepoint attempt."""
+    savepoint_history: tuple[SavepointInfo, ...] = ()
+    """Recent savepoints, newest first (bounded by the operator)."""
+    reconciled_fingerprint: str | None = None
+    """Fingerprint of the spec the workers were last deployed with."""
+    stable_fingerprint: str | None = None
+    """Fingerprint of the last spec that became stable (checkpoints complete, no restarts,
+    lag not growing); rollbacks return to it."""
+    intent: Intent | None = None
+    """The action in progress, recorded before it starts."""
+    last_scaling: ScalingDecision | None = None
+    """The autoscaler's latest decision."""
+    error: str | None = None
+    """Why the job cannot run (an invalid spec, a failed upgrade); never a secret value."""
