@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo bench bench-quick setup lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind clean
+.PHONY: help demo bench bench-quick setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+crds: setup ## Regenerate the StreamJob CRD from the models into crds/ and the Helm chart
+	$(PY) -m weir_operator.crd
 
 lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
 	$(BIN)/ruff check runtime operator tests

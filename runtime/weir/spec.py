@@ -985,6 +985,14 @@ class KafkaSpec(_Model):
 _STORE_URL_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*)$"
 
 
+def _check_store_url(value: object) -> object:
+    if isinstance(value, str) and not re.fullmatch(_STORE_URL_PATTERN, value):
+        raise ValueError(
+            f"must be s3://bucket[/prefix] (a valid S3 bucket name) or file:///absolute/path (got {value!r})"
+        )
+    return value
+
+
 class CheckpointCredentials(_Model):
     """The Secret with the S3 access key; workers get its values as ``AWS_ACCESS_KEY_ID`` and
     ``AWS_SECRET_ACCESS_KEY`` (``secretKeyRef``)."""
@@ -1016,7 +1024,7 @@ class CheckpointSpec(_Model):
         }
     )
 
-    url: Annotated[str, Field(pattern=_STORE_URL_PATTERN)]
+    url: Annotated[str, BeforeValidator(_check_store_url), Field(pattern=_STORE_URL_PATTERN)]
     """The store: ``s3://bucket/prefix`` or ``file:///absolute/path``."""
     interval: PositiveDuration = 10_000
     """Time between checkpoints (default 10s)."""
@@ -1500,8 +1508,10 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
             message = f"must be >= {ctx.get('ge')} (got {_shown(error['input'])})"
         elif kind == "string_pattern_mismatch":
             message = f"must match {ctx.get('pattern')} (got {_shown(error['input'])})"
-        elif kind == "too_short":
+        elif kind == "too_short" or (kind == "string_too_short" and ctx.get("min_length") == 1):
             message = f"must not be empty (got {_shown(error['input'])})"
+        elif kind == "too_long":
+            message = f"must have at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})"
         else:
             message = f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {_shown(error['input'])})"
         path = _format_loc(loc)
