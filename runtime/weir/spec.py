@@ -1024,7 +1024,7 @@ class CheckpointSpec(_Model):
         }
     )
 
-    url: Annotated[str, BeforeValidator(_check_store_url), Field(pattern=_STORE_URL_PATTERN)]
+    url: Annotated[str, Field(pattern=_STORE_URL_PATTERN), BeforeValidator(_check_store_url)]
     """The store: ``s3://bucket/prefix`` or ``file:///absolute/path``."""
     interval: PositiveDuration = 10_000
     """Time between checkpoints (default 10s)."""

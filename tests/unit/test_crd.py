@@ -188,6 +188,12 @@ def test_durations_and_quantities_are_int_or_string_with_their_constraints_hoist
     assert interval["minimum"] == 0
 
 
+def test_string_patterns_survive_validators_that_improve_the_messages() -> None:
+    url = schema()["properties"]["spec"]["properties"]["checkpoint"]["properties"]["url"]
+
+    assert url["pattern"].startswith("^(s3://")
+
+
 def test_an_exclusive_minimum_becomes_the_openapi_v3_0_form() -> None:
     utilization = schema()["properties"]["spec"]["properties"]["autoscaler"]["properties"][
         "targetUtilization"

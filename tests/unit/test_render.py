@@ -23,63 +23,8 @@ EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
 UID = "6f1c1d2e-0000-4000-8000-000000000001"
 IMAGE = "ghcr.io/weir-dev/weir:0.1.0"
 
-FULL = """
-apiVersion: weir.dev/v1alpha1
-kind: StreamJob
-metadata: {name: orders, namespace: shop, uid: 6f1c1d2e-0000-4000-8000-000000000002}
-spec:
-  image: registry.example.com/shop/orders-job:1.4.2
-  imagePullPolicy: IfNotPresent
-  parallelism: 3
-  resources:
-    requests: {cpu: 500m, memory: 1Gi}
-    limits: {memory: 2Gi, ephemeral-storage: 10Gi}
-  env:
-    - {name: LOG_FORMAT, value: json}
-    - name: SHOP_REGION
-      valueFrom: {configMapKeyRef: {name: shop-settings, key: region}}
-  podTemplate:
-    labels: {team: checkout}
-    annotations: {prometheus.io/scrape: "true"}
-    nodeSelector: {kubernetes.io/arch: amd64}
-    tolerations:
-      - {key: dedicated, operator: Equal, value: streaming, effect: NoSchedule}
-    affinity:
-      podAntiAffinity:
-        preferredDuringSchedulingIgnoredDuringExecution:
-          - weight: 100
-            podAffinityTerm:
-              topologyKey: kubernetes.io/hostname
-              labelSelector: {matchLabels: {weir.dev/job: orders}}
-    serviceAccountName: orders-worker
-    imagePullSecrets: [{name: registry-example}]
-  kafka:
-    bootstrapServers: kafka-0.kafka:9093,kafka-1.kafka:9093
-    consumer: {fetch.min.bytes: 65536}
-    sasl:
-      mechanism: SCRAM-SHA-512
-      usernameSecret: {name: kafka-user, key: username}
-      passwordSecret: {name: kafka-user, key: password}
-    tls:
-      caSecret: {name: kafka-ca, key: ca.crt}
-      certSecret: {name: kafka-client, key: tls.crt}
-      keySecret: {name: kafka-client, key: tls.key}
-      keyPasswordSecret: {name: kafka-client, key: key-password}
-  entrypoint: shop.jobs:orders_pipeline
-  checkpoint:
-    url: s3://shop-checkpoints/weir
-    interval: 30s
-    retain: 5
-    endpoint: http://minio.storage:9000
-    region: eu-west-1
-    credentialsSecret: {name: s3-creds}
-    cleanupPolicy: delete
-  deliveryGuarantee: exactly-once
-  upgradeMode: last-state
-  restartNonce: 2
-  savepointTriggerNonce: 7
-  autoscaler: {enabled: true, minParallelism: 1, maxParallelism: 12, lagThresholdRecords: 100000}
-"""
+FULL_MANIFEST = GOLDEN / "streamjob-full.yaml"
+FULL = FULL_MANIFEST.read_text()
 
 
 def revenue() -> spec.StreamJob:
