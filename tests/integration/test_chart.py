@@ -193,16 +193,15 @@ def installed(request: pytest.FixtureRequest, kube: Running, admin: Any, helm: H
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     try:
         with kube_server.api_client(kube_server.service_account_kubeconfig(kube, namespace, account)) as sa:
-            # The authorizer reads bindings from an informer cache: wait for the grant to show.
+            # The authorizer reads bindings from an informer cache: wait until every grant shows.
             custom = client.CustomObjectsApi(sa)
-            wait_until(
-                lambda: (
-                    custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, watched, crd.PLURAL)
-                    is not None
-                ),
-                15,
-                "the chart's RBAC",
+            lease = f"{release}-weir-operator-leader"
+            grants = (
+                lambda: custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, watched, crd.PLURAL),
+                lambda: client.ApiextensionsV1Api(sa).list_custom_resource_definition(limit=1),
+                lambda: client.CoordinationV1Api(sa).read_namespaced_lease(lease, namespace),
             )
+            wait_until(lambda: all(_authorized(grant) for grant in grants), 15, "the chart's RBAC")
             yield Installed(release, namespace, watched, other, sa, admin, objects)
     finally:
         # Cluster-scoped objects outlive the test namespaces; remove them.
@@ -212,6 +211,15 @@ def installed(request: pytest.FixtureRequest, kube: Running, admin: Any, helm: H
                 rbac.delete_cluster_role_binding(obj["metadata"]["name"])
             elif obj["kind"] == "ClusterRole":
                 rbac.delete_cluster_role(obj["metadata"]["name"])
+
+
+def _authorized(call: Any) -> bool:
+    """Whether the API server lets the call through (a 404 still means it was authorized)."""
+    try:
+        call()
+    except ApiException as exc:
+        return exc.status != 403
+    return True
 
 
 def _forbidden(call: Any) -> bool:
