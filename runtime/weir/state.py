@@ -55,6 +55,7 @@ _LEVEL_BASE_BYTES = 64 << 20
 _L0_COMPACTION_TRIGGER = 16
 _L0_SLOWDOWN_TRIGGER = 40
 _L0_STOP_TRIGGER = 64
+_BACKGROUND_WORK = ("rocksdb.compaction-pending", "rocksdb.num-running-compactions", "rocksdb.num-running-flushes")
 
 
 def rocksdb_options() -> Options:
@@ -198,6 +199,14 @@ class PartitionStore:
             return int(self._db.property_int_value("rocksdb.estimate-live-data-size") or 0)
         except Exception:  # noqa: BLE001 - an estimate; never worth failing the worker for
             return 0
+
+    def compacting(self) -> bool:
+        """Whether RocksDB is flushing or compacting in the background or has compaction queued.
+
+        A compaction rewrites files, so the next checkpoint uploads its output; benchmarks and
+        tests wait for this to turn false to measure a settled database.
+        """
+        return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
 
     def checkpoint(self, dest: Path) -> Path:
         """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
