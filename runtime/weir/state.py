@@ -55,7 +55,11 @@ _LEVEL_BASE_BYTES = 64 << 20
 _L0_COMPACTION_TRIGGER = 16
 _L0_SLOWDOWN_TRIGGER = 40
 _L0_STOP_TRIGGER = 64
-_BACKGROUND_WORK = ("rocksdb.compaction-pending", "rocksdb.num-running-compactions", "rocksdb.num-running-flushes")
+_BACKGROUND_WORK = (
+    "rocksdb.compaction-pending",
+    "rocksdb.num-running-compactions",
+    "rocksdb.num-running-flushes",
+)
 
 
 def rocksdb_options() -> Options:
