@@ -40,16 +40,18 @@ _BIAS = 1 << 63
 
 
 # Compaction tuned for incremental checkpoints. Every checkpoint flushes the memtable, so each
-# one adds an L0 file, and the files a compaction writes are new files the next checkpoint
-# uploads. With the defaults (64 MiB files, L0 compacted at 4 files, a 256 MiB base level)
-# a 100 MB database keeps everything in one bottom level of two big files, and every L0
-# compaction rewrites all of it: measured over 60 checkpoints that each change a random 1 %
-# of 100 MB, 16.8 MB were uploaded per checkpoint on average (max 103 MB). With 8 MiB files,
-# a 64 MiB base level and L0 compacted at 16 files a compaction rewrites only the files its
-# keys overlap and happens a quarter as often: 3.5 MB on average (max 59 MB). Updates that
-# stay in recent windows (window keys sort by start time) upload only the changed data
-# (1.0 MB per 1 % either way). More L0 files cost a little on reads that miss the in-memory
-# working set; the slowdown/stop triggers move up so writes are never throttled by them.
+# one adds an L0 file, and every file a compaction writes is a new file the next checkpoint
+# uploads. With RocksDB's defaults (64 MiB files, L0 compacted at 4 files, a 256 MiB base
+# level) a 100 MB database sits in one bottom level of two big files and each L0 compaction
+# rewrites all of it: changing a random 1 % of 100 MB before each of 60 checkpoints uploaded
+# 16.9 MB per checkpoint on average, the whole 104 MB every few checkpoints. With 8 MiB
+# files, a 64 MiB base level and L0 compacted at 16 files, a compaction rewrites only the
+# files its keys overlap, a quarter as often: 2.1 MB on average over 40 such checkpoints,
+# 1.1 MB (the change itself) for 90 % of them, at most 29 MB (bench/checkpoint_bench.py).
+# One exception stays: a database that took a lot in one go holds it in L0 (RocksDB also
+# compacts L0 once it exceeds the base level's size) and rewrites it once. More L0 files
+# cost a little on reads that miss the in-memory working set; the slowdown/stop triggers
+# move up so writes are never throttled by them.
 _TARGET_FILE_BYTES = 8 << 20
 _LEVEL_BASE_BYTES = 64 << 20
 _L0_COMPACTION_TRIGGER = 16
