@@ -327,6 +327,12 @@ class FileBackend:
                     tmp.unlink(missing_ok=True)
                     raise
             os.replace(tmp, target)
+            # The rename itself is durable only once the directory is synced.
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
             raise CheckpointError(f"writing {target} failed: {exc}") from exc
 
@@ -987,6 +993,10 @@ class CheckpointStore(StoreReader):
     ) -> None:
         super().__init__(s3, [backend] if backend is not None else ())
         scheme, bucket, key = split_url(url)
+        if backend is not None and (backend.scheme, backend.bucket) != (scheme, bucket):
+            raise CheckpointError(
+                f"backend for {backend.scheme}://{backend.bucket} cannot serve store URL {url!r}"
+            )
         self.namespace = _check_name("namespace", namespace)
         self.job = _check_name("job name", job)
         self.url = join_url(scheme, bucket, key)
@@ -1090,7 +1100,7 @@ class CheckpointStore(StoreReader):
         manifest = self._manifest(
             "checkpoint", checkpoint_id, index, count, entries, "job", self._url(CHECKPOINTS, checkpoint_id)
         )
-        data = manifest.to_json()
+        data = _encode(manifest)
         self._backend.put_bytes(self._key(CHECKPOINTS, checkpoint_id, MANIFEST), data)
         self._manifest_cache[manifest.url] = manifest
         return WriteResult(
@@ -1146,7 +1156,7 @@ class CheckpointStore(StoreReader):
                     snap.offset, snap.watermark, dict(snap.progress), FORMAT_EXPORT, files, n
                 )
         manifest = self._manifest("savepoint", savepoint_id, index, count, entries, "manifest", dir_url)
-        data = manifest.to_json()
+        data = _encode(manifest)
         backend.put_bytes(_join(dir_key, MANIFEST), data)
         self._manifest_cache[dir_url] = manifest
         return WriteResult(
@@ -1276,6 +1286,15 @@ class CheckpointStore(StoreReader):
             # The listing is fresh: it is now the index of what is present.
             self._present[pdir] = listed - set(orphans)
         return deleted
+
+
+def _encode(manifest: Manifest) -> bytes:
+    try:
+        return manifest.to_json()
+    except TypeError as exc:
+        raise CheckpointError(
+            f"{manifest.url}: a partition's progress is not JSON-serialisable: {exc}"
+        ) from exc
 
 
 def _join_url(url: str, *parts: str) -> str:

@@ -532,6 +532,13 @@ def test_bad_names_raise_errors_naming_the_field(tmp_path: Path) -> None:
             store.write_checkpoint("../x", (0, 1), {})
         with pytest.raises(CheckpointError, match=r"worker index 2 is outside 0\.\.1"):
             store.write_checkpoint("x", (2, 2), {})
+        snap = _fake_rocksdb_dir(tmp_path / "snap")
+        with pytest.raises(CheckpointError, match="progress is not JSON-serialisable"):
+            store.write_checkpoint(
+                "y", (0, 1), {"orders/0": PartitionSnapshot(snap, 0, progress={"x": object()})}
+            )
+    with pytest.raises(CheckpointError, match="backend for memory://mem cannot serve store URL"):
+        CheckpointStore.open(f"file://{tmp_path}", NS, JOB, backend=MemoryBackend())
 
 
 def test_s3_settings_take_explicit_values_over_the_environment_and_never_show_secrets() -> None:
