@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo bench bench-quick setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind clean
+.PHONY: help demo bench bench-quick setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind soak clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ test-unit: setup ## Fast tests of the pure logic; no servers
 	$(PY) -m pytest tests/unit -q
 
 test-integration: setup ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts (and builds once); the kind suite skips without docker
-	$(PY) -m pytest tests/integration tests/e2e -q -rs
+	$(PY) -m pytest tests/integration tests/e2e -q -rs -m 'not slow'
 
 test: lint test-unit test-integration ## Everything: lint, unit and server-backed tests (what CI runs)
 
@@ -59,6 +59,9 @@ kube-up: setup ## Start a kube-apiserver + etcd (built from Go modules on first 
 
 kube-down: setup ## Stop the kube-apiserver and etcd
 	$(HARNESS) down kube
+
+soak: setup ## The kill test with random seeds, several rounds (WEIR_SOAK_ROUNDS, default 5; ~10 min)
+	$(PY) -m pytest tests/integration/test_exactly_once.py -m slow -q -s
 
 e2e-kind: setup ## End-to-end on a kind cluster (needs docker, kind, kubectl, helm): image, chart, Kafka, S3, a StreamJob
 	bash tests/e2e/kind/run-kind-e2e.sh

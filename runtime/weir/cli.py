@@ -59,11 +59,33 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to retry an unreachable broker before giving up (default 60)",
     )
     run.add_argument(
+        "--checkpoint-interval",
         "--commit-interval",
         type=float,
-        default=5.0,
         metavar="SECONDS",
-        help="how often output, state and offsets are made durable (default 5)",
+        help="how often state is checkpointed and output and offsets are committed with it "
+        "(default: spec.checkpoint.interval, else 5)",
+    )
+    run.add_argument(
+        "--guarantee",
+        choices=["exactly-once", "at-least-once"],
+        help="exactly-once: output, dead letters and offsets commit in one Kafka transaction per "
+        "checkpoint (results become visible at checkpoints); at-least-once: a crash may repeat "
+        "results (default: spec.deliveryGuarantee, else exactly-once)",
+    )
+    run.add_argument(
+        "--checkpoint-url",
+        help="checkpoint store: file:///path or s3://bucket/prefix (default: WEIR_CHECKPOINT_URL, "
+        "spec.checkpoint.url, else file://<state-dir>/checkpoints)",
+    )
+    run.add_argument(
+        "--checkpoint-retain", type=int, metavar="N", help="checkpoints kept per worker (default 3)"
+    )
+    run.add_argument(
+        "--restore-from",
+        metavar="URL",
+        help="start from this savepoint (or checkpoint) instead of the latest checkpoint "
+        "(default: WEIR_RESTORE_FROM)",
     )
     run.add_argument("--max-cached-windows", type=int, default=1_000_000, metavar="N",
                      help="windows kept in memory per partition; the rest live in RocksDB on disk "
@@ -169,8 +191,8 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=(args.state_dir or env.state_dir) / job.namespace / job.name,
         http_host=args.http_host,
         http_port=args.http_port if args.http_port is not None else env.http_port,
-        commit_interval_s=args.commit_interval,
         max_cached_windows=args.max_cached_windows,
+        **_checkpoint_settings(args, env, job),
     )
     metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)
 
@@ -184,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         alive=worker.alive,
         ready=lambda: (worker.ready, "" if worker.ready else "connecting to Kafka and restoring state"),
         status=worker.status,
+        savepoint=worker.savepoint,
         host=settings.http_host,
         port=settings.http_port,
     )
@@ -199,6 +222,28 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_KAFKA_UNAVAILABLE
     finally:
         control.stop()
+
+
+def _checkpoint_settings(args: argparse.Namespace, env: Any, job: Any) -> dict[str, Any]:
+    """Checkpointing from flags, then the environment, then the spec, then defaults."""
+    spec_ck = getattr(job.spec, "checkpoint", None)
+    interval = args.checkpoint_interval
+    if interval is None and spec_ck is not None and getattr(spec_ck, "interval", None) is not None:
+        interval = spec_ck.interval / 1000
+    out: dict[str, Any] = {
+        "checkpoint_interval_s": interval if interval is not None else 5.0,
+        "guarantee": args.guarantee or getattr(job.spec, "delivery_guarantee", None) or "exactly-once",
+        "checkpoint_url": args.checkpoint_url or env.checkpoint_url or getattr(spec_ck, "url", None),
+        "restore_from": args.restore_from or env.restore_from,
+    }
+    retain = args.checkpoint_retain or getattr(spec_ck, "retain", None)
+    if retain is not None:
+        out["checkpoint_retain"] = retain
+    if spec_ck is not None and (getattr(spec_ck, "endpoint", None) or getattr(spec_ck, "region", None)):
+        from weir.checkpoint import S3Settings
+
+        out["s3"] = S3Settings(endpoint_url=spec_ck.endpoint, region=spec_ck.region)
+    return out
 
 
 if __name__ == "__main__":

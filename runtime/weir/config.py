@@ -27,6 +27,10 @@ class Environment:
     """``WEIR_HTTP_PORT``: the metrics and control port (default 9249)."""
     bootstrap_servers: str | None
     """``WEIR_KAFKA_BOOTSTRAP_SERVERS``: overrides ``spec.kafka.bootstrapServers``."""
+    checkpoint_url: str | None = None
+    """``WEIR_CHECKPOINT_URL``: overrides ``spec.checkpoint.url``."""
+    restore_from: str | None = None
+    """``WEIR_RESTORE_FROM``: a savepoint to start from (set by the operator for an upgrade)."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -42,4 +46,6 @@ class Environment:
             state_dir=Path(env.get("WEIR_STATE_DIR") or Path(tempfile.gettempdir()) / "weir"),
             http_port=int(env.get("WEIR_HTTP_PORT") or 9249),
             bootstrap_servers=env.get("WEIR_KAFKA_BOOTSTRAP_SERVERS") or None,
+            checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
+            restore_from=env.get("WEIR_RESTORE_FROM") or None,
         )

@@ -112,7 +112,7 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
         worker = Worker(
             plan,
             kafka,
-            WorkerSettings(index=0, count=1, state_dir=Path(state), commit_interval_s=2),
+            WorkerSettings(index=0, count=1, state_dir=Path(state), checkpoint_interval_s=2),
             on_result=show,
         )
         worker.install_signal_handlers()

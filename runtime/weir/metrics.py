@@ -152,12 +152,18 @@ class WorkerMetrics:
             "weir_checkpoint_duration_seconds", "Checkpoint duration, trigger to manifest written, seconds.",
             buckets=CHECKPOINT_DURATION_BUCKETS, registry=None)
         self._metrics.append(self.checkpoint_duration_seconds)
+        self.checkpoint_sync_seconds = Histogram(
+            "weir_checkpoint_sync_seconds",
+            "Time processing stops for a checkpoint (output acknowledged, state written, RocksDB "
+            "snapshot taken); the upload runs in the background, seconds.",
+            buckets=CHECKPOINT_DURATION_BUCKETS, registry=None)
+        self._metrics.append(self.checkpoint_sync_seconds)
         self.checkpoint_size_bytes = self._gauge(
             "weir_checkpoint_size_bytes", "Total size of the last completed checkpoint, bytes.")
         self.checkpoint_uploaded_bytes_total = self._counter(
             "weir_checkpoint_uploaded_bytes_total", "Bytes uploaded to the checkpoint store.")
         self.checkpoint_failures_total = self._counter(
-            "weir_checkpoint_failures_total", "Checkpoints that failed.")
+            "weir_checkpoint_failures_total", "Checkpoint uploads that failed (each is retried).")
         self.checkpoints_skipped_total = self._counter(
             "weir_checkpoints_skipped_total", "Checkpoints not taken.", "reason")
         self.last_checkpoint_id = self._gauge(

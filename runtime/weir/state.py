@@ -114,6 +114,9 @@ class PartitionStore:
         # partition until the first eviction, so misses cost no disk read.
         self._count = sum(1 for _ in self._window_keys())
         self._on_disk = self._count > 0
+        # Whether RocksDB may hold any window at all (written by a flush or found on open):
+        # from then on a deleted window must be deleted on disk too.
+        self._persisted = self._on_disk
 
     # -- the WindowOperator seam ------------------------------------------------------
     def get(self, k: WindowKey) -> list[Any] | None:
@@ -139,7 +142,7 @@ class PartitionStore:
         elif self._stored(k):
             self._count -= 1
         self._dirty.discard(k)
-        if self._on_disk:
+        if self._persisted:
             self._deleted.add(k)
 
     def _stored(self, k: WindowKey) -> bool:
@@ -181,6 +184,8 @@ class PartitionStore:
         meta = orjson.dumps(progress)
         batch.put(_PROGRESS, meta)
         self._db.write(batch)
+        if self._dirty:
+            self._persisted = True
         self._dirty.clear()
         self._deleted.clear()
         if len(self._cache) > self._max_cached:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +47,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from weir import checkpoint as ck
 from weir import kafka as kio
+from weir import recovery
 from weir.aggregates import Aggregator, compile_aggregates
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
@@ -70,6 +74,12 @@ class LateRecord(Exception):
 
 class DeliveryFailed(RuntimeError):
     """A record could not be delivered to Kafka; the worker stops without committing."""
+
+
+class CommitFailed(RuntimeError):
+    """A checkpoint's transaction could not be committed (e.g. it timed out during a long
+    checkpoint-store outage); the worker stops and its restart recovers from the last
+    committed checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +117,21 @@ class WorkerSettings:
     http_host: str = "0.0.0.0"
     http_port: int = 9249
     batch_size: int = 5000
-    commit_interval_s: float = 5.0
+    checkpoint_interval_s: float = 5.0
+    guarantee: str = "exactly-once"
+    """``exactly-once``: output, dead letters and offsets commit in one Kafka transaction per
+    checkpoint. ``at-least-once``: offsets are committed after the checkpoint; a crash replays."""
+    checkpoint_url: str | None = None
+    """``file:///path`` or ``s3://bucket/prefix``; None: ``file://<state_dir>/checkpoints``."""
+    checkpoint_retain: int = 3
+    restore_from: str | None = None
+    """A savepoint (or checkpoint) URL to start from instead of the latest checkpoint."""
+    s3: Any = None
+    """``weir.checkpoint.S3Settings`` for an ``s3://`` store (None: from the environment)."""
     watermark_interval_s: float = 0.2
     max_cached_windows: int = 1_000_000
     shutdown_timeout_s: float = 20.0
+    savepoint_timeout_s: float = 600.0
 
 
 def plan_for(job: Job) -> RunPlan:
@@ -169,9 +190,34 @@ class Task:
     wm_sent: int = NO_WATERMARK
     metrics: Any = None
     published: tuple[int, int, int] = (0, 0, 0)
+    # Recovery by re-reading (see weir.recovery): output before this offset is suppressed.
+    replay_until: int | None = None
+    replay_wm: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The partition's name in checkpoints: ``<topic>/<partition>``."""
+        return f"{self.topic}/{self.partition}"
 
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition, self.next_offset)
+
+    def progress(self) -> dict[str, Any]:
+        return {"offset": self.next_offset, "wm": self.wm, "upstream": dict(self.upstream)}
+
+
+@dataclass
+class Pending:
+    """A checkpoint (or savepoint) taken but not yet committed: its snapshot is uploading."""
+
+    kind: str
+    id: str
+    producer: Any
+    offsets: list[TopicPartition]
+    future: Future[Any]
+    started: float
+    sync_s: float
+    path: str | None = None
 
 
 _ISO_CACHE: dict[int, str] = {}
@@ -202,6 +248,34 @@ def result_record(r: WindowResult, with_final: bool) -> dict[str, Any]:
     if with_final:
         out["final"] = r.final
     return out
+
+
+class _Snap:
+    """A checkpoint or savepoint manifest as ``weir.recovery`` sees it."""
+
+    def __init__(self, manifest: ck.Manifest) -> None:
+        self.manifest = manifest
+        self.id = f"{manifest.kind}:{manifest.id}"
+        self.created_ms = manifest.created_ms
+
+    def progress(self, partition: str) -> dict[str, Any] | None:
+        entry = self.manifest.partitions.get(partition)
+        if entry is None:
+            return None
+        wm = entry.watermark
+        return {
+            "offset": entry.offset,
+            "wm": NO_WATERMARK if wm is None else wm,
+            "upstream": dict(entry.progress.get("upstream") or {}),
+        }
+
+
+class _SavepointWaiter:
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
 
 
 class Worker:
@@ -238,6 +312,18 @@ class Worker:
         self._published: dict[str, tuple[int, int]] = {}
         self._status: dict[str, Any] = {}
         self._forward = self._forwarder() if plan.repartition_topic else None
+        self._suppress = False
+        self.suppressed = 0
+        self._pending: Pending | None = None
+        self._seq = 1
+        self._closing = threading.Event()
+        self._stopped_by_savepoint = False
+        self._savepoint_lock = threading.Lock()
+        self._savepoint_requests: list[_SavepointWaiter] = []
+        self._savepoint_waiters: dict[str, _SavepointWaiter] = {}
+        self._savepoints_done: dict[str, dict[str, Any]] = {}
+        self.last_checkpoint: dict[str, Any] | None = None
+        self.last_savepoint: dict[str, Any] | None = None
         from weir.metrics import BusyTracker, RateTracker
 
         self._busy = BusyTracker(clock=time.perf_counter)
@@ -260,7 +346,7 @@ class Worker:
             self._errors.append(f"{msg.topic()}: {err}")
 
     def run(self) -> int:
-        """Consume, process and produce until stopped; returns the process exit code."""
+        """Restore, then consume, process and produce until stopped; returns the exit code."""
         plan, settings = self.plan, self.settings
         admin = kio.admin(self.kafka)
         partitions = kio.wait_for_broker(admin, self.kafka)
@@ -280,33 +366,67 @@ class Worker:
             )
 
         self.consumer = kio.new_consumer(kio.consumer_config(self.kafka, plan.group_id, plan.start_from))
-        self.producer = kio.new_producer(kio.producer_config(self.kafka, self._on_delivery_error))
+        self._producers = self._new_producers()
+        self.producer = self._producers[0]
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
         try:
             self._build_tasks(partitions, repart_partitions)
-            self._resolve_start_offsets()
-            assignment = [t.tp() for t in self.tasks.values()]
-            self.consumer.assign(assignment)
+            self._restore()
+            self.consumer.assign([t.tp() for t in self.tasks.values()])
+            self._begin()
             self.ready = True
             log.info(
-                "worker %d/%d of %s assigned %s",
+                "worker %d/%d of %s (%s) assigned %s",
                 settings.index,
                 settings.count,
                 plan.job_id,
+                settings.guarantee,
                 ", ".join(t.label for t in self.tasks.values()) or "nothing",
             )
             self._loop(repart_partitions)
-            self._commit()
+            if not self._stopped_by_savepoint:
+                self._final_checkpoint()
             return 0
-        except DeliveryFailed as exc:
+        except (DeliveryFailed, CommitFailed) as exc:
             log.error("stopping without commit: %s", exc)
             return 1
         finally:
             self.ready = False
+            self._uploader.shutdown(wait=False, cancel_futures=True)
+            self._fail_savepoints("the worker stopped")
             with contextlib.suppress(Exception):
                 self.consumer.close()
             for task in self.tasks.values():
                 if task.store is not None:
                     task.store.close()
+
+    def _new_producers(self) -> list[Any]:
+        """One producer for at-least-once; two transactional ones for exactly-once.
+
+        With two, the next checkpoint's transaction runs on one producer while the previous
+        checkpoint uploads and its transaction waits to commit on the other: processing does
+        not stop for the upload. Transactional ids are stable per worker index, so a restarted
+        worker fences its zombie (and aborts whatever it left open) in ``init_transactions``.
+        """
+        config = kio.producer_config(self.kafka, self._on_delivery_error)
+        if self.settings.guarantee != "exactly-once":
+            return [kio.new_producer(config)]
+        producers = []
+        for suffix in ("a", "b"):
+            tx_config = {
+                **config,
+                "transactional.id": f"{self.plan.group_id}-w{self.settings.index}-{suffix}",
+                "transaction.timeout.ms": 120_000,
+                **self.kafka.producer,
+            }
+            producer = kio.new_producer(tx_config)
+            producer.init_transactions(self.kafka.connect_timeout_s)
+            producers.append(producer)
+        return producers
+
+    def _begin(self) -> None:
+        if self.settings.guarantee == "exactly-once":
+            self.producer.begin_transaction()
 
     def _build_tasks(self, partitions: dict[str, int], repart_partitions: int) -> None:
         plan, settings = self.plan, self.settings
@@ -318,20 +438,142 @@ class Worker:
             for q in assigned(repart_partitions, settings.index, settings.count):
                 self._add_task(plan.repartition_topic, q, window=True)
 
-    def _resolve_start_offsets(self) -> None:
-        """Give every task without local state a concrete start offset.
+    def _add_task(self, topic: str, partition: int, window: bool) -> None:
+        label = f"{topic}-{partition}"
+        task = Task(topic, partition, label, None, None, forward=not window, last_record=time.monotonic())
+        task.next_offset = OFFSET_STORED
+        if self.metrics is not None:
+            task.metrics = self.metrics.bind_partition(label)
+        self.tasks[(topic, partition)] = task
 
-        The group's committed offset if it has one, else the source's start position. Asked
-        explicitly (and retried) rather than left to the consumer's lazy lookup, so a slow
-        group coordinator shows up as a logged retry instead of a silent stall.
-        """
-        pending = [t for t in self.tasks.values() if t.next_offset == OFFSET_STORED]
-        if not pending:
-            return
+    def _open_state(self, task: Task, path: Path) -> None:
+        plan = self.plan
+        store = PartitionStore(
+            path, plan.aggregator.dumps, plan.aggregator.loads, self.settings.max_cached_windows
+        )
+        task.store = store
+        task.op = WindowOperator(
+            plan.window_kind,
+            plan.size_ms,
+            plan.slide_ms,
+            plan.gap_ms,
+            plan.allowed_lateness_ms,
+            plan.aggregator,
+            plan.emit,  # type: ignore[arg-type]
+            store,
+        )
+
+    # -- recovery -----------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Give every task its state and start offset (the decision is ``weir.recovery.choose``)."""
+        started = time.monotonic()
+        namespace, name = self.plan.job_id.split("/", 1)
+        url = self._checkpoint_url()
+        s3 = self.settings.s3
+        if s3 is None and url.startswith("s3://"):
+            s3 = ck.S3Settings.from_env()
+        self._store = ck.CheckpointStore.open(url, namespace, name, s3=s3)
+        committed = self._committed_offsets()
+        scans = [self._store.scan_kind("checkpoint"), self._store.scan_kind("savepoint")]
+        for scan in scans:
+            for bad in scan.unreadable:
+                log.warning("skipping an unreadable manifest: %s", bad)
+                if self.metrics is not None:
+                    self.metrics.checkpoints_skipped_total.labels(reason="corrupt").inc()
+        snapshots = [_Snap(m) for scan in scans for m in scan.manifests]
+        self._seq = self._store.next_seq(self.settings.index)
+        explicit = (
+            [_Snap(m) for m in self._store.read_savepoint(self.settings.restore_from)]
+            if self.settings.restore_from
+            else []
+        )
+        start = OFFSET_BEGINNING if self.plan.start_from == "earliest" else OFFSET_END
+        for task in self.tasks.values():
+            path = self.settings.state_dir / task.label
+            local = self._local_progress(path) if not task.forward else None
+            fetched: dict[str, Path] = {}
+
+            def usable(s: Any, task: Task = task, fetched: dict[str, Path] = fetched) -> bool:
+                if task.forward:
+                    return True
+                dest = self.settings.state_dir / "restore" / f"{task.label}-{len(fetched)}"
+                try:
+                    self._store.restore(s.manifest, task.name, dest)
+                except ck.CorruptCheckpoint as exc:
+                    log.warning("%s: skipping %s: %s", task.name, s.manifest.url, exc)
+                    if self.metrics is not None:
+                        self.metrics.checkpoints_skipped_total.labels(reason="corrupt").inc()
+                    return False
+                fetched[s.id] = dest
+                return True
+
+            offset, committed_id = committed.get(task.name, (None, None))
+            decision = recovery.choose(task.name, offset, snapshots, explicit, local, usable, committed_id)
+            log.info("%s: restore %s (%s)", task.name, decision.how, decision.reason)
+            if not task.forward:
+                if decision.how != "local":
+                    shutil.rmtree(path, ignore_errors=True)
+                    if decision.source is not None:
+                        fetched[decision.source.id].rename(path)
+                self._open_state(task, path)
+            shutil.rmtree(self.settings.state_dir / "restore", ignore_errors=True)
+            progress: Any = None
+            if decision.how == "local":
+                assert task.store is not None
+                progress = task.store.progress
+            elif decision.source is not None:
+                progress = decision.source.progress(task.name)
+            if progress is not None:
+                task.wm = int(progress.get("wm", NO_WATERMARK))
+                task.wm_sent = NO_WATERMARK
+                task.upstream = {k: int(v) for k, v in (progress.get("upstream") or {}).items()}
+            task.next_offset = decision.offset if decision.offset is not None else start
+            if decision.how == "replay" and decision.replay_until is not None:
+                # From the start position (a negative logical offset) or an older checkpoint.
+                task.replay_until = decision.replay_until
+                task.replay_wm = decision.replay_wm
+            if task.op is not None:
+                task.op.restore()
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.restore_duration_seconds.set(seconds)
+        log.info(
+            "restored in %.2fs: %s",
+            seconds,
+            ", ".join(
+                f"{t.name}@{t.next_offset}" + (f" (replay to {t.replay_until})" if t.replay_until else "")
+                for t in self.tasks.values()
+            ),
+        )
+
+    def _checkpoint_url(self) -> str:
+        if self.settings.checkpoint_url:
+            return self.settings.checkpoint_url
+        root = self.settings.state_dir.parent.parent / "checkpoints"
+        return root.resolve().as_uri()
+
+    def _local_progress(self, path: Path) -> tuple[int, str | None] | None:
+        """The offset and snapshot id stored with the RocksDB state already on this disk."""
+        if not (path / "CURRENT").exists():
+            return None
+        probe = PartitionStore(path, self.plan.aggregator.dumps, self.plan.aggregator.loads, 1)
+        try:
+            progress = probe.progress
+        finally:
+            probe.close()
+        return None if progress is None else (int(progress["offset"]), progress.get("id"))
+
+    def _committed_offsets(self) -> dict[str, tuple[int, str | None]]:
+        """The group's committed offset per task and the snapshot id committed with it (read
+        explicitly, retried while the coordinator is not ready, so a slow start shows as a
+        logged retry, not a stall)."""
+        tps = [TopicPartition(t.topic, t.partition) for t in self.tasks.values()]
+        if not tps:
+            return {}
         deadline = time.monotonic() + self.kafka.connect_timeout_s
         while True:
             try:
-                committed = self.consumer.committed([t.tp() for t in pending], timeout=10)
+                committed = self.consumer.committed(tps, timeout=10)
                 break
             except KafkaException as exc:
                 if time.monotonic() > deadline:
@@ -340,50 +582,14 @@ class Worker:
                     ) from exc
                 log.warning("reading committed offsets of %s failed (%s); retrying", self.plan.group_id, exc)
                 time.sleep(1)
-        start = OFFSET_BEGINNING if self.plan.start_from == "earliest" else OFFSET_END
-        for task, tp in zip(pending, committed, strict=True):
-            task.next_offset = tp.offset if tp.offset >= 0 else start
-        log.info("start offsets: %s", ", ".join(f"{t.label}@{t.next_offset}" for t in pending))
-
-    def _add_task(self, topic: str, partition: int, window: bool) -> None:
-        plan = self.plan
-        label = f"{topic}-{partition}"
-        op = store = None
-        if window:
-            store = PartitionStore(
-                self.settings.state_dir / label,
-                plan.aggregator.dumps,
-                plan.aggregator.loads,
-                self.settings.max_cached_windows,
-            )
-            op = WindowOperator(
-                plan.window_kind,
-                plan.size_ms,
-                plan.slide_ms,
-                plan.gap_ms,
-                plan.allowed_lateness_ms,
-                plan.aggregator,
-                plan.emit,  # type: ignore[arg-type]
-                store,
-            )
-        task = Task(topic, partition, label, op, store, forward=not window, last_record=time.monotonic())
-        task.next_offset = OFFSET_STORED
-        if self.metrics is not None:
-            task.metrics = self.metrics.bind_partition(label)
-        progress = store.progress if store is not None else None
-        if progress is not None and op is not None:
-            # Local state wins: it was written together with the offset it matches.
-            task.next_offset = int(progress["offset"])
-            task.wm = int(progress["wm"])
-            task.upstream = {k: int(v) for k, v in progress.get("upstream", {}).items()}
-            op.restore()
-        self.tasks[(topic, partition)] = task
+        found = [tp for tp in committed if tp.offset >= 0]
+        return {f"{tp.topic}/{tp.partition}": (tp.offset, tp.metadata or None) for tp in found}
 
     # -- the hot loop -------------------------------------------------------------------
     def _loop(self, repart_partitions: int) -> None:
         consumer, settings = self.consumer, self.settings
         batch_size = settings.batch_size
-        next_commit = time.monotonic() + settings.commit_interval_s
+        next_checkpoint = time.monotonic() + settings.checkpoint_interval_s
         next_tick = 0.0
         perf = time.perf_counter
         while not self._stop.is_set():
@@ -398,9 +604,17 @@ class Worker:
             self.producer.poll(0)
             if self._errors:
                 raise DeliveryFailed("; ".join(self._errors[:3]))
-            if now >= next_commit:
-                self._commit()
-                next_commit = time.monotonic() + settings.commit_interval_s
+            if self._pending is not None and self._pending.future.done():
+                self._complete()
+            if now >= next_checkpoint:
+                if self._pending is None:
+                    self._trigger("checkpoint", f"{self._seq:010d}-w{settings.index}")
+                    self._seq += 1
+                elif self.metrics is not None:
+                    self.metrics.checkpoints_skipped_total.labels(reason="previous_in_progress").inc()
+                next_checkpoint = time.monotonic() + settings.checkpoint_interval_s
+            if self._savepoint_requests:
+                self._take_savepoints()
             t1 = perf()
             self.busy_s += t1 - t0
             if msgs:
@@ -424,19 +638,48 @@ class Worker:
                 last_key = key
             bucket.append(m)
         now = time.monotonic()
-        forward = self._forward
         for task, batch in by_task.items():
             task.last_record = now
             task.idle = False
-            if task.topic == self.plan.repartition_topic:
-                self._window_repartitioned(task, batch)
-            elif forward is not None and task.forward:
-                self._stage1(task, batch, forward)
+            if task.replay_until is not None:
+                until = task.replay_until
+                cut = next((i for i, m in enumerate(batch) if m.offset() >= until), len(batch))
+                if cut:
+                    self._suppress = True
+                    try:
+                        self._process_task(task, batch[:cut])
+                    finally:
+                        self._suppress = False
+                if cut < len(batch):
+                    self._end_replay(task)
+                    self._process_task(task, batch[cut:])
             else:
-                assert task.op is not None
-                self._stage1(task, batch, task.op.process)
-            task.next_offset = batch[-1].offset() + 1
+                self._process_task(task, batch)
+
+    def _process_task(self, task: Task, batch: list[Any]) -> None:
+        forward = self._forward
+        if task.topic == self.plan.repartition_topic:
+            self._window_repartitioned(task, batch)
+        elif forward is not None and task.forward:
+            self._stage1(task, batch, forward)
+        else:
+            assert task.op is not None
+            self._stage1(task, batch, task.op.process)
+        task.next_offset = batch[-1].offset() + 1
+        self._fire(task)
+
+    def _end_replay(self, task: Task) -> None:
+        """The task has re-read up to the committed offset: lift its watermark to the one it had
+        there (windows that closed then were emitted then) and start producing again."""
+        if task.replay_wm is not None and task.replay_wm > task.wm:
+            task.wm = task.replay_wm
+        self._suppress = True
+        try:
             self._fire(task)
+        finally:
+            self._suppress = False
+        log.info("%s: re-read up to the committed offset %s; producing again", task.name, task.replay_until)
+        task.replay_until = task.replay_wm = None
 
     def _consume_error(self, err: Any) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -555,6 +798,8 @@ class Worker:
         wall = self._wall_ms()
         floor = wall - self.plan.max_out_of_orderness_ms
         for task in self.tasks.values():
+            if task.replay_until is not None and self._position(task) >= task.replay_until:
+                self._end_replay(task)
             if task.topic == self.plan.repartition_topic:
                 task.wm = max(task.wm, self._min_upstream(task))
             elif idle_after > 0 and now - task.last_record >= idle_after and self._caught_up(task):
@@ -566,6 +811,14 @@ class Worker:
             else:
                 self._fire(task)
         self._publish(now)
+
+    def _position(self, task: Task) -> int:
+        """Where the consumer is in the task's partition (past transaction markers too)."""
+        try:
+            (tp,) = self.consumer.position([TopicPartition(task.topic, task.partition)])
+        except KafkaException:
+            return task.next_offset
+        return max(task.next_offset, tp.offset)
 
     def _caught_up(self, task: Task) -> bool:
         """Whether the task has consumed all its partition holds. Only such a partition can be
@@ -602,6 +855,9 @@ class Worker:
         partition: int = -1,
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
+        if self._suppress:
+            self.suppressed += 1
+            return
         producer = self.producer
         while True:
             try:
@@ -649,30 +905,214 @@ class Worker:
     def _dead_letter_late(self, m: Any, ts: int, wm: int) -> None:
         self._dead_letter(m, LateRecord(ts, wm))
 
-    # -- commit points ------------------------------------------------------------------
-    def _commit(self) -> None:
-        """Make output durable, then state with its offsets, then the group's offsets.
+    # -- checkpoints and commits ----------------------------------------------------------
+    def _trigger(self, kind: str, cid: str, path: str | None = None) -> Pending:
+        """Snapshot state and offsets now; upload in the background; commit when uploaded.
 
-        At-least-once: a crash after the flush but before the commit replays records whose
-        results were already written. (Exactly-once through transactions replaces this.)
+        The synchronous part: wait for the output of this epoch to be acknowledged, write the
+        changed windows to RocksDB with the offsets, and take a RocksDB checkpoint (hard
+        links). Under exactly-once the next epoch's output then goes to the other producer's
+        transaction while this one's waits for the manifest to be written.
         """
+        t0 = time.monotonic()
         remaining = self.producer.flush(self.settings.shutdown_timeout_s)
         if remaining or self._errors:
             raise DeliveryFailed(f"{remaining} records undelivered; {'; '.join(self._errors[:3])}")
+        snapshot_id = f"{kind}:{cid}"
+        work = self.settings.state_dir / "snapshots" / cid.replace("/", "_")
+        shutil.rmtree(work, ignore_errors=True)
+        parts: dict[str, ck.PartitionSnapshot] = {}
         offsets = []
         for task in self.tasks.values():
             if task.next_offset < 0:
                 continue
+            local = work / task.label
             if task.store is not None:
-                task.store.flush({"offset": task.next_offset, "wm": task.wm, "upstream": task.upstream})
+                task.store.flush({**task.progress(), "id": snapshot_id})
+                task.store.checkpoint(local)
                 if task.metrics is not None:
                     task.metrics.state_size.set(task.store.size_bytes())
-            offsets.append(task.tp())
-        if offsets:
+            else:  # a stage-1 task of a repartitioned job: only its offset and watermark
+                local.mkdir(parents=True)
+            wm = None if task.wm == NO_WATERMARK else task.wm
+            extra = {"upstream": dict(task.upstream)}
+            parts[task.name] = ck.PartitionSnapshot(local, task.next_offset, wm, extra)
+            # The snapshot's id rides along as offset metadata: it names the committed state.
+            offsets.append(TopicPartition(task.topic, task.partition, task.next_offset, metadata=snapshot_id))
+        worker = (self.settings.index, self.settings.count)
+        store = self._store
+
+        def upload() -> Any:
+            delay = 0.5
+            while True:
+                try:
+                    if kind == "savepoint":
+                        result = store.write_savepoint(cid, worker, parts, path=path)
+                    else:
+                        result = store.write_checkpoint(cid, worker, parts)
+                    shutil.rmtree(work, ignore_errors=True)
+                    return result
+                except ck.CheckpointError as exc:
+                    if self.metrics is not None:
+                        self.metrics.checkpoint_failures_total.inc()
+                    if self._closing.is_set():
+                        raise
+                    log.warning("%s %s failed (retrying in %.1fs): %s", kind, cid, delay, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        pending = Pending(
+            kind, cid, self.producer, offsets, self._uploader.submit(upload), t0, time.monotonic() - t0, path
+        )
+        self._pending = pending
+        if self.metrics is not None:
+            self.metrics.checkpoint_sync_seconds.observe(pending.sync_s)
+        if len(self._producers) == 2:
+            self.producer = self._producers[1] if self.producer is self._producers[0] else self._producers[0]
+            self.producer.begin_transaction()
+        return pending
+
+    def _complete(self) -> Any:
+        """The pending snapshot is in the store: commit the output and offsets that match it."""
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        result = pending.future.result()  # raises if the upload gave up (only while closing)
+        if self.settings.guarantee == "exactly-once":
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
+                if pending.offsets:
+                    pending.producer.send_offsets_to_transaction(
+                        pending.offsets, self.consumer.consumer_group_metadata(), self.kafka.connect_timeout_s
+                    )
+                pending.producer.commit_transaction(self.kafka.connect_timeout_s)
             except KafkaException as exc:
-                log.warning("committing offsets failed (will retry at the next commit point): %s", exc)
+                raise CommitFailed(f"{pending.kind} {pending.id}: {exc}") from exc
+        elif pending.offsets:
+            try:
+                self.consumer.commit(offsets=pending.offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("committing offsets failed (the next checkpoint commits them): %s", exc)
+        seconds = time.monotonic() - pending.started
+        self.last_checkpoint = {
+            "kind": pending.kind,
+            "id": pending.id,
+            "completedAt": iso(self._wall_ms()),
+            "durationSeconds": round(seconds, 3),
+            "bytes": result.bytes_total,
+            "bytesUploaded": result.bytes_uploaded,
+            "url": result.url,
+        }
+        if self.metrics is not None:
+            m = self.metrics
+            m.checkpoint_duration_seconds.observe(seconds)
+            m.checkpoint_size_bytes.set(result.bytes_total)
+            m.checkpoint_uploaded_bytes_total.inc(result.bytes_uploaded)
+            if pending.kind == "checkpoint":
+                m.last_checkpoint_id.set(int(pending.id.split("-", 1)[0]))
+                m.last_checkpoint_timestamp_seconds.set(time.time())
+        if pending.kind == "checkpoint":
+            owned = [t.name for t in self.tasks.values()]
+            self._uploader.submit(self._retain, owned)
+        return result
+
+    def _retain(self, owned: list[str]) -> None:
+        try:
+            self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned)
+        except ck.CheckpointError as exc:
+            log.warning("deleting old checkpoints failed (retried after the next one): %s", exc)
+
+    def _wait_pending(self, deadline: float | None = None) -> bool:
+        """Block until the pending snapshot is uploaded and committed; False at the deadline."""
+        if self._pending is None:
+            return True
+        while not self._pending.future.done():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self.producer.poll(0.05)
+            self.alive_at = time.monotonic()
+            if self._errors:
+                raise DeliveryFailed("; ".join(self._errors[:3]))
+        self._complete()
+        return True
+
+    def _final_checkpoint(self) -> None:
+        """On stop: commit what was processed, bounded by the shutdown timeout. What cannot be
+        committed in time (the store is down) is produced again by the next start."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        if self._wait_pending(deadline):
+            self._trigger("checkpoint", f"{self._seq:010d}-w{self.settings.index}")
+            self._seq += 1
+            if self._wait_pending(deadline):
+                return
+        self._closing.set()
+        log.error(
+            "the final checkpoint did not complete within %.0fs; what it holds stays uncommitted "
+            "and is processed again by the next start",
+            self.settings.shutdown_timeout_s,
+        )
+
+    # -- savepoints (called from the control server's threads) --------------------------------
+    def savepoint(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Take a savepoint through the loop and wait for it; the same id returns the same one."""
+        sid = str(request["id"])
+        with self._savepoint_lock:
+            done = self._savepoints_done.get(sid)
+            if done is not None:
+                return done
+            waiter = self._savepoint_waiters.get(sid)
+            if waiter is None:
+                waiter = _SavepointWaiter(request)
+                self._savepoint_waiters[sid] = waiter
+                self._savepoint_requests.append(waiter)
+        if not waiter.done.wait(self.settings.savepoint_timeout_s):
+            raise TimeoutError(f"savepoint {sid} not complete after {self.settings.savepoint_timeout_s:.0f}s")
+        if waiter.error is not None:
+            raise RuntimeError(waiter.error)
+        assert waiter.result is not None
+        return waiter.result
+
+    def _take_savepoints(self) -> None:
+        with self._savepoint_lock:
+            requests, self._savepoint_requests = self._savepoint_requests, []
+        for waiter in requests:
+            sid = str(waiter.request["id"])
+            try:
+                self._wait_pending()
+                self._trigger("savepoint", sid, waiter.request.get("path"))
+                assert self._pending is not None
+                future = self._pending.future
+                self._wait_pending()
+                result = future.result()
+                answer = {
+                    "id": sid,
+                    "path": result.url,
+                    "status": "completed",
+                    "bytes": result.bytes_total,
+                    "offsets": {t.name: t.next_offset for t in self.tasks.values()},
+                }
+                self.last_savepoint = answer
+                with self._savepoint_lock:
+                    self._savepoints_done[sid] = answer
+                waiter.result = answer
+                if waiter.request.get("stop"):
+                    self._stopped_by_savepoint = True
+                    self._stop.set()
+            except (DeliveryFailed, CommitFailed):
+                waiter.error = "the worker failed while taking the savepoint"
+                raise
+            finally:
+                waiter.done.set()
+                with self._savepoint_lock:
+                    self._savepoint_waiters.pop(sid, None)
+
+    def _fail_savepoints(self, reason: str) -> None:
+        with self._savepoint_lock:
+            waiting = list(self._savepoint_waiters.values())
+            self._savepoint_requests = []
+        for waiter in waiting:
+            if not waiter.done.is_set():
+                waiter.error = reason
+                waiter.done.set()
 
     # -- observation --------------------------------------------------------------------
     def _publish(self, now: float) -> None:
@@ -723,6 +1163,9 @@ class Worker:
             "recordsOut": self.records_out,
             "deadLettered": dict(self.dead_lettered),
             "producerQueueFull": self.queue_full,
+            "guarantee": self.settings.guarantee,
+            "lastCheckpoint": self.last_checkpoint,
+            "lastSavepoint": self.last_savepoint,
         }
 
     def _publish_task(self, task: Task, lag: int | None, wall: int) -> None:

@@ -108,7 +108,7 @@ class Running:
                     index=i,
                     count=workers,
                     state_dir=state / f"w{i}",
-                    commit_interval_s=1,
+                    checkpoint_interval_s=1,
                     max_cached_windows=max_cached_windows,
                 ),
                 metrics=WorkerMetrics(f"test/{job.name}", i) if metrics else None,
@@ -176,7 +176,7 @@ def results_of(messages: list[Message]) -> dict[tuple[str, int, int], dict[str, 
         assert m.value is not None
         r = orjson.loads(m.value)
         k = (r["key"], r["windowStartMs"], r["windowEndMs"])
-        assert k not in out, f"window {k} emitted twice"
+        assert k not in out, f"window {k} emitted twice: {out.get(k)} then {r} at {m.partition}@{m.offset}"
         assert m.key == r["key"].encode()
         out[k] = {name: r[name] for name in OUTPUTS}
     return out

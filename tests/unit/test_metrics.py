@@ -98,6 +98,7 @@ def test_every_metric_the_runtime_promises_is_exposed_with_the_weir_prefix(metri
         "weir_last_checkpoint_timestamp_seconds": "gauge",
         "weir_restore_duration_seconds": "gauge",
         "weir_checkpoints_skipped": "counter",
+        "weir_checkpoint_sync_seconds": "histogram",
     }
 
 

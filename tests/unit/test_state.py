@@ -55,3 +55,19 @@ def test_memory_stays_bounded_and_evicted_windows_are_read_back_from_disk(tmp_pa
     assert dict(store.items())[("k4", 0, 10)] == [5]
     assert ("k5", 0, 10) not in dict(store.items())
     assert len(list(store.items())) == len(store) == 999
+
+
+def test_a_window_closed_after_a_flush_is_gone_from_disk_too(tmp_path: Path) -> None:
+    # Flushed windows stay in memory too; closing one later must still delete it on disk, or a
+    # restart (or a checkpoint) brings a window back whose result was already emitted.
+    store = PartitionStore(tmp_path / "db", orjson.dumps, orjson.loads)
+    store.put(("k", 0, 10), [1])
+    store.put(("k", 10, 20), [2])
+    store.flush({"offset": 1})
+    store.delete(("k", 0, 10))
+    store.flush({"offset": 2})
+    store.close()
+    reopened = PartitionStore(tmp_path / "db", orjson.dumps, orjson.loads)
+    assert dict(reopened.items()) == {("k", 10, 20): [2]}
+    assert len(reopened) == 1
+    reopened.close()

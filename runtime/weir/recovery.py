@@ -1,0 +1,138 @@
+"""Which state a starting worker restores for each of its partitions (pure logic, no I/O).
+
+Exactly-once rests on one invariant: a checkpoint's manifest is written *before* the Kafka
+transaction that commits the same offsets. So for every partition the committed offset is
+the offset of some complete checkpoint (unless files were lost since), and a checkpoint
+whose offset is ahead of the committed one belongs to a transaction that never committed.
+
+For each partition, in order of preference:
+
+1. ``local``: the RocksDB database already on this worker's disk, when the offset stored in
+   it equals the committed offset (a restarted container on the same volume): nothing to
+   download.
+2. ``exact``: the newest intact checkpoint (or the explicit restore source) whose offset
+   equals the committed offset.
+3. ``replay``: when no such checkpoint is usable (a file is missing or corrupt, or it was
+   deleted), the newest intact one *behind* the committed offset, or empty state from the
+   source's start position; the worker re-reads up to the committed offset with output
+   suppressed (those results are already committed) and then lifts the watermark to the
+   one recorded at the committed offset, so the state it ends with is the one that matches.
+4. ``fresh``: nothing committed, nothing restorable: the source's start position.
+
+An explicit restore source (a savepoint) wins over checkpoints, unless a checkpoint taken
+*after* it matches the committed offset: that is the job restarting after it already
+resumed from the savepoint, which must not rewind to it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+
+class Snapshot(Protocol):
+    """What recovery needs to know about a checkpoint or savepoint manifest."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def created_ms(self) -> int: ...
+
+    def progress(self, partition: str) -> Mapping[str, Any] | None:
+        """The partition's recorded progress (``offset``, ``wm``, ...), None if not in it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Restore:
+    """The decision for one partition."""
+
+    how: Literal["local", "exact", "replay", "fresh"]
+    source: Snapshot | None = None
+    """The checkpoint or savepoint to download (``exact``, and ``replay`` when not from empty)."""
+    offset: int | None = None
+    """Where consumption starts; None: the source's start position (``fresh``, or ``replay`` from empty)."""
+    replay_until: int | None = None
+    """``replay``: results of records before this offset are suppressed (already committed)."""
+    replay_wm: int | None = None
+    """``replay``: the watermark recorded at ``replay_until``, when a manifest still says it."""
+    reason: str = ""
+
+
+def choose(
+    partition: str,
+    committed: int | None,
+    checkpoints: Sequence[Snapshot],
+    restore_from: Sequence[Snapshot] = (),
+    local: tuple[int, str | None] | None = None,
+    usable: Callable[[Snapshot], bool] = lambda _s: True,
+    committed_id: str | None = None,
+) -> Restore:
+    """Decide how ``partition`` starts.
+
+    ``committed`` is the job's committed offset (None when the group has none) and
+    ``committed_id`` the snapshot id committed with it as offset metadata (None when the
+    offsets carry none): two snapshots can share an offset and differ in watermark (an idle
+    partition's watermark moves without input), so the id is what names the committed state.
+    ``checkpoints`` and ``restore_from`` are manifests in any order; ``local`` is the
+    ``(offset, id)`` stored with the state on this disk; ``usable(s)`` verifies a snapshot's
+    files for this partition (called lazily, newest first: it may download).
+    """
+
+    def offset_of(s: Snapshot) -> int:
+        p = s.progress(partition)
+        assert p is not None
+        return int(p["offset"])
+
+    def newest(snaps: Sequence[Snapshot]) -> list[Snapshot]:
+        found = [s for s in snaps if s.progress(partition) is not None]
+        return sorted(found, key=lambda s: s.created_ms, reverse=True)
+
+    newest_first, explicit = newest(checkpoints), newest(restore_from)
+
+    if explicit:
+        source = explicit[0]
+        resumed = [s for s in newest_first if s.created_ms > source.created_ms and offset_of(s) == committed]
+        if not resumed or committed is None:
+            if not usable(source):
+                raise RestoreSourceUnusable(
+                    f"{partition}: restore source {source.id} is corrupt or incomplete"
+                )
+            return Restore("exact", source, offset_of(source), reason=f"restore source {source.id}")
+
+    if committed is None:
+        return Restore("fresh", reason="no committed offset")
+    if local is not None and local[0] == committed and (committed_id is None or local[1] == committed_id):
+        return Restore("local", None, committed, reason="local state matches the committed offset")
+
+    if committed_id is not None:
+        at_commit = [s for s in newest_first if s.id == committed_id and offset_of(s) == committed]
+    else:
+        at_commit = [s for s in newest_first if offset_of(s) == committed]
+    target = at_commit[0] if at_commit else None
+    if target is not None and usable(target):
+        return Restore("exact", target, committed, reason=f"checkpoint {target.id}")
+
+    # The committed snapshot is missing or corrupt: restore an older one and re-read up to the
+    # committed offset with output suppressed, then lift the watermark to the committed one's.
+    wm = None
+    if target is not None:
+        p = target.progress(partition)
+        wm = None if p is None or p.get("wm") is None else int(p["wm"])
+    if target is not None:
+        older = [s for s in newest_first if s.created_ms < target.created_ms and offset_of(s) <= committed]
+    else:
+        older = [s for s in newest_first if offset_of(s) < committed]
+    skipped = target.id if target is not None else f"none found for {committed_id or committed}"
+    for s in older:
+        if usable(s):
+            return Restore(
+                "replay", s, offset_of(s), committed, wm, reason=f"checkpoint {s.id} (skipped: {skipped})"
+            )
+    return Restore("replay", None, None, committed, wm, reason=f"no usable checkpoint (skipped: {skipped})")
+
+
+class RestoreSourceUnusable(RuntimeError):
+    """The explicitly given restore source cannot be used for a partition."""

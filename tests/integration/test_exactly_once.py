@@ -1,0 +1,459 @@
+"""Exactly-once, recovery, savepoints and rescaling against the real broker and S3 server.
+
+Every test compares the read_committed output with the brute-force reference: a window
+missing, emitted twice or with a wrong value fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.kafka import KafkaHelper
+from harness.s3 import S3Helper
+from weir import kafka as kio
+from weir.metrics import WorkerMetrics
+from weir.spec import load_job
+from weir.testing import random_events, reference_windows
+from weir.worker import Worker, WorkerSettings, plan_for
+
+from .test_pipelines import LATENESS_MS, OOO_MS, SPECS, START_MS, WINDOWS, assert_same, manifest, results_of
+
+pytestmark = [pytest.mark.kafka, pytest.mark.s3]
+
+TUMBLING, (SIZE, _, _) = WINDOWS["tumbling"]
+
+
+def events_for(seed: int, n: int, partitions: int = 4, keys: int = 64) -> list[Any]:
+    return random_events(
+        seed,
+        n,
+        partitions=partitions,
+        keys=keys,
+        start_ms=START_MS,
+        mean_step_ms=40,
+        max_out_of_orderness_ms=OOO_MS,
+        too_late_fraction=0.0,
+    )
+
+
+def expected_of(events: list[Any]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    expected, late = reference_windows(events, "tumbling", SIZE, None, None, LATENESS_MS, OOO_MS, SPECS)
+    assert not late
+    return expected
+
+
+def as_records(events: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {"value": json.dumps({**record, "ts": ts, "k": key}).encode(), "key": key.encode(), "partition": p}
+        for p, key, ts, record in events
+    ]
+
+
+class Trickle:
+    """Produces events in chunks over ``seconds`` from a thread, so workers die mid-stream."""
+
+    def __init__(self, kafka: KafkaHelper, topic: str, events: list[Any], seconds: float) -> None:
+        self.records = as_records(events)
+        self.kafka, self.topic, self.seconds = kafka, topic, seconds
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.done = threading.Event()
+
+    def _run(self) -> None:
+        chunks = 40
+        size = -(-len(self.records) // chunks)
+        for i in range(0, len(self.records), size):
+            self.kafka.produce(self.topic, self.records[i : i + size])
+            time.sleep(self.seconds / chunks)
+        self.done.set()
+
+    def __enter__(self) -> Trickle:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(120)
+
+
+def wait_for_output(
+    kafka: KafkaHelper, sink: str, expected: dict[Any, Any], timeout: float, check: Any = None
+) -> dict[Any, Any]:
+    """Until the committed output has as many windows as expected; then a little longer, to
+    catch anything emitted twice after the last expected window."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        got = kafka.read_all(sink, timeout=30)
+        if len(got) >= len(expected):
+            time.sleep(2.5)
+            return results_of(kafka.read_all(sink, timeout=30))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(got)} of {len(expected)} windows after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+# --- the kill test ---------------------------------------------------------------------------
+
+
+class WorkerProcs:
+    """``weir run`` subprocesses, one per worker index, that can be SIGKILLed and restarted."""
+
+    def __init__(self, job: Path, workers: int, root: Path, env: dict[str, str], url: str) -> None:
+        self.job, self.workers, self.root, self.url = job, workers, root, url
+        self.env = {**os.environ, **env}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.starts = 0
+
+    def state_dir(self, i: int) -> Path:
+        return self.root / f"state-w{i}"
+
+    def start(self, i: int) -> None:
+        log = open(self.root / f"w{i}.log", "ab")  # noqa: SIM115 - the child owns it while it runs
+        with log:
+            self.procs[i] = subprocess.Popen(
+                [
+                    sys.executable, "-m", "weir", "run", str(self.job),
+                    "--worker-index", str(i), "--workers", str(self.workers),
+                    "--state-dir", str(self.state_dir(i)), "--http-port", "0",
+                    "--checkpoint-url", self.url, "--checkpoint-interval", "0.5",
+                    "--connect-timeout", "30",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        self.starts += 1
+
+    def check(self) -> None:
+        for i, p in self.procs.items():
+            code = p.poll()
+            if code is not None:
+                raise AssertionError(f"worker {i} exited with {code}:\n{self.log_tail(i)}")
+
+    def log_tail(self, i: int) -> str:
+        return "\n".join((self.root / f"w{i}.log").read_text(errors="replace").splitlines()[-40:])
+
+    def kill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait(10)
+
+    def stop_all(self) -> list[int]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = []
+        for p in self.procs.values():
+            try:
+                codes.append(p.wait(40))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        return codes
+
+
+def run_kill_test(kafka: KafkaHelper, s3: S3Helper, tmp_path: Path, seed: int, n: int, kills: int) -> None:
+    rng = random.Random(seed)
+    events = events_for(seed, n)
+    expected = expected_of(events)
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    name = f"kill-{source[-6:]}"
+    job = manifest(tmp_path, name, kafka, source, sink, dlq, TUMBLING)
+    url = f"s3://{s3.new_bucket()}/checkpoints"
+    procs = WorkerProcs(job, 2, tmp_path, s3.env(), url)
+    for i in range(2):
+        procs.start(i)
+    wiped = 0
+    try:
+        with Trickle(kafka, source, events, seconds=25):
+            for k in range(kills):
+                time.sleep(rng.uniform(0.3, 2.5))
+                procs.check()
+                victim = rng.randrange(2)
+                procs.kill(victim)
+                if rng.random() < 0.5:  # as if the pod moved: no local state, restore from S3
+                    shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
+                    wiped += 1
+                procs.start(victim)
+                print(f"kill {k + 1}: worker {victim}")
+        got = wait_for_output(kafka, sink, expected, timeout=120, check=procs.check)
+    finally:
+        codes = procs.stop_all()
+    assert_same(got, expected)
+    assert codes == [0, 0], [procs.log_tail(i) for i in range(2)]
+    assert procs.starts == 2 + kills
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    assert "restore exact" in logs or wiped == 0, "no restart restored a checkpoint from the store"
+    # Offsets are committed to the job's consumer group, where any lag tool reads them.
+    assert kafka.committed(f"weir-test-{name}", source) == kafka.end_offsets(source)
+
+
+def test_a_worker_killed_at_random_instants_loses_and_duplicates_nothing(
+    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
+) -> None:
+    run_kill_test(kafka, s3, tmp_path, seed=20261121, n=200_000, kills=10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_soak_kill_test_with_random_seeds(kafka: KafkaHelper, s3: S3Helper, tmp_path: Path) -> None:
+    rounds = int(os.environ.get("WEIR_SOAK_ROUNDS", "5"))
+    for r in range(rounds):
+        seed = random.SystemRandom().randrange(1 << 30)
+        print(f"soak round {r + 1}/{rounds}: seed {seed}")
+        run_kill_test(kafka, s3, tmp_path / f"r{r}", seed=seed, n=200_000, kills=15)
+
+
+# --- in-process workers for the S3, savepoint and corruption tests ------------------------------
+
+
+class Job:
+    """Workers of one job in threads of this process, with an S3 checkpoint store."""
+
+    def __init__(
+        self,
+        job_path: Path,
+        kafka: KafkaHelper,
+        workers: int,
+        state: Path,
+        url: str,
+        restore_from: str | None = None,
+        interval: float = 0.5,
+    ) -> None:
+        job = load_job(job_path)
+        self.name = job.name
+        settings = kio.KafkaSettings(kafka.bootstrap, {}, {}, connect_timeout_s=20)
+        self.workers = [
+            Worker(
+                plan_for(job),
+                settings,
+                WorkerSettings(
+                    index=i,
+                    count=workers,
+                    state_dir=state / f"w{i}",
+                    checkpoint_interval_s=interval,
+                    checkpoint_url=url,
+                    restore_from=restore_from,
+                ),
+                metrics=WorkerMetrics(f"test/{job.name}", i),
+            )
+            for i in range(workers)
+        ]
+        self.codes: list[int] = []
+        self.threads = [
+            threading.Thread(target=lambda w=w: self.codes.append(w.run()), daemon=True) for w in self.workers
+        ]
+
+    def __enter__(self) -> Job:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.workers):
+            assert time.monotonic() < deadline, "workers not ready"
+            assert len(self.codes) == 0, f"a worker exited: {self.codes}"
+            time.sleep(0.1)
+
+    def check(self) -> None:
+        assert len(self.codes) == 0, f"a worker exited: {self.codes}"
+
+    def metric(self, name: str) -> float:
+        total = 0.0
+        for w in self.workers:
+            for family in w.metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name == name:
+                        total += sample.value
+        return total
+
+    def savepoint(self, sid: str, stop: bool) -> list[dict[str, Any]]:
+        answers: list[Any] = [None] * len(self.workers)
+
+        def take(i: int) -> None:
+            answers[i] = self.workers[i].savepoint({"id": sid, "path": None, "stop": stop})
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(self.workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return answers
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.workers:
+            w.stop()
+        for t in self.threads:
+            t.join(60)
+        assert self.codes == [0] * len(self.workers), f"worker exit codes {self.codes}"
+
+
+@pytest.fixture
+def s3_env(s3: S3Helper, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Helper]:
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    yield s3
+
+
+def test_s3_outage_pauses_checkpoints_and_loses_and_duplicates_nothing(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    s3 = s3_env
+    events = events_for(7, 60_000)
+    expected = expected_of(events)
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    job = manifest(tmp_path, f"outage-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    url = f"s3://{s3.new_bucket()}/ck"
+    with Job(job, kafka, 2, tmp_path / "state", url) as running, Trickle(kafka, source, events, seconds=40):
+        running.wait_ready()
+        deadline = time.monotonic() + 30
+        while running.metric("weir_checkpoint_duration_seconds_count") < 2:
+            assert time.monotonic() < deadline, "no checkpoint completed before the outage"
+            time.sleep(0.2)
+        failures_before = running.metric("weir_checkpoint_failures_total")
+        s3.stop()
+        try:
+            time.sleep(20)
+            running.check()
+            completed_during = running.metric("weir_checkpoint_duration_seconds_count")
+            failures_during = running.metric("weir_checkpoint_failures_total")
+        finally:
+            s3.start()
+        assert failures_during > failures_before, "checkpoints did not fail while S3 was down"
+        deadline = time.monotonic() + 60
+        while running.metric("weir_checkpoint_duration_seconds_count") <= completed_during + 2:
+            assert time.monotonic() < deadline, "checkpoints did not complete again after S3 came back"
+            time.sleep(0.2)
+        got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
+    assert_same(got, expected)
+
+
+def test_savepoint_at_two_workers_restored_at_one_and_at_four_gives_the_uninterrupted_output(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    s3 = s3_env
+    events = events_for(3, 40_000)
+    expected = expected_of(events)
+    records = as_records(events)
+    source = kafka.create_topic(partitions=4)
+    url = f"s3://{s3.new_bucket()}/ck"
+    first_half, second_half = records[: len(records) // 2], records[len(records) // 2 :]
+    kafka.produce(source, first_half)
+
+    sink0, dlq = kafka.create_topic(), kafka.create_topic()
+    job0 = manifest(tmp_path, f"rs-{source[-6:]}", kafka, source, sink0, dlq, TUMBLING)
+    with Job(job0, kafka, 2, tmp_path / "s0", url) as running:
+        running.wait_ready()
+        ends = kafka.end_offsets(source)
+        deadline = time.monotonic() + 60
+        while sum(t.next_offset for w in running.workers for t in w.tasks.values()) < sum(ends.values()):
+            assert time.monotonic() < deadline, "phase 1 did not consume its half"
+            time.sleep(0.2)
+        answers = running.savepoint("sp-1", stop=True)
+        again = running.workers[0].savepoint({"id": "sp-1", "path": None, "stop": True})
+    assert all(a["status"] == "completed" for a in answers), answers
+    assert again["path"] == answers[0]["path"], "the same savepoint id must answer the same savepoint"
+    savepoint_url = answers[0]["path"]  # .../savepoints/sp-1: every worker's part
+    assert savepoint_url.endswith("/savepoints/sp-1") and answers[1]["path"] == savepoint_url
+    kafka.produce(source, second_half)
+    before = results_of(kafka.read_all(sink0))
+
+    for workers in (1, 4):
+        sink = kafka.create_topic()
+        job = manifest(tmp_path, f"rs{workers}-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+        with Job(job, kafka, workers, tmp_path / f"s{workers}", url, restore_from=savepoint_url) as running:
+            got = wait_for_output(kafka, sink, {k: 0 for k in set(expected) - set(before)}, 90, running.check)
+        assert not set(got) & set(before), "a window emitted before the savepoint was emitted again"
+        assert_same({**before, **got}, expected)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_exact_output(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    s3 = s3_env
+    events = events_for(5, 30_000, partitions=2)
+    expected = expected_of(events)
+    records = as_records(events)
+    source, sink, dlq = kafka.create_topic(partitions=2), kafka.create_topic(), kafka.create_topic()
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/ck"
+    job = manifest(tmp_path, f"corrupt-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    half = len(records) // 2
+    with Job(job, kafka, 1, tmp_path / "state", url, interval=0.3) as running:
+        running.wait_ready()
+        for i in range(0, half, 1000):  # several checkpoints at different offsets
+            kafka.produce(source, records[i : min(i + 1000, half)])
+            time.sleep(0.15)
+        deadline = time.monotonic() + 30
+        while running.workers[0].status().get("recordsIn", 0) < half:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    # Delete one file that only the latest checkpoint has (its own directory's files).
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="ck/")["Contents"]]
+    manifests = sorted(k for k in keys if "/checkpoints/" in k and k.endswith("/manifest.json"))
+    latest_dir = manifests[-1].rsplit("/", 1)[0]
+    own = [k for k in keys if k.startswith(latest_dir + "/") and not k.endswith("manifest.json")]
+    assert own, f"the latest checkpoint {latest_dir} has no files of its own: {keys}"
+    client.delete_object(Bucket=bucket, Key=own[0])
+    shutil.rmtree(tmp_path / "state")  # a new pod: no local state
+
+    kafka.produce(source, records[half:])
+    with Job(job, kafka, 1, tmp_path / "state", url) as running:
+        got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
+        skipped = running.metric("weir_checkpoints_skipped_total")
+    assert skipped >= 1, "the corrupt checkpoint was not detected"
+    assert_same(got, expected)
+
+
+def test_savepoint_over_http_answers_with_its_path(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    s3 = s3_env
+    events = events_for(9, 4000, partitions=2)
+    source, sink, dlq = kafka.create_topic(partitions=2), kafka.create_topic(), kafka.create_topic()
+    kafka.produce(source, as_records(events))
+    job = manifest(tmp_path, f"http-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    url = f"s3://{s3.new_bucket()}/ck"
+    procs = WorkerProcs(job, 1, tmp_path, s3.env(), url)
+    procs.start(0)
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None:
+            assert time.monotonic() < deadline, procs.log_tail(0)
+            procs.check()
+            for line in (tmp_path / "w0.log").read_text().splitlines():
+                if "serving metrics and control on" in line:
+                    port = int(line.rsplit(":", 1)[1])
+            time.sleep(0.2)
+        body = json.dumps({"id": "manual-1", "stop": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/savepoint", data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            answer = json.loads(resp.read())
+        assert procs.procs[0].wait(30) == 0, procs.log_tail(0)
+    finally:
+        procs.stop_all()
+    assert answer["status"] == "completed"
+    assert answer["path"].endswith("/savepoints/manual-1"), answer
+    listing = subprocess.run(
+        [sys.executable, "-m", "weir", "checkpoints", "ls", url],
+        capture_output=True, text=True, env={**os.environ, **s3.env()}, check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "manual-1" in listing.stdout
