@@ -29,7 +29,9 @@ def condition(status: model.StreamJobStatus, type_: str) -> model.StatusConditio
     return next(c for c in status.conditions if c.type == type_)
 
 
-def run(platform: FakePlatform, the_job: spec.StreamJob, generation: int = 1, **kwargs: Any) -> model.StreamJobStatus:
+def run(
+    platform: FakePlatform, the_job: spec.StreamJob, generation: int = 1, **kwargs: Any
+) -> model.StreamJobStatus:
     return reconcile(platform, the_job, generation, platform.status, platform.clock, **kwargs)
 
 
@@ -304,7 +306,7 @@ def test_an_operator_restart_before_the_savepoint_resumes_the_same_savepoint_id(
     assert platform.applied[-1].restore_from.endswith(intent.savepoint_id)
 
 
-def test_an_operator_restart_after_the_savepoint_asks_again_with_the_same_id_and_takes_no_second_one() -> None:
+def test_an_operator_restart_after_the_savepoint_asks_again_by_its_id_and_takes_no_second_one() -> None:
     platform, _ = running(parallelism=2)
     platform.crash_after = frozenset({"savepoint"})
     with pytest.raises(OperatorCrashed):
@@ -384,7 +386,8 @@ def test_the_savepoint_history_is_bounded() -> None:
     platform, _ = running(parallelism=1)
     policy = Policy(savepoint_history=3)
     for nonce in range(1, 6):
-        status = run(platform, job(parallelism=1, savepointTriggerNonce=nonce), generation=nonce + 1, policy=policy)
+        nonced = job(parallelism=1, savepointTriggerNonce=nonce)
+        status = run(platform, nonced, generation=nonce + 1, policy=policy)
 
     assert [s.trigger_nonce for s in status.savepoint_history] == [5, 4, 3]
 
