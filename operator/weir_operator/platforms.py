@@ -39,14 +39,14 @@ class Platform(Protocol):
         """Ask every worker for savepoint ``savepoint_id`` and wait for all answers (idempotent by id)."""
         ...
 
-    def write_status(self, job: spec.StreamJob, status: model.StreamJobStatus) -> None:
+    def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         """Store the whole status (fields that are None are removed)."""
         ...
 
-    def record_event(self, job: spec.StreamJob, event: Event) -> None:
+    def record_event(self, job: spec.ObjectMeta, event: Event) -> None:
         """Publish an event about the job."""
         ...
 
-    def delete(self, job: spec.StreamJob) -> None:
-        """Remove the job's children and stop its workers (the job itself is gone)."""
+    def delete(self, namespace: str, name: str) -> None:
+        """Remove the children of job ``namespace/name`` and stop its workers (the job itself is gone)."""
         ...

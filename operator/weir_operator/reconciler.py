@@ -46,10 +46,10 @@ def reconcile(
         observed = replace(observed, savepoint=savepoint, apply_error=apply_error)
         plan = deciding.decide(job, generation, status, observed, now(), shutdown=shutdown, policy=policy)
         if plan.status != status:
-            platform.write_status(job, plan.status)
+            platform.write_status(job.metadata, plan.status)
             status = plan.status
         for event in plan.events:
-            platform.record_event(job, event)
+            platform.record_event(job.metadata, event)
         if not plan.actions:
             break
         savepoint, apply_error = None, None

@@ -127,14 +127,14 @@ class FakePlatform:
             raise OperatorCrashed("after savepoint")
         return outcome
 
-    def write_status(self, job: spec.StreamJob, status: model.StreamJobStatus) -> None:
+    def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         intent = status.intent.id if status.intent is not None else "-"
         self.calls.append(f"status:{status.phase}:{intent}")
         self.statuses.append(status)
 
-    def record_event(self, job: spec.StreamJob, event: Event) -> None:
+    def record_event(self, job: spec.ObjectMeta, event: Event) -> None:
         self.events.append(event)
 
-    def delete(self, job: spec.StreamJob) -> None:
+    def delete(self, namespace: str, name: str) -> None:
         self.calls.append("deleted")
         self.deployed = None
