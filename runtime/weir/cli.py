@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after this long (default 40; Ctrl-C stops earlier)",
     )
     demo.add_argument("--rate", type=int, default=2000, help="events per second (default 2000)")
+
+    # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint.
+    from weir import checkpoint
+
+    checkpoint.add_cli(sub)
     return parser
 
 
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "validate":
         return _validate(args)
+    if args.command == "checkpoints":
+        from weir import checkpoint
+
+        return checkpoint.run_cli(args)
     if args.command == "demo":
         from weir import demo
 
