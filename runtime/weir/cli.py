@@ -121,7 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     from weir import checkpoint
 
     checkpoint.add_cli(sub)
+
+    for name, command in _plugins().items():
+        plugin = sub.add_parser(name, help=command.help, description=command.description)
+        command.configure(plugin)
+        plugin.set_defaults(plugin=command)
     return parser
+
+
+PLUGIN_GROUP = "weir.commands"
+"""Entry-point group of further ``weir`` subcommands. Each names an object with ``help``,
+``description``, ``configure(parser)`` and ``run(args) -> int``. This is how ``weir up``
+(in the operator package, ``weir_operator.local``) joins the command without the runtime
+importing the operator: the import-linter contract forbids that, and the entry point keeps
+the dependency pointing from the operator to the runtime."""
+
+
+def _plugins() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    found: dict[str, Any] = {}
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            found[entry.name] = entry.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `weir run`
+            print(f"weir: ignoring the {entry.name!r} command ({entry.value}): {exc}", file=sys.stderr)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         from weir import checkpoint
 
         return checkpoint.run_cli(args)
+    plugin = getattr(args, "plugin", None)
+    if plugin is not None:
+        return int(plugin.run(args))
     if args.command == "demo":
         from weir import demo
 

@@ -1,0 +1,611 @@
+"""The operator's decision: a pure function from (spec, status, observations, now) to a plan.
+
+``decide`` never talks to Kubernetes, a worker or the clock; every input is an argument and
+the output is the status to write and the actions to take (``weir_operator.plans``). Both
+platforms run it: the kopf operator and ``weir up``.
+
+**Status is a write-ahead log.** Anything that takes more than one step is an ``Intent``
+(``status.intent``) recorded *before* its first action, with an id that doubles as the
+savepoint request id. A decide that finds an intent continues it: re-sends the same
+savepoint request (the workers answer a known id with the savepoint they already took),
+re-applies the same children. So an operator restarted between deciding and acting
+resumes the intent and never takes a second savepoint or picks a new one.
+
+**Spec changes are classified** against what the workers run (``classify``): ignore <
+scale < upgrade < redeploy, combined by taking the maximum, as the Flink operator's
+``DiffType`` does. How the old workers stop and what the new ones restore from follows
+from the change and ``spec.upgradeMode``:
+
+==============  ===============================================================  ==============
+upgradeMode     scale (parallelism)                                              upgrade / redeploy
+==============  ===============================================================  ==============
+``savepoint``   savepoint with stop, then redeploy restoring from it             the same
+``last-state``  savepoint with stop, then redeploy restoring from it (a          redeploy; workers restore
+                checkpoint is laid out per worker, a savepoint works with any    their latest checkpoint
+                parallelism)
+``stateless``   redeploy; workers start from the committed offsets               the same
+==============  ===============================================================  ==============
+
+Every weir pipeline ends in a keyed window, so every job is stateful and a parallelism
+change hands state over through a savepoint unless the user said ``stateless``.
+
+The seam for the full savepoint-upgrade state machine (stable-spec tracking, rollback to
+``status.stableFingerprint``, a bounded policy for failed savepoints beyond retrying) is
+``_strategy``: it picks the steps of a change; a later issue replaces the upgrade branch
+with its own intents (``upgrade``, ``rollback``) without touching the rest.
+
+**A failed savepoint never loses state**: the old workers keep running, the intent is
+dropped, the failure goes to ``status.savepointHistory`` and ``Degraded``; the change is
+retried after ``Policy.savepoint_retry_after``, at most ``Policy.savepoint_attempts`` times
+per generation, then ``Stalled`` says what to do.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from weir import spec
+from weir_operator import model, render
+from weir_operator.plans import Apply, Deployed, Event, Observed, Plan, TakeSavepoint
+
+__all__ = ["Change", "Policy", "classify", "decide"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Knobs of the decision, fixed per operator."""
+
+    savepoint_history: int = 10
+    """Savepoints kept in ``status.savepointHistory`` (newest first)."""
+    savepoint_attempts: int = 3
+    """Failed savepoints per generation and trigger before the job is ``Stalled``."""
+    savepoint_retry_after: timedelta = timedelta(seconds=60)
+    """Wait after a failed savepoint before trying the change again."""
+
+
+class Change(enum.IntEnum):
+    """How much of the job a spec change touches; changes combine by taking the maximum."""
+
+    IGNORE = 0
+    """Operator policy only (upgradeMode, autoscaler, cleanup policy, savepointTriggerNonce)."""
+    SCALE = 1
+    """``parallelism``."""
+    UPGRADE = 2
+    """Anything the worker pods run (pipeline, image, Kafka, checkpoint store, resources, ...)."""
+    REDEPLOY = 3
+    """``restartNonce``: restart every worker even if nothing else changed."""
+
+
+def classify(deployed: Deployed, desired: spec.JobSpec) -> Change:
+    """The largest change between what runs and ``desired`` (``state`` is the life cycle, not a change)."""
+    change = Change.IGNORE
+    if deployed.workers != desired.parallelism:
+        change = Change.SCALE
+    old = deployed.spec
+    if old is not None and old.restart_nonce != desired.restart_nonce:
+        return Change.REDEPLOY
+    if old is not None:
+        # The fingerprint covers restartNonce: compare as if it had not changed.
+        same_nonce = old.model_copy(update={"restart_nonce": desired.restart_nonce})
+        if render.fingerprint(same_nonce) != render.fingerprint(desired):
+            change = Change.UPGRADE
+    elif deployed.fingerprint != render.fingerprint(desired):
+        change = Change.UPGRADE
+    return change
+
+
+_PREFIX: dict[model.IntentAction, str] = {
+    "deploy": "deploy",
+    "scale": "scale",
+    "redeploy": "redeploy",
+    "upgrade": "upgrade",
+    "savepoint": "sp",
+    "suspend": "suspend",
+    "resume": "resume",
+    "restart": "restart",
+    "rollback": "rollback",
+    "cleanup": "cleanup",
+}
+_PROGRESS_REASON: dict[model.IntentAction, str] = {
+    "deploy": "Deploying",
+    "scale": "Scaling",
+    "redeploy": "Redeploying",
+    "upgrade": "Upgrading",
+    "savepoint": "Savepointing",
+    "suspend": "Suspending",
+    "resume": "Resuming",
+    "restart": "Restarting",
+    "rollback": "RollingBack",
+    "cleanup": "CleaningUp",
+}
+_DONE_REASON: dict[model.IntentAction, str] = {
+    "deploy": "Deployed",
+    "scale": "Scaled",
+    "redeploy": "Redeployed",
+    "upgrade": "Upgraded",
+    "savepoint": "SavepointCompleted",
+    "suspend": "Suspended",
+    "resume": "Resumed",
+    "restart": "Restarted",
+    "rollback": "RolledBack",
+    "cleanup": "CleanedUp",
+}
+
+
+@dataclass
+class _Draft:
+    """The plan being built: status changes, actions, events."""
+
+    status: model.StreamJobStatus
+    updates: dict[str, Any] = field(default_factory=dict)
+    actions: list[Apply | TakeSavepoint] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    stalled: tuple[str, str] | None = None
+
+    def get(self, name: str) -> Any:
+        return self.updates[name] if name in self.updates else getattr(self.status, name)
+
+    def set(self, **values: Any) -> None:
+        self.updates.update(values)
+
+    @property
+    def intent(self) -> model.Intent | None:
+        intent: model.Intent | None = self.get("intent")
+        return intent
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+
+def decide(
+    job: spec.StreamJob,
+    generation: int,
+    status: model.StreamJobStatus,
+    observed: Observed,
+    now: datetime,
+    *,
+    shutdown: bool = False,
+    policy: Policy = Policy(),
+) -> Plan:
+    """The next step for ``job`` (at ``metadata.generation`` ``generation``).
+
+    ``shutdown``: the platform is going away (``weir up`` stopping): stop the workers as a
+    suspend would, recording the savepoint as ``trigger: shutdown``.
+    """
+    draft = _Draft(status)
+    deployed = observed.deployed
+    draft.set(
+        selector=render.selector_string(job.metadata.name),
+        parallelism=deployed.replicas if deployed is not None else 0,
+        ready_workers=observed.ready_workers,
+        worker_restarts=sum(w.restarts for w in observed.workers),
+    )
+    _record_reports(draft, observed, now)
+
+    intent = status.intent
+    if intent is not None:
+        _continue(draft, job, intent, observed, now, shutdown=shutdown, policy=policy)
+    if draft.intent is None and not draft.actions and intent is None:
+        _start(draft, job, generation, observed, now, shutdown=shutdown, policy=policy)
+    _conditions(draft, job, observed, now)
+    new_status = status.model_copy(update=draft.updates)
+    return Plan(new_status, tuple(draft.actions), tuple(draft.events))
+
+
+# --------------------------------------------------------------------------- starting
+
+
+def _start(
+    draft: _Draft,
+    job: spec.StreamJob,
+    generation: int,
+    observed: Observed,
+    now: datetime,
+    *,
+    shutdown: bool,
+    policy: Policy,
+) -> None:
+    job_spec = job.spec
+    running = job_spec.state == "running" and not shutdown
+    deployed = observed.deployed
+    if deployed is None:
+        if shutdown:
+            return
+        _begin(
+            draft,
+            job,
+            "deploy",
+            generation,
+            now,
+            parallelism=job_spec.parallelism,
+            restore_from=_resume_point(draft.status),
+            message=f"creating the workers ({job_spec.parallelism})",
+            observed=observed,
+            policy=policy,
+        )
+        return
+    if not running:
+        if deployed.replicas > 0:
+            trigger: model.SavepointTrigger = "shutdown" if shutdown else "suspend"
+            with_savepoint = job_spec.upgrade_mode != "stateless"
+            if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+                return
+            _begin(
+                draft,
+                job,
+                "suspend",
+                generation,
+                now,
+                parallelism=job_spec.parallelism,
+                savepoint=with_savepoint,
+                message="stopping the workers" + (" with a savepoint" if with_savepoint else ""),
+                observed=observed,
+                policy=policy,
+            )
+        else:
+            draft.set(observed_generation=generation)
+        return
+    if deployed.replicas == 0:
+        _begin(
+            draft,
+            job,
+            "resume",
+            generation,
+            now,
+            parallelism=job_spec.parallelism,
+            restore_from=deployed.restore_from,
+            message=f"starting {job_spec.parallelism} workers"
+            + (f" from {deployed.restore_from}" if deployed.restore_from else ""),
+            observed=observed,
+            policy=policy,
+        )
+        return
+
+    change = classify(deployed, job_spec)
+    if change == Change.IGNORE:
+        draft.set(observed_generation=generation)
+        if deployed.missing:
+            # Someone deleted a ConfigMap or Service: put it back, nothing else changes.
+            draft.actions.append(Apply(deployed.workers, deployed.replicas, deployed.restore_from))
+            draft.event("Normal", "Repairing", f"recreating {', '.join(deployed.missing)}")
+            return
+        _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
+        return
+    action, with_savepoint = _strategy(change, job_spec, deployed)
+    trigger = "upgrade"
+    if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+        return
+    what = {
+        "scale": f"parallelism {deployed.workers} -> {job_spec.parallelism}",
+        "upgrade": "the workers' spec changed",
+        "redeploy": "restartNonce changed",
+    }[action]
+    how = "savepoint with stop, then new workers restoring from it" if with_savepoint else "new workers"
+    _begin(
+        draft,
+        job,
+        action,
+        generation,
+        now,
+        parallelism=job_spec.parallelism,
+        savepoint=with_savepoint,
+        message=f"{what} ({job_spec.upgrade_mode}): {how}",
+        observed=observed,
+        policy=policy,
+    )
+
+
+def _strategy(
+    change: Change, job_spec: spec.JobSpec, deployed: Deployed
+) -> tuple[Literal["scale", "upgrade", "redeploy"], bool]:
+    """Which intent carries a change, and whether the old workers stop through a savepoint.
+
+    The seam for the savepoint-upgrade state machine (a later issue): it will return its own
+    intents for ``Change.UPGRADE`` (track stability, roll back) instead of this one-step
+    savepoint-and-redeploy.
+    """
+    action: Literal["scale", "upgrade", "redeploy"] = (
+        "scale" if change == Change.SCALE else "upgrade" if change == Change.UPGRADE else "redeploy"
+    )
+    mode = job_spec.upgrade_mode
+    if mode == "stateless":
+        return action, False
+    if mode == "last-state":
+        # Checkpoints are per worker: only a savepoint can change the parallelism.
+        return action, deployed.workers != job_spec.parallelism
+    return action, True
+
+
+def _maybe_savepoint_nonce(
+    draft: _Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
+) -> None:
+    nonce = job.spec.savepoint_trigger_nonce
+    if nonce is None or nonce == _answered_nonce(draft.status):
+        return
+    deployed = observed.deployed
+    if deployed is None or deployed.replicas == 0 or observed.ready_workers < deployed.replicas:
+        return  # taken once every worker is up; nothing to save while stopped
+    _begin(
+        draft,
+        job,
+        "savepoint",
+        generation,
+        now,
+        parallelism=deployed.workers,
+        savepoint=True,
+        message=f"savepointTriggerNonce {nonce}",
+        observed=observed,
+        policy=policy,
+    )
+
+
+def _answered_nonce(status: model.StreamJobStatus) -> int | None:
+    for info in (status.last_savepoint, *status.savepoint_history):
+        if info is not None and info.trigger == "nonce":
+            return info.trigger_nonce
+    return None
+
+
+def _resume_point(status: model.StreamJobStatus) -> str | None:
+    """A savepoint the workers stopped with (suspend, shutdown) and nothing ran after it."""
+    last = status.last_savepoint
+    if last is None or last.url is None or last.trigger not in ("suspend", "shutdown"):
+        return None
+    checkpoint, saved_at = status.last_checkpoint, last.completed_at
+    later = checkpoint is not None and saved_at is not None and checkpoint.completed_at > saved_at
+    return None if later else last.url
+
+
+def _savepoint_blocked(
+    draft: _Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
+) -> bool:
+    """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
+    failures = [
+        s
+        for s in draft.status.savepoint_history
+        if s.error is not None and s.generation == generation and s.trigger == trigger
+    ]
+    if not failures:
+        return False
+    if len(failures) >= policy.savepoint_attempts:
+        draft.stalled = (
+            "SavepointFailed",
+            f"{len(failures)} savepoints for generation {generation} failed (last: {failures[0].error}); "
+            "the workers keep running the previous spec. Fix the cause, or set upgradeMode: stateless "
+            "to redeploy without state.",
+        )
+        return True
+    failed_at = failures[0].completed_at
+    return failed_at is not None and now - failed_at < policy.savepoint_retry_after
+
+
+def _new_id(action: model.IntentAction, generation: int, now: datetime) -> str:
+    return f"{_PREFIX[action]}-{generation}-{now.strftime('%Y%m%d%H%M%S')}"
+
+
+def _begin(
+    draft: _Draft,
+    job: spec.StreamJob,
+    action: model.IntentAction,
+    generation: int,
+    now: datetime,
+    *,
+    parallelism: int,
+    observed: Observed,
+    message: str,
+    savepoint: bool = False,
+    restore_from: str | None = None,
+    policy: Policy = Policy(),
+) -> None:
+    intent_id = _new_id(action, generation, now)
+    intent = model.Intent(
+        action=action,
+        id=intent_id,
+        generation=generation,
+        started_at=now,
+        fingerprint=render.fingerprint(job.spec),
+        parallelism=parallelism,
+        savepoint_id=intent_id if savepoint else None,
+        restore_from=restore_from,
+    )
+    draft.set(intent=intent, observed_generation=generation)
+    draft.event("Normal", _PROGRESS_REASON[action], message)
+    _continue(draft, job, intent, observed, now, shutdown=False, policy=policy, fresh=True)
+
+
+# --------------------------------------------------------------------------- continuing
+
+
+def _continue(
+    draft: _Draft,
+    job: spec.StreamJob,
+    intent: model.Intent,
+    observed: Observed,
+    now: datetime,
+    *,
+    shutdown: bool,
+    policy: Policy,
+    fresh: bool = False,
+) -> None:
+    """One step of ``intent``: its savepoint first (if any), then applying the children."""
+    if intent.savepoint_id is not None and intent.restore_from is None:
+        outcome = observed.savepoint if not fresh else None
+        if outcome is None or outcome.id != intent.savepoint_id:
+            draft.actions.append(TakeSavepoint(intent.savepoint_id, stop=intent.action != "savepoint"))
+            return
+        trigger: model.SavepointTrigger = (
+            "nonce"
+            if intent.action == "savepoint"
+            else ("shutdown" if shutdown else "suspend")
+            if intent.action == "suspend"
+            else "upgrade"
+        )
+        info = model.SavepointInfo(
+            id=outcome.id,
+            url=outcome.url if outcome.completed else None,
+            trigger=trigger,
+            trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
+            generation=intent.generation,
+            completed_at=outcome.completed_at or now,
+            error=None if outcome.completed else (outcome.error or "failed"),
+        )
+        history = (info, *draft.status.savepoint_history)[: policy.savepoint_history]
+        draft.set(last_savepoint=info, savepoint_history=history)
+        if not outcome.completed:
+            draft.set(intent=None)
+            kept = "" if intent.action == "savepoint" else "; the workers keep running the previous spec"
+            draft.event("Warning", "SavepointFailed", f"savepoint {outcome.id}: {info.error}{kept}")
+            return
+        draft.event("Normal", "SavepointCompleted", f"savepoint {outcome.id} at {outcome.url}")
+        if intent.action == "savepoint":
+            draft.set(intent=None)
+            return
+        intent = intent.model_copy(update={"restore_from": outcome.url})
+        draft.set(intent=intent)
+
+    workers = intent.parallelism if intent.parallelism is not None else job.spec.parallelism
+    # A job suspended while another intent runs gets its children without workers.
+    replicas = 0 if intent.action == "suspend" or job.spec.state == "suspended" else workers
+    deployed = observed.deployed
+    fp = render.fingerprint(job.spec)
+    if (
+        not fresh
+        and deployed is not None
+        and deployed.fingerprint == fp
+        and deployed.workers == workers
+        and deployed.replicas == replicas
+        and deployed.restore_from == intent.restore_from
+        and not deployed.missing
+    ):
+        draft.set(intent=None, reconciled_fingerprint=fp, error=None)
+        done = f"{replicas} workers" if replicas else "no workers"
+        draft.event("Normal", _DONE_REASON[intent.action], f"{intent.id}: {done} now run the spec {fp}")
+        return
+    if observed.apply_error is not None and not fresh:
+        # Retried on the next reconcile, not in a tight loop; Stalled says why.
+        draft.set(error=observed.apply_error)
+        return
+    draft.actions.append(Apply(workers, replicas, intent.restore_from))
+
+
+# --------------------------------------------------------------------------- observing workers
+
+
+def _record_reports(draft: _Draft, observed: Observed, now: datetime) -> None:
+    reports = observed.reports
+    if not reports:
+        return
+    lags = [r.lag_records for r in reports if r.lag_records is not None]
+    if lags:
+        draft.set(lag=model.Lag(records=sum(lags), measured_at=now))
+    deployed = observed.deployed
+    checkpoints = [r.last_checkpoint for r in reports if r.last_checkpoint is not None]
+    # The job's checkpoint is the oldest of the workers' newest: every worker has one at least as new.
+    if deployed is not None and deployed.replicas > 0 and len(checkpoints) == deployed.replicas:
+        oldest = min(checkpoints, key=lambda c: c.completed_at)
+        previous = draft.status.last_checkpoint
+        if previous is None or oldest.completed_at >= previous.completed_at:
+            draft.set(last_checkpoint=oldest)
+
+
+# --------------------------------------------------------------------------- phase and conditions
+
+
+def _phase(draft: _Draft, observed: Observed) -> model.Phase:
+    intent = draft.intent
+    deployed = observed.deployed
+    if intent is not None:
+        if intent.savepoint_id is not None and intent.restore_from is None:
+            return "Savepointing"
+        if draft.get("error") is not None:
+            return "Failed"
+        return {"upgrade": "Upgrading", "suspend": "Suspended"}.get(intent.action, "Deploying")  # type: ignore[return-value]
+    if deployed is None:
+        return "Pending"
+    if deployed.replicas == 0:
+        return "Suspended"
+    return "Running" if observed.ready_workers >= deployed.replicas else "Deploying"
+
+
+def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: datetime) -> None:
+    old = draft.status
+    phase = _phase(draft, observed)
+    intent = draft.intent
+    deployed = observed.deployed
+    replicas = deployed.replicas if deployed is not None else 0
+    ready = observed.ready_workers
+
+    looping = [w for w in observed.workers if w.crash_looping]
+    degraded: tuple[str, str, str]
+    if looping:
+        detail = ", ".join(
+            f"worker {w.index}: {w.reason or 'crash-looping'} ({w.restarts} restarts)" for w in looping
+        )
+        degraded = ("True", "WorkersCrashLooping", detail)
+    elif draft.get("last_savepoint") is not None and draft.get("last_savepoint").error is not None:
+        info = draft.get("last_savepoint")
+        degraded = ("True", "SavepointFailed", f"savepoint {info.id} failed: {info.error}")
+    else:
+        degraded = ("False", "AsExpected", "")
+
+    if phase == "Running" and replicas > 0 and ready >= replicas:
+        ready_c = ("True", "WorkersReady", f"{ready}/{replicas} workers ready")
+    elif phase == "Suspended":
+        why = "spec.state is suspended" if job.spec.state == "suspended" else "stopped"
+        ready_c = ("False", "Suspended", why)
+    else:
+        ready_c = ("False", "WorkersNotReady", f"{ready}/{replicas} workers ready")
+
+    if intent is not None:
+        progressing = ("True", _PROGRESS_REASON[intent.action], f"{intent.action} {intent.id}")
+    elif phase == "Deploying":
+        progressing = ("True", "WorkersStarting", f"{ready}/{replicas} workers ready")
+    else:
+        progressing = ("False", "Reconciled", "")
+
+    error = draft.get("error")
+    if error is not None and intent is not None:
+        stalled = ("True", "ApplyFailed", str(error))
+    elif draft.stalled is not None:
+        stalled = ("True", *draft.stalled)
+    else:
+        stalled = ("False", "AsExpected", "")
+
+    if ready_c[0] == "True" and degraded[0] == "False" and draft.get("last_checkpoint") is not None:
+        draft.set(stable_fingerprint=draft.get("reconciled_fingerprint"))
+
+    previous = {c.type: c for c in old.conditions}
+    conditions = []
+    for type_, (state, reason, message) in zip(
+        model.CONDITION_TYPES, (ready_c, progressing, degraded, stalled), strict=True
+    ):
+        before = previous.get(type_)
+        changed = before is None or before.status != state
+        conditions.append(
+            model.StatusCondition(
+                type=type_,
+                status=state,
+                reason=reason,
+                message=message[:32768],
+                last_transition_time=now if changed or before is None else before.last_transition_time,
+            )
+        )
+        appeared = before is None and state == "True"
+        new_cause = before is not None and before.reason != reason and state == "True"
+        if appeared or (before is not None and changed) or new_cause:
+            _condition_event(draft, type_, state, reason, message)
+    draft.set(conditions=tuple(conditions))
+    if phase != old.phase:
+        draft.set(phase=phase)
+        draft.event("Normal", f"Phase{phase}", f"phase {old.phase or 'none'} -> {phase}")
+
+
+def _condition_event(draft: _Draft, type_: str, state: str, reason: str, message: str) -> None:
+    if type_ == "Progressing":
+        return  # the intents' own events say what is progressing
+    warning = state == "True" and type_ in ("Degraded", "Stalled")
+    text = f"{type_}={state}" + (f": {message}" if message else "")
+    draft.event("Warning" if warning else "Normal", reason if state == "True" else f"{type_}Cleared", text)

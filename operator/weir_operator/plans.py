@@ -1,0 +1,152 @@
+"""What ``decide`` reads and returns: observations of a job's workers, and the plan (status + actions).
+
+Plain frozen dataclasses with no Kubernetes or kopf types, so the decision logic is tested with
+hand-made values and both platforms (Kubernetes, local processes) produce the same ones.
+
+The flow of one reconcile (``weir_operator.reconciler``)::
+
+    observed = platform.observe(job)            # the observer never acts
+    plan = decide(job, generation, status, observed, now)
+    platform.write_status(plan.status)          # the intent is durable before any action
+    for action in plan.actions: platform.<act>  # Apply / TakeSavepoint
+    -> the outcomes are fed to the next decide() as observations
+
+A ``TakeSavepoint`` is idempotent by id (the workers' control API promises it), so re-running
+an action after an operator restart is safe; the outcome of a savepoint is observed by
+asking for it again under the same id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, TypeAlias
+
+from weir import spec
+from weir_operator import model
+
+__all__ = [
+    "Action",
+    "Apply",
+    "Deployed",
+    "Event",
+    "Observed",
+    "Plan",
+    "SavepointOutcome",
+    "TakeSavepoint",
+    "WorkerReport",
+    "WorkerState",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    """What the platform runs for a job now (Kubernetes: its StatefulSet, Service, ConfigMap)."""
+
+    fingerprint: str | None
+    """``render.fingerprint`` of the spec the workers were given (None when unknown)."""
+    workers: int
+    """The parallelism the workers were configured with (``WEIR_WORKERS``)."""
+    replicas: int
+    """Worker processes/pods asked for: ``workers`` while running, 0 when stopped."""
+    restore_from: str | None = None
+    """Checkpoint or savepoint URL the workers were started from."""
+    spec: spec.JobSpec | None = None
+    """The spec the workers were given (the ConfigMap's manifest); None when unreadable."""
+    missing: tuple[str, ...] = ()
+    """Children that should exist but do not (``ConfigMap``, ``Service``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """One worker as the platform sees it (a pod, a local process)."""
+
+    index: int
+    ready: bool
+    restarts: int = 0
+    """Restarts of this worker since it was created."""
+    crash_looping: bool = False
+    """Kubernetes: ``CrashLoopBackOff``; local: restarted again and again within a short time."""
+    reason: str = ""
+    """Why it is not running, when known (``CrashLoopBackOff``, ``exit code 1``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """What a worker's control API (``GET /status``) says."""
+
+    index: int
+    last_checkpoint: model.CheckpointInfo | None = None
+    lag_records: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SavepointOutcome:
+    """The answer of every worker to one savepoint request (one id)."""
+
+    id: str
+    completed: bool
+    url: str | None = None
+    """The job-level savepoint: ``<store>/<namespace>/<job>/savepoints/<id>`` (all workers' parts)."""
+    error: str | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """Everything ``decide`` knows about the world besides the spec and the status."""
+
+    deployed: Deployed | None = None
+    """None: no children at all."""
+    workers: tuple[WorkerState, ...] = ()
+    reports: tuple[WorkerReport, ...] = ()
+    savepoint: SavepointOutcome | None = None
+    """Outcome of the savepoint the current intent asked for, once it has been taken."""
+    apply_error: str | None = None
+    """Why the last ``Apply`` was refused (invalid for the platform, forbidden); None if it worked."""
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.workers if w.ready)
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Create or update the job's children: the current spec, run by ``workers`` workers.
+
+    ``replicas`` is ``workers`` or 0 (suspended); ``restore_from`` is given to workers started
+    by this apply only (a worker restarted after a crash recovers from its latest checkpoint).
+    """
+
+    workers: int
+    replicas: int
+    restore_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TakeSavepoint:
+    """Ask every worker for savepoint ``id`` (idempotent by id); ``stop``: the workers exit after it."""
+
+    id: str
+    stop: bool
+
+
+Action: TypeAlias = Apply | TakeSavepoint
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A Kubernetes event on the StreamJob (the local platform logs it)."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The decision: the status to write first, then the actions to take, and the events to emit."""
+
+    status: model.StreamJobStatus
+    actions: tuple[Action, ...] = ()
+    events: tuple[Event, ...] = field(default=())

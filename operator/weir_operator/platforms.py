@@ -1,0 +1,52 @@
+"""The one interface the reconciler drives workers through; Kubernetes and local processes implement it.
+
+A platform observes (never acts while observing), applies the rendered job, asks workers for
+savepoints, and stores the status and events of a job. Its methods are synchronous and may
+block (HTTP to workers, the Kubernetes API); async callers run them in a thread.
+
+Errors: ``ApplyRejected`` when the platform refuses the job as given (invalid for it,
+forbidden): the job is ``Stalled`` until its spec or the cluster changes. Any other exception
+is transient: the reconcile is retried later.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from weir import spec
+from weir_operator import model
+from weir_operator.plans import Apply, Event, Observed, SavepointOutcome
+
+__all__ = ["ApplyRejected", "Platform"]
+
+
+class ApplyRejected(Exception):
+    """The platform refused the job's children; the message says why and names no secret."""
+
+
+class Platform(Protocol):
+    """Where a job's workers run."""
+
+    def observe(self, job: spec.StreamJob) -> Observed:
+        """What runs for ``job`` now: its children, its workers, their reports."""
+        ...
+
+    def apply(self, job: spec.StreamJob, action: Apply) -> None:
+        """Create or update the children so ``action.replicas`` workers run the current spec."""
+        ...
+
+    def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:
+        """Ask every worker for savepoint ``savepoint_id`` and wait for all answers (idempotent by id)."""
+        ...
+
+    def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
+        """Store the whole status (fields that are None are removed)."""
+        ...
+
+    def record_event(self, job: spec.ObjectMeta, event: Event) -> None:
+        """Publish an event about the job."""
+        ...
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Remove the children of job ``namespace/name`` and stop its workers (the job itself is gone)."""
+        ...

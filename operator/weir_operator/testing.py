@@ -1,0 +1,140 @@
+"""Hand-written fakes of the operator's boundaries, shared by the tests and by users' tests.
+
+``FakePlatform`` runs "workers" in memory: applying makes them exist (and, by default,
+ready), savepoints are idempotent by id like the real control API, and every call is
+logged in order, so a test can check that the status (the intent) was written before the
+action it announces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from weir import spec
+from weir_operator import model, render
+from weir_operator.plans import (
+    Apply,
+    Deployed,
+    Event,
+    Observed,
+    SavepointOutcome,
+    WorkerReport,
+    WorkerState,
+)
+from weir_operator.platforms import ApplyRejected
+
+__all__ = ["Clock", "FakePlatform", "OperatorCrashed"]
+
+
+class OperatorCrashed(Exception):
+    """Raised by ``FakePlatform`` to simulate the operator process dying in the middle of an action."""
+
+
+@dataclass
+class Clock:
+    """Injected time: starts at a fixed instant, moves only when told."""
+
+    current: datetime = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> datetime:
+        self.current += timedelta(seconds=seconds)
+        return self.current
+
+
+@dataclass
+class FakePlatform:
+    """An in-memory platform. Set the public fields to shape what ``observe`` sees."""
+
+    store: str = "file:///var/lib/weir/checkpoints"
+    deployed: Deployed | None = None
+    workers_ready: bool = True
+    """Whether workers are ready as soon as they are applied."""
+    crash_looping: frozenset[int] = frozenset()
+    """Indices of workers that crash-loop."""
+    reports: tuple[WorkerReport, ...] = ()
+    savepoint_error: str | None = None
+    """Every new savepoint fails with this message."""
+    reject_apply: str | None = None
+    """Every apply is refused with this message."""
+    crash_before: frozenset[str] = frozenset()
+    """Actions ("apply", "savepoint") that crash the 'operator' before they happen."""
+    crash_after: frozenset[str] = frozenset()
+    """Actions that crash the 'operator' after they happened, before it learns the outcome."""
+    statuses: list[model.StreamJobStatus] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    applied: list[Apply] = field(default_factory=list)
+    savepoints: dict[str, SavepointOutcome] = field(default_factory=dict)
+    """Savepoints taken, by id; a request with a known id answers the same outcome."""
+    calls: list[str] = field(default_factory=list)
+    """Every call in order: ``status:<phase>:<intent id>``, ``apply``, ``savepoint:<id>``, ``deleted``."""
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def status(self) -> model.StreamJobStatus:
+        return self.statuses[-1] if self.statuses else model.StreamJobStatus()
+
+    def observe(self, job: spec.StreamJob) -> Observed:
+        deployed = self.deployed
+        if deployed is None:
+            return Observed(reports=self.reports)
+        workers = tuple(
+            WorkerState(
+                index=i,
+                ready=self.workers_ready and i not in self.crash_looping,
+                restarts=5 if i in self.crash_looping else 0,
+                crash_looping=i in self.crash_looping,
+                reason="CrashLoopBackOff" if i in self.crash_looping else "",
+            )
+            for i in range(deployed.replicas)
+        )
+        return Observed(deployed=deployed, workers=workers, reports=self.reports)
+
+    def apply(self, job: spec.StreamJob, action: Apply) -> None:
+        if "apply" in self.crash_before:
+            raise OperatorCrashed("apply")
+        self.calls.append("apply")
+        if self.reject_apply is not None:
+            raise ApplyRejected(self.reject_apply)
+        self.applied.append(action)
+        self.deployed = Deployed(
+            fingerprint=render.fingerprint(job.spec),
+            workers=action.workers,
+            replicas=action.replicas,
+            restore_from=action.restore_from,
+            spec=job.spec.model_copy(update={"parallelism": action.workers}),
+        )
+        if "apply" in self.crash_after:
+            raise OperatorCrashed("after apply")
+
+    def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:
+        if "savepoint" in self.crash_before:
+            raise OperatorCrashed("savepoint")
+        self.calls.append(f"savepoint:{savepoint_id}")
+        known = self.savepoints.get(savepoint_id)
+        if known is not None:
+            return known
+        if self.savepoint_error is not None:
+            outcome = SavepointOutcome(savepoint_id, completed=False, error=self.savepoint_error)
+        else:
+            url = f"{self.store}/{job.metadata.namespace}/{job.metadata.name}/savepoints/{savepoint_id}"
+            outcome = SavepointOutcome(savepoint_id, completed=True, url=url, completed_at=self.clock())
+        self.savepoints[savepoint_id] = outcome
+        if "savepoint" in self.crash_after:
+            raise OperatorCrashed("after savepoint")
+        return outcome
+
+    def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
+        intent = status.intent.id if status.intent is not None else "-"
+        self.calls.append(f"status:{status.phase}:{intent}")
+        self.statuses.append(status)
+
+    def record_event(self, job: spec.ObjectMeta, event: Event) -> None:
+        self.events.append(event)
+
+    def delete(self, namespace: str, name: str) -> None:
+        self.calls.append("deleted")
+        self.deployed = None

@@ -1,0 +1,244 @@
+"""`weir up` with the real broker: the local platform runs a StreamJob through the operator's reconciler."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from harness.kafka import KafkaHelper, Message
+from weir.testing import random_events, reference_windows
+
+pytestmark = pytest.mark.kafka
+
+START_MS = 1_704_067_200_000  # 2024-01-01: in the past, so idle partitions close their windows
+OOO_MS = 2_000
+OUTPUTS = {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "price"}}
+SPECS = [(name, o["fn"], o.get("field")) for name, o in OUTPUTS.items()]
+
+
+def _runtime_restores() -> bool:
+    """Whether `weir run` takes a restore point (the exactly-once/checkpointing worker)."""
+    done = subprocess.run([sys.executable, "-m", "weir", "run", "--help"], capture_output=True, text=True)
+    return "--restore-from" in done.stdout
+
+
+needs_checkpointing_worker = pytest.mark.skipif(
+    not _runtime_restores(),
+    reason="the worker on this branch has no checkpoints/savepoints yet (`weir run --restore-from`)",
+)
+
+
+def _manifest(
+    path: Path, name: str, kafka: KafkaHelper, source: str, sink: str, dlq: str, **spec: Any
+) -> Path:
+    document = {
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "StreamJob",
+        "metadata": {"name": name, "namespace": "local"},
+        "spec": {
+            "parallelism": 2,
+            "kafka": {"bootstrapServers": kafka.bootstrap},
+            "pipeline": {
+                "source": {"topics": [source], "eventTime": {"field": "ts"}},
+                "watermark": {"maxOutOfOrderness": f"{OOO_MS}ms", "idleTimeout": "2s"},
+                "steps": [
+                    {"window": {"type": "tumbling", "size": "10s"}},
+                    {"aggregate": {"emit": "final", "outputs": OUTPUTS}},
+                ],
+                "sink": {"topic": sink},
+                "deadLetter": {"topic": dlq},
+            },
+            **spec,
+        },
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def _produce(kafka: KafkaHelper, topic: str, events: list[Any]) -> None:
+    kafka.produce(
+        topic,
+        [
+            {"value": orjson.dumps({**record, "ts": ts}), "key": key.encode(), "partition": partition}
+            for partition, key, ts, record in events
+        ],
+    )
+
+
+def _results(messages: list[Message]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    out: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for message in messages:
+        assert message.value is not None
+        record = orjson.loads(message.value)
+        key = (record["key"], record["windowStartMs"], record["windowEndMs"])
+        assert key not in out, f"window {key} emitted twice"
+        out[key] = {name: record[name] for name in OUTPUTS}
+    return out
+
+
+def _expected(events: list[Any]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    expected, _late = reference_windows(events, "tumbling", 10_000, None, None, 0, OOO_MS, SPECS)
+    return expected
+
+
+@contextmanager
+def weir_up(manifest: Path, state: Path, kafka: KafkaHelper, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "weir", "up", str(manifest), "--state-dir", str(state),
+             "--bootstrap-servers", kafka.bootstrap, "--interval", "1"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _status(state: Path, name: str) -> dict[str, Any]:
+    try:
+        loaded: dict[str, Any] = orjson.loads((state / "local" / name / "status.json").read_bytes())
+        return loaded
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+
+
+def _wait(check: Any, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+    raise AssertionError(f"{what}: not within {timeout}s\n--- weir up ---\n{tail}")
+
+
+def _worker_pids(manifest_dir: Path) -> dict[int, int]:
+    """pid of each `weir run` worker started for the job directory (from /proc)."""
+    pids: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "run" in words and "--worker-index" in words and any(str(manifest_dir) in w for w in words):
+            pids[int(words[words.index("--worker-index") + 1])] = int(proc.name)
+    return pids
+
+
+def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHelper, tmp_path: Path) -> None:
+    name = "up-" + kafka.unique("j")[-8:]
+    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
+    kafka.create_topic(source, 2)
+    kafka.create_topic(sink, 1)
+    kafka.create_topic(dlq, 1)
+    events = random_events(7, 400, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
+                           max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
+    _produce(kafka, source, events)
+    expected = _expected(events)
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq)
+    state, log = tmp_path / "state", tmp_path / "up.log"
+
+    with weir_up(manifest, state, kafka, log) as process:
+        _wait(lambda: _status(state, name).get("phase") == "Running", 60, "phase Running", log)
+        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 90, "all windows", log)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0, log.read_text()
+
+    assert _results(kafka.read_all(sink)) == expected
+    output = log.read_text()
+    assert "NAME" in output and "PHASE" in output and "PARALLELISM" in output and "LAST CHECKPOINT" in output
+    assert any(line.split()[:3] == [name, "Running", "2"] for line in output.splitlines() if line.strip())
+    status = _status(state, name)
+    shutdown = status["lastSavepoint"]
+    assert shutdown["trigger"] == "shutdown"
+    if _runtime_restores():
+        assert shutdown.get("url") and status["parallelism"] == 0, status
+    else:
+        # The worker answers 501 to /savepoint: the failure is recorded, the workers get SIGTERM.
+        assert "501" in shutdown["error"], shutdown
+    assert _worker_pids(state / "local" / name) == {}
+    assert status["observedGeneration"] == 1
+    assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded", "Stalled"}
+    events_log = (state / "local" / name / "events.log").read_text()
+    assert "Deploying" in events_log and "PhaseRunning" in events_log
+
+
+@needs_checkpointing_worker
+def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    name = "kill-" + kafka.unique("j")[-8:]
+    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
+    kafka.create_topic(source, 2)
+    kafka.create_topic(sink, 1)
+    kafka.create_topic(dlq, 1)
+    events = random_events(11, 800, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
+                           max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
+    first, second = events[:400], events[400:]
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq,
+                         checkpoint={"url": (tmp_path / "store").as_uri(), "interval": "1s"})
+    state, log = tmp_path / "state", tmp_path / "up.log"
+    _produce(kafka, source, first)
+
+    with weir_up(manifest, state, kafka, log) as process:
+        _wait(lambda: _status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+        pids = _worker_pids(state / "local" / name)
+        assert set(pids) == {0, 1}
+        os.kill(pids[1], signal.SIGKILL)
+        _wait(lambda: (_status(state, name).get("workerRestarts") or 0) >= 1, 60, "worker restarted", log)
+        _produce(kafka, source, second)
+        expected = _expected(events)
+        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
+        time.sleep(3)  # anything emitted twice would show up now
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0, log.read_text()
+
+    assert _results(kafka.read_all(sink)) == expected
+    assert _worker_pids(state / "local" / name) == {}
+
+
+@needs_checkpointing_worker
+def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHelper, tmp_path: Path) -> None:
+    name = "nonce-" + kafka.unique("j")[-8:]
+    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
+    kafka.create_topic(source, 2)
+    kafka.create_topic(sink, 1)
+    kafka.create_topic(dlq, 1)
+    _produce(kafka, source, random_events(3, 200, partitions=2, keys=4, start_ms=START_MS, mean_step_ms=150,
+                                          max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0))
+    store = tmp_path / "store"
+    checkpoint = {"url": store.as_uri(), "interval": "1s"}
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq, checkpoint=checkpoint)
+    state, log = tmp_path / "state", tmp_path / "up.log"
+
+    with weir_up(manifest, state, kafka, log):
+        _wait(lambda: _status(state, name).get("phase") == "Running", 60, "phase Running", log)
+        _manifest(manifest, name, kafka, source, sink, dlq, checkpoint=checkpoint, savepointTriggerNonce=1)
+        _wait(lambda: bool(_status(state, name).get("savepointHistory")), 60, "a savepoint", log)
+
+    history = _status(state, name)["savepointHistory"]
+    nonce = [s for s in history if s["trigger"] == "nonce"]
+    assert nonce and nonce[0]["triggerNonce"] == 1 and nonce[0].get("url"), history
+    assert nonce[0]["url"].startswith(store.as_uri())
+    assert Path(nonce[0]["url"].removeprefix("file://")).is_dir()

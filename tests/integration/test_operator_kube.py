@@ -1,0 +1,426 @@
+"""The operator process (`python -m weir_operator`) on the real kube-apiserver, as the chart's account.
+
+The test API server runs no controller-manager: no pods appear, nothing garbage-collects.
+Tests set the StatefulSet's status (and create pods) themselves, as envtest users do; the
+operator deletes a deleted job's children itself (they also carry ownerReferences for real
+clusters' garbage collector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from harness import kube as kube_server
+from harness.common import Running, ServerError, wait_until
+from harness.helm import Helm
+from harness.manifests import MERGE_PATCH, apply, create_namespace, install_crd
+from weir import spec
+from weir_operator import crd, render
+
+pytestmark = pytest.mark.kube
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "weir-operator"
+EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
+SECRET_VALUE = "s3cr3t-" + uuid.uuid4().hex
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Operator:
+    namespace: str  # where the operator's ServiceAccount and Lease live
+    watched: str  # where its StreamJobs are
+    admin: Any
+    process: subprocess.Popen[bytes]
+    log: Path
+    metrics_port: int
+    health_port: int
+    lease: str
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-80:])
+
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        try:
+            wait_until(check, timeout, what)
+        except ServerError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n{self.tail()}") from None
+
+
+@pytest.fixture(scope="module")
+def operator(kube: Running, helm: Helm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    suffix = uuid.uuid4().hex[:8]
+    release = f"op-{suffix}"
+    with kube_server.api_client(kube.info["kubeconfig"]) as admin:
+        install_crd(admin, crd.crd())
+        namespace = create_namespace(admin, f"weir-op-{suffix}")
+        watched = create_namespace(admin, f"jobs-{suffix}")
+        out = helm.run(
+            ["template", release, str(CHART), "--namespace", namespace,
+             "--set", "rbac.scope=namespace", "--set", f"rbac.namespaces={{{watched}}}"]
+        ).stdout
+        objects = [doc for doc in yaml.safe_load_all(out) if doc]
+        rbac_kinds = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+        for obj in objects:
+            if obj["kind"] in rbac_kinds:
+                apply(admin, obj)
+        account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+        deployment = next(o for o in objects if o["kind"] == "Deployment")
+        chart_args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        lease = f"{release}-weir-operator-leader"
+        kubeconfig = kube_server.service_account_kubeconfig(kube, namespace, account)
+        with kube_server.api_client(kubeconfig) as sa:
+            # RBAC reaches the authorizer through an informer: wait for the grants.
+            wait_until(
+                lambda: client.CustomObjectsApi(sa).list_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, watched, crd.PLURAL
+                ) is not None,
+                20,
+                "the chart's RBAC",
+            )
+        metrics_port, health_port = _free_port(), _free_port()
+        # The chart's own arguments, with the ports and the identity this test needs.
+        ours = ("--metrics-port", "--health-port", "--worker-image")
+        args = [a for a in chart_args if not a.startswith(ours)]
+        assert f"--namespace={watched}" in args and f"--leader-election-lease={namespace}/{lease}" in args
+        log = tmp_path_factory.mktemp("operator") / "operator.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "weir_operator", *args, f"--metrics-port={metrics_port}",
+                 f"--health-port={health_port}", "--worker-image=weir:test", f"--kubeconfig={kubeconfig}",
+                 "--resync-interval=1", "--savepoint-timeout=3", "--log-level=DEBUG"],
+                stdout=sink, stderr=subprocess.STDOUT,
+                env={**os.environ, "POD_NAME": f"weir-operator-{suffix}-0", "POD_NAMESPACE": namespace},
+            )
+        handle = Operator(namespace, watched, admin, process, log, metrics_port, health_port, lease)
+        try:
+            handle.wait(lambda: _get(f"http://127.0.0.1:{health_port}/readyz") is not None, "operator ready")
+            yield handle
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            rbac = client.RbacAuthorizationV1Api(admin)
+            for obj in objects:
+                if obj["kind"] == "ClusterRoleBinding":
+                    rbac.delete_cluster_role_binding(obj["metadata"]["name"])
+                elif obj["kind"] == "ClusterRole":
+                    rbac.delete_cluster_role(obj["metadata"]["name"])
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body: bytes = response.read()
+            return body
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _job_body(op: Operator, name: str, **spec_changes: Any) -> dict[str, Any]:
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"] = {"name": name, "namespace": op.watched}
+    body["spec"].update(spec_changes)
+    return body
+
+
+def _create(op: Operator, body: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = client.CustomObjectsApi(op.admin).create_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, op.watched, crd.PLURAL, body
+    )
+    return created
+
+
+def _job(op: Operator, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.CustomObjectsApi(op.admin).get_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, op.watched, crd.PLURAL, name
+    )
+    return found
+
+
+def _status(op: Operator, name: str) -> dict[str, Any]:
+    return _job(op, name).get("status") or {}
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", ()) if c["type"] == type_), {})
+
+
+def _stateful_set(op: Operator, name: str) -> Any:
+    try:
+        return client.AppsV1Api(op.admin).read_namespaced_stateful_set(name, op.watched)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _set_ready(op: Operator, name: str, ready: int) -> None:
+    sts = _stateful_set(op, name)
+    client.AppsV1Api(op.admin).patch_namespaced_stateful_set_status(
+        name,
+        op.watched,
+        {"status": {"replicas": sts.spec.replicas, "readyReplicas": ready, "availableReplicas": ready,
+                    "currentReplicas": sts.spec.replicas, "updatedReplicas": sts.spec.replicas,
+                    "observedGeneration": sts.metadata.generation}},
+        _content_type=MERGE_PATCH,
+    )
+
+
+def _events(op: Operator, name: str) -> list[Any]:
+    return [
+        e for e in client.CoreV1Api(op.admin).list_namespaced_event(op.watched).items
+        if e.involved_object.name == name and e.involved_object.kind == "StreamJob"
+    ]
+
+
+def _delete(op: Operator, name: str) -> None:
+    client.CustomObjectsApi(op.admin).delete_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, op.watched, crd.PLURAL, name
+    )
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_the_operator_holds_its_lease_and_serves_metrics_and_health(operator: Operator) -> None:
+    lease = client.CoordinationV1Api(operator.admin).read_namespaced_lease(operator.lease, operator.namespace)
+
+    assert lease.spec.holder_identity.startswith("weir-operator-")
+    assert _get(f"http://127.0.0.1:{operator.health_port}/healthz") is not None
+    metrics = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    operator.wait(lambda: b"weir_operator_leader 1.0" in (_get(metrics) or b""), "leader metric")
+
+
+def test_an_applied_stream_job_is_reconciled_into_valid_children_and_a_status(operator: Operator) -> None:
+    name = "revenue-" + uuid.uuid4().hex[:6]
+    created = _create(operator, _job_body(operator, name, parallelism=2))
+
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    sts = _stateful_set(operator, name)
+    config_map = client.CoreV1Api(operator.admin).read_namespaced_config_map(
+        render.config_map_name(name), operator.watched
+    )
+    service = client.CoreV1Api(operator.admin).read_namespaced_service(name, operator.watched)
+    for child in (sts, config_map, service):
+        owner = child.metadata.owner_references[0]
+        assert (owner.kind, owner.name, owner.uid, owner.controller) == (
+            "StreamJob", name, created["metadata"]["uid"], True,
+        )
+    assert sts.spec.replicas == 2
+    assert sts.spec.template.spec.containers[0].image == "weir:test"
+    assert service.spec.cluster_ip == "None"
+    assert yaml.safe_load(config_map.data["job.yaml"])["metadata"]["name"] == name
+    operator.wait(lambda: _status(operator, name).get("phase") == "Deploying", "phase Deploying")
+    status = _status(operator, name)
+    assert status["observedGeneration"] == created["metadata"]["generation"]
+    assert status["selector"] == f"weir.dev/job={name}"
+    assert _condition(status, "Ready")["status"] == "False"
+    assert _condition(status, "Progressing")["reason"] == "WorkersStarting"
+    assert "intent" not in status
+
+    _set_ready(operator, name, 2)
+
+    operator.wait(lambda: _status(operator, name).get("phase") == "Running", "phase Running")
+    status = _status(operator, name)
+    assert _condition(status, "Ready") | {"lastTransitionTime": None} == {
+        "type": "Ready", "status": "True", "reason": "WorkersReady", "message": "2/2 workers ready",
+        "lastTransitionTime": None,
+    }
+    assert status["readyWorkers"] == 2 and status["parallelism"] == 2
+    reasons = {e.reason for e in _events(operator, name)}
+    assert {"Deploying", "Deployed", "PhaseRunning", "WorkersReady"} <= reasons
+
+
+def test_writing_the_scale_subresource_changes_the_stateful_sets_replicas(operator: Operator) -> None:
+    name = "scaled-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=1, upgradeMode="stateless"))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    _set_ready(operator, name, 1)
+    operator.wait(lambda: _status(operator, name).get("phase") == "Running", "phase Running")
+
+    client.CustomObjectsApi(operator.admin).patch_namespaced_custom_object_scale(
+        crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name, {"spec": {"replicas": 3}},
+        _content_type=MERGE_PATCH,
+    )
+
+    operator.wait(lambda: _stateful_set(operator, name).spec.replicas == 3, "3 replicas")
+    env = {e.name: e.value for e in _stateful_set(operator, name).spec.template.spec.containers[0].env}
+    assert env[render.ENV_WORKERS] == "3"
+    operator.wait(lambda: _status(operator, name).get("parallelism") == 3, "status.parallelism 3")
+    scale = client.CustomObjectsApi(operator.admin).get_namespaced_custom_object_scale(
+        crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name
+    )
+    assert scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == f"weir.dev/job={name}"
+
+
+def test_a_scale_whose_savepoint_fails_keeps_the_old_workers_and_reports_degraded(operator: Operator) -> None:
+    name = "keyed-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=1))  # upgradeMode: savepoint (default)
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    _set_ready(operator, name, 1)
+    operator.wait(lambda: _status(operator, name).get("phase") == "Running", "phase Running")
+
+    client.CustomObjectsApi(operator.admin).patch_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name, {"spec": {"parallelism": 2}},
+        _content_type=MERGE_PATCH,
+    )
+
+    # No worker answers on this API server (no pods): the savepoint fails, nothing is replaced.
+    operator.wait(
+        lambda: _condition(_status(operator, name), "Degraded").get("reason") == "SavepointFailed",
+        "Degraded SavepointFailed",
+    )
+    status = _status(operator, name)
+    assert _stateful_set(operator, name).spec.replicas == 1
+    assert status["lastSavepoint"]["trigger"] == "upgrade" and status["lastSavepoint"]["error"]
+    assert "intent" not in status
+    assert any(e.reason == "SavepointFailed" and e.type == "Warning" for e in _events(operator, name))
+
+
+def test_crash_looping_worker_pods_make_the_job_degraded_with_restart_counts(operator: Operator) -> None:
+    name = "crashy-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=1))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    core = client.CoreV1Api(operator.admin)
+    pod = core.create_namespaced_pod(
+        operator.watched,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(
+                name=f"{name}-0", labels={**render.selector(name), render.POD_INDEX_LABEL: "0"}
+            ),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="worker", image="weir:test")]),
+        ),
+    )
+    core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        operator.watched,
+        {"status": {"phase": "Running", "containerStatuses": [{
+            "name": "worker", "image": "weir:test", "imageID": "", "ready": False, "restartCount": 6,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s"}},
+            "lastState": {}}]}},
+        _content_type=MERGE_PATCH,
+    )
+
+    operator.wait(
+        lambda: _condition(_status(operator, name), "Degraded").get("reason") == "WorkersCrashLooping",
+        "Degraded WorkersCrashLooping",
+    )
+    status = _status(operator, name)
+    assert status["workerRestarts"] == 6
+    assert "worker 0: CrashLoopBackOff (6 restarts)" in _condition(status, "Degraded")["message"]
+    assert any(e.reason == "WorkersCrashLooping" and e.type == "Warning" for e in _events(operator, name))
+
+
+def test_secret_values_never_reach_the_status_events_or_config_map(operator: Operator) -> None:
+    name = "secretive-" + uuid.uuid4().hex[:6]
+    core = client.CoreV1Api(operator.admin)
+    core.create_namespaced_secret(
+        operator.watched,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=f"{name}-creds"),
+            string_data={"AWS_ACCESS_KEY_ID": SECRET_VALUE, "AWS_SECRET_ACCESS_KEY": SECRET_VALUE,
+                         "username": SECRET_VALUE, "password": SECRET_VALUE},
+        ),
+    )
+    body = _job_body(
+        operator, name,
+        kafka={"bootstrapServers": "kafka:9093", "sasl": {
+            "mechanism": "SCRAM-SHA-512",
+            "usernameSecret": {"name": f"{name}-creds", "key": "username"},
+            "passwordSecret": {"name": f"{name}-creds", "key": "password"}}},
+        checkpoint={"url": "s3://weir-checkpoints/jobs", "credentialsSecret": {"name": f"{name}-creds"}},
+    )
+    _create(operator, body)
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    _set_ready(operator, name, 1)
+    operator.wait(lambda: _status(operator, name).get("phase") == "Running", "phase Running")
+
+    config_map = core.read_namespaced_config_map(render.config_map_name(name), operator.watched)
+    env = _stateful_set(operator, name).spec.template.spec.containers[0].env
+    assert SECRET_VALUE not in json.dumps(config_map.data)
+    assert SECRET_VALUE not in json.dumps(_status(operator, name))
+    assert all(SECRET_VALUE not in (e.message or "") for e in _events(operator, name))
+    assert SECRET_VALUE not in operator.log.read_text(errors="replace")
+    by_name = {e.name: e for e in env}
+    assert by_name["AWS_SECRET_ACCESS_KEY"].value is None
+    assert by_name["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref.name == f"{name}-creds"
+
+
+def test_deleting_the_stream_job_removes_its_children(operator: Operator) -> None:
+    name = "doomed-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+
+    _delete(operator, name)
+
+    core = client.CoreV1Api(operator.admin)
+
+    def gone() -> bool:
+        names = {c.metadata.name for c in core.list_namespaced_config_map(operator.watched).items}
+        services = {s.metadata.name for s in core.list_namespaced_service(operator.watched).items}
+        return (
+            _stateful_set(operator, name) is None
+            and render.config_map_name(name) not in names
+            and name not in services
+        )
+
+    operator.wait(gone, "children deleted")
+
+
+def test_a_second_operator_replica_stands_by_while_the_first_holds_the_lease(
+    operator: Operator, kube: Running, tmp_path: Path
+) -> None:
+    coordination = client.CoordinationV1Api(operator.admin)
+    holder = coordination.read_namespaced_lease(operator.lease, operator.namespace).spec.holder_identity
+    standby_log = tmp_path / "standby.log"
+    health_port, metrics_port = _free_port(), _free_port()
+    with standby_log.open("wb") as sink:
+        # Admin credentials: what is under test is the Lease, not RBAC.
+        standby = subprocess.Popen(
+            [sys.executable, "-m", "weir_operator", f"--namespace={operator.watched}",
+             f"--metrics-port={metrics_port}", f"--health-port={health_port}", "--worker-image=weir:test",
+             f"--leader-election-lease={operator.namespace}/{operator.lease}",
+             f"--kubeconfig={kube.info['kubeconfig']}"],
+            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "POD_NAME": "standby"},
+        )
+    try:
+        wait_until(lambda: _get(f"http://127.0.0.1:{health_port}/readyz") is not None, 20, "standby ready")
+        time.sleep(4)  # two retry periods
+        metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics") or b""
+        assert b"weir_operator_leader 0.0" in metrics
+        assert b'weir_operator_reconciles_total{result="ok"}' not in metrics
+        lease = coordination.read_namespaced_lease(operator.lease, operator.namespace)
+        assert lease.spec.holder_identity == holder
+    finally:
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(timeout=20) == 0, standby_log.read_text()

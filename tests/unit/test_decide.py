@@ -1,0 +1,530 @@
+"""decide() and the reconcile loop around it, phase by phase, on the in-memory platform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from weir import spec
+from weir_operator import model, render
+from weir_operator.decide import Change, Policy, classify, decide
+from weir_operator.plans import Apply, Deployed, Observed, SavepointOutcome, TakeSavepoint, WorkerReport
+from weir_operator.reconciler import reconcile
+from weir_operator.testing import Clock, FakePlatform, OperatorCrashed
+
+EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
+
+
+def job(**changes: Any) -> spec.StreamJob:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"]["uid"] = "uid-1"
+    document["spec"].update(changes)
+    return spec.StreamJob.model_validate(document)
+
+
+def condition(status: model.StreamJobStatus, type_: str) -> model.StatusCondition:
+    return next(c for c in status.conditions if c.type == type_)
+
+
+def run(
+    platform: FakePlatform, the_job: spec.StreamJob, generation: int = 1, **kwargs: Any
+) -> model.StreamJobStatus:
+    return reconcile(platform, the_job, generation, platform.status, platform.clock, **kwargs)
+
+
+def running(parallelism: int = 2, **changes: Any) -> tuple[FakePlatform, spec.StreamJob]:
+    platform, the_job = FakePlatform(), job(parallelism=parallelism, **changes)
+    run(platform, the_job)
+    assert platform.status.phase == "Running"
+    platform.calls.clear()
+    platform.events.clear()
+    return platform, the_job
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, Change.IGNORE),
+        ({"upgradeMode": "stateless", "autoscaler": {"enabled": True}}, Change.IGNORE),
+        ({"savepointTriggerNonce": 7}, Change.IGNORE),
+        ({"parallelism": 3}, Change.SCALE),
+        ({"image": "weir:2"}, Change.UPGRADE),
+        ({"image": "weir:2", "parallelism": 3}, Change.UPGRADE),
+        ({"restartNonce": 1}, Change.REDEPLOY),
+        ({"restartNonce": 1, "image": "weir:2", "parallelism": 4}, Change.REDEPLOY),
+    ],
+)
+def test_a_spec_change_is_classified_by_the_largest_kind_of_field_it_touches(
+    changes: dict[str, Any], expected: Change
+) -> None:
+    old = job(parallelism=2).spec
+    deployed = Deployed(fingerprint=render.fingerprint(old), workers=2, replicas=2, spec=old)
+
+    assert classify(deployed, job(**{"parallelism": 2, **changes}).spec) == expected
+
+
+def test_without_the_deployed_spec_the_fingerprint_still_tells_an_upgrade_from_a_scale() -> None:
+    old = job(parallelism=2).spec
+    deployed = Deployed(fingerprint=render.fingerprint(old), workers=2, replicas=2, spec=None)
+
+    assert classify(deployed, job(parallelism=3).spec) == Change.SCALE
+    assert classify(deployed, job(parallelism=2, image="weir:2").spec) == Change.UPGRADE
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def test_a_new_job_records_a_deploy_intent_and_applies_its_children_in_one_plan() -> None:
+    clock = Clock()
+    plan = decide(job(parallelism=3), 1, model.StreamJobStatus(), Observed(), clock())
+
+    assert plan.status.intent is not None
+    assert plan.status.intent.action == "deploy"
+    assert plan.status.intent.generation == 1
+    assert plan.status.observed_generation == 1
+    assert plan.status.phase == "Deploying"
+    assert plan.actions == (Apply(workers=3, replicas=3, restore_from=None),)
+
+
+def test_the_intent_is_written_before_the_children_are_applied() -> None:
+    platform = FakePlatform()
+
+    run(platform, job())
+
+    assert platform.calls[0].startswith("status:Deploying:deploy-1-")
+    assert platform.calls[1] == "apply"
+
+
+def test_a_deployed_job_with_ready_workers_is_running_and_ready() -> None:
+    platform = FakePlatform()
+
+    status = run(platform, job(parallelism=2))
+
+    assert status.phase == "Running"
+    assert status.intent is None
+    assert status.parallelism == 2 and status.ready_workers == 2
+    assert status.selector == "weir.dev/job=revenue"
+    assert status.reconciled_fingerprint == render.fingerprint(job(parallelism=2).spec)
+    assert [c.type for c in status.conditions] == ["Ready", "Progressing", "Degraded", "Stalled"]
+    assert condition(status, "Ready").status == "True"
+    assert condition(status, "Progressing").status == "False"
+    assert {e.reason for e in platform.events} >= {"Deploying", "Deployed", "PhaseRunning", "WorkersReady"}
+
+
+def test_workers_not_ready_yet_keep_the_job_deploying_and_progressing() -> None:
+    platform = FakePlatform(workers_ready=False)
+
+    status = run(platform, job(parallelism=2))
+
+    assert status.phase == "Deploying"
+    assert condition(status, "Ready").status == "False"
+    assert condition(status, "Ready").reason == "WorkersNotReady"
+    assert condition(status, "Progressing").reason == "WorkersStarting"
+
+    platform.workers_ready = True
+    assert run(platform, job(parallelism=2)).phase == "Running"
+
+
+def test_a_reconcile_of_an_unchanged_running_job_writes_nothing_and_emits_nothing() -> None:
+    platform, the_job = running()
+
+    run(platform, the_job)
+
+    assert platform.calls == []
+    assert platform.events == []
+
+
+def test_an_ignored_change_only_moves_the_observed_generation() -> None:
+    platform, _ = running()
+
+    status = run(platform, job(parallelism=2, upgradeMode="stateless"), generation=2)
+
+    assert status.observed_generation == 2
+    assert platform.applied == [Apply(2, 2, None)]  # the one from the deploy
+    assert [c for c in platform.calls if not c.startswith("status")] == []
+
+
+def test_a_deleted_config_map_is_recreated_without_an_intent() -> None:
+    platform, the_job = running()
+    assert platform.deployed is not None
+    platform.deployed = Deployed(
+        platform.deployed.fingerprint, 2, 2, None, platform.deployed.spec, missing=("ConfigMap",)
+    )
+
+    run(platform, the_job)
+
+    assert platform.calls == ["apply"]
+    assert platform.events[0].reason == "Repairing"
+
+
+# --------------------------------------------------------------------------- scale
+
+
+def test_scaling_a_savepoint_mode_job_stops_it_with_a_savepoint_then_restores_the_new_workers() -> None:
+    platform, _ = running(parallelism=2)
+
+    status = run(platform, job(parallelism=4), generation=2)
+
+    savepoint_calls = [c for c in platform.calls if c.startswith("savepoint:")]
+    assert len(savepoint_calls) == 1
+    savepoint_id = savepoint_calls[0].split(":", 1)[1]
+    assert savepoint_id.startswith("scale-2-")
+    # intent first, then the savepoint, then the outcome recorded, then the apply
+    assert platform.calls.index(f"status:Savepointing:{savepoint_id}") < platform.calls.index(
+        f"savepoint:{savepoint_id}"
+    )
+    url = f"file:///var/lib/weir/checkpoints/default/revenue/savepoints/{savepoint_id}"
+    assert platform.applied[-1] == Apply(workers=4, replicas=4, restore_from=url)
+    assert status.phase == "Running" and status.parallelism == 4 and status.intent is None
+    assert status.last_savepoint is not None
+    assert status.last_savepoint.trigger == "upgrade" and status.last_savepoint.url == url
+    assert status.last_savepoint.generation == 2
+    assert status.savepoint_history == (status.last_savepoint,)
+    assert {"Scaling", "SavepointCompleted", "Scaled"} <= {e.reason for e in platform.events}
+
+
+def test_the_savepoint_before_a_scale_stops_the_workers() -> None:
+    platform, _ = running(parallelism=2)
+    plan = decide(job(parallelism=3), 2, platform.status, platform.observe(job()), platform.clock())
+
+    assert plan.actions == (TakeSavepoint(plan.status.intent.id, stop=True),)  # type: ignore[union-attr]
+    assert plan.status.phase == "Savepointing"
+
+
+def test_scaling_a_stateless_job_redeploys_without_a_savepoint() -> None:
+    platform, _ = running(parallelism=2, upgradeMode="stateless")
+
+    status = run(platform, job(parallelism=3, upgradeMode="stateless"), generation=2)
+
+    assert not [c for c in platform.calls if c.startswith("savepoint")]
+    assert platform.applied[-1] == Apply(workers=3, replicas=3, restore_from=None)
+    assert status.parallelism == 3 and status.last_savepoint is None
+
+
+def test_last_state_takes_a_savepoint_to_rescale_but_upgrades_from_the_latest_checkpoint() -> None:
+    platform, _ = running(parallelism=2, upgradeMode="last-state")
+    run(platform, job(parallelism=3, upgradeMode="last-state"), generation=2)
+    assert len(platform.savepoints) == 1
+
+    run(platform, job(parallelism=3, upgradeMode="last-state", image="weir:2"), generation=3)
+
+    assert len(platform.savepoints) == 1
+    assert platform.applied[-1] == Apply(workers=3, replicas=3, restore_from=None)
+
+
+def test_an_upgrade_in_savepoint_mode_restores_from_a_stop_savepoint() -> None:
+    platform, _ = running(parallelism=2)
+
+    status = run(platform, job(parallelism=2, image="weir:2"), generation=2)
+
+    assert status.phase == "Running"
+    assert platform.applied[-1].restore_from is not None
+    assert platform.applied[-1].restore_from.endswith(status.last_savepoint.id)  # type: ignore[union-attr]
+    assert any(e.reason == "Upgraded" for e in platform.events)
+
+
+def test_a_restart_nonce_redeploys_the_workers() -> None:
+    platform, _ = running(parallelism=2, upgradeMode="stateless")
+
+    run(platform, job(parallelism=2, upgradeMode="stateless", restartNonce=1), generation=2)
+
+    assert platform.calls.count("apply") == 1
+    assert any(e.reason == "Redeployed" for e in platform.events)
+
+
+# --------------------------------------------------------------------------- savepoint failures
+
+
+def test_a_failed_savepoint_keeps_the_old_workers_and_is_degraded() -> None:
+    platform, _ = running(parallelism=2)
+    platform.savepoint_error = "worker 1: timed out"
+
+    status = run(platform, job(parallelism=4), generation=2)
+
+    assert platform.calls.count("apply") == 0
+    assert platform.deployed is not None and platform.deployed.workers == 2
+    assert status.intent is None
+    assert status.last_savepoint is not None and status.last_savepoint.error == "worker 1: timed out"
+    assert status.last_savepoint.url is None
+    assert condition(status, "Degraded").reason == "SavepointFailed"
+    assert condition(status, "Stalled").status == "False"
+    assert any(e.type == "Warning" and e.reason == "SavepointFailed" for e in platform.events)
+
+
+def test_a_failed_savepoint_is_retried_after_the_backoff_and_then_stalls() -> None:
+    platform, _ = running(parallelism=2)
+    platform.savepoint_error = "unreachable"
+    policy = Policy(savepoint_attempts=2)
+    scaled = job(parallelism=4)
+
+    run(platform, scaled, generation=2, policy=policy)
+    run(platform, scaled, generation=2, policy=policy)
+    assert len(platform.savepoints) == 1  # still backing off
+
+    platform.clock.advance(61)
+    run(platform, scaled, generation=2, policy=policy)
+    assert len(platform.savepoints) == 2
+
+    platform.clock.advance(61)
+    status = run(platform, scaled, generation=2, policy=policy)
+    assert len(platform.savepoints) == 2
+    assert condition(status, "Stalled").status == "True"
+    assert condition(status, "Stalled").reason == "SavepointFailed"
+    assert "upgradeMode: stateless" in condition(status, "Stalled").message
+    assert status.phase == "Running"
+
+    status = run(platform, job(parallelism=4, upgradeMode="stateless"), generation=3, policy=policy)
+    assert status.parallelism == 4
+    assert condition(status, "Stalled").status == "False"
+
+
+# --------------------------------------------------------------------------- operator restarts
+
+
+def test_an_operator_restart_before_the_savepoint_resumes_the_same_savepoint_id() -> None:
+    platform, _ = running(parallelism=2)
+    platform.crash_before = frozenset({"savepoint"})
+    with pytest.raises(OperatorCrashed):
+        run(platform, job(parallelism=4), generation=2)
+    intent = platform.status.intent
+    assert intent is not None and intent.savepoint_id is not None
+    assert platform.savepoints == {}
+
+    platform.crash_before = frozenset()
+    platform.clock.advance(30)  # a new operator, later: the id must not be derived from the time again
+    status = run(platform, job(parallelism=4), generation=2)
+
+    assert list(platform.savepoints) == [intent.savepoint_id]
+    assert status.last_savepoint is not None and status.last_savepoint.id == intent.savepoint_id
+    assert platform.applied[-1].restore_from is not None
+    assert platform.applied[-1].restore_from.endswith(intent.savepoint_id)
+
+
+def test_an_operator_restart_after_the_savepoint_asks_again_by_its_id_and_takes_no_second_one() -> None:
+    platform, _ = running(parallelism=2)
+    platform.crash_after = frozenset({"savepoint"})
+    with pytest.raises(OperatorCrashed):
+        run(platform, job(parallelism=4), generation=2)
+    assert len(platform.savepoints) == 1
+
+    platform.crash_after = frozenset()
+    run(platform, job(parallelism=4), generation=2)
+
+    requests = [c for c in platform.calls if c.startswith("savepoint:")]
+    assert len(requests) == 2 and requests[0] == requests[1]
+    assert len(platform.savepoints) == 1
+    assert platform.status.parallelism == 4
+
+
+def test_an_operator_restart_before_the_apply_applies_with_the_recorded_savepoint() -> None:
+    platform, _ = running(parallelism=2)
+    platform.crash_before = frozenset({"apply"})
+    with pytest.raises(OperatorCrashed):
+        run(platform, job(parallelism=4), generation=2)
+    intent = platform.status.intent
+    assert intent is not None and intent.restore_from is not None
+
+    platform.crash_before = frozenset()
+    status = run(platform, job(parallelism=4), generation=2)
+
+    assert len(platform.savepoints) == 1
+    assert platform.applied[-1] == Apply(4, 4, intent.restore_from)
+    assert status.intent is None
+
+
+def test_decide_continues_a_recorded_intent_instead_of_starting_another() -> None:
+    platform, _ = running(parallelism=2)
+    first = decide(job(parallelism=4), 2, platform.status, platform.observe(job()), platform.clock())
+    platform.clock.advance(10)
+
+    again = decide(job(parallelism=4), 2, first.status, platform.observe(job()), platform.clock())
+
+    assert again.status.intent == first.status.intent
+    assert again.actions == first.actions
+
+
+# --------------------------------------------------------------------------- savepoint nonce
+
+
+def test_a_new_savepoint_trigger_nonce_takes_a_savepoint_without_stopping_the_workers() -> None:
+    platform, _ = running(parallelism=2)
+
+    status = run(platform, job(parallelism=2, savepointTriggerNonce=1), generation=2)
+
+    assert len(platform.savepoints) == 1
+    assert platform.applied == [Apply(2, 2, None)]
+    info = status.last_savepoint
+    assert info is not None and info.trigger == "nonce" and info.trigger_nonce == 1 and info.url
+    assert status.savepoint_history[0] == info
+    assert status.intent is None and status.phase == "Running"
+
+    run(platform, job(parallelism=2, savepointTriggerNonce=1), generation=2)
+    assert len(platform.savepoints) == 1
+
+    status = run(platform, job(parallelism=2, savepointTriggerNonce=2), generation=3)
+    assert len(platform.savepoints) == 2
+    assert [s.trigger_nonce for s in status.savepoint_history] == [2, 1]
+
+
+def test_a_savepoint_nonce_waits_until_every_worker_is_ready() -> None:
+    platform = FakePlatform(workers_ready=False)
+    run(platform, job(parallelism=2, savepointTriggerNonce=1))
+    assert platform.savepoints == {}
+
+    platform.workers_ready = True
+    run(platform, job(parallelism=2, savepointTriggerNonce=1))
+    assert len(platform.savepoints) == 1
+
+
+def test_the_savepoint_history_is_bounded() -> None:
+    platform, _ = running(parallelism=1)
+    policy = Policy(savepoint_history=3)
+    for nonce in range(1, 6):
+        nonced = job(parallelism=1, savepointTriggerNonce=nonce)
+        status = run(platform, nonced, generation=nonce + 1, policy=policy)
+
+    assert [s.trigger_nonce for s in status.savepoint_history] == [5, 4, 3]
+
+
+# --------------------------------------------------------------------------- suspend, resume, shutdown
+
+
+def test_suspending_stops_the_workers_with_a_savepoint_and_resuming_restores_from_it() -> None:
+    platform, _ = running(parallelism=2)
+
+    status = run(platform, job(parallelism=2, state="suspended"), generation=2)
+
+    assert status.phase == "Suspended"
+    assert platform.deployed is not None and platform.deployed.replicas == 0
+    assert status.parallelism == 0
+    assert condition(status, "Ready").reason == "Suspended"
+    assert status.last_savepoint is not None and status.last_savepoint.trigger == "suspend"
+    url = status.last_savepoint.url
+
+    status = run(platform, job(parallelism=3), generation=3)
+
+    assert platform.applied[-1] == Apply(3, 3, url)
+    assert status.phase == "Running" and status.parallelism == 3
+
+
+def test_suspending_a_stateless_job_scales_it_to_zero_without_a_savepoint() -> None:
+    platform, _ = running(parallelism=2, upgradeMode="stateless")
+
+    status = run(platform, job(parallelism=2, upgradeMode="stateless", state="suspended"), generation=2)
+
+    assert platform.savepoints == {}
+    assert platform.applied[-1] == Apply(2, 0, None)
+    assert status.phase == "Suspended"
+
+
+def test_a_job_created_suspended_gets_children_without_workers() -> None:
+    platform = FakePlatform()
+
+    status = run(platform, job(state="suspended"))
+
+    assert platform.applied == [Apply(1, 0, None)]
+    assert status.phase == "Suspended"
+
+
+def test_a_shutdown_savepoint_is_where_the_next_deploy_resumes() -> None:
+    platform, the_job = running(parallelism=2)
+
+    status = run(platform, the_job, shutdown=True)
+    assert status.last_savepoint is not None and status.last_savepoint.trigger == "shutdown"
+    url = status.last_savepoint.url
+
+    platform.deployed = None  # the local platform starts with no processes
+    run(platform, the_job)
+    assert platform.applied[-1] == Apply(2, 2, url)
+
+
+# --------------------------------------------------------------------------- crash loops, errors, reports
+
+
+def test_crash_looping_workers_make_the_job_degraded_with_their_restart_counts() -> None:
+    platform, the_job = running(parallelism=3)
+    platform.crash_looping = frozenset({1})
+
+    status = run(platform, the_job)
+
+    degraded = condition(status, "Degraded")
+    assert degraded.status == "True" and degraded.reason == "WorkersCrashLooping"
+    assert "worker 1: CrashLoopBackOff (5 restarts)" in degraded.message
+    assert status.worker_restarts == 5
+    assert status.phase == "Deploying"
+    assert [e.reason for e in platform.events if e.type == "Warning"] == ["WorkersCrashLooping"]
+
+    platform.events.clear()
+    run(platform, the_job)
+    assert platform.events == []  # no new transition, no new event
+
+    platform.crash_looping = frozenset()
+    status = run(platform, the_job)
+    assert condition(status, "Degraded").status == "False"
+    assert any(e.reason == "DegradedCleared" for e in platform.events)
+
+
+def test_children_the_platform_refuses_stall_the_job_and_are_retried_without_new_events() -> None:
+    platform = FakePlatform(reject_apply="metadata.name: must be a DNS label of at most 52 characters")
+
+    status = run(platform, job())
+    assert status.phase == "Failed"
+    stalled = condition(status, "Stalled")
+    assert stalled.status == "True" and stalled.reason == "ApplyFailed"
+    assert "metadata.name" in stalled.message and status.error == stalled.message
+    events = len(platform.events)
+
+    run(platform, job())
+    assert platform.calls.count("apply") == 2
+    assert len(platform.events) == events
+
+    platform.reject_apply = None
+    status = run(platform, job())
+    assert status.phase == "Running" and status.error is None
+    assert condition(status, "Stalled").status == "False"
+
+
+def test_worker_reports_give_the_lag_and_the_oldest_of_the_newest_checkpoints() -> None:
+    clock = Clock()
+    platform, the_job = running(parallelism=2)
+    older = model.CheckpointInfo(id="c-7", url="file:///s/c-7", completed_at=clock.advance(10))
+    newer = model.CheckpointInfo(id="c-8", url="file:///s/c-8", completed_at=clock.advance(10))
+    platform.reports = (WorkerReport(0, newer, 5), WorkerReport(1, older, 7))
+
+    status = run(platform, the_job)
+
+    assert status.lag is not None and status.lag.records == 12
+    assert status.last_checkpoint == older
+    assert status.stable_fingerprint == status.reconciled_fingerprint
+
+    platform.reports = (WorkerReport(0, newer, 0),)  # worker 1 did not answer
+    assert run(platform, the_job).last_checkpoint == older
+
+
+def test_conditions_keep_their_transition_time_while_they_hold() -> None:
+    platform, the_job = running()
+    before = condition(platform.status, "Ready").last_transition_time
+
+    platform.clock.advance(60)
+    platform.reports = (WorkerReport(0, None, 3),)
+    status = run(platform, the_job)
+
+    assert condition(status, "Ready").last_transition_time == before
+
+
+def test_a_savepoint_outcome_for_another_id_is_not_taken_for_the_intents_own() -> None:
+    platform, _ = running(parallelism=2)
+    first = decide(job(parallelism=4), 2, platform.status, platform.observe(job()), platform.clock())
+    stray = SavepointOutcome("someone-else", completed=True, url="file:///x")
+    observed = Observed(deployed=platform.deployed, savepoint=stray)
+
+    again = decide(job(parallelism=4), 2, first.status, observed, platform.clock())
+
+    assert isinstance(again.actions[0], TakeSavepoint)
+    assert again.status.last_savepoint is None
