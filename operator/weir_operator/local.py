@@ -59,6 +59,17 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+
+def job_has_no_store(manifest: Path) -> bool:
+    """Whether the manifest leaves the checkpoint store to the platform (no spec.checkpoint):
+    the local store is a default, never an override of the job's own."""
+    from weir.spec import SpecError, load_job
+
+    try:
+        return load_job(manifest).spec.checkpoint is None
+    except SpecError:
+        return True
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,7 +184,8 @@ class LocalPlatform:
         if self.bootstrap_servers:
             command += ["--bootstrap-servers", self.bootstrap_servers]
         env = {**os.environ, **self.extra_env}
-        env.setdefault("WEIR_CHECKPOINT_URL", self.store)
+        if job_has_no_store(manifest):
+            env.setdefault("WEIR_CHECKPOINT_URL", self.store)
         env.pop(render.ENV_RESTORE_FROM, None)
         if restore_from is not None:
             env[render.ENV_RESTORE_FROM] = restore_from

@@ -40,7 +40,7 @@ needs_checkpointing_worker = pytest.mark.skipif(
 
 
 def _manifest(
-    path: Path, name: str, kafka: KafkaHelper, source: str, sink: str, dlq: str, **spec: Any
+    path: Path, name: str, kafka: KafkaHelper, source: str, sink: str, dlq: str, idle: str = "2s", **spec: Any
 ) -> Path:
     document = {
         "apiVersion": "weir.dev/v1alpha1",
@@ -51,7 +51,7 @@ def _manifest(
             "kafka": {"bootstrapServers": kafka.bootstrap},
             "pipeline": {
                 "source": {"topics": [source], "eventTime": {"field": "ts"}},
-                "watermark": {"maxOutOfOrderness": f"{OOO_MS}ms", "idleTimeout": "2s"},
+                "watermark": {"maxOutOfOrderness": f"{OOO_MS}ms", "idleTimeout": idle},
                 "steps": [
                     {"window": {"type": "tumbling", "size": "10s"}},
                     {"aggregate": {"emit": "final", "outputs": OUTPUTS}},
@@ -185,6 +185,7 @@ def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHe
 
 
 @needs_checkpointing_worker
+@pytest.mark.timeout(300)
 def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     kafka: KafkaHelper, tmp_path: Path
 ) -> None:
@@ -196,7 +197,9 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     events = random_events(11, 800, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
                            max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
     first, second = events[:400], events[400:]
-    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq,
+    # Idle partitions close windows by the wall clock: the pause between the two halves must
+    # stay under the idle timeout, or the second half's records would rightly be late.
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq, idle="30s",
                          checkpoint={"url": (tmp_path / "store").as_uri(), "interval": "1s"})
     state, log = tmp_path / "state", tmp_path / "up.log"
     _produce(kafka, source, first)
