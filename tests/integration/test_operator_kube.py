@@ -212,8 +212,20 @@ def _delete(op: Operator, name: str) -> None:
 
 
 def test_the_operator_holds_its_lease_and_serves_metrics_and_health(operator: Operator) -> None:
-    lease = client.CoordinationV1Api(operator.admin).read_namespaced_lease(operator.lease, operator.namespace)
+    leases = client.CoordinationV1Api(operator.admin)
 
+    def held() -> bool:
+        # Readiness can come before the first election round has written the Lease.
+        try:
+            lease = leases.read_namespaced_lease(operator.lease, operator.namespace)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool(lease.spec.holder_identity)
+
+    operator.wait(held, "the Lease")
+    lease = leases.read_namespaced_lease(operator.lease, operator.namespace)
     assert lease.spec.holder_identity.startswith("weir-operator-")
     assert _get(f"http://127.0.0.1:{operator.health_port}/healthz") is not None
     metrics = f"http://127.0.0.1:{operator.metrics_port}/metrics"
