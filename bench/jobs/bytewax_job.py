@@ -63,7 +63,13 @@ def to_message(item: tuple[str, tuple[int, list[Any]]]) -> KafkaSinkMessage[byte
     key, (window_id, (count, revenue)) = item
     start = window_id * WINDOW_MS
     value = orjson.dumps(
-        {"key": key, "windowStartMs": start, "windowEndMs": start + WINDOW_MS, "count": count, "revenue": revenue}
+        {
+            "key": key,
+            "windowStartMs": start,
+            "windowEndMs": start + WINDOW_MS,
+            "count": count,
+            "revenue": revenue,
+        }
     )
     return KafkaSinkMessage(key.encode(), value)
 
@@ -83,7 +89,9 @@ def build() -> Dataflow:
     clock = win.EventClock(event_time, wait_for_system_duration=timedelta(seconds=5))
     windower = win.TumblingWindower(length=WINDOW, align_to=ALIGN)
     windows = win.fold_window("window", records, clock, windower, lambda: [0, 0.0], fold, merge)
-    op.output("results", op.map("format", windows.down, to_message), KafkaSink(bootstrap, env["WEIR_BENCH_OUTPUT"]))
+    op.output(
+        "results", op.map("format", windows.down, to_message), KafkaSink(bootstrap, env["WEIR_BENCH_OUTPUT"])
+    )
     return flow
 
 

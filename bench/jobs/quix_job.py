@@ -40,7 +40,9 @@ def main(argv: list[str]) -> None:
             print(f"WEIR_BENCH_FIRST_RECORD_MS={int(time.time() * 1000)}", flush=True)
         return int(value["ts"])
 
-    events = app.topic(source, value_deserializer="json", key_deserializer="str", timestamp_extractor=event_time)
+    events = app.topic(
+        source, value_deserializer="json", key_deserializer="str", timestamp_extractor=event_time
+    )
     results = app.topic(sink, value_serializer="json", key_serializer="str")
     sdf = app.dataframe(events)
     sdf = (

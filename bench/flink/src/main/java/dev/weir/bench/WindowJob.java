@@ -189,8 +189,8 @@ public final class WindowJob {
         // on their commit interval; at-least-once, like the weir run it is compared with.
         conf.setString("execution.checkpointing.interval", a.getOrDefault("checkpoint-interval-ms", "5000") + " ms");
         conf.setString("execution.checkpointing.mode", "AT_LEAST_ONCE");
-        conf.setString("state.checkpoint-storage", "filesystem");
-        conf.setString("state.checkpoints.dir", "file://" + a.get("checkpoint-dir"));
+        conf.setString("execution.checkpointing.storage", "filesystem");
+        conf.setString("execution.checkpointing.dir", "file://" + a.get("checkpoint-dir"));
         StreamExecutionEnvironment env = StreamExecutionEnvironment.getExecutionEnvironment(conf);
         env.setParallelism(1);
 
