@@ -7,6 +7,7 @@ benchmark's data (the generator is deterministic, so they are the same events).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -194,8 +195,11 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         w.producer = _FakeProducer()  # type: ignore[assignment]
         for p in range(partitions):
             w._add_task(topic, p, window=True)
+        # _process took (msgs, repartition partitions) before the stage-1 loop was unified.
+        process = w._process
+        extra = (0,) if len(inspect.signature(process).parameters) > 1 else ()
         for batch in batches:
-            w._process(batch, 0)
+            process(batch, *extra)
         for task in w.tasks.values():
             task.wm = 1 << 62
             w._fire(task)

@@ -90,7 +90,7 @@ def _med(st: dict[str, float] | None, digits: int = 0, ranged: bool = False) -> 
     if not st:
         return NA
     if ranged and st["min"] != st["max"]:
-        return f"{_num(st['median'], digits)} ({_num(st['min'], digits)}–{_num(st['max'], digits)})"
+        return f"{_num(st['median'], digits)} ({_num(st['min'], digits)}{NA}{_num(st['max'], digits)})"
     return _num(st["median"], digits)
 
 
@@ -157,7 +157,8 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
             lines.append(f"| {labels[k]} | " + " | ".join([NA] * 11) + f" | {_status_cell(doc, k)} |")
             continue
         lines.append(
-            f"| {labels[k]} | {_med(t['events_per_s'], 0, True)} | {_ratio(r.get('events_per_s_over_ceiling'))} "
+            f"| {labels[k]} | {_med(t['events_per_s'], 0, True)} "
+            f"| {_ratio(r.get('events_per_s_over_ceiling'))} "
             f"| {_ratio(r.get('events_per_s_over_weir'))} | {_med(t['cpu_s'], 2)} "
             f"| {_med(t['cpu_us_per_event'], 2)} | {_ratio(r.get('cpu_us_per_event_over_ceiling'))} "
             f"| {_ratio(r.get('cpu_us_per_event_over_weir'))} | {_med(t['peak_rss_mib'])} "
@@ -230,7 +231,7 @@ def _latency_section(
         f"## End-to-end latency at {cfg['rate']:,.0f} events/s",
         "",
         f"A fresh topic per runner, fed live at {cfg['rate']:,.0f} events/s by the benchmark "
-        f"while the runner runs; event time runs {speed:g}× faster than the wall clock (one "
+        f"while the runner runs; event time runs {speed:g}x faster than the wall clock (one "
         f"1-minute window every {60 / speed:g} s), so a short run closes many windows. Latency "
         "is, for every event, the time from the benchmark handing it to its producer to its "
         "window's result being readable in the result topic (read_committed), over the events "
@@ -259,12 +260,13 @@ def _latency_section(
             cell = _status_cell(doc, k)
             if raw.get(k) and raw[k].get("status") != "ok":
                 cell = "failed: " + "; ".join(raw[k].get("problems") or [])[:200]
-            lines.append(f"| {labels[k]} | – | – | – | – | – | – | – | – | {cell} |")
+            lines.append(f"| {labels[k]} | " + " | ".join([NA] * 8) + f" | {cell} |")
             continue
         rr = raw[k]
         lines.append(
             f"| {labels[k]} | {_num(r['latency_p50_s'], 3)} | {_num(r['latency_p99_s'], 3)} "
-            f"| {_fmt_ratio(r.get('latency_p50_s_over_weir'))} | {_fmt_ratio(r.get('latency_p99_s_over_weir'))} "
+            f"| {_fmt_ratio(r.get('latency_p50_s_over_weir'))} "
+            f"| {_fmt_ratio(r.get('latency_p99_s_over_weir'))} "
             f"| {_num(r['close_delay_p50_s'], 3)} / {_num(r['close_delay_p99_s'], 3)} "
             f"| {_num(r['cpu_cores'], 2)} | {_fmt_ratio(r.get('cpu_cores_over_weir'))} "
             f"| {rr['windows_counted']:,} | load {rr['loadavg_after'][0]:.2f} |"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -30,7 +30,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import windowing as win
 from confluent_kafka import OFFSET_BEGINNING
 
-ALIGN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ALIGN = datetime(1970, 1, 1, tzinfo=UTC)
 WINDOW = timedelta(minutes=1)
 WINDOW_MS = 60_000
 
