@@ -339,19 +339,24 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     weir_cpu = thr["weir"]["cpu_us_per_event"]["median"]
     ceil_cpu = thr["ceiling"]["cpu_us_per_event"]["median"]
     rest = max(0.0, whole - prepare - window)
+    ratio = thr["weir"]["events_per_s"]["median"] / thr["ceiling"]["events_per_s"]["median"]
     return [
         "### What limits weir today",
         "",
-        f"- weir spends {weir_cpu:.2f} CPU µs per event end to end, the ceiling {ceil_cpu:.2f}: "
-        f"the ceiling's fetch + decode is {ceil_cpu / weir_cpu:.0%} of weir's cost, the rest is "
-        "weir's own per-record Python.",
-        f"- Of the in-memory path after `consume` ({whole:.2f} µs/record): `prepare()` "
-        f"{prepare:.2f} µs ({prepare / whole:.0%}; of which `orjson.loads` {loads:.2f} and the "
-        f"message accessors {accessors:.2f}), the window operator {window:.2f} µs "
-        f"({window / whole:.0%}: window assignment, the aggregate functions, the in-memory store's "
-        f"get/put), and {rest:.2f} µs ({rest / whole:.0%}) for the worker loop around them "
-        "(watermarks, offsets, bookkeeping, firing windows).",
-        "- It is one Python thread: one worker uses about one core, and the per-record calls "
-        "(`prepare`, `process`, `add`, `get`/`put`) are what a faster hot path has to remove — "
-        "batching them per partition, or moving window+aggregate into native code.",
+        f"- weir reaches {ratio:.0%} of the ceiling's events/s. Both pay for fetching, lz4 and "
+        "the JSON decode (the ceiling: "
+        f"{ceil_cpu:.2f} CPU µs/event, much of it in librdkafka's own threads); weir then runs "
+        f"its per-record Python on the one thread that also drives the consumer ({weir_cpu:.2f} "
+        "CPU µs/event in all, measured on the process).",
+        f"- That Python, timed on records already in memory ({whole:.2f} µs/record for "
+        f"`Worker._process`): `prepare()` {prepare:.2f} µs ({prepare / whole:.0%}; of which "
+        f"`orjson.loads` {loads:.2f} and the message accessors {accessors:.2f}), the window "
+        f"operator {window:.2f} µs ({window / whole:.0%}: window assignment, the aggregate "
+        f"functions, the in-memory store's get/put), and {rest:.2f} µs ({rest / whole:.0%}) for "
+        "the loop around them (grouping by partition, watermarks, offsets, firing windows).",
+        "- So the limit is per-record Python function calls on one thread (`prepare`, `process`, "
+        "`add`, `get`/`put`, each called once per record, see the cProfile table): a faster hot "
+        "path has to call fewer Python functions per record (aggregate a batch per key, fold "
+        "decode and window assignment together) or move window + aggregate into native code; "
+        "more throughput per job comes from more workers (partitions).",
     ]
