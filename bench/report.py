@@ -180,8 +180,8 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "every ~20 ms); the peers print the wall-clock time of their first deserialisation.",
         "- CPU is user + system time of the runner's process (all threads: librdkafka's, the "
         "JVM's JIT and GC) between those two moments, from `/proc/<pid>/stat` sampled every "
-        "~50 ms. Peak RSS is the process's high-water mark (`VmHWM`, or `ru_maxrss` for a process "
-        "that exited), start-up included.",
+        "~50 ms. Peak RSS is the process's high-water mark (`VmHWM`, last sampled while it ran), "
+        "start-up included.",
         "- Load (1 min) is the load average right after each run, on "
         f"{m['nproc']} CPUs shared with the broker, the benchmark's reader and other work on the "
         f"machine. At the start: {doc['loadavg_start']}; at the end: {doc['loadavg_end']}.",
