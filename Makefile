@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo bench bench-quick setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind soak clean
+.PHONY: help demo bench bench-quick bench-setup setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind soak clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -66,11 +66,14 @@ soak: setup ## The kill test with random seeds, several rounds (WEIR_SOAK_ROUNDS
 e2e-kind: setup ## End-to-end on a kind cluster (needs docker, kind, kubectl, helm): image, chart, Kafka, S3, a StreamJob
 	bash tests/e2e/kind/run-kind-e2e.sh
 
-bench: setup ## Benchmark one worker against the raw consume+decode ceiling; rewrites BENCHMARKS.md (~2 min)
+bench-setup: setup ## Once: Quix Streams and Bytewax virtualenvs and the Flink job (Maven), cached in ~/.cache/weir/bench
+	$(PY) bench/install.py
+
+bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Bytewax, Flink on 2M events + latency + profile; rewrites BENCHMARKS.md (~15-20 min)
 	$(HARNESS) up kafka
 	$(PY) bench/run.py
 
-bench-quick: setup ## The benchmark on 200,000 events, 2 runs (~20 s)
+bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run (~3 min)
 	$(HARNESS) up kafka
 	$(PY) bench/run.py --quick
 

@@ -1,12 +1,15 @@
-"""weir benchmark: one worker's windowed aggregation rate against the raw consume-and-decode ceiling.
+"""weir benchmark: one weir worker beside the raw consume ceiling, Quix Streams, Bytewax and Apache Flink.
 
-Usage (from the repository root, with the project's virtualenv)::
+Usage (from the repository root, with the project's virtualenv; ``make bench-setup`` first)::
 
     .venv/bin/python bench/run.py [--events N] [--keys K] [--partitions P] [--quick]
-                                  [--repeat R] [--profile | --profile-only]
-                                  [--consumer-property KEY=VALUE ...] [--bootstrap HOST:PORT]
+                                  [--repeat R] [--runners a,b,...] [--no-latency]
+                                  [--latency-rate R] [--latency-seconds S] [--latency-speedup X]
+                                  [--eos-checkpoint-interval S] [--profile | --no-profile]
+                                  [--bootstrap HOST:PORT]
 
-See bench/README.md for what is measured and how; BENCHMARKS.md is rewritten by each run.
+See bench/README.md for what is measured and how; BENCHMARKS.md and
+bench/results/latest.json are rewritten by each run.
 """
 
 from __future__ import annotations
@@ -17,30 +20,28 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import generate
+import hotpath
+import measure
 import orjson
+import report
+import runners
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 RUN_TIMEOUT_S = 900.0
+START_TIMEOUT_S = 180.0
 
 
 def log(message: str) -> None:
@@ -79,31 +80,10 @@ def broker_version(bootstrap: str) -> str:
     return "unknown"
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "ram_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-    }
-
-
-def versions(kafka_version: str) -> dict[str, str]:
+def versions(kafka_version: str, all_runners: list[runners.Runner]) -> dict[str, Any]:
     from importlib.metadata import version
 
     import confluent_kafka
-    import rocksdict  # noqa: F401 - only its version is read
 
     import weir
 
@@ -113,7 +93,7 @@ def versions(kafka_version: str) -> dict[str, str]:
         except Exception:  # noqa: BLE001
             return "unknown"
 
-    return {
+    out: dict[str, Any] = {
         "python": platform.python_version(),
         "weir": weir.__version__,
         "confluent_kafka": v("confluent-kafka"),
@@ -122,85 +102,43 @@ def versions(kafka_version: str) -> dict[str, str]:
         "rocksdict": v("rocksdict"),
         "kafka_broker": kafka_version,
     }
+    for r in all_runners:
+        if r.key not in ("weir", "weir_eos") and r.unavailable() is None:
+            out[r.key] = r.versions()
+    return out
 
 
-def git_commit() -> str:
-    with contextlib.suppress(Exception):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "runtime"], cwd=ROOT, capture_output=True, text=True
-        )
-        return head.stdout.strip() + ("+dirty runtime/" if dirty.stdout.strip() else "")
-    return "unknown"
+# --------------------------------------------------------------------------- (a) the ceiling
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-# --------------------------------------------------------------------------- /proc helpers
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process, all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-
-
-def proc_mem_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return {"peak_rss_mib": round(out.get("VmHWM", 0.0), 1), "rss_mib": round(out.get("VmRSS", 0.0), 1)}
-
-
-# --------------------------------------------------------------------------- runner (a): the ceiling
-
-CEILING_TUNING: dict[str, Any] = {"fetch.queue.backoff.ms": 10}
-"""What the ceiling adds to the worker's consumer configuration.
-
-librdkafka postpones a partition's next fetch by ``fetch.queue.backoff.ms`` (default
-1000 ms) whenever its local queue holds more than ``queued.min.messages`` (default
-100,000). Reading a backlog as fast as it can, a consumer hits that threshold every few
-fetches and then stalls for most of a second with an empty queue: with the default, the
-raw consume-and-decode loop of this benchmark runs ~4x slower on the same CPU time. A
-ceiling must not be held back by that, so it backs off 10 ms instead. Row (a') of the
-table keeps the worker's configuration unchanged, to separate client configuration from
-per-record work.
-"""
-
-
-def ceiling_child(bootstrap: str, topic: str, events: int, batch: int, extra: dict[str, Any]) -> None:
+def ceiling_child(bootstrap: str, topic: str, records: int, batch: int) -> None:
     """Runs in a child process: raw confluent-kafka batch consume + orjson.loads of every value.
 
-    Starts from the worker's own consumer configuration (``weir.kafka.consumer_config``)
-    plus ``extra``, so the runners differ only in what happens to each record (and in
-    ``extra``). Prints one JSON line.
+    Uses the weir worker's own consumer configuration (``weir.kafka.consumer_config``), so
+    the ceiling and weir differ only in what happens to each record. Prints one JSON line.
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from weir import kafka as kio
 
     config = kio.consumer_config(
-        kio.KafkaSettings(bootstrap, extra, {}), f"weir-bench-ceiling-{os.getpid()}", "earliest"
+        kio.KafkaSettings(bootstrap, {}, {}), f"weir-bench-ceiling-{os.getpid()}", "earliest"
     )
     consumer = Consumer(config)
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     loads = orjson.loads
     n = nbytes = 0
     t_first = None
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t_assign = time.perf_counter()
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while n < events:
-        msgs = consumer.consume(num_messages=batch, timeout=1.0)
+    while n < records:
+        # consume() returns when it has `batch` records or the timeout passed: a short timeout
+        # keeps the last, partial batch from adding a wait to the ceiling's time.
+        msgs = consumer.consume(num_messages=batch, timeout=0.02)
         if not msgs:
             if time.monotonic() > deadline:
-                raise SystemExit(f"ceiling: timed out after {n} of {events} records")
+                raise SystemExit(f"ceiling: timed out after {n} of {records} records")
             continue
         if t_first is None:
             t_first = time.perf_counter()
@@ -220,28 +158,20 @@ def ceiling_child(bootstrap: str, topic: str, events: int, batch: int, extra: di
             {
                 "records": n,
                 "bytes": nbytes,
-                "seconds": t_last - t_assign,
-                "first_to_last_s": t_last - t_first,
+                "seconds": t_last - t_first,
                 "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
-                "peak_rss_mib": round(ru1.ru_maxrss / 1024, 1),
+                # VmHWM, not ru_maxrss: the latter includes the forking parent's high-water mark.
+                "peak_rss_mib": measure.proc_mem_mib(os.getpid())["peak_rss_mib"],
             }
         )
     )
 
 
-def run_ceiling(bootstrap: str, topic: str, events: int, extra: dict[str, Any]) -> dict[str, Any]:
-    load_before = loadavg()
+def run_ceiling(bootstrap: str, topic: str, events: int, partitions: int) -> dict[str, Any]:
+    load_before = measure.loadavg()
+    records = events + partitions
     done = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "_ceiling",
-            bootstrap,
-            topic,
-            str(events),
-            "10000",
-            json.dumps(extra),
-        ],
+        [sys.executable, str(Path(__file__).resolve()), "_ceiling", bootstrap, topic, str(records), "10000"],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S + 60,
@@ -249,808 +179,365 @@ def run_ceiling(bootstrap: str, topic: str, events: int, extra: dict[str, Any]) 
     if done.returncode != 0:
         raise RuntimeError(f"ceiling runner failed:\n{done.stderr}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    if r["records"] != events:
-        raise RuntimeError(f"ceiling read {r['records']} records, want {events}")
-    r["consumer_overrides"] = extra
+    if r["records"] != records:
+        raise RuntimeError(f"ceiling read {r['records']} records, want {records}")
     r["events_per_s"] = events / r["seconds"]
-    r["events_per_s_first_to_last"] = events / r["first_to_last_s"]
     r["cpu_us_per_event"] = r["cpu_s"] / events * 1e6
     r["loadavg_before"] = load_before
-    r["loadavg_after"] = loadavg()
+    r["loadavg_after"] = measure.loadavg()
     return r
 
 
-# --------------------------------------------------------------------------- runner (b): weir
+# --------------------------------------------------------------------------- driving a runner process
 
 
-def manifest(
-    name: str, bootstrap: str, source: str, sink: str, dlq: str, consumer: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The benchmark job: tumbling 1-minute count + sum(price) per message key, no repartition."""
-    return {
-        "apiVersion": "weir.dev/v1alpha1",
-        "kind": "StreamJob",
-        "metadata": {"name": name, "namespace": "bench"},
-        "spec": {
-            "parallelism": 1,
-            "kafka": {"bootstrapServers": bootstrap, **({"consumer": consumer} if consumer else {})},
-            "pipeline": {
-                "source": {
-                    "topics": [source],
-                    "format": "json",
-                    "eventTime": {"field": "ts", "format": "epochMillis"},
-                    "startFrom": "earliest",
-                },
-                "watermark": {"maxOutOfOrderness": "5s", "idleTimeout": "2s"},
-                "steps": [
-                    {"keyBy": {"messageKey": True}},
-                    {"window": {"type": "tumbling", "size": "1m"}},
-                    {
-                        "aggregate": {
-                            "emit": "final",
-                            "outputs": {"count": {"fn": "count"}, "revenue": {"fn": "sum", "field": "price"}},
-                        }
-                    },
-                ],
-                "sink": {"topic": sink},
-                "deadLetter": {"topic": dlq},
-            },
-        },
-    }
+class Process:
+    """A runner's process: started in its own session, sampled, stopped with SIGTERM (SIGKILL after 30 s)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env},
+                start_new_session=True,
+            )  # fmt: skip
+        self.pid = self.proc.pid
+        self.cpu = measure.CpuSamples(self.pid)
+        self.exit_code: int | None = None
+        self.rusage: Any = None
+        self.mem: dict[str, float] = {}
+
+    def alive(self) -> bool:
+        """Reaps the process when it has exited (keeping its rusage); True while it runs."""
+        if self.exit_code is not None:
+            return False
+        pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+        if pid == 0:
+            return True
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.exit_code
+        self.rusage = usage
+        # ru_maxrss is no use here: Linux carries the forking parent's high-water mark (this
+        # benchmark's, with the reference in memory) into the child across exec. VmHWM, sampled
+        # while the process lived, is the child's own.
+        return False
+
+    def snapshot(self) -> None:
+        """Samples CPU and memory now (while the process lives)."""
+        self.cpu.sample()
+        if self.alive():
+            with contextlib.suppress(OSError):
+                mem = measure.proc_mem_mib(self.pid)
+                # A process that has exited but is not reaped yet (a zombie) shows no Vm* lines.
+                if mem["peak_rss_mib"] >= self.mem.get("peak_rss_mib", 0.0):
+                    self.mem = mem
+
+    def stop(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                while self.alive():
+                    time.sleep(0.05)
+        else:
+            # A runner that stopped by itself (Bytewax at the end of the topic) may leave children.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def new_context(bootstrap: str, source: str, live: bool, consumer: dict[str, Any]) -> runners.Context:
+    run_id = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    work = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    return runners.Context(bootstrap, source, f"weir-bench-out-{run_id}", work, run_id, live, consumer)
 
 
-def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
-class SinkReader:
-    """Reads the sink topic as results arrive; ``results`` maps (key, window start) to (count, sum)."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"weir-bench-sink-{os.getpid()}",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-            }
-        )
-        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        self.results: dict[tuple[str, int], tuple[int, float]] = {}
-        self.duplicates = 0
-        self.malformed: list[str] = []
-
-    def poll(self, timeout: float) -> int:
-        got = 0
-        for m in self.consumer.consume(num_messages=10000, timeout=timeout):
-            if m.error() is not None:
-                continue
-            got += 1
-            try:
-                r = orjson.loads(m.value())
-                k = (r["key"], r["windowStartMs"])
-                if r["windowEndMs"] - r["windowStartMs"] != generate.WINDOW_MS:
-                    self.malformed.append(m.value().decode()[:200])
-                if k in self.results:
-                    self.duplicates += 1
-                self.results[k] = (r["count"], r["revenue"])
-            except Exception:  # noqa: BLE001 - any unreadable result is reported, not raised
-                self.malformed.append(repr(m.value())[:200])
-        return got
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def verify(
-    results: dict[tuple[str, int], tuple[int, float]], expected: dict[tuple[str, int], tuple[int, float]]
-) -> list[str]:
-    """Differences between a run's results and the reference; empty means correct."""
-    problems = []
-    missing = expected.keys() - results.keys()
-    extra = results.keys() - expected.keys()
-    if missing:
-        problems.append(f"{len(missing)} windows missing, e.g. {sorted(missing)[:3]}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected windows, e.g. {sorted(extra)[:3]}")
-    wrong = 0
-    examples = []
-    for k, (count, total) in expected.items():
-        got = results.get(k)
-        if got is None:
-            continue
-        if got[0] != count or not math.isclose(got[1], total, rel_tol=1e-9, abs_tol=1e-9):
-            wrong += 1
-            if len(examples) < 3:
-                examples.append(f"{k}: got {got}, want {(count, total)}")
-    if wrong:
-        problems.append(f"{wrong} windows with a wrong count or sum, e.g. {examples}")
+def check_output(
+    runner: runners.Runner, ctx: runners.Context, reader: measure.SinkReader, expected: dict[Any, Any],
+    proc: Process,
+) -> list[str]:  # fmt: skip
+    results = {k: v for k, v in reader.results.items() if k in expected}
+    problems = measure.verify(results, expected)
+    if reader.duplicates:
+        problems.append(f"{reader.duplicates} duplicate window results")
+    if reader.malformed:
+        problems.append(f"{len(reader.malformed)} malformed results, e.g. {reader.malformed[:2]}")
+    if isinstance(runner, runners.Weir):
+        dead = runner.dead_letters(ctx)
+        if dead:
+            problems.append(f"{dead} records in the dead-letter topic")
+        if proc.exit_code not in (0, None):
+            problems.append(f"worker exited with {proc.exit_code} after SIGTERM")
     return problems
 
 
-def topic_records(bootstrap: str, topic: str) -> int:
-    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
-
-    size = generate.topic_size(AdminClient({"bootstrap.servers": bootstrap}), bootstrap, topic)
-    return size[1] if size else -1
-
-
-def delete_topics(bootstrap: str, topics: list[str], groups: list[str] | None = None) -> None:
-    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the futures resolve
-    with contextlib.suppress(Exception):
-        for f in admin.delete_topics(topics, operation_timeout=30).values():
-            f.result(timeout=30)
-    if groups:
-        with contextlib.suppress(Exception):
-            for f in admin.delete_consumer_groups(groups, request_timeout=10).values():
-                f.result(timeout=10)
-
-
-def run_weir(
+def run_throughput(
+    runner: runners.Runner,
     bootstrap: str,
     source: str,
     events: int,
     partitions: int,
     expected: dict[tuple[str, int], tuple[int, float]],
-    consumer: dict[str, Any] | None = None,
+    consumer: dict[str, Any],
 ) -> dict[str, Any]:
-    """Runs `weir run` as a subprocess until every expected window is in the sink topic."""
+    """Runs one runner over the recorded topic until every expected window is readable; checks them."""
     from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-    run_id = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}-{time.monotonic_ns() % 100000}"
-    name = f"bench-{run_id}"
-    sink, dlq = f"weir-bench-out-{run_id}", f"weir-bench-dlq-{run_id}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    generate.create_topic(admin, sink, partitions)
-    generate.create_topic(admin, dlq, 1)
-    reader = SinkReader(bootstrap, sink)
-    work = Path(tempfile.mkdtemp(prefix="weir-bench-"))
-    job = work / "job.json"
-    job.write_text(json.dumps(manifest(name, bootstrap, source, sink, dlq, consumer), indent=2))
-    port = free_port()
-    worker_log = work / "worker.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "weir",
-        "run",
-        str(job),
-        "--bootstrap-servers",
-        bootstrap,
-        "--state-dir",
-        str(work / "state"),
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(port),
-        "--log-level",
-        "WARNING",
-    ]
-    load_before = loadavg()
-    base = f"http://127.0.0.1:{port}"
-    with worker_log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    ctx = new_context(bootstrap, source, False, consumer)
+    generate.create_topic(AdminClient({"bootstrap.servers": bootstrap}), ctx.sink, partitions)
+    runner.prepare(ctx)
+    reader = measure.SinkReader(bootstrap, ctx.sink)
+    cmd, env = runner.command(ctx)
+    load_before = measure.loadavg()
+    proc = Process(cmd, env, ctx.work / "runner.log")
+    t_first: float | None = None
+    t_done: float | None = None
+    failure = None
     try:
-        t_ready = cpu_ready = None
-        deadline = time.monotonic() + 120
-        while t_ready is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not become ready:\n{worker_log.read_text()[-3000:]}")
-            if http_json(f"{base}/readyz", 0.5)[0] == 200:
-                t_ready = time.perf_counter()
-                cpu_ready = proc_cpu_s(proc.pid)
-            else:
-                time.sleep(0.01)
-        t_drained = t_done = None
-        next_status = 0.0
-        status: Any = None
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while t_done is None:
-            reader.poll(0.05)
-            now = time.perf_counter()
-            if len(reader.results) >= len(expected):
-                t_done = now
+        exited_at = None
+        while True:
+            proc.snapshot()
+            if t_first is None:
+                t_first = runner.first_record(ctx, proc.log_path)
+            reader.poll(0.02 if t_first is None else 0.05)
+            if len(reader.results.keys() & expected.keys()) >= len(expected) and t_first is not None:
+                t_done = max(reader.arrived[k] for k in expected)
                 break
-            if t_drained is None and now >= next_status:
-                code, status = http_json(f"{base}/status")
-                if (
-                    code == 200
-                    and status
-                    and sum(max(0, p["offset"]) for p in status["partitions"]) >= events
-                ):
-                    t_drained = time.perf_counter()
-                next_status = now + 0.1
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker_log.read_text()[-3000:]}")
+            if not proc.alive():
+                # Bytewax stops at the end of the topic: read what it wrote, then judge.
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 5:
+                    failure = f"exited with {proc.exit_code} before writing every window"
+                    break
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"timed out with {len(reader.results)} of {len(expected)} windows; status {status}"
-                )
-        cpu_done = proc_cpu_s(proc.pid)
-        mem = proc_mem_mib(proc.pid)
-        _, status = http_json(f"{base}/status")
-        # Let a straggling duplicate or extra window show up before judging the output.
-        reader.poll(0.5)
+                failure = f"timed out after {RUN_TIMEOUT_S:.0f} s"
+                break
+        proc.snapshot()
+        if failure is None:
+            reader.poll(0.5)  # a straggling duplicate or extra window shows up before judging
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            _, wstatus, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(wstatus)
-        except ChildProcessError:
-            usage = None
+        proc.stop()
         reader.close()
-    problems = verify(reader.results, expected)
-    if reader.duplicates:
-        problems.append(f"{reader.duplicates} duplicate window results")
-    if reader.malformed:
-        problems.append(f"{len(reader.malformed)} malformed results, e.g. {reader.malformed[:2]}")
-    dead = topic_records(bootstrap, dlq)
-    if dead:
-        reasons = status.get("deadLettered") if isinstance(status, dict) else None
-        problems.append(f"{dead} records in the dead-letter topic (reasons: {reasons})")
-    if proc.returncode != 0:
-        problems.append(f"worker exited with {proc.returncode} after SIGTERM")
+    got = len(reader.results.keys() & expected.keys())
+    problems = [failure] if failure else []
+    problems += check_output(runner, ctx, reader, expected, proc)
     if problems:
-        raise RuntimeError(
-            f"weir produced a wrong answer (kept {sink}, {dlq}, {work}):\n  " + "\n  ".join(problems)
-        )
-    delete_topics(bootstrap, [sink, dlq], [f"weir-bench-{name}"])
-    subprocess.run(["rm", "-rf", str(work)], check=False)
-    assert t_ready is not None and t_done is not None and cpu_ready is not None
-    seconds = t_done - t_ready
-    r: dict[str, Any] = {
+        return {
+            "status": "failed",
+            "problems": problems,
+            "windows_read": got,
+            "kept": str(ctx.work),
+            "log_tail": proc.tail(),
+        }
+    runner.cleanup(ctx)
+    subprocess.run(["rm", "-rf", str(ctx.work)], check=False)
+    assert t_first is not None and t_done is not None
+    seconds = t_done - t_first
+    cpu_s = proc.cpu.at(t_done) - proc.cpu.at(t_first)
+    return {
+        "status": "ok",
         "records": events,
         "windows": len(expected),
-        "consumer_overrides": consumer or {},
         "seconds": seconds,
         "events_per_s": events / seconds,
-        "cpu_s": cpu_done - cpu_ready,
-        "cpu_us_per_event": (cpu_done - cpu_ready) / events * 1e6,
-        "cpu_s_process_total": (usage.ru_utime + usage.ru_stime) if usage else None,
-        **mem,
+        "cpu_s": cpu_s,
+        "cpu_us_per_event": cpu_s / events * 1e6,
+        "cpu_s_process_total": proc.cpu.cpu[-1] if proc.cpu.cpu else None,
+        **proc.mem,
         "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "status": {
-            k: status.get(k) for k in ("recordsIn", "recordsOut", "deadLettered", "busyRatioSinceStart")
-        }
-        if isinstance(status, dict)
-        else None,
+        "loadavg_after": measure.loadavg(),
     }
-    if t_drained is not None:
-        r["drain_seconds"] = t_drained - t_ready
-        r["drain_events_per_s"] = events / (t_drained - t_ready)
-        r["tail_seconds"] = t_done - t_drained
-    return r
 
 
-# --------------------------------------------------------------------------- profile (--profile)
-
-PROFILE_EVENTS = 200_000
+# --------------------------------------------------------------------------- latency run
 
 
-class _FakeProducer:
-    """Stands in for the worker's producer in the in-memory stage timing: counts, sends nothing."""
-
-    def __init__(self) -> None:
-        self.produced = 0
-
-    def produce(
-        self, topic: str, value: Any = None, key: Any = None, partition: int = -1, headers: Any = None
-    ) -> None:
-        self.produced += 1
-
-    def poll(self, timeout: float = 0) -> int:
-        return 0
-
-    def flush(self, timeout: float = 0) -> int:
-        return 0
+def ideal_close_times(
+    log_rows: list[tuple[float, int, str, int, float]], partitions: int
+) -> list[tuple[list[int], list[float]]]:
+    """Per partition: running maximum event time and the wall time it was produced, for bisecting."""
+    per: list[tuple[list[int], list[float]]] = [([], []) for _ in range(partitions)]
+    highest = [-(1 << 62)] * partitions
+    for t, p, _key, ts, _price in log_rows:
+        if ts > highest[p]:
+            highest[p] = ts
+            per[p][0].append(ts)
+            per[p][1].append(t)
+    return per
 
 
-class _TimedConsumer:
-    """Wraps the worker's consumer to split time in ``consume`` into fetching records and waiting."""
+def run_latency(
+    runner: runners.Runner,
+    bootstrap: str,
+    partitions: int,
+    keys: int,
+    rate: float,
+    seconds: float,
+    speedup: float,
+    consumer: dict[str, Any],
+) -> dict[str, Any]:
+    """Produces live events at ``rate`` and times each event until its window's result is readable."""
+    import bisect
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.busy_s = 0.0
-        self.busy_calls = 0
-        self.empty_s = 0.0
-        self.empty_calls = 0
-        self.records = 0
-
-    def consume(self, num_messages: int = 1, timeout: float = -1) -> Any:
-        t0 = time.perf_counter()
-        msgs = self._inner.consume(num_messages, timeout)
-        dt = time.perf_counter() - t0
-        if msgs:
-            self.busy_s += dt
-            self.busy_calls += 1
-            self.records += len(msgs)
-        else:
-            self.empty_s += dt
-            self.empty_calls += 1
-        return msgs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def _fetch_all(bootstrap: str, topic: str, events: int) -> list[Any]:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    from weir import kafka as kio
-
-    consumer = Consumer(
-        kio.consumer_config(
-            kio.KafkaSettings(bootstrap, {}, {}), f"weir-bench-prof-{os.getpid()}", "earliest"
-        )
-    )
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    msgs: list[Any] = []
-    while len(msgs) < events:
-        msgs.extend(m for m in consumer.consume(10000, 1.0) if m.error() is None)
-    consumer.close()
-    return msgs
-
-
-def _best(fn: Any, repeat: int) -> float:
-    """Lowest CPU time (this process) of ``fn()`` over ``repeat`` calls: the least disturbed by other load."""
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
-
-
-def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[str, Any]:
-    """Time weir's per-record stages on in-memory records, then cProfile a real in-process Worker."""
-    import cProfile
-    import pstats
-
-    from weir import kafka as kio
-    from weir.metrics import WorkerMetrics
-    from weir.spec import load_job
-    from weir.state import PartitionStore
-    from weir.windowing import NO_WATERMARK, WindowOperator
-    from weir.worker import Worker, WorkerSettings, plan_for
-
-    events = PROFILE_EVENTS
-    topic = generate.ensure_input(bootstrap, events, keys, partitions, log=say)
-    expected = generate.reference(events, keys)
-    work = Path(tempfile.mkdtemp(prefix="weir-bench-prof-"))
-    stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}"
-    sink, dlq = f"weir-bench-prof-out-{stamp}", f"weir-bench-prof-dlq-{stamp}"
-    doc = manifest(f"prof-{stamp}", bootstrap, topic, sink, dlq)
-    job = load_job(json.dumps(doc))
-    plan = plan_for(job)
-    repeat = 3
-
-    # -- stages, on records fetched into memory first (no Kafka, no profiler) ------------------
-    say(f"profile: fetching {events:,} records into memory")
-    msgs = _fetch_all(bootstrap, topic, events)
-    n = len(msgs)
-    triples = [(m.value(), m.key(), m.timestamp()[1]) for m in msgs]
-    values = [t[0] for t in triples]
-    prepare = plan.prepare
-    prepared = [(m.partition(), *prepare(v, k, ts)) for m, (v, k, ts) in zip(msgs, triples, strict=True)]
-    loads = orjson.loads
-    ooo = plan.max_out_of_orderness_ms
-
-    def accessors() -> None:
-        for m in msgs:
-            m.value()
-            m.key()
-            m.timestamp()
-            m.partition()
-
-    def decode() -> None:
-        for v in values:
-            loads(v)
-
-    def prep() -> None:
-        for v, k, ts in triples:
-            prepare(v, k, ts)
-
-    def window() -> None:
-        ops: dict[int, Any] = {}
-        wms: dict[int, int] = {}
-        stores = []
-        for p in range(partitions):
-            store = PartitionStore(
-                work / f"stage-{time.monotonic_ns()}-{p}", plan.aggregator.dumps, plan.aggregator.loads
-            )
-            stores.append(store)
-            ops[p] = WindowOperator(
-                plan.window_kind,
-                plan.size_ms,
-                plan.slide_ms,
-                plan.gap_ms,
-                plan.allowed_lateness_ms,
-                plan.aggregator,
-                plan.emit,
-                store,  # type: ignore[arg-type]
-            ).process
-            wms[p] = NO_WATERMARK
-        for p, key, ts, record in prepared:
-            wm = wms[p]
-            ops[p](key, ts, record, wm)
-            if ts - ooo > wm:
-                wms[p] = ts - ooo
-        for store in stores:
-            store.close()
-
-    batches = [msgs[i : i + 5000] for i in range(0, n, 5000)]
-
-    def worker_path() -> None:
-        w = Worker(
-            plan,
-            kio.KafkaSettings(bootstrap, {}, {}),
-            WorkerSettings(0, 1, work / f"w-{time.monotonic_ns()}"),
-        )
-        w.producer = _FakeProducer()  # type: ignore[assignment]
-        for p in range(partitions):
-            w._add_task(topic, p, window=True)
-        for batch in batches:
-            w._process(batch, 0)
-        for task in w.tasks.values():
-            task.wm = 1 << 62
-            w._fire(task)
-        if w.producer.produced != len(expected):  # type: ignore[attr-defined]
-            raise RuntimeError(
-                f"in-memory worker path emitted {w.producer.produced} results, want {len(expected)}"
-            )  # type: ignore[attr-defined]
-        for task in w.tasks.values():
-            assert task.store is not None
-            task.store.close()
-
-    stages = {
-        "Message accessors: value(), key(), timestamp(), partition()": accessors,
-        "orjson.loads of the value": decode,
-        "prepare(): decode + checks + key + event time (includes the loads above)": prep,
-        "WindowOperator.process(): tumbling window, count + sum into the store": window,
-        "Worker._process() per 5,000 records + final _fire (the whole path after consume)": worker_path,
-    }
-    us: dict[str, float] = {}
-    for name, fn in stages.items():
-        us[name] = _best(fn, repeat) / n * 1e6
-        say(f"profile: {us[name]:6.2f} µs/record  {name}")
-    for big in (prepared, triples, values, batches, msgs):
-        big.clear()
-
-    # -- cProfile of a real worker against Kafka -----------------------------------------------
-    admin_topics = [sink, dlq]
     from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    generate.create_topic(admin, sink, partitions)
-    generate.create_topic(admin, dlq, 1)
-    got: list[int] = [0]
-    timed: list[_TimedConsumer] = []
-    original = kio.new_consumer
-
-    def new_consumer(config: dict[str, Any]) -> Any:
-        c = _TimedConsumer(original(config))
-        timed.append(c)
-        return c
-
-    worker: Worker
-
-    def on_result(_record: dict[str, Any]) -> None:
-        got[0] += 1
-        if got[0] >= len(expected):
-            worker.stop()
-
-    metrics = WorkerMetrics(job.consumer_group, 0)
-    worker = Worker(
-        plan,
-        kio.KafkaSettings(bootstrap, {}, {}),
-        WorkerSettings(0, 1, work / "cprofile", http_port=0),
-        metrics,
-        on_result=on_result,
+    run_source = (
+        f"weir-bench-live-{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}-{time.monotonic_ns() % 100000}"
     )
-    import threading
-
-    def watchdog() -> None:
-        if not finished.wait(RUN_TIMEOUT_S):
-            worker.stop()
-
-    finished = threading.Event()
-    threading.Thread(target=watchdog, daemon=True).start()
-    kio.new_consumer = new_consumer  # type: ignore[assignment]
-    profiler = cProfile.Profile()
-    say(f"profile: running an in-process Worker under cProfile over {events:,} events")
-    t0 = time.perf_counter()
+    generate.create_topic(admin, run_source, partitions)
+    ctx = new_context(bootstrap, run_source, True, consumer)
+    generate.create_topic(admin, ctx.sink, partitions)
+    runner.prepare(ctx)
+    reader = measure.SinkReader(bootstrap, ctx.sink)
+    cmd, env = runner.command(ctx)
+    load_before = measure.loadavg()
+    proc = Process(cmd, env, ctx.work / "runner.log")
+    # Event time starts a whole minute in the past (so weir's idle timeout, which follows the
+    # wall clock, never moves a watermark past data still to come) and runs `speedup` x faster.
+    span_ms = int((seconds + 3 * START_TIMEOUT_S) * speedup * 1000)
+    base_ts = (int(time.time() * 1000) - span_ms) // generate.WINDOW_MS * generate.WINDOW_MS
+    producer = generate.LiveProducer(bootstrap, run_source, partitions, keys, rate, speedup, base_ts)
+    tail_s = max(2.0, 3 * generate.WINDOW_MS / 1000 / speedup)
+    failure = None
+    t_measure = t_cut = 0.0
+    produced_measured = 0
+    expected: dict[tuple[str, int], tuple[int, float]] = {}
+    counted: set[tuple[str, int]] = set()
     try:
-        profiler.enable()
-        worker.run()
-        profiler.disable()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not runner.ready(ctx):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{runner.key} did not start:\n{proc.tail()}")
+            time.sleep(0.05)
+        producer.start()
+        # Warm-up: until the runner has emitted a first window (JVM start, topic metadata, ...).
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not reader.results:
+            proc.snapshot()
+            reader.poll(0.05)
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{runner.key} produced no result while warming up:\n{proc.tail()}")
+        t_measure = time.time()
+        ts_measure = producer.event_time(t_measure)
+        n_measure = len(producer.log)
+        while time.time() < t_measure + seconds:
+            proc.snapshot()
+            reader.poll(0.05)
+        t_cut = time.time()
+        ts_cut = producer.event_time(t_cut)
+        produced_measured = len(producer.log) - n_measure
+        proc.snapshot()
+        # Keep producing a little so every counted window is closed by data in every runner.
+        while time.time() < t_cut + tail_s:
+            proc.snapshot()
+            reader.poll(0.05)
+        producer.stop()
+        # Windows checked: all that end (plus the bound and the disorder) before the cut.
+        cut_end = ts_cut - generate.OUT_OF_ORDER_MS - generate.DISORDER_MS
+        sums: dict[tuple[str, int], list[Any]] = {}
+        for _t, _p, key, ts, price in producer.log:
+            start = ts - ts % generate.WINDOW_MS
+            if start + generate.WINDOW_MS <= cut_end:
+                acc = sums.setdefault((key, start), [0, 0.0])
+                acc[0] += 1
+                acc[1] += price
+        expected = {k: (c, s) for k, (c, s) in sums.items()}
+        counted = {k for k in expected if k[1] >= ts_measure}
+        deadline = time.monotonic() + 60
+        while len(reader.results.keys() & expected.keys()) < len(expected) and time.monotonic() < deadline:
+            proc.snapshot()
+            reader.poll(0.05)
+            if not proc.alive():
+                break
+        proc.snapshot()
+        reader.poll(0.3)
+    except RuntimeError as exc:
+        failure = str(exc)
     finally:
-        finished.set()
-        kio.new_consumer = original  # type: ignore[assignment]
-    wall = time.perf_counter() - t0
-    if got[0] != len(expected) or worker.dead_lettered:
-        raise RuntimeError(
-            f"profiled worker emitted {got[0]} of {len(expected)} windows, dead letters "
-            f"{worker.dead_lettered}"
-        )
-    records = sum(t.records for t in worker.tasks.values())
-    stats = pstats.Stats(profiler)
-    rows = []
-    for (filename, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        where = "~" if filename == "~" else f"{Path(filename).name}:{line}"
-        func = re.sub(r" at 0x[0-9a-f]+", "", func)
-        rows.append(
-            {
-                "function": func if where == "~" else f"{func} ({where})",
-                "calls": calls,
-                "tottime_us": tottime / records * 1e6,
-                "cumtime_us": cumtime / records * 1e6,
-            }
-        )
-    rows.sort(key=lambda r: -r["tottime_us"])
-    consumer = timed[0] if timed else None
-    delete_topics(bootstrap, admin_topics, [job.consumer_group])
-    subprocess.run(["rm", "-rf", str(work)], check=False)
+        with contextlib.suppress(Exception):
+            if producer._thread.is_alive():
+                producer.stop()
+        proc.stop()
+        reader.close()
+    problems = [failure] if failure else []
+    if not failure:
+        problems += check_output(runner, ctx, reader, expected, proc)
+    if not failure and not counted:
+        problems.append("no window fell inside the measured interval")
+    if problems:
+        return {"status": "failed", "problems": problems, "kept": str(ctx.work), "log_tail": proc.tail()}
+    per_partition = ideal_close_times(producer.log, partitions)
+    close_ideal: dict[tuple[str, int], float] = {}
+    partition_of = dict(zip(producer.products, producer.partition_of, strict=True))
+    for k in counted:
+        highs, times = per_partition[partition_of[k[0]]]
+        # weir's rule, which Flink and Quix match within a millisecond: the window closes when
+        # the partition's event time reaches end + bound - 1.
+        i = bisect.bisect_left(highs, k[1] + generate.WINDOW_MS + generate.OUT_OF_ORDER_MS - 1)
+        close_ideal[k] = times[min(i, len(times) - 1)]
+    latencies, ideal = [], []
+    for t, _p, key, ts, _price in producer.log:
+        k = (key, ts - ts % generate.WINDOW_MS)
+        if k in counted:
+            latencies.append(reader.arrived[k] - t)
+            ideal.append(close_ideal[k] - t)
+    delays = [reader.arrived[k] - close_ideal[k] for k in counted]
+    cpu_s = proc.cpu.at(t_cut) - proc.cpu.at(t_measure)
+    runner.cleanup(ctx)
+    measure.delete_topics(bootstrap, [run_source])
+    subprocess.run(["rm", "-rf", str(ctx.work)], check=False)
+    pct = measure.percentile
     return {
-        "events": events,
-        "stages": {"repeat": repeat, "clock": "process CPU time, best of repeat", "us_per_record": us},
-        "cprofile": {
-            "wall_s": wall,
-            "records": records,
-            "windows": got[0],
-            "consume_with_records_us_per_record": consumer.busy_s / records * 1e6 if consumer else None,
-            "consume_with_records_calls": consumer.busy_calls if consumer else None,
-            "consume_waiting_s": consumer.empty_s if consumer else None,
-            "consume_waiting_calls": consumer.empty_calls if consumer else None,
-            "top": rows[:18],
-        },
+        "status": "ok",
+        "rate": rate,
+        "achieved_rate": produced_measured / (t_cut - t_measure),
+        "speedup": speedup,
+        "measured_s": t_cut - t_measure,
+        "windows_checked": len(expected),
+        "windows_counted": len(counted),
+        "events_counted": len(latencies),
+        "latency_p50_s": pct(latencies, 50),
+        "latency_p99_s": pct(latencies, 99),
+        "ideal_p50_s": pct(ideal, 50),
+        "ideal_p99_s": pct(ideal, 99),
+        "close_delay_p50_s": pct(delays, 50),
+        "close_delay_p99_s": pct(delays, 99),
+        "cpu_cores": cpu_s / (t_cut - t_measure),
+        **proc.mem,
+        "loadavg_before": load_before,
+        "loadavg_after": measure.loadavg(),
     }
 
 
-# --------------------------------------------------------------------------- report
-
-RUNNERS = ("ceiling", "ceiling_worker_config", "weir")
+# --------------------------------------------------------------------------- main
 
 
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
-
-
-def stat(values: list[float]) -> dict[str, float] | None:
-    if not values:
+def no_nan(o: Any) -> Any:
+    """NaN (an empty percentile) as null: JSON has no NaN."""
+    if isinstance(o, float) and math.isnan(o):
         return None
-    return {"median": median(values), "min": min(values), "max": max(values)}
-
-
-def spread(values: list[float]) -> float:
-    """(max - min) / median, in percent: the run-to-run instability of one figure."""
-    return 100.0 * (max(values) - min(values)) / median(values) if values else 0.0
-
-
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = (
-        "events_per_s",
-        "seconds",
-        "drain_events_per_s",
-        "drain_seconds",
-        "tail_seconds",
-        "cpu_s",
-        "cpu_us_per_event",
-        "peak_rss_mib",
-    )
-    out: dict[str, Any] = {
-        name: {k: stat([r[name][k] for r in runs if r[name].get(k) is not None]) for k in keys}
-        for name in RUNNERS
-    }
-
-    def ratios(num: str, num_key: str, den: str, den_key: str) -> dict[str, float] | None:
-        return stat(
-            [r[num][num_key] / r[den][den_key] for r in runs if r[num].get(num_key) and r[den].get(den_key)]
-        )
-
-    out["ratios"] = {
-        # weir / (a): the headline
-        "weir_over_ceiling": ratios("weir", "events_per_s", "ceiling", "events_per_s"),
-        "weir_drain_over_ceiling": ratios("weir", "drain_events_per_s", "ceiling", "events_per_s"),
-        "weir_over_ceiling_worker_config": ratios(
-            "weir", "events_per_s", "ceiling_worker_config", "events_per_s"
-        ),
-        "weir_drain_over_ceiling_worker_config": ratios(
-            "weir", "drain_events_per_s", "ceiling_worker_config", "events_per_s"
-        ),
-        # events per CPU-second, weir over (a): cpu_us(a) / cpu_us(weir)
-        "cpu_efficiency_weir_over_ceiling": ratios("ceiling", "cpu_us_per_event", "weir", "cpu_us_per_event"),
-    }
-    out["spread_pct"] = {name: spread([r[name]["events_per_s"] for r in runs]) for name in RUNNERS}
-    return out
-
-
-def fmt_rate(v: float) -> str:
-    return f"{v:,.0f}"
-
-
-def rng(st: dict[str, float] | None, fmt: str = "rate") -> str:
-    if not st:
-        return ""
-    if fmt == "rate":
-        return f"{fmt_rate(st['median'])} ({fmt_rate(st['min'])}-{fmt_rate(st['max'])})"
-    return f"**{st['median']:.3f}** ({st['min']:.3f}-{st['max']:.3f})"
-
-
-def write_markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
-    s, p, m, v = doc["summary"], doc["parameters"], doc["machine"], doc["versions"]
-    c, cw, w, r = s["ceiling"], s["ceiling_worker_config"], s["weir"], s["ratios"]
-    tuning = ", ".join(f"`{k}={val}`" for k, val in doc["ceiling_tuning"].items())
-    overrides = doc.get("weir_consumer_overrides") or {}
-
-    def row(label: str, st: dict[str, Any], ratio: str) -> str:
-        return (
-            f"| {label} | {rng(st['events_per_s'])} | {ratio} | {st['cpu_s']['median']:.2f} | "
-            f"{st['cpu_us_per_event']['median']:.2f} | {st['peak_rss_mib']['median']:.0f} |"
-        )
-
-    weir_label = "(b) weir: `weir run`, one worker" + (
-        " with " + ", ".join(f"`{k}={val}`" for k, val in overrides.items()) if overrides else ""
-    )
-    lines = [
-        "# Benchmarks",
-        "",
-        "Generated by `bench/run.py`; do not edit by hand. What is measured and how: "
-        "[bench/README.md](bench/README.md). Raw figures: `bench/results/latest.json`.",
-        "",
-        f"Run {doc['started']} on commit `{doc['git']}`:",
-        "",
-        "```",
-        doc["command"],
-        "```",
-        "",
-        "## One worker: tumbling 1-minute count + sum per key",
-        "",
-        f"{p['events']:,} JSON events ({p['avg_event_bytes']:.0f} bytes on average, lz4) over "
-        f"{p['keys']:,} keys "
-        f"in a {p['partitions']}-partition topic; message key = group key (no repartition); event "
-        "time from the "
-        f"`ts` field with up to 5 s of disorder; {p['windows']:,} (key, minute) windows expected. "
-        f"Median of {p['repeat']} interleaved runs, min-max in brackets. Every weir run's output matched the "
-        "reference computed from the generated data.",
-        "",
-        "| runner | events/s | weir ÷ this | CPU s | CPU µs/event | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-        row(
-            f"(a) ceiling: raw `consume(10000)` + `orjson.loads`, worker's consumer config + {tuning}",
-            c,
-            rng(r["weir_over_ceiling"], "ratio"),
-        ),
-        row(
-            "(a') the same, worker's consumer config unchanged",
-            cw,
-            rng(r["weir_over_ceiling_worker_config"], "ratio"),
-        ),
-        row(weir_label, w, ""),
-        "",
-        f"**weir ÷ ceiling = {r['weir_over_ceiling']['median']:.3f}** in events/s "
-        f"(weir {fmt_rate(w['events_per_s']['median'])}, ceiling {fmt_rate(c['events_per_s']['median'])}); "
-        f"in events per CPU-second {r['cpu_efficiency_weir_over_ceiling']['median']:.3f}.",
-        "",
-        "- (a) and (a') are timed from `assign` to the last record decoded. (b) is timed from the worker's "
-        "`/readyz` turning ready (partitions assigned, nothing consumed yet) to the benchmark "
-        "reading the last "
-        "expected window back from the sink topic. That includes the job's 2 s `idleTimeout`, which is what "
-        "closes the last minute's windows: all input was consumed after "
-        f"{w['drain_seconds']['median']:.1f} s "
-        f"({fmt_rate(w['drain_events_per_s']['median'])} events/s, "
-        f"{r['weir_drain_over_ceiling']['median']:.3f} "
-        f"of (a)), the last window arrived {w['tail_seconds']['median']:.1f} s later."
-        if w.get("drain_seconds") and w.get("tail_seconds") and r.get("weir_drain_over_ceiling")
-        else "",
-        "- (a) vs (a'): the ceiling adds only " + tuning + " to the worker's consumer configuration; see "
-        "`CEILING_TUNING` in `bench/run.py` for why.",
-        "- CPU is user + system time of the runner process (all threads, librdkafka's included) "
-        "over the timed "
-        "interval; peak RSS is the process's high-water mark (`ru_maxrss` / `VmHWM`). On a loaded "
-        "machine the "
-        "CPU figures are steadier than the wall-clock rates, which also measure how much CPU other "
-        "processes left.",
-        f"- Run-to-run spread (max - min) / median: (a) {s['spread_pct']['ceiling']:.0f} %, (a') "
-        f"{s['spread_pct']['ceiling_worker_config']:.0f} %, (b) {s['spread_pct']['weir']:.0f} %. "
-        "Load average "
-        f"(1, 5, 15 min) at the start: {doc['loadavg_start']}, at the end: {doc['loadavg_end']}, on "
-        f"{m['nproc']} CPUs shared with the broker and with other work.",
-        "",
-        "## Machine and versions",
-        "",
-        f"- CPU: {m['cpu_model']}, {m['nproc']} CPUs (`nproc`); RAM {m['ram_gib']} GiB; Linux {m['kernel']}",
-        f"- Python {v['python']}, weir {v['weir']}, confluent-kafka {v['confluent_kafka']}, librdkafka "
-        f"{v['librdkafka']}, orjson {v['orjson']}, rocksdict {v['rocksdict']}",
-        f"- Kafka broker {v['kafka_broker']} (single node, KRaft, the test harness's) on the same machine",
-        "",
-    ]
-    if profile:
-        lines += profile_markdown(profile)
-    return "\n".join(lines) + "\n"
-
-
-def profile_markdown(profile: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Where a record's time goes (weir, in-process)",
-        "",
-        f"From `bench/run.py --profile` at {profile['started']} (commit `{profile['git']}`), "
-        f"{profile['events']:,} events. The CPU is shared with other work: read the shares, not the "
-        "absolute µs.",
-        "",
-        "Stages timed separately on records already fetched into memory (CPU time, no profiler, best of "
-        f"{profile['stages']['repeat']}):",
-        "",
-        "| stage | µs/record |",
-        "|---|---:|",
-    ]
-    for name, us in profile["stages"]["us_per_record"].items():
-        lines.append(f"| {name} | {us:.2f} |")
-    cp = profile["cprofile"]
-    lines += [
-        "",
-        f"cProfile of `Worker.run()` against Kafka ({cp['wall_s']:.1f} s under the profiler): own "
-        "and cumulative "
-        "time per function divided by the number of records. The profiler inflates small functions "
-        "several times.",
-        "",
-        "| function | calls | own µs/record | cumulative µs/record |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in cp["top"]:
-        lines.append(
-            f"| `{row['function']}` | {row['calls']:,} | {row['tottime_us']:.2f} | {row['cumtime_us']:.2f} |"
-        )
-    if cp.get("consume_with_records_us_per_record") is not None:
-        lines += [
-            "",
-            f"`consume` includes waiting: the {cp['consume_with_records_calls']} calls that "
-            "returned records took "
-            f"{cp['consume_with_records_us_per_record']:.2f} µs/record; "
-            f"{cp['consume_waiting_calls']} calls returned "
-            f"nothing and waited {cp['consume_waiting_s']:.2f} s in all (mostly the 2 s idleTimeout "
-            "before the last "
-            "windows close).",
-        ]
-    lines.append("")
-    return lines
+    if isinstance(o, dict):
+        return {k: no_nan(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [no_nan(v) for v in o]
+    return o
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def save_profile(bootstrap: str, keys: int, partitions: int, started: str) -> dict[str, Any]:
-    profile = profile_run(bootstrap, keys, partitions, log)
-    profile["started"] = started
-    profile["git"] = git_commit()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "profile-latest.json", json.dumps(profile, indent=2) + "\n")
-    return profile
-
-
-# --------------------------------------------------------------------------- main
 
 
 def parse_properties(items: list[str]) -> dict[str, Any]:
@@ -1063,57 +550,93 @@ def parse_properties(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def summary_line(key: str, r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"{key}: {r.get('status')}: {'; '.join(r.get('problems', []))[:300]}"
+    return (
+        f"{key}: {r['events_per_s']:>9,.0f} events/s, {r['cpu_s']:.2f} CPU s, "
+        f"{r.get('peak_rss_mib', 0):.0f} MiB, load {r['loadavg_after']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ceiling":
-        ceiling_child(argv[1], argv[2], int(argv[3]), int(argv[4]), json.loads(argv[5]))
+        ceiling_child(argv[1], argv[2], int(argv[3]), int(argv[4]))
         return 0
     parser = argparse.ArgumentParser(prog="bench/run.py", description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
-        "--events", type=int, help="events in the input topic (default 1,000,000; --quick 200,000)"
+        "--events", type=int, help="events in the input topic (default 2,000,000; --quick 200,000)"
     )
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys (default 1000)")
     parser.add_argument("--partitions", type=int, default=4, help="input topic partitions (default 4)")
-    parser.add_argument("--quick", action="store_true", help="200,000 events, 2 repeats")
-    parser.add_argument("--repeat", type=int, help="interleaved runs of each runner (default 5; --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="200,000 events, 2 repeats, a 10 s latency run")
     parser.add_argument(
-        "--profile", action="store_true", help="also profile weir's hot path in-process (200,000 events)"
+        "--repeat", type=int, help="interleaved throughput runs of each runner (default 3; --quick 2)"
     )
     parser.add_argument(
-        "--profile-only", action="store_true", help="only profile; BENCHMARKS.md keeps the last table"
+        "--runners",
+        help="comma-separated subset of ceiling,weir,weir_eos,quix,bytewax,flink (default: all)",
+    )
+    parser.add_argument("--no-latency", action="store_true", help="skip the rate-limited latency runs")
+    parser.add_argument("--latency-rate", type=float, default=5000, help="events/s in the latency run (5000)")
+    parser.add_argument(
+        "--latency-seconds", type=float, help="measured seconds of the latency run (default 60; --quick 10)"
     )
     parser.add_argument(
-        "--consumer-property",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra librdkafka consumer property for the worker and both ceilings; repeatable",
+        "--latency-speedup", type=float, default=60,
+        help="event time runs this many times faster than the wall clock in the latency run (60)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eos-checkpoint-interval", type=float, default=1.0,
+        help="--checkpoint-interval of the exactly-once weir run, seconds (1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile weir's hot path (the default; kept for old command lines)",
     )
+    parser.add_argument("--no-profile", action="store_true", help="keep the last profile")
+    parser.add_argument(
+        "--consumer-property", action="append", default=[], metavar="KEY=VALUE",
+        help="extra librdkafka consumer property for the weir runs (spec.kafka.consumer); repeatable",
+    )  # fmt: skip
     parser.add_argument("--bootstrap", help="use this broker instead of starting the test harness's")
     args = parser.parse_args(argv)
-    events = args.events or (200_000 if args.quick else 1_000_000)
-    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
+    events = args.events or (200_000 if args.quick else generate.DEFAULT_EVENTS)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
+    latency_s = args.latency_seconds or (10.0 if args.quick else 60.0)
     if repeat < 1 or events < 1:
         parser.error("--repeat and --events must be at least 1")
-    weir_overrides = parse_properties(args.consumer_property)
+    do_profile = not args.no_profile
+    consumer = parse_properties(args.consumer_property)
     command = ".venv/bin/python bench/run.py" + ("" if not argv else " " + " ".join(argv))
 
+    all_runners = runners.all_runners(args.eos_checkpoint_interval)
+    known = ["ceiling", *(r.key for r in all_runners)]
+    chosen = known if not args.runners else [s.strip() for s in args.runners.split(",") if s.strip()]
+    unknown = [k for k in chosen if k not in known]
+    if unknown:
+        parser.error(f"--runners: unknown {unknown}; choose from {known}")
+    selected = [r for r in all_runners if r.key in chosen]
+    status: dict[str, str] = {"ceiling": "ok" if "ceiling" in chosen else "not run"}
+    for r in all_runners:
+        reason = r.unavailable() if r in selected else "not run"
+        status[r.key] = (
+            "ok" if reason is None else (reason if reason == "not run" else f"unavailable: {reason}")
+        )
+    active = [r for r in selected if status[r.key] == "ok"]
+
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    load_start = loadavg()
+    load_start = measure.loadavg()
     if args.bootstrap:
         bootstrap, kafka_version = args.bootstrap, broker_version(args.bootstrap)
     else:
         bootstrap, kafka_version = kafka_up()
     log(f"broker {bootstrap} (Kafka {kafka_version}); load average {load_start}")
-    if args.profile_only:
-        profile = save_profile(bootstrap, args.keys, args.partitions, started)
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            write_atomic(
-                ROOT / "BENCHMARKS.md",
-                write_markdown(json.loads((RESULTS / "latest.json").read_text()), profile),
-            )
-        log("wrote bench/results/profile-latest.json and the profile section of BENCHMARKS.md")
-        return 0
+    for key, st in status.items():
+        if st != "ok":
+            log(f"{key}: {st}")
     topic = generate.ensure_input(bootstrap, events, args.keys, args.partitions, log=log)
     t = time.monotonic()
     expected = generate.reference(events, args.keys)
@@ -1121,39 +644,61 @@ def main(argv: list[str] | None = None) -> int:
     avg_bytes = sum(len(v) for *_, v in generate.events(sample, args.keys)) / sample
     log(f"reference: {len(expected):,} windows ({time.monotonic() - t:.1f} s)")
 
-    runs = []
+    failed = False
+    runs: list[dict[str, Any]] = []
     for i in range(repeat):
         run: dict[str, Any] = {}
-        run["ceiling"] = c = run_ceiling(bootstrap, topic, events, {**weir_overrides, **CEILING_TUNING})
-        log(
-            f"run {i + 1}/{repeat} (a)  ceiling:  {c['events_per_s']:>9,.0f} events/s, "
-            f"{c['cpu_s']:.2f} CPU s, load {c['loadavg_after']}"
-        )
-        run["ceiling_worker_config"] = cw = run_ceiling(bootstrap, topic, events, weir_overrides)
-        log(
-            f"run {i + 1}/{repeat} (a') ceiling:  {cw['events_per_s']:>9,.0f} events/s, "
-            f"{cw['cpu_s']:.2f} CPU s, load {cw['loadavg_after']}"
-        )
-        run["weir"] = w = run_weir(bootstrap, topic, events, args.partitions, expected, weir_overrides)
-        log(
-            f"run {i + 1}/{repeat} (b)  weir:     {w['events_per_s']:>9,.0f} events/s "
-            f"(all input consumed at {w.get('drain_events_per_s', 0):,.0f}/s), {w['cpu_s']:.2f} CPU s, "
-            f"{w['peak_rss_mib']:.0f} MiB, weir/(a) {w['events_per_s'] / c['events_per_s']:.3f}, "
-            f"load {w['loadavg_after']}; output verified"
-        )
+        if status["ceiling"] == "ok":
+            run["ceiling"] = run_ceiling(bootstrap, topic, events, args.partitions)
+            log(f"run {i + 1}/{repeat} {summary_line('ceiling', {'status': 'ok', **run['ceiling']})}")
+        for r in active:
+            run[r.key] = res = run_throughput(
+                r, bootstrap, topic, events, args.partitions, expected, consumer
+            )
+            failed |= res["status"] != "ok"
+            log(f"run {i + 1}/{repeat} {summary_line(r.key, res)}")
         runs.append(run)
 
+    latency: dict[str, Any] = {}
+    if not args.no_latency:
+        for r in active:
+            log(
+                f"latency: {r.key} at {args.latency_rate:,.0f} events/s for {latency_s:.0f} s "
+                f"(event time x{args.latency_speedup:g})"
+            )
+            latency[r.key] = res = run_latency(
+                r, bootstrap, args.partitions, args.keys, args.latency_rate, latency_s,
+                args.latency_speedup, consumer,
+            )  # fmt: skip
+            failed |= res["status"] != "ok"
+            if res["status"] == "ok":
+                log(
+                    f"latency: {r.key} p50 {res['latency_p50_s']:.3f} s, p99 {res['latency_p99_s']:.3f} s "
+                    f"(ideal {res['ideal_p50_s']:.3f} / {res['ideal_p99_s']:.3f}), "
+                    f"{res['windows_counted']:,} windows, load {res['loadavg_after']}"
+                )
+            else:
+                log(f"latency: {r.key} failed: {'; '.join(res['problems'])[:500]}")
+
     profile = None
-    if args.profile:
-        profile = save_profile(bootstrap, args.keys, args.partitions, started)
+    if do_profile:
+        try:
+            profile = hotpath.profile_run(bootstrap, args.keys, args.partitions, log)
+            profile["started"] = started
+            profile["git"] = measure.git_commit()
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            write_atomic(RESULTS / "profile-latest.json", json.dumps(profile, indent=2) + "\n")
+        except Exception as exc:  # noqa: BLE001 - the runtime's internals move; say so, keep the figures
+            log(f"profile failed: {exc!r}")
+            profile = {"error": repr(exc), "started": started, "git": measure.git_commit()}
     else:
         with contextlib.suppress(OSError, ValueError):
             profile = json.loads((RESULTS / "profile-latest.json").read_text())
 
-    doc = {
+    doc: dict[str, Any] = {
         "started": started,
         "command": command,
-        "git": git_commit(),
+        "git": measure.git_commit(),
         "parameters": {
             "events": events,
             "keys": args.keys,
@@ -1164,30 +709,38 @@ def main(argv: list[str] | None = None) -> int:
             "avg_event_bytes": avg_bytes,
             "seed": generate.SEED,
             "generator_version": generate.GENERATOR_VERSION,
+            "out_of_orderness_ms": generate.OUT_OF_ORDER_MS,
+            "disorder_ms": generate.DISORDER_MS,
+            "eos_checkpoint_interval_s": args.eos_checkpoint_interval,
+            "latency": None
+            if args.no_latency
+            else {"rate": args.latency_rate, "seconds": latency_s, "speedup": args.latency_speedup},
         },
-        "ceiling_tuning": CEILING_TUNING,
-        "weir_consumer_overrides": weir_overrides,
-        "machine": machine(),
-        "versions": versions(kafka_version),
+        "weir_consumer_overrides": consumer,
+        "runners": {
+            "ceiling": {
+                "label": report.CEILING_LABEL,
+                "status": status["ceiling"],
+                "notes": report.CEILING_NOTES,
+            },
+            **{r.key: {"label": r.label, "status": status[r.key], "notes": r.notes} for r in all_runners},
+        },
+        "machine": measure.machine(),
+        "versions": versions(kafka_version, all_runners),
         "loadavg_start": load_start,
-        "loadavg_end": loadavg(),
+        "loadavg_end": measure.loadavg(),
         "runs": runs,
-        "summary": summarise(runs),
+        "latency": latency,
     }
+    doc["summary"] = report.summarise(doc)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(doc, indent=2) + "\n"
-    write_atomic(RESULTS / f"{stamp}.json", text)
-    write_atomic(RESULTS / "latest.json", text)
-    write_atomic(ROOT / "BENCHMARKS.md", write_markdown(doc, profile))
-    s = doc["summary"]
-    log(
-        f"ceiling {s['ceiling']['events_per_s']['median']:,.0f} events/s, weir "
-        f"{s['weir']['events_per_s']['median']:,.0f} "
-        f"events/s, weir/ceiling {s['ratios']['weir_over_ceiling']['median']:.3f}; "
-        f"wrote BENCHMARKS.md and bench/results/{stamp}.json"
-    )
-    return 0
+    text = json.dumps(no_nan(doc), indent=2)
+    write_atomic(RESULTS / f"{stamp}.json", text + "\n")
+    write_atomic(RESULTS / "latest.json", text + "\n")
+    write_atomic(ROOT / "BENCHMARKS.md", report.markdown(doc, profile))
+    log(f"wrote BENCHMARKS.md and bench/results/{stamp}.json" + ("; SOME RUNS FAILED" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

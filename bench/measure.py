@@ -1,0 +1,251 @@
+"""What the benchmark measures with: process CPU and memory, the sink reader, the output check, topics."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import generate
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def proc_mem_mib(pid: int) -> dict[str, float]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return {"peak_rss_mib": round(out.get("VmHWM", 0.0), 1), "rss_mib": round(out.get("VmRSS", 0.0), 1)}
+
+
+class CpuSamples:
+    """(wall time, CPU seconds) of one process, sampled by the driving loop; interpolated between samples.
+
+    /proc counts CPU in clock ticks (10 ms), so a figure is good to about 10 ms of CPU plus
+    the sampling interval around its two ends.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.t: list[float] = []
+        self.cpu: list[float] = []
+
+    def sample(self) -> None:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            cpu = proc_cpu_s(self.pid)
+            self.t.append(time.time())
+            self.cpu.append(cpu)
+
+    def at(self, when: float) -> float:
+        if not self.t:
+            return math.nan
+        i = bisect.bisect_left(self.t, when)
+        if i <= 0:
+            return self.cpu[0]
+        if i >= len(self.t):
+            return self.cpu[-1]
+        t0, t1, c0, c1 = self.t[i - 1], self.t[i], self.cpu[i - 1], self.cpu[i]
+        return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+class SinkReader:
+    """Reads a runner's result topic as results arrive, as a read_committed consumer.
+
+    ``results`` maps (key, window start ms) to (count, sum); ``arrived`` to the wall time
+    (``time.time()``) the result was first read. Results for ``generate.END_KEY`` are the
+    end-of-input records' own windows and are skipped.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"weir-bench-sink-{os.getpid()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 10,
+                "fetch.queue.backoff.ms": 10,
+            }
+        )
+        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        self.results: dict[tuple[str, int], tuple[int, float]] = {}
+        self.arrived: dict[tuple[str, int], float] = {}
+        self.duplicates = 0
+        self.malformed: list[str] = []
+
+    def poll(self, timeout: float) -> int:
+        msgs = self.consumer.consume(num_messages=10000, timeout=timeout)
+        now = time.time()
+        got = 0
+        for m in msgs:
+            if m.error() is not None:
+                continue
+            got += 1
+            try:
+                r = orjson.loads(m.value())
+                if r["key"] == generate.END_KEY:
+                    continue
+                k = (r["key"], int(r["windowStartMs"]))
+                if r["windowEndMs"] - r["windowStartMs"] != generate.WINDOW_MS:
+                    self.malformed.append(m.value().decode()[:200])
+                if k in self.results:
+                    self.duplicates += 1
+                else:
+                    self.arrived[k] = now
+                self.results[k] = (int(r["count"]), float(r["revenue"]))
+            except Exception:  # noqa: BLE001 - any unreadable result is reported, not raised
+                self.malformed.append(repr(m.value())[:200])
+        return got
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def verify(
+    results: dict[tuple[str, int], tuple[int, float]], expected: dict[tuple[str, int], tuple[int, float]]
+) -> list[str]:
+    """Differences between a run's results and the reference; empty means correct."""
+    problems = []
+    missing = expected.keys() - results.keys()
+    extra = results.keys() - expected.keys()
+    if missing:
+        problems.append(f"{len(missing)} windows missing, e.g. {sorted(missing)[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected windows, e.g. {sorted(extra)[:3]}")
+    wrong = 0
+    examples = []
+    for k, (count, total) in expected.items():
+        got = results.get(k)
+        if got is None:
+            continue
+        if got[0] != count or not math.isclose(got[1], total, rel_tol=1e-9, abs_tol=1e-9):
+            wrong += 1
+            if len(examples) < 3:
+                examples.append(f"{k}: got {got}, want {(count, total)}")
+    if wrong:
+        problems.append(f"{wrong} windows with a wrong count or sum, e.g. {examples}")
+    return problems
+
+
+def topic_records(bootstrap: str, topic: str) -> int:
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+    size = generate.topic_size(AdminClient({"bootstrap.servers": bootstrap}), bootstrap, topic)
+    return size[1] if size else -1
+
+
+def delete_topics(
+    bootstrap: str, topics: list[str], groups: list[str] | None = None, containing: str | None = None
+) -> None:
+    """Deletes topics (and those whose name contains ``containing``) and consumer groups; errors ignored."""
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the futures resolve
+    names = list(topics)
+    if containing:
+        with contextlib.suppress(Exception):
+            names += [t for t in admin.list_topics(timeout=10).topics if containing in t and t not in names]
+    if names:
+        with contextlib.suppress(Exception):
+            for f in admin.delete_topics(names, operation_timeout=30).values():
+                f.result(timeout=30)
+    if groups:
+        with contextlib.suppress(Exception):
+            for f in admin.delete_consumer_groups(groups, request_timeout=10).values():
+                f.result(timeout=10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between closest ranks."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def stat(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None
+    return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "ram_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+    }
+
+
+def git_commit() -> str:
+    with contextlib.suppress(Exception):
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "runtime"], cwd=ROOT, capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("+dirty runtime/" if dirty.stdout.strip() else "")
+    return "unknown"
