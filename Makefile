@@ -70,11 +70,13 @@ bench-setup: setup ## Once: Quix Streams and Bytewax virtualenvs and the Flink j
 	$(PY) bench/install.py
 
 bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Bytewax, Flink on 2M events + latency + profile; rewrites BENCHMARKS.md (~15-20 min)
-	$(HARNESS) up kafka
+	$(HARNESS) up kafka s3
+	$(PY) bench/checkpoint_bench.py --sizes 10,100,1000
 	$(PY) bench/run.py
 
 bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run (~3 min)
-	$(HARNESS) up kafka
+	$(HARNESS) up kafka s3
+	$(PY) bench/checkpoint_bench.py --sizes 10,100 --series 0
 	$(PY) bench/run.py --quick
 
 clean: ## Remove the virtualenv and caches inside the repo (the server cache in ~/.cache/weir stays)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import measure
@@ -210,9 +212,45 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         f"- Kafka broker {v['kafka_broker']} (single node, KRaft, the test harness's) on the same machine",
         "",
     ]
+    lines += checkpoint_markdown()
     if profile:
         lines += profile_markdown(profile, doc)
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_markdown(path: Path | None = None) -> list[str]:
+    """The checkpoint figures of ``bench/checkpoint_bench.py`` (its own run, its own JSON)."""
+    path = path or Path(__file__).parent / "results" / "checkpoint.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    mb = 1e6
+    lines = [
+        "## Checkpoints, restore and savepoints",
+        "",
+        f"One partition's RocksDB state against {d['store']}; run {d['when']} on commit `{d['commit']}` "
+        f"with `{d['command']}` (load {d['machine']['loadavg'][0]:.1f}). Full: the first checkpoint "
+        "(everything uploaded). Incremental: after changing 1 % of the keys (only new SST files go up). "
+        "Stall: the part of a checkpoint the worker waits for (flush + RocksDB checkpoint); the upload "
+        "runs in the background. Restore: download + size and sha256 check + open.",
+        "",
+        "| state | full checkpoint | 1 % change: uploaded | time | stall | restore | savepoint "
+        "| savepoint restore |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for z in d["sizes"]:
+        full, inc, rest, sp = z["full"], z["incremental_1pct"], z["restore"], z["savepoint"]
+        lines.append(
+            f"| {z['size_mb']} MB | {full['snapshot_seconds'] + full['upload_seconds']:.2f} s "
+            f"({full['bytes_uploaded'] / mb:.1f} MB) | {inc['bytes_uploaded'] / mb:.2f} MB "
+            f"({inc['bytes_uploaded'] / max(1, full['bytes_uploaded']):.1%}) "
+            f"| {inc['snapshot_seconds'] + inc['upload_seconds']:.2f} s "
+            f"| {inc['snapshot_seconds'] * 1000:.0f} ms "
+            f"| {rest['seconds'] + rest['open_seconds']:.2f} s "
+            f"| {sp['snapshot_seconds'] + sp['upload_seconds']:.2f} s | {sp['restore_seconds']:.2f} s |"
+        )
+    lines.append("")
+    return lines
 
 
 def _unavailable_note(doc: dict[str, Any], k: str) -> str:

@@ -251,7 +251,12 @@ def test_an_applied_stream_job_is_reconciled_into_valid_children_and_a_status(op
     assert sts.spec.template.spec.containers[0].image == "weir:test"
     assert service.spec.cluster_ip == "None"
     assert yaml.safe_load(config_map.data["job.yaml"])["metadata"]["name"] == name
-    operator.wait(lambda: _status(operator, name).get("phase") == "Deploying", "phase Deploying")
+    # The intent (reason Deploying) is written before the children; the next round sees them.
+    operator.wait(
+        lambda: _status(operator, name).get("phase") == "Deploying"
+        and _condition(_status(operator, name), "Progressing").get("reason") == "WorkersStarting",
+        "phase Deploying with the workers starting",
+    )
     status = _status(operator, name)
     assert status["observedGeneration"] == created["metadata"]["generation"]
     assert status["selector"] == f"weir.dev/job={name}"
