@@ -76,7 +76,7 @@ bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Byte
 
 bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run (~3 min)
 	$(HARNESS) up kafka s3
-	$(PY) bench/checkpoint_bench.py --sizes 10,100 --series 0
+	$(PY) bench/checkpoint_bench.py --sizes 10,100 --series 0 --out bench/results/checkpoint-quick.json
 	$(PY) bench/run.py --quick
 
 clean: ## Remove the virtualenv and caches inside the repo (the server cache in ~/.cache/weir stays)

@@ -195,6 +195,9 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         w.producer = _FakeProducer()  # type: ignore[assignment]
         for p in range(partitions):
             w._add_task(topic, p, window=True)
+            task = w.tasks[(topic, p)]
+            if task.op is None:  # state is opened at restore time since checkpoints landed
+                w._open_state(task, w.settings.state_dir / task.label)
         # _process took (msgs, repartition partitions) before the stage-1 loop was unified.
         process = w._process
         extra = (0,) if len(inspect.signature(process).parameters) > 1 else ()
