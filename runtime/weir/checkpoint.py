@@ -739,7 +739,9 @@ class CheckpointStore(StoreReader):
         with tempfile.TemporaryDirectory(prefix="weir-savepoint-") as tmp:
             for name, snap in sorted(partitions.items()):
                 pdir = partition_dir(name)
-                if snap.path.is_dir():
+                if snap.path.is_dir() and not (snap.path / "CURRENT").exists():
+                    sst, n = snap.path, 0  # a partition without state (a repartitioning stage's input)
+                elif snap.path.is_dir():
                     sst = Path(tmp) / f"{pdir}.sst"
                     n = state.export_sst(snap.path, sst)
                 elif snap.path.is_file():

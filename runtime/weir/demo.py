@@ -1,5 +1,10 @@
 """`weir demo`: simulated e-commerce events through the revenue-per-minute example job.
 
+The job runs the way a user runs it on a laptop: through `weir up`, the local platform
+(the operator's reconciler with worker subprocesses and a file:// checkpoint store). The
+demo produces the events and prints the results as they become readable (read_committed:
+with exactly-once they appear at each checkpoint).
+
 The demo owns its topics on the broker it is pointed at: each run deletes and recreates
 them (and the job's consumer group), so every run starts from nothing. Event time runs at
 60x: one wall-clock second is one minute of shop time, so a one-minute window closes
@@ -9,20 +14,23 @@ about every second.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from weir import kafka as kio
 from weir.spec import load_job
-from weir.worker import Worker, WorkerSettings, plan_for
+from weir.worker import plan_for
 
 SPEED = 60
 PRODUCTS = [f"p-{i}" for i in range(1, 21)]
@@ -108,28 +116,71 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
     generator = threading.Thread(
         target=_generate, args=(bootstrap, plan.source_topics[0], rate, stop, counts), daemon=True
     )
+    done = threading.Event()
+    follower = threading.Thread(
+        target=_follow, args=(bootstrap, plan.sink_topic, show, done, counts), daemon=True
+    )
     with tempfile.TemporaryDirectory(prefix="weir-demo-") as state:
-        worker = Worker(
-            plan,
-            kafka,
-            WorkerSettings(index=0, count=1, state_dir=Path(state), checkpoint_interval_s=2),
-            on_result=show,
-        )
-        worker.install_signal_handlers()
-        timer = threading.Timer(duration, worker.stop)
-        timer.daemon = True
+        command = [
+            sys.executable, "-m", "weir", "up", str(example_manifest()),
+            "--bootstrap-servers", bootstrap, "--state-dir", state,
+            "--duration", f"{duration:g}", "--interval", "15", "--log-level", "WARNING",
+        ]
         generator.start()
-        timer.start()
+        follower.start()
+        up = subprocess.Popen(command)
         try:
-            code = worker.run()
+            code = up.wait()
+        except KeyboardInterrupt:  # the child has the same Ctrl-C: it savepoints and stops
+            code = up.wait()
         finally:
-            timer.cancel()
             stop.set()
             generator.join(15)
-    status = worker.status()
+            time.sleep(1.0)  # the last results were committed by the stop-savepoint
+            done.set()
+            follower.join(15)
+    dead = _count(bootstrap, plan.dead_letter_topic) if plan.dead_letter_topic else 0
     print(
-        f"\n{counts.get('events', 0)} events produced, {status.get('recordsIn', 0)} records processed "
-        f"(both stages), {status.get('recordsOut', 0)} window results; dead-lettered: "
-        f"{status.get('deadLettered') or 'none'} (in '{plan.dead_letter_topic}', with the reason)."
+        f"\n{counts.get('events', 0)} events produced, {counts.get('results', 0)} window results read; "
+        f"{dead} records dead-lettered (in '{plan.dead_letter_topic}', each with its reason in the headers)."
     )
     return code
+
+
+def _consumer(bootstrap: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"weir-demo-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+
+
+def _follow(
+    bootstrap: str, topic: str, show: Any, done: threading.Event, counts: dict[str, int]
+) -> None:
+    """Print each result as soon as it is committed."""
+    consumer = _consumer(bootstrap)
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        while not done.is_set():
+            for m in consumer.consume(500, timeout=0.2):
+                value = m.value()
+                if m.error() is None and value is not None:
+                    show(orjson.loads(value))
+                    counts["results"] = counts.get("results", 0) + 1
+    finally:
+        consumer.close()
+
+
+def _count(bootstrap: str, topic: str) -> int:
+    consumer = _consumer(bootstrap)
+    try:
+        lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        return max(0, hi - lo)
+    except KafkaException:
+        return 0
+    finally:
+        consumer.close()

@@ -1097,8 +1097,9 @@ class Worker:
                 if waiter.request.get("stop"):
                     self._stopped_by_savepoint = True
                     self._stop.set()
-            except (DeliveryFailed, CommitFailed):
-                waiter.error = "the worker failed while taking the savepoint"
+            except Exception as exc:
+                # The worker stops (its restart recovers from the last commit); the caller learns why.
+                waiter.error = f"the worker failed while taking the savepoint: {type(exc).__name__}: {exc}"
                 raise
             finally:
                 waiter.done.set()

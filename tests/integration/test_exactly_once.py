@@ -457,3 +457,33 @@ def test_savepoint_over_http_answers_with_its_path(
     )
     assert listing.returncode == 0, listing.stderr
     assert "manual-1" in listing.stdout
+
+
+def test_a_repartitioned_job_savepoints_and_resumes_with_exact_output(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    # keyBy a record field: stage-1 partitions hold no state (only an offset and a watermark),
+    # stage-2 partitions of the repartition topic hold the windows; both go into the savepoint.
+    s3 = s3_env
+    events = events_for(13, 20_000)
+    expected = expected_of(events)
+    records = as_records(events)
+    source = kafka.create_topic(partitions=4)
+    url = f"s3://{s3.new_bucket()}/ck"
+    kafka.produce(source, records[: len(records) // 2])
+    sink, dlq = kafka.create_topic(), kafka.create_topic()
+    key_by = {"field": "k", "partitions": 4}
+    job = manifest(tmp_path, f"rp-{source[-6:]}", kafka, source, sink, dlq, TUMBLING, key_by=key_by)
+    with Job(job, kafka, 2, tmp_path / "s0", url) as running:
+        running.wait_ready()
+        ends = sum(kafka.end_offsets(source).values())
+        deadline = time.monotonic() + 60
+        while sum(t.next_offset for w in running.workers for t in w.tasks.values() if t.forward) < ends:
+            assert time.monotonic() < deadline, "stage 1 did not consume its half"
+            time.sleep(0.2)
+        answers = running.savepoint("sp-rp", stop=True)
+    assert all(a["status"] == "completed" for a in answers), answers
+    kafka.produce(source, records[len(records) // 2 :])
+    with Job(job, kafka, 1, tmp_path / "s1", url, restore_from=answers[0]["path"]) as running:
+        got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
+    assert_same(got, expected)
