@@ -254,23 +254,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _checkpoint_settings(args: argparse.Namespace, env: Any, job: Any) -> dict[str, Any]:
     """Checkpointing from flags, then the environment, then the spec, then defaults."""
-    spec_ck = getattr(job.spec, "checkpoint", None)
+    ck = job.spec.checkpoint
     interval = args.checkpoint_interval
-    if interval is None and spec_ck is not None and getattr(spec_ck, "interval", None) is not None:
-        interval = spec_ck.interval / 1000
+    if interval is None and ck is not None:
+        interval = ck.interval / 1000
     out: dict[str, Any] = {
         "checkpoint_interval_s": interval if interval is not None else 5.0,
-        "guarantee": args.guarantee or getattr(job.spec, "delivery_guarantee", None) or "exactly-once",
-        "checkpoint_url": args.checkpoint_url or env.checkpoint_url or getattr(spec_ck, "url", None),
+        "guarantee": args.guarantee or job.spec.delivery_guarantee,
+        "checkpoint_url": args.checkpoint_url or env.checkpoint_url or (ck.url if ck else None),
         "restore_from": args.restore_from or env.restore_from,
     }
-    retain = args.checkpoint_retain or getattr(spec_ck, "retain", None)
+    retain = args.checkpoint_retain or (ck.retain if ck else None)
     if retain is not None:
         out["checkpoint_retain"] = retain
-    if spec_ck is not None and (getattr(spec_ck, "endpoint", None) or getattr(spec_ck, "region", None)):
+    if ck is not None and (ck.endpoint or ck.region):
         from weir.checkpoint import S3Settings
 
-        out["s3"] = S3Settings(endpoint_url=spec_ck.endpoint, region=spec_ck.region)
+        out["s3"] = S3Settings.from_env(endpoint_url=ck.endpoint, region=ck.region)
     return out
 
 

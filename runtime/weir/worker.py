@@ -217,7 +217,6 @@ class Pending:
     future: Future[Any]
     started: float
     sync_s: float
-    path: str | None = None
 
 
 _ISO_CACHE: dict[int, str] = {}
@@ -490,7 +489,15 @@ class Worker:
         start = OFFSET_BEGINNING if self.plan.start_from == "earliest" else OFFSET_END
         for task in self.tasks.values():
             path = self.settings.state_dir / task.label
-            local = self._local_progress(path) if not task.forward else None
+            local: tuple[int, str | None] | None = None
+            local_progress = None
+            if not task.forward and (path / "CURRENT").exists():
+                # Opened once: kept when it is the committed state, closed and replaced otherwise.
+                self._open_state(task, path)
+                assert task.store is not None
+                local_progress = task.store.progress
+                if local_progress is not None:
+                    local = (int(local_progress["offset"]), local_progress.get("id"))
             fetched: dict[str, Path] = {}
 
             def usable(s: Any, task: Task = task, fetched: dict[str, Path] = fetched) -> bool:
@@ -510,17 +517,17 @@ class Worker:
             offset, committed_id = committed.get(task.name, (None, None))
             decision = recovery.choose(task.name, offset, snapshots, explicit, local, usable, committed_id)
             log.info("%s: restore %s (%s)", task.name, decision.how, decision.reason)
-            if not task.forward:
-                if decision.how != "local":
-                    shutil.rmtree(path, ignore_errors=True)
-                    if decision.source is not None:
-                        fetched[decision.source.id].rename(path)
+            if not task.forward and decision.how != "local":
+                if task.store is not None:
+                    task.store.close()
+                shutil.rmtree(path, ignore_errors=True)
+                if decision.source is not None:
+                    fetched[decision.source.id].rename(path)
                 self._open_state(task, path)
             shutil.rmtree(self.settings.state_dir / "restore", ignore_errors=True)
             progress: Any = None
             if decision.how == "local":
-                assert task.store is not None
-                progress = task.store.progress
+                progress = local_progress
             elif decision.source is not None:
                 progress = decision.source.progress(task.name)
             if progress is not None:
@@ -551,17 +558,6 @@ class Worker:
             return self.settings.checkpoint_url
         root = self.settings.state_dir.parent.parent / "checkpoints"
         return root.resolve().as_uri()
-
-    def _local_progress(self, path: Path) -> tuple[int, str | None] | None:
-        """The offset and snapshot id stored with the RocksDB state already on this disk."""
-        if not (path / "CURRENT").exists():
-            return None
-        probe = PartitionStore(path, self.plan.aggregator.dumps, self.plan.aggregator.loads, 1)
-        try:
-            progress = probe.progress
-        finally:
-            probe.close()
-        return None if progress is None else (int(progress["offset"]), progress.get("id"))
 
     def _committed_offsets(self) -> dict[str, tuple[int, str | None]]:
         """The group's committed offset per task and the snapshot id committed with it (read
@@ -962,7 +958,7 @@ class Worker:
                     delay = min(delay * 2, 5.0)
 
         pending = Pending(
-            kind, cid, self.producer, offsets, self._uploader.submit(upload), t0, time.monotonic() - t0, path
+            kind, cid, self.producer, offsets, self._uploader.submit(upload), t0, time.monotonic() - t0
         )
         self._pending = pending
         if self.metrics is not None:

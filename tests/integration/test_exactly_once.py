@@ -24,13 +24,19 @@ import pytest
 
 from harness.kafka import KafkaHelper
 from harness.s3 import S3Helper
-from weir import kafka as kio
-from weir.metrics import WorkerMetrics
-from weir.spec import load_job
 from weir.testing import random_events, reference_windows
-from weir.worker import Worker, WorkerSettings, plan_for
 
-from .test_pipelines import LATENESS_MS, OOO_MS, SPECS, START_MS, WINDOWS, assert_same, manifest, results_of
+from .test_pipelines import (
+    LATENESS_MS,
+    OOO_MS,
+    SPECS,
+    START_MS,
+    WINDOWS,
+    Running,
+    assert_same,
+    manifest,
+    results_of,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
@@ -220,8 +226,8 @@ def test_soak_kill_test_with_random_seeds(kafka: KafkaHelper, s3: S3Helper, tmp_
 # --- in-process workers for the S3, savepoint and corruption tests ------------------------------
 
 
-class Job:
-    """Workers of one job in threads of this process, with an S3 checkpoint store."""
+class Job(Running):
+    """Workers of one job in threads of this process, with an S3 checkpoint store and metrics."""
 
     def __init__(
         self,
@@ -233,34 +239,16 @@ class Job:
         restore_from: str | None = None,
         interval: float = 0.5,
     ) -> None:
-        job = load_job(job_path)
-        self.name = job.name
-        settings = kio.KafkaSettings(kafka.bootstrap, {}, {}, connect_timeout_s=20)
-        self.workers = [
-            Worker(
-                plan_for(job),
-                settings,
-                WorkerSettings(
-                    index=i,
-                    count=workers,
-                    state_dir=state / f"w{i}",
-                    checkpoint_interval_s=interval,
-                    checkpoint_url=url,
-                    restore_from=restore_from,
-                ),
-                metrics=WorkerMetrics(f"test/{job.name}", i),
-            )
-            for i in range(workers)
-        ]
-        self.codes: list[int] = []
-        self.threads = [
-            threading.Thread(target=lambda w=w: self.codes.append(w.run()), daemon=True) for w in self.workers
-        ]
-
-    def __enter__(self) -> Job:
-        for t in self.threads:
-            t.start()
-        return self
+        super().__init__(
+            job_path,
+            kafka,
+            workers,
+            state,
+            metrics=True,
+            checkpoint_interval_s=interval,
+            checkpoint_url=url,
+            restore_from=restore_from,
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -293,13 +281,6 @@ class Job:
         for t in threads:
             t.join(120)
         return answers
-
-    def __exit__(self, *exc: object) -> None:
-        for w in self.workers:
-            w.stop()
-        for t in self.threads:
-            t.join(60)
-        assert self.codes == [0] * len(self.workers), f"worker exit codes {self.codes}"
 
 
 @pytest.fixture

@@ -91,9 +91,10 @@ class Running:
         workers: int,
         state: Path,
         metrics: bool = False,
-        max_cached_windows: int = 1_000_000,
+        **worker_settings: Any,
     ) -> None:
         job = load_job(job_path)
+        worker_settings = {"checkpoint_interval_s": 1, **worker_settings}
         settings = kio.KafkaSettings(
             kafka.bootstrap,
             dict(job.spec.kafka.consumer),
@@ -104,13 +105,7 @@ class Running:
             Worker(
                 plan_for(job),
                 settings,
-                WorkerSettings(
-                    index=i,
-                    count=workers,
-                    state_dir=state / f"w{i}",
-                    checkpoint_interval_s=1,
-                    max_cached_windows=max_cached_windows,
-                ),
+                WorkerSettings(i, workers, state / f"w{i}", **worker_settings),
                 metrics=WorkerMetrics(f"test/{job.name}", i) if metrics else None,
             )
             for i in range(workers)
@@ -148,7 +143,7 @@ class Running:
         for w in self.workers:
             w.stop()
         for t in self.threads:
-            t.join(30)
+            t.join(60)
         assert self.codes == [0] * len(self.workers), f"worker exit codes {self.codes}"
 
 
