@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import kopf
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--savepoint-timeout", type=float, default=600.0, metavar="SECONDS",
         help="how long workers may take to answer a savepoint request (default 600)",
+    )
+    parser.add_argument(
+        "--cleanup-timeout", type=float, default=600.0, metavar="SECONDS",
+        help="how long a deleted job with cleanupPolicy: delete waits for its store to be removed before "
+        "it is let go with a Warning (default 600)",
     )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else KUBECONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -146,7 +152,8 @@ async def _lead(
     platform = kube.KubernetesPlatform(
         api, worker_image=args.worker_image, savepoint_timeout_s=args.savepoint_timeout
     )
-    controller = handlers.Controller(api, platform, metrics, policy=decide.Policy())
+    policy = decide.Policy(cleanup_timeout=timedelta(seconds=args.cleanup_timeout))
+    controller = handlers.Controller(api, platform, metrics, policy=policy)
     registry = handlers.build_registry(controller, clusterwide=bool(args.all_namespaces))
     kopf_stop = asyncio.Event()
     operator = asyncio.create_task(
@@ -182,7 +189,9 @@ async def _lead(
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    # Client libraries' debug logs dump requests and responses (headers included): never ours to show.
+    for noisy in ("kubernetes", "botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(_serve(args))
 
 

@@ -49,9 +49,19 @@ from typing import Any, Literal
 
 from weir import spec
 from weir_operator import model, render
-from weir_operator.plans import Apply, Deployed, Event, Observed, Plan, TakeSavepoint
+from weir_operator.plans import (
+    Action,
+    Apply,
+    Deployed,
+    Event,
+    Observed,
+    Plan,
+    RemoveCheckpoints,
+    StopWorkers,
+    TakeSavepoint,
+)
 
-__all__ = ["Change", "Policy", "classify", "decide"]
+__all__ = ["Change", "Policy", "classify", "decide", "decide_deletion"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,9 @@ class Policy:
     """Failed savepoints per generation and trigger before the job is ``Stalled``."""
     savepoint_retry_after: timedelta = timedelta(seconds=60)
     """Wait after a failed savepoint before trying the change again."""
+    cleanup_timeout: timedelta = timedelta(minutes=10)
+    """How long a deleted job with ``cleanupPolicy: delete`` waits for its store to be removed
+    before it is let go anyway (with a Warning naming what is left)."""
 
 
 class Change(enum.IntEnum):
@@ -141,7 +154,7 @@ class _Draft:
 
     status: model.StreamJobStatus
     updates: dict[str, Any] = field(default_factory=dict)
-    actions: list[Apply | TakeSavepoint] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     stalled: tuple[str, str] | None = None
 
@@ -511,6 +524,93 @@ def _record_reports(draft: _Draft, observed: Observed, now: datetime) -> None:
             draft.set(last_checkpoint=oldest)
 
 
+# --------------------------------------------------------------------------- deletion
+
+
+def cleanup_url(job: spec.StreamJob) -> str | None:
+    """The store directory deleting ``job`` removes (``cleanupPolicy: delete``), else None."""
+    checkpoint = job.spec.checkpoint
+    if checkpoint is None or checkpoint.cleanup_policy != "delete":
+        return None
+    return f"{checkpoint.url.rstrip('/')}/{job.metadata.namespace}/{job.metadata.name}"
+
+
+def decide_deletion(
+    job: spec.StreamJob,
+    generation: int,
+    status: model.StreamJobStatus,
+    observed: Observed,
+    now: datetime,
+    *,
+    policy: Policy = Policy(),
+) -> Plan:
+    """The next step for a StreamJob being deleted that the platform holds (a finalizer).
+
+    Stop the workers; wait until none is left, since a stopping worker may still write a last
+    checkpoint; then, with ``cleanupPolicy: delete``, remove ``<store>/<namespace>/<job>/``;
+    then ``release``. A store that cannot be removed is retried at every reconcile
+    (``Stalled``, reason ``CleanupFailed``) until ``policy.cleanup_timeout`` after the
+    deletion began; then the job is released anyway with a Warning naming what is left:
+    deleting a StreamJob never hangs on an unreachable store, and never loses data silently.
+    """
+    draft = _Draft(status)
+    url = cleanup_url(job)
+    intent = status.intent
+    if intent is None or intent.action != "cleanup":
+        intent = model.Intent(
+            action="cleanup", id=_new_id("cleanup", generation, now), generation=generation,
+            started_at=now, fingerprint=render.fingerprint(job.spec), parallelism=0,
+        )
+        draft.set(intent=intent, error=None)
+        then = f", then removing {url}" if url is not None else " (its store is kept: cleanupPolicy retain)"
+        draft.event("Normal", "CleaningUp", f"{intent.id}: deleting: stopping the workers{then}")
+    draft.set(phase="Deleting", parallelism=0, ready_workers=0)
+    if status.phase != "Deleting":
+        draft.event("Normal", "PhaseDeleting", f"phase {status.phase or 'none'} -> Deleting")
+    release = False
+    stalled: tuple[str, str] | None = None
+    if observed.deployed is not None:
+        draft.actions.append(StopWorkers())
+        waiting = "stopping the workers"
+    elif observed.lingering:
+        waiting = f"waiting for {observed.lingering} workers to stop before removing the store"
+    elif url is None:
+        release, waiting = True, ""
+    elif observed.removed is None:
+        draft.actions.append(RemoveCheckpoints(url))
+        waiting = f"removing {url}"
+        before = next((c for c in status.conditions if c.type == "Stalled"), None)
+        if before is not None and before.reason == "CleanupFailed":
+            stalled = (before.reason, before.message)  # a retry: stalled until it works
+    elif observed.removed.error is None:
+        draft.event("Normal", _DONE_REASON["cleanup"],
+                    f"{intent.id}: removed {observed.removed.objects} objects under {url}")
+        release, waiting = True, ""
+    else:
+        error = observed.removed.error
+        waiting = f"removing {url}"
+        if now - intent.started_at >= policy.cleanup_timeout:
+            draft.event("Warning", "CleanupAbandoned",
+                        f"{intent.id}: {url} could not be removed within {policy.cleanup_timeout} and is "
+                        f"left in place: {error}")
+            release = True
+        else:
+            # The Stalled condition's event says it once; retries of the same failure add none.
+            until = (intent.started_at + policy.cleanup_timeout).isoformat()
+            draft.set(error=error)
+            stalled = ("CleanupFailed", f"removing {url} failed (retried until {until}): {error}")
+    if release:
+        draft.set(intent=None)
+    _write_conditions(draft, now, (
+        ("False", "Deleting", "the StreamJob is being deleted"),
+        ("True", _PROGRESS_REASON["cleanup"], waiting) if not release else ("False", "CleanedUp", ""),
+        ("False", "AsExpected", ""),
+        ("True", *stalled) if stalled is not None else ("False", "AsExpected", ""),
+    ))
+    new_status = status.model_copy(update=draft.updates)
+    return Plan(new_status, tuple(draft.actions), tuple(draft.events), release=release)
+
+
 # --------------------------------------------------------------------------- phase and conditions
 
 
@@ -576,12 +676,24 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
 
     if ready_c[0] == "True" and degraded[0] == "False" and draft.get("last_checkpoint") is not None:
         draft.set(stable_fingerprint=draft.get("reconciled_fingerprint"))
+    _write_conditions(draft, now, (ready_c, progressing, degraded, stalled))
+    if phase != old.phase:
+        draft.set(phase=phase)
+        draft.event("Normal", f"Phase{phase}", f"phase {old.phase or 'none'} -> {phase}")
 
-    previous = {c.type: c for c in old.conditions}
+
+_Condition = tuple[str, str, str]
+"""(status, reason, message) of one condition."""
+
+
+def _write_conditions(
+    draft: _Draft, now: datetime, values: tuple[_Condition, _Condition, _Condition, _Condition]
+) -> None:
+    """Set the conditions (in ``CONDITION_TYPES`` order), keeping transition times and emitting
+    an event for each that changed."""
+    previous = {c.type: c for c in draft.status.conditions}
     conditions = []
-    for type_, (state, reason, message) in zip(
-        model.CONDITION_TYPES, (ready_c, progressing, degraded, stalled), strict=True
-    ):
+    for type_, (state, reason, message) in zip(model.CONDITION_TYPES, values, strict=True):
         before = previous.get(type_)
         changed = before is None or before.status != state
         conditions.append(
@@ -598,9 +710,6 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
         if appeared or (before is not None and changed) or new_cause:
             _condition_event(draft, type_, state, reason, message)
     draft.set(conditions=tuple(conditions))
-    if phase != old.phase:
-        draft.set(phase=phase)
-        draft.event("Normal", f"Phase{phase}", f"phase {old.phase or 'none'} -> {phase}")
 
 
 def _condition_event(draft: _Draft, type_: str, state: str, reason: str, message: str) -> None:

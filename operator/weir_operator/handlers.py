@@ -10,8 +10,12 @@ add. Periodic re-observation (worker reports, crash loops) is ``Controller.resyn
 
 Deletion: the children carry ownerReferences (a cluster's garbage collector removes them),
 and on the watch's DELETED event the controller also deletes them itself, so a cluster
-without a garbage collector (the test API server) ends in the same state. The API errors of
-one reconcile are logged and counted; the job is retried at the next event or resync.
+without a garbage collector (the test API server) ends in the same state. A job with
+``checkpoint.cleanupPolicy: delete`` carries the finalizer ``FINALIZER`` (added and removed
+as the policy changes, on no other job): once it is being deleted, ``reconciler.finalize``
+stops its workers, waits for them to be gone and removes its store directory, and only then
+the finalizer goes. The API errors of one reconcile are logged and counted; the job is
+retried at the next event or resync.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from weir import spec
 from weir_operator import decide, kube, model, render
 from weir_operator.metrics import OperatorMetrics
 from weir_operator.plans import Event
-from weir_operator.reconciler import reconcile
+from weir_operator.reconciler import finalize, reconcile
 
-__all__ = ["Controller", "build_registry", "connection_info"]
+__all__ = ["FINALIZER", "Controller", "build_registry", "connection_info"]
 
 logger = logging.getLogger(__name__)
+
+FINALIZER = "weir.dev/checkpoint-cleanup"
+"""Held by jobs with ``checkpoint.cleanupPolicy: delete`` until their store is removed."""
 
 
 def _utcnow() -> datetime:
@@ -90,8 +97,10 @@ class Controller:
                 return "ok"
             raise
         metadata = body.get("metadata") or {}
-        if metadata.get("deletionTimestamp"):
-            return "ok"
+        finalizers: list[str] = list(metadata.get("finalizers") or ())
+        deleting = bool(metadata.get("deletionTimestamp"))
+        if deleting and FINALIZER not in finalizers:
+            return "ok"  # nothing of ours holds it; the DELETED event removes the children
         self.known.add((namespace, name))
         generation = int(metadata.get("generation") or 0)
         try:
@@ -103,11 +112,43 @@ class Controller:
             job = spec.StreamJob.model_validate(body)
         except ValidationError as exc:
             why = spec.format_validation_error(exc)
+            if deleting:
+                # Nothing can be cleaned up for a spec that cannot be read: let it go, say so.
+                logger.warning("%s/%s: deleted with an unreadable spec, store left as is: %s",
+                               namespace, name, why)
+                self._set_finalizer(body, finalizers, present=False)
+                return "invalid"
             self._invalid(namespace, name, metadata.get("uid"), generation, status, why)
             return "invalid"
+        if deleting:
+            if finalize(self.platform, job, generation, status, self.now, policy=self.policy):
+                self._set_finalizer(body, finalizers, present=False)
+                self.forget(namespace, name)
+            return "ok"
+        wanted = decide.cleanup_url(job) is not None
+        if wanted != (FINALIZER in finalizers):
+            self._set_finalizer(body, finalizers, present=wanted)
         result = reconcile(self.platform, job, generation, status, self.now, policy=self.policy)
         self.metrics.job_phase(f"{namespace}/{name}", result.phase)
         return "ok"
+
+    def _set_finalizer(self, body: dict[str, Any], finalizers: list[str], *, present: bool) -> None:
+        """Add or remove ``FINALIZER``; fails (422, retried) if another controller changed the
+        finalizers meanwhile (a JSON patch that tests the list it read, not the whole object:
+        the status this operator writes changes the resourceVersion)."""
+        metadata = body["metadata"]
+        wanted = [f for f in finalizers if f != FINALIZER] + ([FINALIZER] if present else [])
+        path = "/metadata/finalizers"
+        patch = [{"op": "test", "path": path, "value": finalizers},
+                 {"op": "replace", "path": path, "value": wanted}]
+        if "finalizers" not in metadata:
+            patch = [{"op": "add", "path": path, "value": wanted}]
+        self.custom.patch_namespaced_custom_object(
+            kube.GROUP, kube.VERSION, metadata["namespace"], kube.PLURAL, metadata["name"], patch,
+            _content_type=kube.JSON_PATCH,
+        )
+        logger.info("%s/%s: finalizer %s %s", metadata["namespace"], metadata["name"], FINALIZER,
+                    "added" if present else "removed")
 
     def _invalid(
         self,

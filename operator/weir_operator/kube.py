@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from weir import spec
 from weir_operator import model, render, workers
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerReport, WorkerState
-from weir_operator.platforms import ApplyRejected
+from weir_operator.platforms import ApplyRejected, remove_job_store
 
 __all__ = ["FIELD_MANAGER", "GROUP", "PLURAL", "VERSION", "KubernetesPlatform", "status_patch"]
 
@@ -36,6 +36,7 @@ GROUP, VERSION, PLURAL = "weir.dev", "v1alpha1", "streamjobs"
 FIELD_MANAGER = "weir-operator"
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 def _utcnow() -> datetime:
@@ -81,7 +82,9 @@ class KubernetesPlatform:
         name, namespace = job.metadata.name, job.metadata.namespace
         stateful_set = _read(lambda: self.apps.read_namespaced_stateful_set(name, namespace))
         if stateful_set is None:
-            return Observed()
+            # Pods of a deleted StatefulSet terminate (and may checkpoint) after it is gone.
+            pods = self.core.list_namespaced_pod(namespace, label_selector=render.selector_string(name)).items
+            return Observed(lingering=len(pods))
         cm_name = render.config_map_name(name)
         config_map = _read(lambda: self.core.read_namespaced_config_map(cm_name, namespace))
         service = _read(lambda: self.core.read_namespaced_service(name, namespace))
@@ -210,6 +213,9 @@ class KubernetesPlatform:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+
+    def remove_checkpoints(self, job: spec.StreamJob) -> int:
+        return remove_job_store(job)
 
 
 def _read(call: Callable[[], Any]) -> Any:

@@ -10,9 +10,10 @@ that name none).
 
 ``weir up PATH`` (registered with the ``weir`` command through the ``weir.commands`` entry
 point, so the runtime never imports the operator) runs the manifests in PATH, re-reads them
-every second (an edit is a new generation), prints a ``kubectl get sj``-like table, and on
-Ctrl-C or SIGTERM stops every job with a savepoint (``trigger: shutdown``) that the next
-``weir up`` resumes from.
+every second (an edit is a new generation; a manifest taken out of PATH is a deleted job:
+its workers stop and, with ``cleanupPolicy: delete``, its checkpoints and savepoints are
+removed), prints a ``kubectl get sj``-like table, and on Ctrl-C or SIGTERM stops every job
+with a savepoint (``trigger: shutdown``) that the next ``weir up`` resumes from.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ import yaml
 from weir import spec
 from weir_operator import decide, model, render, workers
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerState
-from weir_operator.reconciler import reconcile
+from weir_operator.platforms import remove_job_store
+from weir_operator.reconciler import finalize, reconcile
 
 __all__ = ["COMMAND", "LocalPlatform", "UpCommand", "load_manifests"]
 
@@ -307,6 +309,9 @@ class LocalPlatform:
             if local is not None:
                 self._stop_all(local)
 
+    def remove_checkpoints(self, job: spec.StreamJob) -> int:
+        return remove_job_store(job, {**os.environ, **self.extra_env})
+
     def close(self) -> None:
         """Stop every worker (SIGTERM: each finishes its batch and checkpoints)."""
         with self._lock:
@@ -327,8 +332,10 @@ class _Tracked:
     created: datetime
 
 
-def load_manifests(path: Path) -> list[spec.StreamJob]:
-    """The StreamJobs in ``path`` (a file, or the ``*.yaml``/``*.yml``/``*.json`` files of a directory)."""
+def load_manifests(path: Path, *, allow_empty: bool = False) -> list[spec.StreamJob]:
+    """The StreamJobs in ``path`` (a file, or the ``*.yaml``/``*.yml``/``*.json`` files of a directory).
+
+    ``allow_empty``: a directory without manifests is no error (every job was taken out)."""
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
     )
@@ -338,7 +345,7 @@ def load_manifests(path: Path) -> list[spec.StreamJob]:
         for document in documents:
             if isinstance(document, dict) and document.get("kind") == spec.KIND:
                 jobs.append(spec.parse_manifest(orjson.dumps(document).decode()))
-    if not jobs:
+    if not jobs and not (allow_empty and path.is_dir()):
         raise spec.SpecError([f"{path}: no StreamJob manifests"])
     return jobs
 
@@ -428,10 +435,17 @@ def _up(platform: LocalPlatform, args: argparse.Namespace, stop: threading.Event
     policy = decide.Policy()
     while not stop.is_set():
         try:
-            jobs = load_manifests(args.path)
+            jobs = load_manifests(args.path, allow_empty=True)
         except (spec.SpecError, OSError) as exc:
-            logger.error("%s: %s (keeping the last valid manifests)", args.path, exc)
+            logger.error("%s (keeping the last valid manifests)", exc)
             jobs = [t.job for t in tracked.values()]
+        present = {(job.metadata.namespace, job.metadata.name) for job in jobs}
+        for key in [k for k in tracked if k not in present]:
+            # A manifest taken out of PATH is a deleted StreamJob (kubectl delete -f).
+            item = tracked[key]
+            if finalize(platform, item.job, item.generation, platform.read_status(*key), platform.now,
+                        policy=policy):
+                del tracked[key]
         for job in jobs:
             key = (job.metadata.namespace, job.metadata.name)
             digest = _digest(job)

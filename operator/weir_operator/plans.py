@@ -11,6 +11,9 @@ The flow of one reconcile (``weir_operator.reconciler``)::
     for action in plan.actions: platform.<act>  # Apply / TakeSavepoint
     -> the outcomes are fed to the next decide() as observations
 
+A StreamJob being deleted goes through ``decide_deletion`` instead, with the actions
+``StopWorkers`` and ``RemoveCheckpoints``; its plan's ``release`` lets the job go.
+
 A ``TakeSavepoint`` is idempotent by id (the workers' control API promises it), so re-running
 an action after an operator restart is safe; the outcome of a savepoint is observed by
 asking for it again under the same id.
@@ -32,7 +35,10 @@ __all__ = [
     "Event",
     "Observed",
     "Plan",
+    "RemoveCheckpoints",
+    "RemovedCheckpoints",
     "SavepointOutcome",
+    "StopWorkers",
     "TakeSavepoint",
     "WorkerReport",
     "WorkerState",
@@ -93,6 +99,14 @@ class SavepointOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class RemovedCheckpoints:
+    """The outcome of ``RemoveCheckpoints``: how many objects went, or why it failed."""
+
+    objects: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     """Everything ``decide`` knows about the world besides the spec and the status."""
 
@@ -104,6 +118,11 @@ class Observed:
     """Outcome of the savepoint the current intent asked for, once it has been taken."""
     apply_error: str | None = None
     """Why the last ``Apply`` was refused (invalid for the platform, forbidden); None if it worked."""
+    lingering: int = 0
+    """Workers still alive with no children left to run them (pods terminating after
+    ``StopWorkers``); a job's store is only removed once none is left to write to it."""
+    removed: RemovedCheckpoints | None = None
+    """Outcome of the ``RemoveCheckpoints`` of this reconcile, once it has run."""
 
     @property
     def ready_workers(self) -> int:
@@ -131,7 +150,19 @@ class TakeSavepoint:
     stop: bool
 
 
-Action: TypeAlias = Apply | TakeSavepoint
+@dataclass(frozen=True, slots=True)
+class StopWorkers:
+    """Remove the job's children so its workers stop (the StreamJob is being deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveCheckpoints:
+    """Delete the job's checkpoints, savepoints and shared files: ``<url>/<namespace>/<job>/``."""
+
+    url: str
+
+
+Action: TypeAlias = Apply | TakeSavepoint | StopWorkers | RemoveCheckpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +181,5 @@ class Plan:
     status: model.StreamJobStatus
     actions: tuple[Action, ...] = ()
     events: tuple[Event, ...] = field(default=())
+    release: bool = False
+    """A job being deleted: its clean-up is over, the platform may let it go (the finalizer)."""

@@ -11,13 +11,15 @@ is transient: the reconcile is retried later.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from weir import spec
+from weir.checkpoint import CheckpointError, CheckpointStore, S3Settings
 from weir_operator import model
 from weir_operator.plans import Apply, Event, Observed, SavepointOutcome
 
-__all__ = ["ApplyRejected", "Platform"]
+__all__ = ["ApplyRejected", "Platform", "remove_job_store"]
 
 
 class ApplyRejected(Exception):
@@ -50,3 +52,22 @@ class Platform(Protocol):
     def delete(self, namespace: str, name: str) -> None:
         """Remove the children of job ``namespace/name`` and stop its workers (the job itself is gone)."""
         ...
+
+    def remove_checkpoints(self, job: spec.StreamJob) -> int:
+        """Delete ``<checkpoint.url>/<namespace>/<job>/`` with the platform's own credentials;
+        returns the number of objects deleted. Raises ``CheckpointError`` or ``OSError``."""
+        ...
+
+
+def remove_job_store(job: spec.StreamJob, env: Mapping[str, str] | None = None) -> int:
+    """Delete ``<checkpoint.url>/<namespace>/<job>/``: the spec's endpoint and region, the
+    credentials of ``env`` (default: this process's environment, i.e. the operator's own; the
+    job's ``credentialsSecret`` is the workers', never read by the operator)."""
+    checkpoint = job.spec.checkpoint
+    if checkpoint is None:
+        raise CheckpointError("the job has no checkpoint store")
+    s3 = None
+    if checkpoint.url.startswith("s3://"):
+        s3 = S3Settings.from_env(env, endpoint_url=checkpoint.endpoint, region=checkpoint.region)
+    with CheckpointStore.open(checkpoint.url, job.metadata.namespace, job.metadata.name, s3) as store:
+        return store.remove_all()

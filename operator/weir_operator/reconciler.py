@@ -5,6 +5,10 @@ Shared by the kopf operator and ``weir up``. The status returned by ``decide`` i
 write-ahead log). Action outcomes (a savepoint's answer, an apply refused) are observations
 for the next round; a reconcile ends when a round has nothing to do, or after
 ``MAX_ROUNDS`` (the next reconcile picks up from the status).
+
+``finalize`` is the same loop for a job being deleted (``decide.decide_deletion``): it
+stops the workers and, with ``cleanupPolicy: delete``, removes the job's store directory;
+it returns whether the platform may let the job go.
 """
 
 from __future__ import annotations
@@ -15,12 +19,20 @@ from dataclasses import replace
 from datetime import datetime
 
 from weir import spec
+from weir.objectstores import CheckpointError
 from weir_operator import decide as deciding
 from weir_operator import model
-from weir_operator.plans import Apply, SavepointOutcome, TakeSavepoint
+from weir_operator.plans import (
+    Apply,
+    RemoveCheckpoints,
+    RemovedCheckpoints,
+    SavepointOutcome,
+    StopWorkers,
+    TakeSavepoint,
+)
 from weir_operator.platforms import ApplyRejected, Platform
 
-__all__ = ["MAX_ROUNDS", "reconcile"]
+__all__ = ["MAX_ROUNDS", "finalize", "reconcile"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +80,41 @@ def reconcile(
                     apply_error = str(exc)
                     logger.warning("%s/%s: apply refused: %s", _ns(job), _name(job), exc)
     return status
+
+
+def finalize(
+    platform: Platform,
+    job: spec.StreamJob,
+    generation: int,
+    status: model.StreamJobStatus,
+    now: Callable[[], datetime],
+    *,
+    policy: deciding.Policy = deciding.Policy(),  # noqa: B008 - frozen
+) -> bool:
+    """Move a job being deleted towards its end; True when the platform may let it go."""
+    removed: RemovedCheckpoints | None = None
+    for _ in range(MAX_ROUNDS):
+        observed = replace(platform.observe(job), removed=removed)
+        plan = deciding.decide_deletion(job, generation, status, observed, now(), policy=policy)
+        if plan.status != status:
+            platform.write_status(job.metadata, plan.status)
+            status = plan.status
+        for event in plan.events:
+            platform.record_event(job.metadata, event)
+        if plan.release or not plan.actions:
+            return plan.release
+        for action in plan.actions:
+            if isinstance(action, StopWorkers):
+                logger.info("%s/%s: deleted: stopping the workers", _ns(job), _name(job))
+                platform.delete(_ns(job), _name(job))
+            elif isinstance(action, RemoveCheckpoints):
+                logger.info("%s/%s: deleted: removing %s", _ns(job), _name(job), action.url)
+                try:
+                    removed = RemovedCheckpoints(objects=platform.remove_checkpoints(job))
+                except (CheckpointError, OSError) as exc:
+                    removed = RemovedCheckpoints(error=str(exc))
+                    logger.warning("%s/%s: removing %s failed: %s", _ns(job), _name(job), action.url, exc)
+    return False
 
 
 def _ns(job: spec.StreamJob) -> str:

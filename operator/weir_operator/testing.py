@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from weir import spec
+from weir.objectstores import CheckpointError
 from weir_operator import model, render
 from weir_operator.plans import (
     Apply,
@@ -60,8 +61,14 @@ class FakePlatform:
     """Every new savepoint fails with this message."""
     reject_apply: str | None = None
     """Every apply is refused with this message."""
+    remove_error: str | None = None
+    """Every removal of the job's store fails with this message."""
+    store_objects: int = 7
+    """Objects a removal of the job's store deletes."""
+    lingering: int = 0
+    """Workers still stopping after their children were deleted."""
     crash_before: frozenset[str] = frozenset()
-    """Actions ("apply", "savepoint") that crash the 'operator' before they happen."""
+    """Actions ("apply", "savepoint", "remove") that crash the 'operator' before they happen."""
     crash_after: frozenset[str] = frozenset()
     """Actions that crash the 'operator' after they happened, before it learns the outcome."""
     statuses: list[model.StreamJobStatus] = field(default_factory=list)
@@ -70,7 +77,8 @@ class FakePlatform:
     savepoints: dict[str, SavepointOutcome] = field(default_factory=dict)
     """Savepoints taken, by id; a request with a known id answers the same outcome."""
     calls: list[str] = field(default_factory=list)
-    """Every call in order: ``status:<phase>:<intent id>``, ``apply``, ``savepoint:<id>``, ``deleted``."""
+    """Every call in order: ``status:<phase>:<intent id>``, ``apply``, ``savepoint:<id>``, ``deleted``,
+    ``removed``."""
     clock: Clock = field(default_factory=Clock)
 
     @property
@@ -80,7 +88,7 @@ class FakePlatform:
     def observe(self, job: spec.StreamJob) -> Observed:
         deployed = self.deployed
         if deployed is None:
-            return Observed(reports=self.reports)
+            return Observed(reports=self.reports, lingering=self.lingering)
         workers = tuple(
             WorkerState(
                 index=i,
@@ -138,3 +146,11 @@ class FakePlatform:
     def delete(self, namespace: str, name: str) -> None:
         self.calls.append("deleted")
         self.deployed = None
+
+    def remove_checkpoints(self, job: spec.StreamJob) -> int:
+        if "remove" in self.crash_before:
+            raise OperatorCrashed("remove")
+        self.calls.append("removed")
+        if self.remove_error is not None:
+            raise CheckpointError(self.remove_error)
+        return self.store_objects

@@ -890,6 +890,32 @@ class CheckpointStore(StoreReader):
         return deleted
 
 
+    def remove_all(self) -> int:
+        """Delete everything of this job: its checkpoints, savepoints and shared files
+        (``<store>/<namespace>/<job>/``), manifests first so a half-removed store never holds
+        a complete-looking checkpoint. Returns the number of objects deleted.
+
+        Only the job's own directory is touched: job ``rev`` never removes ``revenue``'s.
+        """
+        keys = [obj.key for obj in self._backend.list(self._key() + "/")]
+        self._backend.delete([k for k in keys if k.endswith("/" + MANIFEST)])
+        self._backend.delete([k for k in keys if not k.endswith("/" + MANIFEST)])
+        self._present.clear()
+        self._manifest_cache.clear()
+        if isinstance(self._backend, FileBackend):
+            _prune_empty_dirs(self._backend.root / self._key())
+        return len(keys)
+
+
+def _prune_empty_dirs(top: Path) -> None:
+    """Remove ``top`` and the directories below it that hold no file (a file store's leftovers)."""
+    if not top.is_dir():
+        return
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            Path(dirpath).rmdir()
+
+
 def _encode(manifest: Manifest) -> bytes:
     try:
         return manifest.to_json()

@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Client libraries' debug logs dump requests and responses (headers included): never ours to show.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "validate":
         return _validate(args)
     if args.command == "checkpoints":

@@ -1038,7 +1038,10 @@ class CheckpointSpec(_Model):
     """Secret with the S3 access key; omitted means the pod's ambient credentials (e.g. a
     ServiceAccount bound to an IAM role)."""
     cleanup_policy: Literal["retain", "delete"] = "retain"
-    """What happens to the job's checkpoints and savepoints when the StreamJob is deleted."""
+    """What happens to the job's checkpoints and savepoints when the StreamJob is deleted:
+    ``retain`` keeps them; ``delete`` makes the operator hold the StreamJob (a finalizer)
+    until its workers have stopped and it has removed ``<url>/<namespace>/<name>/`` with its
+    own credentials; a store it cannot reach for 10 minutes is left, with a Warning event."""
 
     @model_validator(mode="after")
     def _s3_only_members(self) -> CheckpointSpec:

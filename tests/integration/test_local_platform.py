@@ -27,18 +27,6 @@ OUTPUTS = {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "price"}}
 SPECS = [(name, o["fn"], o.get("field")) for name, o in OUTPUTS.items()]
 
 
-def _runtime_restores() -> bool:
-    """Whether `weir run` takes a restore point (the exactly-once/checkpointing worker)."""
-    done = subprocess.run([sys.executable, "-m", "weir", "run", "--help"], capture_output=True, text=True)
-    return "--restore-from" in done.stdout
-
-
-needs_checkpointing_worker = pytest.mark.skipif(
-    not _runtime_restores(),
-    reason="the worker on this branch has no checkpoints/savepoints yet (`weir run --restore-from`)",
-)
-
-
 def _manifest(
     path: Path, name: str, kafka: KafkaHelper, source: str, sink: str, dlq: str, idle: str = "2s", **spec: Any
 ) -> Path:
@@ -172,11 +160,7 @@ def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHe
     status = _status(state, name)
     shutdown = status["lastSavepoint"]
     assert shutdown["trigger"] == "shutdown"
-    if _runtime_restores():
-        assert shutdown.get("url") and status["parallelism"] == 0, status
-    else:
-        # The worker answers 501 to /savepoint: the failure is recorded, the workers get SIGTERM.
-        assert "501" in shutdown["error"], shutdown
+    assert shutdown.get("url") and status["parallelism"] == 0, status
     assert _worker_pids(state / "local" / name) == {}
     assert status["observedGeneration"] == 1
     assert {c["type"] for c in status["conditions"]} == {"Ready", "Progressing", "Degraded", "Stalled"}
@@ -184,7 +168,6 @@ def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHe
     assert "Deploying" in events_log and "PhaseRunning" in events_log
 
 
-@needs_checkpointing_worker
 @pytest.mark.timeout(300)
 def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     kafka: KafkaHelper, tmp_path: Path
@@ -221,7 +204,6 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     assert _worker_pids(state / "local" / name) == {}
 
 
-@needs_checkpointing_worker
 def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHelper, tmp_path: Path) -> None:
     name = "nonce-" + kafka.unique("j")[-8:]
     source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
@@ -245,3 +227,39 @@ def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHe
     assert nonce and nonce[0]["triggerNonce"] == 1 and nonce[0].get("url"), history
     assert nonce[0]["url"].startswith(store.as_uri())
     assert Path(nonce[0]["url"].removeprefix("file://")).is_dir()
+
+
+def test_a_manifest_taken_out_of_weir_up_deletes_the_job_and_cleanup_delete_removes_its_store(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    source, dlq = kafka.unique("src"), kafka.unique("dlq")
+    kafka.create_topic(source, 2)
+    kafka.create_topic(dlq, 1)
+    _produce(kafka, source, random_events(5, 200, partitions=2, keys=4, start_ms=START_MS, mean_step_ms=150,
+                                          max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0))
+    jobs, store = tmp_path / "jobs", tmp_path / "store"
+    jobs.mkdir()
+    names = {policy: f"{policy}-" + kafka.unique("j")[-8:] for policy in ("delete", "retain")}
+    for policy, name in names.items():
+        sink = kafka.unique("out")
+        kafka.create_topic(sink, 1)
+        _manifest(jobs / f"{name}.yaml", name, kafka, source, sink, dlq,
+                  checkpoint={"url": store.as_uri(), "interval": "1s", "cleanupPolicy": policy})
+    state, log = tmp_path / "state", tmp_path / "up.log"
+
+    with weir_up(jobs, state, kafka, log):
+        for name in names.values():
+            _wait(lambda n=name: _status(state, n).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+        for name in names.values():
+            assert (store / "local" / name / "checkpoints").is_dir()
+            (jobs / f"{name}.yaml").unlink()
+        for name in names.values():
+            _wait(lambda n=name: not _worker_pids(state / "local" / n), 60, "the workers stopped", log)
+        _wait(lambda: not (store / "local" / names["delete"]).exists(), 30, "store removed", log)
+        time.sleep(2)  # a removed job is not started again
+        assert not _worker_pids(state / "local" / names["delete"])
+
+    assert (store / "local" / names["retain"] / "checkpoints").is_dir()
+    events_log = (state / "local" / names["delete"] / "events.log").read_text()
+    assert "CleaningUp" in events_log and f"under {store.as_uri()}/local/{names['delete']}" in events_log
+    assert _status(state, names["delete"])["phase"] == "Deleting"

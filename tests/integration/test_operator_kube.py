@@ -31,8 +31,10 @@ from harness import kube as kube_server
 from harness.common import Running, ServerError, wait_until
 from harness.helm import Helm
 from harness.manifests import MERGE_PATCH, apply, create_namespace, install_crd
+from harness.s3 import S3Helper
 from weir import spec
 from weir_operator import crd, render
+from weir_operator.handlers import FINALIZER
 
 pytestmark = pytest.mark.kube
 
@@ -70,7 +72,9 @@ class Operator:
 
 
 @pytest.fixture(scope="module")
-def operator(kube: Running, helm: Helm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+def operator(
+    kube: Running, helm: Helm, s3_running: Running, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
     suffix = uuid.uuid4().hex[:8]
     release = f"op-{suffix}"
     with kube_server.api_client(kube.info["kubeconfig"]) as admin:
@@ -112,7 +116,10 @@ def operator(kube: Running, helm: Helm, tmp_path_factory: pytest.TempPathFactory
                  f"--health-port={health_port}", "--worker-image=weir:test", f"--kubeconfig={kubeconfig}",
                  "--resync-interval=1", "--savepoint-timeout=3", "--log-level=DEBUG"],
                 stdout=sink, stderr=subprocess.STDOUT,
-                env={**os.environ, "POD_NAME": f"weir-operator-{suffix}-0", "POD_NAMESPACE": namespace},
+                # The operator's own S3 credentials (the chart's extraEnv), for cleanupPolicy: delete.
+                env={**os.environ, "POD_NAME": f"weir-operator-{suffix}-0", "POD_NAMESPACE": namespace,
+                     "AWS_ACCESS_KEY_ID": s3_running.info["access_key"],
+                     "AWS_SECRET_ACCESS_KEY": s3_running.info["secret_key"]},
             )
         handle = Operator(namespace, watched, admin, process, log, metrics_port, health_port, lease)
         try:
@@ -412,6 +419,98 @@ def test_deleting_the_stream_job_removes_its_children(operator: Operator) -> Non
         )
 
     operator.wait(gone, "children deleted")
+
+
+def _put_store(s3: S3Helper, prefix: str) -> set[str]:
+    """A job's store directory as its workers leave it: checkpoints, shared files, a savepoint."""
+    keys = {
+        f"{prefix}/checkpoints/0000000003-w0/manifest.json",
+        f"{prefix}/checkpoints/0000000003-w0/orders-0/CURRENT",
+        f"{prefix}/shared/orders-0/{uuid.uuid4().hex}-000012.sst",
+        f"{prefix}/savepoints/sp-1/w0/manifest.json",
+        f"{prefix}/savepoints/sp-1/w0/orders-0.sst",
+    }
+    s3_client = s3.client()
+    for key in keys:
+        s3_client.put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(64))
+    return keys
+
+
+def _keys(s3: S3Helper, prefix: str) -> set[str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", ())}
+
+
+def _gone(op: Operator, name: str) -> bool:
+    try:
+        _job(op, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False
+
+
+def _store_spec(s3: S3Helper, policy: str) -> dict[str, Any]:
+    return {"url": f"s3://{s3.bucket}/weir", "endpoint": s3.endpoint, "region": s3.region,
+            "cleanupPolicy": policy}
+
+
+def test_cleanup_policy_delete_removes_the_jobs_store_on_deletion_and_retain_keeps_it(
+    operator: Operator, s3: S3Helper
+) -> None:
+    doomed, kept = "cleaned-" + uuid.uuid4().hex[:6], "kept-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, doomed, checkpoint=_store_spec(s3, "delete")))
+    _create(operator, _job_body(operator, kept, checkpoint=_store_spec(s3, "retain")))
+    operator.wait(lambda: FINALIZER in (_job(operator, doomed)["metadata"].get("finalizers") or ()),
+                  "the finalizer on the delete-policy job")
+    operator.wait(lambda: _stateful_set(operator, kept) is not None, "the retain-policy job's StatefulSet")
+    assert FINALIZER not in (_job(operator, kept)["metadata"].get("finalizers") or ())
+    ns = operator.watched
+    doomed_keys = _put_store(s3, f"weir/{ns}/{doomed}")
+    kept_keys = _put_store(s3, f"weir/{ns}/{kept}")
+    neighbour_keys = _put_store(s3, f"weir/{ns}/{doomed}-2")  # shares the name as a prefix
+
+    _delete(operator, doomed)
+    _delete(operator, kept)
+
+    operator.wait(lambda: _gone(operator, doomed) and _gone(operator, kept), "both jobs deleted")
+    assert _keys(s3, f"weir/{ns}/{doomed}/") == set()
+    assert _keys(s3, f"weir/{ns}/{kept}/") == kept_keys
+    assert _keys(s3, f"weir/{ns}/{doomed}-2/") == neighbour_keys
+    assert _stateful_set(operator, doomed) is None
+    events = {e.reason: e.message for e in _events(operator, doomed)}
+    removed = f"removed {len(doomed_keys)} objects under s3://{s3.bucket}/weir/{ns}/{doomed}"
+    assert removed in events["CleanedUp"]
+    assert "CleanupFailed" not in events
+
+
+def test_a_store_unreachable_at_deletion_stalls_it_and_the_cleanup_finishes_when_the_store_returns(
+    operator: Operator, s3: S3Helper
+) -> None:
+    name = "outage-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, checkpoint=_store_spec(s3, "delete")))
+    operator.wait(lambda: FINALIZER in (_job(operator, name)["metadata"].get("finalizers") or ()),
+                  "the finalizer")
+    prefix = f"weir/{operator.watched}/{name}/"
+    _put_store(s3, prefix.rstrip("/"))
+
+    s3.stop()
+    try:
+        _delete(operator, name)
+        operator.wait(lambda: _condition(_status(operator, name), "Stalled").get("reason") == "CleanupFailed",
+                      "Stalled: CleanupFailed", timeout=60)
+        status = _status(operator, name)
+        assert status["phase"] == "Deleting"
+        assert f"s3://{s3.bucket}/weir/{operator.watched}/{name}" in _condition(status, "Stalled")["message"]
+        assert not _gone(operator, name)  # held by the finalizer while the store is away
+    finally:
+        s3.start()
+
+    operator.wait(lambda: _gone(operator, name), "the deletion finished after the store returned", timeout=90)
+    assert _keys(s3, prefix) == set()
+    reasons = [e.reason for e in _events(operator, name)]
+    assert "CleanupFailed" in reasons and "CleanedUp" in reasons
 
 
 def test_a_second_operator_replica_stands_by_while_the_first_holds_the_lease(

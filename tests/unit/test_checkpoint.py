@@ -409,6 +409,49 @@ def test_retention_refuses_to_keep_nothing(tmp_path: Path) -> None:
         store.retain(keep=0, worker_index=0, owned_partitions=[])
 
 
+def test_remove_all_deletes_the_jobs_checkpoints_savepoints_and_shared_files_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    live = _pstore(tmp_path / "live")
+    _fill(live, 200)
+    store = _open(tmp_path)
+    neighbour = CheckpointStore.open(f"file://{tmp_path}/store", NS, JOB + "-2")  # a name with our prefix
+    store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": _snap(live, tmp_path / "s1", 1)})
+    store.write_savepoint("sp-1", (0, 1), {"orders/0": _snap(live, tmp_path / "s2", 2)})
+    neighbour.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": _snap(live, tmp_path / "s3", 3)})
+    job = tmp_path / "store" / NS / JOB
+    files = sum(1 for p in job.rglob("*") if p.is_file())
+
+    assert store.remove_all() == files
+
+    assert not job.exists()
+    assert store.manifests() == [] and store.manifests("savepoint") == []
+    assert [m.id for m in neighbour.manifests()] == ["0000000001-w0"]
+    assert neighbour.verify(neighbour.manifests()[0]) == []
+    assert store.remove_all() == 0  # a second removal finds nothing and is no error
+    live.close()
+    store.close()
+    neighbour.close()
+
+
+def test_remove_all_deletes_manifests_before_the_files_they_list() -> None:
+    backend = MemoryBackend()
+    deleted: list[list[str]] = []
+    inner_delete = backend.delete
+    backend.delete = lambda keys: (deleted.append(list(keys)), inner_delete(keys))[1]  # type: ignore[method-assign]
+    store = CheckpointStore.open("memory://mem/root", NS, JOB, backend=backend)
+    for key in ("checkpoints/0000000001-w0/manifest.json", "checkpoints/0000000001-w0/orders-0/CURRENT",
+                "shared/orders-0/abc-000001.sst", "savepoints/sp/w0/manifest.json",
+                "savepoints/sp/w0/orders-0.sst"):
+        backend.put_bytes(f"root/{NS}/{JOB}/{key}", b"x")
+
+    assert store.remove_all() == 5
+
+    assert all(k.endswith("/manifest.json") for k in deleted[0]) and len(deleted[0]) == 2
+    assert not any(k.endswith("/manifest.json") for k in deleted[1]) and len(deleted[1]) == 3
+    assert list(backend.list("root/")) == []
+
+
 # -- savepoints ----------------------------------------------------------------------------------
 def test_a_savepoint_restores_into_a_fresh_store_with_the_same_items_and_progress(tmp_path: Path) -> None:
     live = _pstore(tmp_path / "live")

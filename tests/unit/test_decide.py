@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,9 @@ import yaml
 
 from weir import spec
 from weir_operator import model, render
-from weir_operator.decide import Change, Policy, classify, decide
+from weir_operator.decide import Change, Policy, classify, cleanup_url, decide
 from weir_operator.plans import Apply, Deployed, Observed, SavepointOutcome, TakeSavepoint, WorkerReport
-from weir_operator.reconciler import reconcile
+from weir_operator.reconciler import finalize, reconcile
 from weir_operator.testing import Clock, FakePlatform, OperatorCrashed
 
 EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
@@ -528,3 +529,109 @@ def test_a_savepoint_outcome_for_another_id_is_not_taken_for_the_intents_own() -
 
     assert isinstance(again.actions[0], TakeSavepoint)
     assert again.status.last_savepoint is None
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+def deleting_job(policy: str = "delete") -> spec.StreamJob:
+    return job(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": policy})
+
+
+def test_a_deleted_job_with_cleanup_delete_stops_its_workers_before_removing_its_store() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "delete"})
+
+    released = finalize(platform, the_job, 1, platform.status, platform.clock)
+
+    assert released
+    assert platform.calls[0].startswith("status:Deleting:cleanup-1-")  # the intent first
+    assert [c for c in platform.calls if not c.startswith("status:")] == ["deleted", "removed"]
+    reasons = [e.reason for e in platform.events]
+    assert reasons[0] == "CleaningUp" and "CleanedUp" in reasons
+    cleaned = next(e for e in platform.events if e.reason == "CleanedUp")
+    assert "removed 7 objects under s3://bucket/weir/default/revenue" in cleaned.message
+    assert platform.status.phase == "Deleting" and platform.status.intent is None
+
+
+def test_the_store_is_not_removed_while_a_stopping_worker_may_still_write_to_it() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "delete"})
+    platform.lingering = 2
+
+    assert not finalize(platform, the_job, 1, platform.status, platform.clock)
+    assert "removed" not in platform.calls
+    assert condition(platform.status, "Progressing").message == (
+        "waiting for 2 workers to stop before removing the store"
+    )
+
+    platform.lingering = 0
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+    assert platform.calls.count("removed") == 1
+
+
+def test_a_deleted_job_with_cleanup_retain_keeps_its_store() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "retain"})
+
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+
+    assert "removed" not in platform.calls and "deleted" in platform.calls
+    assert "cleanupPolicy retain" in platform.events[0].message
+
+
+def test_a_store_that_cannot_be_removed_stalls_the_deletion_and_is_retried_without_new_events() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "delete"})
+    platform.remove_error = "connecting to s3://bucket failed: connection refused"
+
+    assert not finalize(platform, the_job, 1, platform.status, platform.clock)
+    stalled = condition(platform.status, "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "CleanupFailed")
+    assert "connection refused" in stalled.message and platform.status.error is not None
+    failures = [e for e in platform.events if e.reason == "CleanupFailed"]
+    assert len(failures) == 1 and failures[0].type == "Warning" and "retried until" in failures[0].message
+
+    platform.clock.advance(30)
+    assert not finalize(platform, the_job, 1, platform.status, platform.clock)
+    assert platform.calls.count("removed") == 2
+    # The same failure again: no new event.
+    assert len([e for e in platform.events if e.reason == "CleanupFailed"]) == 1
+
+    platform.remove_error = None
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+    assert condition(platform.status, "Stalled").status == "False"
+
+
+def test_a_store_unreachable_past_the_cleanup_timeout_is_left_and_the_job_let_go_with_a_warning() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "delete"})
+    platform.remove_error = "AccessDenied"
+    policy = Policy(cleanup_timeout=timedelta(minutes=10))
+
+    assert not finalize(platform, the_job, 1, platform.status, platform.clock, policy=policy)
+    platform.clock.advance(599)
+    assert not finalize(platform, the_job, 1, platform.status, platform.clock, policy=policy)
+    platform.clock.advance(1)
+    assert finalize(platform, the_job, 1, platform.status, platform.clock, policy=policy)
+
+    abandoned = [e for e in platform.events if e.reason == "CleanupAbandoned"]
+    assert len(abandoned) == 1 and abandoned[0].type == "Warning"
+    assert "s3://bucket/weir/default/revenue" in abandoned[0].message
+    assert "AccessDenied" in abandoned[0].message
+
+
+def test_an_operator_restart_during_deletion_continues_the_same_cleanup_intent() -> None:
+    platform, the_job = running(checkpoint={"url": "s3://bucket/weir", "cleanupPolicy": "delete"})
+    platform.crash_before = frozenset({"remove"})
+
+    with pytest.raises(OperatorCrashed):
+        finalize(platform, the_job, 1, platform.status, platform.clock)
+    intent = platform.status.intent
+    assert intent is not None and intent.action == "cleanup"
+
+    platform.crash_before = frozenset()
+    platform.clock.advance(5)
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+    assert [e.reason for e in platform.events].count("CleaningUp") == 1  # resumed, not begun again
+
+
+def test_cleanup_url_names_the_jobs_own_directory_only_for_the_delete_policy() -> None:
+    assert cleanup_url(deleting_job("delete")) == "s3://bucket/weir/default/revenue"
+    assert cleanup_url(deleting_job("retain")) is None
+    assert job().spec.checkpoint is None and cleanup_url(job()) is None
