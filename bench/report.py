@@ -213,6 +213,7 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
     ]
     lines += checkpoint_markdown()
+    lines += rescale_markdown()
     if profile:
         lines += profile_markdown(profile, doc)
     return "\n".join(lines) + "\n"
@@ -248,6 +249,50 @@ def checkpoint_markdown(path: Path | None = None) -> list[str]:
             f"| {inc['snapshot_seconds'] * 1000:.0f} ms "
             f"| {rest['seconds'] + rest['open_seconds']:.2f} s "
             f"| {sp['snapshot_seconds'] + sp['upload_seconds']:.2f} s | {sp['restore_seconds']:.2f} s |"
+        )
+    lines.append("")
+    return lines
+
+
+def rescale_markdown(path: Path | None = None) -> list[str]:
+    """The rescale figures of ``bench/rescale_bench.py`` (its own run, its own JSON; like the
+    checkpoint table, from the full run's file: ``--quick`` writes ``rescale-quick.json``)."""
+    path = path or Path(__file__).parent / "results" / "rescale.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    p, sp = d["parameters"], d["savepoint"]
+    lines = [
+        "## Rescale through a savepoint",
+        "",
+        f"The benchmark's job (exactly-once, checkpoints every {p['checkpoint_interval_s']:g} s to "
+        f"{d['store']}) as {p['from_workers']} `weir run` worker processes on a "
+        f"{p['partitions']}-partition topic: "
+        f"{p['first_half']:,} events over {p['keys']:,} keys, then a savepoint with stop through the "
+        f"workers' control API ({sp['entries']:,} open windows, {sp['files']} files); then "
+        f"{p['second_half']:,} more events, and the savepoint restored into a new job of M workers "
+        f"(`--restore-from`, `--workers M`). Run {d['when']} on commit `{d['commit']}` with "
+        f"`{d['command']}` (load {d['machine']['loadavg_start'][0]:.1f} at the start, "
+        f"{d['machine']['loadavg'][0]:.1f} at the end). Savepoint: request to every worker's answer; "
+        "size: bytes in the store. Restore: first worker process started to every worker ready "
+        "(state downloaded and opened, transactions initialised). Caught up: started to the job's "
+        "consumer group having committed the topic's end offsets (lag 0); events/s: the records "
+        "after the savepoint over ready to caught up. **Checked**: the read_committed output before "
+        "the savepoint plus the restored job's equals the reference, every window once.",
+        "",
+        "| from → to workers | savepoint | size | restore | caught up | catch-up events/s | output |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in d["restores"]:
+        head = f"| {p['from_workers']} → {r['workers']} "
+        if r["status"] != "ok":
+            cell = "failed: " + "; ".join(r.get("problems") or [])[:200]
+            lines.append(head + "| " + " | ".join([NA] * 5) + f" | {cell} |")
+            continue
+        lines.append(
+            head + f"| {sp['seconds']:.2f} s | {sp['store_bytes'] / 1e6:.2f} MB "
+            f"| {r['restore_seconds']:.2f} s | {r['caught_up_seconds']:.2f} s "
+            f"| {_num(r['catchup_events_per_s'])} | checked \u2713 |"
         )
     lines.append("")
     return lines
@@ -398,3 +443,20 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
         "decode and window assignment together) or move window + aggregate into native code; "
         "more throughput per job comes from more workers (partitions).",
     ]
+
+
+def main() -> int:
+    """Rewrite BENCHMARKS.md from the last results (latest.json, profile-latest.json, checkpoint.json,
+    rescale.json) without running anything: after ``checkpoint_bench.py`` or ``rescale_bench.py``."""
+    results = Path(__file__).parent / "results"
+    doc = json.loads((results / "latest.json").read_text())
+    profile_path = results / "profile-latest.json"
+    profile = json.loads(profile_path.read_text()) if profile_path.exists() else None
+    out = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+    out.write_text(markdown(doc, profile))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
