@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -152,6 +152,60 @@ def create_topic(admin: AdminClient, topic: str, partitions: int) -> None:
     kio.recreate_topics(admin, {topic: partitions})
 
 
+def produce(
+    bootstrap: str,
+    topic: str,
+    items: Iterable[tuple[str, int, float, bytes]],
+    end: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Write ``items`` (from ``events``) to ``topic``, keyed by product; returns ``(count, value bytes)``.
+
+    With ``end=(n, partitions)``, one end-of-input record for ``n`` events follows in every
+    partition, written only after every event was delivered (so it comes after them all).
+    The default partitioner puts a key in the same partition whichever call writes it, so
+    events written in several calls keep each key's order.
+    """
+    failures: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 50,
+            "batch.num.messages": 10_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 500_000,
+            "enable.idempotence": True,
+            "delivery.report.only.error": True,
+            "on_delivery": on_delivery,
+        }
+    )
+    count = nbytes = 0
+    for product, _ts, _price, value in items:
+        count += 1
+        nbytes += len(value)
+        key = product.encode()
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    # Flush first: every partition's end record must come after all of its events.
+    remaining = producer.flush(120)
+    if end is not None:
+        n, partitions = end
+        for p in range(partitions):
+            producer.produce(topic, end_value(n), END_KEY.encode(), partition=p)
+        remaining += producer.flush(120)
+    if remaining or failures:
+        raise RuntimeError(f"writing {topic} failed: {remaining} undelivered; {failures[:3]}")
+    return count, nbytes
+
+
 def ensure_input(
     bootstrap: str, n: int, keys: int, partitions: int, seed: int = SEED, log: Any = print
 ) -> str:
@@ -174,42 +228,8 @@ def ensure_input(
         )
     create_topic(admin, topic, partitions)
     log(f"writing {n:,} events over {keys:,} keys to {topic} ...")
-    failures: list[str] = []
-
-    def on_delivery(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 50,
-            "batch.num.messages": 10_000,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 500_000,
-            "enable.idempotence": True,
-            "delivery.report.only.error": True,
-            "on_delivery": on_delivery,
-        }
-    )
     started = time.monotonic()
-    nbytes = 0
-    for product, _ts, _price, value in events(n, keys, seed):
-        nbytes += len(value)
-        key = product.encode()
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    # Flush first: every partition's end record must come after all of its events.
-    remaining = producer.flush(120)
-    for p in range(partitions):
-        producer.produce(topic, end_value(n), END_KEY.encode(), partition=p)
-    remaining += producer.flush(120)
-    if remaining or failures:
-        raise RuntimeError(f"writing {topic} failed: {remaining} undelivered; {failures[:3]}")
+    _, nbytes = produce(bootstrap, topic, events(n, keys, seed), end=(n, partitions))
     size = topic_size(admin, bootstrap, topic)
     if size != (partitions, n + partitions):
         raise RuntimeError(f"{topic} holds {size} after writing, want ({partitions}, {n + partitions})")

@@ -213,6 +213,7 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
     ]
     lines += checkpoint_markdown()
+    lines += rescale_markdown()
     if profile:
         lines += profile_markdown(profile, doc)
     return "\n".join(lines) + "\n"
@@ -251,6 +252,63 @@ def checkpoint_markdown(path: Path | None = None) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def rescale_markdown(path: Path | None = None) -> list[str]:
+    """The rescale figures of ``bench/rescale_bench.py`` (its own run, its own JSON; like the
+    checkpoint table, from the full run's file: ``--quick`` writes ``rescale-quick.json``)."""
+    path = path or Path(__file__).parent / "results" / "rescale.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    p, sp = d["parameters"], d["savepoint"]
+    lines = [
+        "## Rescale through a savepoint",
+        "",
+        f"The benchmark's job (exactly-once, checkpoints every {p['checkpoint_interval_s']:g} s to "
+        f"{d['store']}) as {p['from_workers']} `weir run` worker processes on a "
+        f"{p['partitions']}-partition topic: {p['first_half']:,} events over {p['keys']:,} keys, then a "
+        f"savepoint with stop through the workers' control API ({sp['entries']:,} open windows in "
+        f"{sp['files']} files); then {p['second_half']:,} more events, and the savepoint restored into "
+        "a new job of M workers (`--restore-from`, `--workers M`). Run "
+        f"{d['when']} on commit `{d['commit']}` with `{d['command']}` (load "
+        f"{d['machine']['loadavg_start'][0]:.1f} at the start, {d['machine']['loadavg'][0]:.1f} at the "
+        "end).",
+        "",
+        "Savepoint: the request to every worker's answer; size: the savepoint's bytes in the store. "
+        "Restore: the first worker process started to every worker ready (state downloaded and "
+        "opened, transactions initialised); of which state: the longest "
+        "`weir_restore_duration_seconds` of a worker (download and open alone). Caught up: started "
+        "to the job's consumer group having committed the topic's end offsets (lag 0); events/s: "
+        "the records after the savepoint over ready to caught up. **Output checked**: the "
+        "read_committed output before the savepoint plus the restored job's equals the reference, "
+        "every window once. A tumbling-window job's state is its open windows, so this savepoint is "
+        "small and the restore is mostly process start-up; the checkpoint table above gives the "
+        "restore rate of large state.",
+        "",
+        "| from → to workers | savepoint | size | restore | of which state | caught up | catch-up events/s "
+        "| output |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in d["restores"]:
+        head = f"| {p['from_workers']} → {r['workers']} "
+        state = [v for v in r.get("restore_metric_seconds") or () if v is not None]
+        if r["status"] != "ok":
+            cell = "failed: " + "; ".join(r.get("problems") or [])[:200]
+            lines.append(head + "| " + " | ".join([NA] * 6) + f" | {cell} |")
+            continue
+        lines.append(
+            head + f"| {sp['seconds']:.2f} s | {sp['store_bytes'] / 1e6:.2f} MB "
+            f"| {r['restore_seconds']:.2f} s | {_seconds(max(state)) if state else NA} "
+            f"| {r['caught_up_seconds']:.2f} s "
+            f"| {_num(r['catchup_events_per_s'])} | checked \u2713 |"
+        )
+    lines.append("")
+    return lines
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.2f} s"
 
 
 def _unavailable_note(doc: dict[str, Any], k: str) -> str:
@@ -398,3 +456,20 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
         "decode and window assignment together) or move window + aggregate into native code; "
         "more throughput per job comes from more workers (partitions).",
     ]
+
+
+def main() -> int:
+    """Rewrite BENCHMARKS.md from the last results (latest.json, profile-latest.json, checkpoint.json,
+    rescale.json) without running anything: after ``checkpoint_bench.py`` or ``rescale_bench.py``."""
+    results = Path(__file__).parent / "results"
+    doc = json.loads((results / "latest.json").read_text())
+    profile_path = results / "profile-latest.json"
+    profile = json.loads(profile_path.read_text()) if profile_path.exists() else None
+    out = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+    out.write_text(markdown(doc, profile))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
