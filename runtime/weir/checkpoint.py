@@ -831,11 +831,18 @@ class CheckpointStore(StoreReader):
         self._digests = {k: v for k, v in self._digests.items() if k in live}
 
     # retention
-    def retain(self, keep: int, worker_index: int, owned_partitions: Iterable[str]) -> int:
+    def retain(
+        self, keep: int, worker_index: int, owned_partitions: Iterable[str], workers: int | None = None
+    ) -> int:
         """Delete worker ``worker_index``'s checkpoints beyond its newest ``keep`` complete ones
         (and its abandoned incomplete ones older than those), then the shared files of
         ``owned_partitions`` that no remaining checkpoint of any worker references.
         Savepoints are never touched. Returns the number of objects deleted.
+
+        With ``workers`` (the job's current worker count), worker 0 also deletes the
+        checkpoints of indices ``>= workers`` left by a larger earlier deployment, once every
+        current worker has a complete checkpoint newer than them: until then a partition's
+        committed offsets may still name one of them as its state.
 
         When any checkpoint manifest is unreadable, no shared file is deleted (what it
         references is unknown); its own old checkpoints are still cleaned up.
@@ -860,6 +867,8 @@ class CheckpointStore(StoreReader):
             parsed = parse_checkpoint_id(cid)
             if parsed and parsed[1] == worker_index and parsed[0] < oldest_kept:
                 doomed_ids.append(cid)
+        if workers is not None and worker_index == 0:
+            doomed_ids += self._departed(found, workers)
         deleted = 0
         for cid in doomed_ids:
             keys = by_id.get(cid, [])
@@ -889,6 +898,30 @@ class CheckpointStore(StoreReader):
             self._present[pdir] = listed - set(orphans)
         return deleted
 
+
+    def _departed(self, found: Scan, workers: int) -> list[str]:
+        """Checkpoints of worker indices ``>= workers`` that every current worker has superseded
+        with a checkpoint written at this parallelism (``workers`` in its manifest)."""
+
+        def index(cid: str) -> int:
+            return (parse_checkpoint_id(cid) or (-1, -1))[1]
+
+        newest: dict[int, int] = {}
+        for m in found.manifests:
+            if 0 <= index(m.id) < workers and m.workers == workers:
+                newest[index(m.id)] = max(newest.get(index(m.id), 0), m.created_ms)
+        if len(newest) < workers:
+            return []
+        horizon = min(newest.values())
+        departed = [m for m in found.manifests if index(m.id) >= workers]
+        gone = [m.id for m in departed if m.created_ms < horizon]
+        if gone:
+            log.info("deleting %d checkpoints of worker indices >= %d (a smaller deployment runs now)",
+                     len(gone), workers)
+        if len(gone) < len(departed):
+            return gone
+        # Every departed complete one is superseded: their unfinished ones will never complete.
+        return gone + [c for c in found.incomplete if index(c) >= workers]
 
     def remove_all(self) -> int:
         """Delete everything of this job: its checkpoints, savepoints and shared files

@@ -1013,7 +1013,8 @@ class Worker:
 
     def _retain(self, owned: list[str]) -> None:
         try:
-            self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned)
+            self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned,
+                               workers=self.settings.count)
         except ck.CheckpointError as exc:
             log.warning("deleting old checkpoints failed (retried after the next one): %s", exc)
 

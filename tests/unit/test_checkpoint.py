@@ -371,6 +371,47 @@ def test_retention_never_deletes_files_that_another_workers_checkpoint_reference
     store.close()
 
 
+def test_after_a_scale_down_worker_0_deletes_departed_indices_checkpoints_once_every_worker_has_newer(
+    tmp_path: Path,
+) -> None:
+    clock = iter(range(1_000, 100_000, 1_000))
+    store = _open(tmp_path, clock=lambda: next(clock) / 1000)
+
+    def write(cid: str, worker: tuple[int, int], partition: str) -> None:
+        snap = _fake_rocksdb_dir(tmp_path / cid, **{"000009_sst": os.urandom(100)})
+        store.write_checkpoint(cid, worker, {partition: PartitionSnapshot(snap, 1)})
+
+    # Four workers ran; now two do. Worker 0 has checkpointed, worker 1 not yet.
+    for index in range(4):
+        write(checkpoint_id(5, index), (index, 4), f"orders/{index}")
+    job = tmp_path / "store" / NS / JOB
+    unfinished = job / "checkpoints" / "0000000006-w3" / "orders-3"  # a departed worker's, never finished
+    unfinished.mkdir(parents=True)
+    (unfinished / "CURRENT").write_bytes(b"MANIFEST-000001\n")
+    write(checkpoint_id(6, 0), (0, 2), "orders/0")
+
+    store.retain(keep=3, worker_index=0, owned_partitions=["orders/0", "orders/2"], workers=2)
+    assert sorted(m.id for m in store.manifests()) == [
+        "0000000005-w0", "0000000005-w1", "0000000005-w2", "0000000005-w3", "0000000006-w0"
+    ]  # worker 1 may still restore orders/3 from 0000000005-w3: nothing departed goes yet
+    assert unfinished.exists()
+
+    write(checkpoint_id(6, 1), (1, 2), "orders/1")
+    store.retain(keep=3, worker_index=1, owned_partitions=["orders/1", "orders/3"], workers=2)
+    store.retain(keep=3, worker_index=0, owned_partitions=["orders/0", "orders/2"], workers=2)
+
+    assert sorted(m.id for m in store.manifests()) == [
+        "0000000005-w0", "0000000005-w1", "0000000006-w0", "0000000006-w1"
+    ]
+    assert not unfinished.parent.exists()
+    # The departed checkpoints' files of orders/2 (now worker 0's) are gone; orders/3's go at
+    # worker 1's next retention, the first after the manifests that referenced them went.
+    assert not any((job / "shared" / "orders-2").glob("*"))
+    store.retain(keep=3, worker_index=1, owned_partitions=["orders/1", "orders/3"], workers=2)
+    assert not any((job / "shared" / "orders-3").glob("*"))
+    store.close()
+
+
 def test_retention_removes_the_files_of_a_failed_checkpoint_and_never_touches_savepoints(
     tmp_path: Path,
 ) -> None:
