@@ -27,7 +27,10 @@ upgradeMode     scale (parallelism)                                             
 ==============  ===============================================================  ==============
 
 Every weir pipeline ends in a keyed window, so every job is stateful and a parallelism
-change hands state over through a savepoint unless the user said ``stateless``.
+change hands state over through a savepoint unless the user said ``stateless``. Whatever the
+mode, workers of two parallelisms never run at once: the old ones are scaled to zero and
+gone before the new ones start (at the same parallelism a rolling replacement is safe: one
+pod per ordinal, and a new worker's transactional ids fence its predecessor's).
 
 The seam for the full savepoint-upgrade state machine (stable-spec tracking, rollback to
 ``status.stableFingerprint``, a bounded policy for failed savepoints beyond retrying) is
@@ -501,6 +504,16 @@ def _continue(
         # Retried on the next reconcile, not in a tight loop; Stalled says why.
         draft.set(error=observed.apply_error)
         return
+    if deployed is not None and deployed.workers != workers and replicas > 0:
+        # Workers of two parallelisms never run side by side: a partition would have two owners
+        # with different transactional ids, and exactly-once output would get duplicates (a
+        # StatefulSet's rolling update would overlap them, and Kubernetes restarts a worker that
+        # exited after a stop-savepoint). Stop every old worker first, then start the new ones.
+        if deployed.replicas > 0:
+            draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from))
+            return
+        if observed.lingering:
+            return  # old workers still stopping: the next reconcile starts the new ones
     draft.actions.append(Apply(workers, replicas, intent.restore_from))
 
 

@@ -104,7 +104,8 @@ class KubernetesPlatform:
         pods = self.core.list_namespaced_pod(namespace, label_selector=render.selector_string(name)).items
         worker_states = _worker_states(pods, replicas, ready)
         reports = self._reports(name, namespace, [w.index for w in worker_states if w.ready], bool(pods))
-        return Observed(deployed=deployed, workers=worker_states, reports=reports)
+        lingering = sum(1 for pod in pods if (_pod_index(pod) or 0) >= replicas)
+        return Observed(deployed=deployed, workers=worker_states, reports=reports, lingering=lingering)
 
     def _reports(
         self, name: str, namespace: str, ready: list[int], have_pods: bool
@@ -237,13 +238,19 @@ def _deployed_spec(config_map: Any) -> spec.JobSpec | None:
         return None
 
 
+def _pod_index(pod: Any) -> int | None:
+    """A worker pod's ordinal (its pod-index label, else its name's suffix)."""
+    labels = pod.metadata.labels or {}
+    index = labels.get(render.POD_INDEX_LABEL) or pod.metadata.name.rsplit("-", 1)[-1]
+    return int(index) if str(index).isdigit() else None
+
+
 def _worker_states(pods: list[Any], replicas: int, ready_replicas: int) -> tuple[WorkerState, ...]:
     by_index: dict[int, Any] = {}
     for pod in pods:
-        labels = pod.metadata.labels or {}
-        index = labels.get(render.POD_INDEX_LABEL) or pod.metadata.name.rsplit("-", 1)[-1]
-        if str(index).isdigit():
-            by_index[int(index)] = pod
+        index = _pod_index(pod)
+        if index is not None:
+            by_index[index] = pod
     states = []
     for i in range(replicas):
         pod = by_index.get(i)

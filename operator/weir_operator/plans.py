@@ -119,8 +119,9 @@ class Observed:
     apply_error: str | None = None
     """Why the last ``Apply`` was refused (invalid for the platform, forbidden); None if it worked."""
     lingering: int = 0
-    """Workers still alive with no children left to run them (pods terminating after
-    ``StopWorkers``); a job's store is only removed once none is left to write to it."""
+    """Workers alive that the children no longer ask for: pods terminating after a scale to
+    fewer replicas or after ``StopWorkers``. New workers of another parallelism start, and a
+    deleted job's store is removed, only once none is left."""
     removed: RemovedCheckpoints | None = None
     """Outcome of the ``RemoveCheckpoints`` of this reconcile, once it has run."""
 

@@ -36,8 +36,9 @@ __all__ = ["MAX_ROUNDS", "finalize", "reconcile"]
 
 logger = logging.getLogger(__name__)
 
-MAX_ROUNDS = 4
-"""Rounds per reconcile: deploy needs 2 (apply, see it applied), a savepoint-and-redeploy 3."""
+MAX_ROUNDS = 6
+"""Rounds per reconcile: deploy needs 2 (apply, see it applied), a savepoint-and-rescale 4
+(savepoint, stop the old workers, start the new ones, see them applied)."""
 
 
 def reconcile(

@@ -66,7 +66,7 @@ class FakePlatform:
     store_objects: int = 7
     """Objects a removal of the job's store deletes."""
     lingering: int = 0
-    """Workers still stopping after their children were deleted."""
+    """Workers still stopping that the children no longer ask for."""
     crash_before: frozenset[str] = frozenset()
     """Actions ("apply", "savepoint", "remove") that crash the 'operator' before they happen."""
     crash_after: frozenset[str] = frozenset()
@@ -99,7 +99,7 @@ class FakePlatform:
             )
             for i in range(deployed.replicas)
         )
-        return Observed(deployed=deployed, workers=workers, reports=self.reports)
+        return Observed(deployed=deployed, workers=workers, reports=self.reports, lingering=self.lingering)
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
         if "apply" in self.crash_before:

@@ -204,6 +204,45 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     assert _worker_pids(state / "local" / name) == {}
 
 
+@pytest.mark.timeout(300)
+def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_stays_exact(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    name = "scale-" + kafka.unique("j")[-8:]
+    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
+    kafka.create_topic(source, 4)
+    kafka.create_topic(sink, 1)
+    kafka.create_topic(dlq, 1)
+    events = random_events(13, 800, partitions=4, keys=8, start_ms=START_MS, mean_step_ms=150,
+                           max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
+    first, second = events[:400], events[400:]
+    checkpoint = {"url": (tmp_path / "store").as_uri(), "interval": "1s"}
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq, idle="30s",
+                         checkpoint=checkpoint)
+    state, log = tmp_path / "state", tmp_path / "up.log"
+    _produce(kafka, source, first)
+
+    with weir_up(manifest, state, kafka, log) as process:
+        _wait(lambda: _status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+        _manifest(manifest, name, kafka, source, sink, dlq, idle="30s", checkpoint=checkpoint, parallelism=3)
+        _wait(lambda: _status(state, name).get("parallelism") == 3
+              and _status(state, name).get("phase") == "Running", 90, "3 workers running", log)
+        assert sorted(_worker_pids(state / "local" / name)) == [0, 1, 2]
+        _produce(kafka, source, second)
+        expected = _expected(events)
+        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
+        time.sleep(3)  # anything emitted twice would show up now
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0, log.read_text()
+
+    assert _results(kafka.read_all(sink)) == expected
+    status = _status(state, name)
+    upgrade = [s for s in status["savepointHistory"] if s["trigger"] == "upgrade"]
+    assert len(upgrade) == 1 and upgrade[0].get("url"), status["savepointHistory"]
+    events_log = (state / "local" / name / "events.log").read_text()
+    assert "Scaling" in events_log and "Scaled" in events_log
+
+
 def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHelper, tmp_path: Path) -> None:
     name = "nonce-" + kafka.unique("j")[-8:]
     source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")

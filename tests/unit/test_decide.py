@@ -208,6 +208,42 @@ def test_scaling_a_stateless_job_redeploys_without_a_savepoint() -> None:
     assert status.parallelism == 3 and status.last_savepoint is None
 
 
+def test_a_rescale_stops_every_old_worker_before_any_new_one_starts() -> None:
+    platform, _ = running(parallelism=2)
+
+    run(platform, job(parallelism=4), generation=2)
+
+    url = platform.applied[-1].restore_from
+    assert url is not None
+    # deploy, then the old workers to zero (after their stop-savepoint), then the new ones
+    assert platform.applied == [Apply(2, 2, None), Apply(2, 0, None), Apply(4, 4, url)]
+    acts = [c for c in platform.calls if not c.startswith("status:")]
+    assert acts[0].startswith("savepoint:") and acts[1:] == ["apply", "apply"]
+
+
+def test_new_workers_of_another_parallelism_wait_until_the_old_ones_are_gone() -> None:
+    platform, _ = running(parallelism=4, upgradeMode="stateless")
+    platform.lingering = 2  # two old pods still terminating after the scale to zero
+
+    run(platform, job(parallelism=2, upgradeMode="stateless"), generation=2)
+    assert platform.applied[-1] == Apply(4, 0, None)
+    assert platform.status.intent is not None and platform.status.phase == "Deploying"
+
+    platform.lingering = 0
+    status = run(platform, job(parallelism=2, upgradeMode="stateless"), generation=2)
+    assert platform.applied[-1] == Apply(2, 2, None)
+    assert status.intent is None and status.phase == "Running"
+
+
+def test_an_upgrade_at_the_same_parallelism_replaces_workers_without_stopping_them_all() -> None:
+    # One pod per ordinal and the same transactional ids: a new worker fences its predecessor.
+    platform, _ = running(parallelism=2, upgradeMode="stateless")
+
+    run(platform, job(parallelism=2, upgradeMode="stateless", image="weir:2"), generation=2)
+
+    assert platform.applied == [Apply(2, 2, None), Apply(2, 2, None)]
+
+
 def test_last_state_takes_a_savepoint_to_rescale_but_upgrades_from_the_latest_checkpoint() -> None:
     platform, _ = running(parallelism=2, upgradeMode="last-state")
     run(platform, job(parallelism=3, upgradeMode="last-state"), generation=2)
