@@ -94,7 +94,11 @@ def choose(
 
     if explicit:
         source = explicit[0]
-        resumed = [s for s in newest_first if s.created_ms > source.created_ms and offset_of(s) == committed]
+        resumed = [
+            s for s in newest_first
+            if s.created_ms > source.created_ms and offset_of(s) == committed
+            and (committed_id is None or s.id == committed_id)
+        ]
         if not resumed or committed is None:
             if not usable(source):
                 raise RestoreSourceUnusable(

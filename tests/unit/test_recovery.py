@@ -87,6 +87,14 @@ def test_an_explicit_savepoint_wins_until_a_checkpoint_after_it_matches_the_comm
     assert (resumed.how, resumed.source) == ("exact", after)
 
 
+def test_after_a_savepoint_the_committed_id_picks_among_checkpoints_at_the_same_offset() -> None:
+    # An idle partition: two checkpoints after the savepoint share its offset; c7 committed, c8 not.
+    sp, c7, c8 = snap("sp", 5, 400, 40), snap("c7", 7, 400, 70), snap("c8", 8, 400, 80)
+    assert choose("t/0", 400, [c7, c8], restore_from=[sp], committed_id="c7").source == c7
+    # The commit still names the savepoint itself: nothing after it was committed.
+    assert choose("t/0", 400, [c7, c8], restore_from=[sp], committed_id="sp").source == sp
+
+
 def test_a_partition_missing_from_the_savepoint_follows_the_checkpoints() -> None:
     sp = Snap("sp", 5, {"t/1": {"offset": 1}})
     assert choose("t/0", 200, [C2], restore_from=[sp]).source == C2
