@@ -485,6 +485,38 @@ def test_cleanup_policy_delete_removes_the_jobs_store_on_deletion_and_retain_kee
     assert "CleanupFailed" not in events
 
 
+def test_the_store_is_removed_only_after_the_last_worker_pod_is_gone(
+    operator: Operator, s3: S3Helper
+) -> None:
+    name = "lingers-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=1, checkpoint=_store_spec(s3, "delete")))
+    operator.wait(lambda: FINALIZER in (_job(operator, name)["metadata"].get("finalizers") or ()),
+                  "the finalizer")
+    keys = _put_store(s3, f"weir/{operator.watched}/{name}")
+    core = client.CoreV1Api(operator.admin)
+    # A worker pod that outlives its StatefulSet (terminating: it may still write a checkpoint).
+    core.create_namespaced_pod(operator.watched, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=f"{name}-0",
+                                     labels={**render.selector(name), render.POD_INDEX_LABEL: "0"}),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="worker", image="weir:test")]),
+    ))
+
+    _delete(operator, name)
+
+    waiting = "waiting for 1 workers to stop before removing the store"
+    operator.wait(lambda: _condition(_status(operator, name), "Progressing").get("message") == waiting,
+                  "waiting for the pod")
+    assert _stateful_set(operator, name) is None
+    assert _keys(s3, f"weir/{operator.watched}/{name}/") == keys
+    time.sleep(2)  # resyncs come and go (every 1 s here): still held while the pod is there
+    assert not _gone(operator, name) and _keys(s3, f"weir/{operator.watched}/{name}/") == keys
+
+    core.delete_namespaced_pod(f"{name}-0", operator.watched)
+
+    operator.wait(lambda: _gone(operator, name), "deleted once the pod is gone")
+    assert _keys(s3, f"weir/{operator.watched}/{name}/") == set()
+
+
 def test_a_store_unreachable_at_deletion_stalls_it_and_the_cleanup_finishes_when_the_store_returns(
     operator: Operator, s3: S3Helper
 ) -> None:
