@@ -209,6 +209,15 @@ def _events(op: Operator, name: str) -> list[Any]:
     ]
 
 
+def _create_pod(op: Operator, name: str, index: int) -> Any:
+    """A worker pod of job ``name`` (no kubelet runs here: it only exists, until deleted)."""
+    return client.CoreV1Api(op.admin).create_namespaced_pod(op.watched, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=f"{name}-{index}",
+                                     labels={**render.selector(name), render.POD_INDEX_LABEL: str(index)}),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="worker", image="weir:test")]),
+    ))
+
+
 def _delete(op: Operator, name: str) -> None:
     client.CustomObjectsApi(op.admin).delete_namespaced_custom_object(
         crd.GROUP, crd.VERSION, op.watched, crd.PLURAL, name
@@ -307,6 +316,34 @@ def test_writing_the_scale_subresource_changes_the_stateful_sets_replicas(operat
     assert scale["status"]["selector"] == f"weir.dev/job={name}"
 
 
+def test_a_rescale_starts_no_new_worker_while_a_pod_of_the_old_parallelism_is_still_there(
+    operator: Operator,
+) -> None:
+    name = "drained-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=2, upgradeMode="stateless"))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    core = client.CoreV1Api(operator.admin)
+    for index in range(2):
+        _create_pod(operator, name, index)
+
+    client.CustomObjectsApi(operator.admin).patch_namespaced_custom_object_scale(
+        crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name, {"spec": {"replicas": 3}},
+        _content_type=MERGE_PATCH,
+    )
+
+    operator.wait(lambda: _stateful_set(operator, name).spec.replicas == 0, "the old workers scaled to 0")
+    time.sleep(2)  # resyncs every 1 s: the new workers must wait for the old pods
+    assert _stateful_set(operator, name).spec.replicas == 0
+    assert _condition(_status(operator, name), "Progressing").get("status") == "True"
+
+    for index in range(2):
+        core.delete_namespaced_pod(f"{name}-{index}", operator.watched)
+
+    operator.wait(lambda: _stateful_set(operator, name).spec.replicas == 3, "3 new workers")
+    env = {e.name: e.value for e in _stateful_set(operator, name).spec.template.spec.containers[0].env}
+    assert env[render.ENV_WORKERS] == "3"
+
+
 def test_a_scale_whose_savepoint_fails_keeps_the_old_workers_and_reports_degraded(operator: Operator) -> None:
     name = "keyed-" + uuid.uuid4().hex[:6]
     _create(operator, _job_body(operator, name, parallelism=1))  # upgradeMode: savepoint (default)
@@ -336,15 +373,7 @@ def test_crash_looping_worker_pods_make_the_job_degraded_with_restart_counts(ope
     _create(operator, _job_body(operator, name, parallelism=1))
     operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
     core = client.CoreV1Api(operator.admin)
-    pod = core.create_namespaced_pod(
-        operator.watched,
-        client.V1Pod(
-            metadata=client.V1ObjectMeta(
-                name=f"{name}-0", labels={**render.selector(name), render.POD_INDEX_LABEL: "0"}
-            ),
-            spec=client.V1PodSpec(containers=[client.V1Container(name="worker", image="weir:test")]),
-        ),
-    )
+    pod = _create_pod(operator, name, 0)
     core.patch_namespaced_pod_status(
         pod.metadata.name,
         operator.watched,
@@ -495,11 +524,7 @@ def test_the_store_is_removed_only_after_the_last_worker_pod_is_gone(
     keys = _put_store(s3, f"weir/{operator.watched}/{name}")
     core = client.CoreV1Api(operator.admin)
     # A worker pod that outlives its StatefulSet (terminating: it may still write a checkpoint).
-    core.create_namespaced_pod(operator.watched, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=f"{name}-0",
-                                     labels={**render.selector(name), render.POD_INDEX_LABEL: "0"}),
-        spec=client.V1PodSpec(containers=[client.V1Container(name="worker", image="weir:test")]),
-    ))
+    _create_pod(operator, name, 0)
 
     _delete(operator, name)
 
