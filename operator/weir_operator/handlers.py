@@ -124,6 +124,8 @@ class Controller:
             if finalize(self.platform, job, generation, status, self.now, policy=self.policy):
                 self._set_finalizer(body, finalizers, present=False)
                 self.forget(namespace, name)
+            else:
+                self.metrics.job_phase(f"{namespace}/{name}", "Deleting")
             return "ok"
         wanted = decide.cleanup_url(job) is not None
         if wanted != (FINALIZER in finalizers):
