@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,16 +46,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from measure import log  # noqa: E402
+
 from harness import s3 as s3_server  # noqa: E402
 from weir.checkpoint import CheckpointStore, PartitionSnapshot, S3Settings, StoreReader  # noqa: E402
 from weir.state import PartitionStore  # noqa: E402
 
 VALUE_BYTES = 520
 WORK = Path(os.environ.get("WEIR_CACHE", Path.home() / ".cache" / "weir")) / "bench-checkpoint"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _store(path: Path) -> PartitionStore:
@@ -254,15 +251,6 @@ def _fmt(r: dict[str, Any]) -> str:
     )
 
 
-def _empty_bucket(client: Any, bucket: str) -> None:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    for page in pages:
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=bucket)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,9 +270,7 @@ def main() -> int:
         access_key_id=helper.access_key,
         secret_access_key=helper.secret_key,
     )
-    client = helper.client()
-    bucket = f"weir-bench-{uuid.uuid4().hex[:8]}"
-    client.create_bucket(Bucket=bucket)
+    bucket = helper.new_bucket("weir-bench")
     bench = Bench(settings, bucket)
     results: list[dict[str, Any]] = []
     series: dict[str, Any] = {}
@@ -295,8 +281,7 @@ def main() -> int:
             for mode in ("random_1pct", "append_1pct"):
                 series[mode] = bench.run_series(100, mode, args.series)
     finally:
-        _empty_bucket(client, bucket)
-        client.close()
+        helper.drop_bucket(bucket)
         shutil.rmtree(WORK, ignore_errors=True)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

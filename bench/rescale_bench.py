@@ -81,6 +81,7 @@ import generate  # noqa: E402
 import measure  # noqa: E402
 import orjson  # noqa: E402
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition  # noqa: E402
+from measure import log  # noqa: E402
 
 from harness import kafka as kafka_server  # noqa: E402
 from harness import s3 as s3_server  # noqa: E402
@@ -94,10 +95,6 @@ WORK = Path(os.environ.get("WEIR_CACHE", Path.home() / ".cache" / "weir")) / "be
 QUICK = {"events": 200_000, "keys": 2_000}
 FULL = {"events": 1_000_000, "keys": 10_000}
 RESTORED = re.compile(r"(\S+): restore exact \(restore source ")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Workers:
@@ -512,15 +509,6 @@ class Bench:
         measure.delete_topics(self.bootstrap, self.topics, self.groups, containing=self.run_id)
 
 
-def _empty_bucket(client: Any, bucket: str) -> None:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    for page in pages:
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=bucket)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -557,9 +545,7 @@ def main() -> int:
     kafka = kafka_server.up()
     minio = s3_server.up()
     s3 = s3_server.S3Helper(minio)
-    client = s3.client()
-    bucket = f"weir-bench-{uuid.uuid4().hex[:8]}"
-    client.create_bucket(Bucket=bucket)
+    bucket = s3.new_bucket("weir-bench")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     bench = Bench(args, str(kafka.info["bootstrap"]), s3, bucket)
@@ -571,8 +557,7 @@ def main() -> int:
         failed = any(r["status"] != "ok" for r in result["restores"])
     finally:
         bench.cleanup()
-        _empty_bucket(client, bucket)
-        client.close()
+        s3.drop_bucket(bucket)
         if failed:
             log(f"worker logs kept in {WORK}")
         else:

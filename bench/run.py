@@ -36,16 +36,13 @@ import measure
 import orjson
 import report
 import runners
+from measure import log
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 RUN_TIMEOUT_S = 900.0
 START_TIMEOUT_S = 180.0
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- environment

@@ -190,10 +190,26 @@ class S3Helper:
             ),
         )
 
-    def new_bucket(self) -> str:
-        name = f"weir-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
+    def new_bucket(self, prefix: str = "weir") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        finally:
+            client.close()
         return name
+
+    def drop_bucket(self, name: str) -> None:
+        """Delete the bucket and everything in it."""
+        client = self.client()
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+            client.delete_bucket(Bucket=name)
+        finally:
+            client.close()
 
     def env(self) -> dict[str, str]:
         """The variables a worker process reads to reach this server."""
