@@ -54,6 +54,23 @@ def _manifest(
     return path
 
 
+def _topics(kafka: KafkaHelper, partitions: int) -> tuple[str, str, str]:
+    """A fresh source (``partitions``), sink and dead-letter topic."""
+    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
+    kafka.create_topic(source, partitions)
+    kafka.create_topic(sink, 1)
+    kafka.create_topic(dlq, 1)
+    return source, sink, dlq
+
+
+def _all_windows_once(kafka: KafkaHelper, sink: str, expected: Any, process: Any, log: Path) -> None:
+    """Wait for every expected window, give duplicates time to show, then stop ``weir up``."""
+    _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
+    time.sleep(3)  # anything emitted twice would show up now
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 0, log.read_text()
+
+
 def _produce(kafka: KafkaHelper, topic: str, events: list[Any]) -> None:
     kafka.produce(
         topic,
@@ -136,10 +153,7 @@ def _worker_pids(manifest_dir: Path) -> dict[int, int]:
 
 def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHelper, tmp_path: Path) -> None:
     name = "up-" + kafka.unique("j")[-8:]
-    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
-    kafka.create_topic(source, 2)
-    kafka.create_topic(sink, 1)
-    kafka.create_topic(dlq, 1)
+    source, sink, dlq = _topics(kafka, 2)
     events = random_events(7, 400, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
                            max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
     _produce(kafka, source, events)
@@ -173,10 +187,7 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     kafka: KafkaHelper, tmp_path: Path
 ) -> None:
     name = "kill-" + kafka.unique("j")[-8:]
-    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
-    kafka.create_topic(source, 2)
-    kafka.create_topic(sink, 1)
-    kafka.create_topic(dlq, 1)
+    source, sink, dlq = _topics(kafka, 2)
     events = random_events(11, 800, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
                            max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
     first, second = events[:400], events[400:]
@@ -195,10 +206,7 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
         _wait(lambda: (_status(state, name).get("workerRestarts") or 0) >= 1, 60, "worker restarted", log)
         _produce(kafka, source, second)
         expected = _expected(events)
-        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
-        time.sleep(3)  # anything emitted twice would show up now
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0, log.read_text()
+        _all_windows_once(kafka, sink, expected, process, log)
 
     assert _results(kafka.read_all(sink)) == expected
     assert _worker_pids(state / "local" / name) == {}
@@ -209,10 +217,7 @@ def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_st
     kafka: KafkaHelper, tmp_path: Path
 ) -> None:
     name = "scale-" + kafka.unique("j")[-8:]
-    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
-    kafka.create_topic(source, 4)
-    kafka.create_topic(sink, 1)
-    kafka.create_topic(dlq, 1)
+    source, sink, dlq = _topics(kafka, 4)
     events = random_events(13, 800, partitions=4, keys=8, start_ms=START_MS, mean_step_ms=150,
                            max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
     first, second = events[:400], events[400:]
@@ -230,10 +235,7 @@ def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_st
         assert sorted(_worker_pids(state / "local" / name)) == [0, 1, 2]
         _produce(kafka, source, second)
         expected = _expected(events)
-        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
-        time.sleep(3)  # anything emitted twice would show up now
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0, log.read_text()
+        _all_windows_once(kafka, sink, expected, process, log)
 
     assert _results(kafka.read_all(sink)) == expected
     status = _status(state, name)
@@ -245,10 +247,7 @@ def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_st
 
 def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHelper, tmp_path: Path) -> None:
     name = "nonce-" + kafka.unique("j")[-8:]
-    source, sink, dlq = kafka.unique("src"), kafka.unique("out"), kafka.unique("dlq")
-    kafka.create_topic(source, 2)
-    kafka.create_topic(sink, 1)
-    kafka.create_topic(dlq, 1)
+    source, sink, dlq = _topics(kafka, 2)
     _produce(kafka, source, random_events(3, 200, partitions=2, keys=4, start_ms=START_MS, mean_step_ms=150,
                                           max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0))
     store = tmp_path / "store"
