@@ -475,11 +475,21 @@ def test_remove_all_deletes_the_jobs_checkpoints_savepoints_and_shared_files_and
     neighbour.close()
 
 
+class RecordingBackend(MemoryBackend):
+    """A memory backend that remembers each delete call's keys, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: list[list[str]] = []
+
+    def delete(self, keys: Sequence[str]) -> None:
+        self.deleted.append(list(keys))
+        super().delete(keys)
+
+
 def test_remove_all_deletes_manifests_before_the_files_they_list() -> None:
-    backend = MemoryBackend()
-    deleted: list[list[str]] = []
-    inner_delete = backend.delete
-    backend.delete = lambda keys: (deleted.append(list(keys)), inner_delete(keys))[1]  # type: ignore[method-assign]
+    backend = RecordingBackend()
+    deleted = backend.deleted
     store = CheckpointStore.open("memory://mem/root", NS, JOB, backend=backend)
     for key in ("checkpoints/0000000001-w0/manifest.json", "checkpoints/0000000001-w0/orders-0/CURRENT",
                 "shared/orders-0/abc-000001.sst", "savepoints/sp/w0/manifest.json",
