@@ -51,6 +51,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from weir import spec
+from weir.objectstores import job_url
 from weir_operator import model, render
 from weir_operator.plans import (
     Action,
@@ -545,7 +546,7 @@ def cleanup_url(job: spec.StreamJob) -> str | None:
     checkpoint = job.spec.checkpoint
     if checkpoint is None or checkpoint.cleanup_policy != "delete":
         return None
-    return f"{checkpoint.url.rstrip('/')}/{job.metadata.namespace}/{job.metadata.name}"
+    return job_url(checkpoint.url, job.metadata.namespace, job.metadata.name)
 
 
 def decide_deletion(

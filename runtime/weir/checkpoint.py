@@ -90,6 +90,7 @@ from weir.objectstores import (
     ObjectInfo,
     S3Backend,
     S3Settings,
+    job_url,
     join_key,
     join_url,
     norm_key,
@@ -600,7 +601,7 @@ class CheckpointStore(StoreReader):
         self.namespace = _check_name("namespace", namespace)
         self.job = _check_name("job name", job)
         self.url = join_url(scheme, bucket, key)
-        self.job_url = join_url(scheme, bucket, join_key(key, namespace, job))
+        self.job_url = job_url(url, namespace, job)
         self._backend, self._root = self._resolve(self.job_url)
         self._clock = clock
         # Shared keys known to be in the store, per partition directory: listed once on first

@@ -33,6 +33,7 @@ __all__ = [
     "ObjectInfo",
     "S3Backend",
     "S3Settings",
+    "job_url",
     "join_key",
     "join_url",
     "norm_key",
@@ -127,6 +128,12 @@ def join_url(scheme: str, bucket: str, key: str) -> str:
     if scheme == "file":
         return f"file:///{key}"
     return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
+
+
+def job_url(url: str, namespace: str, job: str) -> str:
+    """A job's directory in the store at ``url``: ``<url>/<namespace>/<job>``, normalised."""
+    scheme, bucket, key = split_url(url)
+    return join_url(scheme, bucket, join_key(key, namespace, job))
 
 
 def norm_key(key: str) -> str:
