@@ -31,7 +31,9 @@ from typing import Any
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 CACHE = Path(os.environ.get("WEIR_CACHE", Path.home() / ".cache" / "weir"))
-RUN = CACHE / "run"
+# Where running servers record themselves. ``WEIR_RUN`` separates the servers of concurrent
+# checkouts (each with its own ports) while they share the built binaries and jars in CACHE.
+RUN = Path(os.environ.get("WEIR_RUN") or CACHE / "run")
 HOST = "127.0.0.1"
 
 
