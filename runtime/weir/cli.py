@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ import orjson
 from weir import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_KAFKA_UNAVAILABLE = 0, 1, 2, 3
+EXIT_STORE = 5
+"""The checkpoint store refused the worker (credentials, bucket, region, URL) or stayed
+unreachable for ``--connect-timeout`` at start-up. (4 is Kafka authentication/TLS.)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         "repartition topic alike. Metrics and the control API are served on --http-port. "
         "SIGTERM finishes the current batch, flushes output, commits and exits 0.",
         epilog="exit codes: 0 stopped cleanly, 1 failed while running, 2 invalid manifest or missing "
-        "topic, 3 Kafka unreachable",
+        "topic, 3 Kafka unreachable at start-up, 5 checkpoint store refused (credentials, bucket, "
+        "region) or unreachable at start-up. Outages after start-up are ridden out, never an exit.",
     )
     run.add_argument("job", type=Path, help="StreamJob manifest, YAML or JSON")
     run.add_argument(
@@ -54,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--connect-timeout",
         type=float,
-        default=60.0,
         metavar="SECONDS",
-        help="how long to retry an unreachable broker before giving up (default 60)",
+        help="at start-up, how long to retry an unreachable broker or checkpoint store before giving "
+        "up with exit code 3 or 5; 0 waits for ever, not ready meanwhile (default: for ever inside "
+        "Kubernetes, else 60). Outages after start-up are always waited out.",
     )
     run.add_argument(
         "--checkpoint-interval",
@@ -192,11 +198,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from weir import kafka as kio
+    from weir.checkpoint import CheckpointError
     from weir.config import Environment
     from weir.control import ControlServer
     from weir.metrics import WorkerMetrics
     from weir.spec import SpecError, load_job
-    from weir.worker import Worker, WorkerSettings, plan_for
+    from weir.worker import StoreUnavailable, Worker, WorkerSettings, plan_for
 
     log = logging.getLogger("weir")
     env = Environment.read()
@@ -214,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
         bootstrap_servers=args.bootstrap_servers or env.bootstrap_servers or job.spec.kafka.bootstrap_servers,
         consumer=dict(job.spec.kafka.consumer),
         producer=dict(job.spec.kafka.producer),
-        connect_timeout_s=args.connect_timeout,
+        connect_timeout_s=_connect_timeout(args.connect_timeout, env.in_kubernetes),
     )
     settings = WorkerSettings(
         index=index,
@@ -235,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
     control = ControlServer(
         metrics.registry,
         alive=worker.alive,
-        ready=lambda: (worker.ready, "" if worker.ready else "connecting to Kafka and restoring state"),
+        ready=worker.readiness,
         status=worker.status,
         savepoint=worker.savepoint,
         host=settings.http_host,
@@ -251,8 +258,25 @@ def _run(args: argparse.Namespace) -> int:
     except kio.KafkaUnavailable as exc:
         log.error("%s", exc)
         return EXIT_KAFKA_UNAVAILABLE
+    except (CheckpointError, StoreUnavailable) as exc:
+        log.error("checkpoint store: %s", exc)
+        return EXIT_STORE
     finally:
         control.stop()
+
+
+def _connect_timeout(flag: float | None, in_kubernetes: bool) -> float:
+    """Seconds a starting worker waits for an unreachable broker or store; ``math.inf``: for ever.
+
+    Inside Kubernetes the default is for ever: the pod stays up and not ready, shows why in
+    ``/status``, and starts the moment the dependency is back. Exiting instead would put it in
+    CrashLoopBackOff, whose back-off (up to 5 minutes) outlasts most outages; this is what a
+    Flink job on Kubernetes does too (its Kafka source retries, the pod is not restarted). On a
+    laptop a typo in the address should fail fast: 60 s, then exit code 3 (or 5).
+    """
+    if flag is None:
+        return math.inf if in_kubernetes else 60.0
+    return math.inf if flag <= 0 else flag
 
 
 def _checkpoint_settings(args: argparse.Namespace, env: Any, job: Any) -> dict[str, Any]:

@@ -31,6 +31,9 @@ class Environment:
     """``WEIR_CHECKPOINT_URL``: overrides ``spec.checkpoint.url``."""
     restore_from: str | None = None
     """``WEIR_RESTORE_FROM``: a savepoint to start from (set by the operator for an upgrade)."""
+    in_kubernetes: bool = False
+    """``KUBERNETES_SERVICE_HOST`` is set (in every pod): a starting worker then waits for an
+    unreachable broker or store for ever, not ready, instead of exiting."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -48,4 +51,5 @@ class Environment:
             bootstrap_servers=env.get("WEIR_KAFKA_BOOTSTRAP_SERVERS") or None,
             checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
+            in_kubernetes=bool(env.get("KUBERNETES_SERVICE_HOST")),
         )

@@ -78,13 +78,61 @@ def producer_config(settings: KafkaSettings, on_error: Callable[[Any, Any], None
     }
 
 
-def admin(settings: KafkaSettings) -> AdminClient:
+def admin(settings: KafkaSettings, hooks: Mapping[str, Any] | None = None) -> AdminClient:
+    """An admin client; ``hooks`` adds callbacks (``error_cb``, ``logger``: see ``client_logger``)."""
     return AdminClient(
         {
             **_common(settings),
             **{k: v for k, v in settings.consumer.items() if k.startswith(("security.", "sasl.", "ssl."))},
+            **(hooks or {}),
         }
     )
+
+
+class _QuietLibrdkafka(logging.Filter):
+    """librdkafka's own log lines, without the flood.
+
+    While a broker is down every client logs each failed reconnect (``Connect to ... failed:
+    Connection refused``, ``1/1 brokers are down``), several lines a second; the worker reports
+    the outage itself in one line (``weir.outages``), so these go to DEBUG. Any other line is
+    shown at most once per ``every_s`` seconds (the same text with its numbers ignored).
+    """
+
+    _CONNECTION = (
+        "Connect to ", "Connection refused", "brokers are down", "Disconnected", "Receive failed",
+        "Send failed", "Connection setup timed out", "Failed to resolve", "timed out in state",
+        "Failed to connect", "Timed out", "Broker transport failure", "Coordinator", "coordinator",
+    )
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s, self.clock = every_s, clock
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(marker in text for marker in self._CONNECTION):
+            if record.levelno > logging.DEBUG:
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        key = "".join(c for c in text if not c.isdigit())
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = now
+        return True
+
+
+def client_logger() -> logging.Logger:
+    """The logger librdkafka's lines go to (pass it as a client's ``logger`` property): named
+    ``weir.librdkafka``, without the per-reconnect flood of an outage (``_QuietLibrdkafka``)."""
+    logger = logging.getLogger("weir.librdkafka")
+    if not any(isinstance(f, _QuietLibrdkafka) for f in logger.filters):
+        logger.addFilter(_QuietLibrdkafka())
+    return logger
 
 
 def wait_for_broker(
@@ -92,12 +140,18 @@ def wait_for_broker(
     settings: KafkaSettings,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[str], None] | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, int]:
-    """Block until the broker answers (exponential backoff up to ``connect_timeout_s``).
+    """Block until the broker answers (exponential backoff, for ``timeout_s``, default
+    ``connect_timeout_s``; ``math.inf`` waits for ever).
 
-    Returns every topic's partition count. Raises KafkaUnavailable with the last error.
+    Returns every topic's partition count. Raises KafkaUnavailable with the last error. Each
+    failed attempt is logged, or handed to ``on_retry(error)`` when given (which may log it
+    once per outage, and may raise to give up).
     """
-    deadline = clock() + settings.connect_timeout_s
+    timeout_s = settings.connect_timeout_s if timeout_s is None else timeout_s
+    deadline = clock() + timeout_s
     delay = 0.5
     while True:
         try:
@@ -106,19 +160,22 @@ def wait_for_broker(
                 return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
             error: Exception = RuntimeError("no broker in metadata")
         except KafkaException as exc:
-            error = exc
+            error = RuntimeError(exc.args[0].str()) if exc.args and hasattr(exc.args[0], "str") else exc
         remaining = deadline - clock()
         if remaining <= 0:
             raise KafkaUnavailable(
-                f"cannot reach Kafka at {settings.bootstrap_servers} after {settings.connect_timeout_s:.0f}s "
+                f"cannot reach Kafka at {settings.bootstrap_servers} after {timeout_s:.0f}s "
                 f"(last error: {error}); check spec.kafka.bootstrapServers and that the broker is up"
             )
-        log.warning(
-            "Kafka at %s not reachable yet (%s); retrying in %.1fs",
-            settings.bootstrap_servers,
-            error,
-            min(delay, remaining),
-        )
+        if on_retry is not None:
+            on_retry(f"{settings.bootstrap_servers}: {error}")
+        else:
+            log.warning(
+                "Kafka at %s not reachable yet (%s); retrying in %.1fs",
+                settings.bootstrap_servers,
+                error,
+                min(delay, remaining),
+            )
         sleep(min(delay, remaining))
         delay = min(delay * 2, 10.0)
 

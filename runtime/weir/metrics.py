@@ -173,9 +173,29 @@ class WorkerMetrics:
         self.restore_duration_seconds = self._gauge(
             "weir_restore_duration_seconds", "Time the last state restore took at start-up, seconds.")
 
+        # Outages of the broker and the checkpoint store (weir.outages), set through set_dependency().
+        self.dependency_up = self._gauge(
+            "weir_dependency_up", "1 while the dependency (kafka, store) is reachable, 0 during an outage.",
+            "dependency")
+        self.outage_seconds_total = self._counter(
+            "weir_outage_seconds_total", "Seconds the dependency (kafka, store) has been unreachable.",
+            "dependency")
+        self._outage_seconds: dict[str, float] = {}
+
         self.registry = CollectorRegistry()
         """The registry to serve: the metrics above with the job and worker labels added."""
         self.registry.register(_IdentityLabels(self._metrics, {JOB_LABEL: job, WORKER_LABEL: str(worker)}))
+
+    def set_dependency(self, dependency: str, up: bool, outage_seconds_total: float) -> None:
+        """Expose one dependency's state: ``up`` and the seconds it has been down since start (the
+        counter moves by the difference to the last call, so it grows during an outage too)."""
+        self.dependency_up.labels(dependency).set(1 if up else 0)
+        before = self._outage_seconds.get(dependency, 0.0)
+        if outage_seconds_total > before:
+            self.outage_seconds_total.labels(dependency).inc(outage_seconds_total - before)
+            self._outage_seconds[dependency] = outage_seconds_total
+        else:
+            self.outage_seconds_total.labels(dependency)  # exposed as 0 before the first outage
 
     def _counter(self, name: str, doc: str, *labels: str) -> Counter:
         # registry=None: the metric must not land in prometheus_client's global registry.

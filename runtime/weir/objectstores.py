@@ -9,7 +9,12 @@ addressing, the transfer manager for large files, short timeouts and few retries
 The errors live here because backends raise them; ``weir.checkpoint`` re-exports them::
 
     CheckpointError        a store is unreachable, a write failed, a URL is unusable
-    └── NotFound           no object under the key (a read)
+    ├── NotFound           no object under the key (a read)
+    └── StoreRefused       the store answered and refuses: wrong credentials, no such bucket,
+                           wrong region. Retrying does not help; a starting worker exits with it.
+
+Every other ``CheckpointError`` of a backend is worth retrying (the store is unreachable or
+failed a request), which is what a worker does during an outage.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "ObjectInfo",
     "S3Backend",
     "S3Settings",
+    "StoreRefused",
     "job_url",
     "join_key",
     "join_url",
@@ -52,6 +58,21 @@ class CheckpointError(Exception):
 
 class NotFound(CheckpointError):
     """A backend has no object under the key (raised by ``Backend.get_*`` and ``read_chunks``)."""
+
+
+class StoreRefused(CheckpointError):
+    """The store answered and refused the request for a reason the user must fix (credentials,
+    bucket, region, permissions): not an outage, so not retried at start-up."""
+
+
+# S3 error codes that a retry cannot fix. AccessDenied also covers a missing permission; an
+# expired token is a credential the user (or the pod's identity) has to renew.
+_REFUSED_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "NoSuchBucket", "InvalidBucketName",
+    "AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException",
+    "InvalidRequest", "AccountProblem", "301", "403",
+})
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -362,20 +383,23 @@ class S3Backend:
         s = settings or S3Settings()
         self.bucket = bucket
         self.settings = s
-        self._client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=s.endpoint_url,
-            region_name=s.region or "us-east-1",
-            aws_access_key_id=s.access_key_id,
-            aws_secret_access_key=s.secret_access_key,
-            aws_session_token=s.session_token,
-            config=Config(
-                s3={"addressing_style": "path" if s.path_style else "auto"},
-                retries={"max_attempts": s.max_attempts, "mode": "standard"},
-                connect_timeout=s.connect_timeout_s,
-                read_timeout=s.read_timeout_s,
-            ),
-        )
+        try:
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=s.endpoint_url,
+                region_name=s.region or "us-east-1",
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=s.secret_access_key,
+                aws_session_token=s.session_token,
+                config=Config(
+                    s3={"addressing_style": "path" if s.path_style else "auto"},
+                    retries={"max_attempts": s.max_attempts, "mode": "standard"},
+                    connect_timeout=s.connect_timeout_s,
+                    read_timeout=s.read_timeout_s,
+                ),
+            )
+        except ValueError as exc:  # e.g. "Invalid endpoint: htp//minio:9000"
+            raise StoreRefused(f"S3 client for s3://{bucket}: {exc}") from exc
         self._transfer = TransferConfig(
             multipart_threshold=s.multipart_threshold_bytes,
             multipart_chunksize=s.multipart_chunk_bytes,
@@ -386,13 +410,27 @@ class S3Backend:
         return f"s3://{self.bucket}/{key}"
 
     def _fail(self, what: str, key: str, exc: Exception) -> CheckpointError:
-        from botocore.exceptions import ClientError
+        """The backend error for ``exc``: NotFound, StoreRefused (see ``_REFUSED_CODES``), else a
+        CheckpointError worth retrying. The message names the object and the cause on one line,
+        never the credentials."""
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
+        cause = " ".join(str(exc).split())
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if code in ("404", "NoSuchKey", "NotFound") and what != "listing":
                 return NotFound(f"{self._where(key)} does not exist")
-        return CheckpointError(f"{what} {self._where(key)} failed: {exc}")
+            if code in _REFUSED_CODES or (code == "404" and what == "listing"):
+                return StoreRefused(f"{what} {self._where(key)} refused by {self._endpoint()}: {cause}")
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreRefused(
+                f"{what} {self._where(key)}: {cause} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "spec.checkpoint.credentialsSecret, or the pod's IAM role)"
+            )
+        return CheckpointError(f"{what} {self._where(key)} failed: {cause}")
+
+    def _endpoint(self) -> str:
+        return self.settings.endpoint_url or "S3"
 
     def put_bytes(self, key: str, data: bytes) -> None:
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -51,6 +52,7 @@ from weir import checkpoint as ck
 from weir import kafka as kio
 from weir import recovery
 from weir.aggregates import Aggregator, compile_aggregates
+from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
 from weir.state import PartitionStore
@@ -73,13 +75,43 @@ class LateRecord(Exception):
 
 
 class DeliveryFailed(RuntimeError):
-    """A record could not be delivered to Kafka; the worker stops without committing."""
+    """Kafka refused a record for good (too large, not authorised, unknown topic); the worker
+    stops without committing. Failures an outage causes roll back instead (``Rollback``)."""
 
 
-class CommitFailed(RuntimeError):
-    """A checkpoint's transaction could not be committed (e.g. it timed out during a long
-    checkpoint-store outage); the worker stops and its restart recovers from the last
-    committed checkpoint."""
+class Rollback(RuntimeError):
+    """What was processed since the last commit cannot be committed (records timed out during
+    an outage, the transaction was aborted or fenced): the worker drops it and starts over from
+    the last committed state, in the same process (``Worker.run``)."""
+
+
+class Stopped(Exception):
+    """Stop was requested while waiting out an outage; nothing more can be committed."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The checkpoint store stayed unreachable for the whole start-up timeout."""
+
+
+# Delivery errors that no retry fixes: the record (or the client's permission) is the problem,
+# not the broker's availability. Everything else an outage can cause, and rolling back to the
+# last commit and producing again is the cure.
+_PERMANENT_DELIVERY = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError._UNKNOWN_TOPIC,
+    KafkaError._UNKNOWN_PARTITION, KafkaError.INVALID_RECORD,
+    KafkaError.POLICY_VIOLATION, KafkaError._INVALID_ARG, KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+})
+
+_CALL_TIMEOUT_S = 10.0
+"""Longest a single blocking Kafka call (init/commit a transaction, read offsets) may take before
+the worker comes back to its loop: it must stay under the 60 s liveness window during an outage."""
+
+_RETRY_CAP_S = 10.0
+"""Longest wait between two attempts to reach an unreachable broker or store: bounds how long a
+worker stays down after its dependency is back."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +329,15 @@ class Worker:
         self._on_result = on_result
         self._stop = threading.Event()
         self._errors: list[str] = []
+        self._undelivered = 0
+        self._permanent = False
+        self.deps = Dependencies()
+        self.rollbacks = 0
+        self._stop_seen: float | None = None
+        self._next_probe = 0.0
+        self._kafka_suspect: str | None = None
+        self._store_failing = False
+        self._kafka_hooks: dict[str, Any] = {"error_cb": self._on_kafka_error, "logger": kio.client_logger()}
         self.tasks: dict[tuple[str, int], Task] = {}
         self.upstream_count = 0
         self.ready = False
@@ -314,6 +355,13 @@ class Worker:
         self._suppress = False
         self.suppressed = 0
         self._pending: Pending | None = None
+        self.consumer: Any = None
+        self.producer: Any = None
+        self._producers: list[Any] = []
+        self._uploader: ThreadPoolExecutor | None = None
+        self._repart_partitions = 0
+        self._first = True
+        self._started_at = time.monotonic()
         self._seq = 1
         self._closing = threading.Event()
         self._stopped_by_savepoint = False
@@ -340,15 +388,94 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: ready once restored and while the broker and the store are reachable."""
+        reason = self.deps.reason()
+        if self.ready and not reason:
+            return True, ""
+        return False, reason or "connecting to Kafka and restoring state"
+
     def _on_delivery_error(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+        if err is None:
+            return
+        self._undelivered += 1
+        if err.code() in _PERMANENT_DELIVERY:
+            self._permanent = True
+        if len(self._errors) < 3:
+            self._errors.append(f"{msg.topic()} [{msg.partition()}]: {err.str()} ({err.name()})")
+
+    def _on_kafka_error(self, err: Any) -> None:
+        """librdkafka's error callback (served in poll/consume, on this worker's thread).
+
+        "All brokers down" only makes the loop probe the broker at once: each client reports it
+        from its own queue, some of them after the broker is back, so the probe's answer decides
+        whether it is an outage (``_probe_kafka``)."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._kafka_suspect = f"{self.kafka.bootstrap_servers}: {err.str()}"
+            self._next_probe = 0.0
+        elif err.fatal():
+            self._errors.append(f"fatal: {err.str()} ({err.name()})")
+            self._undelivered = max(self._undelivered, 1)
 
     def run(self) -> int:
-        """Restore, then consume, process and produce until stopped; returns the exit code."""
+        """Restore, then consume, process and produce until stopped; returns the exit code.
+
+        An outage never ends it: the worker waits, reports not-ready, and when what it processed
+        cannot be committed any more (``Rollback``) it starts over from the last committed state
+        in this process. It ends on stop (0), a record Kafka refuses for good (1), or, at first
+        start only, a missing topic or a broker or store that stays unreachable or refuses it
+        (the exceptions ``weir.cli`` turns into exit codes).
+        """
+        first = True
+        backoff = Backoff(0.5, 30.0)
+        try:
+            while True:
+                try:
+                    self._start(first)
+                    self._loop(self._repart_partitions)
+                    if not self._stopped_by_savepoint:
+                        self._final_checkpoint()
+                    return 0
+                except Rollback as exc:
+                    if self._stop.is_set():
+                        raise Stopped(str(exc)) from exc
+                    self.rollbacks += 1
+                    delay = backoff.next()
+                    log.warning(
+                        "rolling back to the last committed checkpoint (restarting in %.1f s): %s", delay, exc
+                    )
+                    self._teardown()
+                    first = False
+                    self._pause(delay)
+        except Stopped as exc:
+            log.warning("stopped while %s; what was not committed is processed again by the next start",
+                        exc or "waiting for Kafka or the checkpoint store")
+            return 0
+        except DeliveryFailed as exc:
+            log.error("stopping without commit: %s", exc)
+            return 1
+        finally:
+            self._teardown()
+            self._fail_savepoints("the worker stopped")
+
+    def _start(self, first: bool) -> None:
+        """Connect, check the topics, create the clients, restore, assign: ready to loop.
+
+        On the first start a broker that stays unreachable for ``connect_timeout_s`` raises
+        ``KafkaUnavailable`` (``math.inf``: never); after a rollback it is waited for."""
         plan, settings = self.plan, self.settings
-        admin = kio.admin(self.kafka)
-        partitions = kio.wait_for_broker(admin, self.kafka)
+        self._first = first
+        self._started_at = time.monotonic()
+        admin = kio.admin(self.kafka, self._kafka_hooks)
+        timeout = self.kafka.connect_timeout_s if first else math.inf
+
+        def unreachable(error: str) -> None:
+            self.deps.down("kafka", error)
+
+        partitions = kio.wait_for_broker(
+            admin, self.kafka, sleep=self._pause, on_retry=unreachable, timeout_s=timeout
+        )
+        self.deps.up("kafka")
         wanted = {t: "spec.pipeline.source.topics" for t in plan.source_topics}
         wanted[plan.sink_topic] = "spec.pipeline.sink.topic"
         if plan.dead_letter_topic:
@@ -363,41 +490,89 @@ class Worker:
                 plan.repartition_partitions or max(partitions[t] for t in plan.source_topics),
                 partitions,
             )
+        self._repart_partitions = repart_partitions
+        del admin  # its connections would keep reconnecting (and logging) through an outage
 
-        self.consumer = kio.new_consumer(kio.consumer_config(self.kafka, plan.group_id, plan.start_from))
+        self._errors, self._undelivered, self._permanent = [], 0, False
+        self.consumer = kio.new_consumer(
+            {**kio.consumer_config(self.kafka, plan.group_id, plan.start_from), **self._kafka_hooks}
+        )
+        self._closing = threading.Event()
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
         self._producers = self._new_producers()
         self.producer = self._producers[0]
-        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
-        try:
-            self._build_tasks(partitions, repart_partitions)
-            self._restore()
-            self.consumer.assign([t.tp() for t in self.tasks.values()])
-            self._begin()
-            self.ready = True
-            log.info(
-                "worker %d/%d of %s (%s) assigned %s",
-                settings.index,
-                settings.count,
-                plan.job_id,
-                settings.guarantee,
-                ", ".join(t.label for t in self.tasks.values()) or "nothing",
-            )
-            self._loop(repart_partitions)
-            if not self._stopped_by_savepoint:
-                self._final_checkpoint()
-            return 0
-        except (DeliveryFailed, CommitFailed) as exc:
-            log.error("stopping without commit: %s", exc)
-            return 1
-        finally:
-            self.ready = False
-            self._uploader.shutdown(wait=False, cancel_futures=True)
-            self._fail_savepoints("the worker stopped")
+        self._build_tasks(partitions, repart_partitions)
+        self._restore()
+        self.consumer.assign([t.tp() for t in self.tasks.values()])
+        self._begin()
+        self.ready = True
+        log.info(
+            "worker %d/%d of %s (%s) assigned %s",
+            settings.index,
+            settings.count,
+            plan.job_id,
+            settings.guarantee,
+            ", ".join(t.label for t in self.tasks.values()) or "nothing",
+        )
+
+    def _teardown(self) -> None:
+        """Drop the clients, the pending checkpoint and the tasks (their state is on disk and in
+        the store); idempotent. Transactions left open are aborted by the next start's
+        ``init_transactions``, which fences these producers."""
+        self.ready = False
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()
+        uploader = getattr(self, "_uploader", None)
+        if uploader is not None:
+            uploader.shutdown(wait=False, cancel_futures=True)
+            self._uploader = None
+        self._pending = None
+        for producer in getattr(self, "_producers", None) or []:
             with contextlib.suppress(Exception):
-                self.consumer.close()
-            for task in self.tasks.values():
-                if task.store is not None:
-                    task.store.close()
+                producer.purge()
+        self._producers = []
+        self.producer = None
+        consumer = getattr(self, "consumer", None)
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.close()
+            self.consumer = None
+        for task in self.tasks.values():
+            if task.store is not None:
+                task.store.close()
+        self.tasks = {}
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` out of an outage: alive for the liveness probe, /status kept fresh.
+
+        Raises ``Stopped`` once stop was requested: at once before the worker is ready, else
+        when the shutdown timeout has passed since (so a final checkpoint may still go through).
+        """
+        end = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            self.alive_at = now
+            self._publish(now)
+            if self._stop.is_set():
+                if self._stop_seen is None:
+                    self._stop_seen = now
+                if not self.ready or now - self._stop_seen >= self.settings.shutdown_timeout_s:
+                    raise Stopped("waiting for " + (self.deps.reason() or "Kafka or the checkpoint store"))
+            if now >= end:
+                return
+            time.sleep(min(0.2, end - now))
+
+    def _check_delivery(self) -> None:
+        """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record
+        for good, ``Rollback`` when an outage made them fail (the records are produced again)."""
+        if not self._undelivered:
+            return
+        causes = "; ".join(self._errors[:3]) or "no cause reported"
+        cause = f"{self._undelivered} records undelivered: {causes}"
+        if self._permanent:
+            raise DeliveryFailed(cause)
+        raise Rollback(cause)
 
     def _new_producers(self) -> list[Any]:
         """One producer for at-least-once; two transactional ones for exactly-once.
@@ -407,7 +582,7 @@ class Worker:
         not stop for the upload. Transactional ids are stable per worker index, so a restarted
         worker fences its zombie (and aborts whatever it left open) in ``init_transactions``.
         """
-        config = kio.producer_config(self.kafka, self._on_delivery_error)
+        config = {**kio.producer_config(self.kafka, self._on_delivery_error), **self._kafka_hooks}
         if self.settings.guarantee != "exactly-once":
             return [kio.new_producer(config)]
         producers = []
@@ -419,9 +594,40 @@ class Worker:
                 **self.kafka.producer,
             }
             producer = kio.new_producer(tx_config)
-            producer.init_transactions(self.kafka.connect_timeout_s)
+
+            def init(p: Any = producer) -> None:
+                p.init_transactions(_CALL_TIMEOUT_S)
+
+            self._retry_kafka(f"initialising transactions of {tx_config['transactional.id']}", init)
             producers.append(producer)
         return producers
+
+    def _retry_kafka(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` until it succeeds, waiting out an unreachable broker with back-off.
+
+        On the first start the broker gets ``connect_timeout_s`` (then ``KafkaUnavailable``);
+        after a rollback it gets for ever. An error that is not retriable raises ``Rollback``."""
+        backoff = Backoff(0.5, _RETRY_CAP_S)
+        failures = 0
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                text = err.str() if err is not None else str(exc)
+                if err is not None and err.fatal():
+                    if self._first:
+                        raise kio.KafkaUnavailable(f"{what}: {text}") from exc
+                    raise Rollback(f"{what}: {text}") from exc
+                failures += 1
+                if failures > 1:  # the first retry is routine ("not coordinator" while it loads)
+                    self.deps.down("kafka", f"{what}: {text}")
+                if self._first and time.monotonic() - self._started_at > self.kafka.connect_timeout_s:
+                    raise kio.KafkaUnavailable(
+                        f"{what} failed for {self.kafka.connect_timeout_s:.0f}s (last error: {text}); "
+                        "check spec.kafka.bootstrapServers and that the broker is up"
+                    ) from exc
+                self._pause(backoff.next())
 
     def _begin(self) -> None:
         if self.settings.guarantee == "exactly-once":
@@ -473,17 +679,27 @@ class Worker:
             s3 = ck.S3Settings.from_env()
         self._store = ck.CheckpointStore.open(url, namespace, name, s3=s3)
         committed = self._committed_offsets()
-        scans = [self._store.scan_kind("checkpoint"), self._store.scan_kind("savepoint")]
+        scans = [
+            self._from_store("listing checkpoints", lambda: self._store.scan_kind("checkpoint")),
+            self._from_store("listing savepoints", lambda: self._store.scan_kind("savepoint")),
+        ]
         for scan in scans:
             for bad in scan.unreadable:
                 log.warning("skipping an unreadable manifest: %s", bad)
                 if self.metrics is not None:
                     self.metrics.checkpoints_skipped_total.labels(reason="corrupt").inc()
         snapshots = [_Snap(m) for scan in scans for m in scan.manifests]
-        self._seq = self._store.next_seq(self.settings.index)
+        # Never below what this process used: an upload abandoned by a rollback may still write.
+        index = self.settings.index
+        listed_seq = self._from_store("listing checkpoints", lambda: self._store.next_seq(index))
+        self._seq = max(self._seq, listed_seq)
+        source = self.settings.restore_from
         explicit = (
-            [_Snap(m) for m in self._store.read_savepoint(self.settings.restore_from)]
-            if self.settings.restore_from
+            [
+                _Snap(m)
+                for m in self._from_store(f"reading {source}", lambda: self._store.read_savepoint(source))
+            ]
+            if source
             else []
         )
         start = OFFSET_BEGINNING if self.plan.start_from == "earliest" else OFFSET_END
@@ -505,7 +721,10 @@ class Worker:
                     return True
                 dest = self.settings.state_dir / "restore" / f"{task.label}-{len(fetched)}"
                 try:
-                    self._store.restore(s.manifest, task.name, dest)
+                    self._from_store(
+                        f"restoring {task.name} from {s.manifest.url}",
+                        lambda: self._store.restore(s.manifest, task.name, dest),
+                    )
                 except ck.CorruptCheckpoint as exc:
                     log.warning("%s: skipping %s: %s", task.name, s.manifest.url, exc)
                     if self.metrics is not None:
@@ -553,6 +772,33 @@ class Worker:
             ),
         )
 
+    def _from_store(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` until the store answers, waiting out an outage with back-off.
+
+        A refusal (``StoreRefused``: credentials, bucket, region) is raised on the first start
+        and waited out after a rollback (credentials may come back while the job runs); an
+        unreachable store is waited for ``connect_timeout_s`` on the first start (then
+        ``StoreUnavailable``), else for ever. A corrupt or missing object is raised at once."""
+        backoff = Backoff(0.5, _RETRY_CAP_S)
+        while True:
+            try:
+                result = call()
+            except (ck.CorruptCheckpoint, ck.NotFound):
+                raise
+            except ck.CheckpointError as exc:
+                if isinstance(exc, ck.StoreRefused) and self._first:
+                    raise
+                self.deps.down("store", str(exc))
+                if self._first and time.monotonic() - self._started_at > self.kafka.connect_timeout_s:
+                    raise StoreUnavailable(
+                        f"the checkpoint store stayed unreachable for {self.kafka.connect_timeout_s:.0f}s "
+                        f"(--connect-timeout): {exc}"
+                    ) from exc
+                self._pause(backoff.next())
+                continue
+            self.deps.up("store")
+            return result
+
     def _checkpoint_url(self) -> str:
         if self.settings.checkpoint_url:
             return self.settings.checkpoint_url
@@ -566,18 +812,10 @@ class Worker:
         tps = [TopicPartition(t.topic, t.partition) for t in self.tasks.values()]
         if not tps:
             return {}
-        deadline = time.monotonic() + self.kafka.connect_timeout_s
-        while True:
-            try:
-                committed = self.consumer.committed(tps, timeout=10)
-                break
-            except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise kio.KafkaUnavailable(
-                        f"cannot read the committed offsets of {self.plan.group_id}: {exc}"
-                    ) from exc
-                log.warning("reading committed offsets of %s failed (%s); retrying", self.plan.group_id, exc)
-                time.sleep(1)
+        committed = self._retry_kafka(
+            f"reading the committed offsets of {self.plan.group_id}",
+            lambda: self.consumer.committed(tps, timeout=_CALL_TIMEOUT_S),
+        )
         found = [tp for tp in committed if tp.offset >= 0]
         return {f"{tp.topic}/{tp.partition}": (tp.offset, tp.metadata or None) for tp in found}
 
@@ -598,8 +836,7 @@ class Worker:
                 self._tick(now, repart_partitions)
                 next_tick = now + settings.watermark_interval_s
             self.producer.poll(0)
-            if self._errors:
-                raise DeliveryFailed("; ".join(self._errors[:3]))
+            self._check_delivery()
             if self._pending is not None and self._pending.future.done():
                 self._complete()
             if now >= next_checkpoint:
@@ -623,6 +860,8 @@ class Worker:
         tasks = self.tasks
         last_key: tuple[str, int] | None = None
         bucket: list[Any] = []
+        if self.deps.is_down("kafka") and any(m.error() is None for m in msgs):
+            self.deps.up("kafka")
         for m in msgs:
             if m.error() is not None:
                 self._consume_error(m.error())
@@ -806,7 +1045,29 @@ class Worker:
                 self._send_markers(task, repart_partitions)
             else:
                 self._fire(task)
+        if (self._kafka_suspect or self.deps.is_down("kafka")) and now >= self._next_probe:
+            self._probe_kafka()
         self._publish(now)
+
+    def _probe_kafka(self) -> bool:
+        """Ask the broker for metadata (1 s at most) and record the answer: whether Kafka is
+        reachable. Run after a client reported every broker down, and every 2 s during an
+        outage, to notice the broker is back even when no record arrives (librdkafka reports
+        brokers going down, never coming back)."""
+        self._next_probe = time.monotonic() + 2.0
+        try:
+            md = self.consumer.list_topics(self.plan.sink_topic, timeout=1.0)
+            reachable = bool(md.brokers) and md.orig_broker_id >= 0
+            error = "no broker in the metadata"
+        except KafkaException as exc:
+            reachable = False
+            error = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+        if reachable:
+            self._kafka_suspect = None
+            self.deps.up("kafka")
+        else:
+            self.deps.down("kafka", self._kafka_suspect or f"{self.kafka.bootstrap_servers}: {error}")
+        return reachable
 
     def _position(self, task: Task) -> int:
         """Where the consumer is in the task's partition (past transaction markers too)."""
@@ -814,7 +1075,7 @@ class Worker:
             (tp,) = self.consumer.position([TopicPartition(task.topic, task.partition)])
         except KafkaException:
             return task.next_offset
-        return max(task.next_offset, tp.offset)
+        return max(task.next_offset, int(tp.offset))
 
     def _caught_up(self, task: Task) -> bool:
         """Whether the task has consumed all its partition holds. Only such a partition can be
@@ -824,6 +1085,7 @@ class Worker:
             lo, hi = self.consumer.get_watermark_offsets(task.tp(), cached=True)
         except KafkaException:
             return False
+        lo, hi = int(lo), int(hi)
         if hi < 0:  # no fetch response yet: nothing is known about the partition's end
             return False
         if task.next_offset == OFFSET_END:  # started at the end and nothing came since
@@ -863,11 +1125,16 @@ class Worker:
                 return
             except BufferError:
                 # The producer's queue is full: back-pressure. Stop taking input until
-                # deliveries make room; never drop and never crash.
+                # deliveries make room; never drop and never crash. During an outage this is
+                # where the worker waits: alive, status fresh, until delivery or rollback.
                 self.queue_full += 1
                 if self.metrics is not None:
                     self.metrics.producer_queue_full_total.inc()
                 producer.poll(0.05)
+                self._check_delivery()
+                now = time.monotonic()
+                if now - self.alive_at >= 1.0:
+                    self._pause(0)
 
     def _dead_letter(self, m: Any, exc: Exception) -> None:
         reason = str(getattr(exc, "reason", "error"))
@@ -911,9 +1178,7 @@ class Worker:
         transaction while this one's waits for the manifest to be written.
         """
         t0 = time.monotonic()
-        remaining = self.producer.flush(self.settings.shutdown_timeout_s)
-        if remaining or self._errors:
-            raise DeliveryFailed(f"{remaining} records undelivered; {'; '.join(self._errors[:3])}")
+        self._flush()
         snapshot_id = f"{kind}:{cid}"
         work = self.settings.state_dir / "snapshots" / cid.replace("/", "_")
         shutil.rmtree(work, ignore_errors=True)
@@ -936,10 +1201,12 @@ class Worker:
             # The snapshot's id rides along as offset metadata: it names the committed state.
             offsets.append(TopicPartition(task.topic, task.partition, task.next_offset, metadata=snapshot_id))
         worker = (self.settings.index, self.settings.count)
-        store = self._store
+        store, closing, deps, metrics = self._store, self._closing, self.deps, self.metrics
 
         def upload() -> Any:
-            delay = 0.5
+            # On the checkpoint thread: an unreachable store is retried (processing goes on and
+            # results wait to be committed); one line when it goes down, one when it is back.
+            backoff = Backoff(0.5, _RETRY_CAP_S)
             while True:
                 try:
                     if kind == "savepoint":
@@ -947,16 +1214,18 @@ class Worker:
                     else:
                         result = store.write_checkpoint(cid, worker, parts)
                     shutil.rmtree(work, ignore_errors=True)
+                    deps.up("store")
                     return result
                 except ck.CheckpointError as exc:
-                    if self.metrics is not None:
-                        self.metrics.checkpoint_failures_total.inc()
-                    if self._closing.is_set():
+                    if metrics is not None:
+                        metrics.checkpoint_failures_total.inc()
+                    if closing.is_set():
                         raise
-                    log.warning("%s %s failed (retrying in %.1fs): %s", kind, cid, delay, exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    deps.down("store", f"{kind} {cid}: {exc}")
+                    if closing.wait(backoff.next()):
+                        raise
 
+        assert self._uploader is not None
         pending = Pending(
             kind, cid, self.producer, offsets, self._uploader.submit(upload), t0, time.monotonic() - t0
         )
@@ -975,19 +1244,13 @@ class Worker:
         self._pending = None
         result = pending.future.result()  # raises if the upload gave up (only while closing)
         if self.settings.guarantee == "exactly-once":
-            try:
-                if pending.offsets:
-                    pending.producer.send_offsets_to_transaction(
-                        pending.offsets, self.consumer.consumer_group_metadata(), self.kafka.connect_timeout_s
-                    )
-                pending.producer.commit_transaction(self.kafka.connect_timeout_s)
-            except KafkaException as exc:
-                raise CommitFailed(f"{pending.kind} {pending.id}: {exc}") from exc
+            self._commit_transaction(pending)
         elif pending.offsets:
             try:
                 self.consumer.commit(offsets=pending.offsets, asynchronous=False)
             except KafkaException as exc:
-                log.warning("committing offsets failed (the next checkpoint commits them): %s", exc)
+                # The next checkpoint commits them; an outage shows once, not per checkpoint.
+                self.deps.down("kafka", f"committing offsets: {exc.args[0].str() if exc.args else exc}")
         seconds = time.monotonic() - pending.started
         self.last_checkpoint = {
             "kind": pending.kind,
@@ -1006,29 +1269,129 @@ class Worker:
             if pending.kind == "checkpoint":
                 m.last_checkpoint_id.set(int(pending.id.split("-", 1)[0]))
                 m.last_checkpoint_timestamp_seconds.set(time.time())
-        if pending.kind == "checkpoint":
+        if pending.kind == "checkpoint" and self._uploader is not None:
             owned = [t.name for t in self.tasks.values()]
             self._uploader.submit(self._retain, owned)
         return result
+
+    def _commit_transaction(self, pending: Pending) -> None:
+        """Commit the pending checkpoint's transaction, retrying while the broker is unreachable.
+
+        Retriable failures (a timeout, no coordinator) are retried with back-off; a transaction
+        that can no longer commit (aborted by the broker after ``transaction.timeout.ms``,
+        fenced, a fatal producer error) raises ``Rollback``: its output is dropped and produced
+        again from the last committed state, so nothing is lost or duplicated."""
+        backoff = Backoff(0.5, _RETRY_CAP_S)
+        offsets_sent = not pending.offsets
+        producer, group = pending.producer, self.consumer.consumer_group_metadata()
+        what = f"committing {pending.kind} {pending.id}"
+
+        def send_offsets() -> None:
+            producer.send_offsets_to_transaction(pending.offsets, group, _CALL_TIMEOUT_S)
+
+        def commit() -> None:
+            producer.commit_transaction(_CALL_TIMEOUT_S)
+
+        while True:
+            try:
+                if not offsets_sent:
+                    self._bounded(what, send_offsets)
+                    offsets_sent = True
+                self._bounded(what, commit)
+                if pending.offsets:
+                    self.deps.up("kafka")
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                text = f"{what}: " + (f"{err.str()} ({err.name()})" if err else str(exc))
+                if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    raise Rollback(f"the transaction cannot commit: {text}") from exc
+                self.deps.down("kafka", text)
+                # Retried only once the broker answers again: a retry made while it is down can
+                # block past its timeout (librdkafka#5456).
+                while True:
+                    self._pause(backoff.next())
+                    self._check_delivery()
+                    if self._probe_kafka():
+                        break
+
+    def _bounded(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` on a helper thread, waited for at most ``_CALL_TIMEOUT_S`` + 10 s.
+
+        librdkafka's transaction calls take a timeout but can block past it when the broker
+        goes away mid-call (librdkafka#5456); on this thread that would stop the liveness
+        probe, /status and SIGTERM. A call that does not return in time raises ``Rollback``:
+        its producer is abandoned (fenced by the next one) with the helper thread still in it.
+        """
+        outcome: list[tuple[bool, Any]] = []
+
+        def target() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=target, name="weir-kafka-call", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + _CALL_TIMEOUT_S + 10.0
+        while True:
+            thread.join(0.2)
+            if not thread.is_alive():
+                break
+            if time.monotonic() >= deadline:
+                raise Rollback(f"{what}: no answer from Kafka within {_CALL_TIMEOUT_S + 10.0:.0f}s")
+            self._pause(0)
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    def _flush(self) -> None:
+        """Wait until the current producer's output is acknowledged; while the broker is
+        unreachable keep waiting (alive, not ready, status fresh) until the records are
+        delivered or time out (then ``Rollback``)."""
+        producer = self.producer
+        first_wait = min(self.settings.shutdown_timeout_s, _CALL_TIMEOUT_S)
+        remaining = producer.flush(first_wait)
+        waited = False
+        while remaining:
+            self._check_delivery()
+            if not waited:
+                known = self.deps.reason()
+                why = f"{remaining} records not acknowledged after {first_wait:.0f}s"
+                self.deps.down("kafka", why + (f" ({known})" if known else ""))
+                waited = True
+            self._pause(0)
+            remaining = producer.flush(1.0)
+        self._check_delivery()
+        if waited:
+            self.deps.up("kafka")
 
     def _retain(self, owned: list[str]) -> None:
         try:
             self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned,
                                workers=self.settings.count)
+            self._store_failing = False
         except ck.CheckpointError as exc:
-            log.warning("deleting old checkpoints failed (retried after the next one): %s", exc)
+            if not self._store_failing:  # once per streak: it fails after every checkpoint of an outage
+                log.warning("deleting old checkpoints failed (retried after the next one): %s", exc)
+            self._store_failing = True
 
     def _wait_pending(self, deadline: float | None = None) -> bool:
         """Block until the pending snapshot is uploaded and committed; False at the deadline."""
         if self._pending is None:
             return True
+        shown = time.monotonic()
         while not self._pending.future.done():
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return False
             self.producer.poll(0.05)
-            self.alive_at = time.monotonic()
-            if self._errors:
-                raise DeliveryFailed("; ".join(self._errors[:3]))
+            self._check_delivery()
+            self.alive_at = now
+            if now - shown >= 1.0:  # a store outage can make this long: keep /status fresh
+                self._pause(0)
+                shown = now
         self._complete()
         return True
 
@@ -1147,12 +1510,20 @@ class Worker:
                     self._published[topic] = (count, nbytes)
             self.metrics.busy_ratio.set(self._busy.ratio())
             self.metrics.processing_rate.set(self._rate.rate())
+        deps = self.deps
+        if self.metrics is not None:
+            for name in DEPENDENCIES:
+                self.metrics.set_dependency(name, not deps.is_down(name), deps.seconds_total(name))
         elapsed = max(1e-9, now - self.started)
+        ready, not_ready = self.readiness()
         self._status = {
             "job": self.plan.job_id,
             "worker": self.settings.index,
             "workers": self.settings.count,
-            "ready": self.ready,
+            "ready": ready,
+            "notReadyReason": not_ready or None,
+            "outages": deps.status(),
+            "rollbacks": self.rollbacks,
             "partitions": partitions,
             "busyRatio": self._busy.ratio(),
             "busyRatioSinceStart": min(1.0, self.busy_s / elapsed),

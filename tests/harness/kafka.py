@@ -8,7 +8,10 @@ is already up (``make services-up``) is reused as it is.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -24,8 +27,10 @@ from harness.common import (
     ServerError,
     env_port,
     file_lock,
+    pid_alive,
     port_open,
     read_live_info,
+    read_pid,
     run_dir,
     spawn,
     stop_pid,
@@ -196,31 +201,44 @@ def up() -> Running:
         )
         if fmt.returncode != 0:
             raise ServerError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
-        spawn(
-            [
-                java,
-                "-Xms256m",
-                "-Xmx1g",
-                "-XX:+UseG1GC",
-                "-Djava.awt.headless=true",
-                log_opt,
-                "-cp",
-                classpath,
-                "kafka.Kafka",
-                str(props),
-            ],
-            rdir,
-        )
         bootstrap = f"{HOST}:{port}"
-        wait_until(lambda: port_open(port), 60, "Kafka broker port", rdir / "server.log")
-        wait_until(lambda: _broker_ready(bootstrap), 60, "Kafka broker metadata", rdir / "server.log")
+        _spawn_broker(rdir, port)
         info = {"bootstrap": bootstrap, "port": port, "version": VERSION, "log": str(rdir / "broker.log")}
         write_info(rdir, info)
         return Running(NAME, info, rdir, started_here=True)
 
 
+def _spawn_broker(rdir: Path, port: int) -> None:
+    """Run the broker on the storage and configuration already in ``rdir``; wait until it answers."""
+    log_opt = f"-Dlog4j.configuration=file:{rdir / 'log4j.properties'}"
+    spawn(
+        [_java(), "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true", log_opt,
+         "-cp", f"{libs_dir()}/*", "kafka.Kafka", str(rdir / "server.properties")],
+        rdir,
+    )
+    wait_until(lambda: port_open(port), 60, "Kafka broker port", rdir / "server.log")
+    wait_until(lambda: _broker_ready(f"{HOST}:{port}"), 60, "Kafka broker metadata", rdir / "server.log")
+
+
 def down() -> None:
     stop_pid(run_dir(NAME))
+
+
+def kill(r: Running) -> None:
+    """SIGKILL the broker (an outage, not a shutdown): no clean leadership hand-over, no flush;
+    its data directory stays, so ``restart`` brings back every topic, offset and transaction."""
+    pid = read_pid(r.run_dir)
+    if pid is None:
+        raise ServerError("no broker pid recorded: it was not started by this harness")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid) and not port_open(int(r.info["port"])), 30, "Kafka broker exit")
+
+
+def restart(r: Running) -> None:
+    """Start the broker again after ``kill`` on the same port and data."""
+    _spawn_broker(r.run_dir, int(r.info["port"]))
+    write_info(r.run_dir, r.info)
 
 
 def describe(r: Running) -> str:

@@ -99,6 +99,8 @@ def test_every_metric_the_runtime_promises_is_exposed_with_the_weir_prefix(metri
         "weir_restore_duration_seconds": "gauge",
         "weir_checkpoints_skipped": "counter",
         "weir_checkpoint_sync_seconds": "histogram",
+        "weir_dependency_up": "gauge",
+        "weir_outage_seconds": "counter",
     }
 
 
@@ -259,3 +261,20 @@ def test_trackers_reject_an_empty_window(window_s: float, buckets: int) -> None:
         BusyTracker(FakeClock(), window_s=window_s, buckets=buckets)
     with pytest.raises(ValueError, match="must be"):
         RateTracker(FakeClock(), window_s=window_s, buckets=buckets)
+
+
+def test_an_outage_shows_as_dependency_down_and_its_seconds_grow_while_it_lasts(
+    metrics: WorkerMetrics,
+) -> None:
+    metrics.set_dependency("kafka", True, 0.0)
+    assert value(metrics, "weir_dependency_up", dependency="kafka") == 1
+    assert value(metrics, "weir_outage_seconds_total", dependency="kafka") == 0
+
+    metrics.set_dependency("kafka", False, 2.5)
+    metrics.set_dependency("kafka", False, 7.0)
+    assert value(metrics, "weir_dependency_up", dependency="kafka") == 0
+    assert value(metrics, "weir_outage_seconds_total", dependency="kafka") == 7.0
+
+    metrics.set_dependency("kafka", True, 7.0)
+    assert value(metrics, "weir_dependency_up", dependency="kafka") == 1
+    assert value(metrics, "weir_outage_seconds_total", dependency="kafka") == 7.0

@@ -1,0 +1,179 @@
+"""Outages of the broker and of the checkpoint store are ridden out, against the real servers.
+
+Each test runs two exactly-once ``weir run`` workers with input flowing, takes a dependency
+away for the time the issue names (the broker SIGKILLed for 60 s; S3 stopped for 120 s with a
+worker SIGKILLed and restarted meanwhile) and checks that no worker exits, that the outage is
+visible in ``/readyz``, ``/status`` and ``/metrics`` while it lasts, and that the read_committed
+output equals the brute-force reference exactly: no window missing, none twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import kafka as kafka_server
+from harness.common import Running
+from harness.kafka import KafkaHelper
+
+from .test_exactly_once import TUMBLING, WorkerProcs, as_records, events_for, expected_of, wait_for_output
+from .test_pipelines import assert_same, manifest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
+
+
+class Chunks:
+    """Produces the input in chunks from a thread; ``hold()`` waits for the chunk in flight and
+    holds the next ones back (the broker is about to go), ``release()`` lets them go on."""
+
+    def __init__(self, kafka: KafkaHelper, topic: str, events: list[Any], seconds: float, chunks: int = 40):
+        self.records = as_records(events)
+        self.kafka, self.topic, self.pause = kafka, topic, seconds / chunks
+        self.size = -(-len(self.records) // chunks)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.sent = 0
+
+    def _run(self) -> None:
+        for i in range(0, len(self.records), self.size):
+            with self.lock:
+                self.kafka.produce(self.topic, self.records[i : i + self.size])
+                self.sent = i + self.size
+            time.sleep(self.pause)
+
+    def hold(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> Chunks:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(180)
+        assert not self.thread.is_alive(), "the input did not finish"
+
+
+class Control:
+    """The HTTP control API of the workers of ``WorkerProcs`` (ports read from their logs)."""
+
+    def __init__(self, procs: WorkerProcs) -> None:
+        self.procs = procs
+
+    def port(self, i: int, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = (self.procs.root / f"w{i}.log").read_text(errors="replace").splitlines()
+            ports = [int(m.group(1)) for line in lines if (m := re.search(r"control on .*:(\d+)$", line))]
+            if ports:
+                return ports[-1]  # the latest start's
+            assert time.monotonic() < deadline, self.procs.log_tail(i)
+            self.procs.check()
+            time.sleep(0.2)
+
+    def get(self, i: int, path: str) -> tuple[int, str]:
+        self.procs.check()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port(i)}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def status(self, i: int) -> dict[str, Any]:
+        code, body = self.get(i, "/status")
+        assert code == 200, body
+        return dict(json.loads(body))
+
+    def metric(self, i: int, name: str, **labels: str) -> float | None:
+        _, text = self.get(i, "/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name + "{") and want in line:
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def wait_ready(self, i: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.get(i, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, f"worker {i} not ready:\n{self.procs.log_tail(i)}"
+            self.procs.check()
+            time.sleep(0.3)
+
+
+def outage_seen(control: Control, i: int, dependency: str, timeout: float) -> dict[str, Any]:
+    """Until worker ``i`` reports ``dependency`` down on every channel; returns its /status entry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        control.procs.check()
+        status = control.status(i)
+        entry = status.get("outages", {}).get(dependency)
+        ready = control.get(i, "/readyz")
+        up = control.metric(i, "weir_dependency_up", dependency=dependency)
+        if entry is not None and ready[0] == 503 and up == 0:
+            assert f"{dependency} unreachable" in json.loads(ready[1])["reason"]
+            assert (control.metric(i, "weir_outage_seconds_total", dependency=dependency) or 0) > 0
+            return dict(entry)
+        assert time.monotonic() < deadline, f"worker {i} shows no {dependency} outage: {status} {ready} {up}"
+        time.sleep(0.5)
+
+
+def log_lines(procs: WorkerProcs, i: int) -> list[str]:
+    return (procs.root / f"w{i}.log").read_text(errors="replace").splitlines()
+
+
+def test_the_broker_killed_for_60_seconds_is_ridden_out_with_exact_output(
+    kafka: KafkaHelper, kafka_running: Running, tmp_path: Path
+) -> None:
+    events = events_for(20261201, 120_000)
+    expected = expected_of(events)
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    job = manifest(tmp_path, f"bo-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    procs = WorkerProcs(job, 2, tmp_path, {}, (tmp_path / "store").as_uri())
+    control = Control(procs)
+    for i in range(2):
+        procs.start(i)
+    try:
+        with Chunks(kafka, source, events, seconds=30) as chunks:
+            for i in range(2):
+                control.wait_ready(i)
+            while chunks.sent < len(chunks.records) // 3:  # well into the input
+                procs.check()
+                time.sleep(0.2)
+            chunks.hold()
+            try:
+                lines_before = [len(log_lines(procs, i)) for i in range(2)]
+                kafka_server.kill(kafka_running)
+                killed = time.monotonic()
+                seen = [outage_seen(control, i, "kafka", timeout=45) for i in range(2)]
+                time.sleep(max(0.0, 60 - (time.monotonic() - killed)))
+                procs.check()
+                kafka_server.restart(kafka_running)
+            finally:
+                chunks.release()
+            for i in range(2):
+                control.wait_ready(i, timeout=120)
+        got = wait_for_output(kafka, sink, expected, timeout=180, check=procs.check)
+        during = [log_lines(procs, i)[lines_before[i]:] for i in range(2)]
+        back = [control.status(i) for i in range(2)]
+    finally:
+        codes = procs.stop_all()
+    assert codes == [0, 0], [procs.log_tail(i) for i in range(2)]
+    assert_same(got, expected)
+    for i in range(2):
+        assert seen[i]["error"], seen[i]
+        assert back[i]["outages"] == {}, back[i]
+        downs = [line for line in during[i] if "kafka unreachable:" in line]
+        ups = [line for line in during[i] if re.search(r"kafka back after \d+\.\d s", line)]
+        assert 1 <= len(downs) <= 3 and len(ups) == len(downs), "\n".join(during[i])
+        # One line per change of state, not one per failed reconnect (a few lines of start-over).
+        assert len(during[i]) < 60, f"{len(during[i])} log lines during the outage:\n" + "\n".join(during[i])
