@@ -73,6 +73,22 @@ _REFUSED_CODES = frozenset({
     "AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException",
     "InvalidRequest", "AccountProblem", "301", "403",
 })
+_CREDENTIALS_HINT = (
+    "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (spec.checkpoint.credentialsSecret) "
+    "or the pod's IAM role"
+)
+_REFUSED_HINTS = {
+    "InvalidAccessKeyId": _CREDENTIALS_HINT,
+    "SignatureDoesNotMatch": _CREDENTIALS_HINT,
+    "InvalidToken": _CREDENTIALS_HINT,
+    "ExpiredToken": _CREDENTIALS_HINT,
+    "AccessDenied": "the credentials may not use this bucket or prefix",
+    "NoSuchBucket": "create the bucket, or fix the bucket in spec.checkpoint.url",
+    "404": "create the bucket, or fix the bucket in spec.checkpoint.url and spec.checkpoint.endpoint",
+    "AuthorizationHeaderMalformed": "set spec.checkpoint.region (AWS_REGION) to the bucket's region",
+    "PermanentRedirect": "set spec.checkpoint.region (AWS_REGION) to the bucket's region",
+    "301": "set spec.checkpoint.region (AWS_REGION) to the bucket's region",
+}
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -421,7 +437,11 @@ class S3Backend:
             if code in ("404", "NoSuchKey", "NotFound") and what != "listing":
                 return NotFound(f"{self._where(key)} does not exist")
             if code in _REFUSED_CODES or (code == "404" and what == "listing"):
-                return StoreRefused(f"{what} {self._where(key)} refused by {self._endpoint()}: {cause}")
+                hint = _REFUSED_HINTS.get(code, "")
+                return StoreRefused(
+                    f"{what} {self._where(key)} refused by {self._endpoint()}: {cause}"
+                    + (f" ({hint})" if hint else "")
+                )
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StoreRefused(
                 f"{what} {self._where(key)}: {cause} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "

@@ -1372,10 +1372,12 @@ class Worker:
             self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned,
                                workers=self.settings.count)
             self._store_failing = False
-        except ck.CheckpointError as exc:
-            if not self._store_failing:  # once per streak: it fails after every checkpoint of an outage
+        except ck.StoreRefused as exc:
+            if not self._store_failing:  # once per streak, not after every checkpoint
                 log.warning("deleting old checkpoints failed (retried after the next one): %s", exc)
             self._store_failing = True
+        except ck.CheckpointError as exc:
+            self.deps.down("store", f"deleting old checkpoints: {exc}")  # retried after the next one
 
     def _wait_pending(self, deadline: float | None = None) -> bool:
         """Block until the pending snapshot is uploaded and committed; False at the deadline."""

@@ -118,8 +118,10 @@ def wait_for_output(
 class WorkerProcs:
     """``weir run`` subprocesses, one per worker index, that can be SIGKILLed and restarted."""
 
-    def __init__(self, job: Path, workers: int, root: Path, env: dict[str, str], url: str) -> None:
-        self.job, self.workers, self.root, self.url = job, workers, root, url
+    def __init__(
+        self, job: Path, workers: int, root: Path, env: dict[str, str], url: str, args: tuple[str, ...] = ()
+    ) -> None:
+        self.job, self.workers, self.root, self.url, self.args = job, workers, root, url, args
         self.env = {**os.environ, **env}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.starts = 0
@@ -136,7 +138,7 @@ class WorkerProcs:
                     "--worker-index", str(i), "--workers", str(self.workers),
                     "--state-dir", str(self.state_dir(i)), "--http-port", "0",
                     "--checkpoint-url", self.url, "--checkpoint-interval", "0.5",
-                    "--connect-timeout", "30",
+                    "--connect-timeout", "30", *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -10,7 +10,10 @@ output equals the brute-force reference exactly: no window missing, none twice.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,6 +26,7 @@ import pytest
 from harness import kafka as kafka_server
 from harness.common import Running
 from harness.kafka import KafkaHelper
+from harness.s3 import S3Helper
 
 from .test_exactly_once import TUMBLING, WorkerProcs, as_records, events_for, expected_of, wait_for_output
 from .test_pipelines import assert_same, manifest
@@ -69,13 +73,20 @@ class Control:
 
     def __init__(self, procs: WorkerProcs) -> None:
         self.procs = procs
+        self.starts: dict[int, int] = {}
+
+    def restart(self, i: int) -> None:
+        """SIGKILL worker ``i`` and start it again (the next port in its log is the new one's)."""
+        self.procs.kill(i)
+        self.starts[i] = self.starts.get(i, 1) + 1
+        self.procs.start(i)
 
     def port(self, i: int, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while True:
             lines = (self.procs.root / f"w{i}.log").read_text(errors="replace").splitlines()
             ports = [int(m.group(1)) for line in lines if (m := re.search(r"control on .*:(\d+)$", line))]
-            if ports:
+            if len(ports) >= self.starts.get(i, 1):
                 return ports[-1]  # the latest start's
             assert time.monotonic() < deadline, self.procs.log_tail(i)
             self.procs.check()
@@ -177,3 +188,76 @@ def test_the_broker_killed_for_60_seconds_is_ridden_out_with_exact_output(
         assert 1 <= len(downs) <= 3 and len(ups) == len(downs), "\n".join(during[i])
         # One line per change of state, not one per failed reconnect (a few lines of start-over).
         assert len(during[i]) < 60, f"{len(during[i])} log lines during the outage:\n" + "\n".join(during[i])
+
+
+@pytest.mark.s3
+def test_s3_stopped_for_120_seconds_with_a_worker_restarted_meanwhile_is_ridden_out_with_exact_output(
+    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
+) -> None:
+    events = events_for(20261202, 120_000)
+    expected = expected_of(events)
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    job = manifest(tmp_path, f"so-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    url = f"s3://{s3.new_bucket()}/ck"
+    # As under Kubernetes: a starting worker waits for its store for ever instead of exiting.
+    procs = WorkerProcs(job, 2, tmp_path, s3.env(), url, args=("--connect-timeout", "0"))
+    control = Control(procs)
+    for i in range(2):
+        procs.start(i)
+    try:
+        with Chunks(kafka, source, events, seconds=60):
+            for i in range(2):
+                control.wait_ready(i)
+            deadline = time.monotonic() + 60
+            while not all(o > 0 for o in kafka.committed(f"weir-test-{job.stem}", source).values()):
+                assert time.monotonic() < deadline, "no checkpoint with records committed before the outage"
+                time.sleep(0.3)
+            s3.stop()
+            stopped = time.monotonic()
+            try:
+                seen = [outage_seen(control, i, "store", timeout=60) for i in range(2)]
+                control.restart(1)  # SIGKILLed during the outage, started again while S3 is still down
+                restarted = outage_seen(control, 1, "store", timeout=60)
+                assert not control.status(1)["ready"]
+                time.sleep(max(0.0, 120 - (time.monotonic() - stopped)))
+                procs.check()
+            finally:
+                s3.start()
+            for i in range(2):
+                control.wait_ready(i, timeout=180)
+        got = wait_for_output(kafka, sink, expected, timeout=180, check=procs.check)
+        back = [control.status(i) for i in range(2)]
+    finally:
+        codes = procs.stop_all()
+    assert codes == [0, 0], [procs.log_tail(i) for i in range(2)]
+    assert_same(got, expected)
+    assert all(entry["error"] for entry in [*seen, restarted])
+    assert back[0]["outages"] == {} and back[1]["outages"] == {}, back
+    restarted_log = "\n".join(log_lines(procs, 1)[-400:])
+    assert "store unreachable:" in restarted_log and re.search(r"store back after \d+\.\d s", restarted_log)
+    assert "restore exact" in restarted_log, "the restarted worker did not restore its checkpoint from S3"
+    assert "Traceback" not in restarted_log
+
+
+@pytest.mark.s3
+def test_wrong_s3_credentials_at_start_exit_5_with_one_line_naming_the_cause_and_not_the_secret(
+    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
+) -> None:
+    source, sink, dlq = kafka.create_topic(), kafka.create_topic(), kafka.create_topic()
+    job = manifest(tmp_path, f"cred-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    secret = "not-the-secret-4f9c2a"
+    env = {**os.environ, **s3.env(), "AWS_SECRET_ACCESS_KEY": secret}
+    done = subprocess.run(
+        [sys.executable, "-m", "weir", "run", str(job), "--state-dir", str(tmp_path / "state"),
+         "--http-port", "0", "--checkpoint-url", f"s3://{s3.bucket}/ck"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+
+    assert done.returncode == 5, output
+    assert len(errors) == 1, output
+    assert "SignatureDoesNotMatch" in errors[0] and f"s3://{s3.bucket}/ck" in errors[0], errors[0]
+    assert "AWS_SECRET_ACCESS_KEY" in errors[0]  # says what to check
+    assert "Traceback" not in output
+    assert secret not in output
