@@ -362,6 +362,7 @@ class Worker:
         self._repart_partitions = 0
         self._first = True
         self._started_at = time.monotonic()
+        self._committed_since_start = False
         self._seq = 1
         self._closing = threading.Event()
         self._stopped_by_savepoint = False
@@ -440,6 +441,8 @@ class Worker:
                     if self._stop.is_set():
                         raise Stopped(str(exc)) from exc
                     self.rollbacks += 1
+                    if self._committed_since_start:  # not a rollback loop: start over quickly
+                        backoff.reset()
                     delay = backoff.next()
                     log.warning(
                         "rolling back to the last committed checkpoint (restarting in %.1f s): %s", delay, exc
@@ -494,6 +497,7 @@ class Worker:
         del admin  # its connections would keep reconnecting (and logging) through an outage
 
         self._errors, self._undelivered, self._permanent = [], 0, False
+        self._committed_since_start = False
         self.consumer = kio.new_consumer(
             {**kio.consumer_config(self.kafka, plan.group_id, plan.start_from), **self._kafka_hooks}
         )
@@ -1251,6 +1255,7 @@ class Worker:
             except KafkaException as exc:
                 # The next checkpoint commits them; an outage shows once, not per checkpoint.
                 self.deps.down("kafka", f"committing offsets: {exc.args[0].str() if exc.args else exc}")
+        self._committed_since_start = True
         seconds = time.monotonic() - pending.started
         self.last_checkpoint = {
             "kind": pending.kind,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -134,7 +135,8 @@ def test_the_two_dependencies_go_down_and_come_back_independently(
 def s3_error(code: str, message: str, operation: str = "ListObjectsV2") -> Exception:
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+    error: Exception = ClientError({"Error": {"Code": code, "Message": message}}, operation)
+    return error
 
 
 @pytest.mark.parametrize(
@@ -232,3 +234,64 @@ def test_a_starting_worker_waits_for_ever_inside_kubernetes_and_a_minute_on_a_la
     assert _connect_timeout(None, Environment.read({}).in_kubernetes) == 60.0
     assert _connect_timeout(0, False) == math.inf
     assert _connect_timeout(5, True) == 5
+
+
+# -- undelivered records: an outage rolls back, a refused record stops, both name the cause -------
+
+
+class FakeMessage:
+    def topic(self) -> str:
+        return "revenue-out"
+
+    def partition(self) -> int:
+        return 3
+
+
+def example_worker(tmp_path: Any) -> Any:
+    from pathlib import Path
+
+    from weir import kafka as kio
+    from weir.spec import load_job
+    from weir.worker import Worker, WorkerSettings, plan_for
+
+    job = load_job(Path(__file__).parents[2] / "runtime" / "weir" / "examples" / "revenue.yaml")
+    return Worker(plan_for(job), kio.KafkaSettings("127.0.0.1:9", {}, {}), WorkerSettings(0, 1, tmp_path))
+
+
+def test_records_that_timed_out_during_an_outage_roll_back_naming_the_cause_in_full(tmp_path: Any) -> None:
+    from confluent_kafka import KafkaError
+
+    from weir.worker import Rollback
+
+    worker = example_worker(tmp_path)
+    for _ in range(590):
+        worker._on_delivery_error(KafkaError(KafkaError._MSG_TIMED_OUT), FakeMessage())
+
+    with pytest.raises(Rollback) as raised:
+        worker._check_delivery()
+    cause = "revenue-out [3]: Local: Message timed out (_MSG_TIMED_OUT)"
+    assert str(raised.value) == "590 records undelivered: " + "; ".join([cause] * 3)
+
+
+def test_a_record_kafka_refuses_for_good_stops_the_worker_naming_the_cause(tmp_path: Any) -> None:
+    from confluent_kafka import KafkaError
+
+    from weir.worker import DeliveryFailed
+
+    worker = example_worker(tmp_path)
+    worker._on_delivery_error(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage())
+
+    with pytest.raises(
+        DeliveryFailed, match=r"1 records undelivered: revenue-out \[3\]: .*MSG_SIZE_TOO_LARGE"
+    ):
+        worker._check_delivery()
+
+
+def test_while_a_dependency_is_down_the_worker_is_not_ready_and_says_why(tmp_path: Any) -> None:
+    worker = example_worker(tmp_path)
+    worker.ready = True
+    assert worker.readiness() == (True, "")
+
+    worker.deps.down("store", "listing s3://b/ck/ failed: connect timeout")
+
+    assert worker.readiness() == (False, "store unreachable: listing s3://b/ck/ failed: connect timeout")
