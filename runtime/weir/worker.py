@@ -524,23 +524,19 @@ class Worker:
         the store); idempotent. Transactions left open are aborted by the next start's
         ``init_transactions``, which fences these producers."""
         self.ready = False
-        closing = getattr(self, "_closing", None)
-        if closing is not None:
-            closing.set()
-        uploader = getattr(self, "_uploader", None)
-        if uploader is not None:
-            uploader.shutdown(wait=False, cancel_futures=True)
+        self._closing.set()  # an upload still retrying gives up
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=False, cancel_futures=True)
             self._uploader = None
         self._pending = None
-        for producer in getattr(self, "_producers", None) or []:
+        for producer in self._producers:
             with contextlib.suppress(Exception):
                 producer.purge()
         self._producers = []
         self.producer = None
-        consumer = getattr(self, "consumer", None)
-        if consumer is not None:
+        if self.consumer is not None:
             with contextlib.suppress(Exception):
-                consumer.close()
+                self.consumer.close()
             self.consumer = None
         for task in self.tasks.values():
             if task.store is not None:
@@ -610,7 +606,8 @@ class Worker:
         """``call()`` until it succeeds, waiting out an unreachable broker with back-off.
 
         On the first start the broker gets ``connect_timeout_s`` (then ``KafkaUnavailable``);
-        after a rollback it gets for ever. An error that is not retriable raises ``Rollback``."""
+        after a rollback it gets for ever. A fatal client error raises (``KafkaUnavailable`` on
+        the first start, else ``Rollback``: new clients are the only cure)."""
         backoff = Backoff(0.5, _RETRY_CAP_S)
         failures = 0
         while True:
