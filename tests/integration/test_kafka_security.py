@@ -368,3 +368,44 @@ def test_refused_credentials_or_tls_exit_4_at_once_with_one_line_naming_the_caus
     assert "Traceback" not in stderr and "%3|" not in stderr, stderr
     leaked = [s[:4] for s in sec.secrets if s in worker.output()]
     assert not leaked, leaked
+
+
+def test_weir_demo_runs_over_sasl_ssl_with_flags_and_a_wrong_password_exits_4(
+    kafka_secured: Secured, tmp_path: Path
+) -> None:
+    user = kafka_secured.users["SCRAM-SHA-512"]
+    command = [
+        sys.executable,
+        "-m",
+        "weir",
+        "demo",
+        "--bootstrap-servers",
+        kafka_secured.sasl_bootstrap,
+        "--sasl-mechanism",
+        "SCRAM-SHA-512",
+        "--sasl-username",
+        user.name,
+        "--tls-ca",
+        str(kafka_secured.tls.ca),
+    ]
+    env = {**SAFE_ENV, "WEIR_KAFKA_SASL_PASSWORD": "wrong-" + user.password}
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "Kafka authentication failed for user 'alice' with SCRAM-SHA-512" in refused.stdout
+
+    env["WEIR_KAFKA_SASL_PASSWORD"] = user.password
+    done = subprocess.run(
+        [*command, "--duration", "10", "--rate", "300"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Its producer, its reader and its worker (a `weir run` under `weir up`) all went over SASL_SSL.
+    summary = done.stdout.strip().splitlines()[-1]
+    produced, read = int(summary.split()[0]), int(summary.split(", ")[1].split()[0])
+    assert produced > 0 and read > 0, summary
+    assert user.password not in done.stdout + done.stderr
