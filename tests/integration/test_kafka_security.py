@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from harness.common import free_port
-from harness.kafka import KafkaHelper, Secured
+from harness.kafka import KafkaHelper, Secured, ensure_tls
 
 from .test_exactly_once import TUMBLING, as_records, events_for, expected_of, wait_for_output
 from .test_pipelines import assert_same, manifest
@@ -409,3 +409,29 @@ def test_weir_demo_runs_over_sasl_ssl_with_flags_and_a_wrong_password_exits_4(
     produced, read = int(summary.split()[0]), int(summary.split(", ")[1].split()[0])
     assert produced > 0 and read > 0, summary
     assert user.password not in done.stdout + done.stderr
+
+
+def test_the_test_pki_is_made_once_per_directory_and_again_when_a_file_is_missing(tmp_path: Path) -> None:
+    tls_dir = tmp_path / "tls"
+    files = ensure_tls(tls_dir)
+    first_ca = files.ca.read_bytes()
+    for cert in (files.broker, files.client_cert):
+        verified = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(files.ca), str(cert)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert verified.returncode == 0, verified.stderr
+    san = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(files.broker)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "IP Address:127.0.0.1" in san and "DNS:localhost" in san
+
+    assert ensure_tls(tls_dir).ca.read_bytes() == first_ca  # cached
+    files.client_key.unlink()
+    again = ensure_tls(tls_dir)
+    assert again.complete() and again.ca.read_bytes() != first_ca  # a new, consistent set
