@@ -158,6 +158,9 @@ class KubernetesPlatform:
                 _content_type=APPLY_PATCH,
                 _preload_content=False,
             )
+            # Read the body before the connection goes back to the pool: an unread one is taken
+            # for the next response's status line there (urllib3 logs BadStatusLine, retries).
+            response.drain_conn()  # type: ignore[attr-defined]
             response.release_conn()  # type: ignore[attr-defined]
         except ApiException as exc:
             if exc.status in _TRANSIENT:
