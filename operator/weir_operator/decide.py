@@ -675,7 +675,7 @@ def decide_deletion(
             action="cleanup", id=_new_id("cleanup", generation, now), generation=generation,
             started_at=now, fingerprint=render.fingerprint(job.spec), parallelism=0,
         )
-        draft.set(intent=intent, error=None)
+        draft.set(intent=intent, error=None, apply_failure=None)
         then = f", then removing {url}" if url is not None else " (its store is kept: cleanupPolicy retain)"
         draft.event("Normal", "CleaningUp", f"{intent.id}: deleting: stopping the workers{then}")
     draft.set(phase="Deleting", parallelism=0, ready_workers=0)
