@@ -39,7 +39,9 @@ from harness.common import (
     Running,
     ServerError,
     env_port,
+    fetch_maven_jars,
     file_lock,
+    java,
     port_open,
     read_live_info,
     run_dir,
@@ -114,43 +116,11 @@ def libs_dir() -> Path:
 
 def ensure_jars() -> Path:
     """Fetch the broker's jars with Maven once; later calls return the cached directory."""
-    libs = libs_dir()
-    marker = libs / ".complete"
-    if marker.exists():
-        return libs
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(libs.parent):
-        if marker.exists():
-            return libs
-        tmp = libs.with_name("libs.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [
-            "mvn",
-            "-q",
-            "-B",
-            "-f",
-            str(POM),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}",
-            "-DincludeScope=runtime",
-            f"-Dkafka.version={VERSION}",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise ServerError(
-                f"fetching Kafka {VERSION} jars with Maven failed:\n{done.stdout}\n{done.stderr}"
-            )
-        shutil.rmtree(libs, ignore_errors=True)
-        tmp.rename(libs)
-        marker.write_text(VERSION)
-    return libs
+    return fetch_maven_jars(POM, libs_dir(), f"Kafka {VERSION} jars", {"kafka.version": VERSION})
 
 
 def _java() -> str:
-    java = shutil.which("java")
-    if java is None:
-        raise ServerError("no `java` on PATH: Kafka needs a JDK 17 (apt-get install openjdk-17-jdk-headless)")
-    return java
+    return java()
 
 
 # Extensions for the certificates the CA signs: the broker's names what clients dial (librdkafka
