@@ -26,6 +26,7 @@ import pytest
 
 from harness.common import free_port
 from harness.kafka import KafkaHelper, Secured, ensure_tls
+from harness.s3 import S3Helper
 
 from .test_exactly_once import TUMBLING, as_records, events_for, expected_of, wait_for_output
 from .test_pipelines import assert_same, manifest
@@ -183,11 +184,14 @@ def secured_manifest(
 class Worker:
     """One `weir run` subprocess with its stdout and stderr kept apart."""
 
-    def __init__(self, job: Path, root: Path, sec: Security, *extra: str) -> None:
+    def __init__(
+        self, job: Path, root: Path, sec: Security, *extra: str, store_url: str | None = None
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.state = root / "state"
         self.store = root / "store"
+        self.store_url = store_url or self.store.as_uri()
         self.out, self.err = root / "stdout.log", root / "stderr.log"
         self.started = time.monotonic()
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
@@ -205,7 +209,7 @@ class Worker:
                     "--http-port",
                     str(self.port),
                     "--checkpoint-url",
-                    self.store.as_uri(),
+                    self.store_url,
                     "--checkpoint-interval",
                     "0.5",
                     "--connect-timeout",
@@ -253,17 +257,18 @@ def files_containing(root: Path, needles: list[str]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("way", sorted(WAYS))
-def test_a_secured_job_reads_and_writes_exactly_once_and_no_secret_leaves_the_worker(
-    way: str, kafka: KafkaHelper, kafka_secured: Secured, tmp_path: Path
-) -> None:
-    sec = WAYS[way](kafka_secured, tmp_path)
+def run_secured_job(
+    kafka: KafkaHelper, sec: Security, tmp_path: Path, store_url: str | None = None
+) -> tuple[Worker, list[str]]:
+    """Run a job secured by ``sec`` to its exact output, stop it with SIGTERM, and return the
+    worker and every place in its output, ``/status``, ``/metrics`` or state directory that
+    shows one of ``sec.secrets``."""
     events = events_for(12, 800)
     expected = expected_of(events)
     topics = (kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic())
     job = secured_manifest(tmp_path, f"sec-{topics[0][-6:]}", kafka, sec, topics)
     kafka.produce(topics[0], as_records(events))
-    worker = Worker(job, tmp_path, sec, "--log-level", "DEBUG")
+    worker = Worker(job, tmp_path, sec, "--log-level", "DEBUG", store_url=store_url)
     try:
         got = wait_for_output(kafka, topics[1], expected, timeout=90, check=worker.check)
         status, metrics = worker.get("/status"), worker.get("/metrics")
@@ -284,9 +289,42 @@ def test_a_secured_job_reads_and_writes_exactly_once_and_no_secret_leaves_the_wo
         for s in sec.secrets
         if s in text
     ]
-    leaks += files_containing(worker.state, sec.secrets) + files_containing(worker.store, sec.secrets)
+    return worker, leaks + files_containing(worker.state, sec.secrets)
+
+
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_a_secured_job_reads_and_writes_exactly_once_and_no_secret_leaves_the_worker(
+    way: str, kafka: KafkaHelper, kafka_secured: Secured, tmp_path: Path
+) -> None:
+    sec = WAYS[way](kafka_secured, tmp_path)
+    worker, leaks = run_secured_job(kafka, sec, tmp_path)
+    leaks += files_containing(worker.store, sec.secrets)
     assert not leaks, leaks
     assert any(worker.store.rglob("manifest.json")), "no checkpoint reached the store"
+
+
+@pytest.mark.s3
+def test_a_secured_job_checkpointing_to_s3_leaves_no_secret_in_the_bucket(
+    kafka: KafkaHelper, kafka_secured: Secured, s3: S3Helper, tmp_path: Path
+) -> None:
+    sec = scram_512_as_the_operator_renders_it(kafka_secured, tmp_path)
+    sec.env.update(s3.env())
+    sec.secrets.append(s3.secret_key)
+    _, leaks = run_secured_job(kafka, sec, tmp_path, store_url=f"s3://{s3.bucket}/checkpoints")
+    client = s3.client()
+    try:
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket)
+            for o in page.get("Contents", ())
+        ]
+        for key in keys:
+            data = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+            leaks += [f"s3://{s3.bucket}/{key} holds {x[:4]}…" for x in sec.secrets if x.encode() in data]
+    finally:
+        client.close()
+    assert not leaks, leaks
+    assert any(k.endswith("manifest.json") for k in keys), keys
 
 
 @dataclass
