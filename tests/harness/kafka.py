@@ -9,11 +9,11 @@ Besides the plaintext listener every test uses, the broker has two secured liste
 Kafka security tests (``Secured`` describes them; inter-broker and controller traffic stays
 plaintext):
 
-- ``SASL_SSL`` on the port after the controller's (``WEIR_KAFKA_SASL_PORT``): SCRAM-SHA-512
-  and SCRAM-SHA-256 users created at format time (``kafka-storage format --add-scram``) and a
+- ``SASL_SSL`` on the broker's port + 2 (or ``WEIR_KAFKA_SASL_PORT``): SCRAM-SHA-512 and
+  SCRAM-SHA-256 users created at format time (``kafka-storage format --add-scram``) and a
   PLAIN user from the listener's JAAS config; passwords are random per formatted storage;
-- ``SSL`` with required client certificates (mutual TLS) on the port after that
-  (``WEIR_KAFKA_MTLS_PORT``).
+- ``SSL`` with required client certificates (mutual TLS) on the broker's port + 3 (or
+  ``WEIR_KAFKA_MTLS_PORT``).
 
 Certificates come from the openssl CLI: a CA, a broker certificate for 127.0.0.1/localhost
 (subjectAltName, so clients verify the host name) and a client certificate whose key is
