@@ -340,6 +340,9 @@ class Worker:
         self._kafka_hooks: dict[str, Any] = {"error_cb": self._on_kafka_error, "logger": kio.client_logger()}
         self.tasks: dict[tuple[str, int], Task] = {}
         self.upstream_count = 0
+        self.input_partitions: dict[str, int] = {}
+        """Partition count of each input topic (sources, repartition topic), for ``/status``:
+        the operator runs no more workers than the largest has partitions."""
         self.ready = False
         self.alive_at = time.monotonic()
         self.busy_s = 0.0
@@ -469,7 +472,7 @@ class Worker:
         plan, settings = self.plan, self.settings
         self._first = first
         self._started_at = time.monotonic()
-        admin = kio.admin(self.kafka, self._kafka_hooks)
+        admin = kio.admin(self.kafka)
         timeout = self.kafka.connect_timeout_s if first else math.inf
 
         def unreachable(error: str) -> None:
@@ -493,6 +496,9 @@ class Worker:
                 plan.repartition_partitions or max(partitions[t] for t in plan.source_topics),
                 partitions,
             )
+        self.input_partitions = {t: partitions[t] for t in plan.source_topics}
+        if plan.repartition_topic:
+            self.input_partitions[plan.repartition_topic] = repart_partitions
         self._repart_partitions = repart_partitions
         del admin  # its connections would keep reconnecting (and logging) through an outage
 
@@ -1524,6 +1530,7 @@ class Worker:
             "job": self.plan.job_id,
             "worker": self.settings.index,
             "workers": self.settings.count,
+            "inputPartitions": self.input_partitions,
             "ready": ready,
             "notReadyReason": not_ready or None,
             "outages": deps.status(),
