@@ -442,8 +442,8 @@ class _QuietLibrdkafka(logging.Filter):
 
 def client_logger() -> logging.Logger:
     """The logger librdkafka's lines go to (pass it as a client's ``logger`` property): named
-    ``weir.librdkafka``, without the per-reconnect flood of an outage (``_QuietLibrdkafka``)."""
-    logger = logging.getLogger("weir.librdkafka")
+    ``weir.kafka.librdkafka``, without the per-reconnect flood of an outage (``_QuietLibrdkafka``)."""
+    logger = logging.getLogger(f"{__name__}.librdkafka")
     if not any(isinstance(f, _QuietLibrdkafka) for f in logger.filters):
         logger.addFilter(_QuietLibrdkafka())
     return logger

@@ -192,14 +192,14 @@ def test_an_unusable_s3_endpoint_url_is_refused_when_the_client_is_made() -> Non
 def librdkafka_record(text: str, level: int = logging.ERROR) -> logging.LogRecord:
     # confluent-kafka calls logger.log(level, "%s [%s] %s", facility, client name, message)
     args = ("FAIL", "rdkafka#producer-1", text)
-    return logging.LogRecord("weir.librdkafka", level, "", 0, "%s [%s] %s", args, None)
+    return logging.LogRecord("weir.kafka.librdkafka", level, "", 0, "%s [%s] %s", args, None)
 
 
 def test_librdkafka_reconnect_failures_are_debug_and_hidden_at_info_level() -> None:
     from weir.kafka import _QuietLibrdkafka
 
     quiet = _QuietLibrdkafka(clock=FakeClock(0.0))
-    logging.getLogger("weir.librdkafka").setLevel(logging.INFO)
+    logging.getLogger("weir.kafka.librdkafka").setLevel(logging.INFO)
     record = librdkafka_record("127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused")
 
     assert quiet.filter(record) is False
