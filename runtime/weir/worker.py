@@ -454,8 +454,8 @@ class Worker:
                     first = False
                     self._pause(delay)
         except Stopped as exc:
-            log.warning("stopped while %s; what was not committed is processed again by the next start",
-                        exc or "waiting for Kafka or the checkpoint store")
+            log.warning("stopped during an outage (%s); what was not committed is processed again by the "
+                        "next start", exc)
             return 0
         except DeliveryFailed as exc:
             log.error("stopping without commit: %s", exc)
@@ -564,7 +564,7 @@ class Worker:
                 if self._stop_seen is None:
                     self._stop_seen = now
                 if not self.ready or now - self._stop_seen >= self.settings.shutdown_timeout_s:
-                    raise Stopped("waiting for " + (self.deps.reason() or "Kafka or the checkpoint store"))
+                    raise Stopped(self.deps.reason() or "waiting for Kafka or the checkpoint store")
             if now >= end:
                 return
             time.sleep(min(0.2, end - now))

@@ -492,7 +492,13 @@ def kill(r: Running) -> None:
         raise ServerError("no broker pid recorded: it was not started by this harness")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    wait_until(lambda: not pid_alive(pid) and not port_open(int(r.info["port"])), 30, "Kafka broker exit")
+
+    def gone() -> bool:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when this process started it
+        return not pid_alive(pid) and not port_open(int(r.info["port"]))
+
+    wait_until(gone, 30, "Kafka broker exit")
 
 
 def restart(r: Running) -> None:

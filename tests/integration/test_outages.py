@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -261,3 +262,81 @@ def test_wrong_s3_credentials_at_start_exit_5_with_one_line_naming_the_cause_and
     assert "AWS_SECRET_ACCESS_KEY" in errors[0]  # says what to check
     assert "Traceback" not in output
     assert secret not in output
+
+
+def unreachable_broker_job(tmp_path: Path) -> Path:
+    """A job whose broker address has nothing listening (a port just freed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    doc = {
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "StreamJob",
+        "metadata": {"name": "nobroker", "namespace": "test"},
+        "spec": {
+            "kafka": {"bootstrapServers": f"127.0.0.1:{port}"},
+            "pipeline": {
+                "source": {"topics": ["in"], "eventTime": {"field": "ts"}},
+                "steps": [{"window": TUMBLING}, {"aggregate": {"outputs": {"n": {"fn": "count"}}}}],
+                "sink": {"topic": "out"},
+            },
+        },
+    }
+    path = tmp_path / "nobroker.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_inside_kubernetes_a_worker_waits_for_an_unreachable_broker_not_ready_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    job = unreachable_broker_job(tmp_path)
+    log = tmp_path / "w0.log"
+    env = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.0.0.1"}  # as in every pod
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "weir", "run", str(job), "--worker-index", "0", "--workers", "1",
+             "--state-dir", str(tmp_path / "state"), "--http-port", "0"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    procs = WorkerProcs(job, 1, tmp_path, {}, "")
+    procs.procs[0] = proc
+    try:
+        control = Control(procs)
+        entry = outage_seen(control, 0, "kafka", timeout=60)
+        time.sleep(8)  # still waiting, still not ready: no exit, no back-off into a crash loop
+        procs.check()
+        assert control.get(0, "/readyz")[0] == 503
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 0, text
+    assert "127.0.0.1" in entry["error"], entry
+    assert text.count("weir.outages: kafka unreachable:") == 1, text  # once, however many retries
+    assert "stopped during an outage" in text, text
+    assert "Traceback" not in text
+
+
+def test_on_a_laptop_an_unreachable_broker_at_start_exits_3_after_the_connect_timeout_in_one_line(
+    tmp_path: Path,
+) -> None:
+    job = unreachable_broker_job(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "weir", "run", str(job), "--state-dir", str(tmp_path / "state"),
+         "--http-port", "0", "--connect-timeout", "4"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+
+    assert done.returncode == 3, output
+    assert time.monotonic() - started < 30
+    assert len(errors) == 1 and "cannot reach Kafka at 127.0.0.1:" in errors[0], output
+    assert "Traceback" not in output
