@@ -105,6 +105,12 @@ _PERMANENT_DELIVERY = frozenset({
     KafkaError.SASL_AUTHENTICATION_FAILED,
 })
 
+def _kafka_error(exc: KafkaException) -> tuple[KafkaError | None, str]:
+    """The KafkaError a KafkaException carries (None if it carries none) and its text."""
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return err, (err.str() if err is not None else str(exc))
+
+
 _CALL_TIMEOUT_S = 10.0
 """Longest a single blocking Kafka call (init/commit a transaction, read offsets) may take before
 the worker comes back to its loop: it must stay under the 60 s liveness window during an outage."""
@@ -620,8 +626,7 @@ class Worker:
             try:
                 return call()
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                text = err.str() if err is not None else str(exc)
+                err, text = _kafka_error(exc)
                 if err is not None and err.fatal():
                     if self._first:
                         raise kio.KafkaUnavailable(f"{what}: {text}") from exc
@@ -1068,7 +1073,7 @@ class Worker:
             error = "no broker in the metadata"
         except KafkaException as exc:
             reachable = False
-            error = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+            error = _kafka_error(exc)[1]
         if reachable:
             self._kafka_suspect = None
             self.deps.up("kafka")
@@ -1257,7 +1262,7 @@ class Worker:
                 self.consumer.commit(offsets=pending.offsets, asynchronous=False)
             except KafkaException as exc:
                 # The next checkpoint commits them; an outage shows once, not per checkpoint.
-                self.deps.down("kafka", f"committing offsets: {exc.args[0].str() if exc.args else exc}")
+                self.deps.down("kafka", f"committing offsets: {_kafka_error(exc)[1]}")
         self._committed_since_start = True
         seconds = time.monotonic() - pending.started
         self.last_checkpoint = {
@@ -1310,8 +1315,8 @@ class Worker:
                     self.deps.up("kafka")
                 return
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                text = f"{what}: " + (f"{err.str()} ({err.name()})" if err else str(exc))
+                err, detail = _kafka_error(exc)
+                text = f"{what}: {detail}" + (f" ({err.name()})" if err is not None else "")
                 if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
                     raise Rollback(f"the transaction cannot commit: {text}") from exc
                 self.deps.down("kafka", text)

@@ -295,3 +295,26 @@ def test_while_a_dependency_is_down_the_worker_is_not_ready_and_says_why(tmp_pat
     worker.deps.down("store", "listing s3://b/ck/ failed: connect timeout")
 
     assert worker.readiness() == (False, "store unreachable: listing s3://b/ck/ failed: connect timeout")
+
+
+def test_stop_during_a_start_up_outage_ends_the_wait_at_once(tmp_path: Any) -> None:
+    from weir.worker import Stopped
+
+    worker = example_worker(tmp_path)
+    worker.deps.down("kafka", "127.0.0.1:9: Connection refused")
+    worker.stop()
+
+    with pytest.raises(Stopped, match=r"kafka unreachable: 127\.0\.0\.1:9: Connection refused"):
+        worker._pause(60.0)
+
+
+def test_a_wait_out_of_an_outage_keeps_the_worker_alive_and_its_status_fresh(tmp_path: Any) -> None:
+    worker = example_worker(tmp_path)
+    worker.alive_at = 0.0
+    worker.deps.down("store", "connect timeout")
+
+    worker._pause(0.3)
+
+    assert worker.alive()
+    assert worker.status()["outages"]["store"]["error"] == "connect timeout"
+    assert worker.status()["ready"] is False
