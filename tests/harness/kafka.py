@@ -3,7 +3,8 @@
 The broker comes from the Maven Central jars (``kafka-pom.xml`` beside this file) fetched
 with Maven into ``CACHE/kafka-<version>/libs`` and runs on the machine's JDK 17. Each fresh
 start formats new storage, so a run never sees topics left by an earlier one; a broker that
-is already up (``make services-up``) is reused as it is.
+is already up (``make services-up``) is reused as it is. ``kill`` and ``restart`` make an
+outage: SIGKILL, then the same storage again (topics, offsets, transactions kept).
 
 Besides the plaintext listener every test uses, the broker has two secured listeners for the
 Kafka security tests (``Secured`` describes them; inter-broker and controller traffic stays

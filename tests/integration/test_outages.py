@@ -166,10 +166,12 @@ def test_the_broker_killed_for_60_seconds_is_ridden_out_with_exact_output(
                 lines_before = [len(log_lines(procs, i)) for i in range(2)]
                 kafka_server.kill(kafka_running)
                 killed = time.monotonic()
-                seen = [outage_seen(control, i, "kafka", timeout=45) for i in range(2)]
-                time.sleep(max(0.0, 60 - (time.monotonic() - killed)))
-                procs.check()
-                kafka_server.restart(kafka_running)
+                try:
+                    seen = [outage_seen(control, i, "kafka", timeout=45) for i in range(2)]
+                    time.sleep(max(0.0, 60 - (time.monotonic() - killed)))
+                    procs.check()
+                finally:
+                    kafka_server.restart(kafka_running)  # whatever happened: later tests need it
             finally:
                 chunks.release()
             for i in range(2):
