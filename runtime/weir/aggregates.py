@@ -92,9 +92,10 @@ class Aggregator:
       When the record would take a ``sum`` or an ``avg``'s running sum beyond signed 64-bit
       integers (``INT_MIN..INT_MAX``) or to a non-finite float, it raises ``Overflow`` and leaves
       ``acc`` untouched.
-    - ``check(acc, record)`` raises ``Overflow`` exactly when ``add`` would, changing nothing (for
-      a record going into several windows: all are checked before any is changed); None when no
-      aggregate can overflow (no sum or avg).
+    - ``check(accs, record)`` raises ``Overflow`` exactly when ``add`` would for one of ``accs``
+      (None entries are skipped), changing nothing: a record going into several windows has
+      all of them checked before any is changed. None when no aggregate can overflow (no sum
+      or avg).
     - ``merge(a, b)`` returns a new accumulator equal to having added ``a``'s records and then
       ``b``'s; neither input is modified. Ties in ``first``/``last`` resolve as if ``b``'s records
       arrived later. Associative. Raises ``Overflow`` when the merged sums are unrepresentable.
@@ -117,7 +118,7 @@ class Aggregator:
     """The fields that must hold numbers (read by sum/min/max/avg)."""
     create: Callable[[], Accumulator]
     add: Callable[[Accumulator, dict[str, Any], int], None]
-    check: Callable[[Accumulator, dict[str, Any]], None] | None
+    check: Callable[[Sequence[Accumulator | None], dict[str, Any]], None] | None
     merge: Callable[[Accumulator, Accumulator], Accumulator]
     result: Callable[[Accumulator], dict[str, Any]]
     dumps: Callable[[Accumulator], bytes]
@@ -197,7 +198,6 @@ def compile_aggregates(specs: Iterable[AggSpec]) -> Aggregator:
         "_canonical": _canonical,
         "_check": _check,
         "_representable": representable,
-        "_B": _FAST_BOUND,
     }
     exec(compile(source, f"<weir.aggregates {len(spec_list)} specs>", "exec"), namespace)
 
@@ -254,58 +254,74 @@ def _emit_add(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int], f
     # Aggregates over the same field share one lookup and one presence test.
     for f_index, field in enumerate(fields):
         body.append(f"v{f_index} = record.get({field!r})")
-    # Phase 1: every new running sum, bound-checked before anything is written, so a record
-    # that would overflow one aggregate changes none (the window keeps exact values).
-    body.extend(_sum_checks(specs, layout, fields, "acc"))
-    for (_, fn, _), i in zip(specs, layout, strict=True):
-        if fn == "count":
-            body.append(f"acc[{i}] += 1")
-    # Phase 2: the writes.
-    for f_index, field in enumerate(fields):
+    # Every new running sum is bound-checked before anything is written, so a record that would
+    # overflow one aggregate changes none (the window keeps exact values). With sums over one
+    # field (the common case) that field's block comes first and holds checks and writes;
+    # with several, all checks come first.
+    sum_fields = [f for f in fields if any(sf == f and fn in ("sum", "avg") for _, fn, sf in specs)]
+    order = sorted(range(len(fields)), key=lambda f_index: fields[f_index] not in sum_fields)
+    # Counts after the checks too: a record refused for overflow is not counted either.
+    counts = [f"acc[{i}] += 1" for (_, fn, _), i in zip(specs, layout, strict=True) if fn == "count"]
+    if len(sum_fields) > 1:
+        body.extend(_sum_checks(specs, layout, fields, "acc"))
+    if len(sum_fields) != 1:
+        body.extend(counts)
+    for f_index in order:
+        field = fields[f_index]
         v = f"v{f_index}"
-        body.append(f"if {v} is not None:")
+        block = _sum_checks(specs, layout, [field], "acc", f_index)[1:] if len(sum_fields) == 1 else []
         for (_, fn, spec_field), i in zip(specs, layout, strict=True):
             if spec_field != field:
                 continue
             if fn == "sum":
-                body.append(f"    acc[{i}] = n{i}")
+                block.append(f"    acc[{i}] = n{i}")
             elif fn in ("min", "max"):
                 op = "<" if fn == "min" else ">"
                 # Strict comparison keeps the earliest-arrived of equal values.
-                body.append(f"    m = acc[{i}]")
-                body.append(f"    if m is None or {v} {op} m:")
-                body.append(f"        acc[{i}] = {v}")
+                block.append(f"    m = acc[{i}]")
+                block.append(f"    if m is None or {v} {op} m:")
+                block.append(f"        acc[{i}] = {v}")
             elif fn == "avg":
-                body.append(f"    acc[{i}] = n{i}")
-                body.append(f"    acc[{i + 1}] += 1")
+                block.append(f"    acc[{i}] = n{i}")
+                block.append(f"    acc[{i + 1}] += 1")
             elif fn == "count_distinct":
-                body.append(f"    acc[{i}].add({v} if {v}.__class__ is str else _canonical({v}))")
+                block.append(f"    acc[{i}].add({v} if {v}.__class__ is str else _canonical({v}))")
             elif fn in ("first", "last"):
                 # first: strictly earlier replaces (ties keep the earliest-arrived);
                 # last: later-or-equal replaces (ties keep the latest-arrived).
                 op = "<" if fn == "first" else ">="
-                body.append(f"    t = acc[{i}]")
-                body.append(f"    if t is None or ts {op} t:")
-                body.append(f"        acc[{i}] = ts")
-                body.append(f"        acc[{i + 1}] = {v}")
+                block.append(f"    t = acc[{i}]")
+                block.append(f"    if t is None or ts {op} t:")
+                block.append(f"        acc[{i}] = ts")
+                block.append(f"        acc[{i + 1}] = {v}")
+        body.append(f"if {v} is not None:")
+        body.extend(block)
+        if len(sum_fields) == 1 and field == sum_fields[0]:
+            body.extend(counts)
     if not body:
         body.append("pass")
     src.extend("    " + line for line in body)
 
 
 def _sum_checks(
-    specs: Sequence[AggSpec], layout: Sequence[int], fields: Sequence[str], acc: str
+    specs: Sequence[AggSpec],
+    layout: Sequence[int],
+    fields: Sequence[str],
+    acc: str,
+    first_index: int | None = None,
 ) -> list[str]:
     """Lines computing ``n<slot> = acc[slot] + v<field>`` for every sum and avg, each followed by
-    the cheap bound test whose failure takes ``_check``'s exact look (which raises Overflow)."""
+    the cheap bound test whose failure takes ``_check``'s exact look (which raises Overflow).
+
+    The bound is a literal: a constant load, where a global would be a dictionary lookup."""
     lines: list[str] = []
-    for f_index, field in enumerate(fields):
-        v = f"v{f_index}"
+    for position, field in enumerate(fields):
+        v = f"v{position if first_index is None else first_index}"
         block: list[str] = []
         for (name, fn, spec_field), i in zip(specs, layout, strict=True):
             if spec_field == field and fn in ("sum", "avg"):
                 block.append(f"    n{i} = {acc}[{i}] + {v}")
-                block.append(f"    if not -_B <= n{i} <= _B:")
+                block.append(f"    if not {-_FAST_BOUND!r} <= n{i} <= {_FAST_BOUND!r}:")
                 block.append(f"        _check(n{i}, {name!r}, {field!r})")
         if block:
             lines.append(f"if {v} is not None:")
@@ -319,9 +335,13 @@ def _emit_check(
     checks = _sum_checks(specs, layout, fields, "acc")
     if not checks:
         return False
-    src.append("def check(acc, record):")
+    # One call for all of a record's windows (a sliding record is in size/slide of them).
+    src.append("def check(accs, record):")
     body = [f"v{f_index} = record.get({field!r})" for f_index, field in enumerate(fields)]
-    body.extend(checks)
+    body.append("for acc in accs:")
+    body.append("    if acc is None:")
+    body.append("        continue")
+    body.extend("    " + line for line in checks)
     src.extend("    " + line for line in body)
     return True
 
@@ -334,7 +354,7 @@ def _emit_merge(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int])
             body.append(f"r[{i}] = a[{i}] + b[{i}]")
         elif fn in ("sum", "avg"):
             body.append(f"r[{i}] = x = a[{i}] + b[{i}]")
-            body.append("if not -_B <= x <= _B:")
+            body.append(f"if not {-_FAST_BOUND!r} <= x <= {_FAST_BOUND!r}:")
             body.append(f"    _check(x, {name!r}, {field!r})")
             if fn == "avg":
                 body.append(f"r[{i + 1}] = a[{i + 1}] + b[{i + 1}]")
@@ -373,7 +393,8 @@ def _emit_result(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int]
     for name, fn, _ in specs:
         if fn in ("sum", "avg"):
             src.append(f"    x = v[{name!r}]")
-            src.append("    if x is not None and not -_B <= x <= _B and not _representable(x):")
+            fast = f"{-_FAST_BOUND!r} <= x <= {_FAST_BOUND!r}"
+            src.append(f"    if x is not None and not {fast} and not _representable(x):")
             src.append(f"        return {name!r}")
     src.append("    return None")
 

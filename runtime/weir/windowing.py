@@ -321,19 +321,38 @@ class WindowOperator:
             first = lo + (-lo) % slide
             if first > ts:
                 return False
-            if check is not None:
-                # All or none: a record that would overflow one of its windows joins none. (A
-                # fresh window holds one value, which the decoder has already bounded.)
+            if check is None:  # no sum or avg: nothing can overflow
                 for start in range(first, ts + 1, slide):
-                    acc = get((key, start, start + size))
-                    if acc is not None:
-                        check(acc, record)
+                    end = start + size
+                    k = (key, start, end)
+                    acc = get(k)
+                    if acc is None:
+                        acc = create()
+                        bucket = timers.get(end)
+                        if bucket is None:
+                            timers[end] = [k]
+                            heappush(heap, end)
+                        else:
+                            bucket.append(k)
+                    add(acc, record, ts)
+                    put(k, acc)
+                    if changed is not None:
+                        changed.add(k)
+                return True
+            # All or none: a record that would overflow one of its windows joins none, so the
+            # existing windows are checked before any is changed. (A fresh window holds one
+            # value, which the decoder has already bounded.)
+            keys = []
+            accs = []
             for start in range(first, ts + 1, slide):
-                end = start + size
-                k = (key, start, end)
-                acc = get(k)
+                k = (key, start, start + size)
+                keys.append(k)
+                accs.append(get(k))
+            check(accs, record)
+            for k, acc in zip(keys, accs):  # noqa: B905 - equal lengths by construction
                 if acc is None:
                     acc = create()
+                    end = k[2]
                     bucket = timers.get(end)
                     if bucket is None:
                         timers[end] = [k]

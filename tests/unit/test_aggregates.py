@@ -202,7 +202,7 @@ def test_a_record_that_would_overflow_a_sum_raises_overflow_and_changes_nothing(
     before = agg.dumps(acc)
     assert agg.check is not None
     with pytest.raises(Overflow, match=message) as raised:
-        agg.check(acc, {"x": values[1]})
+        agg.check([None, acc], {"x": values[1]})
     assert raised.value.reason == "overflow"
     with pytest.raises(Overflow, match=message):
         agg.add(acc, {"x": values[1]}, 1)
