@@ -148,7 +148,9 @@ class WindowOperator:
     def process_batch(
         self, batch: Iterable[tuple[str, int, dict[str, Any], int]]
     ) -> list[tuple[str, int, dict[str, Any], int]]:
-        """``process`` each ``(key, ts, record, watermark)`` in order; returns the late ones."""
+        """``process`` each ``(key, ts, record, watermark)`` in order; returns the late ones.
+
+        ``Overflow`` from a record propagates, with the items before it processed."""
         process = self.process
         return [item for item in batch if not process(item[0], item[1], item[2], item[3])]
 
