@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple, Protocol
@@ -69,8 +69,9 @@ class WindowOperator:
     already seen is raised to the highest seen, so a window that has closed (and perhaps fired)
     never reopens and is never emitted twice.
 
-    Sessions: each record makes ``[ts, ts + gap)``; sessions of a key that intersect (half-open:
-    touching is not intersecting) merge, in chains too. A record never merges into a session that
+    Sessions: each record makes ``[ts, ts + gap)``; sessions of a key that overlap or touch merge,
+    in chains too: records at most ``gap`` apart share a session, as in Flink (whose
+    ``TimeWindow.intersects`` counts touching) and Kafka Streams. A record never merges into a session that
     is closed at the record's watermark, fired or not: it starts or joins a separate session.
 
     ``advance(watermark)`` returns, in "updates" mode, first a retraction (``retract=True``) of
@@ -400,12 +401,12 @@ class WindowOperator:
                 # open session starts at or before a closed one.
                 while sess and sess[0].end <= threshold:
                     del sess[0]
-                # The remaining sessions are open, hence pairwise disjoint, so ends are sorted too
-                # and the ones [ts, end) intersects are contiguous.
-                i = bisect_right(sess, ts, key=_end)
+                # The remaining sessions are open, hence pairwise apart (neither overlapping nor
+                # touching), so ends are sorted too and the ones [ts, end) meets are contiguous.
+                i = bisect_left(sess, ts, key=_end)
                 j = i
                 n = len(sess)
-                while j < n and sess[j].start < end:
+                while j < n and sess[j].start <= end:
                     j += 1
             if i == j:
                 acc = create()

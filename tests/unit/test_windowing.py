@@ -432,6 +432,17 @@ def test_a_record_whose_merge_of_two_sessions_would_overflow_leaves_both_session
     ]
 
 
+def test_records_exactly_one_gap_apart_share_a_session_as_in_flink() -> None:
+    op = operator("session")  # gap 10
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10)
+    op.process("a", 10, {"x": 2}, NO_WATERMARK)  # [10,20) touches it: one session [0,20)
+    op.process("a", 31, {"x": 4}, NO_WATERMARK)  # 11 after the last record: a new session
+    assert op.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 20, {"n": 2, "s": 3}, True),
+        WindowResult("a", 31, 41, {"n": 1, "s": 4}, True),
+    ]
+
+
 @pytest.mark.parametrize("advance_first", [True, False])
 def test_a_record_never_joins_a_session_that_is_already_closed(advance_first: bool) -> None:
     op = operator("session")
