@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import orjson
 
-__all__ = ["AGG_FUNCTIONS", "NUMERIC_FUNCTIONS", "AggFunction", "AggSpec", "Aggregator", "compile_aggregates"]
+__all__ = [
+    "AGG_FUNCTIONS",
+    "INT_MAX",
+    "INT_MIN",
+    "NUMERIC_FUNCTIONS",
+    "AggFunction",
+    "AggSpec",
+    "Aggregator",
+    "Overflow",
+    "compile_aggregates",
+]
 
 AggFunction = Literal["count", "sum", "min", "max", "avg", "count_distinct", "first", "last"]
 AGG_FUNCTIONS: frozenset[str] = frozenset(get_args(AggFunction))
@@ -20,6 +31,52 @@ AggSpec = tuple[str, str, str | None]
 """``(output name, function, field)``; ``field`` is None for ``count`` and required otherwise."""
 
 Accumulator = list[Any]
+
+INT_MIN = -(2**63)
+INT_MAX = 2**63 - 1
+"""Integer aggregates stay within signed 64 bits: Flink's BIGINT, Java's and Kafka Streams'
+``long``, and what every JSON library that reads integers into a machine word accepts."""
+
+_FLOAT_MAX = 1.7976931348623157e308
+# A float bound every representable int sum satisfies, so the per-record test is one chained
+# comparison; only values beyond it take the exact (slower) look in _check.
+_FAST_BOUND = float(2**62)
+
+
+class Overflow(ValueError):
+    """A record's contribution would make an aggregate unrepresentable.
+
+    Raised by ``Aggregator.add``/``check``/``merge`` before anything is modified, so the
+    accumulator keeps the exact value it had; the caller dead-letters the record with
+    ``reason`` (``"overflow"``) and ``detail`` (which output and field, and the value).
+    """
+
+    reason = "overflow"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def representable(value: Any) -> bool:
+    """Whether a sum is a signed 64-bit int or a finite float (the rule ``Overflow`` enforces)."""
+    if value.__class__ is int:
+        return INT_MIN <= value <= INT_MAX
+    return value.__class__ is float and -_FLOAT_MAX <= value <= _FLOAT_MAX
+
+
+def _check(value: Any, name: str, field: str | None) -> None:
+    """Slow path of the generated bound test: raise ``Overflow`` unless ``value`` is representable."""
+    if representable(value):
+        return
+    if value.__class__ is float and math.isnan(value):
+        what = "is not a number (NaN: the window's restored state had lost its value)"
+    elif value.__class__ is float:
+        what = "would overflow a 64-bit float"
+    else:
+        what = f"would be {value}, beyond signed 64-bit integers"
+    source = f" of field {field!r}" if field is not None else ""
+    raise Overflow(f"aggregate {name!r}{source} {what}; the record is not applied")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -32,14 +89,26 @@ class Aggregator:
     - ``create()`` returns a fresh, empty accumulator.
     - ``add(acc, record, ts)`` folds one record with event time ``ts`` into ``acc`` in place. A field
       that is missing or null is ignored by the aggregates reading it (``count`` counts records).
+      When the record would take a ``sum`` or an ``avg``'s running sum beyond signed 64-bit
+      integers (``INT_MIN..INT_MAX``) or to a non-finite float, it raises ``Overflow`` and leaves
+      ``acc`` untouched.
+    - ``check(accs, record)`` raises ``Overflow`` exactly when ``add`` would for one of ``accs``
+      (None entries are skipped), changing nothing: a record going into several windows has
+      all of them checked before any is changed. None when no aggregate can overflow (no sum
+      or avg).
     - ``merge(a, b)`` returns a new accumulator equal to having added ``a``'s records and then
       ``b``'s; neither input is modified. Ties in ``first``/``last`` resolve as if ``b``'s records
-      arrived later. Associative.
+      arrived later. Associative. Raises ``Overflow`` when the merged sums are unrepresentable.
     - ``result(acc)`` returns ``{output name: value}`` in spec order: ``count``/``count_distinct``
       ints, ``sum`` an int when every value was an int (0 when there were none) else a float,
       ``avg`` a float or None, ``min``/``max``/``first``/``last`` None when there were no values.
     - ``dumps(acc)``/``loads(data)`` serialise compactly and deterministically (sets sorted);
-      ``loads`` rejects data whose slot count does not match these specs.
+      ``loads`` rejects data whose slot count does not match these specs. A count or sum slot
+      stored as null (an infinite or NaN sum written by a weir before the overflow rule) loads
+      as NaN: further records for that window are dead-lettered as ``overflow`` and its result
+      as ``unserializable_result``, instead of a crash or a silent null.
+    - ``unrepresentable(values)`` names the first ``sum``/``avg`` output of a ``result`` that JSON
+      output cannot carry (NaN, infinite, an int beyond 64 bits), else None.
     """
 
     specs: tuple[AggSpec, ...]
@@ -49,10 +118,12 @@ class Aggregator:
     """The fields that must hold numbers (read by sum/min/max/avg)."""
     create: Callable[[], Accumulator]
     add: Callable[[Accumulator, dict[str, Any], int], None]
+    check: Callable[[Sequence[Accumulator | None], dict[str, Any]], None] | None
     merge: Callable[[Accumulator, Accumulator], Accumulator]
     result: Callable[[Accumulator], dict[str, Any]]
     dumps: Callable[[Accumulator], bytes]
     loads: Callable[[bytes], Accumulator]
+    unrepresentable: Callable[[dict[str, Any]], str | None]
     source: str
     """The generated Python source of create/add/merge/result, kept for debugging."""
 
@@ -119,24 +190,32 @@ def compile_aggregates(specs: Iterable[AggSpec]) -> Aggregator:
     src: list[str] = []
     _emit_create(src, initial)
     _emit_add(src, spec_list, layout, fields)
+    has_check = _emit_check(src, spec_list, layout, fields)
     _emit_merge(src, spec_list, layout)
     _emit_result(src, spec_list, layout)
     source = "\n".join(src) + "\n"
-    namespace: dict[str, Any] = {"_canonical": _canonical}
+    namespace: dict[str, Any] = {
+        "_canonical": _canonical,
+        "_check": _check,
+        "_representable": representable,
+    }
     exec(compile(source, f"<weir.aggregates {len(spec_list)} specs>", "exec"), namespace)
 
     set_slots = tuple(layout[i] for i, (_, fn, _) in enumerate(spec_list) if fn == "count_distinct")
-    dumps, loads = _codec(n_slots, set_slots)
+    sum_slots = tuple(layout[i] for i, (_, fn, _) in enumerate(spec_list) if fn in ("sum", "avg"))
+    dumps, loads = _codec(n_slots, set_slots, sum_slots)
     return Aggregator(
         specs=spec_list,
         fields=tuple(fields),
         numeric_fields=tuple(numeric),
         create=namespace["create"],
         add=namespace["add"],
+        check=namespace["check"] if has_check else None,
         merge=namespace["merge"],
         result=namespace["result"],
         dumps=dumps,
         loads=loads,
+        unrepresentable=namespace["unrepresentable"],
         source=source,
     )
 
@@ -172,52 +251,113 @@ def _emit_create(src: list[str], initial: Sequence[str]) -> None:
 def _emit_add(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int], fields: Sequence[str]) -> None:
     src.append("def add(acc, record, ts):")
     body: list[str] = []
-    for (_, fn, _), i in zip(specs, layout, strict=True):
-        if fn == "count":
-            body.append(f"acc[{i}] += 1")
     # Aggregates over the same field share one lookup and one presence test.
     for f_index, field in enumerate(fields):
+        body.append(f"v{f_index} = record.get({field!r})")
+    # Every new running sum is bound-checked before anything is written, so a record that would
+    # overflow one aggregate changes none (the window keeps exact values). With sums over one
+    # field (the common case) that field's block comes first and holds checks and writes;
+    # with several, all checks come first.
+    sum_fields = [f for f in fields if any(sf == f and fn in ("sum", "avg") for _, fn, sf in specs)]
+    order = sorted(range(len(fields)), key=lambda f_index: fields[f_index] not in sum_fields)
+    # Counts after the checks too: a record refused for overflow is not counted either.
+    counts = [f"acc[{i}] += 1" for (_, fn, _), i in zip(specs, layout, strict=True) if fn == "count"]
+    if len(sum_fields) > 1:
+        body.extend(_sum_checks(specs, layout, fields, "acc"))
+    if len(sum_fields) != 1:
+        body.extend(counts)
+    for f_index in order:
+        field = fields[f_index]
         v = f"v{f_index}"
-        body.append(f"{v} = record.get({field!r})")
-        body.append(f"if {v} is not None:")
+        block = _sum_checks(specs, layout, [field], "acc", f_index)[1:] if len(sum_fields) == 1 else []
         for (_, fn, spec_field), i in zip(specs, layout, strict=True):
             if spec_field != field:
                 continue
             if fn == "sum":
-                body.append(f"    acc[{i}] += {v}")
+                block.append(f"    acc[{i}] = n{i}")
             elif fn in ("min", "max"):
                 op = "<" if fn == "min" else ">"
                 # Strict comparison keeps the earliest-arrived of equal values.
-                body.append(f"    m = acc[{i}]")
-                body.append(f"    if m is None or {v} {op} m:")
-                body.append(f"        acc[{i}] = {v}")
+                block.append(f"    m = acc[{i}]")
+                block.append(f"    if m is None or {v} {op} m:")
+                block.append(f"        acc[{i}] = {v}")
             elif fn == "avg":
-                body.append(f"    acc[{i}] += {v}")
-                body.append(f"    acc[{i + 1}] += 1")
+                block.append(f"    acc[{i}] = n{i}")
+                block.append(f"    acc[{i + 1}] += 1")
             elif fn == "count_distinct":
-                body.append(f"    acc[{i}].add({v} if {v}.__class__ is str else _canonical({v}))")
+                block.append(f"    acc[{i}].add({v} if {v}.__class__ is str else _canonical({v}))")
             elif fn in ("first", "last"):
                 # first: strictly earlier replaces (ties keep the earliest-arrived);
                 # last: later-or-equal replaces (ties keep the latest-arrived).
                 op = "<" if fn == "first" else ">="
-                body.append(f"    t = acc[{i}]")
-                body.append(f"    if t is None or ts {op} t:")
-                body.append(f"        acc[{i}] = ts")
-                body.append(f"        acc[{i + 1}] = {v}")
+                block.append(f"    t = acc[{i}]")
+                block.append(f"    if t is None or ts {op} t:")
+                block.append(f"        acc[{i}] = ts")
+                block.append(f"        acc[{i + 1}] = {v}")
+        body.append(f"if {v} is not None:")
+        body.extend(block)
+        if len(sum_fields) == 1 and field == sum_fields[0]:
+            body.extend(counts)
     if not body:
         body.append("pass")
     src.extend("    " + line for line in body)
 
 
+def _sum_checks(
+    specs: Sequence[AggSpec],
+    layout: Sequence[int],
+    fields: Sequence[str],
+    acc: str,
+    first_index: int | None = None,
+) -> list[str]:
+    """Lines computing ``n<slot> = acc[slot] + v<field>`` for every sum and avg, each followed by
+    the cheap bound test whose failure takes ``_check``'s exact look (which raises Overflow).
+
+    The bound is a literal: a constant load, where a global would be a dictionary lookup."""
+    lines: list[str] = []
+    for position, field in enumerate(fields):
+        v = f"v{position if first_index is None else first_index}"
+        block: list[str] = []
+        for (name, fn, spec_field), i in zip(specs, layout, strict=True):
+            if spec_field == field and fn in ("sum", "avg"):
+                block.append(f"    n{i} = {acc}[{i}] + {v}")
+                block.append(f"    if not {-_FAST_BOUND!r} <= n{i} <= {_FAST_BOUND!r}:")
+                block.append(f"        _check(n{i}, {name!r}, {field!r})")
+        if block:
+            lines.append(f"if {v} is not None:")
+            lines.extend(block)
+    return lines
+
+
+def _emit_check(
+    src: list[str], specs: Sequence[AggSpec], layout: Sequence[int], fields: Sequence[str]
+) -> bool:
+    checks = _sum_checks(specs, layout, fields, "acc")
+    if not checks:
+        return False
+    # One call for all of a record's windows (a sliding record is in size/slide of them).
+    src.append("def check(accs, record):")
+    body = [f"v{f_index} = record.get({field!r})" for f_index, field in enumerate(fields)]
+    body.append("for acc in accs:")
+    body.append("    if acc is None:")
+    body.append("        continue")
+    body.extend("    " + line for line in checks)
+    src.extend("    " + line for line in body)
+    return True
+
+
 def _emit_merge(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int]) -> None:
     src.append("def merge(a, b):")
     body = ["r = a.copy()"]
-    for (_, fn, _), i in zip(specs, layout, strict=True):
-        if fn in ("count", "sum"):
+    for (name, fn, field), i in zip(specs, layout, strict=True):
+        if fn == "count":
             body.append(f"r[{i}] = a[{i}] + b[{i}]")
-        elif fn == "avg":
-            body.append(f"r[{i}] = a[{i}] + b[{i}]")
-            body.append(f"r[{i + 1}] = a[{i + 1}] + b[{i + 1}]")
+        elif fn in ("sum", "avg"):
+            body.append(f"r[{i}] = x = a[{i}] + b[{i}]")
+            body.append(f"if not {-_FAST_BOUND!r} <= x <= {_FAST_BOUND!r}:")
+            body.append(f"    _check(x, {name!r}, {field!r})")
+            if fn == "avg":
+                body.append(f"r[{i + 1}] = a[{i + 1}] + b[{i + 1}]")
         elif fn in ("min", "max"):
             op = "<" if fn == "min" else ">"
             body.append(f"x = b[{i}]")
@@ -249,10 +389,18 @@ def _emit_result(src: list[str], specs: Sequence[AggSpec], layout: Sequence[int]
         items.append(f"{name!r}: {expr}")
     src.append("def result(a):")
     src.append(f"    return {{{', '.join(items)}}}")
+    src.append("def unrepresentable(v):")
+    for name, fn, _ in specs:
+        if fn in ("sum", "avg"):
+            src.append(f"    x = v[{name!r}]")
+            fast = f"{-_FAST_BOUND!r} <= x <= {_FAST_BOUND!r}"
+            src.append(f"    if x is not None and not {fast} and not _representable(x):")
+            src.append(f"        return {name!r}")
+    src.append("    return None")
 
 
 def _codec(
-    n_slots: int, set_slots: tuple[int, ...]
+    n_slots: int, set_slots: tuple[int, ...], sum_slots: tuple[int, ...]
 ) -> tuple[Callable[[Accumulator], bytes], Callable[[bytes], Accumulator]]:
     def to_json_list(acc: Accumulator) -> list[Any]:
         if not set_slots:
@@ -282,6 +430,11 @@ def _codec(
             )
         for i in set_slots:
             acc[i] = _load_distinct(acc[i])
+        for i in sum_slots:
+            if acc[i] is None:
+                # JSON has no inf/NaN: an older weir wrote such a sum as null. Its value is
+                # lost; NaN keeps that visible (see the class docstring) where None would crash.
+                acc[i] = math.nan
         return acc
 
     return dumps, loads

@@ -211,12 +211,21 @@ class PipelineBuilder:
         return self._step(aggregate={"emit": emit, "outputs": {n: _output(n, s) for n, s in merged.items()}})
 
     def watermark(
-        self, max_out_of_orderness: DurationLike = 0, *, idle_timeout: DurationLike = 0
+        self,
+        max_out_of_orderness: DurationLike = 0,
+        *,
+        idle_timeout: DurationLike = 0,
+        max_future_skew: DurationLike | None = None,
     ) -> PipelineBuilder:
-        """Set the watermark's out-of-orderness bound and idle timeout (0: never idle)."""
-        return replace(
-            self, _watermark={"max_out_of_orderness": max_out_of_orderness, "idle_timeout": idle_timeout}
-        )
+        """Set the watermark's out-of-orderness bound, idle timeout (0: never idle) and how far
+        past the wall clock an event time may be (None: the default, 1 day; 0: unchecked)."""
+        watermark: dict[str, DurationLike] = {
+            "max_out_of_orderness": max_out_of_orderness,
+            "idle_timeout": idle_timeout,
+        }
+        if max_future_skew is not None:
+            watermark["max_future_skew"] = max_future_skew
+        return replace(self, _watermark=watermark)
 
     def sink(self, topic: str, *, dead_letter: str | None = None) -> PipelineBuilder:
         """Write results to ``topic`` and bad records to ``dead_letter`` (None: the job's default)."""

@@ -6,7 +6,8 @@ generated as source and compiled once, so the hot path makes no per-step calls. 
 function reads every field straight from the decoded source record (``FieldScope`` maps
 names through select and rename) and builds the output record once, after all filters.
 
-Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``:
+Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``, compiled with a clock
+``now_ms()`` (epoch milliseconds; default: the system clock):
 
 - returns ``(group_key, event_time_ms, record)``, or ``None`` when a filter drops the
   record;
@@ -15,16 +16,26 @@ Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``:
   ``decode_error`` (not JSON; for ``raw``, not UTF-8), ``not_an_object`` (JSON but not an
   object, or a null value), ``missing_field`` (event-time, key or aggregate field absent),
   ``wrong_type`` (event time, key or numeric aggregate field of the wrong JSON type),
-  ``bad_timestamp`` (event time unparsable or outside year 1970..9999, or a negative Kafka
-  timestamp), ``bad_key`` (message key not UTF-8).
+  ``bad_timestamp`` (event time unparsable or outside year 1970..9999, a negative Kafka
+  timestamp, or an event time more than ``watermark.maxFutureSkew`` ahead of ``now_ms()``),
+  ``bad_key`` (message key not UTF-8, or null while windows are keyed by the message key),
+  ``overflow`` (a numeric aggregate field holds an integer beyond signed 64 bits).
 
 Order of checks: size, decoding, filters, then event time, key and aggregate fields. A
 record a filter drops is therefore never dead-lettered for its other fields (page views
 without a price do not pollute the dead-letter topic of a revenue job).
 
-Keys are strings: a message key is decoded as UTF-8 and a null message key is ``""``; a key
-field must hold a string or an integer (written in decimal); any other type is
-``wrong_type``, null included.
+Keys are strings: a message key is decoded as UTF-8; a null one is ``bad_key`` (null-key
+records are spread over partitions with no affinity, so their "group" would be split across
+tasks; Kafka Streams drops them from aggregations for the same reason, weir keeps them in the
+dead-letter topic). A key field must hold a string or an integer (written in decimal); any
+other type is ``wrong_type``, null included.
+
+Future event times. A record dated more than ``maxFutureSkew`` past the wall clock would move
+its partition's watermark far ahead (every later record late, open windows fired early), so it
+is dead-lettered instead. The check costs one comparison per record: the generated function
+keeps the last horizon it read (``now_ms() + skew``) and reads the clock again only for an
+event time beyond it, so a record is refused only against a fresh reading.
 
 Repartitioning: when ``pipeline.plan().repartition`` is set, stage 1 runs ``prepare`` and
 forwards each result with ``encode_forward`` (message key = group key, value = the JSON
@@ -36,12 +47,14 @@ the topic's timestamp type or on time-based retention of old event times.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias
 
 import orjson
 
+from weir.aggregates import INT_MAX, INT_MIN
 from weir.spec import Condition, FieldScope, Pipeline, PipelineLike, as_pipeline
 
 __all__ = [
@@ -57,7 +70,8 @@ __all__ = [
 ]
 
 Reason: TypeAlias = Literal[
-    "too_large", "decode_error", "not_an_object", "missing_field", "wrong_type", "bad_timestamp", "bad_key"
+    "too_large", "decode_error", "not_an_object", "missing_field", "wrong_type", "bad_timestamp", "bad_key",
+    "overflow",
 ]
 REASONS: Final[tuple[Reason, ...]] = (
     "too_large",
@@ -67,6 +81,7 @@ REASONS: Final[tuple[Reason, ...]] = (
     "wrong_type",
     "bad_timestamp",
     "bad_key",
+    "overflow",
 )
 
 Prepared: TypeAlias = tuple[str, int, dict[str, Any]]
@@ -158,6 +173,34 @@ def _not_an_object(value: object) -> DeadLetter:
 
 def _out_of_range(millis: int, what: str) -> DeadLetter:
     return DeadLetter("bad_timestamp", f"{millis} ms is outside years 1970..9999 ({what})")
+
+
+def _too_far_ahead(millis: int, horizon: int, skew: int, what: str) -> DeadLetter:
+    return DeadLetter(
+        "bad_timestamp",
+        f"{millis} ms ({what}) is more than maxFutureSkew {skew} ms past the wall clock "
+        f"(latest accepted: {horizon} ms)",
+    )
+
+
+def _epoch_seconds_to_ms(seconds: float) -> int:
+    """Milliseconds of a float of epoch seconds, the fraction below a millisecond dropped.
+
+    ``seconds * 1000`` is inexact (1700000000.123 * 1000 is 1700000000122.9999...), so neither
+    rounding nor truncating it is right. Round to the nearest millisecond, then step back one if
+    that lies above the number the producer wrote (the shortest decimal that reads back as
+    ``seconds``): 1704067209.9996 gives ...209999, 1700000000.123 gives ...000123.
+    """
+    millis = round(seconds * 1000)
+    if millis / 1000 > seconds:
+        millis -= 1
+    return millis
+
+
+def _int_overflow(value: int, field: str) -> DeadLetter:
+    return DeadLetter(
+        "overflow", f"aggregate field {field!r} is {value}, beyond signed 64-bit integers (Flink's BIGINT)"
+    )
 
 
 def _check_number(value: object, field: str, why: str) -> None:
@@ -320,8 +363,8 @@ def _generate(pipeline: Pipeline) -> _Source:
             emit(1, "if t.__class__ is int:")
             emit(2, "t = t * 1000" if event_time.format == "epochSeconds" else "pass")
             emit(1, "elif t.__class__ is float:")
-            # round, not int(): 1700000000.123 * 1000 is 1700000000122.9999...
-            emit(2, "t = round(t * 1000)" if event_time.format == "epochSeconds" else "t = int(t)")
+            # Fractions below a millisecond are dropped (int() truncates a float of millis).
+            emit(2, "t = _epoch_seconds_to_ms(t)" if event_time.format == "epochSeconds" else "t = int(t)")
         emit(1, "elif t is _MISSING:")
         emit(2, f"raise DeadLetter('missing_field', {what + ' is missing'!r})")
         emit(1, "else:")
@@ -329,10 +372,21 @@ def _generate(pipeline: Pipeline) -> _Source:
         emit(2, f"raise DeadLetter('wrong_type', {what + ' must be ' + kind + ', not '!r} + _json_type(t))")
         emit(1, f"if not 0 <= t < {_MAX_EVENT_TIME_MS}:")
         emit(2, f"raise _out_of_range(t, {what!r})")
+    skew = pipeline.watermark.max_future_skew
+    if skew:
+        if event_time is None or event_time.field is None:
+            what = "the Kafka record timestamp"
+        horizon = src.constant([-1])  # refreshed from the clock on first use
+        emit(1, f"if t > {horizon}[0]:")
+        emit(2, f"{horizon}[0] = _now_ms() + {skew}")
+        emit(2, f"if t > {horizon}[0]:")
+        emit(3, f"raise _too_far_ahead(t, {horizon}[0], {skew}, {what!r})")
 
     # -- key
     if plan.key_from == "messageKey":
-        emit(1, "k = '' if key is None else _decode_key(key)")
+        emit(1, "if key is None:")
+        emit(2, f"raise DeadLetter('bad_key', {_NULL_KEY!r})")
+        emit(1, "k = _decode_key(key)")
     else:
         read = key_scope_field if plan.key_from == "keyByField" else plan.key_field
         assert read is not None and plan.key_field is not None
@@ -349,7 +403,12 @@ def _generate(pipeline: Pipeline) -> _Source:
         if field in numeric:
             v = src.temp()
             emit(1, f"{v} = r.get({read!r}, _MISSING)")
-            emit(1, f"if not ({v}.__class__ is float or {v}.__class__ is int):")
+            # The decoder gives finite floats only (it refuses NaN, Infinity and 1e999) and ints
+            # up to 2**64 - 1; the aggregates' rule is signed 64 bits (weir.aggregates.INT_MAX).
+            emit(1, f"if {v}.__class__ is int:")
+            emit(2, f"if not {INT_MIN} <= {v} <= {INT_MAX}:")
+            emit(3, f"raise _int_overflow({v}, {field!r})")
+            emit(1, f"elif {v}.__class__ is not float:")
             emit(2, f"_check_number({v}, {field!r}, 'aggregate')")
         else:
             emit(1, f"if {read!r} not in r:")
@@ -399,7 +458,16 @@ _NAMESPACE: Final[dict[str, object]] = {
     "_decode_key": _decode_key,
     "_check_number": _check_number,
     "_out_of_range": _out_of_range,
+    "_too_far_ahead": _too_far_ahead,
+    "_epoch_seconds_to_ms": _epoch_seconds_to_ms,
+    "_int_overflow": _int_overflow,
 }
+
+_NULL_KEY: Final = "the message key is null and windows are keyed by the message key"
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def prepare_source(pipeline: Pipeline | PipelineLike) -> str:
@@ -407,12 +475,13 @@ def prepare_source(pipeline: Pipeline | PipelineLike) -> str:
     return "\n".join(_generate(as_pipeline(pipeline)).lines) + "\n"
 
 
-def compile_prepare(pipeline: Pipeline | PipelineLike) -> Prepare:
+def compile_prepare(pipeline: Pipeline | PipelineLike, now_ms: Callable[[], int] | None = None) -> Prepare:
     """Compile the pre-window part of ``pipeline`` into one prepare function (see the module
-    docstring for its contract). With a repartition, this is stage 1's function."""
+    docstring for its contract). With a repartition, this is stage 1's function. ``now_ms`` is
+    the wall clock ``maxFutureSkew`` is measured from (default: the system clock)."""
     generated = _generate(as_pipeline(pipeline))
     text = "\n".join(generated.lines) + "\n"
-    namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants}
+    namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants, "_now_ms": now_ms or _system_ms}
     # The source is generated from a validated spec; names and values enter it only via repr().
     exec(compile(text, "<weir prepare>", "exec"), namespace)
     function: Prepare = namespace["prepare"]

@@ -279,6 +279,11 @@ class Watermark(_Model):
     idle_timeout: Duration = 0
     """After this long without records a partition stops holding the watermark back;
     0 (the default, as in Flink) never marks a partition idle."""
+    max_future_skew: Duration = 86_400_000
+    """A record whose event time is more than this past the worker's wall clock is
+    dead-lettered (``bad_timestamp``) and does not move the watermark: one record dated
+    year 3000 would otherwise make every later record late. Default 1 day; 0 turns the
+    check off (for replaying data with event times ahead of the clock)."""
 
 
 # --------------------------------------------------------------------------- steps

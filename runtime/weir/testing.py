@@ -216,7 +216,7 @@ def reference_windows(
                 for s, e in key_sessions:
                     if _closed(e, watermark, allowed_lateness):
                         continue  # closed sessions were already emitted; never merge into them
-                    if s < end and start < e:
+                    if s <= end and start <= e:  # overlapping or touching, as in Flink
                         key_sessions.remove((s, e))
                         members = contents.pop((key, s, e)) + members
                         start, end = min(start, s), max(end, e)

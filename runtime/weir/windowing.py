@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple, Protocol
@@ -37,13 +37,18 @@ class WindowStore(Protocol):
 
 
 class WindowResult(NamedTuple):
-    """One emitted window: ``final`` is True exactly once per window, when it closes."""
+    """One emitted window: ``final`` is True exactly once per window, when it closes.
+
+    ``retract`` (sessions in "updates" mode only) withdraws an update emitted earlier with these
+    exact bounds: the session has since grown or been merged into another; ``values`` is empty.
+    """
 
     key: str
     start: int
     end: int
     values: dict[str, Any]
     final: bool
+    retract: bool = False
 
 
 ProcessFn = Callable[[str, int, dict[str, Any], int], bool]
@@ -64,15 +69,24 @@ class WindowOperator:
     already seen is raised to the highest seen, so a window that has closed (and perhaps fired)
     never reopens and is never emitted twice.
 
-    Sessions: each record makes ``[ts, ts + gap)``; sessions of a key that intersect (half-open:
-    touching is not intersecting) merge, in chains too. A record never merges into a session that
+    Sessions: each record makes ``[ts, ts + gap)``; sessions of a key that overlap or touch merge,
+    in chains too: records at most ``gap`` apart share a session, as in Flink (whose
+    ``TimeWindow.intersects`` counts touching) and Kafka Streams. A record never merges into a session that
     is closed at the record's watermark, fired or not: it starts or joins a separate session.
 
-    ``advance(watermark)`` returns, in "updates" mode, first every window changed since the last
-    emission (``final=False``, ordered by end, key, start), then, in both modes, every window
-    now closed (``final=True``, ordered by end, key, start), and forgets the closed ones. A
-    session that was emitted as an update and later merged into a bigger session gets no final
-    result of its own: the merged session's result supersedes it.
+    ``advance(watermark)`` returns, in "updates" mode, first a retraction (``retract=True``) of
+    every session update whose bounds have stopped existing since it was emitted, then every
+    window changed since the last emission (``final=False``), then, in both modes, every window
+    now closed (``final=True``), each group ordered by end, key, start; and forgets the closed
+    ones. So every ``(key, start, end)`` emitted as an update is later either finalised with
+    those bounds or retracted, as in Flink's retract streams: a session that grows retracts its
+    old bounds; one absorbed by a merge is retracted and the merged session goes on to its
+    final result. (After ``restore()`` every stored session counts as emitted, since the worker
+    emits after every batch, so a retraction may name bounds that were never sent.)
+
+    Aggregates: ``process`` raises ``aggregates.Overflow`` when the record would make an aggregate
+    of one of its windows unrepresentable; then nothing at all is stored or indexed for it (for
+    a sliding record, in none of its windows; for a merging session record, no merge happens).
 
     ``restore()`` rebuilds the in-memory indexes (timers, per-key sessions) from the store after
     a restart. ``process`` is a per-kind closure built once, so the per-record path does no
@@ -109,8 +123,10 @@ class WindowOperator:
         self._session_timers: dict[int, list[_Session]] = {}
         # Sessions only: key -> that key's sessions not known to be closed, sorted by start.
         self._sessions: dict[str, list[_Session]] = {}
-        # "updates" mode: windows changed since the last emission.
+        # "updates" mode: windows changed since the last emission, and (sessions) emitted bounds
+        # that a growth or merge has made stale and that the next advance retracts.
         self._changed: set[WindowKey] = set()
+        self._retract: list[WindowKey] = []
         # Highest watermark seen, in a one-slot list so the process closure can update it.
         self._watermark = [NO_WATERMARK]
         if self.shape.kind == "tumbling":
@@ -133,7 +149,9 @@ class WindowOperator:
     def process_batch(
         self, batch: Iterable[tuple[str, int, dict[str, Any], int]]
     ) -> list[tuple[str, int, dict[str, Any], int]]:
-        """``process`` each ``(key, ts, record, watermark)`` in order; returns the late ones."""
+        """``process`` each ``(key, ts, record, watermark)`` in order; returns the late ones.
+
+        ``Overflow`` from a record propagates, with the items before it processed."""
         process = self.process
         return [item for item in batch if not process(item[0], item[1], item[2], item[3])]
 
@@ -148,11 +166,19 @@ class WindowOperator:
         store = self._store
         result = self.aggregator.result
         changed = self._changed
+        retract = self._retract
+        if retract:
+            for k in sorted(retract, key=_fire_order):
+                out.append(WindowResult(k[0], k[1], k[2], {}, False, True))
+            retract.clear()
         if changed:
+            sessions = self._sessions if self.shape.kind == "session" else None
             for k in sorted(changed, key=_fire_order):
                 acc = store.get(k)
                 if acc is not None:
                     out.append(WindowResult(k[0], k[1], k[2], result(acc), False))
+                    if sessions is not None:
+                        _mark_emitted(sessions, k)
             changed.clear()
 
         # A window is closed iff end <= watermark - allowed_lateness + 1.
@@ -211,10 +237,14 @@ class WindowOperator:
         self._session_timers.clear()
         self._sessions.clear()
         self._changed.clear()
+        self._retract.clear()
         self._heap.clear()
+        updates = self.emit == "updates"
         if self.shape.kind == "session":
             for (key, start, end), _acc in self._store.items():
                 s = _Session(key, start, end)
+                if updates:
+                    s.emitted = (key, start, end)
                 self._sessions.setdefault(key, []).append(s)
                 self._session_timers.setdefault(end, []).append(s)
             for key_sessions in self._sessions.values():
@@ -254,13 +284,15 @@ class WindowOperator:
             acc = get(k)
             if acc is None:
                 acc = create()
+                add(acc, record, ts)  # may raise Overflow: before anything is indexed
                 bucket = timers.get(end)
                 if bucket is None:
                     timers[end] = [k]
                     heappush(heap, end)
                 else:
                     bucket.append(k)
-            add(acc, record, ts)
+            else:
+                add(acc, record, ts)
             put(k, acc)
             if changed is not None:
                 changed.add(k)
@@ -272,7 +304,7 @@ class WindowOperator:
         size, slide = self.shape.size_ms, self.shape.slide_ms
         lateness_m1 = self.shape.allowed_lateness_ms - 1
         get, put = self._store.get, self._store.put
-        create, add = self.aggregator.create, self.aggregator.add
+        create, add, check = self.aggregator.create, self.aggregator.add, self.aggregator.check
         timers, heap, wm = self._timers, self._heap, self._watermark
         changed = self._changed if self.emit == "updates" else None
         heappush = heapq.heappush
@@ -292,12 +324,38 @@ class WindowOperator:
             first = lo + (-lo) % slide
             if first > ts:
                 return False
+            if check is None:  # no sum or avg: nothing can overflow
+                for start in range(first, ts + 1, slide):
+                    end = start + size
+                    k = (key, start, end)
+                    acc = get(k)
+                    if acc is None:
+                        acc = create()
+                        bucket = timers.get(end)
+                        if bucket is None:
+                            timers[end] = [k]
+                            heappush(heap, end)
+                        else:
+                            bucket.append(k)
+                    add(acc, record, ts)
+                    put(k, acc)
+                    if changed is not None:
+                        changed.add(k)
+                return True
+            # All or none: a record that would overflow one of its windows joins none, so the
+            # existing windows are checked before any is changed. (A fresh window holds one
+            # value, which the decoder has already bounded.)
+            keys = []
+            accs = []
             for start in range(first, ts + 1, slide):
-                end = start + size
-                k = (key, start, end)
-                acc = get(k)
+                k = (key, start, start + size)
+                keys.append(k)
+                accs.append(get(k))
+            check(accs, record)
+            for k, acc in zip(keys, accs):  # noqa: B905 - equal lengths by construction
                 if acc is None:
                     acc = create()
+                    end = k[2]
                     bucket = timers.get(end)
                     if bucket is None:
                         timers[end] = [k]
@@ -320,6 +378,7 @@ class WindowOperator:
         create, add, merge = self.aggregator.create, self.aggregator.add, self.aggregator.merge
         timers, heap, wm, sessions = self._session_timers, self._heap, self._watermark, self._sessions
         changed = self._changed if self.emit == "updates" else None
+        retract = self._retract
 
         def process(key: str, ts: int, record: dict[str, Any], watermark: int) -> bool:
             if watermark > wm[0]:
@@ -342,61 +401,75 @@ class WindowOperator:
                 # open session starts at or before a closed one.
                 while sess and sess[0].end <= threshold:
                     del sess[0]
-                # The remaining sessions are open, hence pairwise disjoint, so ends are sorted too
-                # and the ones [ts, end) intersects are contiguous.
-                i = bisect_right(sess, ts, key=_end)
+                # The remaining sessions are open, hence pairwise apart (neither overlapping nor
+                # touching), so ends are sorted too and the ones [ts, end) meets are contiguous.
+                i = bisect_left(sess, ts, key=_end)
                 j = i
                 n = len(sess)
-                while j < n and sess[j].start < end:
+                while j < n and sess[j].start <= end:
                     j += 1
             if i == j:
+                acc = create()
+                add(acc, record, ts)  # may raise Overflow: before anything is indexed
                 s = _Session(key, ts, end)
                 sess.insert(i, s)
                 _arm(timers, heap, end, s)
                 k = (key, ts, end)
-                acc = create()
-            else:
-                s = sess[i]
-                old = (key, s.start, s.end)
-                found = get(old)
-                if found is None:
-                    raise RuntimeError(f"session {old} is indexed but not in the store")
-                acc = found
-                start = s.start if s.start <= ts else ts
-                last_end = sess[j - 1].end
-                if last_end > end:
-                    end = last_end
-                if j - i == 1 and start == s.start and end == s.end:
-                    # The record falls inside an existing session.
-                    add(acc, record, ts)
-                    put(old, acc)
-                    if changed is not None:
-                        changed.add(old)
-                    return True
-                delete(old)
+                put(k, acc)
                 if changed is not None:
-                    changed.discard(old)
-                # Merge in start order. Disjoint sessions cannot share an event time, so merge's
-                # first/last tie rule never matters here; the new record is added last, as the
-                # latest arrival. The first session survives (keeping its timer, which is at or
-                # before its new end); the others die and their timers are skipped.
-                for m in range(i + 1, j):
-                    other = sess[m]
-                    other_key = (key, other.start, other.end)
-                    other_acc = get(other_key)
-                    if other_acc is None:
-                        raise RuntimeError(f"session {other_key} is indexed but not in the store")
-                    acc = merge(acc, other_acc)
-                    delete(other_key)
-                    if changed is not None:
-                        changed.discard(other_key)
-                    other.live = False
-                if j - i > 1:
-                    del sess[i + 1 : j]
-                s.start = start
-                s.end = end
-                k = (key, start, end)
+                    changed.add(k)
+                return True
+            s = sess[i]
+            old = (key, s.start, s.end)
+            found = get(old)
+            if found is None:
+                raise RuntimeError(f"session {old} is indexed but not in the store")
+            acc = found
+            start = s.start if s.start <= ts else ts
+            last_end = sess[j - 1].end
+            if last_end > end:
+                end = last_end
+            if j - i == 1 and start == s.start and end == s.end:
+                # The record falls inside an existing session.
+                add(acc, record, ts)
+                put(old, acc)
+                if changed is not None:
+                    changed.add(old)
+                return True
+            # Merge in start order. Disjoint sessions cannot share an event time, so merge's
+            # first/last tie rule never matters here; the new record is added last, as the
+            # latest arrival. Merge and add raise Overflow before anything is changed, so
+            # they run before the store and the indexes are touched.
+            others: list[tuple[_Session, WindowKey]] = []
+            for m in range(i + 1, j):
+                other = sess[m]
+                other_key = (key, other.start, other.end)
+                other_acc = get(other_key)
+                if other_acc is None:
+                    raise RuntimeError(f"session {other_key} is indexed but not in the store")
+                acc = merge(acc, other_acc)
+                others.append((other, other_key))
             add(acc, record, ts)
+            # The first session survives (keeping its timer, which is at or before its new
+            # end); the others die and their timers are skipped.
+            delete(old)
+            if changed is not None:
+                changed.discard(old)
+                if s.emitted is not None:
+                    retract.append(s.emitted)
+                    s.emitted = None
+            for other, other_key in others:
+                delete(other_key)
+                if changed is not None:
+                    changed.discard(other_key)
+                    if other.emitted is not None:
+                        retract.append(other.emitted)
+                other.live = False
+            if j - i > 1:
+                del sess[i + 1 : j]
+            s.start = start
+            s.end = end
+            k = (key, start, end)
             put(k, acc)
             if changed is not None:
                 changed.add(k)
@@ -408,13 +481,24 @@ class WindowOperator:
 class _Session:
     """One session of one key; mutated in place as it grows so no index needs updating."""
 
-    __slots__ = ("end", "key", "live", "start")
+    __slots__ = ("emitted", "end", "key", "live", "start")
 
     def __init__(self, key: str, start: int, end: int) -> None:
         self.key = key
         self.start = start
         self.end = end
         self.live = True  # False once merged into another session or fired
+        # "updates" mode: the bounds of this session's last emitted update while they are still
+        # its bounds; a change of bounds hands them to the operator's retraction list.
+        self.emitted: WindowKey | None = None
+
+
+def _mark_emitted(sessions: dict[str, list[_Session]], k: WindowKey) -> None:
+    """Record that session ``k`` was emitted as an update (a closed one is gone: it fires now)."""
+    for s in sessions.get(k[0], ()):
+        if s.start == k[1]:
+            s.emitted = k
+            return
 
 
 def _arm(timers: dict[int, list[_Session]], heap: list[int], at: int, s: _Session) -> None:

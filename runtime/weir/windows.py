@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Literal, get_args
@@ -134,21 +134,21 @@ def is_closed(end: int, watermark: int, allowed_lateness: int) -> bool:
 
 
 def merge_session(sessions: list[Interval], start: int, end: int) -> tuple[Interval, list[Interval]]:
-    """Insert ``[start, end)`` into ``sessions``, merging every interval it intersects.
+    """Insert ``[start, end)`` into ``sessions``, merging every interval it overlaps or touches.
 
-    ``sessions`` is one key's list of open sessions: sorted by start and pairwise disjoint
-    (half-open, so ``[0, 5)`` and ``[5, 9)`` do not intersect and stay apart). It is updated in
-    place and keeps that invariant. Returns the resulting interval and the intervals it absorbed
-    (ascending; empty when the new interval touched nothing). Because the existing intervals are
-    disjoint, the ones a new interval intersects are contiguous, and the union of overlapping
-    intervals is again one interval, so a single pass resolves chains of merges.
+    ``sessions`` is one key's list of open sessions: sorted by start and pairwise apart (``[0, 5)``
+    and ``[5, 9)`` touch, so they merge, as Flink's session windows do). It is updated in place
+    and keeps that invariant. Returns the resulting interval and the intervals it absorbed
+    (ascending; empty when the new interval met nothing). Because the existing intervals are
+    apart, the ones a new interval meets are contiguous, and the union of meeting intervals is
+    again one interval, so a single pass resolves chains of merges.
     """
-    # The first interval that can intersect is the first one ending after `start`; ends are
-    # sorted too because the intervals are disjoint and sorted by start.
-    i = bisect_right(sessions, start, key=_end)
+    # The first interval that can meet it is the first one ending at or after `start`; ends are
+    # sorted too because the intervals are apart and sorted by start.
+    i = bisect_left(sessions, start, key=_end)
     j = i
     n = len(sessions)
-    while j < n and sessions[j][0] < end:
+    while j < n and sessions[j][0] <= end:
         j += 1
     if i == j:
         sessions.insert(i, (start, end))

@@ -51,7 +51,7 @@ from confluent_kafka import (
 from weir import checkpoint as ck
 from weir import kafka as kio
 from weir import recovery
-from weir.aggregates import Aggregator, compile_aggregates
+from weir.aggregates import Aggregator, Overflow, compile_aggregates, representable
 from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
@@ -172,8 +172,9 @@ class WorkerSettings:
     savepoint_timeout_s: float = 600.0
 
 
-def plan_for(job: Job) -> RunPlan:
-    """Resolve a loaded job into what the worker runs."""
+def plan_for(job: Job, wall_ms: Callable[[], int] | None = None) -> RunPlan:
+    """Resolve a loaded job into what the worker runs (``wall_ms``: the clock ``maxFutureSkew``
+    is measured from; default the system clock)."""
     pipeline = job.pipeline
     plan = pipeline.plan()
     window, aggregate = plan.window, plan.aggregate
@@ -183,7 +184,7 @@ def plan_for(job: Job) -> RunPlan:
         group_id=job.consumer_group,
         source_topics=tuple(pipeline.source.topics),
         start_from=pipeline.source.start_from,
-        prepare=compile_prepare(pipeline),
+        prepare=compile_prepare(pipeline, wall_ms),
         dead_letter_types=DeadLetter,
         max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
         idle_timeout_ms=pipeline.watermark.idle_timeout,
@@ -284,7 +285,21 @@ def result_record(r: WindowResult, with_final: bool) -> dict[str, Any]:
     out.update(r.values)
     if with_final:
         out["final"] = r.final
+    if r.retract:
+        out["retract"] = True
     return out
+
+
+def _printable(record: dict[str, Any]) -> bytes:
+    """A dead-lettered result's value: JSON, with what JSON cannot carry (NaN, inf, ints beyond
+    64 bits) as strings, so the dead-letter topic shows the value that could not be sent."""
+    shown = {
+        k: str(v) if v.__class__ in (int, float) and not representable(v) else v for k, v in record.items()
+    }
+    try:
+        return orjson.dumps(shown, default=repr)
+    except (TypeError, ValueError):
+        return orjson.dumps({k: repr(v) for k, v in record.items()})
 
 
 class _Snap:
@@ -961,7 +976,12 @@ class Worker:
             if out is None:
                 continue
             key, ts, record = out
-            if not accept(key, ts, record, wm):
+            try:
+                accepted = accept(key, ts, record, wm)
+            except Overflow as exc:  # not applied, and (as for any dead letter) no watermark move
+                self._dead_letter(m, exc)
+                continue
+            if not accepted:
                 task.late += 1
                 self._dead_letter_late(m, ts, wm)
             if ts - ooo > wm:
@@ -1007,10 +1027,11 @@ class Worker:
                 continue
             try:
                 key, ts, record = prepare_repartitioned(value, k, 0)
-            except DeadLetter as exc:
+                accepted = process(key, ts, record, wm)
+            except (DeadLetter, Overflow) as exc:
                 self._dead_letter(m, exc)
                 continue
-            if not process(key, ts, record, wm):
+            if not accepted:
                 task.late += 1
                 self._dead_letter_late(m, ts, wm)
         task.wm = max(task.wm, wm)
@@ -1032,12 +1053,47 @@ class Worker:
         with_final = self.plan.emit == "updates"
         produce = self._produce
         dumps = orjson.dumps
+        unrepresentable = self.plan.aggregator.unrepresentable
+        sent = 0
         for r in results:
             record = result_record(r, with_final)
-            produce(topic, dumps(record), r.key.encode())
+            # A result that cannot be written must not stop the worker: it would fire again
+            # after every restart (a crash loop). It goes to the dead-letter topic instead.
+            try:
+                bad = None if r.retract else unrepresentable(r.values)
+                if bad is not None:
+                    raise ValueError(
+                        f"aggregate {bad!r} is {r.values[bad]!r}, which JSON output cannot carry"
+                    )
+                value = dumps(record)
+            except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+                self._dead_letter_result(task, r, record, exc)
+                continue
+            produce(topic, value, r.key.encode())
+            sent += 1
             if self._on_result is not None:
                 self._on_result(record)
-        self.records_out += len(results)
+        self.records_out += sent
+
+    def _dead_letter_result(
+        self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
+    ) -> None:
+        reason = "unserializable_result"
+        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.dead_letter_total.labels(reason=reason).inc()
+        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {exc}"
+        topic = self.plan.dead_letter_topic
+        if topic is None:
+            log.warning("result dropped: no deadLetter topic configured: %s", detail)
+            return
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("weir.reason", reason.encode()),
+            ("weir.detail", detail[:1000].encode()),
+            ("weir.source.topic", task.topic.encode()),
+            ("weir.source.partition", str(task.partition).encode()),
+        ]
+        self._produce(topic, _printable(record), r.key.encode(), -1, headers)
 
     def _tick(self, now: float, repart_partitions: int) -> None:
         """Periodic work: idle watermarks, watermark markers, firing, status and metrics."""
@@ -1382,8 +1438,9 @@ class Worker:
 
     def _retain(self, owned: list[str]) -> None:
         try:
-            self._store.retain(self.settings.checkpoint_retain, self.settings.index, owned,
-                               workers=self.settings.count)
+            self._store.retain(
+                self.settings.checkpoint_retain, self.settings.index, owned, workers=self.settings.count
+            )
             self._store_failing = False
         except ck.StoreRefused as exc:
             if not self._store_failing:  # once per streak, not after every checkpoint

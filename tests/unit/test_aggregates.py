@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weir.aggregates import Aggregator, AggSpec, compile_aggregates
+from weir.aggregates import Aggregator, AggSpec, Overflow, compile_aggregates
 from weir.testing import reference_aggregate
 
 SETTINGS = settings(deadline=None, max_examples=100)
@@ -164,12 +165,82 @@ def test_first_and_last_break_event_time_ties_by_arrival() -> None:
     assert agg.result(agg.merge(early, late)) == {"f": "a", "l": "b"}
 
 
-def test_int_sums_beyond_64_bits_round_trip_exactly() -> None:
+def test_int_sums_beyond_64_bits_in_older_state_round_trip_exactly() -> None:
+    # Such a sum can no longer arise (Overflow), but state written by an older weir may hold one.
     agg = compile_aggregates([("s", "sum", "x"), ("d", "count_distinct", "v")])
-    acc = fold(agg, [(0, {"x": 2**63 - 1, "v": {"k": 1}}), (0, {"x": 2**63 - 1, "v": "z"})])
+    acc = fold(agg, [(0, {"v": {"k": 1}}), (0, {"v": "z"})])
+    acc[0] = 2**64 - 2
     again = agg.loads(agg.dumps(acc))
     assert agg.result(again) == {"s": 2**64 - 2, "d": 2}
     assert agg.dumps(again) == agg.dumps(acc)
+
+
+OVERFLOW_SPECS: list[AggSpec] = [
+    ("n", "count", None),
+    ("total", "sum", "x"),
+    ("mean", "avg", "x"),
+    ("hi", "max", "x"),
+    ("last_x", "last", "x"),
+    ("users", "count_distinct", "x"),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([2**63 - 1, 1], "'total' of field 'x' would be 9223372036854775808, beyond signed 64-bit"),
+        ([-(2**63), -1], "would be -9223372036854775809, beyond signed 64-bit"),
+        ([1.7e308, 1.7e308], "'total' of field 'x' would overflow a 64-bit float"),
+        ([-1.7e308, -1.0e308], "would overflow a 64-bit float"),
+    ],
+)
+def test_a_record_that_would_overflow_a_sum_raises_overflow_and_changes_nothing(
+    values: list[float], message: str
+) -> None:
+    agg = compile_aggregates(OVERFLOW_SPECS)
+    acc = fold(agg, [(0, {"x": values[0]})])
+    before = agg.dumps(acc)
+    assert agg.check is not None
+    with pytest.raises(Overflow, match=message) as raised:
+        agg.check([None, acc], {"x": values[1]})
+    assert raised.value.reason == "overflow"
+    with pytest.raises(Overflow, match=message):
+        agg.add(acc, {"x": values[1]}, 1)
+    assert agg.dumps(acc) == before, "neither the sum nor any other aggregate took the record"
+    assert agg.unrepresentable(agg.result(acc)) is None
+
+
+def test_the_largest_representable_sums_are_kept_exactly() -> None:
+    agg = compile_aggregates(OVERFLOW_SPECS)
+    edge = fold(agg, [(0, {"x": 2**62}), (1, {"x": 2**62 - 1})])
+    assert agg.result(edge)["total"] == 2**63 - 1
+    low = fold(agg, [(0, {"x": -(2**62)}), (1, {"x": -(2**62)})])
+    assert agg.result(low)["total"] == -(2**63)
+    floats = fold(agg, [(0, {"x": 1e308}), (1, {"x": 7.9e307})])
+    assert agg.result(floats)["total"] == 1e308 + 7.9e307
+
+
+def test_merging_into_an_unrepresentable_sum_raises_overflow_and_leaves_the_inputs_alone() -> None:
+    agg = compile_aggregates(OVERFLOW_SPECS)
+    a, b = fold(agg, [(0, {"x": 2**62})]), fold(agg, [(1, {"x": 2**62})])
+    with pytest.raises(Overflow, match="'total'"):
+        agg.merge(a, b)
+    assert agg.result(a)["total"] == agg.result(b)["total"] == 2**62
+
+
+def test_a_sum_stored_as_null_by_an_older_weir_loads_as_nan_and_is_reported_not_crashed() -> None:
+    agg = compile_aggregates(OVERFLOW_SPECS)
+    acc = fold(agg, [(0, {"x": 1.5})])
+    acc[1] = math.inf  # what an older weir accumulated, and wrote as null
+    restored = agg.loads(agg.dumps(acc))
+    assert math.isnan(restored[1])
+    with pytest.raises(Overflow, match="not a number"):
+        agg.add(restored, {"x": 1.0}, 1)
+    assert agg.unrepresentable(agg.result(restored)) == "total"
+
+
+def test_aggregates_without_a_sum_or_avg_need_no_check() -> None:
+    assert compile_aggregates([("n", "count", None), ("hi", "max", "x")]).check is None
 
 
 def test_loading_state_written_for_other_aggregates_fails_loudly() -> None:

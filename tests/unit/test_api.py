@@ -221,3 +221,11 @@ def test_every_public_name_of_the_api_module_is_exported() -> None:
 
     assert public <= set(weir.api.__all__)
     assert isinstance(pipeline.source("t"), PipelineBuilder)
+
+
+def test_the_builder_sets_max_future_skew_and_leaves_the_default_when_not_given() -> None:
+    base = pipeline.source("events", event_time="ts").window_tumbling("1m").aggregate(n="count").sink("out")
+
+    assert base.watermark("5s").build().watermark.max_future_skew == 86_400_000
+    assert base.watermark("5s", max_future_skew="1h").build().watermark.max_future_skew == 3_600_000
+    assert base.watermark(max_future_skew=0).build().watermark.max_future_skew == 0

@@ -23,6 +23,7 @@ from weir.records import (
     prepare_source,
 )
 from weir.spec import Condition, Pipeline
+from weir.testing import FakeClock
 
 PURCHASE = {
     "type": "purchase",
@@ -38,13 +39,19 @@ WINDOW = {"window": {"type": "tumbling", "size": "1m"}}
 COUNT = {"aggregate": {"outputs": {"n": {"fn": "count"}}}}
 
 
-def compiled(source: dict[str, Any] | None = None, steps: list[dict[str, Any]] | None = None) -> Prepare:
+def compiled(
+    source: dict[str, Any] | None = None,
+    steps: list[dict[str, Any]] | None = None,
+    watermark: dict[str, Any] | None = None,
+    now_ms: Callable[[], int] | None = None,
+) -> Prepare:
     document = {
         "source": {"topics": ["events"], **(source or {})},
         "steps": steps if steps is not None else [WINDOW, COUNT],
         "sink": {"topic": "out"},
+        **({"watermark": watermark} if watermark is not None else {}),
     }
-    return compile_prepare(Pipeline.model_validate(document))
+    return compile_prepare(Pipeline.model_validate(document), now_ms)
 
 
 def revenue() -> Prepare:
@@ -73,7 +80,7 @@ def revenue() -> Prepare:
     )
 
 
-def dead_letter(prepare: Prepare, value: bytes | None, key: bytes | None = None, ts: int = 0) -> DeadLetter:
+def dead_letter(prepare: Prepare, value: bytes | None, key: bytes | None = b"", ts: int = 0) -> DeadLetter:
     with pytest.raises(DeadLetter) as caught:
         prepare(value, key, ts)
     return caught.value
@@ -98,9 +105,9 @@ def test_a_purchase_is_keyed_timestamped_selected_and_renamed() -> None:
 def test_a_record_a_filter_drops_is_none_and_is_not_dead_lettered_for_missing_fields() -> None:
     page_view = orjson.dumps({"type": "page_view", "user_id": "u-1"})
 
-    assert revenue()(page_view, None, 0) is None
-    assert revenue()(event(user_id="bot"), None, 0) is None
-    assert revenue()(event(price=0), None, 0) is None
+    assert revenue()(page_view, b"", 0) is None
+    assert revenue()(event(user_id="bot"), b"", 0) is None
+    assert revenue()(event(price=0), b"", 0) is None
 
 
 def test_without_select_or_rename_the_decoded_record_passes_through_whole() -> None:
@@ -119,6 +126,7 @@ def test_every_dead_letter_reason_is_listed() -> None:
         "wrong_type",
         "bad_timestamp",
         "bad_key",
+        "overflow",
     }
 
 
@@ -129,7 +137,7 @@ def test_a_value_larger_than_max_value_bytes_is_too_large_before_it_is_decoded()
 
     assert error.reason == "too_large"
     assert error.detail == "11 bytes > maxValueBytes 10"
-    assert prepare(b"{}", None, 1) == ("", 1, {})
+    assert prepare(b"{}", b"", 1) == ("", 1, {})
 
 
 def test_undecodable_json_is_a_decode_error() -> None:
@@ -167,7 +175,7 @@ def test_a_missing_event_time_or_key_field_is_a_missing_field(value: bytes, deta
 
     if detail is None:
         # A missing price fails the price > 0 filter first: dropped, not dead-lettered.
-        assert prepare(value, None, 0) is None
+        assert prepare(value, b"", 0) is None
         return
     error = dead_letter(prepare, value)
     assert (error.reason, error.detail) == ("missing_field", detail)
@@ -191,7 +199,7 @@ def test_a_missing_field_for_first_or_last_is_a_missing_field_and_any_type_is_ac
     prepare = compiled(steps=[WINDOW, {"aggregate": {"outputs": {"f": {"fn": "first", "field": "page"}}}}])
 
     assert dead_letter(prepare, b"{}").reason == "missing_field"
-    assert prepare(b'{"page": ["a"]}', None, 3) == ("", 3, {"page": ["a"]})
+    assert prepare(b'{"page": ["a"]}', b"", 3) == ("", 3, {"page": ["a"]})
 
 
 @pytest.mark.parametrize(
@@ -222,7 +230,7 @@ def test_a_numeric_aggregate_field_that_is_not_a_number_is_a_wrong_type(price: o
 
 
 def test_an_integer_key_field_becomes_its_decimal_string() -> None:
-    assert revenue()(event(product_id=123), None, 0) == (
+    assert revenue()(event(product_id=123), b"", 0) == (
         "123",
         1_700_000_000_000,
         {"product_id": 123, "amount": 19.99, "ts": 1_700_000_000_000},
@@ -235,9 +243,102 @@ def test_a_message_key_that_is_not_utf8_is_a_bad_key() -> None:
     assert error.reason == "bad_key"
 
 
-def test_a_null_message_key_is_the_empty_string() -> None:
-    assert compiled()(b"{}", None, 9) == ("", 9, {})
+def test_a_null_message_key_is_a_bad_key_when_windows_are_keyed_by_the_message_key() -> None:
+    error = dead_letter(compiled(), b"{}", key=None)
+
+    assert (error.reason, error.detail) == (
+        "bad_key",
+        "the message key is null and windows are keyed by the message key",
+    )
+    assert compiled()(b"{}", b"", 9) == ("", 9, {}), "an empty key is a key"
     assert compiled()(b"{}", "ü".encode(), 9) == ("ü", 9, {})
+
+
+def test_a_null_message_key_does_not_matter_when_a_field_keys_the_records() -> None:
+    prepare = compiled({"key": {"field": "user"}})
+
+    assert prepare(b'{"user": "u-1"}', None, 9) == ("u-1", 9, {"user": "u-1"})
+
+
+# --------------------------------------------------------------------------- numbers beyond 64 bits
+
+
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1])  # the decoder reads lower ints as floats
+def test_an_integer_aggregate_value_beyond_signed_64_bits_is_an_overflow(value: int) -> None:
+    prepare = compiled(steps=[WINDOW, {"aggregate": {"outputs": {"hi": {"fn": "max", "field": "amount"}}}}])
+    raw = b'{"amount": %d}' % value
+
+    error = dead_letter(prepare, raw)
+
+    assert error.reason == "overflow"
+    assert (
+        error.detail == f"aggregate field 'amount' is {value}, beyond signed 64-bit integers (Flink's BIGINT)"
+    )
+
+
+def test_the_signed_64_bit_bounds_and_floats_of_any_finite_size_are_accepted() -> None:
+    prepare = compiled(steps=[WINDOW, {"aggregate": {"outputs": {"s": {"fn": "sum", "field": "amount"}}}}])
+
+    for raw in [b"9223372036854775807", b"-9223372036854775808", b"1.7e308", b"-1.7e308"]:
+        assert prepare(b'{"amount": %s}' % raw, b"k", 0) is not None
+    # The decoder reads an integer beyond 64 bits as a float, and 1e999 (infinite) not at all.
+    assert prepare(b'{"amount": 18446744073709551616}', b"k", 0) == ("k", 0, {"amount": 2.0**64})
+    assert dead_letter(prepare, b'{"amount": 1e999}').reason == "decode_error"
+    assert dead_letter(prepare, b'{"amount": NaN}').reason == "decode_error"
+
+
+# --------------------------------------------------------------------------- event times ahead of the clock
+
+NOW = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+DAY = 86_400_000
+
+
+@pytest.mark.parametrize("source", [{"eventTime": {"field": "ts"}}, {}], ids=["field", "kafka-timestamp"])
+def test_an_event_time_more_than_max_future_skew_past_the_clock_is_a_bad_timestamp(
+    source: dict[str, Any],
+) -> None:
+    clock = FakeClock(NOW)
+    prepare = compiled(source, now_ms=clock)
+
+    def at(ts: int) -> tuple[bytes, bytes, int]:
+        return orjson.dumps({"ts": ts}), b"k", ts
+
+    assert prepare(*at(NOW + DAY)) is not None, "exactly the default skew of one day is accepted"
+    with pytest.raises(DeadLetter) as caught:
+        prepare(*at(NOW + DAY + 1))
+    assert caught.value.reason == "bad_timestamp"
+    assert f"{NOW + DAY + 1} ms" in caught.value.detail
+    assert "more than maxFutureSkew 86400000 ms past the wall clock" in caught.value.detail
+    clock.advance(1)
+    assert prepare(*at(NOW + DAY + 1)) is not None, "the horizon follows the clock"
+    year_3000 = 32_503_680_000_000
+    assert dead_letter(prepare, *at(year_3000)[:2], ts=year_3000).reason == "bad_timestamp"
+
+
+def test_max_future_skew_is_a_duration_and_zero_turns_the_check_off() -> None:
+    clock = FakeClock(NOW)
+    source = {"eventTime": {"field": "ts"}}
+    tight = compiled(source, watermark={"maxFutureSkew": "5s"}, now_ms=clock)
+    off = compiled(source, watermark={"maxFutureSkew": 0}, now_ms=clock)
+    year_3000 = orjson.dumps({"ts": 32_503_680_000_000})
+
+    assert tight(orjson.dumps({"ts": NOW + 5_000}), b"k", 0) is not None
+    assert dead_letter(tight, orjson.dumps({"ts": NOW + 5_001})).reason == "bad_timestamp"
+    assert off(year_3000, b"k", 0) is not None
+
+
+def test_the_clock_is_read_only_for_event_times_beyond_the_last_horizon() -> None:
+    reads: list[int] = []
+
+    def clock() -> int:
+        reads.append(NOW)
+        return NOW
+
+    prepare = compiled({"eventTime": {"field": "ts"}}, now_ms=clock)
+    for ts in range(NOW - 1000, NOW, 10):
+        prepare(orjson.dumps({"ts": ts}), b"k", 0)
+
+    assert len(reads) == 1
 
 
 @pytest.mark.parametrize(
@@ -300,15 +401,46 @@ def test_an_iso8601_event_time_that_is_not_a_string_is_a_wrong_type() -> None:
 def test_event_time_is_read_in_every_format(time_format: str, written: object, millis: int) -> None:
     prepare = compiled({"eventTime": {"field": "at", "format": time_format}})
 
-    result = prepare(orjson.dumps({"at": written}), None, 5)
+    result = prepare(orjson.dumps({"at": written}), b"", 5)
 
     assert result is not None
     assert result[1] == millis
 
 
+@pytest.mark.parametrize(
+    ("written", "millis"),
+    [
+        (b"1704067209.9996", 1_704_067_209_999),  # rounding would give the next 10 s window
+        (b"1704067209.999", 1_704_067_209_999),
+        (b"1704067210.0", 1_704_067_210_000),
+        (b"1704067210.0004", 1_704_067_210_000),
+        (b"1700000000.123", 1_700_000_000_123),  # * 1000 is ...122.9999..., truncating that is wrong
+        (b"0.0005", 0),
+        (b"1e9", 1_000_000_000_000),
+    ],
+)
+def test_epoch_seconds_drop_the_fraction_below_a_millisecond(written: bytes, millis: int) -> None:
+    prepare = compiled({"eventTime": {"field": "at", "format": "epochSeconds"}})
+
+    assert prepare(b'{"at": %s}' % written, b"k", 0) == ("k", millis, {"at": orjson.loads(written)})
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800_000), st.integers(min_value=0, max_value=9))
+def test_epoch_seconds_with_a_sub_millisecond_digit_truncate_like_the_other_formats(
+    millis: int, digit: int
+) -> None:
+    written = b"%d.%03d%d" % (millis // 1000, millis % 1000, digit)
+    assert EPOCH_SECONDS(b'{"at": %s}' % written, b"k", 0)[1] == millis  # type: ignore[index]
+
+
+EPOCH_SECONDS = compiled(
+    {"eventTime": {"field": "at", "format": "epochSeconds"}}, watermark={"maxFutureSkew": 0}
+)
+
+
 def test_without_an_event_time_field_the_kafka_timestamp_is_the_event_time() -> None:
-    assert compiled()(b"{}", None, 1_700_000_000_000)[1:2] == (1_700_000_000_000,)  # type: ignore[index]
-    assert compiled({"eventTime": {}})(b'{"ts": 5}', None, 77)[1:2] == (77,)  # type: ignore[index]
+    assert compiled()(b"{}", b"", 1_700_000_000_000)[1:2] == (1_700_000_000_000,)  # type: ignore[index]
+    assert compiled({"eventTime": {}})(b'{"ts": 5}', b"", 77)[1:2] == (77,)  # type: ignore[index]
 
 
 @given(st.integers(min_value=0, max_value=253_402_300_799_999))
@@ -318,10 +450,11 @@ def test_an_iso8601_rendering_of_any_millisecond_reads_back_exactly(millis: int)
     text = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)).isoformat()
     prepare = ISO_PREPARE
 
-    assert prepare(orjson.dumps({"at": text}), None, 0) == ("", millis, {"at": text})
+    assert prepare(orjson.dumps({"at": text}), b"", 0) == ("", millis, {"at": text})
 
 
-ISO_PREPARE = compiled({"eventTime": {"field": "at", "format": "iso8601"}})
+# Up to year 9999: the future-skew check is off.
+ISO_PREPARE = compiled({"eventTime": {"field": "at", "format": "iso8601"}}, watermark={"maxFutureSkew": 0})
 
 
 # --------------------------------------------------------------------------- keys
@@ -345,7 +478,7 @@ def test_key_by_reads_the_field_under_its_renamed_name() -> None:
         steps=[{"rename": {"product_id": "product"}}, {"keyBy": {"field": "product"}}, WINDOW, COUNT]
     )
 
-    assert prepare(event(), None, 1)[0] == "p-123"  # type: ignore[index]
+    assert prepare(event(), b"", 1)[0] == "p-123"  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- raw format
@@ -354,8 +487,8 @@ def test_key_by_reads_the_field_under_its_renamed_name() -> None:
 def test_a_raw_record_is_its_utf8_text_under_value() -> None:
     prepare = compiled({"format": "raw", "maxValueBytes": 8})
 
-    assert prepare("héllo".encode(), None, 1) == ("", 1, {"value": "héllo"})
-    assert prepare(None, None, 1) == ("", 1, {"value": None})
+    assert prepare("héllo".encode(), b"", 1) == ("", 1, {"value": "héllo"})
+    assert prepare(None, b"", 1) == ("", 1, {"value": None})
     assert dead_letter(prepare, b"\xff").reason == "decode_error"
     assert dead_letter(prepare, b"123456789").reason == "too_large"
 
@@ -366,12 +499,12 @@ def test_a_raw_record_can_be_filtered_and_timestamped_by_its_value() -> None:
         [{"filter": {"field": "value", "op": "ge", "value": "2024"}}, WINDOW, COUNT],
     )
 
-    assert prepare(b"2024-01-01T00:00:00Z", None, 0) == (
+    assert prepare(b"2024-01-01T00:00:00Z", b"", 0) == (
         "",
         1_704_067_200_000,
         {"value": "2024-01-01T00:00:00Z"},
     )
-    assert prepare(b"2023-01-01T00:00:00Z", None, 0) is None
+    assert prepare(b"2023-01-01T00:00:00Z", b"", 0) is None
 
 
 # --------------------------------------------------------------------------- repartition
@@ -417,9 +550,9 @@ def test_field_names_and_values_with_quotes_and_braces_are_safe_in_generated_cod
         ],
     )
 
-    assert prepare(orjson.dumps({name: 5, "k": "'"}), None, 0) == ("'", 5, {"k": "'", "t": 5})
-    assert prepare(orjson.dumps({name: "x", "k": "'"}), None, 0) is None
-    assert prepare(orjson.dumps({name: 5}), None, 0) is None
+    assert prepare(orjson.dumps({name: 5, "k": "'"}), b"", 0) == ("'", 5, {"k": "'", "t": 5})
+    assert prepare(orjson.dumps({name: "x", "k": "'"}), b"", 0) is None
+    assert prepare(orjson.dumps({name: 5}), b"", 0) is None
     error = dead_letter(prepare, orjson.dumps({name: 5, "k": None}))
     assert (error.reason, error.detail) == (
         "wrong_type",
@@ -549,7 +682,7 @@ def test_a_compiled_filter_agrees_with_a_direct_evaluator(
     prepare = compiled(steps=[{"filter": condition}, WINDOW, COUNT])
 
     for record in batch:
-        kept = prepare(orjson.dumps(record), None, 0) is not None
+        kept = prepare(orjson.dumps(record), b"", 0) is not None
         assert kept == evaluate(model, record), (condition, record)
 
 
@@ -558,12 +691,12 @@ def test_booleans_never_equal_numbers_and_ordering_needs_matching_types() -> Non
     member = compiled(steps=[{"filter": {"field": "a", "op": "in", "value": [1, "x"]}}, WINDOW, COUNT])
     above = compiled(steps=[{"filter": {"field": "a", "op": "gt", "value": 0}}, WINDOW, COUNT])
 
-    assert one(b'{"a": true}', None, 0) is None
-    assert one(b'{"a": 1.0}', None, 0) is not None
-    assert member(b'{"a": true}', None, 0) is None
-    assert member(b'{"a": [1]}', None, 0) is None
-    assert above(b'{"a": "5"}', None, 0) is None
-    assert above(b'{"a": true}', None, 0) is None
+    assert one(b'{"a": true}', b"", 0) is None
+    assert one(b'{"a": 1.0}', b"", 0) is not None
+    assert member(b'{"a": true}', b"", 0) is None
+    assert member(b'{"a": [1]}', b"", 0) is None
+    assert above(b'{"a": "5"}', b"", 0) is None
+    assert above(b'{"a": true}', b"", 0) is None
 
 
 def test_ne_and_not_in_match_a_missing_field_and_exists_matches_null() -> None:
@@ -572,12 +705,12 @@ def test_ne_and_not_in_match_a_missing_field_and_exists_matches_null() -> None:
     exists = compiled(steps=[{"filter": {"field": "a", "op": "exists"}}, WINDOW, COUNT])
     is_null = compiled(steps=[{"filter": {"field": "a", "op": "eq"}}, WINDOW, COUNT])
 
-    assert ne(b"{}", None, 0) is not None
-    assert not_in(b"{}", None, 0) is not None
-    assert exists(b'{"a": null}', None, 0) is not None
-    assert exists(b"{}", None, 0) is None
-    assert is_null(b'{"a": null}', None, 0) is not None
-    assert is_null(b"{}", None, 0) is None
+    assert ne(b"{}", b"", 0) is not None
+    assert not_in(b"{}", b"", 0) is not None
+    assert exists(b'{"a": null}', b"", 0) is not None
+    assert exists(b"{}", b"", 0) is None
+    assert is_null(b'{"a": null}', b"", 0) is not None
+    assert is_null(b"{}", b"", 0) is None
 
 
 # --------------------------------------------------------------------------- select / rename semantics
@@ -638,7 +771,7 @@ def test_select_and_rename_agree_with_applying_them_step_by_step(
         assume(False)  # a step reads a field an earlier step removed: rejected by the spec
         raise
 
-    result = prepare(orjson.dumps(record), None, 0)
+    result = prepare(orjson.dumps(record), b"", 0)
 
     expected = transform(steps, record)
     assert (None if result is None else result[2]) == expected
@@ -648,12 +781,12 @@ def test_rename_swaps_and_replaces_existing_fields_and_a_missing_source_leaves_t
     swap = compiled(steps=[{"rename": {"a": "b", "b": "a"}}, WINDOW, COUNT])
     replace = compiled(steps=[{"rename": {"a": "b"}}, WINDOW, COUNT])
 
-    assert swap(b'{"a": 1, "b": 2, "c": 3}', None, 0) == ("", 0, {"a": 2, "b": 1, "c": 3})
-    assert replace(b'{"a": 1, "b": 2}', None, 0) == ("", 0, {"b": 1})
-    assert replace(b'{"b": 2, "c": 3}', None, 0) == ("", 0, {"c": 3})
+    assert swap(b'{"a": 1, "b": 2, "c": 3}', b"", 0) == ("", 0, {"a": 2, "b": 1, "c": 3})
+    assert replace(b'{"a": 1, "b": 2}', b"", 0) == ("", 0, {"b": 1})
+    assert replace(b'{"b": 2, "c": 3}', b"", 0) == ("", 0, {"c": 3})
 
 
 def test_select_keeps_only_the_listed_fields_that_are_present() -> None:
     prepare = compiled(steps=[{"select": ["a", "z"]}, WINDOW, COUNT])
 
-    assert prepare(b'{"a": 1, "b": 2}', None, 0) == ("", 0, {"a": 1})
+    assert prepare(b'{"a": 1, "b": 2}', b"", 0) == ("", 0, {"a": 1})

@@ -922,3 +922,15 @@ def test_copying_the_example_does_not_change_it() -> None:
     steps_of(second).clear()
 
     assert steps_of(first)
+
+
+def test_max_future_skew_defaults_to_one_day_reads_durations_and_zero_is_allowed() -> None:
+    def skew(watermark: dict[str, Any] | None) -> int:
+        document = minimal_pipeline() | ({"watermark": watermark} if watermark is not None else {})
+        return Pipeline.model_validate(document).watermark.max_future_skew
+
+    assert skew(None) == 86_400_000
+    assert skew({"maxFutureSkew": "2h"}) == 7_200_000
+    assert skew({"maxFutureSkew": 0}) == 0
+    with pytest.raises(ValidationError, match="maxFutureSkew"):
+        skew({"maxFutureSkew": "soon"})

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weir.aggregates import AggSpec, compile_aggregates
+from weir.aggregates import AggSpec, Overflow, compile_aggregates
 from weir.testing import Event, FakeClock, InMemoryWindowStore, random_events, reference_windows
 from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult
 
@@ -77,7 +77,8 @@ def run_operator(
 
     Each record's watermark is its partition's max event time before it minus ``ooo``. With
     ``restore_at``, every partition's operator is thrown away at that batch boundary and a new
-    one is restored from a copy of its store that went through dumps/loads (as a restart would).
+    one is restored from a copy of its store that went through dumps/loads (as a restart would;
+    in "updates" mode after emitting, as the worker does before every checkpoint).
     """
     agg = compile_aggregates(SPECS)
     rng = random.Random(seed)
@@ -101,6 +102,10 @@ def run_operator(
         if restore_at is not None and not restored and i >= restore_at:
             restored = True
             for p in partitions:
+                if emit == "updates" and p in max_ts:
+                    # The worker emits after every batch, so a checkpoint never holds unemitted
+                    # updates (or retractions); restoring relies on it.
+                    run.outputs.append(ops[p].advance(max_ts[p] - ooo))
                 copy = new_store()
                 for k, acc in stores[p].items():
                     copy.put(k, agg.loads(agg.dumps(acc)))
@@ -132,12 +137,16 @@ def run_operator(
     return run
 
 
+def rank(r: WindowResult) -> int:
+    return 0 if r.retract else 2 if r.final else 1
+
+
 def check_output_order(run: Run) -> None:
     for batch in run.outputs:
-        flags = [r.final for r in batch]
-        assert flags == sorted(flags), "updates come before finals"
-        for final in (False, True):
-            order = [(r.end, r.key, r.start) for r in batch if r.final is final]
+        ranks = [rank(r) for r in batch]
+        assert ranks == sorted(ranks), "retractions come before updates, updates before finals"
+        for group in (0, 1, 2):
+            order = [(r.end, r.key, r.start) for r in batch if rank(r) == group]
             assert order == sorted(order)
             assert len(set(order)) == len(order), "a window is emitted at most once per advance"
 
@@ -176,23 +185,33 @@ def check_against_reference(scenario: tuple[list[Event], Shape, int], emit: Emit
     assert typed(run.finals()) == typed(expected)
     assert run.late == expected_late
     if emit == "updates":
-        check_updates_end_in_the_final_value(run)
+        check_every_update_ends_in_its_final_value_or_a_retraction(run)
+        if shape.kind != "session":
+            assert not any(r.retract for batch in run.outputs for r in batch)
     else:
         assert all(r.final for batch in run.outputs for r in batch)
 
 
-def check_updates_end_in_the_final_value(run: Run) -> None:
-    last_update: dict[Window, dict[str, Any]] = {}
+def check_every_update_ends_in_its_final_value_or_a_retraction(run: Run) -> None:
+    """The changelog contract of "updates" mode, with ``(key, start, end)`` as the row identity."""
+    open_updates: dict[Window, dict[str, Any]] = {}
     finished: set[Window] = set()
     for batch in run.outputs:
         for r in batch:
             w = (r.key, r.start, r.end)
-            assert w not in finished, "nothing is emitted for a window after its final result"
-            if r.final:
+            assert w not in finished, "nothing is emitted for a window after its final result or retraction"
+            if r.retract:
+                assert not r.final and r.values == {}
+                assert w in open_updates, "only bounds emitted as an update are retracted"
+                open_updates.pop(w, None)
                 finished.add(w)
-                assert typed({w: last_update[w]}) == typed({w: r.values})
+            elif r.final:
+                last = open_updates.pop(w)
+                assert typed({w: last}) == typed({w: r.values}), "the final repeats the last update"
+                finished.add(w)
             else:
-                last_update[w] = r.values
+                open_updates[w] = r.values
+    assert not open_updates, f"updates never finalised nor retracted: {sorted(open_updates)}"
 
 
 @pytest.mark.parametrize("emit", EMIT_MODES)
@@ -237,6 +256,8 @@ def test_restoring_from_the_store_mid_stream_gives_the_same_results(
     run = run_operator(events, shape, ooo, emit, seed=seed, restore_at=restore_at)
     assert typed(run.finals()) == typed(expected)
     assert run.late == expected_late
+    if emit == "updates":
+        check_every_update_ends_in_its_final_value_or_a_retraction(run)
 
 
 @pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
@@ -313,6 +334,113 @@ def test_a_record_bridging_two_sessions_merges_them() -> None:
     op.process("a", 9, {"x": 4}, NO_WATERMARK)  # [9,19) touches both
     assert op.open_windows == 1
     assert op.advance(END_OF_TIME) == [WindowResult("a", 0, 25, {"n": 3, "s": 7}, True)]
+
+
+def test_a_session_absorbed_by_a_merge_after_emitting_an_update_is_retracted() -> None:
+    op = operator("session", emit="updates")  # gap 10
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10)
+    op.process("a", 15, {"x": 2}, NO_WATERMARK)  # [15,25)
+    assert op.advance(NO_WATERMARK) == [
+        WindowResult("a", 0, 10, {"n": 1, "s": 1}, False),
+        WindowResult("a", 15, 25, {"n": 1, "s": 2}, False),
+    ]
+    op.process("a", 9, {"x": 4}, NO_WATERMARK)  # [9,19) bridges both: one session [0,25)
+    assert op.advance(NO_WATERMARK) == [
+        WindowResult("a", 0, 10, {}, False, True),
+        WindowResult("a", 15, 25, {}, False, True),
+        WindowResult("a", 0, 25, {"n": 3, "s": 7}, False),
+    ]
+    assert op.advance(END_OF_TIME) == [WindowResult("a", 0, 25, {"n": 3, "s": 7}, True)]
+
+
+def test_a_growing_session_retracts_only_the_bounds_it_emitted() -> None:
+    op = operator("session", emit="updates")
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10)
+    assert [r.end for r in op.advance(NO_WATERMARK)] == [10]
+    op.process("a", 5, {"x": 1}, NO_WATERMARK)  # [0,15), not emitted
+    op.process("a", 8, {"x": 1}, NO_WATERMARK)  # [0,18)
+    assert op.advance(NO_WATERMARK) == [
+        WindowResult("a", 0, 10, {}, False, True),
+        WindowResult("a", 0, 18, {"n": 3, "s": 3}, False),
+    ]
+    op.process("a", 2, {"x": 1}, NO_WATERMARK)  # inside: same bounds, no retraction
+    assert op.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 18, {"n": 4, "s": 4}, False),
+        WindowResult("a", 0, 18, {"n": 4, "s": 4}, True),
+    ]
+
+
+def test_sessions_restored_in_updates_mode_count_as_emitted_and_are_retracted_when_they_grow() -> None:
+    agg = compile_aggregates([("n", "count", None)])
+    store = InMemoryWindowStore()
+    op = WindowOperator("session", None, None, 10, 0, agg, "updates", store)
+    op.process("a", 0, {}, NO_WATERMARK)
+    assert op.advance(NO_WATERMARK) == [WindowResult("a", 0, 10, {"n": 1}, False)]
+    restored = WindowOperator("session", None, None, 10, 0, agg, "updates", store)
+    restored.restore()
+    restored.process("a", 5, {}, NO_WATERMARK)
+    assert restored.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 10, {}, False, True),
+        WindowResult("a", 0, 15, {"n": 2}, False),
+        WindowResult("a", 0, 15, {"n": 2}, True),
+    ]
+
+
+BIG = 2**62
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+def test_a_record_that_would_overflow_a_sum_changes_no_window_and_raises_overflow(kind: str) -> None:
+    agg = compile_aggregates([("n", "count", None), ("s", "sum", "x")])
+    store = InMemoryWindowStore(agg.dumps, agg.loads)
+    op = WindowOperator(kind, 10, 5, 10, 0, agg, "updates", store)
+    # Sliding (size 10, slide 5): the record at 14 would fit [5,15) but overflow [10,20).
+    assert op.process("a", 7, {"x": -1}, NO_WATERMARK)
+    assert op.process("a", 15, {"x": BIG}, NO_WATERMARK)
+    assert op.process("a", 16, {"x": BIG - 1}, NO_WATERMARK)
+    before = sorted(store.items())
+    with pytest.raises(Overflow, match="'s' of field 'x' would be 92233720368547758"):
+        op.process("a", 14, {"x": 2}, NO_WATERMARK)
+    assert sorted(store.items()) == before, "no window took the record"
+    assert op.process("a", 14, {"x": -1}, NO_WATERMARK), "the window still takes representable records"
+    finals = {(r.start, r.end): r.values for r in op.advance(END_OF_TIME) if r.final}
+    expected = {
+        "tumbling": {(0, 10): {"n": 1, "s": -1}, (10, 20): {"n": 3, "s": 2**63 - 2}},
+        "sliding": {
+            (0, 10): {"n": 1, "s": -1},
+            (5, 15): {"n": 2, "s": -2},
+            (10, 20): {"n": 3, "s": 2**63 - 2},
+            (15, 25): {"n": 2, "s": 2**63 - 1},
+        },
+        "session": {(7, 26): {"n": 4, "s": 2**63 - 3}},
+    }[kind]
+    assert finals == expected
+
+
+def test_a_record_whose_merge_of_two_sessions_would_overflow_leaves_both_sessions_as_they_were() -> None:
+    agg = compile_aggregates([("n", "count", None), ("s", "sum", "x")])
+    op = WindowOperator("session", None, None, 10, 0, agg, "updates", InMemoryWindowStore())
+    op.process("a", 0, {"x": BIG}, NO_WATERMARK)  # [0,10)
+    op.process("a", 15, {"x": BIG}, NO_WATERMARK)  # [15,25)
+    op.advance(NO_WATERMARK)
+    with pytest.raises(Overflow):
+        op.process("a", 9, {"x": 0}, NO_WATERMARK)  # would bridge them: 2**63 is one too many
+    assert op.open_windows == 2
+    assert op.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 10, {"n": 1, "s": BIG}, True),
+        WindowResult("a", 15, 25, {"n": 1, "s": BIG}, True),
+    ]
+
+
+def test_records_exactly_one_gap_apart_share_a_session_as_in_flink() -> None:
+    op = operator("session")  # gap 10
+    op.process("a", 0, {"x": 1}, NO_WATERMARK)  # [0,10)
+    op.process("a", 10, {"x": 2}, NO_WATERMARK)  # [10,20) touches it: one session [0,20)
+    op.process("a", 31, {"x": 4}, NO_WATERMARK)  # 11 after the last record: a new session
+    assert op.advance(END_OF_TIME) == [
+        WindowResult("a", 0, 20, {"n": 2, "s": 3}, True),
+        WindowResult("a", 31, 41, {"n": 1, "s": 4}, True),
+    ]
 
 
 @pytest.mark.parametrize("advance_first", [True, False])

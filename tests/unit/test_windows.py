@@ -86,7 +86,7 @@ def test_window_shapes_ignore_parameters_their_kind_does_not_use() -> None:
 
 
 def _components(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Connected components of the half-open intersection graph, by brute force (union-find)."""
+    """Connected components of the overlaps-or-touches graph, by brute force (union-find)."""
     parent = list(range(len(intervals)))
 
     def root(i: int) -> int:
@@ -96,7 +96,7 @@ def _components(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
     for i, (s1, e1) in enumerate(intervals):
         for j, (s2, e2) in enumerate(intervals):
-            if s1 < e2 and s2 < e1:
+            if s1 <= e2 and s2 <= e1:
                 parent[root(i)] = root(j)
     groups: dict[int, list[tuple[int, int]]] = {}
     for i, iv in enumerate(intervals):
@@ -122,11 +122,11 @@ def test_merging_sessions_in_any_arrival_order_gives_the_connected_components(
         before = list(sessions)
         merged, absorbed = merge_session(sessions, start, end)
         # What was absorbed is exactly what the new interval intersects, and it left the list.
-        assert absorbed == [(s, e) for s, e in before if s < end and start < e]
+        assert absorbed == [(s, e) for s, e in before if s <= end and start <= e]
         assert merged == (min([start, *(s for s, _ in absorbed)]), max([end, *(e for _, e in absorbed)]))
         assert sorted(set(before) - set(absorbed) | {merged}) == sessions
-        # The invariant: sorted and pairwise disjoint.
-        assert all(a[1] <= b[0] for a, b in itertools.pairwise(sessions))
+        # The invariant: sorted and pairwise apart.
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(sessions))
     assert sessions == _components(ivs)
 
 
@@ -142,10 +142,12 @@ def test_a_bridging_session_merges_a_chain_of_sessions() -> None:
     assert sessions == [(0, 25)]
 
 
-def test_sessions_that_only_touch_do_not_merge() -> None:
+def test_sessions_that_only_touch_merge_as_in_flink() -> None:
     sessions: list[tuple[int, int]] = []
     merge_session(sessions, 5, 10)
     merged, absorbed = merge_session(sessions, 0, 5)
-    assert (merged, absorbed) == ((0, 5), [])
-    merge_session(sessions, 10, 12)
-    assert sessions == [(0, 5), (5, 10), (10, 12)]
+    assert (merged, absorbed) == ((0, 10), [(5, 10)])
+    merge_session(sessions, 11, 12)
+    assert sessions == [(0, 10), (11, 12)]
+    merged, absorbed = merge_session(sessions, 10, 11)
+    assert (merged, absorbed) == ((0, 12), [(0, 10), (11, 12)])
