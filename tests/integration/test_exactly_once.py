@@ -222,7 +222,9 @@ def test_soak_kill_test_with_random_seeds(kafka: KafkaHelper, s3: S3Helper, tmp_
     for r in range(rounds):
         seed = random.SystemRandom().randrange(1 << 30)
         print(f"soak round {r + 1}/{rounds}: seed {seed}")
-        run_kill_test(kafka, s3, tmp_path / f"r{r}", seed=seed, n=200_000, kills=15)
+        round_dir = tmp_path / f"r{r}"
+        round_dir.mkdir()
+        run_kill_test(kafka, s3, round_dir, seed=seed, n=200_000, kills=15)
 
 
 # --- in-process workers for the S3, savepoint and corruption tests ------------------------------
