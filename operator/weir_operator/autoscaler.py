@@ -235,7 +235,10 @@ def _add_sample(
     samples: tuple[model.LagSample, ...], lag: LagReading, now: datetime, settings: spec.AutoscalerSpec
 ) -> tuple[model.LagSample, ...]:
     window = timedelta(milliseconds=settings.metrics_window)
-    sample = model.LagSample(at=now, end_offsets=lag.end_offsets, lag_records=lag.records)
+    at = min(lag.measured_at or now, now)
+    if samples and samples[-1].at >= at:
+        return samples  # the same reading again
+    sample = model.LagSample(at=at, end_offsets=lag.end_offsets, lag_records=lag.records)
     kept = [s for s in samples if s.at <= now]
     if len(kept) >= 2 and now - kept[-2].at < window / 32:
         kept[-1] = sample  # at most one sample per 1/32 of the window, and always the newest

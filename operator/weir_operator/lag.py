@@ -30,9 +30,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import (
@@ -48,9 +49,9 @@ from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
 from weir import kafka as kio
 from weir import spec
 from weir.config import KafkaSecurityInputs
-from weir_operator.plans import LagReading, PartitionLag
+from weir_operator.plans import LagReading, PartitionLag, WorkerReport
 
-__all__ = ["PROBE_LIMIT", "LagReader", "input_topics", "lag_of"]
+__all__ = ["PROBE_LIMIT", "LagReader", "autoscaled", "input_topics", "lag_of", "reported_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ PROBE_TIMEOUT_S = 3.0
 """How long counting may take; partitions not read to their end keep their offset difference."""
 TIMEOUT_S = 10.0
 """How long one reading may wait for the broker."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def input_topics(job: spec.StreamJob, reported: Mapping[str, int] | None = None) -> list[str]:
@@ -79,6 +84,20 @@ def input_topics(job: spec.StreamJob, reported: Mapping[str, int] | None = None)
     return topics
 
 
+def autoscaled(job: spec.StreamJob) -> bool:
+    """Whether the platform should read ``job``'s lag (its autoscaler is enabled)."""
+    return job.spec.autoscaler is not None and job.spec.autoscaler.enabled
+
+
+def reported_inputs(reports: Iterable[WorkerReport]) -> dict[str, int]:
+    """The input topics the workers reported, with their largest partition count."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        for topic, count in (report.input_partitions or {}).items():
+            counts[topic] = max(count, counts.get(topic, 0))
+    return counts
+
+
 def lag_of(end: int, log_start: int, committed: int | None, start_from: str) -> int:
     """A partition's lag in records from its read_committed end, log start and committed offset."""
     if committed is None or committed < 0:
@@ -93,10 +112,18 @@ class LagReader:
     Thread-safe: the Kubernetes operator reconciles jobs in threads.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, *, timeout_s: float = TIMEOUT_S,
+        min_interval_s: float = 0.0, now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        """``min_interval_s``: a job read less than this ago gets the same reading again (a
+        reconcile observes several times in a row)."""
         self._env = dict(os.environ if env is None else env)
         self._timeout_s = timeout_s
+        self._min_interval_s = min_interval_s
+        self._now = now
         self._admins: dict[tuple[str, str], tuple[Any, kio.KafkaSettings]] = {}
+        self._recent: dict[tuple[str, str], tuple[float, LagReading]] = {}
         self._lock = threading.Lock()
 
     def _admin(self, job: spec.StreamJob, bootstrap_servers: str | None) -> tuple[Any, kio.KafkaSettings]:
@@ -118,10 +145,24 @@ class LagReader:
         reported: Mapping[str, int] | None = None,
     ) -> LagReading:
         """The lag of every partition of ``job``'s input topics, or a reading with ``error``."""
+        key = (job.metadata.namespace, job.metadata.name)
+        with self._lock:
+            recent = self._recent.get(key)
+        if recent is not None and time.monotonic() - recent[0] < self._min_interval_s:
+            return recent[1]
+        at = self._now()
         try:
-            return self._read(job, bootstrap_servers, reported)
+            reading = replace(self._read(job, bootstrap_servers, reported), measured_at=at)
         except (KafkaException, kio.KafkaSecurityConfigError, kio.KafkaAuthFailed, TimeoutError) as exc:
-            return LagReading(error=_one_line(exc))
+            reading = LagReading(error=_one_line(exc), measured_at=at)
+        with self._lock:
+            self._recent[key] = (time.monotonic(), reading)
+        return reading
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted job's recent reading."""
+        with self._lock:
+            self._recent.pop((namespace, name), None)
 
     def _read(
         self, job: spec.StreamJob, bootstrap_servers: str | None, reported: Mapping[str, int] | None

@@ -121,6 +121,8 @@ class LagReading:
 
     partitions: tuple[PartitionLag, ...] = ()
     error: str | None = None
+    measured_at: datetime | None = None
+    """When it was read (a reader may hand out a recent reading again); None: now."""
 
     @property
     def records(self) -> int:

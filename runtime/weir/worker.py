@@ -1161,6 +1161,7 @@ class Worker:
             "inputPartitions": self.input_partitions,
             "ready": self.ready,
             "partitions": partitions,
+            "publishedAt": wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
             "busyRatio": self._busy.ratio(),
             "busyRatioSinceStart": min(1.0, self.busy_s / elapsed),
             "recordsPerSecond": self._rate.rate(),
