@@ -32,7 +32,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -439,7 +439,8 @@ def _up(platform: LocalPlatform, args: argparse.Namespace, stop: threading.Event
     tracked: dict[tuple[str, str], _Tracked] = {}
     deadline = time.monotonic() + args.duration if args.duration > 0 else None
     next_print = time.monotonic()
-    policy = decide.Policy()
+    # weir up reconciles every second: the autoscaler measures as often.
+    policy = decide.Policy(autoscaler_interval=timedelta(seconds=1))
     while not stop.is_set():
         try:
             jobs = load_manifests(args.path, allow_empty=True)

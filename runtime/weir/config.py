@@ -118,6 +118,9 @@ class Environment:
     """``WEIR_RESTORE_FROM``: a savepoint to start from (set by the operator for an upgrade)."""
     kafka_security: KafkaSecurityInputs = KafkaSecurityInputs()
     """``WEIR_KAFKA_SASL_*``, ``WEIR_KAFKA_TLS`` and ``WEIR_KAFKA_SSL_*``: see KafkaSecurityInputs."""
+    max_records_per_second: float | None = None
+    """``WEIR_MAX_RECORDS_PER_SECOND``: a worker processes at most this many input records per
+    second (tests and benchmarks of the autoscaler: a known capacity); None: no limit."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -136,4 +139,6 @@ class Environment:
             checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
             kafka_security=KafkaSecurityInputs.read(env),
+            max_records_per_second=float(env["WEIR_MAX_RECORDS_PER_SECOND"])
+            if env.get("WEIR_MAX_RECORDS_PER_SECOND") else None,
         )
