@@ -334,7 +334,9 @@ class _Measure:
                  if growth < -0.5 else ", steady")
         parts = [f"lag {_num(i.lag_records)} records{seconds}{trend}", f"input {_num(i.input_rate or 0)}/s"]
         if i.capacity_per_worker is not None:
-            parts.append(f"{_num(i.capacity_per_worker)}/s per worker at busy {i.busy_ratio or 0:.2f}")
+            workers = f"{i.workers} workers process" if i.workers != 1 else "1 worker processes"
+            parts.append(f"{workers} {_num(i.processing_rate or 0)}/s at busy {i.busy_ratio or 0:.2f}: "
+                         f"{_num(i.capacity_per_worker)}/s each at full load")
         else:
             parts.append("workers idle")
         plural = "s" if self.per_worker != 1 else ""

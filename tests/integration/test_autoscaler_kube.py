@@ -214,7 +214,7 @@ def test_the_operator_scales_a_lagging_job_up_by_the_scale_path_and_kubectl_scal
         decision = auto["history"][0]
         assert (decision["direction"], decision["fromParallelism"], decision["toParallelism"]) == ("up", 1, 4)
         assert decision["applied"] and decision["reason"].startswith("lag 4.0k records")
-        assert "50/s per worker at busy 1.00" in decision["reason"]
+        assert "1 worker processes 50/s at busy 1.00: 50/s each at full load" in decision["reason"]
         assert auto["inputs"]["lagRecords"] == 4000 and auto["inputs"]["partitions"] == PARTITIONS
         # The path of a scale: a savepoint with stop, then the new workers restore from it.
         container = sts.read_namespaced_stateful_set(name, cluster.namespace).spec.template.spec.containers[0]

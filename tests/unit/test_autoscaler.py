@@ -106,7 +106,8 @@ def test_the_first_decision_reads_like_the_numbers_behind_it() -> None:
 
     reason = run.decisions[0][1].reason
     assert re.fullmatch(
-        r"lag [0-9.]+M records \([0-9]+ s\), growing [0-9]+k/s; input 200k/s; 95k/s per worker at busy 1.00; "
+        r"lag [0-9.]+M records \([0-9]+ s\), growing [0-9]+k/s; input 200k/s; "
+        r"1 worker processes 95k/s at busy 1.00: 95k/s each at full load; "
         r"need 3.[0-9] workers → 4 \(2 partitions each\); scaling up 1 → 4",
         reason,
     ), reason
