@@ -280,6 +280,13 @@ def _autoscale(
     """
     settings = job.spec.autoscaler
     if settings is None or not settings.enabled:
+        before = status.autoscaler
+        if before is not None and before.parallelism is not None:
+            # Ownership goes back to spec.parallelism; enabling again starts from what runs then.
+            draft.set(autoscaler=before.model_copy(update={
+                "parallelism": None, "spec_parallelism": None, "recommendation": None,
+                "reason": "disabled: spec.parallelism runs", "recommendations": (), "samples": (),
+            }))
         return job
     deployed = observed.deployed
     running = deployed.workers if deployed is not None and deployed.replicas > 0 else None

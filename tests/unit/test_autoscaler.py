@@ -331,3 +331,10 @@ def test_a_changed_spec_parallelism_is_adopted_once_and_a_reapplied_one_changes_
 
     again = adopt_spec_parallelism(config, manual.status, 10, 6, 8, clock())
     assert again.decision is None and again.status.parallelism == 6
+
+
+def test_the_environment_gives_a_worker_a_known_capacity_for_autoscaler_tests() -> None:
+    from weir.config import Environment
+
+    assert Environment.read({"WEIR_MAX_RECORDS_PER_SECOND": "250"}).max_records_per_second == 250.0
+    assert Environment.read({}).max_records_per_second is None

@@ -126,9 +126,12 @@ def test_disabling_the_autoscaler_hands_the_parallelism_back_to_the_spec() -> No
     assert loop.platform.deployed is not None and loop.platform.deployed.workers == 8
 
     loop.the_job, loop.generation = job(1, enabled=False), 2
-    loop.run(6, load=3000)
+    status = loop.run(6, load=3000)
 
     assert loop.platform.deployed.workers == 1
+    assert status.autoscaler is not None and status.autoscaler.recommendation is None
+    assert status.autoscaler.reason == "disabled: spec.parallelism runs"
+    assert status.autoscaler.history[0].to_parallelism == 8  # what it did stays readable
 
 
 def test_a_reconcile_within_the_autoscaler_interval_writes_no_status() -> None:
