@@ -208,6 +208,8 @@ def step(
     direction: model.ScalingDirection = "up" if move > current else "down"
     verb = "scaling" if settings.mode == "auto" else "recommending"
     reason = f"{reason}; {verb} {direction} {current} → {move}"
+    if move != recommended:
+        reason += _why_not_all_the_way(settings, runs, current, move, now)
     decision = model.ScalingDecision(
         at=now, from_parallelism=current, to_parallelism=move, direction=direction,
         applied=settings.mode == "auto", reason=reason,
@@ -436,6 +438,22 @@ def _stabilized(
     bound = fit_to_partitions(max(1, floor), partitions, settings.min_parallelism, settings.max_parallelism)
     move = max(max(targets), bound)
     return (move, "") if move < current else (None, "")
+
+
+def _why_not_all_the_way(
+    settings: spec.AutoscalerSpec, runs: tuple[model.RecommendationRun, ...], current: int, move: int,
+    now: datetime,
+) -> str:
+    """Why a move stops short of the latest recommendation."""
+    up = move > current
+    millis = settings.scale_up_stabilization_window if up else settings.scale_down_stabilization_window
+    since = now - timedelta(milliseconds=millis)
+    covering = [r.parallelism for i, r in enumerate(runs) if i + 1 == len(runs) or runs[i + 1].since > since]
+    if up or max(covering) == move:
+        which = "lowest" if up else "highest"
+        return f" (the {which} recommendation of the last {millis / 1000:g} s)"
+    factor = settings.max_scale_down_factor
+    return f" (a step down removes at most maxScaleDownFactor {factor:g} of the workers)"
 
 
 def _num(value: float) -> str:

@@ -142,6 +142,8 @@ def test_after_a_load_drop_the_job_scales_down_only_after_the_window_and_by_at_m
 
     downs = [(t, d) for t, d in run.decisions if d.direction == "down"]
     assert [(d.from_parallelism, d.to_parallelism) for _, d in downs] == [(8, 4), (4, 2), (2, 1)]
+    assert downs[0][1].reason.endswith(
+        "scaling down 8 → 4 (a step down removes at most maxScaleDownFactor 0.5 of the workers)")
     assert downs[0][0] >= 15 * 60  # the whole window of consistent recommendations first
     for (t0, _), (t1, _) in itertools.pairwise(downs):
         assert t1 - t0 >= 15 * 60
