@@ -335,6 +335,12 @@ class _Measure:
         trend = (f", growing {_num(growth)}/s" if growth > 0.5 else f", shrinking {_num(-growth)}/s"
                  if growth < -0.5 else ", steady")
         parts = [f"lag {_num(i.lag_records)} records{seconds}{trend}", f"input {_num(i.input_rate or 0)}/s"]
+        if i.slowest_partition is not None:
+            slow = i.slowest_partition_lag_seconds
+            if slow is None:
+                parts[0] += f", partition {i.slowest_partition} not advancing"
+            elif slow > max(10.0, 2 * (i.lag_seconds or 0)):
+                parts[0] += f", partition {i.slowest_partition} {slow:.0f} s behind"
         if i.capacity_per_worker is not None:
             workers = f"{i.workers} workers process" if i.workers != 1 else "1 worker processes"
             parts.append(f"{workers} {_num(i.processing_rate or 0)}/s at busy {i.busy_ratio or 0:.2f}: "
@@ -394,6 +400,7 @@ def _measure(
         band = settings.lag_threshold_records or threshold_s * max(input_rate, processing)
         if newest.lag_records - oldest.lag_records > band / 2 and growth > 0:
             catching_up = "lag growing"
+    slowest, slowest_s = _slowest(lag)
     inputs = model.AutoscalerInputs(
         lag_records=backlog,
         lag_seconds=round(lag_seconds, 3) if lag_seconds is not None else None,
@@ -407,8 +414,25 @@ def _measure(
         event_time_lag_seconds=max(0.0, max(wm_lags) / 1000) if wm_lags else None,
         partitions=signals.partitions,
         workers=signals.workers,
+        slowest_partition=slowest,
+        slowest_partition_lag_seconds=round(slowest_s, 3) if slowest_s is not None else None,
     )
     return _Measure(inputs, target, needed, raw, catching_up, per_worker)
+
+
+def _slowest(lag: LagReading) -> tuple[str | None, float | None]:
+    """The partition whose lag takes longest to work off at its own rate, and how long (None: it
+    has lag and is not processed at all). Partitions without rates (a first reading) are skipped."""
+    worst: tuple[str | None, float | None] = (None, None)
+    worst_key = -1.0
+    for p in lag.partitions:
+        if p.processing_rate is None or p.lag == 0:
+            continue
+        seconds = p.lag_seconds
+        key = math.inf if seconds is None else seconds
+        if key > worst_key:
+            worst_key, worst = key, (f"{p.topic}-{p.partition}", seconds)
+    return worst
 
 
 def _stabilized(

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import replace
@@ -60,6 +61,10 @@ PROBE_LIMIT = 1000
 the module docstring): a caught-up job's gap is markers, and reading is cheap at this size."""
 PROBE_TIMEOUT_S = 3.0
 """How long counting may take; partitions not read to their end keep their offset difference."""
+RETRIES = 2
+"""Retries of a reading that failed with a retriable error (NOT_LEADER_FOR_PARTITION, ...)."""
+RATE_WINDOW_S = 60.0
+"""Per-partition rates are measured over up to this long."""
 TIMEOUT_S = 10.0
 """How long one reading may wait for the broker."""
 
@@ -124,6 +129,8 @@ class LagReader:
         self._now = now
         self._admins: dict[tuple[str, str], tuple[Any, kio.KafkaSettings]] = {}
         self._recent: dict[tuple[str, str], tuple[float, LagReading]] = {}
+        # Per job, the readings of the last RATE_WINDOW_S: (monotonic time, {partition: (end, position)}).
+        self._history: dict[tuple[str, str], deque[tuple[float, dict[tuple[str, int], tuple[int, int]]]]] = {}
         self._lock = threading.Lock()
 
     def _admin(self, job: spec.StreamJob, bootstrap_servers: str | None) -> tuple[Any, kio.KafkaSettings]:
@@ -151,10 +158,21 @@ class LagReader:
         if recent is not None and time.monotonic() - recent[0] < self._min_interval_s:
             return recent[1]
         at = self._now()
-        try:
-            reading = replace(self._read(job, bootstrap_servers, reported), measured_at=at)
-        except (KafkaException, kio.KafkaSecurityConfigError, kio.KafkaAuthFailed, TimeoutError) as exc:
-            reading = LagReading(error=_one_line(exc), measured_at=at)
+        for attempt in range(RETRIES + 1):
+            try:
+                reading = self._with_rates(key, self._read(job, bootstrap_servers, reported))
+                reading = replace(reading, measured_at=at)
+                break
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is not None and error.retriable() and attempt < RETRIES:
+                    time.sleep(0.3)  # e.g. a leader that moved (or a topic just created): new metadata
+                    continue
+                reading = LagReading(error=_one_line(exc), measured_at=at)
+                break
+            except (kio.KafkaSecurityConfigError, kio.KafkaAuthFailed, TimeoutError) as exc:
+                reading = LagReading(error=_one_line(exc), measured_at=at)
+                break
         with self._lock:
             self._recent[key] = (time.monotonic(), reading)
         return reading
@@ -163,6 +181,33 @@ class LagReader:
         """Drop a deleted job's recent reading."""
         with self._lock:
             self._recent.pop((namespace, name), None)
+            self._history.pop((namespace, name), None)
+
+    def _with_rates(self, key: tuple[str, str], reading: LagReading) -> LagReading:
+        """Each partition's input and processing rate, against the oldest reading of the last
+        ``RATE_WINDOW_S`` (an exactly-once job commits once per checkpoint: shorter spans see its
+        processing in bursts)."""
+        now = time.monotonic()
+        current = {(p.topic, p.partition): (p.end_offset, p.end_offset - p.lag) for p in reading.partitions}
+        with self._lock:
+            history = self._history.setdefault(key, deque())
+            while len(history) > 1 and now - history[1][0] >= RATE_WINDOW_S:
+                history.popleft()
+            base = history[0] if history else None
+            history.append((now, current))
+        if base is None or now - base[0] <= 0:
+            return reading
+        span = now - base[0]
+        rows = []
+        for p in reading.partitions:
+            before = base[1].get((p.topic, p.partition))
+            if before is None:
+                rows.append(p)
+                continue
+            end, position = current[(p.topic, p.partition)]
+            rows.append(replace(p, input_rate=max(0.0, (end - before[0]) / span),
+                                processing_rate=max(0.0, (position - before[1]) / span)))
+        return replace(reading, partitions=tuple(rows))
 
     def _read(
         self, job: spec.StreamJob, bootstrap_servers: str | None, reported: Mapping[str, int] | None

@@ -243,6 +243,11 @@ class AutoscalerInputs(_Status):
     """``requiredRate`` / (capacity per worker x targetUtilization)."""
     event_time_lag_seconds: Annotated[float, Field(ge=0)] | None = None
     """Now - the oldest watermark the workers report (event-time lag)."""
+    slowest_partition: str | None = None
+    """The input partition (``topic-partition``) whose lag takes longest at its own processing rate."""
+    slowest_partition_lag_seconds: Annotated[float, Field(ge=0)] | None = None
+    """Its lag in seconds (its lag records / the rate its committed offset advanced over the last
+    minute); absent when it has lag and advanced not at all."""
     partitions: Annotated[int, Field(ge=0)] | None = None
     """Partition count of the largest input topic."""
     workers: Annotated[int, Field(ge=0)] | None = None

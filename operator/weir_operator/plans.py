@@ -113,6 +113,19 @@ class PartitionLag:
     """The job's committed offset; None when the group has none for this partition."""
     lag: int
     """Records between where the job resumes and ``end_offset`` (see ``weir_operator.lag``)."""
+    input_rate: float | None = None
+    """Records per second arriving (growth of ``end_offset``), over the reader's last minute."""
+    processing_rate: float | None = None
+    """Records per second the job works off (growth of ``end_offset - lag``), over the same time."""
+
+    @property
+    def lag_seconds(self) -> float | None:
+        """How long this partition's lag takes at its processing rate (None: nothing processed)."""
+        if self.lag == 0:
+            return 0.0
+        if not self.processing_rate:
+            return None
+        return self.lag / self.processing_rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,3 +185,24 @@ def test_the_lag_reader_uses_the_operators_own_credentials_on_a_sasl_ssl_listene
     wrong = LagReader({**env, "WEIR_KAFKA_SASL_PASSWORD": "not-the-password"}, timeout_s=5).read(job)
     assert wrong.error is not None and wrong.partitions == ()
     assert user.password not in wrong.error and "not-the-password" not in wrong.error
+
+
+def test_a_second_reading_gives_each_partition_its_input_rate_and_lag_in_seconds(kafka: KafkaHelper) -> None:
+    source, sink = kafka.unique("src"), kafka.unique("out")
+    kafka.create_topic(source, 2)
+    job = spec.StreamJob.model_validate(_job("rate-" + source[-6:], kafka, source, sink))
+    reader = LagReader({})
+    first = reader.read(job)
+    assert [p.input_rate for p in first.partitions] == [None, None]  # nothing to compare with yet
+
+    kafka.produce(source, [{"value": b"{}", "key": b"k", "partition": 1} for _ in range(500)])
+    time.sleep(1)
+    second = reader.read(job)
+
+    by_partition = {p.partition: p for p in second.partitions}
+    assert by_partition[0].input_rate == 0.0 and by_partition[0].lag_seconds == 0.0
+    rate = by_partition[1].input_rate
+    assert rate is not None and 500 / 30 < rate <= 500 / 0.9
+    # Nobody processes the group's records: lag in seconds is unbounded, so unknown.
+    assert by_partition[1].lag == 500 and by_partition[1].processing_rate == 0.0
+    assert by_partition[1].lag_seconds is None

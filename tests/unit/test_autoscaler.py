@@ -340,3 +340,23 @@ def test_the_environment_gives_a_worker_a_known_capacity_for_autoscaler_tests() 
 
     assert Environment.read({"WEIR_MAX_RECORDS_PER_SECOND": "250"}).max_records_per_second == 250.0
     assert Environment.read({}).max_records_per_second is None
+
+
+def test_a_partition_far_behind_the_others_is_named_with_its_own_lag_in_seconds() -> None:
+    from dataclasses import replace
+
+    config = settings()
+    job = SimulatedJob(partitions=4, capacity=1000, workers=2)
+    run = Run(config, job)
+    run.drive(60, constant(400))
+    now = run.clock.advance(5)
+    rows = [replace(p, input_rate=100.0, processing_rate=100.0) for p in job.reading().partitions]
+    rows[3] = replace(rows[3], lag=12_000, processing_rate=100.0)  # 120 s behind at its own rate
+    signals = Signals(LagReading(tuple(rows)), job.reports(now), 2, 2, 4)
+
+    outcome = step(config, run.status, signals, now)
+
+    inputs = outcome.status.inputs
+    assert inputs is not None
+    assert (inputs.slowest_partition, inputs.slowest_partition_lag_seconds) == ("orders-3", 120.0)
+    assert "partition orders-3 120 s behind" in outcome.status.reason
