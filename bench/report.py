@@ -214,9 +214,75 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
     ]
     lines += checkpoint_markdown()
     lines += rescale_markdown()
+    lines += autoscale_markdown()
     if profile:
         lines += profile_markdown(profile, doc)
     return "\n".join(lines) + "\n"
+
+
+def autoscale_markdown(path: Path | None = None) -> list[str]:
+    """The load-step figures of ``bench/autoscale_bench.py`` (its own run, its own JSON and PNG)."""
+    path = path or Path(__file__).parent / "results" / "autoscale.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    p, a = d["parameters"], d["autoscaler"]
+    capacity = p["capacity"]
+    labels = {"auto": "autoscaler", "fixed1": "fixed parallelism 1",
+              "fixedmax": f"fixed parallelism {p['partitions']} (the maximum)"}
+    settings = ", ".join(f"`{k}: {v}`" for k, v in a.items() if k != "enabled")
+    lines = [
+        "## Autoscaling on a load step",
+        "",
+        f"The same job three times through `weir up` on a {p['partitions']}-partition topic, each worker "
+        f"limited to {capacity:g} records/s (`WEIR_MAX_RECORDS_PER_SECOND`: a known capacity): 10 s "
+        "tumbling windows, exactly-once, checkpoints every second. The load: "
+        f"{p['base']:g} s at {capacity / 2:g}/s (0.5x one worker), {p['step']:g} s at {capacity * 2:g}/s "
+        f"(2x), {p['after']:g} s at {capacity / 2:g}/s, then nothing until the job has caught up. Lag is "
+        "read every second with the autoscaler's own reader (read_committed ends, markers not counted); "
+        f"the autoscaler ran with {settings}. Run {d['when']} on commit `{d['commit']}` with "
+        f"`{d['command']}` (load {d['machine']['loadavg_start'][0]:.1f} at the start, "
+        f"{d['machine']['loadavg'][0]:.1f} at the end; other jobs shared the machine's "
+        f"{d['machine']['nproc']} cores).",
+        "",
+        "Time to lag 0: from the step's start until the lag is back under two seconds of input after "
+        "its peak. Worker-seconds: the running parallelism integrated from the trace's start until "
+        "caught up. **Output checked**: the read_committed output equals the reference windows of "
+        "every event produced, each once.",
+        "",
+        "| run | peak lag | time to lag 0 | caught up after the trace | rescales | worker-seconds "
+        "| output |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in d["runs"]:
+        f = run["figures"]
+        zero = (f"{f['time_to_lag_zero_s']:.0f} s" if f["time_to_lag_zero_s"] is not None
+                else "not in the trace")
+        caught = (f"{f['caught_up_after_trace_s']:.0f} s" if f["caught_up_after_trace_s"] is not None
+                  else "not within the drain limit")
+        output = "exact" if run["status"] == "ok" else "failed: " + "; ".join(run["problems"])[:200]
+        lines.append(f"| {labels.get(run['kind'], run['kind'])} | {f['peak_lag']:,} | {zero} | {caught} "
+                     f"| {f['rescales']} | {f['worker_seconds']:,} | {output} |")
+    lines.append("")
+    auto = next((r for r in d["runs"] if r["kind"] == "auto"), None)
+    if auto is not None and auto["decisions"]:
+        lines += ["The autoscaler's decisions, as `status.autoscaler.history` records them:", ""]
+        lines += [f"- {x['direction']} {x['fromParallelism']} → {x['toParallelism']}: {x['reason']}"
+                  for x in auto["decisions"]]
+        lines.append("")
+    if d.get("keda"):
+        parts = [f"`lagThreshold: {k['threshold']}`: {k['changes']} changes, {k['worker_seconds']:,} "
+                 "worker-seconds" for k in d["keda"]]
+        lines += [
+            "KEDA's Kafka scaler rule, `min(partitions, ceil(total lag / lagThreshold))`, evaluated on the "
+            "autoscaled run's recorded lag (what it would have asked for at each second, not a run "
+            "under it): " + "; ".join(parts) + ". It follows the lag itself, so it scales down as soon "
+            "as a backlog shrinks, while the job is still catching up, and with its default threshold "
+            "any lag above a few dozen records asks for every partition.",
+            "",
+        ]
+    lines += ["![parallelism, lag and input rate over time](bench/results/autoscale.png)", ""]
+    return lines
 
 
 def checkpoint_markdown(path: Path | None = None) -> list[str]:

@@ -132,6 +132,7 @@ class Controller:
             self._set_finalizer(body, finalizers, present=wanted)
         result = reconcile(self.platform, job, generation, status, self.now, policy=self.policy)
         self.metrics.job_phase(f"{namespace}/{name}", result.phase)
+        self.metrics.autoscaler(namespace, name, status.autoscaler, result.autoscaler)
         return "ok"
 
     def _set_finalizer(self, body: dict[str, Any], finalizers: list[str], *, present: bool) -> None:
@@ -193,6 +194,8 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         self.known.discard((namespace, name))
         self.metrics.job_phase(f"{namespace}/{name}", None)
+        self.metrics.autoscaler(namespace, name, None, None)
+        self.platform.lag_reader.forget(namespace, name)
 
     async def resync_forever(self, interval_s: float, stop: asyncio.Event) -> None:
         """Reconcile every known job every ``interval_s`` (worker reports, crash loops, retries)."""

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from weir import spec
 from weir_operator import model, render, workers
+from weir_operator.lag import LagReader, autoscaled, reported_inputs
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerReport, WorkerState
 from weir_operator.platforms import ApplyRejected, remove_job_store
 
@@ -74,12 +75,15 @@ class KubernetesPlatform:
         savepoint_timeout_s: float = 600.0,
         now: Callable[[], datetime] = _utcnow,
         worker_url: Callable[[str, str, int], str] = render.worker_url,
+        lag_reader: LagReader | None = None,
     ) -> None:
         self.api = api
         self.worker_image = worker_image
         self.savepoint_timeout_s = savepoint_timeout_s
         self.now = now
         self.worker_url = worker_url
+        # The operator's own Kafka credentials come from its environment (never from Secrets).
+        self.lag_reader = lag_reader if lag_reader is not None else LagReader(min_interval_s=2.0, now=now)
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -113,7 +117,11 @@ class KubernetesPlatform:
         worker_states = _worker_states(pods, replicas, ready)
         reports = self._reports(name, namespace, [w.index for w in worker_states if w.ready], bool(pods))
         lingering = sum(1 for pod in pods if (_pod_index(pod) or 0) >= replicas)
-        return Observed(deployed=deployed, workers=worker_states, reports=reports, lingering=lingering)
+        lag = None
+        if autoscaled(job) and replicas > 0:
+            lag = self.lag_reader.read(job, reported=reported_inputs(reports))
+        return Observed(deployed=deployed, workers=worker_states, reports=reports, lingering=lingering,
+                        lag=lag)
 
     def _reports(
         self, name: str, namespace: str, ready: list[int], have_pods: bool

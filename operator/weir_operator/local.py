@@ -32,7 +32,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -41,6 +41,7 @@ import yaml
 
 from weir import spec
 from weir_operator import decide, model, render, workers
+from weir_operator.lag import LagReader, autoscaled, reported_inputs
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerState
 from weir_operator.platforms import remove_job_store
 from weir_operator.reconciler import finalize, reconcile
@@ -126,6 +127,8 @@ class LocalPlatform:
         self.extra_env = extra_env or {}
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._lock = threading.RLock()
+        # weir up reconciles every second, each reconcile observes a few times: one reading a second.
+        self._lag = LagReader({**os.environ, **self.extra_env}, min_interval_s=0.9, now=now)
 
     def job_dir(self, namespace: str, name: str) -> Path:
         return self.state_dir / namespace / name
@@ -242,7 +245,11 @@ class LocalPlatform:
             r for r in (workers.fetch_report(i, f"http://127.0.0.1:{port}") for i, port in ready_ports)
             if r is not None
         )
-        return Observed(deployed=deployed, workers=tuple(states), reports=reports)
+        lag = None
+        if autoscaled(job) and deployed.replicas > 0:
+            lag = self._lag.read(job, bootstrap_servers=self.bootstrap_servers,
+                                 reported=reported_inputs(reports))
+        return Observed(deployed=deployed, workers=tuple(states), reports=reports, lag=lag)
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
         namespace, name = job.metadata.namespace, job.metadata.name
@@ -432,7 +439,8 @@ def _up(platform: LocalPlatform, args: argparse.Namespace, stop: threading.Event
     tracked: dict[tuple[str, str], _Tracked] = {}
     deadline = time.monotonic() + args.duration if args.duration > 0 else None
     next_print = time.monotonic()
-    policy = decide.Policy()
+    # weir up reconciles every second: the autoscaler measures as often.
+    policy = decide.Policy(autoscaler_interval=timedelta(seconds=1))
     while not stop.is_set():
         try:
             jobs = load_manifests(args.path, allow_empty=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from weir_operator import model
@@ -34,7 +36,34 @@ class OperatorMetrics:
             "weir_operator_jobs", "StreamJobs this operator manages, by phase.", ["phase"],
             registry=self.registry,
         )
+        self.autoscaler_decisions = Counter(
+            "weir_operator_autoscaler_decisions",
+            "Autoscaler decisions, by direction (up, down, manual) and whether the operator acted on them "
+            "(applied=false: mode recommend).",
+            ["direction", "applied"], registry=self.registry,
+        )
+        self.autoscaler_recommendation = Gauge(
+            "weir_operator_autoscaler_recommendation",
+            "The parallelism the autoscaler recommends for a job now (absent while it cannot decide).",
+            ["namespace", "job"], registry=self.registry,
+        )
         self._phases: dict[str, str] = {}
+
+    def autoscaler(
+        self, namespace: str, name: str, before: model.AutoscalerStatus | None,
+        after: model.AutoscalerStatus | None,
+    ) -> None:
+        """Count the decisions ``after`` has that ``before`` had not, and set the recommendation gauge."""
+        known = {d.at for d in before.history} if before is not None else set()
+        for decision in after.history if after is not None else ():
+            if decision.at not in known:
+                self.autoscaler_decisions.labels(decision.direction, str(decision.applied).lower()).inc()
+        recommendation = after.recommendation if after is not None else None
+        if recommendation is None:
+            with contextlib.suppress(KeyError):
+                self.autoscaler_recommendation.remove(namespace, name)
+        else:
+            self.autoscaler_recommendation.labels(namespace, name).set(recommendation)
 
     def job_phase(self, key: str, phase: model.Phase | None) -> None:
         """Record a job's phase (None: the job is gone) and refresh the per-phase gauge."""

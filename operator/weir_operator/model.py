@@ -23,16 +23,22 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "CONDITION_TYPES",
     "ApplyFailure",
+    "AutoscalerInputs",
+    "AutoscalerStatus",
     "CheckpointInfo",
     "ConditionStatus",
     "ConditionType",
     "Intent",
     "IntentAction",
     "Lag",
+    "LagSample",
     "Phase",
+    "RecommendationRun",
+    "Rescale",
     "SavepointInfo",
     "SavepointTrigger",
     "ScalingDecision",
+    "ScalingDirection",
     "StatusCondition",
     "StreamJobStatus",
 ]
@@ -194,19 +200,118 @@ class ApplyFailure(_Status):
     """When the same spec is applied again."""
 
 
+ScalingDirection: TypeAlias = Literal["up", "down", "manual"]
+
+
 class ScalingDecision(_Status):
-    """A recommendation of the planned autoscaler (not implemented yet: never written)."""
+    """One parallelism change the autoscaler decided (or, in ``mode: recommend``, would have made)."""
 
     at: AwareDatetime
     """When it was made."""
     from_parallelism: Annotated[int, Field(ge=0)]
     """Parallelism before."""
     to_parallelism: Annotated[int, Field(ge=0)]
-    """Recommended parallelism."""
+    """Parallelism after (recommended)."""
+    direction: ScalingDirection = "up"
+    """``up``, ``down``, or ``manual`` (``spec.parallelism`` changed, e.g. by ``kubectl scale``)."""
     applied: bool = False
-    """Whether the operator changed ``spec.parallelism`` (autoscaler enabled)."""
+    """Whether the operator rescaled the job (``mode: auto``) or only recommended it."""
     reason: str = ""
-    """The numbers behind it (utilization, lag, rates)."""
+    """The numbers behind it, in words: lag, rates, busy ratio, workers needed."""
+
+
+class AutoscalerInputs(_Status):
+    """The measurements one recommendation was computed from."""
+
+    lag_records: Annotated[int, Field(ge=0)]
+    """Lag summed over the input partitions (read_committed end offset - committed offset)."""
+    lag_seconds: Annotated[float, Field(ge=0)] | None = None
+    """``lagRecords`` / the job's processing rate; absent while nothing is processed."""
+    lag_growth_per_second: float | None = None
+    """Change of ``lagRecords`` per second over the metrics window (negative: shrinking)."""
+    input_rate: Annotated[float, Field(ge=0)] | None = None
+    """Records per second arriving on the input topics (growth of their end offsets)."""
+    processing_rate: Annotated[float, Field(ge=0)] | None = None
+    """Records per second the workers process, summed."""
+    busy_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+    """The workers' mean busy ratio."""
+    capacity_per_worker: Annotated[float, Field(ge=0)] | None = None
+    """True processing rate of one worker: processing rate / busy ratio (DS2)."""
+    required_rate: Annotated[float, Field(ge=0)] | None = None
+    """Input rate + backlog / catchUpDuration."""
+    workers_needed: Annotated[float, Field(ge=0)] | None = None
+    """``requiredRate`` / (capacity per worker x targetUtilization)."""
+    event_time_lag_seconds: Annotated[float, Field(ge=0)] | None = None
+    """Now - the oldest watermark the workers report (event-time lag)."""
+    slowest_partition: str | None = None
+    """The input partition (``topic-partition``) whose lag takes longest at its own processing rate."""
+    slowest_partition_lag_seconds: Annotated[float, Field(ge=0)] | None = None
+    """Its lag in seconds (its lag records / the rate its committed offset advanced over the last
+    minute); absent when it has lag and advanced not at all."""
+    partitions: Annotated[int, Field(ge=0)] | None = None
+    """Partition count of the largest input topic."""
+    workers: Annotated[int, Field(ge=0)] | None = None
+    """Workers running when measured."""
+
+
+class LagSample(_Status):
+    """Input end offsets and lag at one time; rates are differences of two samples."""
+
+    at: AwareDatetime
+    end_offsets: Annotated[int, Field(ge=0)]
+    """End offsets (read_committed) summed over the input partitions."""
+    lag_records: Annotated[int, Field(ge=0)]
+
+
+class RecommendationRun(_Status):
+    """A recommendation that held from ``since`` until the next run began (or now)."""
+
+    since: AwareDatetime
+    parallelism: Annotated[int, Field(ge=1)]
+
+
+class Rescale(_Status):
+    """The autoscaler's latest rescale: when it began and when its workers were ready again."""
+
+    started_at: AwareDatetime
+    ready_at: AwareDatetime | None = None
+    """When every new worker was ready; the cooldown counts from here."""
+    to_parallelism: Annotated[int, Field(ge=1)]
+
+    @property
+    def restore_seconds(self) -> float | None:
+        """The measured time of the rescale: savepoint, stop, restore, until every worker is ready."""
+        return None if self.ready_at is None else (self.ready_at - self.started_at).total_seconds()
+
+
+class AutoscalerStatus(_Status):
+    """``status.autoscaler``: what the autoscaler recommends now, why, and what it decided before."""
+
+    mode: Literal["auto", "recommend"] = "auto"
+    """``spec.autoscaler.mode`` when written."""
+    parallelism: Annotated[int, Field(ge=1)] | None = None
+    """The parallelism the autoscaler has set (``mode: auto``): what the job runs; ``spec.parallelism``
+    is only its starting value."""
+    spec_parallelism: Annotated[int, Field(ge=1)] | None = None
+    """``spec.parallelism`` as last seen: a different value (``kubectl scale``, an edit) is taken as
+    the new running parallelism once; a re-apply of the same value changes nothing."""
+    recommendation: Annotated[int, Field(ge=1)] | None = None
+    """The parallelism the latest measurements call for; absent when no decision was possible."""
+    reason: str = ""
+    """Why, in words and numbers (or why no decision was possible)."""
+    measured_at: AwareDatetime | None = None
+    """When the recommendation was computed."""
+    inputs: AutoscalerInputs | None = None
+    """The measurements behind it."""
+    samples: tuple[LagSample, ...] = ()
+    """Recent lag samples, oldest first, covering the metrics window (the input rate and the lag's
+    growth are differences of these)."""
+    recommendations: tuple[RecommendationRun, ...] = ()
+    """Recent recommendations, oldest first, covering the stabilization windows."""
+    last_rescale: Rescale | None = None
+    """The latest rescale, with its measured duration."""
+    history: tuple[ScalingDecision, ...] = ()
+    """The latest decisions, newest first (bounded)."""
 
 
 class StreamJobStatus(_Status):
@@ -246,7 +351,10 @@ class StreamJobStatus(_Status):
     """The children were refused (the reason is in ``error`` and the ``Stalled`` condition):
     when the apply is tried again."""
     last_scaling: ScalingDecision | None = None
-    """The latest decision of the planned autoscaler (not implemented yet: never written)."""
+    """The autoscaler's latest decision (also first in ``autoscaler.history``)."""
+    autoscaler: AutoscalerStatus | None = None
+    """The autoscaler's recommendation, its inputs and reason, and its recent decisions
+    (``spec.autoscaler.enabled``)."""
     input_partitions: dict[str, Annotated[int, Field(ge=0)]] | None = None
     """Partition count of each input topic (the sources, and the repartition topic of a
     two-stage pipeline), as the workers last reported it. A worker owns whole partitions, so

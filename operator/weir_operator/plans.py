@@ -34,7 +34,9 @@ __all__ = [
     "Apply",
     "Deployed",
     "Event",
+    "LagReading",
     "Observed",
+    "PartitionLag",
     "Plan",
     "RemoveCheckpoints",
     "RemovedCheckpoints",
@@ -88,6 +90,60 @@ class WorkerReport:
     input_partitions: Mapping[str, int] | None = None
     """Partition count of each input topic the worker reads (``inputPartitions``); None from
     workers that do not say."""
+    records_per_second: float | None = None
+    """Records the worker processed per second over its last seconds (``recordsPerSecond``)."""
+    busy_ratio: float | None = None
+    """Fraction of those seconds it was busy processing (``busyRatio``, 0-1)."""
+    published_at: datetime | None = None
+    """When the worker's loop last refreshed its status (``publishedAt``): a loop that stopped
+    coming round serves an old snapshot, which the autoscaler must not trust."""
+    watermark_lag_ms: int | None = None
+    """Now - its oldest partition watermark (event-time lag), in milliseconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """The consumer lag of one input partition (``weir_operator.lag``)."""
+
+    topic: str
+    partition: int
+    end_offset: int
+    """The end offset a ``read_committed`` consumer reaches (the last stable offset)."""
+    committed: int | None
+    """The job's committed offset; None when the group has none for this partition."""
+    lag: int
+    """Records between where the job resumes and ``end_offset`` (see ``weir_operator.lag``)."""
+    input_rate: float | None = None
+    """Records per second arriving (growth of ``end_offset``), over the reader's last minute."""
+    processing_rate: float | None = None
+    """Records per second the job works off (growth of ``end_offset - lag``), over the same time."""
+
+    @property
+    def lag_seconds(self) -> float | None:
+        """How long this partition's lag takes at its processing rate (None: nothing processed)."""
+        if self.lag == 0:
+            return 0.0
+        if not self.processing_rate:
+            return None
+        return self.lag / self.processing_rate
+
+
+@dataclass(frozen=True, slots=True)
+class LagReading:
+    """The lag of every input partition of a job at one time, or why it could not be read."""
+
+    partitions: tuple[PartitionLag, ...] = ()
+    error: str | None = None
+    measured_at: datetime | None = None
+    """When it was read (a reader may hand out a recent reading again); None: now."""
+
+    @property
+    def records(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+    @property
+    def end_offsets(self) -> int:
+        return sum(p.end_offset for p in self.partitions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +184,9 @@ class Observed:
     deleted job's store is removed, only once none is left."""
     removed: RemovedCheckpoints | None = None
     """Outcome of the ``RemoveCheckpoints`` of this reconcile, once it has run."""
+    lag: LagReading | None = None
+    """The consumer lag of the job's input partitions, read from Kafka when its autoscaler is
+    enabled (None: not read)."""
 
     @property
     def ready_workers(self) -> int:

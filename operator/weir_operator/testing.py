@@ -8,6 +8,7 @@ action it announces.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -18,14 +19,16 @@ from weir_operator.plans import (
     Apply,
     Deployed,
     Event,
+    LagReading,
     Observed,
+    PartitionLag,
     SavepointOutcome,
     WorkerReport,
     WorkerState,
 )
 from weir_operator.platforms import ApplyRejected
 
-__all__ = ["Clock", "FakePlatform", "OperatorCrashed"]
+__all__ = ["Clock", "FakePlatform", "OperatorCrashed", "SimulatedJob"]
 
 
 class OperatorCrashed(Exception):
@@ -57,6 +60,8 @@ class FakePlatform:
     crash_looping: frozenset[int] = frozenset()
     """Indices of workers that crash-loop."""
     reports: tuple[WorkerReport, ...] = ()
+    lag: LagReading | None = None
+    """What ``observe`` says the job's consumer lag is (None: not read)."""
     savepoint_error: str | None = None
     """Every new savepoint fails with this message."""
     reject_apply: str | None = None
@@ -88,7 +93,7 @@ class FakePlatform:
     def observe(self, job: spec.StreamJob) -> Observed:
         deployed = self.deployed
         if deployed is None:
-            return Observed(reports=self.reports, lingering=self.lingering)
+            return Observed(reports=self.reports, lingering=self.lingering, lag=self.lag)
         workers = tuple(
             WorkerState(
                 index=i,
@@ -99,7 +104,8 @@ class FakePlatform:
             )
             for i in range(deployed.replicas)
         )
-        return Observed(deployed=deployed, workers=workers, reports=self.reports, lingering=self.lingering)
+        return Observed(deployed=deployed, workers=workers, reports=self.reports, lingering=self.lingering,
+                        lag=self.lag)
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
         if "apply" in self.crash_before:
@@ -154,3 +160,66 @@ class FakePlatform:
         if self.remove_error is not None:
             raise CheckpointError(self.remove_error)
         return self.store_objects
+
+
+@dataclass
+class SimulatedJob:
+    """A job as a fluid model, for the autoscaler: records arrive, workers process them at a known
+    capacity, the rest is lag.
+
+    ``capacity`` is one worker's records per second with every partition it owns; a worker owns
+    whole partitions, so ``workers`` workers process at most ``capacity x P / ceil(P / workers)``
+    (the busiest worker sets the pace). A rescale stops processing for ``restore_s`` seconds.
+    Exactly-once commits are not modelled (lag is exact).
+    """
+
+    partitions: int = 8
+    capacity: float = 1000.0
+    workers: int = 1
+    restore_s: float = 20.0
+    topic: str = "orders"
+    end: float = 0.0
+    lag: float = 0.0
+    processed_rate: float = 0.0
+    stopped_until: float = 0.0
+    now_s: float = 0.0
+
+    def job_capacity(self) -> float:
+        per_worker = math.ceil(self.partitions / self.workers)
+        return self.capacity * self.partitions / per_worker
+
+    def advance(self, seconds: float, input_rate: float) -> None:
+        """Let ``seconds`` pass with ``input_rate`` records per second arriving."""
+        arrived = input_rate * seconds
+        self.end += arrived
+        running = max(0.0, self.now_s + seconds - max(self.stopped_until, self.now_s))
+        processed = min(self.lag + arrived, self.job_capacity() * running)
+        self.lag = self.lag + arrived - processed
+        self.processed_rate = processed / seconds if seconds > 0 else 0.0
+        self.now_s += seconds
+
+    def rescale(self, workers: int) -> None:
+        self.workers = workers
+        self.stopped_until = self.now_s + self.restore_s
+
+    @property
+    def restoring(self) -> bool:
+        return self.now_s < self.stopped_until
+
+    def reading(self) -> LagReading:
+        """The lag of each partition, spread evenly."""
+        p = self.partitions
+        return LagReading(tuple(
+            PartitionLag(self.topic, i, int(self.end / p), int(self.end / p) - int(self.lag / p),
+                         int(self.lag / p))
+            for i in range(p)
+        ))
+
+    def reports(self, at: datetime) -> tuple[WorkerReport, ...]:
+        """Every worker's status: its share of the processing, busy in proportion to its capacity."""
+        share = self.processed_rate / self.workers
+        busy = min(1.0, self.processed_rate / self.job_capacity())
+        return tuple(
+            WorkerReport(i, records_per_second=share, busy_ratio=busy, published_at=at)
+            for i in range(self.workers)
+        )

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -75,7 +75,16 @@ def fetch_report(index: int, base_url: str, timeout: float = STATUS_TIMEOUT_S) -
         input_partitions = {
             str(topic): count for topic, count in inputs.items() if isinstance(count, int) and count >= 0
         }
-    return WorkerReport(index, checkpoint, sum(known) if known else None, input_partitions)
+    rate, busy, published = status.get("recordsPerSecond"), status.get("busyRatio"), status.get("publishedAt")
+    wm_lags = [p.get("watermarkLagMs") for p in status.get("partitions") or () if isinstance(p, dict)]
+    wm_known = [lag for lag in wm_lags if isinstance(lag, int)]
+    return WorkerReport(
+        index, checkpoint, sum(known) if known else None, input_partitions,
+        records_per_second=float(rate) if isinstance(rate, int | float) and rate >= 0 else None,
+        busy_ratio=min(1.0, float(busy)) if isinstance(busy, int | float) and busy >= 0 else None,
+        published_at=datetime.fromtimestamp(published / 1000, UTC) if isinstance(published, int) else None,
+        watermark_lag_ms=max(wm_known) if wm_known else None,
+    )
 
 
 def job_savepoint_url(worker_path: str) -> str:

@@ -153,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cached-windows", type=int, default=1_000_000, metavar="N",
                      help="windows kept in memory per partition; the rest live in RocksDB on disk "
                           "(default 1000000)")
+    run.add_argument("--max-records-per-second", type=float, default=None, metavar="N",
+                     help="process at most N input records per second, the rest wait as lag: a known "
+                          "per-worker capacity for autoscaler tests and benchmarks (default: "
+                          "WEIR_MAX_RECORDS_PER_SECOND, else no limit)")
     run.add_argument("--print-results", action="store_true", help="also print each window result")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     _add_kafka_security(run)
@@ -303,6 +307,7 @@ def _run(args: argparse.Namespace) -> int:
         http_host=args.http_host,
         http_port=args.http_port if args.http_port is not None else env.http_port,
         max_cached_windows=args.max_cached_windows,
+        max_records_per_second=args.max_records_per_second or env.max_records_per_second,
         **_checkpoint_settings(args, env, job),
     )
     metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)

@@ -121,6 +121,9 @@ class Environment:
     unreachable broker or store for ever, not ready, instead of exiting."""
     kafka_security: KafkaSecurityInputs = KafkaSecurityInputs()
     """``WEIR_KAFKA_SASL_*``, ``WEIR_KAFKA_TLS`` and ``WEIR_KAFKA_SSL_*``: see KafkaSecurityInputs."""
+    max_records_per_second: float | None = None
+    """``WEIR_MAX_RECORDS_PER_SECOND``: a worker processes at most this many input records per
+    second (tests and benchmarks of the autoscaler: a known capacity); None: no limit."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -140,4 +143,6 @@ class Environment:
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
             in_kubernetes=bool(env.get("KUBERNETES_SERVICE_HOST")),
             kafka_security=KafkaSecurityInputs.read(env),
+            max_records_per_second=float(env["WEIR_MAX_RECORDS_PER_SECOND"])
+            if env.get("WEIR_MAX_RECORDS_PER_SECOND") else None,
         )

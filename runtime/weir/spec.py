@@ -1207,13 +1207,19 @@ class PodTemplate(_Model):
 
 
 class AutoscalerSpec(_Model):
-    """Settings of the planned autoscaler: accepted and validated, not acted on yet.
+    """The operator's autoscaler: parallelism follows the job's consumer lag and its workers' capacity.
 
-    The operator does not scale jobs by itself yet: ``parallelism`` is what runs, and a job
-    with ``enabled: true`` gets a Warning event (``AutoscalerNotImplemented``) saying these
-    settings are ignored. The planned behaviour: scale up when utilization exceeds the target
-    or lag exceeds a threshold, down slowly, never below ``minParallelism`` or above
-    ``maxParallelism``, and only to parallelisms that divide the input partitions evenly.
+    Every reconcile the operator reads the lag of the job's consumer group (the end offset a
+    ``read_committed`` consumer reaches minus the committed offset, per partition of every input
+    topic) and each worker's processing rate and busy ratio, and computes, DS2-style, the
+    parallelism that processes the input rate plus the backlog within ``catchUpDuration`` at
+    ``targetUtilization``, rounded up to the smallest parallelism with the same most partitions
+    per worker. It scales up once that holds for ``scaleUpStabilizationWindow``, down once it
+    holds for ``scaleDownStabilizationWindow`` and never while catching up, and waits
+    ``cooldown`` after each rescale. Each recommendation and its reason are in
+    ``status.autoscaler`` and in an event. While enabled (``mode: auto``) the autoscaler owns
+    the running parallelism; ``parallelism`` is the starting value and a change of it (``kubectl
+    scale``) sets the running parallelism once.
     """
 
     model_config = ConfigDict(
@@ -1230,26 +1236,40 @@ class AutoscalerSpec(_Model):
     )
 
     enabled: Annotated[bool, Field(strict=True)] = False
-    """Whether the planned autoscaler may change ``parallelism`` (not acted on yet: today
-    ``true`` only produces a Warning event that the autoscaler is not implemented)."""
+    """Whether the autoscaler runs for this job (with ``mode: auto`` it changes the running
+    parallelism; with ``mode: recommend`` it only writes its recommendations)."""
+    mode: Literal["auto", "recommend"] = "auto"
+    """``auto``: act on the recommendations (a rescale through a savepoint, as a change of
+    ``parallelism``). ``recommend``: passive, write them to ``status.autoscaler`` and events only."""
     min_parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM, strict=True)] = 1
-    """Lowest parallelism the autoscaler would set."""
+    """Lowest parallelism the autoscaler sets."""
     max_parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM, strict=True)] | None = None
-    """Highest parallelism the autoscaler would set; omitted means the input partition count."""
+    """Highest parallelism the autoscaler sets; omitted means the partition count of the largest
+    input topic."""
     target_utilization: Annotated[float, Field(gt=0, le=1)] = 0.7
-    """Busy ratio (0-1] the workers should run at."""
+    """Busy ratio (0-1] the workers should run at: the headroom kept for bursts."""
     lag_threshold_records: Annotated[int, Field(ge=0, strict=True)] | None = None
-    """Scale up when the consumer lag of a partition exceeds this many records."""
+    """A job whose lag exceeds this many records (summed over its input partitions) is catching
+    up: it is never scaled down. Omitted: only ``lagThresholdTime`` applies."""
     lag_threshold_time: Duration | None = None
-    """Scale up when the time lag (age of the oldest unprocessed record) exceeds this."""
+    """A job whose lag exceeds this in time (lag records / processing rate) is catching up: it is
+    never scaled down. Omitted: 3 checkpoint intervals, at least 30s (an exactly-once job's
+    committed offsets trail by up to one interval)."""
     metrics_window: PositiveDuration = 300_000
-    """Window over which rates, lag and utilization are averaged (default 5m)."""
+    """Window over which the input rate and the lag's growth are measured (default 5m)."""
     scale_up_stabilization_window: Duration = 60_000
-    """Minimum time between scaling up again (default 1m)."""
+    """A scale-up happens once every recommendation of this long is above the running
+    parallelism (to the lowest of them; default 1m)."""
     scale_down_stabilization_window: Duration = 900_000
-    """Load must stay low this long before scaling down (default 15m)."""
+    """A scale-down happens once every recommendation of this long is below the running
+    parallelism (to the highest of them; default 15m)."""
+    max_scale_down_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Largest fraction of the workers one scale-down removes (0.5: at most half)."""
+    cooldown: Duration = 60_000
+    """No decision for this long after a rescale's new workers are all ready (the rescale
+    itself, savepoint and restore, is waited for and measured; default 1m)."""
     catch_up_duration: PositiveDuration = 300_000
-    """Time in which a scaled job should work off its lag (default 5m)."""
+    """Time in which a scaled job should work off its backlog (default 5m)."""
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> AutoscalerSpec:
@@ -1328,8 +1348,7 @@ class JobSpec(_Model):
     savepoint_trigger_nonce: Annotated[int, Field(strict=True)] | None = None
     """Change it to take a savepoint of the running job."""
     autoscaler: AutoscalerSpec | None = None
-    """Settings of the planned lag- and utilization-driven autoscaler; accepted but not acted
-    on yet (``parallelism`` is what runs)."""
+    """The lag-driven autoscaler (omitted: off; ``parallelism`` is what runs)."""
 
     @field_validator("env")
     @classmethod

@@ -170,6 +170,10 @@ class WorkerSettings:
     max_cached_windows: int = 1_000_000
     shutdown_timeout_s: float = 20.0
     savepoint_timeout_s: float = 600.0
+    max_records_per_second: float | None = None
+    """Process at most this many input records per second (``--max-records-per-second``): a known
+    capacity for autoscaler tests and benchmarks. The wait counts as busy time, so the busy ratio
+    and the processing rate describe a worker of exactly this capacity."""
 
 
 def plan_for(job: Job, wall_ms: Callable[[], int] | None = None) -> RunPlan:
@@ -850,6 +854,9 @@ class Worker:
     def _loop(self, repart_partitions: int) -> None:
         consumer, settings = self.consumer, self.settings
         batch_size = settings.batch_size
+        limit = settings.max_records_per_second
+        if limit:
+            batch_size = max(1, min(batch_size, int(limit / 10)))  # a batch is at most 0.1 s of work
         next_checkpoint = time.monotonic() + settings.checkpoint_interval_s
         next_tick = 0.0
         perf = time.perf_counter
@@ -858,6 +865,8 @@ class Worker:
             t0 = perf()
             if msgs:
                 self._process(msgs)
+                if limit:
+                    time.sleep(max(0.0, t0 + len(msgs) / limit - perf()))
             now = time.monotonic()
             if now >= next_tick:
                 self._tick(now, repart_partitions)
@@ -1598,6 +1607,7 @@ class Worker:
             "outages": deps.status(),
             "rollbacks": self.rollbacks,
             "partitions": partitions,
+            "publishedAt": wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
             "busyRatio": self._busy.ratio(),
             "busyRatioSinceStart": min(1.0, self.busy_s / elapsed),
             "recordsPerSecond": self._rate.rate(),

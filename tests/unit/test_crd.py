@@ -155,14 +155,15 @@ def test_parallelism_and_the_autoscaler_bounds_have_a_maximum() -> None:
         assert (node["minimum"], node["maximum"]) == (1, spec.MAX_PARALLELISM)
 
 
-def test_descriptions_say_the_autoscaler_and_rollbacks_are_not_implemented_yet() -> None:
+def test_descriptions_say_rollbacks_are_not_implemented_yet_and_the_autoscaler_no_longer_so() -> None:
     spec_properties = schema()["properties"]["spec"]["properties"]
     status_properties = schema()["properties"]["status"]["properties"]
     autoscaler = spec_properties["autoscaler"]
 
-    assert "not acted on yet" in spec_properties["autoscaler"]["description"]
-    assert "not acted on yet" in autoscaler["properties"]["enabled"]["description"]
-    assert "planned" in status_properties["lastScaling"]["description"]
+    for node in (autoscaler, *autoscaler["properties"].values(), status_properties["lastScaling"],
+                 status_properties["autoscaler"]):
+        assert "not acted on" not in node["description"] and "planned" not in node["description"], node
+    assert "mode: recommend" in autoscaler["properties"]["enabled"]["description"]
     assert "not implemented yet" in status_properties["stableFingerprint"]["description"]
     for node in nodes(schema()):
         if isinstance(node, dict) and "description" in node:

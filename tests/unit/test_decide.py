@@ -662,30 +662,6 @@ def test_topics_the_spec_no_longer_reads_do_not_cap_it() -> None:
     assert condition(status, "Degraded").status == "False"
 
 
-def test_an_enabled_autoscaler_gets_one_warning_per_generation_that_it_is_ignored() -> None:
-    platform = FakePlatform()
-    the_job = job(parallelism=2, autoscaler={"enabled": True, "maxParallelism": 4})
-
-    run(platform, the_job)
-    run(platform, the_job)
-    run(platform, job(parallelism=3, autoscaler={"enabled": True}), generation=2)
-
-    warnings = [e for e in platform.events if e.reason == "AutoscalerNotImplemented"]
-    assert [e.type for e in warnings] == ["Warning", "Warning"]
-    assert warnings[0].message == (
-        "spec.autoscaler.enabled is ignored: the autoscaler is not implemented yet; "
-        "the job runs spec.parallelism (2) workers"
-    )
-
-
-def test_a_disabled_autoscaler_gets_no_warning() -> None:
-    platform = FakePlatform()
-
-    run(platform, job(autoscaler={"enabled": False, "maxParallelism": 4}))
-
-    assert not [e for e in platform.events if e.reason == "AutoscalerNotImplemented"]
-
-
 def test_conditions_keep_their_transition_time_while_they_hold() -> None:
     platform, the_job = running()
     before = condition(platform.status, "Ready").last_transition_time

@@ -34,7 +34,9 @@ class FakeWorker:
 
     def status(self) -> dict[str, Any]:
         return {
-            "partitions": [{"partition": "t-0", "lag": 3}, {"partition": "t-2", "lag": 4}],
+            "partitions": [{"partition": "t-0", "lag": 3, "watermarkLagMs": 1500},
+                           {"partition": "t-2", "lag": 4, "watermarkLagMs": 2500}],
+            "recordsPerSecond": 950.5, "busyRatio": 0.42, "publishedAt": 1_767_225_605_000,
             "inputPartitions": {"t": 4, "weir-ns-job-3-repartition": 8, "broken": "many"},
             "lastCheckpoint": {"id": "c-9", "url": "file:///store/ns/job/checkpoints/c-9",
                                "completedAt": "2026-01-01T00:00:05Z"},
@@ -106,6 +108,19 @@ def test_a_worker_report_sums_partition_lag_and_reads_its_last_checkpoint(
     assert report.last_checkpoint is not None and report.last_checkpoint.id == "c-9"
     assert report.last_checkpoint.completed_at == datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
     assert report.input_partitions == {"t": 4, "weir-ns-job-3-repartition": 8}
+
+
+def test_a_worker_report_carries_the_autoscalers_metrics_and_when_they_were_measured(
+    served: tuple[list[FakeWorker], list[str]],
+) -> None:
+    _, urls = served
+
+    report = workers.fetch_report(0, urls[0])
+
+    assert report is not None
+    assert (report.records_per_second, report.busy_ratio) == (950.5, 0.42)
+    assert report.published_at == datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
+    assert report.watermark_lag_ms == 2500
 
 
 def test_a_worker_that_does_not_answer_gives_no_report() -> None:
