@@ -822,6 +822,13 @@ def _phase(draft: _Draft, observed: Observed) -> model.Phase:
     return "Running" if observed.ready_workers >= deployed.replicas else "Deploying"
 
 
+_DEPENDENCY = {
+    "kafka": ("Kafka", "KafkaUnreachable"),
+    "store": ("checkpoint store", "CheckpointStoreUnreachable"),
+}
+"""What a worker's ``outages`` key names, and the ``Degraded`` reason while it is unreachable."""
+
+
 def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: datetime) -> None:
     old = draft.status
     phase = _phase(draft, observed)
@@ -831,6 +838,7 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
     ready = observed.ready_workers
 
     looping = [w for w in observed.workers if w.crash_looping]
+    unreachable = sorted({name for r in observed.reports for name in r.outages})
     degraded: tuple[str, str, str]
     if looping:
         detail = ", ".join(
@@ -840,6 +848,16 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
     elif draft.get("last_savepoint") is not None and draft.get("last_savepoint").error is not None:
         info = draft.get("last_savepoint")
         degraded = ("True", "SavepointFailed", f"savepoint {info.id} failed: {info.error}")
+    elif unreachable:
+        # The workers ride the outage out (retrying, not ready); the condition says what they
+        # wait for, so `kubectl get sj` shows a broker or store outage, not just unready pods.
+        detail = "; ".join(
+            f"worker {r.index}: {_DEPENDENCY.get(name, (name, ''))[0]} unreachable: {error}"
+            for r in observed.reports
+            for name, error in sorted(r.outages.items())
+        )
+        why = _DEPENDENCY.get(unreachable[0], ("", "DependencyUnreachable"))[1]
+        degraded = ("True", why if len(unreachable) == 1 else "DependenciesUnreachable", detail)
     elif draft.capped is not None:
         degraded = ("True", "ParallelismCapped", draft.capped.message())
     else:

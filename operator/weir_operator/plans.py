@@ -99,6 +99,9 @@ class WorkerReport:
     coming round serves an old snapshot, which the autoscaler must not trust."""
     watermark_lag_ms: int | None = None
     """Now - its oldest partition watermark (event-time lag), in milliseconds."""
+    outages: Mapping[str, str] = field(default_factory=dict)
+    """Dependencies the worker cannot reach right now (``outages``: ``kafka``, ``store``),
+    each with the error and how long it has lasted; empty when all are reachable."""
 
 
 @dataclass(frozen=True, slots=True)

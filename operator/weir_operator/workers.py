@@ -78,12 +78,18 @@ def fetch_report(index: int, base_url: str, timeout: float = STATUS_TIMEOUT_S) -
     rate, busy, published = status.get("recordsPerSecond"), status.get("busyRatio"), status.get("publishedAt")
     wm_lags = [p.get("watermarkLagMs") for p in status.get("partitions") or () if isinstance(p, dict)]
     wm_known = [lag for lag in wm_lags if isinstance(lag, int)]
+    outages = {
+        str(name): f"{o.get('error') or 'unreachable'} (for {o.get('seconds', '?')} s)"
+        for name, o in (status.get("outages") or {}).items()
+        if isinstance(o, dict)
+    } if isinstance(status.get("outages"), dict) else {}
     return WorkerReport(
         index, checkpoint, sum(known) if known else None, input_partitions,
         records_per_second=float(rate) if isinstance(rate, int | float) and rate >= 0 else None,
         busy_ratio=min(1.0, float(busy)) if isinstance(busy, int | float) and busy >= 0 else None,
         published_at=datetime.fromtimestamp(published / 1000, UTC) if isinstance(published, int) else None,
         watermark_lag_ms=max(wm_known) if wm_known else None,
+        outages=outages,
     )
 
 

@@ -507,6 +507,48 @@ def test_crash_looping_workers_make_the_job_degraded_with_their_restart_counts()
     assert any(e.reason == "DegradedCleared" for e in platform.events)
 
 
+def test_a_broker_outage_reported_by_the_workers_degrades_the_job_naming_it_until_it_ends() -> None:
+    platform, the_job = running(parallelism=2)
+    done = model.CheckpointInfo(id="c-1", url="file:///s/c-1", completed_at=Clock().advance(1))
+    platform.reports = (
+        WorkerReport(0, done, outages={"kafka": "all brokers down (for 12.5 s)"}),
+        WorkerReport(1, done, outages={"kafka": "all brokers down (for 12.4 s)"}),
+    )
+
+    status = run(platform, the_job)
+
+    degraded = condition(status, "Degraded")
+    assert degraded.status == "True" and degraded.reason == "KafkaUnreachable"
+    assert "worker 0: Kafka unreachable: all brokers down (for 12.5 s)" in degraded.message
+    assert "worker 1: Kafka unreachable" in degraded.message
+    assert [e.reason for e in platform.events if e.type == "Warning"] == ["KafkaUnreachable"]
+    assert status.stable_fingerprint is None  # an outage never counts as stable
+
+    platform.events.clear()
+    platform.reports = (WorkerReport(0, outages={"kafka": "all brokers down (for 30.0 s)"}),
+                        WorkerReport(1, outages={"kafka": "all brokers down (for 30.1 s)"}))
+    run(platform, the_job)
+    assert platform.events == []  # the same outage going on adds no event
+
+    platform.reports = (WorkerReport(0, done), WorkerReport(1, done))
+    status = run(platform, the_job)
+    assert condition(status, "Degraded").status == "False"
+    assert any(e.reason == "DegradedCleared" for e in platform.events)
+    assert status.stable_fingerprint == status.reconciled_fingerprint
+
+
+def test_an_unreachable_checkpoint_store_and_broker_together_are_named_both() -> None:
+    platform, the_job = running(parallelism=1)
+    platform.reports = (WorkerReport(0, outages={"store": "connect timeout (for 3.0 s)"}),)
+    assert condition(run(platform, the_job), "Degraded").reason == "CheckpointStoreUnreachable"
+
+    platform.reports = (WorkerReport(0, outages={"store": "connect timeout", "kafka": "brokers down"}),)
+    degraded = condition(run(platform, the_job), "Degraded")
+    assert degraded.reason == "DependenciesUnreachable"
+    assert "checkpoint store unreachable: connect timeout" in degraded.message
+    assert "Kafka unreachable: brokers down" in degraded.message
+
+
 def test_refused_children_stall_the_job_with_one_warning_and_are_retried_with_a_growing_back_off() -> None:
     refusal = "StatefulSet default/revenue: HTTP 500: failed to create typed patch object"
     platform = FakePlatform(reject_apply=refusal)

@@ -38,6 +38,9 @@ class FakeWorker:
                            {"partition": "t-2", "lag": 4, "watermarkLagMs": 2500}],
             "recordsPerSecond": 950.5, "busyRatio": 0.42, "publishedAt": 1_767_225_605_000,
             "inputPartitions": {"t": 4, "weir-ns-job-3-repartition": 8, "broken": "many"},
+            "outages": {"store": {"since": "2026-01-01T00:00:01.000Z", "seconds": 4.0,
+                                  "error": "connect timeout to http://s3:9000", "outages": 1},
+                        "odd": "not an object"},
             "lastCheckpoint": {"id": "c-9", "url": "file:///store/ns/job/checkpoints/c-9",
                                "completedAt": "2026-01-01T00:00:05Z"},
         }
@@ -121,6 +124,17 @@ def test_a_worker_report_carries_the_autoscalers_metrics_and_when_they_were_meas
     assert (report.records_per_second, report.busy_ratio) == (950.5, 0.42)
     assert report.published_at == datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
     assert report.watermark_lag_ms == 2500
+
+
+def test_a_worker_report_names_the_dependencies_the_worker_cannot_reach(
+    served: tuple[list[FakeWorker], list[str]],
+) -> None:
+    _, urls = served
+
+    report = workers.fetch_report(0, urls[0])
+
+    assert report is not None
+    assert report.outages == {"store": "connect timeout to http://s3:9000 (for 4.0 s)"}
 
 
 def test_a_worker_that_does_not_answer_gives_no_report() -> None:
