@@ -87,9 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         help="start from this savepoint (or checkpoint) instead of the latest checkpoint "
         "(default: WEIR_RESTORE_FROM)",
     )
+    run.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory the worker process stays within, e.g. 256Mi, 1Gi or bytes: shared by the window "
+        "cache and timers, RocksDB's block cache and memtables and the Kafka client queues; windows "
+        "beyond it live in RocksDB on disk (default: WEIR_MEMORY_BUDGET, else no budget)",
+    )
     run.add_argument("--max-cached-windows", type=int, default=1_000_000, metavar="N",
-                     help="windows kept in memory per partition; the rest live in RocksDB on disk "
-                          "(default 1000000)")
+                     help="deprecated, use --memory-budget: an upper bound on the windows kept in "
+                          "memory per partition (default 1000000)")
     run.add_argument("--print-results", action="store_true", help="also print each window result")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -194,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     from weir import kafka as kio
     from weir.config import Environment
     from weir.control import ControlServer
+    from weir.memory import MemoryBudgetTooSmall
     from weir.metrics import WorkerMetrics
     from weir.spec import SpecError, load_job
     from weir.worker import Worker, WorkerSettings, plan_for
@@ -210,6 +218,16 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= index < workers:
         print(f"--worker-index {index} is outside 0..{workers - 1}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    budget_text = args.memory_budget or env.memory_budget
+    budget: int | None = None
+    if budget_text is not None:
+        from weir.memory import parse_size
+
+        try:
+            budget = parse_size(budget_text)
+        except ValueError as exc:
+            print(f"--memory-budget: {exc}", file=sys.stderr)
+            return EXIT_BAD_SPEC
     kafka = kio.KafkaSettings(
         bootstrap_servers=args.bootstrap_servers or env.bootstrap_servers or job.spec.kafka.bootstrap_servers,
         consumer=dict(job.spec.kafka.consumer),
@@ -223,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         http_host=args.http_host,
         http_port=args.http_port if args.http_port is not None else env.http_port,
         max_cached_windows=args.max_cached_windows,
+        memory_budget=budget,
         **_checkpoint_settings(args, env, job),
     )
     metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)
@@ -245,6 +264,9 @@ def _run(args: argparse.Namespace) -> int:
     log.info("serving metrics and control on %s:%d", settings.http_host, control.port)
     try:
         return worker.run()
+    except MemoryBudgetTooSmall as exc:
+        log.error("--memory-budget: %s", exc)
+        return EXIT_BAD_SPEC
     except (kio.TopicMissing, SpecError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_SPEC

@@ -31,6 +31,9 @@ class Environment:
     """``WEIR_CHECKPOINT_URL``: overrides ``spec.checkpoint.url``."""
     restore_from: str | None = None
     """``WEIR_RESTORE_FROM``: a savepoint to start from (set by the operator for an upgrade)."""
+    memory_budget: str | None = None
+    """``WEIR_MEMORY_BUDGET``: the worker's memory budget, bytes or a quantity such as ``256Mi``
+    (set by the operator from the pod's memory limit; parsed by ``weir.memory.parse_size``)."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -48,4 +51,5 @@ class Environment:
             bootstrap_servers=env.get("WEIR_KAFKA_BOOTSTRAP_SERVERS") or None,
             checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
+            memory_budget=env.get("WEIR_MEMORY_BUDGET") or None,
         )

@@ -18,12 +18,14 @@ small budget still works, and a budget too small for the base plus the floors is
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MemoryPlan", "format_size", "parse_size", "rss_bytes"]
+__all__ = ["MemoryBudgetTooSmall", "MemoryPlan", "format_size", "parse_size", "rss_bytes"]
 
 _UNITS = {
     "": 1,
@@ -49,10 +51,20 @@ same bytes of window cache (which needs no decode)."""
 KAFKA_FLOOR = 4 << 20
 ROCKSDB_FLOOR = 8 << 20
 WINDOWS_FLOOR = 8 << 20
+MESSAGE_BYTES = 512
+"""A queued Kafka message's cost in librdkafka beyond a small payload (its message and queue
+structures, the Python object once consumed), for sizing queues counted in messages."""
+TIMER_ENTRY_BYTES = 8
+"""One in-memory timer entry: a slot in a list pointing at the window's key, which the cache
+holds (and counts) anyway."""
 BASE_HEADROOM = 24 << 20
 """Added to the measured start-up RSS: one batch of records and results in flight, the
 allocator's slack, the HTTP server's threads. Measured: a 256 MiB budget peaked 20-30 MiB above
 the parts' accounted sum plus the start-up RSS."""
+
+
+class MemoryBudgetTooSmall(ValueError):
+    """The budget cannot hold the worker process plus each part's minimum."""
 
 
 def parse_size(text: str) -> int:
@@ -79,6 +91,31 @@ def format_size(n: int) -> str:
     if n >= 1 << 20:
         return f"{n / (1 << 20):.1f}Mi"
     return str(n)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+
+    Called after the window store drops windows from memory: RocksDB's memtables and the
+    evicted windows leave free pages scattered in the C heap that glibc otherwise keeps, so the
+    resident size would stay at its highest point instead of following what is in use.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Any:
+    global _TRIM
+    if _TRIM is False:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM: Any = False
 
 
 def rss_bytes() -> int:
@@ -108,7 +145,7 @@ class MemoryPlan:
         """Divide ``budget`` after ``base`` by the shares above; ValueError if it cannot fit."""
         floors = KAFKA_FLOOR + ROCKSDB_FLOOR + WINDOWS_FLOOR
         if budget < base + floors:
-            raise ValueError(
+            raise MemoryBudgetTooSmall(
                 f"memory budget {format_size(budget)} is below the minimum "
                 f"{format_size(base + floors)} (the worker process itself takes {format_size(base)})"
             )
@@ -127,14 +164,26 @@ class MemoryPlan:
 
     @property
     def consumer_queue_kbytes(self) -> int:
-        """librdkafka ``queued.max.messages.kbytes``: two thirds of the Kafka share, where a
-        fetch response of ``fetch_max_bytes`` may overshoot the limit once."""
-        return max(1024, self.kafka_queues * 2 // 3 // 2 // 1024)
+        """librdkafka ``queued.max.messages.kbytes`` over all partitions (librdkafka applies it
+        per partition: divide by their number): a third of the Kafka share; a fetch response of
+        ``fetch_max_bytes`` may overshoot the limits once."""
+        return max(1024, self.kafka_queues // 3 // 1024)
 
     @property
     def fetch_max_bytes(self) -> int:
-        """librdkafka ``fetch.max.bytes``: the other half of the consumer's two thirds."""
-        return max(1 << 20, self.kafka_queues * 2 // 3 // 2)
+        """librdkafka ``fetch.max.bytes``: another third of the Kafka share."""
+        return max(1 << 20, self.kafka_queues // 3)
+
+    def consumer_queue_messages(self, partitions: int) -> int:
+        """librdkafka ``queued.min.messages`` per partition: its default (100,000 per partition)
+        holds far more than the byte limit suggests for small records, because every queued
+        message costs ``MESSAGE_BYTES`` beyond its payload."""
+        return max(1000, self.kafka_queues // 3 // MESSAGE_BYTES // max(1, partitions))
+
+    @property
+    def producer_queue_messages(self) -> int:
+        """librdkafka ``queue.buffering.max.messages``, for the same reason."""
+        return max(1000, self.kafka_queues // 3 // MESSAGE_BYTES)
 
     @property
     def producer_queue_kbytes(self) -> int:
@@ -142,10 +191,13 @@ class MemoryPlan:
         return max(1024, self.kafka_queues // 3 // 1024)
 
     def as_dict(self) -> dict[str, int]:
+        return {"budget": self.budget, **self.shares()}
+
+    def shares(self) -> dict[str, int]:
+        """Each part's bytes: the ``part`` label values of ``weir_memory_share_bytes``."""
         return {
-            "budget": self.budget,
             "base": self.base,
-            "window_cache_and_timers": self.windows,
+            "windows": self.windows,
             "rocksdb": self.rocksdb,
             "kafka_queues": self.kafka_queues,
         }

@@ -45,6 +45,8 @@ from rocksdict import (
     WriteBufferManager,
 )
 
+from weir.memory import release_free_memory
+
 WindowKey = tuple[str, int, int]
 
 # Window entries are ``b"w" + start + end + key`` with big-endian signed times offset to
@@ -209,7 +211,7 @@ class PartitionStore:
         self.evictions = 1 if self._on_disk else 0
         """How often windows were dropped from memory (opening a database that holds windows
         counts once): after it changes, every window the store holds is on disk, so the window
-        operator may forget its in-memory timers and fire from ``windows_at``."""
+        operator may forget its in-memory timers and fire from ``pop_windows_at``."""
         self.spills = 0
         """How many times windows were written out between flushes (a metric)."""
 
@@ -279,31 +281,40 @@ class PartitionStore:
         return self._count
 
     # -- the on-disk timer index (tumbling and sliding windows) ---------------------------
-    def windows_at(
+    def pop_windows_at(
         self, start: int, end: int, after: str | None, limit: int
     ) -> list[tuple[WindowKey, list[Any]]]:
-        """Up to ``limit`` windows ``[start, end)`` with a key above ``after``, in key order.
+        """Remove and return up to ``limit`` windows ``[start, end)`` with a key above ``after``,
+        in key order (the window operator fires them).
 
         Reads what is on disk: call ``spill`` first when windows of this range may have
         changed in memory since the last write (the window operator does, once they close).
-        The cached accumulator is returned where there is one.
+        The cached accumulator is returned where there is one. The deletions reach disk with
+        the next spill or flush, like any other.
         """
         prefix = _WINDOW + _TIMES.pack(start + _BIAS, end + _BIAS)
         seek = prefix if after is None else prefix + after.encode() + b"\x00"
         out: list[tuple[WindowKey, list[Any]]] = []
         cache, deleted, loads = self._cache, self._deleted, self._loads
+        skip = len(prefix)
         it = self._db.iter()
         it.seek(seek)
         while it.valid() and len(out) < limit:
             raw_key = it.key()
             if not raw_key.startswith(prefix):
                 break
-            k = (raw_key[len(prefix) :].decode(), start, end)
+            k = (raw_key[skip:].decode(), start, end)
             if k not in deleted:
-                acc = cache.get(k)
+                acc = cache.pop(k, None)
                 out.append((k, acc if acc is not None else loads(bytes(it.value()))))
             it.next()
         del it
+        for k, _acc in out:
+            self._dirty.discard(k)
+            deleted.add(k)
+        self._count -= len(out)
+        if len(deleted) + len(cache) > self._max_cached:
+            self._make_room()
         return out
 
     def window_ends(self) -> list[int]:
@@ -347,6 +358,7 @@ class PartitionStore:
                 del cache[k]
             self._on_disk = True
             self.evictions += 1
+            release_free_memory()
 
     def _limit(self) -> int:
         if self._memory_bytes is None:

@@ -47,7 +47,7 @@ class InMemoryWindowStore:
         """How many times ``put`` was called (a cheap observable for tests)."""
         self.evictions = 0
         """Bumped by ``evict`` (and every ``evict_every`` puts): the operator must then find
-        windows through ``windows_at``, as after a real store spilled them to disk."""
+        windows through ``pop_windows_at``, as after a real store spilled them to disk."""
         self._evict_every = evict_every
         self.spills = 0
 
@@ -70,7 +70,7 @@ class InMemoryWindowStore:
     def spill(self) -> None:
         self.spills += 1
 
-    def windows_at(
+    def pop_windows_at(
         self, start: int, end: int, after: str | None, limit: int, /
     ) -> list[tuple[WindowKey, Accumulator]]:
         keys = sorted(k for k in self._data if k[1] == start and k[2] == end and (after is None or k[0] > after))
@@ -79,6 +79,7 @@ class InMemoryWindowStore:
             acc = self.get(k)
             assert acc is not None
             out.append((k, acc))
+            self.delete(k)
         return out
 
     def window_ends(self) -> list[int]:

@@ -40,17 +40,18 @@ class WindowStore(Protocol):
     @property
     def evictions(self) -> int:
         """Changes whenever windows were dropped from memory; right after a change every window
-        the store holds can be found through ``windows_at`` (once ``spill``ed)."""
+        the store holds can be found through ``pop_windows_at`` (once ``spill``ed)."""
         ...
 
     def spill(self) -> None:
-        """Make every change so far visible to ``windows_at``."""
+        """Make every change so far visible to ``pop_windows_at``."""
         ...
 
-    def windows_at(
+    def pop_windows_at(
         self, start: int, end: int, after: str | None, limit: int, /
     ) -> list[tuple[WindowKey, Accumulator]]:
-        """Up to ``limit`` windows ``[start, end)`` whose key sorts after ``after``, in key order."""
+        """Delete and return up to ``limit`` windows ``[start, end)`` whose key sorts after
+        ``after``, in key order."""
         ...
 
     def window_ends(self) -> list[int]:
@@ -105,7 +106,7 @@ class WindowOperator:
     an eviction every window is on disk, where the store's entries ordered by ``(end, key)``
     are the timer index: the operator forgets its per-window timers (keeping the ends), and
     fires an end whose windows went to disk by ``store.spill()`` and a scan of
-    ``store.windows_at`` in chunks. So the in-memory index never grows with spilled windows,
+    ``store.pop_windows_at`` in chunks. So the in-memory index never grows with spilled windows,
     and results and their order are the same as with everything in memory. Sessions keep
     their per-key index in memory.
     """
@@ -172,10 +173,10 @@ class WindowOperator:
 
     @property
     def timer_entries(self) -> int:
-        """Per-window entries of the in-memory timer index (sessions: their index entries)."""
+        """Per-window entries of the in-memory timer index (sessions: keys and timer times,
+        a lower bound kept O(1)-ish: the metric must not scan every session)."""
         n = sum(len(b) for b in self._timers.values())
-        n += sum(len(b) for b in self._session_timers.values())
-        n += sum(len(b) for b in self._sessions.values())
+        n += len(self._session_timers) + len(self._sessions)
         return n + sum(len(keys) for _end, keys in self._due if keys is not None)
 
     @property
@@ -230,9 +231,8 @@ class WindowOperator:
             if keys is None:
                 assert end is not None
                 want = _FIRE_CHUNK if limit is None else min(_FIRE_CHUNK, limit - fired)
-                chunk = store.windows_at(end - size, end, self._cursor, want)
+                chunk = store.pop_windows_at(end - size, end, self._cursor, want)
                 for k, acc in chunk:
-                    store.delete(k)
                     out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
                 fired += len(chunk)
                 if len(chunk) < want:

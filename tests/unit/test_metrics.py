@@ -99,6 +99,10 @@ def test_every_metric_the_runtime_promises_is_exposed_with_the_weir_prefix(metri
         "weir_restore_duration_seconds": "gauge",
         "weir_checkpoints_skipped": "counter",
         "weir_checkpoint_sync_seconds": "histogram",
+        "weir_memory_budget_bytes": "gauge",
+        "weir_memory_share_bytes": "gauge",
+        "weir_memory_used_bytes": "gauge",
+        "weir_memory_rss_bytes": "gauge",
     }
 
 
