@@ -29,16 +29,23 @@ __all__ = ["MemoryBudgetTooSmall", "MemoryPlan", "format_size", "parse_size", "r
 
 _UNITS = {
     "": 1,
+    "m": 0.001,
     "k": 1000,
     "M": 1000**2,
     "G": 1000**3,
     "T": 1000**4,
+    "P": 1000**5,
+    "E": 1000**6,
     "Ki": 1 << 10,
     "Mi": 1 << 20,
     "Gi": 1 << 30,
     "Ti": 1 << 40,
+    "Pi": 1 << 50,
+    "Ei": 1 << 60,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?|)\s*$")
+# Kubernetes' quantity syntax (a memory limit is one): a decimal number, optionally with an
+# exponent or a decimal or binary suffix.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|)\s*$")
 
 KAFKA_SHARE = 0.15
 """Of the budget above the base: librdkafka's queues. Past a few MiB a bigger consumer queue
@@ -68,7 +75,7 @@ class MemoryBudgetTooSmall(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """Bytes from a Kubernetes-style quantity: ``268435456``, ``256Mi``, ``1.5Gi``, ``512M``.
+    """Bytes from a Kubernetes quantity: ``268435456``, ``256Mi``, ``1.5Gi``, ``512M``, ``1e9``.
 
     Raises ValueError with a one-line message for anything else.
     """
@@ -77,7 +84,7 @@ def parse_size(text: str) -> int:
         raise ValueError(
             f"memory size {text!r} is not a number of bytes with an optional unit (Ki, Mi, Gi, k, M, G)"
         )
-    value = float(m.group(1)) * _UNITS[m.group(2)]
+    value = float(m.group(1)) * 10 ** int(m.group(2) or 0) * _UNITS[m.group(3)]
     if value < 1:
         raise ValueError(f"memory size {text!r} must be at least 1 byte")
     return int(value)

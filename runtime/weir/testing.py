@@ -73,7 +73,9 @@ class InMemoryWindowStore:
     def pop_windows_at(
         self, start: int, end: int, after: str | None, limit: int, /
     ) -> list[tuple[WindowKey, Accumulator]]:
-        keys = sorted(k for k in self._data if k[1] == start and k[2] == end and (after is None or k[0] > after))
+        keys = sorted(
+            k for k in self._data if k[1] == start and k[2] == end and (after is None or k[0] > after)
+        )
         out = []
         for k in keys[:limit]:
             acc = self.get(k)

@@ -382,7 +382,9 @@ class Worker:
         consumer_config = kio.consumer_config(self.kafka, plan.group_id, plan.start_from)
         if self.memory is not None:
             # librdkafka applies the prefetch limit to each partition's queue.
-            inputs = sum(len(assigned(partitions[t], settings.index, settings.count)) for t in plan.source_topics)
+            inputs = sum(
+                len(assigned(partitions[t], settings.index, settings.count)) for t in plan.source_topics
+            )
             if plan.repartition_topic:
                 inputs += len(assigned(repart_partitions, settings.index, settings.count))
             consumer_config = {
@@ -846,9 +848,10 @@ class Worker:
     def _fire(self, task: Task) -> None:
         if task.op is None:
             return
-        # In chunks, so closing a million windows never holds a million results in memory.
+        # In chunks, so closing a million windows never holds a million results in memory;
+        # that can take minutes, during which the worker is busy, not stuck.
         while self._fire_some(task):
-            pass
+            self.alive_at = time.monotonic()
 
     def _fire_some(self, task: Task) -> bool:
         assert task.op is not None
