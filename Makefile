@@ -12,7 +12,7 @@ HARNESS := PYTHONPATH=tests $(PY) -m harness
 export PATH := $(PATH):/usr/local/go/bin
 
 
-.PHONY: help demo bench bench-quick bench-setup setup crds lint test-unit test-integration test services-up services-down kube-build kube-up kube-down e2e-kind soak clean
+.PHONY: help demo bench bench-quick bench-setup setup crds lint servers test-unit test-integration test ci-fresh services-up services-down kube-build kube-up kube-down e2e-kind soak clean
 
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -40,10 +40,16 @@ lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
 test-unit: setup ## Fast tests of the pure logic; no servers
 	$(PY) -m pytest tests/unit -q
 
-test-integration: setup ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts (and builds once); the kind suite skips without docker
+servers: setup ## Fetch and build every test server once (Kafka and S3Proxy jars, kube-apiserver, etcd, helm), a line per step
+	$(HARNESS) prepare
+
+test-integration: servers ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts; the kind suite skips without docker
 	$(PY) -m pytest tests/integration tests/e2e -q -rs -m 'not slow'
 
 test: lint test-unit test-integration ## Everything: lint, unit and server-backed tests (what CI runs)
+
+ci-fresh: ## Rehearse CI as a new machine: a fresh clone of HEAD, every cache (WEIR_CACHE, Go, pip, ~/.m2) empty
+	bash .ci/fresh
 
 services-up: setup ## Start Kafka and S3 for manual work and print how to reach them
 	$(HARNESS) up kafka s3

@@ -1,11 +1,11 @@
 """Checkpoint benchmark: time and bytes to checkpoint, increment, savepoint and restore one partition's
-RocksDB state of 10 MB / 100 MB / 1 GB to the test S3 server (MinIO).
+RocksDB state of 10 MB / 100 MB / 1 GB to the test S3 server (S3Proxy).
 
 Usage (from the repository root, with the project's virtualenv)::
 
     .venv/bin/python bench/checkpoint_bench.py [--sizes 10,100,1000] [--series 40] [--out FILE]
 
-It starts (or reuses) the test harness's MinIO, writes into a fresh bucket that it empties
+It starts (or reuses) the test harness's S3 server, writes into a fresh bucket that it empties
 and deletes afterwards, keeps the RocksDB databases under ~/.cache/weir/bench-checkpoint
 (removed afterwards) and writes the figures to bench/results/checkpoint.json.
 
@@ -290,7 +290,7 @@ def main() -> int:
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": commit.strip(),
         "command": " ".join([".venv/bin/python", "bench/checkpoint_bench.py", *sys.argv[1:]]),
-        "store": f"MinIO {running.info.get('version')} on 127.0.0.1 (same machine), path-style",
+        "store": f"S3Proxy {running.info.get('version')} on 127.0.0.1 (same machine), path-style",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

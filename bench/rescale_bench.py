@@ -1,5 +1,5 @@
 """Rescale benchmark: a savepoint of a keyed-window job at 2 workers, restored at 1 and at 4 workers,
-on the test harness's Kafka broker and MinIO.
+on the test harness's Kafka broker and S3 server (S3Proxy).
 
 Usage (from the repository root, with the project's virtualenv)::
 
@@ -9,7 +9,7 @@ Usage (from the repository root, with the project's virtualenv)::
 The job is the benchmark's (``bench/README.md``): 1-minute event-time tumbling windows on
 ``ts``, count and sum of ``price`` per message key, 5 s out-of-orderness, exactly-once, as
 ``weir run`` worker subprocesses checkpointing every ``--checkpoint-interval`` s to
-``s3://<fresh bucket>/rescale`` on MinIO (the bucket is emptied and deleted afterwards).
+``s3://<fresh bucket>/rescale`` on the test S3 server (the bucket is emptied and deleted afterwards).
 No ``idleTimeout``: the run pauses between its halves, and an idle partition's watermark
 would jump to the wall clock and make the second half late; the end-of-input records close
 the last windows instead. The events are ``bench/generate.py``'s, written to a fresh
@@ -543,8 +543,8 @@ def main() -> int:
 
     load_start = measure.loadavg()
     kafka = kafka_server.up()
-    minio = s3_server.up()
-    s3 = s3_server.S3Helper(minio)
+    store = s3_server.up()
+    s3 = s3_server.S3Helper(store)
     bucket = s3.new_bucket("weir-bench")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -567,7 +567,7 @@ def main() -> int:
         "commit": measure.git_commit(),
         "command": " ".join([".venv/bin/python", "bench/rescale_bench.py", *sys.argv[1:]]),
         "broker": f"Kafka {kafka.info.get('version')} (single node, KRaft) on 127.0.0.1",
-        "store": f"MinIO {minio.info.get('version')} on 127.0.0.1 (same machine), path-style",
+        "store": f"S3Proxy {store.info.get('version')} on 127.0.0.1 (same machine), path-style",
         "machine": {
             **measure.machine(),
             "cpus": os.cpu_count(),

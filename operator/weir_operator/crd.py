@@ -21,8 +21,9 @@ The conversion:
   (unknown fields are pruned, and ``kubectl`` reports them as errors);
 - ``title``, ``$defs``, ``propertyNames`` and defaults are dropped. Defaults stay in the
   models: a default in the schema would be written into every stored object, and a few
-  validators treat "given" differently from "defaulted". The one exception is
-  ``spec.parallelism``, which the scale subresource must always find;
+  validators treat "given" differently from "defaulted". The exceptions are
+  ``spec.parallelism``, which the scale subresource must always find, and
+  ``spec.upgradeMode``, which the ``Upgrade Mode`` printer column shows;
 - any other keyword fails the generation, so a new pydantic construct cannot slip through.
 """
 
@@ -81,8 +82,10 @@ by the models when the operator and the workers load the job.
 """
 
 # Defaults kept in the schema, by path below the root. The scale subresource answers GET
-# with an error when spec.parallelism is missing, so it must always be present.
-_KEPT_DEFAULTS = frozenset({("spec", "parallelism")})
+# with an error when spec.parallelism is missing, so it must always be present; a printer
+# column shows an absent field as an empty cell, so spec.upgradeMode is written out too (the
+# models' default is the same value: nothing changes for objects stored without it).
+_KEPT_DEFAULTS = frozenset({("spec", "parallelism"), ("spec", "upgradeMode")})
 
 # The workers' StatefulSet and Service are named after the job: a Service name is a DNS-1035
 # label, and the StatefulSet controller labels each pod with "<name>-<10-character hash>",

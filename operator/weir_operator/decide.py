@@ -81,6 +81,11 @@ class Policy:
     cleanup_timeout: timedelta = timedelta(minutes=10)
     """How long a deleted job with ``cleanupPolicy: delete`` waits for its store to be removed
     before it is let go anyway (with a Warning naming what is left)."""
+    apply_retry_after: timedelta = timedelta(seconds=10)
+    """Wait after the first refused apply of a job's children; doubled after each further
+    refusal of the same generation (a new spec is applied at once)."""
+    apply_retry_max: timedelta = timedelta(minutes=5)
+    """Longest wait between two applies of children the API server refused."""
 
 
 class Change(enum.IntEnum):
@@ -161,6 +166,7 @@ class _Draft:
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     stalled: tuple[str, str] | None = None
+    capped: _Cap | None = None
 
     def get(self, name: str) -> Any:
         return self.updates[name] if name in self.updates else getattr(self.status, name)
@@ -201,15 +207,84 @@ def decide(
         worker_restarts=sum(w.restarts for w in observed.workers),
     )
     _record_reports(draft, observed, now)
+    draft.capped = _parallelism_cap(job, draft.get("input_partitions"))
+    if draft.capped is not None:
+        # Everything below deploys, scales and compares with the capped job.
+        capped = job.spec.model_copy(update={"parallelism": draft.capped.workers})
+        job = job.model_copy(update={"spec": capped})
 
     intent = status.intent
     if intent is not None:
-        _continue(draft, job, intent, observed, now, shutdown=shutdown, policy=policy)
+        _continue(draft, job, intent, observed, now, generation=generation, shutdown=shutdown, policy=policy)
     if draft.intent is None and not draft.actions and intent is None:
         _start(draft, job, generation, observed, now, shutdown=shutdown, policy=policy)
     _conditions(draft, job, observed, now)
+    autoscaler = job.spec.autoscaler
+    if (
+        autoscaler is not None
+        and autoscaler.enabled
+        and draft.get("observed_generation") == generation != status.observed_generation
+    ):
+        draft.event(
+            "Warning",
+            "AutoscalerNotImplemented",
+            f"spec.autoscaler.enabled is ignored: the autoscaler is not implemented yet; "
+            f"the job runs spec.parallelism ({job.spec.parallelism}) workers",
+        )
     new_status = status.model_copy(update=draft.updates)
     return Plan(new_status, tuple(draft.actions), tuple(draft.events))
+
+
+@dataclass(frozen=True, slots=True)
+class _Cap:
+    """A parallelism above the input partition count, and what runs instead."""
+
+    wanted: int
+    """``spec.parallelism``."""
+    workers: int
+    """The partition count of the largest input topic: the workers that run."""
+    topic: str
+    """That topic."""
+    several: bool
+    """Whether the job has more than one input topic (the message says "largest")."""
+
+    def message(self) -> str:
+        largest = "its largest input topic " if self.several else ""
+        return (
+            f"parallelism {self.wanted} exceeds the {self.workers} partitions of {largest}{self.topic}; "
+            f"running {self.workers} workers"
+        )
+
+
+def _parallelism_cap(job: spec.StreamJob, reported: dict[str, int] | None) -> _Cap | None:
+    """The cap on ``job``'s parallelism from the input partition counts the workers reported.
+
+    A worker owns the partitions ``p`` with ``p % workers == index`` of every input topic (the
+    sources and the repartition topic), so beyond the largest partition count a worker owns
+    nothing in any stage: it would idle, yet hold a pod and take part in every savepoint.
+    Only the topics this spec reads count (an upgrade may have changed them); with an
+    ``entrypoint`` the operator does not know the pipeline, so every reported topic counts.
+    Unknown counts (no worker has reported yet) cap nothing.
+    """
+    if not reported:
+        return None
+    pipeline = job.spec.pipeline
+    if pipeline is not None:
+        repartition = f"weir-{job.metadata.namespace}-{job.metadata.name}-"
+        inputs = {
+            topic: count
+            for topic, count in reported.items()
+            if topic in pipeline.source.topics
+            or (topic.startswith(repartition) and topic.endswith("-repartition"))
+        }
+    else:
+        inputs = dict(reported)
+    if not inputs:
+        return None
+    topic, largest = max(inputs.items(), key=lambda item: (item[1], item[0]))
+    if largest < 1 or job.spec.parallelism <= largest:
+        return None
+    return _Cap(job.spec.parallelism, largest, topic, several=len(inputs) > 1)
 
 
 # --------------------------------------------------------------------------- starting
@@ -296,7 +371,8 @@ def _start(
     if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
         return
     what = {
-        "scale": f"parallelism {deployed.workers} -> {job_spec.parallelism}",
+        "scale": f"parallelism {deployed.workers} -> {job_spec.parallelism}"
+        + (f" ({draft.capped.message()})" if draft.capped is not None else ""),
         "upgrade": "the workers' spec changed",
         "redeploy": "restartNonce changed",
     }[action]
@@ -428,9 +504,11 @@ def _begin(
         savepoint_id=intent_id if savepoint else None,
         restore_from=restore_from,
     )
-    draft.set(intent=intent, observed_generation=generation)
+    draft.set(intent=intent, observed_generation=generation, apply_failure=None)
     draft.event("Normal", _PROGRESS_REASON[action], message)
-    _continue(draft, job, intent, observed, now, shutdown=False, policy=policy, fresh=True)
+    _continue(
+        draft, job, intent, observed, now, generation=generation, shutdown=False, policy=policy, fresh=True
+    )
 
 
 # --------------------------------------------------------------------------- continuing
@@ -443,11 +521,18 @@ def _continue(
     observed: Observed,
     now: datetime,
     *,
+    generation: int,
     shutdown: bool,
     policy: Policy,
     fresh: bool = False,
 ) -> None:
-    """One step of ``intent``: its savepoint first (if any), then applying the children."""
+    """One step of ``intent``: its savepoint first (if any), then applying the children.
+
+    Refused children (``observed.apply_error``) are applied again after a back-off that
+    doubles with each refusal of the same ``generation`` (``Policy.apply_retry_after`` up to
+    ``Policy.apply_retry_max``), and at once for a new generation: a spec fixed by its user
+    converges without waiting, a spec nobody fixes does not load the API server.
+    """
     if intent.savepoint_id is not None and intent.restore_from is None:
         outcome = observed.savepoint if not fresh else None
         if outcome is None or outcome.id != intent.savepoint_id:
@@ -497,14 +582,22 @@ def _continue(
         and deployed.restore_from == intent.restore_from
         and not deployed.missing
     ):
-        draft.set(intent=None, reconciled_fingerprint=fp, error=None)
+        draft.set(intent=None, reconciled_fingerprint=fp, error=None, apply_failure=None)
         done = f"{replicas} workers" if replicas else "no workers"
         draft.event("Normal", _DONE_REASON[intent.action], f"{intent.id}: {done} now run the spec {fp}")
         return
+    failure: model.ApplyFailure | None = draft.get("apply_failure")
     if observed.apply_error is not None and not fresh:
-        # Retried on the next reconcile, not in a tight loop; Stalled says why.
-        draft.set(error=observed.apply_error)
+        # Stalled says why (with an event when it appears); retried after a back-off.
+        attempts = failure.attempts + 1 if failure is not None and failure.generation == generation else 1
+        delay = min(policy.apply_retry_max, policy.apply_retry_after * 2 ** min(attempts - 1, 16))
+        draft.set(
+            error=observed.apply_error,
+            apply_failure=model.ApplyFailure(attempts=attempts, generation=generation, retry_at=now + delay),
+        )
         return
+    if failure is not None and not fresh and failure.generation == generation and now < failure.retry_at:
+        return  # the same spec was refused: wait for the back-off (or a new spec)
     if deployed is not None and deployed.workers != workers and replicas > 0:
         # Workers of two parallelisms never run side by side: a partition would have two owners
         # with different transactional ids, and exactly-once output would get duplicates (a
@@ -528,6 +621,13 @@ def _record_reports(draft: _Draft, observed: Observed, now: datetime) -> None:
     lags = [r.lag_records for r in reports if r.lag_records is not None]
     if lags:
         draft.set(lag=model.Lag(records=sum(lags), measured_at=now))
+    counts: dict[str, int] = {}
+    for report in reports:
+        for topic, count in (report.input_partitions or {}).items():
+            counts[topic] = max(count, counts.get(topic, 0))
+    if counts and counts != draft.status.input_partitions:
+        # The running workers' view replaces the stored one (topics an upgrade dropped go).
+        draft.set(input_partitions=counts)
     deployed = observed.deployed
     checkpoints = [r.last_checkpoint for r in reports if r.last_checkpoint is not None]
     # The job's checkpoint is the oldest of the workers' newest: every worker has one at least as new.
@@ -575,7 +675,7 @@ def decide_deletion(
             action="cleanup", id=_new_id("cleanup", generation, now), generation=generation,
             started_at=now, fingerprint=render.fingerprint(job.spec), parallelism=0,
         )
-        draft.set(intent=intent, error=None)
+        draft.set(intent=intent, error=None, apply_failure=None)
         then = f", then removing {url}" if url is not None else " (its store is kept: cleanupPolicy retain)"
         draft.event("Normal", "CleaningUp", f"{intent.id}: deleting: stopping the workers{then}")
     draft.set(phase="Deleting", parallelism=0, ready_workers=0)
@@ -662,6 +762,8 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
     elif draft.get("last_savepoint") is not None and draft.get("last_savepoint").error is not None:
         info = draft.get("last_savepoint")
         degraded = ("True", "SavepointFailed", f"savepoint {info.id} failed: {info.error}")
+    elif draft.capped is not None:
+        degraded = ("True", "ParallelismCapped", draft.capped.message())
     else:
         degraded = ("False", "AsExpected", "")
 
@@ -681,14 +783,21 @@ def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: dat
         progressing = ("False", "Reconciled", "")
 
     error = draft.get("error")
+    failure: model.ApplyFailure | None = draft.get("apply_failure")
     if error is not None and intent is not None:
-        stalled = ("True", "ApplyFailed", str(error))
+        retry = ""
+        if failure is not None:
+            retry = (f" (refused {failure.attempts} times; tried again at {failure.retry_at.isoformat()} "
+                     "or when the spec changes)")
+        stalled = ("True", "ApplyFailed", f"{error}{retry}")
     elif draft.stalled is not None:
         stalled = ("True", *draft.stalled)
     else:
         stalled = ("False", "AsExpected", "")
 
-    if ready_c[0] == "True" and degraded[0] == "False" and draft.get("last_checkpoint") is not None:
+    # A capped job runs as well as it can: it may become stable.
+    healthy = degraded[0] == "False" or degraded[1] == "ParallelismCapped"
+    if ready_c[0] == "True" and healthy and draft.get("last_checkpoint") is not None:
         draft.set(stable_fingerprint=draft.get("reconciled_fingerprint"))
     _write_conditions(draft, now, (ready_c, progressing, degraded, stalled))
     if phase != old.phase:

@@ -39,6 +39,14 @@ MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 
 
+_TRANSIENT = frozenset({None, 0, 429, 502, 503, 504})
+"""Answers to an apply that say "not now" (throttled, unavailable, no answer): the reconcile
+is retried as is. Any other error refuses the children, 500 included: the API server answers
+500 to a server-side apply whose pod template does not convert to its types (``affinity:
+{nodeAffinity: "yes"}``), which no retry fixes; the job shows ``Stalled`` with the server's
+message and is retried with a back-off (``decide.Policy.apply_retry_after``)."""
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -150,11 +158,14 @@ class KubernetesPlatform:
                 _content_type=APPLY_PATCH,
                 _preload_content=False,
             )
+            # Read the body before the connection goes back to the pool: an unread one is taken
+            # for the next response's status line there (urllib3 logs BadStatusLine, retries).
+            response.drain_conn()  # type: ignore[attr-defined]
             response.release_conn()  # type: ignore[attr-defined]
         except ApiException as exc:
-            if exc.status in (400, 403, 404, 409, 422):
-                raise ApplyRejected(f"{kind} {namespace}/{name}: {_message(exc)}") from None
-            raise
+            if exc.status in _TRANSIENT:
+                raise
+            raise ApplyRejected(f"{kind} {namespace}/{name}: HTTP {exc.status}: {_message(exc)}") from None
 
     def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:
         name, namespace = job.metadata.name, job.metadata.namespace

@@ -5,7 +5,7 @@ One operator replica holds the Lease and reconciles; the others retry every
 ``lease_duration_s``. A leader that cannot renew within ``renew_deadline_s`` stops (the
 pod restarts and stands by), so two leaders never act at once for longer than that. Writes
 use the Lease's resourceVersion: of two replicas racing for it, one gets 409 and stays a
-follower. The chart's RBAC allows exactly this: create Leases, and get/update/patch the one
+follower. The chart's RBAC allows exactly this: create Leases, and get/update the one
 named.
 """
 

@@ -22,6 +22,7 @@ from pydantic.alias_generators import to_camel
 
 __all__ = [
     "CONDITION_TYPES",
+    "ApplyFailure",
     "CheckpointInfo",
     "ConditionStatus",
     "ConditionType",
@@ -63,7 +64,8 @@ Phase: TypeAlias = Literal[
     "Failed",
     "Deleting",
 ]
-"""The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail."""
+"""The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail.
+``RollingBack`` is reserved for the planned rollback of failed upgrades and never set yet."""
 
 ConditionType: TypeAlias = Literal["Ready", "Progressing", "Degraded", "Stalled"]
 ConditionStatus: TypeAlias = Literal["True", "False", "Unknown"]
@@ -177,8 +179,23 @@ class Intent(_Status):
     """URL of the checkpoint or savepoint the new workers restore from."""
 
 
+class ApplyFailure(_Status):
+    """Refused applies of a job's children, retried with a growing back-off.
+
+    A refusal (an invalid pod template, a quota, a webhook) rarely goes away by itself, so
+    retries slow down (``weir_operator.decide.Policy``); a new spec is tried at once.
+    """
+
+    attempts: Annotated[int, Field(ge=1)]
+    """Consecutive refused applies."""
+    generation: Annotated[int, Field(ge=0)]
+    """The ``metadata.generation`` whose children were refused."""
+    retry_at: AwareDatetime
+    """When the same spec is applied again."""
+
+
 class ScalingDecision(_Status):
-    """The autoscaler's latest recommendation and why."""
+    """A recommendation of the planned autoscaler (not implemented yet: never written)."""
 
     at: AwareDatetime
     """When it was made."""
@@ -220,11 +237,19 @@ class StreamJobStatus(_Status):
     reconciled_fingerprint: str | None = None
     """Fingerprint of the spec the workers were last deployed with."""
     stable_fingerprint: str | None = None
-    """Fingerprint of the last spec that became stable (checkpoints complete, no restarts,
-    lag not growing); rollbacks return to it."""
+    """Fingerprint of the last spec that ran with every worker ready, a checkpoint and no
+    Degraded condition. Recorded for the planned rollback of failed upgrades, which is not
+    implemented yet: an upgrade that does not become stable is not rolled back."""
     intent: Intent | None = None
     """The action in progress, recorded before it starts."""
+    apply_failure: ApplyFailure | None = None
+    """The children were refused (the reason is in ``error`` and the ``Stalled`` condition):
+    when the apply is tried again."""
     last_scaling: ScalingDecision | None = None
-    """The autoscaler's latest decision."""
+    """The latest decision of the planned autoscaler (not implemented yet: never written)."""
+    input_partitions: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    """Partition count of each input topic (the sources, and the repartition topic of a
+    two-stage pipeline), as the workers last reported it. A worker owns whole partitions, so
+    the job runs at most as many workers as the largest of these has partitions."""
     error: str | None = None
     """Why the job cannot run (an invalid spec, a failed upgrade); never a secret value."""

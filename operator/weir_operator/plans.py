@@ -21,6 +21,7 @@ asking for it again under the same id.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeAlias
@@ -84,6 +85,9 @@ class WorkerReport:
     index: int
     last_checkpoint: model.CheckpointInfo | None = None
     lag_records: int | None = None
+    input_partitions: Mapping[str, int] | None = None
+    """Partition count of each input topic the worker reads (``inputPartitions``); None from
+    workers that do not say."""
 
 
 @dataclass(frozen=True, slots=True)

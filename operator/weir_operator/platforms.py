@@ -5,8 +5,9 @@ savepoints, and stores the status and events of a job. Its methods are synchrono
 block (HTTP to workers, the Kubernetes API); async callers run them in a thread.
 
 Errors: ``ApplyRejected`` when the platform refuses the job as given (invalid for it,
-forbidden): the job is ``Stalled`` until its spec or the cluster changes. Any other exception
-is transient: the reconcile is retried later.
+forbidden, an internal error answering it): the job is ``Stalled`` with the reason and the
+apply is retried with a back-off, at once when the spec changes. Any other exception is
+transient: the reconcile is retried at the next resync.
 """
 
 from __future__ import annotations

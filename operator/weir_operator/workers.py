@@ -69,7 +69,13 @@ def fetch_report(index: int, base_url: str, timeout: float = STATUS_TIMEOUT_S) -
             )
         except ValueError:
             checkpoint = None
-    return WorkerReport(index, checkpoint, sum(known) if known else None)
+    inputs = status.get("inputPartitions")
+    input_partitions = None
+    if isinstance(inputs, dict):
+        input_partitions = {
+            str(topic): count for topic, count in inputs.items() if isinstance(count, int) and count >= 0
+        }
+    return WorkerReport(index, checkpoint, sum(known) if known else None, input_partitions)
 
 
 def job_savepoint_url(worker_path: str) -> str:

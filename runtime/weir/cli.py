@@ -12,7 +12,63 @@ import orjson
 
 from weir import __version__
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_KAFKA_UNAVAILABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_KAFKA_UNAVAILABLE, EXIT_KAFKA_AUTH = 0, 1, 2, 3, 4
+
+
+def _add_kafka_security(parser: argparse.ArgumentParser) -> None:
+    """The Kafka security flags (``weir run`` and ``weir demo``). Passwords are never flags:
+    a command line is visible to every user of the machine (``ps``)."""
+    group = parser.add_argument_group(
+        "Kafka security",
+        "Each flag overrides the environment (WEIR_KAFKA_SASL_MECHANISM, WEIR_KAFKA_SASL_USERNAME, "
+        "WEIR_KAFKA_SASL_PASSWORD, WEIR_KAFKA_TLS, WEIR_KAFKA_SSL_CA_LOCATION, "
+        "WEIR_KAFKA_SSL_CERTIFICATE_LOCATION, WEIR_KAFKA_SSL_KEY_LOCATION, WEIR_KAFKA_SSL_KEY_PASSWORD), "
+        "which overrides spec.kafka.sasl / spec.kafka.tls.",
+    )
+    group.add_argument("--sasl-mechanism", choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+    group.add_argument("--sasl-username", metavar="NAME")
+    group.add_argument(
+        "--sasl-password-file", type=Path, metavar="FILE",
+        help="file holding the SASL password (else WEIR_KAFKA_SASL_PASSWORD)",
+    )
+    group.add_argument(
+        "--tls", action="store_true", default=None,
+        help="connect over TLS (implied by spec.kafka.tls and by any --tls-* file)",
+    )
+    group.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) to verify the brokers with")
+    group.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    group.add_argument("--tls-key", metavar="PEM", help="private key of the client certificate")
+    group.add_argument(
+        "--tls-key-password-file", type=Path, metavar="FILE",
+        help="file holding the password of an encrypted --tls-key (else WEIR_KAFKA_SSL_KEY_PASSWORD)",
+    )
+
+
+def _kafka_security_flags(args: argparse.Namespace) -> Any:
+    """``KafkaSecurityInputs`` from the flags; raises KafkaSecurityConfigError when a password
+    file cannot be read."""
+    from weir.config import KafkaSecurityInputs, Secret
+    from weir.kafka import KafkaSecurityConfigError
+
+    def secret_file(path: Path | None, flag: str) -> Secret | None:
+        if path is None:
+            return None
+        try:
+            return Secret(path.read_text().rstrip("\r\n"))
+        except OSError as exc:
+            raise KafkaSecurityConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+    return KafkaSecurityInputs(
+        sasl_mechanism=args.sasl_mechanism,
+        sasl_username=args.sasl_username,
+        sasl_password=secret_file(args.sasl_password_file, "--sasl-password-file"),
+        tls=args.tls,
+        ca_location=args.tls_ca,
+        certificate_location=args.tls_cert,
+        key_location=args.tls_key,
+        key_password=secret_file(args.tls_key_password_file, "--tls-key-password-file"),
+        origin="the command line",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "the input partitions p with p % N == I, for the source topics and for the "
         "repartition topic alike. Metrics and the control API are served on --http-port. "
         "SIGTERM finishes the current batch, flushes output, commits and exits 0.",
-        epilog="exit codes: 0 stopped cleanly, 1 failed while running, 2 invalid manifest or missing "
-        "topic, 3 Kafka unreachable",
+        epilog="exit codes: 0 stopped cleanly, 1 failed while running, 2 invalid manifest, settings or "
+        "missing topic, 3 Kafka unreachable, 4 Kafka refused the credentials or TLS failed",
     )
     run.add_argument("job", type=Path, help="StreamJob manifest, YAML or JSON")
     run.add_argument(
@@ -99,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                           "memory per partition (default 1000000)")
     run.add_argument("--print-results", action="store_true", help="also print each window result")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_kafka_security(run)
 
     validate = sub.add_parser(
         "validate",
@@ -123,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after this long (default 40; Ctrl-C stops earlier)",
     )
     demo.add_argument("--rate", type=int, default=2000, help="events per second (default 2000)")
+    _add_kafka_security(demo)
 
     # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint.
     from weir import checkpoint
@@ -175,8 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(plugin.run(args))
     if args.command == "demo":
         from weir import demo
+        from weir import kafka as kio
+        from weir.config import Environment
 
-        return demo.main(args.bootstrap_servers, args.duration, args.rate)
+        try:
+            flags = _kafka_security_flags(args)
+            kio.security(None, flags, Environment.read().kafka_security)
+        except kio.KafkaSecurityConfigError as exc:
+            print(f"weir demo: {exc}", file=sys.stderr)
+            return EXIT_BAD_SPEC
+        return demo.main(args.bootstrap_servers, args.duration, args.rate, flags)
     return _run(args)
 
 
@@ -228,11 +294,17 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"--memory-budget: {exc}", file=sys.stderr)
             return EXIT_BAD_SPEC
+    try:
+        security = kio.security(job.spec.kafka, _kafka_security_flags(args), env.kafka_security)
+    except kio.KafkaSecurityConfigError as exc:
+        print(f"{args.job}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     kafka = kio.KafkaSettings(
         bootstrap_servers=args.bootstrap_servers or env.bootstrap_servers or job.spec.kafka.bootstrap_servers,
         consumer=dict(job.spec.kafka.consumer),
         producer=dict(job.spec.kafka.producer),
         connect_timeout_s=args.connect_timeout,
+        security=security,
     )
     settings = WorkerSettings(
         index=index,
@@ -262,6 +334,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     control.start()
     log.info("serving metrics and control on %s:%d", settings.http_host, control.port)
+    log.info("Kafka at %s over %s", kafka.bootstrap_servers, security.describe())
     try:
         return worker.run()
     except MemoryBudgetTooSmall as exc:
@@ -273,6 +346,9 @@ def _run(args: argparse.Namespace) -> int:
     except kio.KafkaUnavailable as exc:
         log.error("%s", exc)
         return EXIT_KAFKA_UNAVAILABLE
+    except kio.KafkaAuthFailed as exc:
+        log.error("%s", exc)
+        return EXIT_KAFKA_AUTH
     finally:
         control.stop()
 

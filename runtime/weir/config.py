@@ -1,4 +1,5 @@
-"""The one place the runtime reads its environment: worker identity, paths and ports."""
+"""The one place the runtime reads its environment: worker identity, paths, ports and the
+Kafka security values the operator renders from Secrets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,90 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ORDINAL = re.compile(r"-(\d+)$")
+
+
+class Secret:
+    """A secret value that never shows in ``repr``/``str`` (so not in logs, tracebacks,
+    ``/status`` or a dataclass's repr); ``reveal()`` is called only where a client library
+    needs the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class KafkaSecurityInputs:
+    """Kafka security values from one source (the environment, or ``weir run``'s flags);
+    None means the source does not say. ``weir.kafka.security`` combines sources with
+    ``spec.kafka.sasl``/``tls`` into client properties.
+    """
+
+    sasl_mechanism: str | None = None
+    """``WEIR_KAFKA_SASL_MECHANISM`` / ``--sasl-mechanism``: overrides ``spec.kafka.sasl.mechanism``."""
+    sasl_username: str | None = None
+    """``WEIR_KAFKA_SASL_USERNAME`` / ``--sasl-username``."""
+    sasl_password: Secret | None = None
+    """``WEIR_KAFKA_SASL_PASSWORD`` / the content of ``--sasl-password-file``."""
+    tls: bool | None = None
+    """``WEIR_KAFKA_TLS`` / ``--tls``: TLS verified against the system CAs even without files."""
+    ca_location: str | None = None
+    """``WEIR_KAFKA_SSL_CA_LOCATION`` / ``--tls-ca``: PEM file of the CA(s) to trust."""
+    certificate_location: str | None = None
+    """``WEIR_KAFKA_SSL_CERTIFICATE_LOCATION`` / ``--tls-cert``: PEM client certificate."""
+    key_location: str | None = None
+    """``WEIR_KAFKA_SSL_KEY_LOCATION`` / ``--tls-key``: PEM private key of the client certificate."""
+    key_password: Secret | None = None
+    """``WEIR_KAFKA_SSL_KEY_PASSWORD`` / the content of ``--tls-key-password-file``."""
+    origin: str = "the environment"
+    """Where the values come from, for error messages."""
+
+    @classmethod
+    def read(cls, env: Mapping[str, str]) -> KafkaSecurityInputs:
+        def get(name: str) -> str | None:
+            return env.get(name) or None
+
+        password, key_password = get("WEIR_KAFKA_SASL_PASSWORD"), get("WEIR_KAFKA_SSL_KEY_PASSWORD")
+        tls = get("WEIR_KAFKA_TLS")
+        return cls(
+            sasl_mechanism=get("WEIR_KAFKA_SASL_MECHANISM"),
+            sasl_username=get("WEIR_KAFKA_SASL_USERNAME"),
+            sasl_password=Secret(password) if password is not None else None,
+            tls=None if tls is None else tls.strip().lower() in ("1", "true", "yes", "on"),
+            ca_location=get("WEIR_KAFKA_SSL_CA_LOCATION"),
+            certificate_location=get("WEIR_KAFKA_SSL_CERTIFICATE_LOCATION"),
+            key_location=get("WEIR_KAFKA_SSL_KEY_LOCATION"),
+            key_password=Secret(key_password) if key_password is not None else None,
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The inverse of ``read``: the variables that give a child process these values."""
+        values = {
+            "WEIR_KAFKA_SASL_MECHANISM": self.sasl_mechanism,
+            "WEIR_KAFKA_SASL_USERNAME": self.sasl_username,
+            "WEIR_KAFKA_SASL_PASSWORD": self.sasl_password.reveal() if self.sasl_password else None,
+            "WEIR_KAFKA_TLS": None if self.tls is None else str(self.tls).lower(),
+            "WEIR_KAFKA_SSL_CA_LOCATION": self.ca_location,
+            "WEIR_KAFKA_SSL_CERTIFICATE_LOCATION": self.certificate_location,
+            "WEIR_KAFKA_SSL_KEY_LOCATION": self.key_location,
+            "WEIR_KAFKA_SSL_KEY_PASSWORD": self.key_password.reveal() if self.key_password else None,
+        }
+        return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -34,6 +119,8 @@ class Environment:
     memory_budget: str | None = None
     """``WEIR_MEMORY_BUDGET``: the worker's memory budget, bytes or a quantity such as ``256Mi``
     (set by the operator from the pod's memory limit; parsed by ``weir.memory.parse_size``)."""
+    kafka_security: KafkaSecurityInputs = KafkaSecurityInputs()
+    """``WEIR_KAFKA_SASL_*``, ``WEIR_KAFKA_TLS`` and ``WEIR_KAFKA_SSL_*``: see KafkaSecurityInputs."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -52,4 +139,5 @@ class Environment:
             checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
             memory_budget=env.get("WEIR_MEMORY_BUDGET") or None,
+            kafka_security=KafkaSecurityInputs.read(env),
         )

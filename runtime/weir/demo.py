@@ -13,6 +13,7 @@ about every second.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from weir import kafka as kio
+from weir.config import Environment, KafkaSecurityInputs
 from weir.spec import load_job
 from weir.worker import plan_for
 
@@ -51,9 +53,11 @@ def _recreate(admin: AdminClient, topics: dict[str, int], group: str) -> None:
     kio.recreate_topics(admin, topics)
 
 
-def _generate(bootstrap: str, topic: str, rate: int, stop: threading.Event, counts: dict[str, int]) -> None:
+def _generate(
+    kafka: kio.KafkaSettings, topic: str, rate: int, stop: threading.Event, counts: dict[str, int]
+) -> None:
     rng = random.Random(7)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    producer: Producer = kio.new_producer({**kio.client_config(kafka), "linger.ms": 20})
     # Shop time starts two hours ago (aligned to a minute) and runs at SPEED x wall time.
     origin_wall = time.time()
     origin_shop = (int(origin_wall * 1000) - 2 * 3_600_000) // 60_000 * 60_000
@@ -81,16 +85,28 @@ def _generate(bootstrap: str, topic: str, rate: int, stop: threading.Event, coun
     counts["events"] = sent
 
 
-def main(bootstrap: str, duration: float, rate: int) -> int:
+def main(bootstrap: str, duration: float, rate: int, security: KafkaSecurityInputs | None = None) -> int:
+    """Run the demo against ``bootstrap``; ``security`` (``weir demo``'s flags) overrides the
+    environment's Kafka security settings, for the demo's own clients and its worker alike."""
     job = load_job(example_manifest())
     plan = plan_for(job)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    kafka = kio.KafkaSettings(bootstrap_servers=bootstrap, consumer={}, producer={}, connect_timeout_s=20)
+    flags = security or KafkaSecurityInputs()
+    kafka = kio.KafkaSettings(
+        bootstrap_servers=bootstrap,
+        consumer={},
+        producer={},
+        connect_timeout_s=20,
+        security=kio.security(job.spec.kafka, flags, Environment.read().kafka_security),
+    )
     try:
+        admin = kio.admin(kafka)
         kio.wait_for_broker(admin, kafka)
     except kio.KafkaUnavailable as exc:
         print(f"{exc}\nStart the dev broker with `make services-up`, or use `make demo`.")
         return 3
+    except kio.KafkaAuthFailed as exc:
+        print(exc)
+        return 4
     topics = {t: 4 for t in plan.source_topics}
     topics[plan.sink_topic] = 1
     if plan.dead_letter_topic:
@@ -114,11 +130,11 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
     stop = threading.Event()
     counts: dict[str, int] = {}
     generator = threading.Thread(
-        target=_generate, args=(bootstrap, plan.source_topics[0], rate, stop, counts), daemon=True
+        target=_generate, args=(kafka, plan.source_topics[0], rate, stop, counts), daemon=True
     )
     done = threading.Event()
     follower = threading.Thread(
-        target=_follow, args=(bootstrap, plan.sink_topic, show, done, counts), daemon=True
+        target=_follow, args=(kafka, plan.sink_topic, show, done, counts), daemon=True
     )
     with tempfile.TemporaryDirectory(prefix="weir-demo-") as state:
         command = [
@@ -128,7 +144,8 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
         ]
         generator.start()
         follower.start()
-        up = subprocess.Popen(command)
+        # The worker (a `weir run` under `weir up`) reads the same settings from its environment.
+        up = subprocess.Popen(command, env={**os.environ, **flags.environment()})
         try:
             code = up.wait()
         except KeyboardInterrupt:  # the child has the same Ctrl-C: it savepoints and stops
@@ -139,7 +156,7 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
             time.sleep(1.0)  # the last results were committed by the stop-savepoint
             done.set()
             follower.join(15)
-    dead = _count(bootstrap, plan.dead_letter_topic) if plan.dead_letter_topic else 0
+    dead = _count(kafka, plan.dead_letter_topic) if plan.dead_letter_topic else 0
     print(
         f"\n{counts.get('events', 0)} events produced, {counts.get('results', 0)} window results read; "
         f"{dead} records dead-lettered (in '{plan.dead_letter_topic}', each with its reason in the headers)."
@@ -147,10 +164,10 @@ def main(bootstrap: str, duration: float, rate: int) -> int:
     return code
 
 
-def _consumer(bootstrap: str) -> Consumer:
-    return Consumer(
+def _consumer(kafka: kio.KafkaSettings) -> Consumer:
+    return kio.new_consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kio.client_config(kafka),
             "group.id": f"weir-demo-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
@@ -159,10 +176,10 @@ def _consumer(bootstrap: str) -> Consumer:
 
 
 def _follow(
-    bootstrap: str, topic: str, show: Any, done: threading.Event, counts: dict[str, int]
+    kafka: kio.KafkaSettings, topic: str, show: Any, done: threading.Event, counts: dict[str, int]
 ) -> None:
     """Print each result as soon as it is committed."""
-    consumer = _consumer(bootstrap)
+    consumer = _consumer(kafka)
     try:
         consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         while not done.is_set():
@@ -175,8 +192,8 @@ def _follow(
         consumer.close()
 
 
-def _count(bootstrap: str, topic: str) -> int:
-    consumer = _consumer(bootstrap)
+def _count(kafka: kio.KafkaSettings, topic: str) -> int:
+    consumer = _consumer(kafka)
     try:
         lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
         return max(0, hi - lo)

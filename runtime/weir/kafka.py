@@ -1,21 +1,41 @@
-"""The Kafka boundary of a worker: client configuration, broker checks and topic set-up.
+"""The Kafka boundary of a worker: client configuration (security included), broker checks
+and topic set-up.
 
 Only this module and ``worker`` talk to confluent-kafka; everything it returns to the
-rest of the runtime is plain data.
+rest of the runtime is plain data. ``security`` is the one place that turns
+``spec.kafka.sasl``/``tls`` and the secret-bearing environment (or ``weir run``'s flags) into
+librdkafka properties; every client built here gets them, and the operator may call it
+for clients of its own.
+
+Errors, and the ``weir run`` exit code each leads to::
+
+    KafkaSecurityConfigError  security settings incomplete or contradictory    2
+    TopicMissing              a topic the job names does not exist            2
+    KafkaUnavailable          no broker answered within connect_timeout_s      3
+    KafkaAuthFailed           the broker refused the credentials, or TLS failed 4
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from weir.config import KafkaSecurityInputs, Secret
+
+if TYPE_CHECKING:
+    from weir.spec import KafkaSpec
+
 log = logging.getLogger(__name__)
+
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class KafkaUnavailable(RuntimeError):
@@ -26,19 +46,225 @@ class TopicMissing(RuntimeError):
     """A topic the job reads or writes does not exist."""
 
 
+class KafkaAuthFailed(RuntimeError):
+    """The broker refused the SASL credentials, or TLS could not be set up (the broker's
+    certificate is not trusted, the broker refused the client certificate, or a client
+    certificate or key cannot be loaded). Retrying does not help: the settings must change."""
+
+
+class KafkaSecurityConfigError(ValueError):
+    """The security settings are incomplete or contradict each other (e.g. SASL without a
+    password, a CA file that does not exist). Raised before any client is created."""
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """Resolved Kafka security: what every client of a job uses. Secrets stay ``Secret``s
+    until ``properties()`` builds the librdkafka dict, which is handed to the client and
+    never logged. ``describe()`` is what logs may show."""
+
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    tls: bool = False
+    ca_location: str | None = None
+    certificate_location: str | None = None
+    key_location: str | None = None
+    key_password: Secret | None = None
+
+    @property
+    def protocol(self) -> str:
+        """librdkafka ``security.protocol``."""
+        if self.sasl_mechanism is not None:
+            return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+        return "SSL" if self.tls else "PLAINTEXT"
+
+    def properties(self) -> dict[str, str]:
+        """The librdkafka properties; empty for plaintext, so properties given another way
+        (``spec.kafka.consumer``) are left alone."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        props = {"security.protocol": self.protocol}
+        if self.sasl_mechanism is not None:
+            assert self.sasl_username is not None and self.sasl_password is not None
+            props["sasl.mechanism"] = self.sasl_mechanism
+            props["sasl.username"] = self.sasl_username
+            props["sasl.password"] = self.sasl_password.reveal()
+        for name, value in (
+            ("ssl.ca.location", self.ca_location),
+            ("ssl.certificate.location", self.certificate_location),
+            ("ssl.key.location", self.key_location),
+        ):
+            if value is not None:
+                props[name] = value
+        if self.key_password is not None:
+            props["ssl.key.password"] = self.key_password.reveal()
+        return props
+
+    def describe(self) -> str:
+        """One line for logs and errors, without secrets: ``SASL_SSL (SCRAM-SHA-512 as
+        'alice', CA /etc/ca.pem)``."""
+        parts = []
+        if self.sasl_mechanism is not None:
+            parts.append(f"{self.sasl_mechanism} as {self.sasl_username!r}")
+        if self.tls:
+            parts.append(f"CA {self.ca_location}" if self.ca_location else "system CAs")
+            if self.certificate_location:
+                parts.append(f"client certificate {self.certificate_location}")
+        return f"{self.protocol} ({', '.join(parts)})" if parts else self.protocol
+
+
+PLAINTEXT = KafkaSecurity()
+
+
+def security(kafka: KafkaSpec | None, *sources: KafkaSecurityInputs) -> KafkaSecurity:
+    """Combine ``spec.kafka.sasl``/``tls`` with ``sources`` (highest precedence first, e.g.
+    flags then the environment) into the security every client of the job uses.
+
+    - The SASL mechanism is the first source's that names one, else the spec's; with a
+      mechanism, a username and a password are required (from a source: the spec only
+      references Secrets). A username or password without any mechanism is an error rather
+      than silently connecting without them.
+    - TLS is on when the spec has ``tls``, a source says ``tls``, or any source names a TLS
+      file; each file is the first source's that names it. A file the spec's ``tls``
+      requires (``caSecret``, ``certSecret``/``keySecret``, ``keyPasswordSecret``) must be
+      given, and every file named must exist.
+    - With security from anywhere, ``spec.kafka.consumer``/``producer`` may not set
+      ``security.*``/``sasl.*``/``ssl.*`` too.
+
+    Raises KafkaSecurityConfigError with one line naming the setting and where to give it.
+    """
+
+    def first(name: str) -> Any:
+        for source in sources:
+            value = getattr(source, name)
+            if value is not None:
+                return value, source.origin
+        return None, None
+
+    sasl = kafka.sasl if kafka is not None else None
+    tls_spec = kafka.tls if kafka is not None else None
+
+    mechanism, mech_origin = first("sasl_mechanism")
+    if mechanism is None and sasl is not None:
+        mechanism, mech_origin = sasl.mechanism, "spec.kafka.sasl"
+    username, user_origin = first("sasl_username")
+    password, password_origin = first("sasl_password")
+    if mechanism is not None and mechanism not in SASL_MECHANISMS:
+        raise KafkaSecurityConfigError(
+            f"SASL mechanism {mechanism!r} (from {mech_origin}) is not one of {', '.join(SASL_MECHANISMS)}"
+        )
+    if mechanism is None and (username is not None or password is not None):
+        given = "username" if username is not None else "password"
+        raise KafkaSecurityConfigError(
+            f"a SASL {given} is given (in {user_origin or password_origin}) but no SASL mechanism: set "
+            "spec.kafka.sasl, --sasl-mechanism or WEIR_KAFKA_SASL_MECHANISM"
+        )
+    if mechanism is not None:
+        if username is None:
+            raise KafkaSecurityConfigError(
+                f"SASL {mechanism} (from {mech_origin}) needs a username: --sasl-username or "
+                "WEIR_KAFKA_SASL_USERNAME"
+            )
+        if password is None:
+            raise KafkaSecurityConfigError(
+                f"SASL {mechanism} (from {mech_origin}) needs a password for user {username!r}: "
+                "WEIR_KAFKA_SASL_PASSWORD or --sasl-password-file"
+            )
+
+    files: dict[str, tuple[str | None, str | None]] = {
+        name: first(name) for name in ("ca_location", "certificate_location", "key_location")
+    }
+    key_password, _ = first("key_password")
+    tls_flag, _ = first("tls")
+    tls = tls_spec is not None or bool(tls_flag) or any(value for value, _ in files.values())
+    if tls_spec is not None:
+        required = [
+            ("caSecret", tls_spec.ca_secret, "ca_location", "--tls-ca or WEIR_KAFKA_SSL_CA_LOCATION"),
+            (
+                "certSecret",
+                tls_spec.cert_secret,
+                "certificate_location",
+                "--tls-cert or WEIR_KAFKA_SSL_CERTIFICATE_LOCATION",
+            ),
+            ("keySecret", tls_spec.key_secret, "key_location", "--tls-key or WEIR_KAFKA_SSL_KEY_LOCATION"),
+        ]
+        for spec_field, ref, name, where in required:
+            if ref is not None and files[name][0] is None:
+                raise KafkaSecurityConfigError(
+                    f"spec.kafka.tls.{spec_field} is set but its file is not given: {where} "
+                    "(the operator mounts it and sets the variable)"
+                )
+        if tls_spec.key_password_secret is not None and key_password is None:
+            raise KafkaSecurityConfigError(
+                "spec.kafka.tls.keyPasswordSecret is set but the key password is not given: "
+                "WEIR_KAFKA_SSL_KEY_PASSWORD or --tls-key-password-file"
+            )
+    cert, cert_origin = files["certificate_location"]
+    key, key_origin = files["key_location"]
+    if (cert is None) != (key is None):
+        given, origin = ("certificate", cert_origin) if cert is not None else ("key", key_origin)
+        raise KafkaSecurityConfigError(
+            f"a TLS client {given} is given (in {origin}) without its "
+            f"{'key' if given == 'certificate' else 'certificate'}: mutual TLS needs --tls-cert and "
+            "--tls-key (WEIR_KAFKA_SSL_CERTIFICATE_LOCATION and WEIR_KAFKA_SSL_KEY_LOCATION)"
+        )
+    if key_password is not None and key is None:
+        raise KafkaSecurityConfigError("a TLS key password is given without a client key (--tls-key)")
+    for name, (value, origin) in files.items():
+        if value is not None and not Path(value).is_file():
+            what = {
+                "ca_location": "CA",
+                "certificate_location": "client certificate",
+                "key_location": "client key",
+            }[name]
+            raise KafkaSecurityConfigError(f"the TLS {what} file {value} (from {origin}) does not exist")
+
+    resolved = KafkaSecurity(
+        sasl_mechanism=mechanism,
+        sasl_username=username,
+        sasl_password=password,
+        tls=tls,
+        ca_location=files["ca_location"][0],
+        certificate_location=cert,
+        key_location=key,
+        key_password=key_password,
+    )
+    if kafka is not None and resolved.protocol != "PLAINTEXT":
+        for side, properties in (("consumer", kafka.consumer), ("producer", kafka.producer)):
+            for name in properties:
+                if name.startswith(("security.", "sasl.", "ssl.")):
+                    raise KafkaSecurityConfigError(
+                        f"spec.kafka.{side}.{name} contradicts the security settings "
+                        f"({resolved.describe()}); remove it"
+                    )
+    return resolved
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """How a worker reaches Kafka. ``consumer``/``producer`` are extra librdkafka properties
-    from the spec (and secret-bearing ones from the environment); they override defaults."""
+    from the spec; they override defaults. ``security`` applies to every client."""
 
     bootstrap_servers: str
     consumer: Mapping[str, Any]
     producer: Mapping[str, Any]
     connect_timeout_s: float = 60.0
+    security: KafkaSecurity = field(default=PLAINTEXT)
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """What every client needs: the brokers and the security properties (with secrets: hand
+    it to a client, never to a log)."""
+    return _common(settings)
 
 
 def _common(settings: KafkaSettings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.bootstrap_servers, "client.id": "weir"}
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": "weir",
+        **settings.security.properties(),
+    }
 
 
 def consumer_config(
@@ -97,12 +323,102 @@ def producer_config(
     }
 
 
-def admin(settings: KafkaSettings) -> AdminClient:
-    return AdminClient(
+class Admin(AdminClient):
+    """An AdminClient that keeps the errors librdkafka reports through ``error_cb``: a refused
+    login or a failed TLS handshake shows only there (a metadata request merely times out),
+    and ``wait_for_broker`` stops on it at once instead of retrying until the timeout."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.refusal: KafkaError | None = None
+        full: dict[str, Any] = {"logger": _DebugLog(), **config, "error_cb": self._on_error}
+        super().__init__(full)
+
+    def _on_error(self, error: KafkaError) -> None:
+        if self.refusal is None and refused(error):
+            self.refusal = error
+
+
+class _DebugLog:
+    """librdkafka's own log lines of an ``Admin`` go to DEBUG: at start-up they repeat, line
+    by line and several times a second, what ``wait_for_broker`` reports once (a retry
+    warning, or the one-line refusal)."""
+
+    _log = logging.getLogger(f"{__name__}.librdkafka")
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self._log.debug(msg, *args)
+
+
+def refused(error: KafkaError) -> bool:
+    """Whether ``error`` means the broker refused us (credentials, TLS) rather than being away.
+
+    SASL failures are ``_AUTHENTICATION``, our side of a failed TLS handshake (untrusted
+    broker certificate) is ``_SSL``. When the broker rejects the client certificate, the
+    client sees a transport error carrying the peer's TLS alert ("ssl/tls alert bad
+    certificate"); an alert is a deliberate refusal, unlike an EOF from a broker going away.
+    """
+    code = error.code()
+    if code in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+        return True
+    text = error.str()
+    return code == KafkaError._TRANSPORT and "SSL routines" in text and "alert" in text
+
+
+def admin(settings: KafkaSettings) -> Admin:
+    client: Admin = _create(
+        Admin,
         {
             **_common(settings),
             **{k: v for k, v in settings.consumer.items() if k.startswith(("security.", "sasl.", "ssl."))},
-        }
+        },
+    )
+    return client
+
+
+def _create(factory: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """Build a client; a TLS file librdkafka cannot load (a key whose password is wrong, a CA
+    file that is not PEM) fails here, before any connection: KafkaAuthFailed, not a traceback."""
+    try:
+        return factory(config)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        text = error.str() if error is not None else str(exc)
+        if "ssl." not in text and "sasl." not in text:
+            raise
+        if "ssl.key.location" in text:
+            what = (
+                f"the TLS client key {config.get('ssl.key.location')} cannot be loaded (wrong key password?)"
+            )
+        else:
+            what = "a TLS/SASL setting cannot be used"
+        raise KafkaAuthFailed(f"Kafka client not created: {what}: {text}") from None
+
+
+# librdkafka's error text: "<proto>://<host:port>/<broker id or bootstrap>: <what> (after Nms in state X)".
+_BROKER_PREFIX = re.compile(r"^\w+://\S+?/\w+: ")
+_TIMING_SUFFIX = re.compile(r" \(after \d+ms in state \w+(, [^)]*)?\)$")
+
+
+def _refusal_error(settings: KafkaSettings, error: KafkaError) -> KafkaAuthFailed:
+    """One line naming what was refused, for whom, and which settings to check."""
+    sec = settings.security
+    detail = _TIMING_SUFFIX.sub("", _BROKER_PREFIX.sub("", error.str()))
+    at = settings.bootstrap_servers
+    if error.code() == KafkaError._AUTHENTICATION:
+        who = f"user {sec.sasl_username!r} with {sec.sasl_mechanism}" if sec.sasl_mechanism else "SASL"
+        return KafkaAuthFailed(
+            f"Kafka authentication failed for {who} at {at}: {detail}; check the username and password "
+            "(spec.kafka.sasl's Secrets, WEIR_KAFKA_SASL_*, --sasl-*)"
+        )
+    if error.code() == KafkaError._SSL:
+        return KafkaAuthFailed(
+            f"Kafka TLS failed at {at} over {sec.describe()}: {detail}; check the CA "
+            "(spec.kafka.tls.caSecret, WEIR_KAFKA_SSL_CA_LOCATION, --tls-ca)"
+        )
+    return KafkaAuthFailed(
+        f"Kafka TLS failed at {at} over {sec.describe()}: the broker refused the connection ({detail}); "
+        "it may require a client certificate it trusts "
+        "(spec.kafka.tls.certSecret/keySecret, --tls-cert/--tls-key)"
     )
 
 
@@ -114,18 +430,27 @@ def wait_for_broker(
 ) -> dict[str, int]:
     """Block until the broker answers (exponential backoff up to ``connect_timeout_s``).
 
-    Returns every topic's partition count. Raises KafkaUnavailable with the last error.
+    Returns every topic's partition count. Raises KafkaUnavailable with the last error, and
+    KafkaAuthFailed as soon as a client built by ``admin()`` sees the broker refuse its
+    credentials or TLS fail (the first attempts are short so that this shows within about a
+    second).
     """
     deadline = clock() + settings.connect_timeout_s
     delay = 0.5
+    attempt_s = 1.0
     while True:
         try:
-            md = client.list_topics(timeout=min(5.0, max(0.5, deadline - clock())))
+            md = client.list_topics(timeout=min(attempt_s, max(0.5, deadline - clock())))
             if md.brokers:
                 return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
             error: Exception = RuntimeError("no broker in metadata")
         except KafkaException as exc:
             error = exc
+        if hasattr(client, "refusal"):  # an Admin (or a test's stand-in for one)
+            client.poll(0)  # serves error_cb
+            if client.refusal is not None:
+                raise _refusal_error(settings, client.refusal)
+        attempt_s = min(attempt_s * 2, 5.0)
         remaining = deadline - clock()
         if remaining <= 0:
             raise KafkaUnavailable(
@@ -214,8 +539,10 @@ def recreate_topics(client: AdminClient, topics: Mapping[str, int], timeout_s: f
 
 
 def new_consumer(config: dict[str, Any]) -> Consumer:
-    return Consumer(config)
+    consumer: Consumer = _create(Consumer, config)
+    return consumer
 
 
 def new_producer(config: dict[str, Any]) -> Producer:
-    return Producer(config)
+    producer: Producer = _create(Producer, config)
+    return producer

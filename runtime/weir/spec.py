@@ -44,6 +44,7 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_VERSION",
     "KIND",
+    "MAX_PARALLELISM",
     "MAX_STEPS",
     "RESERVED_LABEL_PREFIX",
     "WORKER_ENV_PREFIX",
@@ -100,6 +101,17 @@ __all__ = [
 
 API_VERSION = "weir.dev/v1alpha1"
 KIND = "StreamJob"
+
+MAX_PARALLELISM = 1024
+"""The most workers a job may ask for (``parallelism``, the autoscaler's bounds).
+
+A worker owns whole input partitions, so more workers than the largest input topic has
+partitions only sit idle (the operator caps a job at its partition count once the workers
+report it). 1024 is above the partition count of nearly every topic (Kafka sizes partitions
+per cluster and broker: thousands per broker, rarely more than a few hundred per topic),
+and at it the operator already polls 1024 control APIs per resync and a savepoint waits for
+1024 answers; a million workers is a typo, refused at ``kubectl apply``.
+"""
 
 
 class SpecError(ValueError):
@@ -1190,11 +1202,13 @@ class PodTemplate(_Model):
 
 
 class AutoscalerSpec(_Model):
-    """Parallelism that follows the job's load (the operator's autoscaler reads these).
+    """Settings of the planned autoscaler: accepted and validated, not acted on yet.
 
-    Scales up when utilization exceeds the target or lag exceeds a threshold, down slowly,
-    never below ``minParallelism`` or above ``maxParallelism``, and only to parallelisms that
-    divide the input partitions evenly.
+    The operator does not scale jobs by itself yet: ``parallelism`` is what runs, and a job
+    with ``enabled: true`` gets a Warning event (``AutoscalerNotImplemented``) saying these
+    settings are ignored. The planned behaviour: scale up when utilization exceeds the target
+    or lag exceeds a threshold, down slowly, never below ``minParallelism`` or above
+    ``maxParallelism``, and only to parallelisms that divide the input partitions evenly.
     """
 
     model_config = ConfigDict(
@@ -1211,11 +1225,12 @@ class AutoscalerSpec(_Model):
     )
 
     enabled: Annotated[bool, Field(strict=True)] = False
-    """Whether the operator changes ``parallelism``; when false it only recommends."""
-    min_parallelism: Annotated[int, Field(ge=1, strict=True)] = 1
-    """Lowest parallelism the autoscaler sets."""
-    max_parallelism: Annotated[int, Field(ge=1, strict=True)] | None = None
-    """Highest parallelism the autoscaler sets; omitted means the input partition count."""
+    """Whether the planned autoscaler may change ``parallelism`` (not acted on yet: today
+    ``true`` only produces a Warning event that the autoscaler is not implemented)."""
+    min_parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM, strict=True)] = 1
+    """Lowest parallelism the autoscaler would set."""
+    max_parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM, strict=True)] | None = None
+    """Highest parallelism the autoscaler would set; omitted means the input partition count."""
     target_utilization: Annotated[float, Field(gt=0, le=1)] = 0.7
     """Busy ratio (0-1] the workers should run at."""
     lag_threshold_records: Annotated[int, Field(ge=0, strict=True)] | None = None
@@ -1271,8 +1286,11 @@ class JobSpec(_Model):
     the module must be importable in it."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     """Kubernetes image pull policy; omitted means the Kubernetes default."""
-    parallelism: Annotated[int, Field(ge=1, strict=True)] = 1
-    """Number of workers; at most the partition count of each stage's input."""
+    parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM, strict=True)] = 1
+    """Number of workers (1-1024). A worker owns whole input partitions: once the workers
+    report the partition counts, a job asking for more workers than its largest input topic
+    has partitions runs one worker per partition, with the condition ``Degraded`` (reason
+    ``ParallelismCapped``) naming both numbers."""
     resources: Resources | None = None
     """Compute resources of each worker."""
     env: tuple[EnvVar, ...] = ()
@@ -1295,7 +1313,8 @@ class JobSpec(_Model):
     upgrade_mode: UpgradeMode = "savepoint"
     """How a changed spec replaces running workers: ``savepoint`` (stop with a savepoint,
     restore from it), ``last-state`` (restore from the latest checkpoint) or ``stateless``
-    (start from the committed offsets without state)."""
+    (start from the committed offsets without state). Default ``savepoint``, which the API
+    server writes into the object."""
     state: JobState = "running"
     """``suspended`` stops the workers (with a savepoint unless ``upgradeMode`` is stateless);
     ``running`` starts them again from it."""
@@ -1304,7 +1323,8 @@ class JobSpec(_Model):
     savepoint_trigger_nonce: Annotated[int, Field(strict=True)] | None = None
     """Change it to take a savepoint of the running job."""
     autoscaler: AutoscalerSpec | None = None
-    """Lag- and utilization-driven parallelism; omitted means a fixed ``parallelism``."""
+    """Settings of the planned lag- and utilization-driven autoscaler; accepted but not acted
+    on yet (``parallelism`` is what runs)."""
 
     @field_validator("env")
     @classmethod

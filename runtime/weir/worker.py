@@ -306,6 +306,9 @@ class Worker:
         self._errors: list[str] = []
         self.tasks: dict[tuple[str, int], Task] = {}
         self.upstream_count = 0
+        self.input_partitions: dict[str, int] = {}
+        """Partition count of each input topic (sources, repartition topic), for ``/status``:
+        the operator runs no more workers than the largest has partitions."""
         self.ready = False
         self.alive_at = time.monotonic()
         self.busy_s = 0.0
@@ -373,6 +376,9 @@ class Worker:
                 plan.repartition_partitions or max(partitions[t] for t in plan.source_topics),
                 partitions,
             )
+        self.input_partitions = {t: partitions[t] for t in plan.source_topics}
+        if plan.repartition_topic:
+            self.input_partitions[plan.repartition_topic] = repart_partitions
 
         if settings.memory_budget is not None:
             # The process as it is now (interpreter, libraries, no clients yet) is the base.
@@ -1234,6 +1240,7 @@ class Worker:
             "job": self.plan.job_id,
             "worker": self.settings.index,
             "workers": self.settings.count,
+            "inputPartitions": self.input_partitions,
             "ready": self.ready,
             "partitions": partitions,
             "busyRatio": self._busy.ratio(),

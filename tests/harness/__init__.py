@@ -1,1 +1,1 @@
-"""Real servers for weir's tests and dev work: Kafka (KRaft), S3 (MinIO), kube-apiserver."""
+"""Real servers for weir's tests and dev work: Kafka (KRaft), S3 (S3Proxy), kube-apiserver."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,6 +193,59 @@ def file_lock(rdir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_maven_jars(pom: Path, libs: Path, what: str, properties: dict[str, str] | None = None) -> Path:
+    """Copy ``pom``'s runtime dependencies from Maven Central into ``libs`` once.
+
+    ``libs/.complete`` marks a finished copy, so an interrupted fetch is redone, never used
+    half-way; concurrent callers wait on a lock beside ``libs``.
+    """
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(libs.parent):
+        if marker.exists():
+            return libs
+        if shutil.which("mvn") is None:
+            raise ServerError(
+                f"{what} come from Maven Central through `mvn`, which is not on PATH: "
+                "install a JDK 17 and Maven (apt-get install openjdk-17-jdk-headless maven)"
+            )
+        tmp = libs.with_name(libs.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        defines = [f"-D{k}={v}" for k, v in (properties or {}).items()]
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+            *defines,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ServerError(
+                f"fetching {what} with Maven failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+            )
+        shutil.rmtree(libs, ignore_errors=True)
+        tmp.rename(libs)
+        marker.write_text(what)
+    return libs
+
+
+def java() -> str:
+    """The JDK the Java servers (Kafka, S3Proxy) run on."""
+    found = shutil.which("java")
+    if found is None:
+        raise ServerError(
+            "no `java` on PATH: the test servers need a JDK 17 (apt-get install openjdk-17-jdk-headless)"
+        )
+    return found
 
 
 def env_port(var: str, default: int) -> int:

@@ -44,6 +44,17 @@ def kafka(kafka_running: Running) -> kafka_server.KafkaHelper:
 
 
 @pytest.fixture(scope="session")
+def kafka_secured(kafka_running: Running) -> kafka_server.Secured:
+    """The same broker's secured listeners: ``.sasl_bootstrap`` (SASL_SSL with SCRAM-SHA-512,
+    SCRAM-SHA-256 and PLAIN ``.users``), ``.mtls_bootstrap`` (client certificate required),
+    ``.tls`` (CA, client certificate and encrypted key)."""
+    try:
+        return kafka_server.Secured.of(kafka_running)
+    except ServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def s3_running(request: pytest.FixtureRequest) -> Iterator[Running]:
     yield from _start(s3_server, request)
 

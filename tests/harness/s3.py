@@ -1,15 +1,17 @@
-"""An S3-compatible server (MinIO, built from the Go module proxy) for tests and dev.
+"""An S3-compatible server (S3Proxy, from Maven Central) for tests and dev.
 
-MinIO rather than moto: it is what most people run as in-cluster S3, it is a separate
-process that keeps its objects on disk, and so it can be stopped and started again in the
-middle of a test (the checkpoint outage test) without losing what was already stored.
+S3Proxy (Apache-2.0) with its filesystem backend: it arrives as jars from Maven Central in
+seconds and runs on the JDK the Kafka broker already needs, where MinIO (AGPL-3.0) had to be
+compiled from Go modules (minutes on 2 cores). It is a separate process that keeps its
+objects on disk, so it can be stopped and started again in the middle of a test (the
+checkpoint outage tests) without losing what was stored, and it checks AWS SigV4 signatures,
+so a wrong secret key is refused as by a real store.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ from harness.common import (
     Running,
     ServerError,
     env_port,
+    fetch_maven_jars,
     file_lock,
+    java,
     port_open,
     read_live_info,
     run_dir,
@@ -32,105 +36,98 @@ from harness.common import (
     write_info,
 )
 
-# MinIO publishes no semver tags, so the module proxy serves it as a pseudo-version; this
-# one is pinned so every machine builds the same server.
-MINIO_MODULE = "github.com/minio/minio"
-MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
+VERSION = "4.1.0"
+POM = Path(__file__).with_name("s3proxy-pom.xml")
 NAME = "s3"
 ACCESS_KEY = "weir-test"
 SECRET_KEY = "weir-test-secret"
 REGION = "us-east-1"
 
+PROPERTIES = """\
+s3proxy.endpoint=http://{host}:{port}
+s3proxy.authorization=aws-v2-or-v4
+s3proxy.identity={access_key}
+s3proxy.credential={secret_key}
+jclouds.provider=filesystem
+jclouds.filesystem.basedir={data}
+"""
 
-def binary() -> Path:
-    return CACHE / f"minio-{MINIO_VERSION}" / "bin" / "minio"
+# Without a configuration logback logs every request at DEBUG, headers included.
+LOGBACK = """\
+<configuration>
+  <appender name="out" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d{{HH:mm:ss.SSS}} %-5level %logger{{36}} - %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="out"/></root>
+</configuration>
+"""
 
 
-def ensure_built() -> Path:
-    """Build MinIO once with ``go install`` into the cache (about 4 minutes on 2 cores)."""
-    path = binary()
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.parent.parent):
-        if path.exists():
-            return path
-        go = shutil.which("go") or "/usr/local/go/bin/go"
-        env = {**os.environ, "GOBIN": str(path.parent), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
-        done = subprocess.run(
-            [go, "install", "-trimpath", "-ldflags", "-s -w", f"{MINIO_MODULE}@{MINIO_VERSION}"],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        if done.returncode != 0 or not path.exists():
-            raise ServerError(
-                f"building MinIO {MINIO_VERSION} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-            )
-    return path
+def libs_dir() -> Path:
+    return CACHE / f"s3proxy-{VERSION}" / "libs"
+
+
+def ensure_jars() -> Path:
+    """Fetch S3Proxy's jars with Maven once (seconds with a warm ~/.m2, under a minute cold)."""
+    return fetch_maven_jars(POM, libs_dir(), f"S3Proxy {VERSION} jars", {"s3proxy.version": VERSION})
 
 
 def _ready(port: int) -> bool:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/minio/health/ready", timeout=2) as resp:
-        return bool(resp.status == 200)
+    # An anonymous request is refused (403) once the server is up: any HTTP answer means ready.
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
 
 
-def _start(rdir: Path, port: int, console_port: int, fresh: bool) -> None:
+def _start(rdir: Path, port: int, fresh: bool) -> None:
     data = rdir / "data"
     if fresh:
         shutil.rmtree(data, ignore_errors=True)
     data.mkdir(exist_ok=True)
-    env = {
-        "MINIO_ROOT_USER": ACCESS_KEY,
-        "MINIO_ROOT_PASSWORD": SECRET_KEY,
-        "MINIO_BROWSER": "off",
-        "MINIO_UPDATE": "off",
-        "MINIO_REGION": REGION,
-    }
+    props = rdir / "s3proxy.properties"
+    props.write_text(
+        PROPERTIES.format(host=HOST, port=port, access_key=ACCESS_KEY, secret_key=SECRET_KEY, data=data)
+    )
+    logback = rdir / "logback.xml"
+    logback.write_text(LOGBACK)
     spawn(
         [
-            str(ensure_built()),
-            "server",
-            "--quiet",
-            "--address",
-            f"{HOST}:{port}",
-            "--console-address",
-            f"{HOST}:{console_port}",
-            str(data),
+            java(),
+            "-Xmx512m",
+            f"-Dlogback.configurationFile={logback}",
+            "-cp",
+            f"{ensure_jars()}/*",
+            "org.gaul.s3proxy.Main",
+            "--properties",
+            str(props),
         ],
         rdir,
-        env=env,
     )
-    wait_until(lambda: _ready(port), 60, "MinIO", rdir / "server.log")
+    wait_until(lambda: _ready(port), 60, "S3Proxy", rdir / "server.log")
 
 
 def up() -> Running:
-    """Start MinIO, or reuse the one already recorded as running."""
+    """Start S3Proxy, or reuse the one already recorded as running."""
     rdir = run_dir(NAME)
     with file_lock(rdir):
         info = read_live_info(rdir)
         if info is not None and port_open(int(info["port"])):
             return Running(NAME, info, rdir, started_here=False)
         stop_pid(rdir)
-        ensure_built()
+        ensure_jars()
         port = env_port("WEIR_S3_PORT", 19000)
-        console_port = env_port("WEIR_S3_CONSOLE_PORT", 19001)
-        for p in (port, console_port):
-            if port_open(p):
-                raise ServerError(
-                    f"port {p} is taken by another process; set WEIR_S3_PORT / "
-                    "WEIR_S3_CONSOLE_PORT to free ports"
-                )
-        _start(rdir, port, console_port, fresh=True)
+        if port_open(port):
+            raise ServerError(f"port {port} is taken by another process; set WEIR_S3_PORT to a free port")
+        _start(rdir, port, fresh=True)
         info = {
             "endpoint": f"http://{HOST}:{port}",
             "port": port,
-            "console_port": console_port,
             "access_key": ACCESS_KEY,
             "secret_key": SECRET_KEY,
             "region": REGION,
-            "version": MINIO_VERSION,
+            "version": VERSION,
         }
         write_info(rdir, info)
         return Running(NAME, info, rdir, started_here=True)
@@ -143,7 +140,7 @@ def down() -> None:
 def describe(r: Running) -> str:
     i = r.info
     return (
-        f"S3 (MinIO {i['version']}): endpoint {i['endpoint']} region {i['region']}\n"
+        f"S3 (S3Proxy {i['version']}, filesystem backend): endpoint {i['endpoint']} region {i['region']}\n"
         f"  AWS_ACCESS_KEY_ID={i['access_key']} AWS_SECRET_ACCESS_KEY={i['secret_key']}\n"
         f"  logs: {r.run_dir / 'server.log'}"
     )
@@ -227,5 +224,5 @@ class S3Helper:
     def start(self) -> None:
         """Start the server again on the same port and data after ``stop``."""
         info = self.running.info
-        _start(self.running.run_dir, int(info["port"]), int(info["console_port"]), fresh=False)
+        _start(self.running.run_dir, int(info["port"]), fresh=False)
         write_info(self.running.run_dir, info)

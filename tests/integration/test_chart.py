@@ -19,7 +19,7 @@ from harness.common import Running, wait_until
 from harness.helm import Helm
 from harness.manifests import MERGE_PATCH, apply, create_namespace, install_crd
 from weir import spec
-from weir_operator import crd, render
+from weir_operator import crd, permissions, render
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "weir-operator"
@@ -123,7 +123,6 @@ def test_the_chart_ships_the_generated_crd(helm: Helm) -> None:
 def test_namespace_scope_grants_roles_only_in_the_watched_namespaces(helm: Helm) -> None:
     objects = template(helm, "--set", "rbac.scope=namespace", "--set", "rbac.namespaces={shop,billing}")
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    cluster_role = find(objects, "ClusterRole")
     roles = find(objects, "Role", "weir-weir-operator")
 
     assert {r["metadata"]["namespace"] for r in roles} == {"shop", "billing"}
@@ -131,7 +130,7 @@ def test_namespace_scope_grants_roles_only_in_the_watched_namespaces(helm: Helm)
         "shop",
         "billing",
     }
-    assert [r["resources"] for r in cluster_role[0]["rules"]] == [["customresourcedefinitions"]]
+    assert find(objects, "ClusterRole") == [] and find(objects, "ClusterRoleBinding") == []
     assert [a for a in container["args"] if a.startswith("--namespace")] == [
         "--namespace=shop",
         "--namespace=billing",
@@ -146,6 +145,39 @@ def test_an_unknown_rbac_scope_fails_the_render_naming_the_value(helm: Helm) -> 
     assert 'rbac.scope must be cluster or namespace (got "everywhere")' in done.stderr
 
 
+def _as_rules(listed: list[permissions.Rule], lease: str | None = None) -> list[dict[str, Any]]:
+    """``permissions.RULES`` entries as the chart writes them."""
+    out = []
+    for rule in listed:
+        written: dict[str, Any] = {"apiGroups": [rule.group], "resources": [rule.resource]}
+        if rule.named:
+            written["resourceNames"] = [lease]
+        written["verbs"] = list(rule.verbs)
+        out.append(written)
+    return out
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespace"])
+def test_the_chart_grants_exactly_the_permissions_the_operator_lists(helm: Helm, scope: str) -> None:
+    objects = template(helm, "--set", f"rbac.scope={scope}", "--set", "rbac.namespaces={shop}")
+    by_scope = {s: [r for r in permissions.RULES if r.scope == s] for s in ("namespace", "cluster", "lease")}
+    lease_role = find(objects, "Role", "weir-weir-operator-leader-election")[0]
+
+    if scope == "cluster":
+        assert [o["rules"] for o in find(objects, "ClusterRole")] == [
+            _as_rules(by_scope["cluster"] + by_scope["namespace"])
+        ]
+        assert find(objects, "Role", "weir-weir-operator") == []
+    else:
+        assert find(objects, "ClusterRole") == []
+        roles = find(objects, "Role", "weir-weir-operator")
+        assert [(o["metadata"]["namespace"], o["rules"]) for o in roles] == [
+            ("shop", _as_rules(by_scope["namespace"]))
+        ]
+    assert lease_role["metadata"]["namespace"] == "weir-system"
+    assert lease_role["rules"] == _as_rules(by_scope["lease"], lease="weir-weir-operator-leader")
+
+
 @pytest.mark.parametrize("scope", ["cluster", "namespace"])
 def test_no_rule_grants_secrets_pod_writes_or_wildcards(helm: Helm, scope: str) -> None:
     granted = rules(template(helm, "--set", f"rbac.scope={scope}"))
@@ -155,7 +187,7 @@ def test_no_rule_grants_secrets_pod_writes_or_wildcards(helm: Helm, scope: str) 
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         assert "secrets" not in rule["resources"]
         if "pods" in rule["resources"]:
-            assert set(rule["verbs"]) == {"get", "list", "watch"}
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}
 
 
 # --------------------------------------------------------------------------- on the API server
@@ -196,11 +228,12 @@ def installed(request: pytest.FixtureRequest, kube: Running, admin: Any, helm: H
             # The authorizer reads bindings from an informer cache: wait until every grant shows.
             custom = client.CustomObjectsApi(sa)
             lease = f"{release}-weir-operator-leader"
-            grants = (
+            grants = [
                 lambda: custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, watched, crd.PLURAL),
-                lambda: client.ApiextensionsV1Api(sa).list_custom_resource_definition(limit=1),
                 lambda: client.CoordinationV1Api(sa).read_namespaced_lease(lease, namespace),
-            )
+            ]
+            if scope == "cluster":
+                grants.append(lambda: client.ApiextensionsV1Api(sa).list_custom_resource_definition(limit=1))
             wait_until(lambda: all(_authorized(grant) for grant in grants), 15, "the chart's RBAC")
             yield Installed(release, namespace, watched, other, sa, admin, objects)
     finally:
@@ -238,7 +271,8 @@ def test_the_rendered_chart_objects_are_accepted_by_the_api_server(installed: In
     assert deployment.spec.replicas == 2
     assert deployment.spec.template.spec.containers[0].security_context.read_only_root_filesystem is True
     kinds = {o["kind"] for o in installed.objects}
-    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"} <= kinds
+    assert {"ServiceAccount", "Deployment", "Service"} <= kinds
+    assert {"ClusterRole", "ClusterRoleBinding"} <= kinds or {"Role", "RoleBinding"} <= kinds
 
 
 @pytest.mark.kube
@@ -358,13 +392,16 @@ def test_the_operator_account_cannot_read_secrets_create_pods_or_delete_stream_j
 
 
 @pytest.mark.kube
-def test_the_operator_account_reads_crds_for_kopfs_resource_scanning(installed: Installed) -> None:
-    names = [
-        c.metadata.name
-        for c in client.ApiextensionsV1Api(installed.sa).list_custom_resource_definition().items
-    ]
+def test_the_operator_account_lists_crds_for_kopfs_resource_scanning_only_cluster_wide(
+    installed: Installed,
+) -> None:
+    extensions = client.ApiextensionsV1Api(installed.sa)
 
-    assert crd.CRD_NAME in names
+    if find(installed.objects, "ClusterRole"):
+        assert crd.CRD_NAME in [c.metadata.name for c in extensions.list_custom_resource_definition().items]
+    else:  # namespace scope: kopf's scanning is off, nothing cluster-wide is granted
+        assert _forbidden(lambda: extensions.list_custom_resource_definition())
+    assert _forbidden(lambda: extensions.read_custom_resource_definition(crd.CRD_NAME))
 
 
 @pytest.mark.kube
@@ -384,10 +421,8 @@ def test_with_namespace_scope_other_namespaces_are_out_of_reach(installed: Insta
             lambda: custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, installed.other, crd.PLURAL)
         )
         assert _forbidden(lambda: apply(installed.sa, config_map))
-        assert _forbidden(lambda: client.CoreV1Api(installed.sa).list_namespace())
     else:
         assert apps.list_namespaced_stateful_set(installed.other).items == []
         assert apply(installed.sa, config_map)["data"] == {"a": "b"}
-        assert installed.namespace in [
-            n.metadata.name for n in client.CoreV1Api(installed.sa).list_namespace().items
-        ]
+    # kopf needs no namespace list in either scope (all namespaces, or exact names).
+    assert _forbidden(lambda: client.CoreV1Api(installed.sa).list_namespace())

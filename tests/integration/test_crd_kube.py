@@ -98,6 +98,31 @@ def test_parallelism_defaults_to_one_so_the_scale_subresource_always_answers(
     assert scale["spec"]["replicas"] == 1
 
 
+def test_the_upgrade_mode_column_shows_the_default_when_the_manifest_leaves_it_out(
+    custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    body = manifest(EXAMPLE, namespace)
+    assert "upgradeMode" not in body["spec"]
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    table = custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, _headers={"Accept": TABLE}
+    )
+
+    names = [c["name"] for c in table["columnDefinitions"]]
+    row = dict(zip(names, table["rows"][0]["cells"], strict=True))
+    assert row["Upgrade Mode"] == "savepoint"
+
+
+def test_the_largest_parallelism_is_accepted_at_apply(
+    admin: Any, installed: dict[str, Any], namespace: str
+) -> None:
+    body = manifest(EXAMPLE, namespace)
+    body["spec"]["parallelism"] = spec.MAX_PARALLELISM
+
+    assert apply(admin, body)["spec"]["parallelism"] == spec.MAX_PARALLELISM
+
+
 def _pipeline(document: dict[str, Any]) -> dict[str, Any]:
     pipeline: dict[str, Any] = document["spec"]["pipeline"]
     return pipeline
@@ -136,6 +161,14 @@ def _long_name(document: dict[str, Any]) -> None:
 
 INVALID = {
     "negative parallelism": (_set(parallelism=-1), ["spec.parallelism", "greater than or equal to 1"]),
+    "a million workers": (
+        _set(parallelism=1_000_000),
+        ["spec.parallelism", f"less than or equal to {spec.MAX_PARALLELISM}"],
+    ),
+    "an autoscaler bound above the maximum": (
+        _set(autoscaler={"maxParallelism": 5000}),
+        ["spec.autoscaler.maxParallelism", f"less than or equal to {spec.MAX_PARALLELISM}"],
+    ),
     "unknown upgradeMode": (_set(upgradeMode="fast"), ["spec.upgradeMode", 'Unsupported value: "fast"']),
     "autoscaler min > max": (
         _set(autoscaler={"minParallelism": 5, "maxParallelism": 2}),

@@ -245,6 +245,40 @@ def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_st
     assert "Scaling" in events_log and "Scaled" in events_log
 
 
+@pytest.mark.timeout(300)
+def test_a_parallelism_above_the_partition_count_is_capped_to_it_and_the_output_stays_exact(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    name = "cap-" + kafka.unique("j")[-8:]
+    source, sink, dlq = _topics(kafka, 2)
+    events = random_events(17, 400, partitions=2, keys=6, start_ms=START_MS, mean_step_ms=150,
+                           max_out_of_orderness_ms=OOO_MS // 2, too_late_fraction=0.0)
+    _produce(kafka, source, events)
+    expected = _expected(events)
+    checkpoint = {"url": (tmp_path / "store").as_uri(), "interval": "1s"}
+    manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq, checkpoint=checkpoint,
+                         parallelism=3)
+    state, log = tmp_path / "state", tmp_path / "up.log"
+
+    def capped() -> bool:
+        status = _status(state, name)
+        degraded = next((c for c in status.get("conditions", ()) if c["type"] == "Degraded"), {})
+        return (status.get("parallelism") == 2 and status.get("phase") == "Running"
+                and degraded.get("reason") == "ParallelismCapped")
+
+    with weir_up(manifest, state, kafka, log) as process:
+        # The 3 workers report 2 partitions; the job is rescaled (through a savepoint) to 2.
+        _wait(capped, 120, "capped at 2 workers", log)
+        assert sorted(_worker_pids(state / "local" / name)) == [0, 1]
+        _all_windows_once(kafka, sink, expected, process, log)
+
+    assert _results(kafka.read_all(sink)) == expected
+    status = _status(state, name)
+    assert status["inputPartitions"] == {source: 2}
+    events_log = (state / "local" / name / "events.log").read_text()
+    assert f"parallelism 3 exceeds the 2 partitions of {source}; running 2 workers" in events_log
+
+
 def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHelper, tmp_path: Path) -> None:
     name = "nonce-" + kafka.unique("j")[-8:]
     source, sink, dlq = _topics(kafka, 2)

@@ -429,6 +429,73 @@ def test_secret_values_never_reach_the_status_events_or_config_map(operator: Ope
     assert by_name["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref.name == f"{name}-creds"
 
 
+def test_a_pod_template_the_api_server_refuses_stalls_the_job_with_its_message_until_the_spec_is_fixed(
+    operator: Operator,
+) -> None:
+    name = "refused-" + uuid.uuid4().hex[:6]
+    # The models accept any Affinity object; the API server cannot convert this one (HTTP 500).
+    _create(operator, _job_body(operator, name, podTemplate={"affinity": {"nodeAffinity": "yes"}}))
+
+    operator.wait(lambda: _condition(_status(operator, name), "Stalled").get("status") == "True",
+                  "Stalled", timeout=30)
+    status = _status(operator, name)
+    stalled = _condition(status, "Stalled")
+    assert stalled["reason"] == "ApplyFailed"
+    assert f"StatefulSet {operator.watched}/{name}: HTTP 500" in stalled["message"]
+    assert "nodeAffinity" in stalled["message"]  # the server's own words
+    assert status["phase"] == "Failed" and status["error"] in stalled["message"]
+    assert status["applyFailure"]["attempts"] >= 1
+    assert _stateful_set(operator, name) is None
+    warnings = [e for e in _events(operator, name) if e.type == "Warning" and e.reason == "ApplyFailed"]
+    assert len(warnings) == 1 and "nodeAffinity" in warnings[0].message
+    time.sleep(3)  # resyncs every 1 s: retried with a back-off (10 s first), not in a loop
+    assert _status(operator, name)["applyFailure"]["attempts"] <= 2
+    assert len([e for e in _events(operator, name) if e.reason == "ApplyFailed"]) == 1
+
+    client.CustomObjectsApi(operator.admin).patch_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name,
+        [{"op": "remove", "path": "/spec/podTemplate"}], _content_type="application/json-patch+json",
+    )
+
+    # A new generation is applied at once, not after the back-off.
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet of the fixed spec",
+                  timeout=8)
+    operator.wait(lambda: _condition(_status(operator, name), "Stalled").get("status") == "False",
+                  "Stalled cleared")
+    status = _status(operator, name)
+    assert "applyFailure" not in status and "error" not in status
+    assert any(e.reason == "StalledCleared" for e in _events(operator, name))
+
+
+def test_a_parallelism_above_the_input_partition_count_is_capped_with_a_condition_naming_both(
+    operator: Operator,
+) -> None:
+    name = "capped-" + uuid.uuid4().hex[:6]
+    _create(operator, _job_body(operator, name, parallelism=12, upgradeMode="stateless"))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    assert _stateful_set(operator, name).spec.replicas == 12  # nothing is known about the topic yet
+
+    # What a reconcile learns from the workers' /status (no worker runs on this API server). The
+    # operator writes the whole status: repeat the patch if one of its writes raced it.
+    def reported() -> bool:
+        if (_status(operator, name).get("inputPartitions") or {}).get("events") != 8:
+            client.CustomObjectsApi(operator.admin).patch_namespaced_custom_object_status(
+                crd.GROUP, crd.VERSION, operator.watched, crd.PLURAL, name,
+                {"status": {"inputPartitions": {"events": 8}}}, _content_type=MERGE_PATCH,
+            )
+        return _condition(_status(operator, name), "Degraded").get("reason") == "ParallelismCapped"
+
+    operator.wait(reported, "Degraded ParallelismCapped")
+    operator.wait(lambda: _stateful_set(operator, name).spec.replicas == 8, "8 workers")
+    env = {e.name: e.value for e in _stateful_set(operator, name).spec.template.spec.containers[0].env}
+    assert env[render.ENV_WORKERS] == "8"
+    message = "parallelism 12 exceeds the 8 partitions of events; running 8 workers"
+    assert _condition(_status(operator, name), "Degraded")["message"] == message
+    assert _job(operator, name)["spec"]["parallelism"] == 12  # the user's spec is left as written
+    assert any(e.type == "Warning" and e.reason == "ParallelismCapped" and message in e.message
+               for e in _events(operator, name))
+
+
 def test_deleting_the_stream_job_removes_its_children(operator: Operator) -> None:
     name = "doomed-" + uuid.uuid4().hex[:6]
     _create(operator, _job_body(operator, name))

@@ -131,11 +131,43 @@ def test_the_schema_is_structural_without_refs_titles_consts_or_null_types() -> 
             assert node.get("additionalProperties") is not False
 
 
-def test_only_spec_parallelism_has_a_default() -> None:
+def test_only_spec_parallelism_and_upgrade_mode_have_defaults() -> None:
+    spec_properties = schema()["properties"]["spec"]["properties"]
     defaults = [node for node in nodes(schema()) if isinstance(node, dict) and "default" in node]
 
-    assert defaults == [schema()["properties"]["spec"]["properties"]["parallelism"]]
-    assert defaults[0]["default"] == 1
+    assert defaults == [spec_properties["parallelism"], spec_properties["upgradeMode"]]
+    assert spec_properties["parallelism"]["default"] == 1
+
+
+def test_the_upgrade_mode_column_always_has_a_value_because_the_schema_defaults_it_as_the_models_do() -> None:
+    column = next(c for c in version()["additionalPrinterColumns"] if c["name"] == "Upgrade Mode")
+    upgrade_mode = schema()["properties"]["spec"]["properties"]["upgradeMode"]
+
+    assert column["jsonPath"] == ".spec.upgradeMode"
+    assert upgrade_mode["default"] == spec.JobSpec.model_fields["upgrade_mode"].default == "savepoint"
+
+
+def test_parallelism_and_the_autoscaler_bounds_have_a_maximum() -> None:
+    spec_properties = schema()["properties"]["spec"]["properties"]
+    autoscaler = spec_properties["autoscaler"]["properties"]
+
+    for node in (spec_properties["parallelism"], autoscaler["minParallelism"], autoscaler["maxParallelism"]):
+        assert (node["minimum"], node["maximum"]) == (1, spec.MAX_PARALLELISM)
+
+
+def test_descriptions_say_the_autoscaler_and_rollbacks_are_not_implemented_yet() -> None:
+    spec_properties = schema()["properties"]["spec"]["properties"]
+    status_properties = schema()["properties"]["status"]["properties"]
+    autoscaler = spec_properties["autoscaler"]
+
+    assert "not acted on yet" in spec_properties["autoscaler"]["description"]
+    assert "not acted on yet" in autoscaler["properties"]["enabled"]["description"]
+    assert "planned" in status_properties["lastScaling"]["description"]
+    assert "not implemented yet" in status_properties["stableFingerprint"]["description"]
+    for node in nodes(schema()):
+        if isinstance(node, dict) and "description" in node:
+            text = node["description"].lower()
+            assert "rollbacks return" not in text and "it only recommends" not in text, text
 
 
 def test_every_job_spec_field_is_in_the_schema_with_its_yaml_name_and_docstring() -> None:

@@ -346,3 +346,24 @@ def test_a_malformed_status_is_rejected_naming_the_field(status: dict[str, Any],
 
 def test_condition_types_cover_the_four_conditions() -> None:
     assert model.CONDITION_TYPES == ("Ready", "Progressing", "Degraded", "Stalled")
+
+
+@pytest.mark.parametrize(
+    ("members", "where"),
+    [
+        ({"parallelism": 1_000_000}, "spec.parallelism"),
+        ({"autoscaler": {"maxParallelism": 5000}}, "spec.autoscaler.maxParallelism"),
+    ],
+)
+def test_an_absurd_parallelism_is_refused_naming_the_field_and_the_maximum(
+    members: dict[str, Any], where: str
+) -> None:
+    message = error_of(with_spec(**members))
+
+    assert where in message and str(spec.MAX_PARALLELISM) in message
+
+
+def test_the_largest_parallelism_is_accepted() -> None:
+    job_spec = parse_manifest(yaml.safe_dump(with_spec(parallelism=spec.MAX_PARALLELISM))).spec
+
+    assert job_spec.parallelism == spec.MAX_PARALLELISM

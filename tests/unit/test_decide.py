@@ -507,24 +507,66 @@ def test_crash_looping_workers_make_the_job_degraded_with_their_restart_counts()
     assert any(e.reason == "DegradedCleared" for e in platform.events)
 
 
-def test_children_the_platform_refuses_stall_the_job_and_are_retried_without_new_events() -> None:
-    platform = FakePlatform(reject_apply="metadata.name: must be a DNS label of at most 52 characters")
+def test_refused_children_stall_the_job_with_one_warning_and_are_retried_with_a_growing_back_off() -> None:
+    refusal = "StatefulSet default/revenue: HTTP 500: failed to create typed patch object"
+    platform = FakePlatform(reject_apply=refusal)
 
     status = run(platform, job())
     assert status.phase == "Failed"
     stalled = condition(status, "Stalled")
     assert stalled.status == "True" and stalled.reason == "ApplyFailed"
-    assert "metadata.name" in stalled.message and status.error == stalled.message
+    assert stalled.message.startswith(refusal) and status.error == refusal
+    assert "refused 1 times" in stalled.message
+    warnings = [e for e in platform.events if e.type == "Warning"]
+    assert [e.reason for e in warnings] == ["ApplyFailed"]
+    assert warnings[0].message.startswith(f"Stalled=True: {refusal}")
     events = len(platform.events)
 
+    run(platform, job())  # a resync before the back-off: nothing is applied
+    assert platform.calls.count("apply") == 1
+    platform.clock.advance(10)
+    status = run(platform, job())  # 10 s later: the second attempt, then 20 s to the third
+    assert platform.calls.count("apply") == 2
+    assert status.apply_failure is not None and status.apply_failure.attempts == 2
+    assert status.apply_failure.retry_at == platform.clock() + timedelta(seconds=20)
+    platform.clock.advance(10)
     run(platform, job())
     assert platform.calls.count("apply") == 2
-    assert len(platform.events) == events
+    assert len(platform.events) == events  # the same refusal again: no new event
 
     platform.reject_apply = None
+    platform.clock.advance(10)
     status = run(platform, job())
+    assert status.phase == "Running" and status.error is None and status.apply_failure is None
+    assert condition(status, "Stalled").status == "False"
+
+
+def test_refusals_back_off_up_to_the_policys_maximum() -> None:
+    platform, policy = FakePlatform(reject_apply="quota exceeded"), Policy()
+    run(platform, job())
+    for _ in range(12):
+        failure = platform.status.apply_failure
+        assert failure is not None
+        platform.clock.current = failure.retry_at
+        run(platform, job())
+
+    failure = platform.status.apply_failure
+    assert failure is not None and failure.attempts == 13
+    assert failure.retry_at - platform.clock() == policy.apply_retry_max
+
+
+def test_a_new_generation_of_a_refused_job_is_applied_at_once_and_converges() -> None:
+    platform = FakePlatform(reject_apply="StatefulSet default/revenue: HTTP 500: expected map, got &{yes}")
+    run(platform, job(), generation=1)
+    assert platform.calls.count("apply") == 1
+
+    platform.reject_apply = None  # the user fixed the pod template: generation 2
+    status = run(platform, job(image="weir:fixed"), generation=2)
+
+    assert platform.calls.count("apply") == 2
     assert status.phase == "Running" and status.error is None
     assert condition(status, "Stalled").status == "False"
+    assert any(e.reason == "StalledCleared" for e in platform.events)
 
 
 def test_worker_reports_give_the_lag_and_the_oldest_of_the_newest_checkpoints() -> None:
@@ -542,6 +584,106 @@ def test_worker_reports_give_the_lag_and_the_oldest_of_the_newest_checkpoints() 
 
     platform.reports = (WorkerReport(0, newer, 0),)  # worker 1 did not answer
     assert run(platform, the_job).last_checkpoint == older
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+REPARTITION = "weir-default-revenue-4-repartition"
+
+
+def reporting(partitions: dict[str, int], workers: int) -> tuple[WorkerReport, ...]:
+    return tuple(WorkerReport(i, input_partitions=partitions) for i in range(workers))
+
+
+def test_a_parallelism_above_the_partition_count_is_capped_with_a_condition_naming_both_numbers() -> None:
+    platform, the_job = running(parallelism=12)
+    platform.reports = reporting({"events": 8, REPARTITION: 4}, 12)
+
+    status = run(platform, the_job)
+
+    assert (platform.applied[-1].workers, platform.applied[-1].replicas) == (8, 8)
+    assert platform.deployed is not None and platform.deployed.replicas == 8
+    assert status.parallelism == 8 and status.input_partitions == {"events": 8, REPARTITION: 4}
+    degraded = condition(status, "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "ParallelismCapped")
+    assert degraded.message == (
+        "parallelism 12 exceeds the 8 partitions of its largest input topic events; running 8 workers"
+    )
+    warnings = [e for e in platform.events if e.type == "Warning"]
+    assert [e.reason for e in warnings] == ["ParallelismCapped"]
+    assert "parallelism 12 -> 8" in next(e.message for e in platform.events if e.reason == "Scaling")
+
+
+def test_with_known_partition_counts_a_capped_job_never_starts_idle_workers() -> None:
+    platform, the_job = running(parallelism=4)
+    platform.reports = reporting({"events": 6, REPARTITION: 4}, 4)
+    run(platform, the_job)
+    platform.applied.clear()
+
+    status = run(platform, job(parallelism=100), generation=2)
+
+    assert [a.workers for a in platform.applied] == [4, 6]  # stop the 4 old ones, start 6: never 100
+    assert status.parallelism == 6
+    assert condition(status, "Degraded").message.startswith("parallelism 100 exceeds the 6 partitions")
+
+
+def test_more_partitions_lift_the_cap_and_clear_the_condition() -> None:
+    platform, the_job = running(parallelism=12)
+    platform.reports = reporting({"events": 8}, 12)
+    run(platform, the_job)
+    assert platform.deployed is not None and platform.deployed.workers == 8
+
+    platform.reports = reporting({"events": 16}, 8)
+    status = run(platform, the_job)
+
+    assert platform.deployed.workers == 12
+    assert condition(status, "Degraded").status == "False"
+    assert any(e.reason == "DegradedCleared" for e in platform.events)
+
+
+def test_a_parallelism_within_the_partition_count_is_not_capped() -> None:
+    platform, the_job = running(parallelism=8)
+    platform.reports = reporting({"events": 8}, 8)
+
+    status = run(platform, the_job)
+
+    assert platform.deployed is not None and platform.deployed.workers == 8
+    assert condition(status, "Degraded").status == "False"
+
+
+def test_topics_the_spec_no_longer_reads_do_not_cap_it() -> None:
+    platform, the_job = running(parallelism=12)
+    platform.reports = reporting({"old-events": 2}, 12)
+
+    status = run(platform, the_job)
+
+    assert platform.deployed is not None and platform.deployed.workers == 12
+    assert condition(status, "Degraded").status == "False"
+
+
+def test_an_enabled_autoscaler_gets_one_warning_per_generation_that_it_is_ignored() -> None:
+    platform = FakePlatform()
+    the_job = job(parallelism=2, autoscaler={"enabled": True, "maxParallelism": 4})
+
+    run(platform, the_job)
+    run(platform, the_job)
+    run(platform, job(parallelism=3, autoscaler={"enabled": True}), generation=2)
+
+    warnings = [e for e in platform.events if e.reason == "AutoscalerNotImplemented"]
+    assert [e.type for e in warnings] == ["Warning", "Warning"]
+    assert warnings[0].message == (
+        "spec.autoscaler.enabled is ignored: the autoscaler is not implemented yet; "
+        "the job runs spec.parallelism (2) workers"
+    )
+
+
+def test_a_disabled_autoscaler_gets_no_warning() -> None:
+    platform = FakePlatform()
+
+    run(platform, job(autoscaler={"enabled": False, "maxParallelism": 4}))
+
+    assert not [e for e in platform.events if e.reason == "AutoscalerNotImplemented"]
 
 
 def test_conditions_keep_their_transition_time_while_they_hold() -> None:

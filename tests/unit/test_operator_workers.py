@@ -35,6 +35,7 @@ class FakeWorker:
     def status(self) -> dict[str, Any]:
         return {
             "partitions": [{"partition": "t-0", "lag": 3}, {"partition": "t-2", "lag": 4}],
+            "inputPartitions": {"t": 4, "weir-ns-job-3-repartition": 8, "broken": "many"},
             "lastCheckpoint": {"id": "c-9", "url": "file:///store/ns/job/checkpoints/c-9",
                                "completedAt": "2026-01-01T00:00:05Z"},
         }
@@ -104,6 +105,7 @@ def test_a_worker_report_sums_partition_lag_and_reads_its_last_checkpoint(
     assert report is not None and report.lag_records == 7
     assert report.last_checkpoint is not None and report.last_checkpoint.id == "c-9"
     assert report.last_checkpoint.completed_at == datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
+    assert report.input_partitions == {"t": 4, "weir-ns-job-3-repartition": 8}
 
 
 def test_a_worker_that_does_not_answer_gives_no_report() -> None:

@@ -54,36 +54,39 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-What the operator does in each namespace it watches: reconcile StreamJobs into StatefulSets,
-Services and ConfigMaps, watch worker pods for crash loops, and record events. No Secrets:
-workers get them through secretKeyRef, the operator never reads them.
+What the operator does in each namespace it watches, and nothing more (weir_operator.permissions
+lists each rule with the code that needs it; a test keeps the two equal): kopf watches
+StreamJobs, StatefulSets and pods; a reconcile reads a job, patches its finalizers and status,
+server-side applies (patch, create) and deletes its StatefulSet, Service and ConfigMap, lists
+its pods and creates events. No Secrets: workers get them through secretKeyRef.
 */}}
 {{- define "weir-operator.namespacedRules" -}}
 - apiGroups: [weir.dev]
   resources: [streamjobs]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [weir.dev]
-  resources: [streamjobs/status, streamjobs/scale]
-  verbs: [get, patch, update]
-# Owner references with blockOwnerDeletion need update on the owner's finalizers.
+  resources: [streamjobs/status]
+  verbs: [patch]
+# Owner references with blockOwnerDeletion need update on the owner's finalizers
+# (where the OwnerReferencesPermissionEnforcement admission plugin runs).
 - apiGroups: [weir.dev]
   resources: [streamjobs/finalizers]
   verbs: [update]
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
-  resources: [services, configmaps]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [services]
+  verbs: [get, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end }}
 
 {{/* The operator's ServiceAccount as the subject of a binding. */}}
