@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from rocksdict import (
     AccessType,
+    BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
     Checkpoint,
@@ -141,6 +142,13 @@ def rocksdb_options(memory: RocksMemory | None = None) -> Options:
     if memory is not None:
         table.set_block_cache(memory.cache)
         table.set_cache_index_and_filter_blocks(True)
+        # Partitioned in 4 KiB blocks: a whole 8 MiB file's index or filter block is bigger than
+        # one shard of a small cache (64 shards), so it would be evicted as soon as read and
+        # every lookup would read and parse it again (measured: 100 us per get instead of 1).
+        table.set_partition_filters(True)
+        table.set_index_type(BlockBasedIndexType.two_level_index_search())
+        table.set_metadata_block_size(4096)
+        table.set_pin_top_level_index_and_filter(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         options.set_write_buffer_manager(memory.write_buffers)
         options.set_write_buffer_size(memory.write_buffer_size)
