@@ -267,7 +267,7 @@ def flat(run: Run, final_only: bool = False) -> list[WindowResult]:
     return [r for batch in run.outputs for r in batch if r.final or not final_only]
 
 
-@pytest.mark.parametrize("kind", ["tumbling", "sliding"])
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
 @pytest.mark.parametrize("emit", EMIT_MODES)
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), seed=st.integers(min_value=0, max_value=1000))
