@@ -287,10 +287,12 @@ def _run(args: argparse.Namespace) -> int:
     budget_text = args.memory_budget or env.memory_budget
     budget: int | None = None
     if budget_text is not None:
-        from weir.memory import parse_size
+        from weir import memory
 
         try:
-            budget = parse_size(budget_text)
+            budget = memory.parse_size(budget_text)
+            # Refused now rather than after connecting (the worker splits it again at start).
+            memory.MemoryPlan.split(budget, memory.rss_bytes() + memory.BASE_HEADROOM)
         except ValueError as exc:
             print(f"--memory-budget: {exc}", file=sys.stderr)
             return EXIT_BAD_SPEC

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from weir import memory
+from weir import cli, memory, spec
 from weir.memory import MemoryBudgetTooSmall, MemoryPlan, parse_size
 
 MiB = 1 << 20
+EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
 
 
 @pytest.mark.parametrize(
@@ -73,3 +77,40 @@ def test_a_small_budget_still_gives_every_part_its_floor() -> None:
 
 def test_the_resident_size_of_this_process_is_read() -> None:
     assert memory.rss_bytes() > 10 * MiB
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("WEIR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("flag", "env", "message"),
+    [
+        ("lots", None, "--memory-budget: memory size 'lots' is not a number of bytes"),
+        (None, "12Mi", "--memory-budget: memory budget 12Mi is below the minimum"),
+    ],
+)
+def test_weir_run_refuses_a_bad_or_too_small_budget_in_one_line_before_connecting(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str | None,
+    env: str | None,
+    message: str,
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("WEIR_MEMORY_BUDGET", env)
+    args = ["run", str(EXAMPLE), "--state-dir", str(tmp_path), "--http-port", "0"]
+    if flag is not None:
+        args += ["--memory-budget", flag]
+
+    code = cli.main(args)
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_SPEC == 2
+    assert len(err) == 1
+    assert err[0].startswith(message)
