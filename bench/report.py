@@ -215,6 +215,7 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
     lines += checkpoint_markdown()
     lines += rescale_markdown()
     lines += autoscale_markdown()
+    lines += memory_markdown()
     if profile:
         lines += profile_markdown(profile, doc)
     return "\n".join(lines) + "\n"
@@ -369,6 +370,47 @@ def rescale_markdown(path: Path | None = None) -> list[str]:
             f"| {r['caught_up_seconds']:.2f} s "
             f"| {_num(r['catchup_events_per_s'])} | checked \u2713 |"
         )
+    lines.append("")
+    return lines
+
+
+def memory_markdown(path: Path | None = None) -> list[str]:
+    """The memory-budget figures of ``bench/memory_bench.py`` (its own runs, its own JSON)."""
+    path = path or Path(__file__).parent / "results" / "memory.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    by_events = sorted(d.get("by_events", {}).values(), key=lambda r: r["events"])
+    if not by_events:
+        return []
+    lines = [
+        "## Memory budget",
+        "",
+        "One `weir run` worker, at-least-once, a 1-hour tumbling count + sum over N events with N "
+        "distinct keys in a 4-partition topic, so all N windows are open until one end-of-input "
+        "record per partition closes them at once. **budget**: `--memory-budget`; **unlimited**: "
+        "everything in memory (no budget, `--max-cached-windows` above N). Peak RSS is the worker "
+        "process's `VmHWM`, closing of all N windows included; events/s is N over the time from "
+        "the first record consumed to the last of the N results readable in the sink topic. "
+        "**Output checked**: every window exactly once with its count and sum. "
+        "How it measures: `bench/memory_bench.py`'s docstring. The load is the machine's 1-minute "
+        "load average at the start and the end of each run, on 2 CPUs shared with the broker and "
+        "other work: the throughput of runs at different loads compares only roughly.",
+        "",
+        "| N | run | peak RSS MiB | events/s | all results s | output | load (1 min) | command |",
+        "|---:|---|---:|---:|---:|---|---|---|",
+    ]
+    for doc in by_events:
+        for r in doc["runs"]:
+            what = f"budget {doc['budget']}" if r["kind"] == "budget" else "unlimited"
+            ok = r["status"] == "ok"
+            output = "checked \u2713" if ok else "failed: " + "; ".join(r.get("problems") or [])[:160]
+            lines.append(
+                f"| {doc['events']:,} | {what} | {r['peak_rss_mib']:,.0f} | {_num(r.get('events_per_s'))} "
+                f"| {_num(r.get('all_results_s'), 1)} | {output} "
+                f"| {r['loadavg_start'][0]:.1f} \u2192 {r['loadavg_end'][0]:.1f} "
+                f"| `{doc['command']}` on `{doc['commit']}`, {doc['when']} |"
+            )
     lines.append("")
     return lines
 

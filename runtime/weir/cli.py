@@ -150,9 +150,16 @@ def _parser() -> argparse.ArgumentParser:
         help="start from this savepoint (or checkpoint) instead of the latest checkpoint "
         "(default: WEIR_RESTORE_FROM)",
     )
+    run.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory the worker process stays within, e.g. 256Mi, 1Gi or bytes: shared by the window "
+        "cache and timers, RocksDB's block cache and memtables and the Kafka client queues; windows "
+        "beyond it live in RocksDB on disk (default: WEIR_MEMORY_BUDGET, else no budget)",
+    )
     run.add_argument("--max-cached-windows", type=int, default=1_000_000, metavar="N",
-                     help="windows kept in memory per partition; the rest live in RocksDB on disk "
-                          "(default 1000000)")
+                     help="deprecated, use --memory-budget: an upper bound on the windows kept in "
+                          "memory per partition (default 1000000)")
     run.add_argument("--max-records-per-second", type=float, default=None, metavar="N",
                      help="process at most N input records per second, the rest wait as lag: a known "
                           "per-worker capacity for autoscaler tests and benchmarks (default: "
@@ -272,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     from weir.checkpoint import CheckpointError
     from weir.config import Environment
     from weir.control import ControlServer
+    from weir.memory import MemoryBudgetTooSmall
     from weir.metrics import WorkerMetrics
     from weir.spec import SpecError, load_job
     from weir.worker import StoreUnavailable, Worker, WorkerSettings, plan_for
@@ -288,6 +296,18 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= index < workers:
         print(f"--worker-index {index} is outside 0..{workers - 1}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    budget_text = args.memory_budget or env.memory_budget
+    budget: int | None = None
+    if budget_text is not None:
+        from weir import memory
+
+        try:
+            budget = memory.parse_size(budget_text)
+            # Refused now rather than after connecting (the worker splits it again at start).
+            memory.MemoryPlan.split(budget, memory.rss_bytes() + memory.BASE_HEADROOM)
+        except ValueError as exc:
+            print(f"--memory-budget: {exc}", file=sys.stderr)
+            return EXIT_BAD_SPEC
     try:
         security = kio.security(job.spec.kafka, _kafka_security_flags(args), env.kafka_security)
     except kio.KafkaSecurityConfigError as exc:
@@ -308,6 +328,7 @@ def _run(args: argparse.Namespace) -> int:
         http_port=args.http_port if args.http_port is not None else env.http_port,
         max_cached_windows=args.max_cached_windows,
         max_records_per_second=args.max_records_per_second or env.max_records_per_second,
+        memory_budget=budget,
         **_checkpoint_settings(args, env, job),
     )
     metrics = WorkerMetrics(f"{job.namespace}/{job.name}", index)
@@ -331,6 +352,9 @@ def _run(args: argparse.Namespace) -> int:
     log.info("Kafka at %s over %s", kafka.bootstrap_servers, security.describe())
     try:
         return worker.run()
+    except MemoryBudgetTooSmall as exc:
+        log.error("--memory-budget: %s", exc)
+        return EXIT_BAD_SPEC
     except (kio.TopicMissing, SpecError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_SPEC

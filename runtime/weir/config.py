@@ -119,6 +119,9 @@ class Environment:
     in_kubernetes: bool = False
     """``KUBERNETES_SERVICE_HOST`` is set (in every pod): a starting worker then waits for an
     unreachable broker or store for ever, not ready, instead of exiting."""
+    memory_budget: str | None = None
+    """``WEIR_MEMORY_BUDGET``: the worker's memory budget, bytes or a quantity such as ``256Mi``
+    (set by the operator from the pod's memory limit; parsed by ``weir.memory.parse_size``)."""
     kafka_security: KafkaSecurityInputs = KafkaSecurityInputs()
     """``WEIR_KAFKA_SASL_*``, ``WEIR_KAFKA_TLS`` and ``WEIR_KAFKA_SSL_*``: see KafkaSecurityInputs."""
     max_records_per_second: float | None = None
@@ -142,6 +145,7 @@ class Environment:
             checkpoint_url=env.get("WEIR_CHECKPOINT_URL") or None,
             restore_from=env.get("WEIR_RESTORE_FROM") or None,
             in_kubernetes=bool(env.get("KUBERNETES_SERVICE_HOST")),
+            memory_budget=env.get("WEIR_MEMORY_BUDGET") or None,
             kafka_security=KafkaSecurityInputs.read(env),
             max_records_per_second=float(env["WEIR_MAX_RECORDS_PER_SECOND"])
             if env.get("WEIR_MAX_RECORDS_PER_SECOND") else None,

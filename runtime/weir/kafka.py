@@ -267,7 +267,16 @@ def _common(settings: KafkaSettings) -> dict[str, Any]:
     }
 
 
-def consumer_config(settings: KafkaSettings, group_id: str, start_from: str) -> dict[str, Any]:
+def consumer_config(
+    settings: KafkaSettings,
+    group_id: str,
+    start_from: str,
+    queue_kbytes: int = 65536,
+    fetch_max_bytes: int = 52428800,
+    queue_min_messages: int = 100000,
+) -> dict[str, Any]:
+    """``queue_kbytes``, ``queue_min_messages`` and ``fetch_max_bytes`` size the prefetch queue
+    (from the worker's memory budget, ``weir.memory``; librdkafka's defaults otherwise)."""
     return {
         **_common(settings),
         "group.id": group_id,
@@ -280,7 +289,9 @@ def consumer_config(settings: KafkaSettings, group_id: str, start_from: str) -> 
         # Bigger fetches amortise per-request overhead; the hot loop takes batches.
         "fetch.min.bytes": 1,
         "fetch.wait.max.ms": 100,
-        "queued.max.messages.kbytes": 65536,
+        "queued.max.messages.kbytes": queue_kbytes,
+        "queued.min.messages": queue_min_messages,
+        "fetch.max.bytes": fetch_max_bytes,
         # librdkafka backs a partition's fetcher off for fetch.queue.backoff.ms (default 1 s)
         # once its local queue is full; a Python loop drains in bursts, so the default stalls
         # consumption for most of each second. 10 ms measured 5x the raw consume rate.
@@ -289,14 +300,22 @@ def consumer_config(settings: KafkaSettings, group_id: str, start_from: str) -> 
     }
 
 
-def producer_config(settings: KafkaSettings, on_error: Callable[[Any, Any], None]) -> dict[str, Any]:
+def producer_config(
+    settings: KafkaSettings,
+    on_error: Callable[[Any, Any], None],
+    queue_kbytes: int = 1048576,
+    queue_messages: int = 200_000,
+) -> dict[str, Any]:
+    """``queue_kbytes`` and ``queue_messages`` bound what waits for delivery (from the memory
+    budget, ``weir.memory``)."""
     return {
         **_common(settings),
         "enable.idempotence": True,
         "linger.ms": 20,
         "batch.num.messages": 10000,
         "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000,
+        "queue.buffering.max.messages": queue_messages,
+        "queue.buffering.max.kbytes": queue_kbytes,
         # Only failed deliveries call back: no per-record Python call for successes.
         "delivery.report.only.error": True,
         "on_delivery": on_error,

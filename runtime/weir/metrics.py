@@ -181,6 +181,20 @@ class WorkerMetrics:
             "weir_outage_seconds_total", "Seconds the dependency (kafka, store) has been unreachable.",
             "dependency")
         self._outage_seconds: dict[str, float] = {}
+        # Memory (weir.memory): the budget, each part's share of it, and what each part holds.
+        self.memory_budget_bytes = self._gauge(
+            "weir_memory_budget_bytes", "The worker's memory budget (--memory-budget), bytes.")
+        self.memory_share_bytes = self._gauge(
+            "weir_memory_share_bytes",
+            "Each part's share of the memory budget (base, windows, rocksdb, kafka_queues), bytes.",
+            "part")
+        self.memory_used_bytes = self._gauge(
+            "weir_memory_used_bytes",
+            "Bytes each part holds now (window_cache, timers: estimated from object sizes; rocksdb: "
+            "the shared block cache with memtables; kafka_queues: librdkafka's queues).",
+            "part")
+        self.memory_rss_bytes = self._gauge(
+            "weir_memory_rss_bytes", "Resident set size of the worker process, bytes.")
 
         self.registry = CollectorRegistry()
         """The registry to serve: the metrics above with the job and worker labels added."""

@@ -2,41 +2,75 @@
 
 One database per input partition (Kafka Streams' task model): the partition's window
 accumulators and its progress (next offset, watermark) live in the same database and are
-written in the same batch, so whatever is on disk is always a state that matches an offset.
+written in the same batch, so whatever is on disk with a progress record is always a state
+that matches an offset.
 
 The hot path only touches a dict. Changed accumulators are written to RocksDB in one batch
-by ``flush`` (at commit/checkpoint time), and when the working set outgrows ``max_cached``
-the clean entries are dropped from memory and read back from RocksDB on their next use —
-memory stays bounded and the rest lives on disk.
+by ``flush`` (at commit/checkpoint time). When the working set outgrows its share of the
+worker's memory budget (``memory_bytes``, or the older ``max_cached`` count), the store
+*spills*: it writes every changed window out (without progress, and it deletes the progress
+record, so the database no longer claims to match an offset until the next ``flush``) and
+drops the oldest windows from memory; they are read back from RocksDB on their next use.
+The same happens when the changed/deleted sets outgrow their share between flushes. Memory
+stays bounded and the rest lives on disk.
+
+Exactly-once is unaffected: a checkpoint is ``flush`` (everything changed plus the progress,
+one batch) followed by a RocksDB checkpoint, so a snapshot always holds every change up to its
+offset; windows spilled in between are changes before that offset too. Only the *local*
+database between checkpoints holds changes past its last progress: that is why a spill
+deletes the progress record (``weir.recovery`` then restores from the checkpoint store instead
+of trusting the local database).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import orjson
 from rocksdict import (
     AccessType,
+    BlockBasedIndexType,
+    BlockBasedOptions,
+    Cache,
     Checkpoint,
     IngestExternalFileOptions,
     Options,
     Rdict,
     SstFileWriter,
     WriteBatch,
+    WriteBufferManager,
 )
+
+from weir.memory import release_free_memory
 
 WindowKey = tuple[str, int, int]
 
 # Window entries are ``b"w" + start + end + key`` with big-endian signed times offset to
 # sort correctly, so a range scan returns windows in start order; progress lives under a
-# key that sorts before them all.
+# key that sorts before them all. For tumbling and sliding windows ``end - start`` is the
+# window size, so start order is end order and the entries themselves are the on-disk timer
+# index: the windows that close at ``end`` are one contiguous range, in key order (UTF-8 byte
+# order is code point order, Python's string order), which is their firing order.
 _WINDOW = b"w"
 _PROGRESS = b"\x00progress"
 _TIMES = struct.Struct(">QQ")
 _BIAS = 1 << 63
+
+_CHUNK = 10_000
+"""Windows per RocksDB write batch when a flush or spill writes many: a batch is built in
+memory before it is written, so one batch of a whole cache would be a memory spike."""
+
+_ENTRY_OVERHEAD = 150
+"""Bytes a cached window costs beyond its key and accumulator objects: its slot in the cache
+dict and in the changed set (both kept at most 2/3 full, and doubled when they grow), its
+timer slot in the window operator, and the allocator's rounding."""
+_INITIAL_ENTRY_BYTES = 300
+"""The estimate before the first cached windows are measured (``_measure``)."""
 
 
 # Compaction tuned for incremental checkpoints. Every checkpoint flushes the memtable, so each
@@ -64,8 +98,36 @@ _BACKGROUND_WORK = (
 )
 
 
-def rocksdb_options() -> Options:
-    """The options every partition database is opened (and restored) with."""
+class RocksMemory:
+    """RocksDB's share of a worker's memory budget, shared by every partition database.
+
+    One LRU block cache of ``capacity`` bytes for all databases (data, index and filter
+    blocks), and one write buffer manager that charges every memtable to that same cache, so
+    RocksDB's block cache and memtables together stay within ``capacity`` (RocksDB's
+    "cost memtable memory to block cache" mode). Memtables may take half of it.
+    """
+
+    def __init__(self, capacity: int, databases: int) -> None:
+        self.capacity = capacity
+        self.cache = Cache(capacity)
+        self.write_buffers = WriteBufferManager.new_write_buffer_manager_with_cache(
+            capacity // 2, False, self.cache
+        )
+        # Two memtables per database (one filling, one flushing) within the memtable half.
+        self.write_buffer_size = max(1 << 20, capacity // 2 // max(1, databases) // 2)
+
+    def used(self) -> int:
+        """Bytes held in the shared cache now (blocks plus memtable reservations)."""
+        return int(self.cache.get_usage())
+
+
+def rocksdb_options(memory: RocksMemory | None = None) -> Options:
+    """The options every partition database is opened (and restored) with.
+
+    With ``memory``, the database uses the worker's shared block cache and write buffer
+    manager, and index and filter blocks live in that cache too (otherwise they are held
+    outside any limit, per open file).
+    """
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_target_file_size_base(_TARGET_FILE_BYTES)
@@ -73,6 +135,25 @@ def rocksdb_options() -> Options:
     options.set_level_zero_file_num_compaction_trigger(_L0_COMPACTION_TRIGGER)
     options.set_level_zero_slowdown_writes_trigger(_L0_SLOWDOWN_TRIGGER)
     options.set_level_zero_stop_writes_trigger(_L0_STOP_TRIGGER)
+    table = BlockBasedOptions()
+    # A window read back from disk is usually a miss first (a new window): a bloom filter
+    # answers most misses without reading a data block.
+    table.set_bloom_filter(10, False)
+    if memory is not None:
+        table.set_block_cache(memory.cache)
+        table.set_cache_index_and_filter_blocks(True)
+        # Partitioned in 4 KiB blocks: a whole 8 MiB file's index or filter block is bigger than
+        # one shard of a small cache (64 shards), so it would be evicted as soon as read and
+        # every lookup would read and parse it again (measured: 100 us per get instead of 1).
+        table.set_partition_filters(True)
+        table.set_index_type(BlockBasedIndexType.two_level_index_search())
+        table.set_metadata_block_size(4096)
+        table.set_pin_top_level_index_and_filter(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        options.set_write_buffer_manager(memory.write_buffers)
+        options.set_write_buffer_size(memory.write_buffer_size)
+        options.set_max_write_buffer_number(2)
+    options.set_block_based_table_factory(table)
     return options
 
 
@@ -92,6 +173,11 @@ class PartitionStore:
     ``get``/``put``/``delete`` work on the in-memory working set; ``flush`` makes the
     working set and the given progress durable together. Accumulators handed out by
     ``get`` may be mutated in place; ``put`` marks them changed.
+
+    Memory: the cached windows plus the windows changed or deleted since the last write are
+    kept under ``max_cached`` windows and, with ``memory_bytes``, under that many bytes
+    (estimated from the cached objects' sizes, ``entry_bytes`` each). Past the limit the store
+    spills (see the module docstring) and keeps the newest half of the cache.
     """
 
     def __init__(
@@ -100,16 +186,27 @@ class PartitionStore:
         dumps: Callable[[list[Any]], bytes],
         loads: Callable[[bytes], list[Any]],
         max_cached: int = 1_000_000,
+        memory_bytes: int | None = None,
+        rocks: RocksMemory | None = None,
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = Rdict(str(path), rocksdb_options())
+        # The options hold the shared cache and write buffer manager, which must outlive the db.
+        self._options = rocksdb_options(rocks)
+        self._db = Rdict(str(path), self._options)
         self._dumps = dumps
         self._loads = loads
-        self._max_cached = max_cached
+        self._max_count = max_cached
+        self._memory_bytes = memory_bytes
+        self.entry_bytes = _INITIAL_ENTRY_BYTES
+        """Estimated bytes per cached window (re-measured whenever the cache reaches its limit)."""
+        self._max_cached = self._limit()
         self._cache: dict[WindowKey, list[Any]] = {}
         self._dirty: set[WindowKey] = set()
         self._deleted: set[WindowKey] = set()
+        # The last key ``get`` looked up on disk and did not find: the ``put`` that follows
+        # (a new window) then needs no second disk read to know it is new.
+        self._missed: WindowKey | None = None
         # Whether RocksDB may hold windows that are not in memory: false for a new
         # partition until the first eviction, so misses cost no disk read.
         self._count = sum(1 for _ in self._window_keys())
@@ -117,23 +214,48 @@ class PartitionStore:
         # Whether RocksDB may hold any window at all (written by a flush or found on open):
         # from then on a deleted window must be deleted on disk too.
         self._persisted = self._on_disk
+        # Whether the progress record describes everything on disk (false after a spill).
+        self._progress_current = True
+        self.evictions = 1 if self._on_disk else 0
+        """How often windows were dropped from memory (opening a database that holds windows
+        counts once): after it changes, every window the store holds is on disk, so the window
+        operator may forget its in-memory timers and fire from ``pop_windows_at``."""
+        self.spills = 0
+        """How many times windows were written out between flushes (a metric)."""
 
     # -- the WindowOperator seam ------------------------------------------------------
     def get(self, k: WindowKey) -> list[Any] | None:
         acc = self._cache.get(k)
         if acc is None and self._on_disk:
+            if k in self._deleted:
+                return None
             raw = self._db.get(encode_key(k))
-            if raw is not None:
-                acc = self._loads(bytes(raw))
-                self._cache[k] = acc
+            if raw is None:
+                self._missed = k
+                return None
+            acc = self._loads(bytes(raw))
+            self._cache[k] = acc
+            if len(self._cache) > self._max_cached:
+                self._make_room()
         return acc
 
     def put(self, k: WindowKey, acc: list[Any]) -> None:
-        if k not in self._cache and not self._stored(k):
-            self._count += 1
-        self._cache[k] = acc
+        cache = self._cache
+        if k not in cache:
+            if k is self._missed or not self._stored(k):
+                self._count += 1
+            self._missed = None
+            cache[k] = acc
+            self._dirty.add(k)
+            if self._deleted:
+                self._deleted.discard(k)
+            if len(cache) > self._max_cached:
+                self._make_room()
+            return
+        cache[k] = acc
         self._dirty.add(k)
-        self._deleted.discard(k)
+        if self._deleted:
+            self._deleted.discard(k)
 
     def delete(self, k: WindowKey) -> None:
         if k in self._cache:
@@ -144,6 +266,8 @@ class PartitionStore:
         self._dirty.discard(k)
         if self._persisted:
             self._deleted.add(k)
+            if len(self._deleted) + len(self._cache) > self._max_cached:
+                self._make_room()
 
     def _stored(self, k: WindowKey) -> bool:
         """Whether RocksDB holds ``k`` (not yet deleted); only asked once windows have spilled."""
@@ -164,6 +288,108 @@ class PartitionStore:
         """Number of windows held, in memory or on disk (kept as a count: O(1))."""
         return self._count
 
+    # -- the on-disk timer index (tumbling and sliding windows) ---------------------------
+    def pop_windows_at(
+        self, start: int, end: int, after: str | None, limit: int
+    ) -> list[tuple[WindowKey, list[Any]]]:
+        """Remove and return up to ``limit`` windows ``[start, end)`` with a key above ``after``,
+        in key order (the window operator fires them).
+
+        Reads what is on disk: call ``spill`` first when windows of this range may have
+        changed in memory since the last write (the window operator does, once they close).
+        The cached accumulator is returned where there is one. The deletions reach disk with
+        the next spill or flush, like any other.
+        """
+        prefix = _WINDOW + _TIMES.pack(start + _BIAS, end + _BIAS)
+        seek = prefix if after is None else prefix + after.encode() + b"\x00"
+        out: list[tuple[WindowKey, list[Any]]] = []
+        cache, deleted, loads = self._cache, self._deleted, self._loads
+        skip = len(prefix)
+        it = self._db.iter()
+        it.seek(seek)
+        while it.valid() and len(out) < limit:
+            raw_key = it.key()
+            if not raw_key.startswith(prefix):
+                break
+            k = (raw_key[skip:].decode(), start, end)
+            if k not in deleted:
+                acc = cache.pop(k, None)
+                out.append((k, acc if acc is not None else loads(bytes(it.value()))))
+            it.next()
+        del it
+        for k, _acc in out:
+            self._dirty.discard(k)
+            deleted.add(k)
+        self._count -= len(out)
+        if len(deleted) + len(cache) > self._max_cached:
+            self._make_room()
+        return out
+
+    def window_ends(self) -> list[int]:
+        """The distinct ends of the windows on disk, ascending for tumbling and sliding
+        windows (one seek per distinct ``(start, end)``, not a scan of every window)."""
+        ends: list[int] = []
+        it = self._db.iter()
+        it.seek(_WINDOW)
+        while it.valid():
+            raw_key = it.key()
+            if not raw_key.startswith(_WINDOW):
+                break
+            start, end = _TIMES.unpack_from(raw_key, 1)
+            ends.append(end - _BIAS)
+            it.seek(_WINDOW + _TIMES.pack(start, end + 1))
+        del it
+        return ends
+
+    # -- memory ----------------------------------------------------------------------------
+    def spill(self) -> None:
+        """Write every changed and deleted window to RocksDB now, without progress.
+
+        The progress record is deleted in the same first batch: until the next ``flush`` the
+        database holds changes past the offset it would name. The cache keeps its windows.
+        """
+        if not self._dirty and not self._deleted:
+            return
+        self._write(None)
+        self.spills += 1
+
+    def _make_room(self) -> None:
+        """The cache (plus the deleted set) is over its limit: re-measure, spill, evict."""
+        self._measure()
+        if len(self._cache) + len(self._deleted) <= self._max_cached:
+            return
+        self.spill()
+        cache = self._cache
+        drop = len(cache) - self._max_cached // 2
+        if drop > 0:
+            for k in list(islice(cache, drop)):
+                del cache[k]
+            self._on_disk = True
+            self.evictions += 1
+            release_free_memory()
+
+    def _limit(self) -> int:
+        if self._memory_bytes is None:
+            return self._max_count
+        return max(16, min(self._max_count, self._memory_bytes // self.entry_bytes))
+
+    def _measure(self) -> None:
+        """Re-estimate ``entry_bytes`` from the newest cached windows and recompute the limit."""
+        sample = list(islice(reversed(self._cache.items()), 64))
+        if sample:
+            total = 0
+            for k, acc in sample:
+                total += sys.getsizeof(k) + sys.getsizeof(k[0]) + sys.getsizeof(k[1]) + sys.getsizeof(k[2])
+                total += _deep_size(acc)
+            self.entry_bytes = total // len(sample) + _ENTRY_OVERHEAD
+        self._max_cached = self._limit()
+
+    def memory_used(self) -> tuple[int, int]:
+        """Estimated bytes of ``(cached windows, windows waiting to be written or deleted)``."""
+        cached = len(self._cache) * self.entry_bytes
+        pending = len(self._deleted) * self.entry_bytes + len(self._dirty) * 40
+        return cached, pending
+
     # -- durability ---------------------------------------------------------------------
     @property
     def progress(self) -> dict[str, Any] | None:
@@ -172,37 +398,62 @@ class PartitionStore:
         return None if raw is None else dict(orjson.loads(bytes(raw)))
 
     def flush(self, progress: dict[str, Any]) -> int:
-        """Write changed windows and ``progress`` in one atomic batch; returns bytes written."""
+        """Write changed windows and ``progress``; returns bytes written.
+
+        One atomic batch when it fits in ``_CHUNK`` windows. A bigger flush is written in
+        several batches, the first deleting the progress record and the last writing the new
+        one, so a crash in between leaves a database that claims no offset.
+        """
+        written = self._write(progress)
+        if len(self._cache) > self._max_cached:
+            self._make_room()
+        return written
+
+    def _write(self, progress: dict[str, Any] | None) -> int:
+        changes = len(self._deleted) + len(self._dirty)
         batch = WriteBatch(raw_mode=True)
+        if progress is None or changes > _CHUNK:
+            if self._progress_current:
+                batch.delete(_PROGRESS)
+            self._progress_current = False
         written = 0
+        n = 0
+        db, dumps, cache = self._db, self._dumps, self._cache
         for k in self._deleted:
             batch.delete(encode_key(k))
+            n += 1
+            if n % _CHUNK == 0:
+                db.write(batch)
+                batch = WriteBatch(raw_mode=True)
         for k in self._dirty:
-            value = self._dumps(self._cache[k])
+            value = dumps(cache[k])
             written += len(value)
             batch.put(encode_key(k), value)
-        meta = orjson.dumps(progress)
-        batch.put(_PROGRESS, meta)
-        self._db.write(batch)
+            n += 1
+            if n % _CHUNK == 0:
+                db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        if progress is not None:
+            meta = orjson.dumps(progress)
+            batch.put(_PROGRESS, meta)
+            written += len(meta)
+            self._progress_current = True
+        db.write(batch)
         if self._dirty:
             self._persisted = True
         self._dirty.clear()
         self._deleted.clear()
-        if len(self._cache) > self._max_cached:
-            self._evict()
-        return written + len(meta)
-
-    def _evict(self) -> None:
-        # Everything is clean right after a flush: keep the most recently inserted half.
-        keep = self._max_cached // 2
-        drop = len(self._cache) - keep
-        for k in list(self._cache)[:drop]:
-            del self._cache[k]
-        self._on_disk = True
+        self._missed = None
+        return written
 
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+    @property
+    def max_cached(self) -> int:
+        """The current limit on cached windows (from the count and the byte budget)."""
+        return self._max_cached
 
     def size_bytes(self) -> int:
         """Approximate on-disk size (RocksDB's own estimate of live data)."""
@@ -226,7 +477,8 @@ class PartitionStore:
         copy) plus a few small metadata files and needs no write-ahead log. The directory
         opens as a normal database (``PartitionStore(dest, ...)``), and the working set
         keeps changing meanwhile without touching it. Uncommitted in-memory changes (since
-        the last ``flush``) are not in it.
+        the last ``flush``) are not in it; call it right after ``flush``, before anything
+        spills.
         """
         if dest.exists():
             raise FileExistsError(f"checkpoint directory {dest} already exists")
@@ -243,6 +495,16 @@ class PartitionStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _deep_size(acc: list[Any]) -> int:
+    """Bytes of an accumulator list and its items, one level into containers (count_distinct's set)."""
+    total = sys.getsizeof(acc)
+    for item in acc:
+        total += sys.getsizeof(item)
+        if isinstance(item, (set, list, tuple, dict)):
+            total += sum(sys.getsizeof(x) for x in item)
+    return total
 
 
 def export_sst(db_dir: Path, sst_path: Path) -> int:

@@ -36,6 +36,7 @@ class InMemoryWindowStore:
         self,
         dumps: Callable[[Accumulator], bytes] | None = None,
         loads: Callable[[bytes], Accumulator] | None = None,
+        evict_every: int | None = None,
     ) -> None:
         if (dumps is None) != (loads is None):
             raise ValueError("give both dumps and loads, or neither")
@@ -44,6 +45,15 @@ class InMemoryWindowStore:
         self._data: dict[WindowKey, Any] = {}
         self.puts = 0
         """How many times ``put`` was called (a cheap observable for tests)."""
+        self.evictions = 0
+        """Bumped by ``evict`` (and every ``evict_every`` puts): the operator must then find
+        windows through ``pop_windows_at``, as after a real store spilled them to disk."""
+        self._evict_every = evict_every
+        self.spills = 0
+
+    def evict(self) -> None:
+        """Pretend every window went to disk (nothing moves: the dict is the "disk")."""
+        self.evictions += 1
 
     def get(self, k: WindowKey, /) -> Accumulator | None:
         value = self._data.get(k)
@@ -54,6 +64,28 @@ class InMemoryWindowStore:
     def put(self, k: WindowKey, acc: Accumulator, /) -> None:
         self.puts += 1
         self._data[k] = acc if self._dumps is None else self._dumps(acc)
+        if self._evict_every is not None and self.puts % self._evict_every == 0:
+            self.evict()
+
+    def spill(self) -> None:
+        self.spills += 1
+
+    def pop_windows_at(
+        self, start: int, end: int, after: str | None, limit: int, /
+    ) -> list[tuple[WindowKey, Accumulator]]:
+        keys = sorted(
+            k for k in self._data if k[1] == start and k[2] == end and (after is None or k[0] > after)
+        )
+        out = []
+        for k in keys[:limit]:
+            acc = self.get(k)
+            assert acc is not None
+            out.append((k, acc))
+            self.delete(k)
+        return out
+
+    def window_ends(self) -> list[int]:
+        return sorted({k[2] for k in self._data})
 
     def delete(self, k: WindowKey, /) -> None:
         del self._data[k]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple, Protocol
@@ -34,6 +35,28 @@ class WindowStore(Protocol):
     def delete(self, k: WindowKey, /) -> None: ...
     def items(self) -> Iterator[tuple[WindowKey, Accumulator]]: ...
     def __len__(self) -> int: ...
+
+    # The on-disk timer index of tumbling and sliding windows (sessions do not use it).
+    @property
+    def evictions(self) -> int:
+        """Changes whenever windows were dropped from memory; right after a change every window
+        the store holds can be found through ``pop_windows_at`` (once ``spill``ed)."""
+        ...
+
+    def spill(self) -> None:
+        """Make every change so far visible to ``pop_windows_at``."""
+        ...
+
+    def pop_windows_at(
+        self, start: int, end: int, after: str | None, limit: int, /
+    ) -> list[tuple[WindowKey, Accumulator]]:
+        """Delete and return up to ``limit`` windows ``[start, end)`` whose key sorts after
+        ``after``, in key order."""
+        ...
+
+    def window_ends(self) -> list[int]:
+        """The distinct ends of every window held (used by ``restore`` after an eviction)."""
+        ...
 
 
 class WindowResult(NamedTuple):
@@ -91,6 +114,15 @@ class WindowOperator:
     ``restore()`` rebuilds the in-memory indexes (timers, per-key sessions) from the store after
     a restart. ``process`` is a per-kind closure built once, so the per-record path does no
     dispatch and no attribute lookups.
+
+    Memory (tumbling and sliding): the timer index holds the windows created in memory since
+    the store last evicted windows (``store.evictions``), plus the distinct window ends. After
+    an eviction every window is on disk, where the store's entries ordered by ``(end, key)``
+    are the timer index: the operator forgets its per-window timers (keeping the ends), and
+    fires an end whose windows went to disk by ``store.spill()`` and a scan of
+    ``store.pop_windows_at`` in chunks. So the in-memory index never grows with spilled windows,
+    and results and their order are the same as with everything in memory. Sessions keep
+    their per-key index in memory.
     """
 
     process: ProcessFn
@@ -120,6 +152,15 @@ class WindowOperator:
         # and advance costs O(due timers * log), never a scan of all windows.
         self._heap: list[int] = []
         self._timers: dict[int, list[WindowKey]] = {}
+        # Ends whose windows may be on disk without a timer here (see the class docstring); a
+        # window created later at such an end still gets an entry in its (emptied) timer list.
+        self._ends_on_disk: set[int] = set()
+        self._evictions_seen = 0
+        # Closed windows waiting to fire, in firing order, when ``advance`` had a ``limit``:
+        # ``(end, keys)`` with keys in reverse firing order (popped from the back), or
+        # ``(end, None)`` for an end fired from disk from ``_cursor`` (the last key fired) on.
+        self._due: deque[tuple[int | None, list[WindowKey] | None]] = deque()
+        self._cursor: str | None = None
         self._session_timers: dict[int, list[_Session]] = {}
         # Sessions only: key -> that key's sessions not known to be closed, sorted by start.
         self._sessions: dict[str, list[_Session]] = {}
@@ -142,6 +183,19 @@ class WindowOperator:
         return len(self._store)
 
     @property
+    def firing(self) -> bool:
+        """Whether closed windows are still waiting to fire (``advance`` stopped at its limit)."""
+        return bool(self._due)
+
+    @property
+    def timer_entries(self) -> int:
+        """Per-window entries of the in-memory timer index (sessions: keys and timer times,
+        a lower bound kept O(1)-ish: the metric must not scan every session)."""
+        n = sum(len(b) for b in self._timers.values())
+        n += len(self._session_timers) + len(self._sessions)
+        return n + sum(len(keys) for _end, keys in self._due if keys is not None)
+
+    @property
     def watermark(self) -> int:
         """The highest watermark passed to ``process`` or ``advance`` so far."""
         return self._watermark[0]
@@ -155,8 +209,13 @@ class WindowOperator:
         process = self.process
         return [item for item in batch if not process(item[0], item[1], item[2], item[3])]
 
-    def advance(self, watermark: int) -> list[WindowResult]:
-        """Emit pending updates ("updates" mode), then fire and forget the windows closed at ``watermark``."""
+    def advance(self, watermark: int, limit: int | None = None) -> list[WindowResult]:
+        """Emit pending updates ("updates" mode), then fire and forget the windows closed at ``watermark``.
+
+        With ``limit``, at most ``limit`` final results come back; ``firing`` then says whether
+        more closed windows wait, and the next call continues with them, in order, before any
+        window that closes later. The caller bounds the memory a big closing takes this way.
+        """
         wm = self._watermark
         if watermark < wm[0]:
             watermark = wm[0]
@@ -181,26 +240,78 @@ class WindowOperator:
                         _mark_emitted(sessions, k)
             changed.clear()
 
+        if store.evictions != self._evictions_seen:
+            self._note_evictions()
         # A window is closed iff end <= watermark - allowed_lateness + 1.
         threshold = watermark - self.shape.allowed_lateness_ms + 1
         heap = self._heap
-        if not heap or heap[0] > threshold:
+        if heap and heap[0] <= threshold:
+            self._collect_due(threshold)
+        if not self._due:
             return out
+        due = self._due
+        size = self.shape.size_ms or 0
+        fired = 0
+        while due and (limit is None or fired < limit):
+            end, keys = due[0]
+            if keys is None:
+                assert end is not None
+                want = _FIRE_CHUNK if limit is None else min(_FIRE_CHUNK, limit - fired)
+                chunk = store.pop_windows_at(end - size, end, self._cursor, want)
+                for k, acc in chunk:
+                    out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
+                fired += len(chunk)
+                if len(chunk) < want:
+                    due.popleft()
+                    self._cursor = None
+                else:
+                    self._cursor = chunk[-1][0][0]
+                continue
+            while keys and (limit is None or fired < limit):
+                k = keys.pop()
+                acc = store.get(k)
+                if acc is None:
+                    raise RuntimeError(f"window {k} is in the timer index but not in the store")
+                store.delete(k)
+                out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
+                fired += 1
+            if not keys:
+                due.popleft()
+        return out
+
+    def _collect_due(self, threshold: int) -> None:
+        """Move every window closed at ``threshold`` from the timer index to ``_due``."""
+        heap = self._heap
         if self.shape.kind == "session":
             due = self._due_sessions(threshold)
-        else:
-            due = []
-            timers = self._timers
-            while heap and heap[0] <= threshold:
-                due.extend(timers.pop(heapq.heappop(heap)))
-        due.sort(key=_fire_order)
-        for k in due:
-            acc = store.get(k)
-            if acc is None:
-                raise RuntimeError(f"window {k} is in the timer index but not in the store")
-            store.delete(k)
-            out.append(WindowResult(k[0], k[1], k[2], result(acc), True))
-        return out
+            due.sort(key=_fire_order, reverse=True)
+            self._due.append((None, due))
+            return
+        timers, on_disk = self._timers, self._ends_on_disk
+        from_disk = False
+        while heap and heap[0] <= threshold:
+            end = heapq.heappop(heap)
+            bucket = timers.pop(end)
+            if end in on_disk:
+                # Its windows are on disk (and perhaps changed in memory since): fire them by
+                # scanning the store once it has written every change.
+                on_disk.discard(end)
+                from_disk = True
+                self._due.append((end, None))
+            else:
+                bucket.sort(key=_fire_order, reverse=True)
+                self._due.append((end, bucket))
+        if from_disk:
+            self._store.spill()
+
+    def _note_evictions(self) -> None:
+        """After the store evicted windows, their timers live on disk: keep only the ends."""
+        self._evictions_seen = self._store.evictions
+        if self.shape.kind == "session":
+            return  # sessions keep their index in memory and read evicted windows back by key
+        self._ends_on_disk.update(self._timers)
+        for bucket in self._timers.values():
+            bucket.clear()
 
     def _due_sessions(self, threshold: int) -> list[WindowKey]:
         heap = self._heap
@@ -240,7 +351,17 @@ class WindowOperator:
         self._retract.clear()
         self._heap.clear()
         updates = self.emit == "updates"
-        if self.shape.kind == "session":
+        self._due.clear()
+        self._cursor = None
+        self._ends_on_disk.clear()
+        self._evictions_seen = self._store.evictions
+        if self.shape.kind != "session" and self._evictions_seen:
+            # The windows are on disk: index their ends only, never every window.
+            ends = sorted(set(self._store.window_ends()))
+            self._timers.update((end, []) for end in ends)
+            self._ends_on_disk.update(ends)
+            self._heap.extend(ends)
+        elif self.shape.kind == "session":
             for (key, start, end), _acc in self._store.items():
                 s = _Session(key, start, end)
                 if updates:
@@ -509,6 +630,9 @@ def _arm(timers: dict[int, list[_Session]], heap: list[int], at: int, s: _Sessio
     else:
         bucket.append(s)
 
+
+_FIRE_CHUNK = 10_000
+"""Windows read from disk per scan when an end fires from disk."""
 
 _end = attrgetter("end")
 _start = attrgetter("start")

@@ -50,12 +50,12 @@ from confluent_kafka import (
 
 from weir import checkpoint as ck
 from weir import kafka as kio
-from weir import recovery
+from weir import memory, recovery
 from weir.aggregates import Aggregator, Overflow, compile_aggregates, representable
 from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
-from weir.state import PartitionStore
+from weir.state import PartitionStore, RocksMemory
 from weir.windowing import NO_WATERMARK, WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,10 @@ class WorkerSettings:
     """``weir.checkpoint.S3Settings`` for an ``s3://`` store (None: from the environment)."""
     watermark_interval_s: float = 0.2
     max_cached_windows: int = 1_000_000
+    """An upper bound on each partition's cached windows (deprecated: use ``memory_budget``)."""
+    memory_budget: int | None = None
+    """Bytes the whole worker process aims to stay within (``weir.memory``); None: unbounded
+    except by ``max_cached_windows``."""
     shutdown_timeout_s: float = 20.0
     savepoint_timeout_s: float = 600.0
     max_records_per_second: float | None = None
@@ -261,6 +265,9 @@ class Pending:
     started: float
     sync_s: float
 
+
+_FIRE_CHUNK = 5000
+"""Window results produced per ``advance`` call when many windows close at once."""
 
 _ISO_CACHE: dict[int, str] = {}
 
@@ -400,6 +407,9 @@ class Worker:
         self._savepoints_done: dict[str, dict[str, Any]] = {}
         self.last_checkpoint: dict[str, Any] | None = None
         self.last_savepoint: dict[str, Any] | None = None
+        self.memory: memory.MemoryPlan | None = None
+        self._rocks: RocksMemory | None = None
+        self._kafka_queued: dict[str, int] = {}
         from weir.metrics import BusyTracker, RateTracker
 
         self._busy = BusyTracker(clock=time.perf_counter)
@@ -529,14 +539,44 @@ class Worker:
 
         self._errors, self._undelivered, self._permanent = [], 0, False
         self._committed_since_start = False
-        self.consumer = kio.new_consumer(
-            {**kio.consumer_config(self.kafka, plan.group_id, plan.start_from), **self._kafka_hooks}
-        )
+        if settings.memory_budget is not None and self.memory is None:
+            # The process as it first started (interpreter, libraries, no clients yet) is the
+            # base; a start after a rollback keeps the plan it had.
+            self.memory = memory.MemoryPlan.split(
+                settings.memory_budget, memory.rss_bytes() + memory.BASE_HEADROOM
+            )
+        consumer_config = kio.consumer_config(self.kafka, plan.group_id, plan.start_from)
+        if self.memory is not None:
+            # librdkafka applies the prefetch limit to each partition's queue.
+            inputs = sum(
+                len(assigned(partitions[t], settings.index, settings.count)) for t in plan.source_topics
+            )
+            if plan.repartition_topic:
+                inputs += len(assigned(repart_partitions, settings.index, settings.count))
+            consumer_config = {
+                **kio.consumer_config(
+                    self.kafka,
+                    plan.group_id,
+                    plan.start_from,
+                    queue_kbytes=self.memory.consumer_queue_kbytes // max(1, inputs),
+                    fetch_max_bytes=self.memory.fetch_max_bytes,
+                    queue_min_messages=self.memory.consumer_queue_messages(inputs),
+                ),
+                **self._stats_config("consumer"),
+            }
+        self.consumer = kio.new_consumer({**consumer_config, **self._kafka_hooks})
         self._closing = threading.Event()
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
         self._producers = self._new_producers()
         self.producer = self._producers[0]
         self._build_tasks(partitions, repart_partitions)
+        if self.memory is not None:
+            windowing = sum(1 for t in self.tasks.values() if not t.forward)
+            self._rocks = RocksMemory(self.memory.rocksdb, windowing)
+            log.info(
+                "memory budget %s: base %s, windows %s, RocksDB %s, Kafka queues %s",
+                *(memory.format_size(v) for v in self.memory.as_dict().values()),
+            )
         self._restore()
         self.consumer.assign([t.tp() for t in self.tasks.values()])
         self._begin()
@@ -613,7 +653,19 @@ class Worker:
         not stop for the upload. Transactional ids are stable per worker index, so a restarted
         worker fences its zombie (and aborts whatever it left open) in ``init_transactions``.
         """
-        config = {**kio.producer_config(self.kafka, self._on_delivery_error), **self._kafka_hooks}
+        if self.memory is not None:
+            config = {
+                **kio.producer_config(
+                    self.kafka,
+                    self._on_delivery_error,
+                    queue_kbytes=self.memory.producer_queue_kbytes,
+                    queue_messages=self.memory.producer_queue_messages,
+                ),
+                **self._stats_config("producer"),
+            }
+        else:
+            config = kio.producer_config(self.kafka, self._on_delivery_error)
+        config = {**config, **self._kafka_hooks}
         if self.settings.guarantee != "exactly-once":
             return [kio.new_producer(config)]
         producers = []
@@ -660,6 +712,22 @@ class Worker:
                     ) from exc
                 self._pause(backoff.next())
 
+    def _stats_config(self, client: str) -> dict[str, Any]:
+        """librdkafka statistics every 5 s: the bytes in its queues, for the memory metrics."""
+
+        def on_stats(raw: str) -> None:
+            stats = orjson.loads(raw)
+            if client == "producer":
+                self._kafka_queued[f"producer-{stats.get('name')}"] = int(stats.get("msg_size") or 0)
+                return
+            queued = 0
+            for topic in (stats.get("topics") or {}).values():
+                for part in (topic.get("partitions") or {}).values():
+                    queued += int(part.get("fetchq_size") or 0)
+            self._kafka_queued["consumer"] = queued
+
+        return {"statistics.interval.ms": 5000, "stats_cb": on_stats}
+
     def _begin(self) -> None:
         if self.settings.guarantee == "exactly-once":
             self.producer.begin_transaction()
@@ -684,8 +752,14 @@ class Worker:
 
     def _open_state(self, task: Task, path: Path) -> None:
         plan = self.plan
+        windowing = sum(1 for t in self.tasks.values() if not t.forward)
         store = PartitionStore(
-            path, plan.aggregator.dumps, plan.aggregator.loads, self.settings.max_cached_windows
+            path,
+            plan.aggregator.dumps,
+            plan.aggregator.loads,
+            self.settings.max_cached_windows,
+            memory_bytes=self.memory.window_share(windowing) if self.memory is not None else None,
+            rocks=self._rocks,
         )
         task.store = store
         task.op = WindowOperator(
@@ -1055,9 +1129,16 @@ class Worker:
     def _fire(self, task: Task) -> None:
         if task.op is None:
             return
-        results = task.op.advance(task.wm)
+        # In chunks, so closing a million windows never holds a million results in memory;
+        # that can take minutes, during which the worker is busy, not stuck.
+        while self._fire_some(task):
+            self.alive_at = time.monotonic()
+
+    def _fire_some(self, task: Task) -> bool:
+        assert task.op is not None
+        results = task.op.advance(task.wm, _FIRE_CHUNK)
         if not results:
-            return
+            return False
         topic = self.plan.sink_topic
         with_final = self.plan.emit == "updates"
         produce = self._produce
@@ -1083,6 +1164,7 @@ class Worker:
             if self._on_result is not None:
                 self._on_result(record)
         self.records_out += sent
+        return task.op.firing
 
     def _dead_letter_result(
         self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
@@ -1618,6 +1700,38 @@ class Worker:
             "guarantee": self.settings.guarantee,
             "lastCheckpoint": self.last_checkpoint,
             "lastSavepoint": self.last_savepoint,
+            "memory": self._memory_status(),
+        }
+
+    def _memory_status(self) -> dict[str, Any]:
+        """Each part's bytes now (estimates for the Python parts) and, with a budget, its share."""
+        cache = timers = 0
+        for task in self.tasks.values():
+            if task.store is not None and task.op is not None:
+                cached, pending = task.store.memory_used()
+                cache += cached
+                timers += pending + task.op.timer_entries * memory.TIMER_ENTRY_BYTES
+        used = {
+            "window_cache": cache,
+            "timers": timers,
+            "rocksdb": self._rocks.used() if self._rocks is not None else 0,
+            "kafka_queues": sum(self._kafka_queued.values()),
+        }
+        rss = memory.rss_bytes()
+        plan = self.memory
+        if self.metrics is not None:
+            for part, value in used.items():
+                self.metrics.memory_used_bytes.labels(part).set(value)
+            self.metrics.memory_rss_bytes.set(rss)
+            if plan is not None:
+                self.metrics.memory_budget_bytes.set(plan.budget)
+                for part, value in plan.shares().items():
+                    self.metrics.memory_share_bytes.labels(part).set(value)
+        return {
+            "budgetBytes": plan.budget if plan is not None else None,
+            "rssBytes": rss,
+            "usedBytes": used,
+            "shareBytes": plan.shares() if plan is not None else None,
         }
 
     def _publish_task(self, task: Task, lag: int | None, wall: int) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.kafka import KafkaHelper, Message
@@ -478,3 +479,46 @@ def test_windows_spilled_to_disk_give_the_same_results_as_windows_in_memory(
     with Running(job, kafka, 1, tmp_path / "state", max_cached_windows=16) as running:
         running.wait_caught_up({source: kafka.end_offsets(source)})
     assert_same(results_of(kafka.read_all(sink)), expected)
+
+
+def test_a_worker_with_a_memory_budget_reports_each_parts_share_and_use_and_stays_exact(
+    kafka: KafkaHelper, tmp_path: Path
+) -> None:
+    from weir.memory import rss_bytes
+
+    window, (size, slide, gap) = WINDOWS["tumbling"]
+    events = random_events(
+        22, 3000, partitions=2, keys=60, start_ms=START_MS, mean_step_ms=40,
+        max_out_of_orderness_ms=OOO_MS, too_late_fraction=0.0,
+    )  # fmt: skip
+    expected, _late = reference_windows(events, "tumbling", size, slide, gap, LATENESS_MS, OOO_MS, SPECS)
+    source, sink, dlq = kafka.create_topic(partitions=2), kafka.create_topic(), kafka.create_topic()
+    produce_events(kafka, source, events)
+    job = manifest(tmp_path, f"budget-{source[-6:]}", kafka, source, sink, dlq, window)
+    # The base is this (pytest) process as the worker starts; 150 MiB above it for the parts.
+    budget = rss_bytes() + (150 << 20)
+    with Running(job, kafka, 1, tmp_path / "state", metrics=True, memory_budget=budget) as running:
+        running.wait_caught_up({source: kafka.end_offsets(source)})
+        worker = running.workers[0]
+        time.sleep(6)  # librdkafka's statistics (every 5 s) and one more publish
+        status = worker.status()["memory"]
+        text = generate_latest(worker.metrics.registry).decode()  # type: ignore[union-attr]
+    assert_same(results_of(kafka.read_all(sink)), expected)
+    assert status["budgetBytes"] == budget
+    assert sum(status["shareBytes"].values()) == budget
+    assert set(status["usedBytes"]) == {"window_cache", "timers", "rocksdb", "kafka_queues"}
+    assert status["usedBytes"]["rocksdb"] > 0  # the checkpoints' writes, charged to the shared cache
+    assert status["rssBytes"] > 0
+    samples = {
+        (s.name, s.labels.get("part")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("weir_memory_")
+    }
+    assert samples[("weir_memory_budget_bytes", None)] == budget
+    assert {part for name, part in samples if name == "weir_memory_used_bytes"} == {
+        "window_cache", "timers", "rocksdb", "kafka_queues",
+    }  # fmt: skip
+    assert {part for name, part in samples if name == "weir_memory_share_bytes"} == {
+        "base", "windows", "rocksdb", "kafka_queues",
+    }  # fmt: skip

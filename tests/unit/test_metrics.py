@@ -101,6 +101,10 @@ def test_every_metric_the_runtime_promises_is_exposed_with_the_weir_prefix(metri
         "weir_checkpoint_sync_seconds": "histogram",
         "weir_dependency_up": "gauge",
         "weir_outage_seconds": "counter",
+        "weir_memory_budget_bytes": "gauge",
+        "weir_memory_share_bytes": "gauge",
+        "weir_memory_used_bytes": "gauge",
+        "weir_memory_rss_bytes": "gauge",
     }
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from weir import spec
 from weir.config import Environment
+from weir.memory import parse_size
 from weir_operator import render
 from weir_operator.render import RenderError, RenderOptions
 
@@ -225,8 +226,28 @@ def test_the_worker_environment_is_what_the_runtime_reads_for_its_identity_and_s
     assert environment.workers == 3
     assert environment.worker_index == 2
     assert str(environment.state_dir) == render.STATE_DIR
+    # 3/4 of the 2Gi limit, as bytes the worker parses.
+    assert environment.memory_budget is not None
+    assert parse_size(environment.memory_budget) == 3 * 2**30 // 2
     mounts = children.stateful_set["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "state", "mountPath": render.STATE_DIR} in mounts
+
+
+@pytest.mark.parametrize(
+    ("resources", "budget"),
+    [
+        ({"limits": {"memory": "1Gi"}, "requests": {"memory": "512Mi"}}, str(768 * 2**20)),
+        ({"requests": {"memory": "1G", "cpu": "1"}}, str(750_000_000)),
+        ({"limits": {"cpu": "2"}}, None),
+        (None, None),
+    ],
+)
+def test_the_memory_budget_is_three_quarters_of_the_memory_limit_else_of_the_request(
+    resources: dict[str, Any] | None, budget: str | None
+) -> None:
+    job = with_spec(revenue(), resources=resources)
+    env = env_of(render.render(job, RenderOptions(default_image=IMAGE)))
+    assert env.get("WEIR_MEMORY_BUDGET", {}).get("value") == budget
 
 
 def test_a_restore_source_is_passed_only_when_given() -> None:

@@ -71,3 +71,72 @@ def test_a_window_closed_after_a_flush_is_gone_from_disk_too(tmp_path: Path) -> 
     assert dict(reopened.items()) == {("k", 10, 20): [2]}
     assert len(reopened) == 1
     reopened.close()
+
+
+def test_a_spill_between_flushes_removes_the_progress_so_the_local_database_is_not_trusted(
+    tmp_path: Path,
+) -> None:
+    # Windows written between checkpoints are changes past the stored offset: a restart must not
+    # take this database for the state at that offset (weir.recovery then restores a checkpoint).
+    store = _store(tmp_path, max_cached=10)
+    store.put(("k0", 0, 10), [0])
+    store.flush({"offset": 1})
+    for i in range(1, 30):
+        store.put((f"k{i}", 0, 10), [i])
+    assert store.spills > 0
+    assert store.cached <= 10
+    assert store.progress is None
+    store.flush({"offset": 30})
+    assert store.progress == {"offset": 30}
+    assert len(store) == 30
+    store.close()
+    reopened = _store(tmp_path)
+    assert reopened.progress == {"offset": 30}
+    assert dict(reopened.items()) == {(f"k{i}", 0, 10): [i] for i in range(30)}
+    reopened.close()
+
+
+def test_a_flush_bigger_than_one_batch_writes_its_progress_last(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_cached=100_000)
+    store.flush({"offset": 1})
+    for i in range(25_000):
+        store.put((f"k{i}", 0, 10), [i])
+    store.flush({"offset": 25_000})
+    store.close()
+    reopened = _store(tmp_path)
+    assert reopened.progress == {"offset": 25_000}
+    assert len(reopened) == 25_000
+    reopened.close()
+
+
+def test_the_windows_ending_at_one_time_are_popped_from_disk_in_key_order(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_cached=16)
+    keys = [f"k{i:03d}" for i in range(100)]
+    for key in reversed(keys):
+        store.put((key, 0, 10), [key])
+        store.put((key, 10, 20), [key])
+    store.spill()
+    first = store.pop_windows_at(0, 10, None, 40)
+    rest = store.pop_windows_at(0, 10, first[-1][0][0], 1000)
+    assert [k for k, _acc in first + rest] == [(key, 0, 10) for key in keys]
+    assert all(acc == [k[0]] for k, acc in first + rest)
+    assert len(store) == 100
+    assert store.get(("k005", 0, 10)) is None
+    assert store.pop_windows_at(0, 10, None, 10) == []
+    store.flush({"offset": 1})
+    assert store.window_ends() == [20]
+    store.close()
+
+
+def test_a_byte_budget_bounds_the_cache_by_the_measured_size_of_its_windows(tmp_path: Path) -> None:
+    store = PartitionStore(
+        tmp_path, orjson.dumps, lambda b: list(orjson.loads(b)), memory_bytes=200_000
+    )
+    for i in range(5_000):
+        store.put((f"key-{i}", 0, 10), [i, float(i)])
+    cached, _pending = store.memory_used()
+    assert store.entry_bytes > 200
+    assert store.cached <= 200_000 // store.entry_bytes
+    assert cached <= 200_000
+    assert len(store) == 5_000
+    store.close()

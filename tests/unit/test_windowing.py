@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weir.aggregates import AggSpec, Overflow, compile_aggregates
+from weir.state import PartitionStore
 from weir.testing import Event, FakeClock, InMemoryWindowStore, random_events, reference_windows
-from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult
+from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult, WindowStore
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,6 +76,8 @@ def run_operator(
     advance_probability: float = 0.3,
     restore_at: int | None = None,
     serialised_store: bool = False,
+    new_store: Callable[[int], WindowStore] | None = None,
+    limit: int | None = None,
 ) -> Run:
     """Feed ``events`` partition by partition in random batches, advancing at random boundaries.
 
@@ -83,16 +89,18 @@ def run_operator(
     agg = compile_aggregates(SPECS)
     rng = random.Random(seed)
 
-    def new_store() -> InMemoryWindowStore:
+    def default_store(_partition: int) -> WindowStore:
         return InMemoryWindowStore(agg.dumps, agg.loads) if serialised_store else InMemoryWindowStore()
 
-    def new_operator(store: InMemoryWindowStore) -> WindowOperator:
+    store_for = new_store or default_store
+
+    def new_operator(store: WindowStore) -> WindowOperator:
         return WindowOperator(
             shape.kind, shape.size, shape.slide, shape.gap, shape.lateness, agg, emit, store
         )
 
     partitions = sorted({e[0] for e in events})
-    stores = {p: new_store() for p in partitions}
+    stores = {p: store_for(p) for p in partitions}
     ops = {p: new_operator(stores[p]) for p in partitions}
     max_ts: dict[int, int] = {}
     run = Run()
@@ -106,7 +114,7 @@ def run_operator(
                     # The worker emits after every batch, so a checkpoint never holds unemitted
                     # updates (or retractions); restoring relies on it.
                     run.outputs.append(ops[p].advance(max_ts[p] - ooo))
-                copy = new_store()
+                copy = default_store(p)
                 for k, acc in stores[p].items():
                     copy.put(k, agg.loads(agg.dumps(acc)))
                 stores[p] = copy
@@ -126,12 +134,14 @@ def run_operator(
         for p, items in by_partition.items():
             late_items.extend(ops[p].process_batch(items))
             if rng.random() < advance_probability:
-                run.outputs.append(ops[p].advance(max_ts[p] - ooo))
+                run.outputs.append(ops[p].advance(max_ts[p] - ooo, limit))
         # process_batch returns the late items themselves; map them back to events, in order.
         late_ids = {id(item[2]) for item in late_items}
         run.late.extend(e for e in batch if id(e[3]) in late_ids)
     for p in partitions:
-        run.outputs.append(ops[p].advance(END_OF_TIME))
+        run.outputs.append(ops[p].advance(END_OF_TIME, limit))
+        while ops[p].firing:
+            run.outputs.append(ops[p].advance(END_OF_TIME, limit))
         assert ops[p].open_windows == 0
         assert len(stores[p]) == 0
     return run
@@ -269,6 +279,117 @@ def test_results_do_not_depend_on_how_often_advance_is_called(kind: str, scenari
     always = run_operator(events, shape, ooo, "final", seed=2, advance_probability=1.0)
     assert typed(never.finals()) == typed(always.finals())
     assert never.late == always.late
+
+
+# -- memory: spilled windows and chunked firing -------------------------------------------------
+
+
+def flat(run: Run, final_only: bool = False) -> list[WindowResult]:
+    return [r for batch in run.outputs for r in batch if r.final or not final_only]
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+@pytest.mark.parametrize("emit", EMIT_MODES)
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(min_value=0, max_value=1000))
+def test_windows_spilled_to_disk_fire_the_same_results_in_the_same_order_as_in_memory(
+    kind: str, emit: EmitMode, data: st.DataObject, seed: int
+) -> None:
+    events, shape, ooo = data.draw(scenarios(kind))
+    every = data.draw(st.integers(min_value=1, max_value=5))
+    agg = compile_aggregates(SPECS)
+    unlimited = run_operator(events, shape, ooo, emit, seed=seed)
+    faked = run_operator(
+        events, shape, ooo, emit, seed=seed,
+        new_store=lambda _p: InMemoryWindowStore(agg.dumps, agg.loads, evict_every=every),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        stores: list[PartitionStore] = []
+
+        def rocksdb_store(p: int) -> WindowStore:
+            # A budget of 16 windows: almost everything lives on disk.
+            store = PartitionStore(Path(tmp) / str(p), agg.dumps, agg.loads, max_cached=16)
+            stores.append(store)
+            return store
+
+        try:
+            on_disk = run_operator(events, shape, ooo, emit, seed=seed, new_store=rocksdb_store)
+        finally:
+            for store in stores:
+                store.close()
+    assert faked.outputs == unlimited.outputs
+    assert on_disk.outputs == unlimited.outputs
+    assert on_disk.late == unlimited.late
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(min_value=0, max_value=1000))
+def test_firing_with_a_limit_gives_the_same_windows_in_the_same_order_in_chunks(
+    kind: str, data: st.DataObject, seed: int
+) -> None:
+    events, shape, ooo = data.draw(scenarios(kind))
+    # One partition: with a limit, another partition's results may come before this one's rest.
+    events = [e for e in events if e[0] == events[0][0]]
+    limit = data.draw(st.integers(min_value=1, max_value=3))
+    every = data.draw(st.sampled_from([None, 1, 3]))
+    unlimited = run_operator(events, shape, ooo, "final", seed=seed)
+    chunked = run_operator(
+        events, shape, ooo, "final", seed=seed, limit=limit,
+        new_store=lambda _p: InMemoryWindowStore(evict_every=every),
+    )  # fmt: skip
+    assert all(len(batch) <= limit for batch in chunked.outputs)
+    assert flat(chunked) == flat(unlimited)
+    assert chunked.late == unlimited.late
+
+
+def test_the_timer_index_does_not_grow_in_memory_with_spilled_windows(tmp_path: Path) -> None:
+    # 20,000 windows open in one hour, 100 of them allowed in memory: the in-memory timer index
+    # stays near the cache's size (before, it held one entry per open window: 20,000), and the
+    # hour still fires every window, in order, from disk.
+    agg = compile_aggregates([("n", "count", None), ("s", "sum", "x")])
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads, max_cached=100)
+    op = WindowOperator("tumbling", 3_600_000, None, None, 0, agg, "final", store)
+    most = 0
+    for i in range(20_000):
+        assert op.process(f"key-{i:05d}", i, {"x": i}, NO_WATERMARK)
+        if i % 100 == 99:
+            assert op.advance(i) == []
+            most = max(most, op.timer_entries)
+    assert len(store) == 20_000
+    assert store.cached <= 100
+    assert most <= 200
+    fired: list[WindowResult] = []
+    while True:
+        fired += op.advance(END_OF_TIME, limit=3_000)
+        assert op.timer_entries <= 200
+        if not op.firing:
+            break
+    assert [r.key for r in fired] == [f"key-{i:05d}" for i in range(20_000)]
+    assert all(r.values == {"n": 1, "s": int(r.key[4:])} for r in fired)
+    assert len(store) == 0
+    store.close()
+
+
+def test_a_restored_operator_over_spilled_windows_indexes_their_ends_only(tmp_path: Path) -> None:
+    agg = compile_aggregates([("n", "count", None)])
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads, max_cached=1000)
+    op = WindowOperator("sliding", 10, 5, None, 0, agg, "final", store)
+    for i in range(500):
+        op.process(f"k{i:03d}", i % 20, {}, NO_WATERMARK)
+    store.flush({"offset": 500})
+    store.close()
+
+    reopened = PartitionStore(tmp_path / "db", agg.dumps, agg.loads, max_cached=1000)
+    restored = WindowOperator("sliding", 10, 5, None, 0, agg, "final", reopened)
+    restored.restore()
+    assert restored.timer_entries == 0
+    assert restored.open_windows == 1000
+    fired = restored.advance(END_OF_TIME)
+    assert [(r.end, r.key) for r in fired] == sorted((r.end, r.key) for r in fired)
+    assert len(fired) == 1000
+    assert {r.values["n"] for r in fired} == {1}
+    reopened.close()
 
 
 # -- specific behaviours ----------------------------------------------------------------------
