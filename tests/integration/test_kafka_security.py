@@ -53,13 +53,14 @@ def _ref(name: str, key: str) -> dict[str, str]:
     return {"name": name, "key": key}
 
 
-def scram_512_as_the_operator_renders_it(s: Secured, tmp: Path) -> Security:
-    user = s.users["SCRAM-SHA-512"]
+def _sasl_as_the_operator_renders_it(s: Secured, mechanism: str) -> Security:
+    """``spec.kafka.sasl`` + ``tls`` naming Secrets, and the variables the operator renders from them."""
+    user = s.users[mechanism]
     return Security(
         bootstrap=s.sasl_bootstrap,
         spec={
             "sasl": {
-                "mechanism": "SCRAM-SHA-512",
+                "mechanism": mechanism,
                 "usernameSecret": _ref("kafka-user", "username"),
                 "passwordSecret": _ref("kafka-user", "password"),
             },
@@ -71,8 +72,12 @@ def scram_512_as_the_operator_renders_it(s: Secured, tmp: Path) -> Security:
             "WEIR_KAFKA_SSL_CA_LOCATION": str(s.tls.ca),
         },
         secrets=[user.password],
-        expect_in_log=f"over SASL_SSL (SCRAM-SHA-512 as '{user.name}', CA {s.tls.ca})",
+        expect_in_log=f"over SASL_SSL ({mechanism} as '{user.name}', CA {s.tls.ca})",
     )
+
+
+def scram_512_as_the_operator_renders_it(s: Secured, tmp: Path) -> Security:
+    return _sasl_as_the_operator_renders_it(s, "SCRAM-SHA-512")
 
 
 def scram_256_from_flags_and_a_password_file(s: Secured, tmp: Path) -> Security:
@@ -97,25 +102,7 @@ def scram_256_from_flags_and_a_password_file(s: Secured, tmp: Path) -> Security:
 
 
 def plain_from_the_spec_with_the_environment(s: Secured, tmp: Path) -> Security:
-    user = s.users["PLAIN"]
-    return Security(
-        bootstrap=s.sasl_bootstrap,
-        spec={
-            "sasl": {
-                "mechanism": "PLAIN",
-                "usernameSecret": _ref("kafka-user", "username"),
-                "passwordSecret": _ref("kafka-user", "password"),
-            },
-            "tls": {"caSecret": _ref("kafka-ca", "ca.crt")},
-        },
-        env={
-            "WEIR_KAFKA_SASL_USERNAME": user.name,
-            "WEIR_KAFKA_SASL_PASSWORD": user.password,
-            "WEIR_KAFKA_SSL_CA_LOCATION": str(s.tls.ca),
-        },
-        secrets=[user.password],
-        expect_in_log=f"over SASL_SSL (PLAIN as '{user.name}'",
-    )
+    return _sasl_as_the_operator_renders_it(s, "PLAIN")
 
 
 def mutual_tls_with_an_encrypted_key_from_flags(s: Secured, tmp: Path) -> Security:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +12,7 @@ import orjson
 import pytest
 import yaml
 
+from harness import up
 from harness.kafka import KafkaHelper, Message
 from weir.testing import random_events, reference_windows
 
@@ -65,7 +62,7 @@ def _topics(kafka: KafkaHelper, partitions: int) -> tuple[str, str, str]:
 
 def _all_windows_once(kafka: KafkaHelper, sink: str, expected: Any, process: Any, log: Path) -> None:
     """Wait for every expected window, give duplicates time to show, then stop ``weir up``."""
-    _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
+    up.wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 120, "all windows", log)
     time.sleep(3)  # anything emitted twice would show up now
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=90) == 0, log.read_text()
@@ -97,44 +94,6 @@ def _expected(events: list[Any]) -> dict[tuple[str, int, int], dict[str, Any]]:
     return expected
 
 
-@contextmanager
-def weir_up(manifest: Path, state: Path, kafka: KafkaHelper, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "weir", "up", str(manifest), "--state-dir", str(state),
-             "--bootstrap-servers", kafka.bootstrap, "--interval", "1"],
-            stdout=sink, stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _status(state: Path, name: str) -> dict[str, Any]:
-    try:
-        loaded: dict[str, Any] = orjson.loads((state / "local" / name / "status.json").read_bytes())
-        return loaded
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-
-
-def _wait(check: Any, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-    raise AssertionError(f"{what}: not within {timeout}s\n--- weir up ---\n{tail}")
-
-
 def _worker_pids(manifest_dir: Path) -> dict[int, int]:
     """pid of each `weir run` worker started for the job directory (from /proc)."""
     pids: dict[int, int] = {}
@@ -161,9 +120,9 @@ def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHe
     manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq)
     state, log = tmp_path / "state", tmp_path / "up.log"
 
-    with weir_up(manifest, state, kafka, log) as process:
-        _wait(lambda: _status(state, name).get("phase") == "Running", 60, "phase Running", log)
-        _wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 90, "all windows", log)
+    with up.weir_up(manifest, state, kafka.bootstrap, log) as process:
+        up.wait(lambda: up.status(state, name).get("phase") == "Running", 60, "phase Running", log)
+        up.wait(lambda: len(kafka.read_all(sink, timeout=5)) >= len(expected), 90, "all windows", log)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0, log.read_text()
 
@@ -171,7 +130,7 @@ def test_weir_up_runs_a_job_end_to_end_with_the_reference_results(kafka: KafkaHe
     output = log.read_text()
     assert "NAME" in output and "PHASE" in output and "PARALLELISM" in output and "LAST CHECKPOINT" in output
     assert any(line.split()[:3] == [name, "Running", "2"] for line in output.splitlines() if line.strip())
-    status = _status(state, name)
+    status = up.status(state, name)
     shutdown = status["lastSavepoint"]
     assert shutdown["trigger"] == "shutdown"
     assert shutdown.get("url") and status["parallelism"] == 0, status
@@ -198,12 +157,12 @@ def test_a_sigkilled_worker_is_restarted_and_the_output_stays_exact(
     state, log = tmp_path / "state", tmp_path / "up.log"
     _produce(kafka, source, first)
 
-    with weir_up(manifest, state, kafka, log) as process:
-        _wait(lambda: _status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+    with up.weir_up(manifest, state, kafka.bootstrap, log) as process:
+        up.wait(lambda: up.status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
         pids = _worker_pids(state / "local" / name)
         assert set(pids) == {0, 1}
         os.kill(pids[1], signal.SIGKILL)
-        _wait(lambda: (_status(state, name).get("workerRestarts") or 0) >= 1, 60, "worker restarted", log)
+        up.wait(lambda: (up.status(state, name).get("workerRestarts") or 0) >= 1, 60, "worker restarted", log)
         _produce(kafka, source, second)
         expected = _expected(events)
         _all_windows_once(kafka, sink, expected, process, log)
@@ -227,18 +186,18 @@ def test_changing_the_parallelism_rescales_through_a_savepoint_and_the_output_st
     state, log = tmp_path / "state", tmp_path / "up.log"
     _produce(kafka, source, first)
 
-    with weir_up(manifest, state, kafka, log) as process:
-        _wait(lambda: _status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+    with up.weir_up(manifest, state, kafka.bootstrap, log) as process:
+        up.wait(lambda: up.status(state, name).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
         _manifest(manifest, name, kafka, source, sink, dlq, idle="30s", checkpoint=checkpoint, parallelism=3)
-        _wait(lambda: _status(state, name).get("parallelism") == 3
-              and _status(state, name).get("phase") == "Running", 90, "3 workers running", log)
+        up.wait(lambda: up.status(state, name).get("parallelism") == 3
+              and up.status(state, name).get("phase") == "Running", 90, "3 workers running", log)
         assert sorted(_worker_pids(state / "local" / name)) == [0, 1, 2]
         _produce(kafka, source, second)
         expected = _expected(events)
         _all_windows_once(kafka, sink, expected, process, log)
 
     assert _results(kafka.read_all(sink)) == expected
-    status = _status(state, name)
+    status = up.status(state, name)
     upgrade = [s for s in status["savepointHistory"] if s["trigger"] == "upgrade"]
     assert len(upgrade) == 1 and upgrade[0].get("url"), status["savepointHistory"]
     events_log = (state / "local" / name / "events.log").read_text()
@@ -261,19 +220,19 @@ def test_a_parallelism_above_the_partition_count_is_capped_to_it_and_the_output_
     state, log = tmp_path / "state", tmp_path / "up.log"
 
     def capped() -> bool:
-        status = _status(state, name)
+        status = up.status(state, name)
         degraded = next((c for c in status.get("conditions", ()) if c["type"] == "Degraded"), {})
         return (status.get("parallelism") == 2 and status.get("phase") == "Running"
                 and degraded.get("reason") == "ParallelismCapped")
 
-    with weir_up(manifest, state, kafka, log) as process:
+    with up.weir_up(manifest, state, kafka.bootstrap, log) as process:
         # The 3 workers report 2 partitions; the job is rescaled (through a savepoint) to 2.
-        _wait(capped, 120, "capped at 2 workers", log)
+        up.wait(capped, 120, "capped at 2 workers", log)
         assert sorted(_worker_pids(state / "local" / name)) == [0, 1]
         _all_windows_once(kafka, sink, expected, process, log)
 
     assert _results(kafka.read_all(sink)) == expected
-    status = _status(state, name)
+    status = up.status(state, name)
     assert status["inputPartitions"] == {source: 2}
     events_log = (state / "local" / name / "events.log").read_text()
     assert f"parallelism 3 exceeds the 2 partitions of {source}; running 2 workers" in events_log
@@ -289,12 +248,12 @@ def test_a_savepoint_trigger_nonce_lands_in_the_savepoint_history(kafka: KafkaHe
     manifest = _manifest(tmp_path / "job.yaml", name, kafka, source, sink, dlq, checkpoint=checkpoint)
     state, log = tmp_path / "state", tmp_path / "up.log"
 
-    with weir_up(manifest, state, kafka, log):
-        _wait(lambda: _status(state, name).get("phase") == "Running", 60, "phase Running", log)
+    with up.weir_up(manifest, state, kafka.bootstrap, log):
+        up.wait(lambda: up.status(state, name).get("phase") == "Running", 60, "phase Running", log)
         _manifest(manifest, name, kafka, source, sink, dlq, checkpoint=checkpoint, savepointTriggerNonce=1)
-        _wait(lambda: bool(_status(state, name).get("savepointHistory")), 60, "a savepoint", log)
+        up.wait(lambda: bool(up.status(state, name).get("savepointHistory")), 60, "a savepoint", log)
 
-    history = _status(state, name)["savepointHistory"]
+    history = up.status(state, name)["savepointHistory"]
     nonce = [s for s in history if s["trigger"] == "nonce"]
     assert nonce and nonce[0]["triggerNonce"] == 1 and nonce[0].get("url"), history
     assert nonce[0]["url"].startswith(store.as_uri())
@@ -319,19 +278,22 @@ def test_a_manifest_taken_out_of_weir_up_deletes_the_job_and_cleanup_delete_remo
                   checkpoint={"url": store.as_uri(), "interval": "1s", "cleanupPolicy": policy})
     state, log = tmp_path / "state", tmp_path / "up.log"
 
-    with weir_up(jobs, state, kafka, log):
+    with up.weir_up(jobs, state, kafka.bootstrap, log):
         for name in names.values():
-            _wait(lambda n=name: _status(state, n).get("lastCheckpoint") is not None, 90, "a checkpoint", log)
+            def checkpointed(n: str = name) -> bool:
+                return up.status(state, n).get("lastCheckpoint") is not None
+
+            up.wait(checkpointed, 90, "a checkpoint", log)
         for name in names.values():
             assert (store / "local" / name / "checkpoints").is_dir()
             (jobs / f"{name}.yaml").unlink()
         for name in names.values():
-            _wait(lambda n=name: not _worker_pids(state / "local" / n), 60, "the workers stopped", log)
-        _wait(lambda: not (store / "local" / names["delete"]).exists(), 30, "store removed", log)
+            up.wait(lambda n=name: not _worker_pids(state / "local" / n), 60, "the workers stopped", log)
+        up.wait(lambda: not (store / "local" / names["delete"]).exists(), 30, "store removed", log)
         time.sleep(2)  # a removed job is not started again
         assert not _worker_pids(state / "local" / names["delete"])
 
     assert (store / "local" / names["retain"] / "checkpoints").is_dir()
     events_log = (state / "local" / names["delete"] / "events.log").read_text()
     assert "CleaningUp" in events_log and f"under {store.as_uri()}/local/{names['delete']}" in events_log
-    assert _status(state, names["delete"])["phase"] == "Deleting"
+    assert up.status(state, names["delete"])["phase"] == "Deleting"
