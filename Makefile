@@ -44,7 +44,7 @@ servers: setup ## Fetch and build every test server once (Kafka and S3Proxy jars
 	$(HARNESS) prepare
 
 test-integration: servers ## Tests against real Kafka, S3 and kube-apiserver, which the suite starts; the kind suite skips without docker
-	$(PY) -m pytest tests/integration tests/e2e -q -rs -m 'not slow'
+	$(PY) -X faulthandler -m pytest tests/integration tests/e2e -q -rs -m 'not slow'
 
 test: lint test-unit test-integration ## Everything: lint, unit and server-backed tests (what CI runs)
 
