@@ -365,10 +365,11 @@ def test_the_rendered_children_of_a_stream_job_are_valid_objects_owned_by_it(
     assert sts.spec.replicas == 3
     assert sts.spec.pod_management_policy == "Parallel"
     container = sts.spec.template.spec.containers[0]
-    assert [e.name for e in container.env][:4] == [
+    assert [e.name for e in container.env][:5] == [
         "WEIR_WORKERS",
         "WEIR_WORKER_INDEX",
         "WEIR_STATE_DIR",
+        "WEIR_MEMORY_BUDGET",  # from the container's memory limit
         "WEIR_RESTORE_FROM",
     ]
     config = client.CoreV1Api(admin).read_namespaced_config_map("orders-config", namespace)
