@@ -39,7 +39,6 @@ from typing import Any
 
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
     KafkaException,
@@ -228,13 +227,7 @@ class LagReader:
         ends = self._offsets(admin, partitions, OffsetSpec.latest())  # type: ignore[no-untyped-call]
         starts = self._offsets(admin, partitions, OffsetSpec.earliest())  # type: ignore[no-untyped-call]
         group = f"weir-{job.metadata.namespace}-{job.metadata.name}"
-        request = [ConsumerGroupTopicPartitions(group, partitions)]
-        answer = admin.list_consumer_group_offsets(request, request_timeout=self._timeout_s)[group]
-        committed = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in _result(answer, self._timeout_s).topic_partitions
-            if tp.error is None and tp.offset >= 0
-        }
+        committed = self._committed(settings, group, partitions)
         start_from = job.spec.pipeline.source.start_from if job.spec.pipeline is not None else "earliest"
         rows = []
         suspects = []
@@ -253,6 +246,27 @@ class LagReader:
                 for r in rows
             ]
         return LagReading(tuple(rows))
+
+    def _committed(
+        self, settings: kio.KafkaSettings, group: str, partitions: list[TopicPartition]
+    ) -> dict[tuple[str, int], int]:
+        """The group's committed offsets, read by a consumer of that group that never joins it
+        (no subscribe, no commit). Not ``AdminClient.list_consumer_group_offsets``: librdkafka
+        crashes the process (NULL group handle in ``rd_kafka_handle_OffsetFetch``) when that
+        request is retried, as it is while a fresh broker's offsets topic is still loading."""
+        consumer = Consumer({
+            **kio.client_config(settings),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        })
+        try:
+            answer = consumer.committed(partitions, timeout=self._timeout_s)
+        finally:
+            consumer.close()
+        return {
+            (tp.topic, tp.partition): tp.offset for tp in answer if tp.error is None and tp.offset >= 0
+        }
 
     def _offsets(
         self, admin: Any, partitions: list[TopicPartition], which: Any
