@@ -71,7 +71,7 @@ __all__ = [
 
 Reason: TypeAlias = Literal[
     "too_large", "decode_error", "not_an_object", "missing_field", "wrong_type", "bad_timestamp", "bad_key",
-    "overflow",
+    "overflow", "function_error",
 ]
 REASONS: Final[tuple[Reason, ...]] = (
     "too_large",
@@ -82,6 +82,7 @@ REASONS: Final[tuple[Reason, ...]] = (
     "bad_timestamp",
     "bad_key",
     "overflow",
+    "function_error",
 )
 
 Prepared: TypeAlias = tuple[str, int, dict[str, Any]]

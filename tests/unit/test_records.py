@@ -127,6 +127,7 @@ def test_every_dead_letter_reason_is_listed() -> None:
         "bad_timestamp",
         "bad_key",
         "overflow",
+        "function_error",
     }
 
 
