@@ -7,7 +7,6 @@ benchmark's data (the generator is deterministic, so they are the same events).
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -40,11 +39,6 @@ class _FakeProducer:
     ) -> None:
         self.produced += 1
 
-    def poll(self, timeout: float = 0) -> int:
-        return 0
-
-    def flush(self, timeout: float = 0) -> int:
-        return 0
 
 
 class _TimedConsumer:
@@ -110,11 +104,13 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     import pstats
 
     from weir import kafka as kio
+    from weir.core import TaskCore
+    from weir.graph import compile_job
     from weir.metrics import WorkerMetrics
     from weir.spec import load_job
     from weir.state import PartitionStore
     from weir.windowing import NO_WATERMARK, WindowOperator
-    from weir.worker import Worker, WorkerSettings, plan_for
+    from weir.worker import Worker, WorkerSettings
 
     events = PROFILE_EVENTS
     topic = generate.ensure_input(bootstrap, events, keys, partitions, log=say)
@@ -127,7 +123,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     dlq = weir_runner.dlq(ctx)
     doc = weir_runner.manifest(ctx)
     job = load_job(json.dumps(doc))
-    plan = plan_for(job)
+    plan = compile_job(job)
     repeat = 3
 
     # -- stages, on records fetched into memory first (no Kafka, no profiler) ------------------
@@ -187,41 +183,31 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     batches = [msgs[i : i + 5000] for i in range(0, n, 5000)]
 
     def worker_path() -> None:
-        w = Worker(
-            plan,
-            kio.KafkaSettings(bootstrap, {}, {}),
-            WorkerSettings(0, 1, work / f"w-{time.monotonic_ns()}"),
-        )
-        w.producer = _FakeProducer()  # type: ignore[assignment]
-        for p in range(partitions):
-            w._add_task(topic, p, window=True)
-            task = w.tasks[(topic, p)]
-            if task.op is None:  # state is opened at restore time since checkpoints landed
-                w._open_state(task, w.settings.state_dir / task.label)
-        # _process took (msgs, repartition partitions) before the stage-1 loop was unified.
-        process = w._process
-        extra = (0,) if len(inspect.signature(process).parameters) > 1 else ()
+        core = TaskCore(plan)
+        producer = _FakeProducer()
+        core.send = producer.produce
+        core.build({topic: partitions}, 0, 1, time.monotonic())
+        state = work / f"w-{time.monotonic_ns()}"
+        for task in core.tasks.values():
+            core.open_state(task, state / task.label)
         for batch in batches:
-            process(batch, *extra)
-        for task in w.tasks.values():
+            core.process(batch, time.monotonic())
+        for task in core.tasks.values():
             task.wm = 1 << 62
-            w._fire(task)
-        # The final _fire also closes the end records' own windows, one per partition.
-        if w.producer.produced != len(expected) + partitions:  # type: ignore[attr-defined]
+            core.fire(task)
+        # The final fire also closes the end records' own windows, one per partition.
+        if producer.produced != len(expected) + partitions:
             raise RuntimeError(
-                f"in-memory worker path emitted {w.producer.produced} results, "  # type: ignore[attr-defined]
-                f"want {len(expected) + partitions}"
+                f"in-memory task core emitted {producer.produced} results, want {len(expected) + partitions}"
             )
-        for task in w.tasks.values():
-            assert task.store is not None
-            task.store.close()
+        core.close()
 
     stages = {
         "Message accessors: value(), key(), timestamp(), partition()": accessors,
         "orjson.loads of the value": decode,
         "prepare(): decode + checks + key + event time (includes the loads above)": prep,
         "WindowOperator.process(): tumbling window, count + sum into the store": window,
-        "Worker._process() per 5,000 records + final _fire (the whole path after consume)": worker_path,
+        "TaskCore.process() per 5,000 records + final fire (the whole path after consume)": worker_path,
     }
     us: dict[str, float] = {}
     for name, fn in stages.items():
@@ -283,10 +269,10 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         finished.set()
         kio.new_consumer = original  # type: ignore[assignment]
     wall = time.perf_counter() - t0
-    if got[0] != len(expected) or worker.dead_lettered:
+    if got[0] != len(expected) or worker.core.dead_lettered:
         raise RuntimeError(
             f"profiled worker emitted {got[0]} of {len(expected)} windows, dead letters "
-            f"{worker.dead_lettered}"
+            f"{worker.core.dead_lettered}"
         )
     records = sum(t.records for t in worker.tasks.values())
     stats = pstats.Stats(profiler)

@@ -279,10 +279,11 @@ def _run(args: argparse.Namespace) -> int:
     from weir.checkpoint import CheckpointError
     from weir.config import Environment
     from weir.control import ControlServer
+    from weir.graph import compile_job
     from weir.memory import MemoryBudgetTooSmall
     from weir.metrics import WorkerMetrics
     from weir.spec import SpecError, load_job
-    from weir.worker import StoreUnavailable, Worker, WorkerSettings, plan_for
+    from weir.worker import StoreUnavailable, Worker, WorkerSettings
 
     log = logging.getLogger("weir")
     env = Environment.read()
@@ -336,7 +337,9 @@ def _run(args: argparse.Namespace) -> int:
     def show(record: dict[str, Any]) -> None:
         print(orjson.dumps(record).decode(), flush=True)
 
-    worker = Worker(plan_for(job), kafka, settings, metrics, on_result=show if args.print_results else None)
+    worker = Worker(
+        compile_job(job), kafka, settings, metrics, on_result=show if args.print_results else None
+    )
     worker.install_signal_handlers()
     control = ControlServer(
         metrics.registry,

@@ -31,8 +31,8 @@ from confluent_kafka.admin import AdminClient
 
 from weir import kafka as kio
 from weir.config import Environment, KafkaSecurityInputs
+from weir.graph import compile_job
 from weir.spec import load_job
-from weir.worker import plan_for
 
 SPEED = 60
 PRODUCTS = [f"p-{i}" for i in range(1, 21)]
@@ -89,7 +89,7 @@ def main(bootstrap: str, duration: float, rate: int, security: KafkaSecurityInpu
     """Run the demo against ``bootstrap``; ``security`` (``weir demo``'s flags) overrides the
     environment's Kafka security settings, for the demo's own clients and its worker alike."""
     job = load_job(example_manifest())
-    plan = plan_for(job)
+    plan = compile_job(job)
     flags = security or KafkaSecurityInputs()
     kafka = kio.KafkaSettings(
         bootstrap_servers=bootstrap,

@@ -16,10 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.kafka import KafkaHelper, Message
 from weir import kafka as kio
 from weir.control import ControlServer
+from weir.graph import compile_job
 from weir.metrics import WorkerMetrics
 from weir.spec import load_job
 from weir.testing import random_events, reference_windows
-from weir.worker import Worker, WorkerSettings, plan_for
+from weir.worker import Worker, WorkerSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -104,7 +105,7 @@ class Running:
         )
         self.workers = [
             Worker(
-                plan_for(job),
+                compile_job(job),
                 settings,
                 WorkerSettings(i, workers, state / f"w{i}", **worker_settings),
                 metrics=WorkerMetrics(f"test/{job.name}", i) if metrics else None,

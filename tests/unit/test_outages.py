@@ -251,40 +251,43 @@ def example_worker(tmp_path: Any) -> Any:
     from pathlib import Path
 
     from weir import kafka as kio
+    from weir.graph import compile_job
     from weir.spec import load_job
-    from weir.worker import Worker, WorkerSettings, plan_for
+    from weir.worker import Worker, WorkerSettings
 
     job = load_job(Path(__file__).parents[2] / "runtime" / "weir" / "examples" / "revenue.yaml")
-    return Worker(plan_for(job), kio.KafkaSettings("127.0.0.1:9", {}, {}), WorkerSettings(0, 1, tmp_path))
+    return Worker(compile_job(job), kio.KafkaSettings("127.0.0.1:9", {}, {}), WorkerSettings(0, 1, tmp_path))
 
 
-def test_records_that_timed_out_during_an_outage_roll_back_naming_the_cause_in_full(tmp_path: Any) -> None:
+def test_records_that_timed_out_during_an_outage_roll_back_naming_the_cause_in_full() -> None:
     from confluent_kafka import KafkaError
 
-    from weir.worker import Rollback
+    from weir.edges import Rollback
+    from weir.kafka_io import Deliveries
 
-    worker = example_worker(tmp_path)
+    deliveries = Deliveries()
     for _ in range(590):
-        worker._on_delivery_error(KafkaError(KafkaError._MSG_TIMED_OUT), FakeMessage())
+        deliveries.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), FakeMessage())
 
     with pytest.raises(Rollback) as raised:
-        worker._check_delivery()
+        deliveries.check()
     cause = "revenue-out [3]: Local: Message timed out (_MSG_TIMED_OUT)"
     assert str(raised.value) == "590 records undelivered: " + "; ".join([cause] * 3)
 
 
-def test_a_record_kafka_refuses_for_good_stops_the_worker_naming_the_cause(tmp_path: Any) -> None:
+def test_a_record_kafka_refuses_for_good_stops_the_worker_naming_the_cause() -> None:
     from confluent_kafka import KafkaError
 
-    from weir.worker import DeliveryFailed
+    from weir.edges import DeliveryFailed
+    from weir.kafka_io import Deliveries
 
-    worker = example_worker(tmp_path)
-    worker._on_delivery_error(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage())
+    deliveries = Deliveries()
+    deliveries.on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage())
 
     with pytest.raises(
         DeliveryFailed, match=r"1 records undelivered: revenue-out \[3\]: .*MSG_SIZE_TOO_LARGE"
     ):
-        worker._check_delivery()
+        deliveries.check()
 
 
 def test_while_a_dependency_is_down_the_worker_is_not_ready_and_says_why(tmp_path: Any) -> None:

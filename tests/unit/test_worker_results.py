@@ -1,4 +1,4 @@
-"""The worker's result path with a hand-written producer: results that cannot be written are dead-lettered."""
+"""The task core's result path with a recording output: results that cannot be written are dead-lettered."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import Any
 import orjson
 import pytest
 
-from weir import kafka as kio
+from weir.core import TaskCore, result_record
+from weir.graph import compile_job
 from weir.spec import load_job
+from weir.tasks import Task
 from weir.testing import InMemoryWindowStore
 from weir.windowing import WindowOperator, WindowResult
-from weir.worker import Task, Worker, WorkerSettings, plan_for, result_record
 
 END_OF_TIME = 2**62
 OUTPUTS = {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "amount"}}
 
 
 class RecordingProducer:
-    """Keeps what the worker produces; the only producer calls ``_fire`` and ``_produce`` make."""
+    """Keeps what the core writes (its ``send``: the open transaction's ``produce``)."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, bytes]]] = []
@@ -29,9 +30,6 @@ class RecordingProducer:
         self, topic: str, value: bytes | None, key: bytes | None, partition: int = -1, headers: Any = None
     ) -> None:
         self.sent.append((topic, value, key, {k: v for k, v in headers or ()}))
-
-    def poll(self, _timeout: float) -> int:
-        return 0
 
 
 class FakeMessage:
@@ -57,7 +55,7 @@ class FakeMessage:
         return self._offset
 
 
-def worker_and_task(tmp_path: Path) -> tuple[Worker, Task, RecordingProducer]:
+def worker_and_task(tmp_path: Path) -> tuple[TaskCore, Task, RecordingProducer]:
     job_path = tmp_path / "job.json"
     job_path.write_bytes(
         orjson.dumps(
@@ -80,14 +78,14 @@ def worker_and_task(tmp_path: Path) -> tuple[Worker, Task, RecordingProducer]:
             }
         )
     )
-    plan = plan_for(load_job(job_path), wall_ms=lambda: 1_704_067_200_000)
-    worker = Worker(plan, kio.KafkaSettings("127.0.0.1:1", {}, {}), WorkerSettings(0, 1, tmp_path / "state"))
+    graph = compile_job(load_job(job_path), wall_ms=lambda: 1_704_067_200_000)
+    core = TaskCore(graph)
     producer = RecordingProducer()
-    worker.producer = producer
-    agg = plan.aggregator
+    core.send = producer.produce
+    agg = graph.aggregator
     store = InMemoryWindowStore(agg.dumps, agg.loads)
     op = WindowOperator("tumbling", 10_000, None, None, 0, agg, "final", store)
-    return worker, Task("events", 0, "events-0", op, None), producer
+    return core, Task("events", 0, "events-0", op, None), producer
 
 
 def test_a_window_whose_restored_sum_was_lost_is_dead_lettered_and_the_others_are_written(
@@ -96,7 +94,7 @@ def test_a_window_whose_restored_sum_was_lost_is_dead_lettered_and_the_others_ar
     worker, task, producer = worker_and_task(tmp_path)
     assert task.op is not None
     store = task.op._store
-    agg = worker.plan.aggregator
+    agg = worker.graph.aggregator
     # What a weir before the overflow rule checkpointed: an infinite sum, written as null.
     poisoned = agg.create()
     poisoned[:2] = [2, math.inf]
@@ -107,7 +105,7 @@ def test_a_window_whose_restored_sum_was_lost_is_dead_lettered_and_the_others_ar
     task.op.restore()
     task.wm = END_OF_TIME
 
-    worker._fire(task)
+    worker.fire(task)
 
     sent = {topic: (value, key, headers) for topic, value, key, headers in producer.sent}
     assert set(sent) == {"out", "dlq"}
@@ -134,7 +132,7 @@ def test_records_that_would_overflow_are_dead_lettered_without_moving_the_waterm
         FakeMessage(orjson.dumps({"ts": t0 + 3_000, "amount": -1}), b"a", 3),
     ]
 
-    worker._stage1(task, batch, task.op.process)  # type: ignore[arg-type]
+    worker._prepare(task, batch, task.op.process)  # type: ignore[arg-type]
 
     assert [headers["weir.reason"] for _, _, _, headers in producer.sent] == [b"overflow", b"overflow"]
     assert [headers["weir.source.offset"] for _, _, _, headers in producer.sent] == [b"1", b"2"]

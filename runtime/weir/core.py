@@ -1,0 +1,466 @@
+"""The task core: every input partition's operators, with no Kafka, no S3 and no wall clock.
+
+Data path of one worker (index ``I`` of ``N``)::
+
+    source partitions p with p % N == I ──► prepare (decode, time, steps, key)
+        ├─ no repartition: keyed stage per partition ──► sink topic
+        └─ repartition:    ──► repartition topic (records + watermark markers)
+    repartition partitions q with q % N == I ──► keyed stage per partition ──► sink
+
+Every input partition is a *task* with its own watermark and (if it runs the keyed stage) its
+own RocksDB store, so a partition's state and its offset always move together and results do
+not depend on how partitions are spread over workers.
+
+The core is fed batches of messages (anything with Kafka's message accessors, ``Message``) and
+writes what they produce through one ``send`` callable (the open transaction's ``produce``);
+time reaches it as arguments (``now`` for idleness, ``wall_ms`` for idle watermarks), and
+where the partition ends (for idleness and the end of a replay) through callables. So it runs
+the same on Kafka (``weir.worker``) and on the in-memory doubles in ``weir.testing``.
+
+Watermarks are ``weir.tasks.Watermarks``; what the worker runs is ``weir.graph.JobGraph``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from weir.aggregates import Overflow, representable
+from weir.graph import JobGraph, assigned
+from weir.records import DeadLetter, encode_forward, prepare_repartitioned
+from weir.state import PartitionStore, RocksMemory
+from weir.tasks import NO_WATERMARK, Headers, LateRecord, Message, Send, Task, Watermarks
+from weir.windowing import WindowOperator, WindowResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TaskCore", "iso", "result_record"]
+
+
+_FIRE_CHUNK = 5000
+"""Window results produced per ``advance`` call when many windows close at once."""
+
+_ISO_CACHE: dict[int, str] = {}
+
+
+def iso(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds; window bounds repeat for many keys, so cache them."""
+    s = _ISO_CACHE.get(ms)
+    if s is None:
+        if len(_ISO_CACHE) > 100_000:
+            _ISO_CACHE.clear()
+        s = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+        s = s.replace("+00:00", "Z")
+        _ISO_CACHE[ms] = s
+    return s
+
+
+def result_record(r: WindowResult, with_final: bool) -> dict[str, Any]:
+    """The sink record of one window result (the shape documented in the README)."""
+    out: dict[str, Any] = {
+        "key": r.key,
+        "windowStart": iso(r.start),
+        "windowEnd": iso(r.end),
+        "windowStartMs": r.start,
+        "windowEndMs": r.end,
+    }
+    out.update(r.values)
+    if with_final:
+        out["final"] = r.final
+    if r.retract:
+        out["retract"] = True
+    return out
+
+
+def _printable(record: dict[str, Any]) -> bytes:
+    """A dead-lettered result's value: JSON, with what JSON cannot carry (NaN, inf, ints beyond
+    64 bits) as strings, so the dead-letter topic shows the value that could not be sent."""
+    shown = {
+        k: str(v) if v.__class__ in (int, float) and not representable(v) else v for k, v in record.items()
+    }
+    try:
+        return orjson.dumps(shown, default=repr)
+    except (TypeError, ValueError):
+        return orjson.dumps({k: repr(v) for k, v in record.items()})
+
+
+def _drop(
+    topic: str, value: bytes | None, key: bytes | None, partition: int = -1, headers: Headers | None = None
+) -> None:
+    raise RuntimeError("the task core has no open transaction to write to")
+
+
+class TaskCore:
+    """The tasks of one worker and the operators they run; see the module docstring.
+
+    ``send`` is where output goes (the committer points it at the open transaction); the
+    counters (``dead_lettered``, ``records_out``, ``out_counts``, ``suppressed``) feed status
+    and metrics. ``on_result`` sees every sink record (``weir run --print-results``).
+    """
+
+    def __init__(
+        self,
+        graph: JobGraph,
+        metrics: Any = None,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+        max_cached_windows: int = 1_000_000,
+    ) -> None:
+        self.graph = graph
+        self.metrics = metrics
+        self.on_result = on_result
+        self.max_cached_windows = max_cached_windows
+        self.send: Send = _drop
+        self.alive: Callable[[], None] = lambda: None
+        """Called while many windows fire at once (minutes are possible: busy, not stuck)."""
+        self.tasks: dict[tuple[str, int], Task] = {}
+        self.watermarks = Watermarks(graph.max_out_of_orderness_ms, graph.idle_timeout_ms)
+        self.repartition_partitions = 0
+        self.dead_lettered: dict[str, int] = {}
+        self.records_out = 0
+        self.out_counts: dict[str, int] = {}
+        self.out_bytes: dict[str, int] = {}
+        self.suppressed = 0
+        self._suppress = False
+
+    # -- tasks ------------------------------------------------------------------------
+    def build(self, partitions: dict[str, int], index: int, count: int, now: float) -> None:
+        """Create this worker's tasks: its source partitions and (with a repartition) its
+        partitions of the repartition topic, which run the keyed stage instead."""
+        graph = self.graph
+        self.tasks = {}
+        windows_here = graph.repartition_topic is None
+        for topic in graph.source_topics:
+            for p in assigned(partitions[topic], index, count):
+                self._add(topic, p, windows_here, now)
+        self.watermarks.upstream_count = sum(partitions[t] for t in graph.source_topics)
+        if graph.repartition_topic:
+            self.repartition_partitions = partitions[graph.repartition_topic]
+            for q in assigned(self.repartition_partitions, index, count):
+                self._add(graph.repartition_topic, q, True, now)
+
+    def _add(self, topic: str, partition: int, keyed: bool, now: float) -> None:
+        label = f"{topic}-{partition}"
+        task = Task(topic, partition, label, forward=not keyed, last_record=now)
+        if self.metrics is not None:
+            task.metrics = self.metrics.bind_partition(label)
+        self.tasks[(topic, partition)] = task
+
+    def keyed_tasks(self) -> int:
+        return sum(1 for t in self.tasks.values() if not t.forward)
+
+    def open_state(
+        self, task: Task, path: Path, memory_bytes: int | None = None, rocks: RocksMemory | None = None
+    ) -> None:
+        """Open the task's store at ``path`` (what is there, or empty) and its operator."""
+        graph = self.graph
+        store = PartitionStore(
+            path,
+            graph.aggregator.dumps,
+            graph.aggregator.loads,
+            self.max_cached_windows,
+            memory_bytes=memory_bytes,
+            rocks=rocks,
+        )
+        task.store = store
+        task.op = WindowOperator(
+            graph.window_kind,
+            graph.size_ms,
+            graph.slide_ms,
+            graph.gap_ms,
+            graph.allowed_lateness_ms,
+            graph.aggregator,
+            graph.emit,  # type: ignore[arg-type]
+            store,
+        )
+
+    def close(self) -> None:
+        for task in self.tasks.values():
+            if task.store is not None:
+                task.store.close()
+        self.tasks = {}
+
+    # -- records ----------------------------------------------------------------------
+    def process(self, msgs: Iterable[Message], now: float) -> None:
+        """Run a batch of consumed messages (any mix of this worker's partitions)."""
+        by_task: dict[Task, list[Message]] = {}
+        tasks = self.tasks
+        last_key: tuple[str, int] | None = None
+        bucket: list[Message] = []
+        for m in msgs:
+            key = (m.topic(), m.partition())
+            if key != last_key:  # one dict lookup per run of records from one partition
+                bucket = by_task.setdefault(tasks[key], [])
+                last_key = key
+            bucket.append(m)
+        saw = self.watermarks.saw_records
+        for task, batch in by_task.items():
+            saw(task, now)
+            until = task.replay_until
+            if until is None:
+                self._process_task(task, batch)
+                continue
+            cut = next((i for i, m in enumerate(batch) if m.offset() >= until), len(batch))
+            if cut:
+                self._suppress = True
+                try:
+                    self._process_task(task, batch[:cut])
+                finally:
+                    self._suppress = False
+            if cut < len(batch):
+                self.end_replay(task)
+                self._process_task(task, batch[cut:])
+
+    def _process_task(self, task: Task, batch: list[Message]) -> None:
+        if task.topic == self.graph.repartition_topic:
+            self._keyed_repartitioned(task, batch)
+        elif task.forward:
+            self._prepare(task, batch, self._forward)
+        else:
+            assert task.op is not None
+            self._prepare(task, batch, task.op.process)
+        task.next_offset = batch[-1].offset() + 1
+        self.fire(task)
+
+    def end_replay(self, task: Task) -> None:
+        """The task has re-read up to the committed offset: lift its watermark to the one it had
+        there (windows that closed then were emitted then) and start producing again."""
+        if task.replay_wm is not None and task.replay_wm > task.wm:
+            task.wm = task.replay_wm
+        self._suppress = True
+        try:
+            self.fire(task)
+        finally:
+            self._suppress = False
+        log.info("%s: re-read up to the committed offset %s; producing again", task.name, task.replay_until)
+        task.replay_until = task.replay_wm = None
+
+    def _prepare(
+        self, task: Task, batch: list[Message], accept: Callable[[str, int, dict[str, Any], int], bool]
+    ) -> None:
+        """Prepare each source record of one partition and hand it to ``accept``.
+
+        ``accept(key, ts, record, watermark)`` is the keyed operator's ``process`` (False: the
+        record is late) or, with a repartition, ``_forward``. Dead letters, the per-record
+        watermark and the counters are the same either way.
+        """
+        prepare = self.graph.prepare
+        ooo = self.graph.max_out_of_orderness_ms
+        wm = task.wm
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            if value is not None:
+                nbytes += len(value)
+            try:
+                out = prepare(value, m.key(), m.timestamp()[1])
+            except DeadLetter as exc:
+                self.dead_letter(m, exc)
+                continue
+            if out is None:
+                continue
+            key, ts, record = out
+            try:
+                accepted = accept(key, ts, record, wm)
+            except Overflow as exc:  # not applied, and (as for any dead letter) no watermark move
+                self.dead_letter(m, exc)
+                continue
+            if not accepted:
+                task.late += 1
+                self.dead_letter(m, LateRecord(ts, wm))
+            if ts - ooo > wm:
+                wm = ts - ooo
+        task.wm = wm
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    def _forward(self, key: str, ts: int, record: dict[str, Any], _wm: int) -> bool:
+        """Stage 1's ``accept`` with a repartition: send the record on by its group key.
+
+        Keyed by the group key, Kafka's partitioner spreads keys over the repartition
+        partitions deterministically, so a key always lands on the same stage-2 task.
+        """
+        fkey, fvalue = encode_forward(key, ts, record)
+        self.out(self.graph.repartition_topic, fvalue, fkey)  # type: ignore[arg-type]
+        return True
+
+    def _keyed_repartitioned(self, task: Task, batch: list[Message]) -> None:
+        """Stage 2: records and upstream watermark markers from the repartition topic."""
+        assert task.op is not None
+        process = task.op.process
+        loads = orjson.loads
+        marks = self.watermarks
+        wm = marks.upstream_min(task)
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            nbytes += len(value) if value is not None else 0
+            k = m.key()
+            if k is None:  # a watermark marker: {"src": "<topic>-<partition>", "wm": ms}
+                marker = loads(value)  # type: ignore[arg-type]
+                if marks.marker(task, marker["src"], marker["wm"]):
+                    wm = marks.upstream_min(task)
+                continue
+            try:
+                key, ts, record = prepare_repartitioned(value, k, 0)
+                accepted = process(key, ts, record, wm)
+            except (DeadLetter, Overflow) as exc:
+                self.dead_letter(m, exc)
+                continue
+            if not accepted:
+                task.late += 1
+                self.dead_letter(m, LateRecord(ts, wm))
+        task.wm = max(task.wm, wm)
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    # -- time -------------------------------------------------------------------------
+    def tick(
+        self,
+        now: float,
+        wall_ms: int,
+        caught_up: Callable[[Task], bool],
+        position: Callable[[Task], int],
+    ) -> None:
+        """Periodic work: end replays, idle watermarks, watermark markers and firing.
+
+        ``caught_up(task)``: the task has read all its partition holds; ``position(task)``: where
+        the reader is in the task's partition (past transaction markers too)."""
+        marks = self.watermarks
+        repartition = self.graph.repartition_topic
+        for task in self.tasks.values():
+            if task.replay_until is not None and position(task) >= task.replay_until:
+                self.end_replay(task)
+            if task.topic == repartition:
+                task.wm = max(task.wm, marks.upstream_min(task))
+            else:
+                marks.idle(task, now, wall_ms, caught_up)
+            if task.forward:
+                self._send_markers(task)
+            else:
+                self.fire(task)
+
+    def _send_markers(self, task: Task) -> None:
+        if task.wm == task.wm_sent or task.wm == NO_WATERMARK:
+            return
+        topic = self.graph.repartition_topic
+        assert topic is not None
+        marker = orjson.dumps({"src": task.label, "wm": task.wm})
+        for q in range(self.repartition_partitions):
+            self.out(topic, marker, None, q)
+        task.wm_sent = task.wm
+
+    # -- results ----------------------------------------------------------------------
+    def fire(self, task: Task) -> None:
+        """Emit what the task's watermark completes. In chunks, so closing a million windows
+        never holds a million results in memory."""
+        if task.op is None:
+            return
+        while self._fire_some(task):
+            self.alive()
+
+    def _fire_some(self, task: Task) -> bool:
+        assert task.op is not None
+        results = task.op.advance(task.wm, _FIRE_CHUNK)
+        if not results:
+            return False
+        topic = self.graph.sink_topic
+        with_final = self.graph.emit == "updates"
+        out = self.out
+        dumps = orjson.dumps
+        unrepresentable = self.graph.aggregator.unrepresentable
+        on_result = self.on_result
+        sent = 0
+        for r in results:
+            record = result_record(r, with_final)
+            # A result that cannot be written must not stop the worker: it would fire again
+            # after every restart (a crash loop). It goes to the dead-letter topic instead.
+            try:
+                bad = None if r.retract else unrepresentable(r.values)
+                if bad is not None:
+                    raise ValueError(
+                        f"aggregate {bad!r} is {r.values[bad]!r}, which JSON output cannot carry"
+                    )
+                value = dumps(record)
+            except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+                self._dead_letter_result(task, r, record, exc)
+                continue
+            out(topic, value, r.key.encode())
+            sent += 1
+            if on_result is not None:
+                on_result(record)
+        self.records_out += sent
+        return task.op.firing
+
+    # -- output -----------------------------------------------------------------------
+    def out(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int = -1,
+        headers: Headers | None = None,
+    ) -> None:
+        """Write one record, unless a replay suppresses it (it was committed before)."""
+        if self._suppress:
+            self.suppressed += 1
+            return
+        self.send(topic, value, key, partition, headers)
+        self.out_counts[topic] = self.out_counts.get(topic, 0) + 1
+        self.out_bytes[topic] = self.out_bytes.get(topic, 0) + (len(value) if value else 0)
+
+    def _count_dead(self, reason: str) -> None:
+        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.dead_letter_total.labels(reason=reason).inc()
+
+    def dead_letter(self, m: Message, exc: Exception) -> None:
+        """Send a consumed record that cannot be processed to the dead-letter topic, with
+        headers saying why and where it came from."""
+        reason = str(getattr(exc, "reason", "error"))
+        detail = str(getattr(exc, "detail", exc))
+        self._count_dead(reason)
+        topic = self.graph.dead_letter_topic
+        if topic is None:
+            log.warning(
+                "dead letter (%s) at %s-%d@%d dropped: no deadLetter topic configured: %s",
+                reason,
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                detail,
+            )
+            return
+        # An oversized value is not copied: it would fail the same size limit again. The
+        # headers locate the original in its source topic.
+        value = None if reason == "too_large" else m.value()
+        headers: Headers = [
+            ("weir.reason", reason.encode()),
+            ("weir.detail", detail[:1000].encode()),
+            ("weir.source.topic", m.topic().encode()),
+            ("weir.source.partition", str(m.partition()).encode()),
+            ("weir.source.offset", str(m.offset()).encode()),
+        ]
+        self.out(topic, value, m.key(), -1, headers)
+
+    def _dead_letter_result(
+        self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
+    ) -> None:
+        reason = "unserializable_result"
+        self._count_dead(reason)
+        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {exc}"
+        topic = self.graph.dead_letter_topic
+        if topic is None:
+            log.warning("result dropped: no deadLetter topic configured: %s", detail)
+            return
+        headers: Headers = [
+            ("weir.reason", reason.encode()),
+            ("weir.detail", detail[:1000].encode()),
+            ("weir.source.topic", task.topic.encode()),
+            ("weir.source.partition", str(task.partition).encode()),
+        ]
+        self.out(topic, _printable(record), r.key.encode(), -1, headers)

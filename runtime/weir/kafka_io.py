@@ -1,0 +1,558 @@
+"""A worker's Kafka edges: the ``Source`` and ``Sink`` of the commit protocol on librdkafka.
+
+``connect(start)`` waits for the broker, checks the topics (creating the repartition topic),
+and returns a ``KafkaEdges``: one consumer (statically assigned partitions, read_committed) and
+one producer (at-least-once) or two transactional ones (exactly-once). With two, the next
+checkpoint's transaction runs on one producer while the previous checkpoint uploads and its
+transaction waits to commit on the other. Transactional ids are stable per worker index, so a
+restarted worker fences its zombie (and aborts whatever it left open) in ``init_transactions``.
+
+Outages. Every blocking call is bounded and retried with back-off while the broker is
+unreachable (the worker stays alive, not ready, its status fresh: ``Waits.pause``); what can no
+longer be committed (records timed out, a transaction aborted or fenced) raises ``Rollback``,
+and a record Kafka refuses for good raises ``DeliveryFailed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
+
+from weir import kafka as kio
+from weir import memory
+from weir.commit import RETRY_CAP_S, Waits
+from weir.edges import DeliveryFailed, Offset, Rollback
+from weir.graph import JobGraph, assigned
+from weir.outages import Backoff
+from weir.tasks import EARLIEST, LATEST, Headers, Message, Task
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 10.0
+"""Longest a single blocking Kafka call (init/commit a transaction, read offsets) may take before
+the worker comes back to its loop: it must stay under the 60 s liveness window during an outage."""
+
+assert (OFFSET_BEGINNING, OFFSET_END) == (EARLIEST, LATEST)  # the core's logical offsets are Kafka's
+
+# Delivery errors that no retry fixes: the record (or the client's permission) is the problem,
+# not the broker's availability. Everything else an outage can cause, and rolling back to the
+# last commit and producing again is the cure.
+_PERMANENT_DELIVERY = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.INVALID_RECORD,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError._INVALID_ARG,
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+    }
+)
+
+
+def kafka_error(exc: KafkaException) -> tuple[KafkaError | None, str]:
+    """The KafkaError a KafkaException carries (None if it carries none) and its text."""
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return err, (err.str() if err is not None else str(exc))
+
+
+class Deliveries:
+    """Failed deliveries reported by librdkafka (on the worker's thread, in poll/flush)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.undelivered = 0
+        self.permanent = False
+
+    def on_delivery(self, err: Any, msg: Any) -> None:
+        """The producers' delivery callback (called for failures only)."""
+        if err is None:
+            return
+        self.undelivered += 1
+        if err.code() in _PERMANENT_DELIVERY:
+            self.permanent = True
+        if len(self.errors) < 3:
+            self.errors.append(f"{msg.topic()} [{msg.partition()}]: {err.str()} ({err.name()})")
+
+    def fatal(self, error: str) -> None:
+        """A fatal client error: nothing produced since the last commit can be trusted."""
+        self.errors.append(error)
+        self.undelivered = max(self.undelivered, 1)
+
+    def check(self) -> None:
+        """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record
+        for good, ``Rollback`` when an outage made them fail (the records are produced again)."""
+        if not self.undelivered:
+            return
+        causes = "; ".join(self.errors[:3]) or "no cause reported"
+        cause = f"{self.undelivered} records undelivered: {causes}"
+        if self.permanent:
+            raise DeliveryFailed(cause)
+        raise Rollback(cause)
+
+
+@dataclass
+class Start:
+    """What connecting needs to know about the worker starting."""
+
+    graph: JobGraph
+    kafka: kio.KafkaSettings
+    index: int
+    count: int
+    guarantee: str
+    waits: Waits
+    memory: memory.MemoryPlan | None = None
+    on_queue_full: Callable[[], None] = lambda: None
+    kafka_queued: dict[str, int] | None = None
+    """Filled with the bytes in librdkafka's queues (statistics every 5 s) when a budget is set."""
+
+
+def connect(start: Start) -> KafkaEdges:
+    """Wait for the broker, check the topics, create the clients (see the module docstring).
+
+    On the first start a broker that stays unreachable for ``connect_timeout_s`` raises
+    ``KafkaUnavailable``; after a rollback it is waited for."""
+    graph, waits, settings = start.graph, start.waits, start.kafka
+    admin = kio.admin(settings)
+
+    def unreachable(error: str) -> None:
+        waits.deps.down("kafka", error)
+
+    partitions = kio.wait_for_broker(
+        admin,
+        settings,
+        sleep=waits.pause,
+        on_retry=unreachable,
+        timeout_s=settings.connect_timeout_s if waits.first else math.inf,
+    )
+    waits.deps.up("kafka")
+    wanted = {t: "spec.pipeline.source.topics" for t in graph.source_topics}
+    wanted[graph.sink_topic] = "spec.pipeline.sink.topic"
+    if graph.dead_letter_topic:
+        wanted[graph.dead_letter_topic] = "spec.pipeline.deadLetter.topic"
+    kio.require_topics(partitions, wanted, settings.bootstrap_servers)
+    inputs = {t: partitions[t] for t in graph.source_topics}
+    if graph.repartition_topic:
+        inputs[graph.repartition_topic] = kio.ensure_topic(
+            admin,
+            graph.repartition_topic,
+            graph.repartition_partitions or max(partitions[t] for t in graph.source_topics),
+            partitions,
+        )
+    del admin  # its connections would keep reconnecting (and logging) through an outage
+    return KafkaEdges(start, inputs)
+
+
+class KafkaEdges:
+    """The consumer and the producers of one start of a worker: ``Source`` and ``Sink``."""
+
+    def __init__(self, start: Start, partitions: dict[str, int]) -> None:
+        self.start = start
+        self.partitions = partitions
+        """Partition count of each input topic (sources, repartition topic)."""
+        self.waits = start.waits
+        self.deliveries = Deliveries()
+        self.suspect: str | None = None
+        self.next_probe = 0.0
+        self._hooks: dict[str, Any] = {"error_cb": self._on_kafka_error, "logger": kio.client_logger()}
+        self.consumer = kio.new_consumer({**self._consumer_config(), **self._hooks})
+        self.producers = self._new_producers()
+        self._next = 0
+        self.current: Any = self.producers[0]
+
+    # -- clients ----------------------------------------------------------------------------
+    def _consumer_config(self) -> dict[str, Any]:
+        start, graph = self.start, self.start.graph
+        plan = start.memory
+        if plan is None:
+            return kio.consumer_config(start.kafka, graph.group_id, graph.start_from)
+        # librdkafka applies the prefetch limit to each partition's queue.
+        inputs = sum(len(assigned(n, start.index, start.count)) for n in self.partitions.values())
+        return {
+            **kio.consumer_config(
+                start.kafka,
+                graph.group_id,
+                graph.start_from,
+                queue_kbytes=plan.consumer_queue_kbytes // max(1, inputs),
+                fetch_max_bytes=plan.fetch_max_bytes,
+                queue_min_messages=plan.consumer_queue_messages(inputs),
+            ),
+            **self._stats_config("consumer"),
+        }
+
+    def _new_producers(self) -> list[Any]:
+        start = self.start
+        plan = start.memory
+        if plan is not None:
+            config = {
+                **kio.producer_config(
+                    start.kafka,
+                    self.deliveries.on_delivery,
+                    queue_kbytes=plan.producer_queue_kbytes,
+                    queue_messages=plan.producer_queue_messages,
+                ),
+                **self._stats_config("producer"),
+            }
+        else:
+            config = kio.producer_config(start.kafka, self.deliveries.on_delivery)
+        config = {**config, **self._hooks}
+        if start.guarantee != "exactly-once":
+            return [kio.new_producer(config)]
+        producers = []
+        for suffix in ("a", "b"):
+            tx_config = {
+                **config,
+                "transactional.id": f"{start.graph.group_id}-w{start.index}-{suffix}",
+                "transaction.timeout.ms": 120_000,
+                **start.kafka.producer,
+            }
+            producer = kio.new_producer(tx_config)
+
+            def init(p: Any = producer) -> None:
+                p.init_transactions(CALL_TIMEOUT_S)
+
+            self.retry(f"initialising transactions of {tx_config['transactional.id']}", init)
+            producers.append(producer)
+        return producers
+
+    def _stats_config(self, client: str) -> dict[str, Any]:
+        """librdkafka statistics every 5 s: the bytes in its queues, for the memory metrics."""
+        queued = self.start.kafka_queued
+        if queued is None:
+            return {}
+
+        def on_stats(raw: str) -> None:
+            stats = orjson.loads(raw)
+            if client == "producer":
+                queued[f"producer-{stats.get('name')}"] = int(stats.get("msg_size") or 0)
+                return
+            total = 0
+            for topic in (stats.get("topics") or {}).values():
+                for part in (topic.get("partitions") or {}).values():
+                    total += int(part.get("fetchq_size") or 0)
+            queued["consumer"] = total
+
+        return {"statistics.interval.ms": 5000, "stats_cb": on_stats}
+
+    def close(self) -> None:
+        """Drop the clients; transactions left open are aborted by the next start's
+        ``init_transactions``, which fences these producers."""
+        for producer in self.producers:
+            with contextlib.suppress(Exception):
+                producer.purge()
+        self.producers = []
+        with contextlib.suppress(Exception):
+            self.consumer.close()
+
+    # -- errors and outages -------------------------------------------------------------------
+    def _on_kafka_error(self, err: Any) -> None:
+        """librdkafka's error callback (served in poll/consume, on the worker's thread).
+
+        "All brokers down" only makes the loop probe the broker at once: each client reports it
+        from its own queue, some of them after the broker is back, so the probe's answer decides
+        whether it is an outage (``probe``)."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.suspect = f"{self.start.kafka.bootstrap_servers}: {err.str()}"
+            self.next_probe = 0.0
+        elif err.fatal():
+            self.deliveries.fatal(f"fatal: {err.str()} ({err.name()})")
+
+    def check_delivery(self) -> None:
+        self.deliveries.check()
+
+    def probe_due(self, now: float) -> bool:
+        return bool(self.suspect or self.waits.deps.is_down("kafka")) and now >= self.next_probe
+
+    def probe(self) -> bool:
+        """Ask the broker for metadata (1 s at most) and record the answer: whether Kafka is
+        reachable. Run after a client reported every broker down, and every 2 s during an
+        outage, to notice the broker is back even when no record arrives (librdkafka reports
+        brokers going down, never coming back)."""
+        self.next_probe = time.monotonic() + 2.0
+        try:
+            md = self.consumer.list_topics(self.start.graph.sink_topic, timeout=1.0)
+            reachable = bool(md.brokers) and md.orig_broker_id >= 0
+            error = "no broker in the metadata"
+        except KafkaException as exc:
+            reachable = False
+            error = kafka_error(exc)[1]
+        deps = self.waits.deps
+        if reachable:
+            self.suspect = None
+            deps.up("kafka")
+        else:
+            deps.down("kafka", self.suspect or f"{self.start.kafka.bootstrap_servers}: {error}")
+        return reachable
+
+    def retry(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` until it succeeds, waiting out an unreachable broker with back-off.
+
+        On the first start the broker gets ``connect_timeout_s`` (then ``KafkaUnavailable``);
+        after a rollback it gets for ever. A fatal client error raises (``KafkaUnavailable`` on
+        the first start, else ``Rollback``: new clients are the only cure)."""
+        waits, timeout = self.waits, self.start.kafka.connect_timeout_s
+        backoff = Backoff(0.5, RETRY_CAP_S)
+        failures = 0
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                err, text = kafka_error(exc)
+                if err is not None and err.fatal():
+                    if waits.first:
+                        raise kio.KafkaUnavailable(f"{what}: {text}") from exc
+                    raise Rollback(f"{what}: {text}") from exc
+                failures += 1
+                if failures > 1:  # the first retry is routine ("not coordinator" while it loads)
+                    waits.deps.down("kafka", f"{what}: {text}")
+                if waits.first and time.monotonic() - waits.started_at > timeout:
+                    raise kio.KafkaUnavailable(
+                        f"{what} failed for {timeout:.0f}s (last error: {text}); "
+                        "check spec.kafka.bootstrapServers and that the broker is up"
+                    ) from exc
+                waits.pause(backoff.next())
+
+    def bounded(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` on a helper thread, waited for at most ``CALL_TIMEOUT_S`` + 10 s.
+
+        librdkafka's transaction calls take a timeout but can block past it when the broker
+        goes away mid-call (librdkafka#5456); on the worker's thread that would stop the
+        liveness probe, /status and SIGTERM. A call that does not return in time raises
+        ``Rollback``: its producer is abandoned (fenced by the next one) with the helper thread
+        still in it.
+        """
+        outcome: list[tuple[bool, Any]] = []
+
+        def target() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=target, name="weir-kafka-call", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + CALL_TIMEOUT_S + 10.0
+        while True:
+            thread.join(0.2)
+            if not thread.is_alive():
+                break
+            if time.monotonic() >= deadline:
+                raise Rollback(f"{what}: no answer from Kafka within {CALL_TIMEOUT_S + 10.0:.0f}s")
+            self.waits.pause(0)
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    # -- Source -----------------------------------------------------------------------------
+    def consume(self, max_records: int, timeout_s: float) -> list[Message]:
+        msgs = self.consumer.consume(max_records, timeout=timeout_s)
+        good = msgs
+        for m in msgs:
+            if m.error() is not None:  # rare: filter the batch only when it has errors
+                good = [m for m in msgs if m.error() is None]
+                for bad in msgs:
+                    if bad.error() is not None:
+                        self._consume_error(bad.error())
+                break
+        if good and self.waits.deps.is_down("kafka"):
+            self.waits.deps.up("kafka")
+        return cast(list[Message], good)
+
+    def _consume_error(self, err: Any) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consumer: %s", err)
+
+    def assign(self, tasks: Sequence[Task]) -> None:
+        self.consumer.assign([TopicPartition(t.topic, t.partition, t.next_offset) for t in tasks])
+
+    def committed(self, tasks: Sequence[Task]) -> dict[str, tuple[int, str | None]]:
+        """The group's committed offset per task and the snapshot id committed with it (read
+        explicitly, retried while the coordinator is not ready, so a slow start shows as a
+        logged retry, not a stall)."""
+        tps = [TopicPartition(t.topic, t.partition) for t in tasks]
+        if not tps:
+            return {}
+        committed = self.retry(
+            f"reading the committed offsets of {self.start.graph.group_id}",
+            lambda: self.consumer.committed(tps, timeout=CALL_TIMEOUT_S),
+        )
+        found = [tp for tp in committed if tp.offset >= 0]
+        return {f"{tp.topic}/{tp.partition}": (tp.offset, tp.metadata or None) for tp in found}
+
+    def position(self, task: Task) -> int:
+        """Where the consumer is in the task's partition (past transaction markers too)."""
+        try:
+            (tp,) = self.consumer.position([TopicPartition(task.topic, task.partition)])
+        except KafkaException:
+            return task.next_offset
+        return max(task.next_offset, int(tp.offset))
+
+    def _ends(self, task: Task) -> tuple[int, int] | None:
+        try:
+            lo, hi = self.consumer.get_watermark_offsets(
+                TopicPartition(task.topic, task.partition, task.next_offset), cached=True
+            )
+        except KafkaException:
+            return None
+        return int(lo), int(hi)
+
+    def caught_up(self, task: Task) -> bool:
+        """Whether the task has consumed all its partition holds. Only such a partition can be
+        idle: one with records waiting (a slow start, back-pressure) is slow, not quiet, and
+        must not have its watermark moved past the records still to come."""
+        ends = self._ends(task)
+        if ends is None or ends[1] < 0:  # no fetch response yet: nothing is known about the end
+            return False
+        lo, hi = ends
+        if task.next_offset == OFFSET_END:  # started at the end and nothing came since
+            return True
+        if task.next_offset == OFFSET_BEGINNING:  # nothing consumed: caught up if it is empty
+            return lo == hi
+        return task.next_offset >= hi
+
+    def lag(self, task: Task) -> int | None:
+        ends = self._ends(task)
+        if ends is None or ends[1] < 0 or task.next_offset < 0:
+            return None
+        return max(0, ends[1] - task.next_offset)
+
+    # -- Sink -------------------------------------------------------------------------------
+    def begin(self) -> KafkaTransaction:
+        """The next epoch's transaction: on the other producer under exactly-once, so the
+        previous epoch can commit on its own while this one is written."""
+        producer = self.producers[self._next % len(self.producers)]
+        self._next += 1
+        self.current = producer
+        if self.start.guarantee == "exactly-once":
+            producer.begin_transaction()
+        return KafkaTransaction(self, producer)
+
+    def poll(self) -> None:
+        self.current.poll(0)
+        self.check_delivery()
+
+
+class KafkaTransaction:
+    """One epoch of output on one producer (see ``weir.commit.Transaction``)."""
+
+    def __init__(self, edges: KafkaEdges, producer: Any) -> None:
+        self.edges = edges
+        self.producer = producer
+        self._paused = 0.0
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int = -1,
+        headers: Headers | None = None,
+    ) -> None:
+        producer = self.producer
+        while True:
+            try:
+                producer.produce(topic, value, key, partition, headers=headers)
+                return
+            except BufferError:
+                # The producer's queue is full: back-pressure. Stop taking input until
+                # deliveries make room; never drop and never crash. During an outage this is
+                # where the worker waits: alive, status fresh, until delivery or rollback.
+                self.edges.start.on_queue_full()
+                producer.poll(0.05)
+                self.edges.check_delivery()
+                now = time.monotonic()
+                if now - self._paused >= 1.0:  # alive and status fresh, without a publish per retry
+                    self._paused = now
+                    self.edges.waits.pause(0)
+
+    def flush(self) -> None:
+        """Wait until the output is acknowledged; while the broker is unreachable keep waiting
+        (alive, not ready, status fresh) until the records are delivered or time out (then
+        ``Rollback``)."""
+        edges, deps = self.edges, self.edges.waits.deps
+        first_wait = CALL_TIMEOUT_S
+        remaining = self.producer.flush(first_wait)
+        waited = False
+        while remaining:
+            edges.check_delivery()
+            if not waited:
+                known = deps.reason()
+                why = f"{remaining} records not acknowledged after {first_wait:.0f}s"
+                deps.down("kafka", why + (f" ({known})" if known else ""))
+                waited = True
+            edges.waits.pause(0)
+            remaining = self.producer.flush(1.0)
+        edges.check_delivery()
+        if waited:
+            deps.up("kafka")
+
+    def commit(self, offsets: Sequence[Offset]) -> None:
+        """Exactly-once: commit the transaction with the offsets, retrying while the broker is
+        unreachable. At-least-once: commit the offsets (the output was flushed already).
+
+        Retriable failures (a timeout, no coordinator) are retried with back-off; a transaction
+        that can no longer commit (aborted by the broker after ``transaction.timeout.ms``,
+        fenced, a fatal producer error) raises ``Rollback``: its output is dropped and produced
+        again from the last committed state, so nothing is lost or duplicated."""
+        edges, deps = self.edges, self.edges.waits.deps
+        tps = [TopicPartition(o.topic, o.partition, o.offset, metadata=o.metadata) for o in offsets]
+        if edges.start.guarantee != "exactly-once":
+            if tps:
+                try:
+                    edges.consumer.commit(offsets=tps, asynchronous=False)
+                except KafkaException as exc:
+                    # The next checkpoint commits them; an outage shows once, not per checkpoint.
+                    deps.down("kafka", f"committing offsets: {kafka_error(exc)[1]}")
+            return
+        backoff = Backoff(0.5, RETRY_CAP_S)
+        offsets_sent = not tps
+        producer, group = self.producer, edges.consumer.consumer_group_metadata()
+        what = "committing a checkpoint's transaction"
+
+        def send_offsets() -> None:
+            producer.send_offsets_to_transaction(tps, group, CALL_TIMEOUT_S)
+
+        def commit() -> None:
+            producer.commit_transaction(CALL_TIMEOUT_S)
+
+        while True:
+            try:
+                if not offsets_sent:
+                    edges.bounded(what, send_offsets)
+                    offsets_sent = True
+                edges.bounded(what, commit)
+                if tps:
+                    deps.up("kafka")
+                return
+            except KafkaException as exc:
+                err, detail = kafka_error(exc)
+                text = f"{what}: {detail}" + (f" ({err.name()})" if err is not None else "")
+                if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    raise Rollback(f"the transaction cannot commit: {text}") from exc
+                deps.down("kafka", text)
+                # Retried only once the broker answers again: a retry made while it is down can
+                # block past its timeout (librdkafka#5456).
+                while True:
+                    edges.waits.pause(backoff.next())
+                    edges.check_delivery()
+                    if edges.probe():
+                        break

@@ -1,0 +1,165 @@
+"""Tasks and their event-time progress: one task per input partition a worker owns.
+
+Watermarks (``Watermarks``). A task's watermark is ``max event time seen - maxOutOfOrderness``
+and only rises; it is read per record, so whether a record is late does not depend on batching.
+When a task has consumed everything its partition holds and then had no record for
+``idleTimeout``, its watermark follows the wall clock (``now - maxOutOfOrderness``): windows of
+a quiet partition still close, and a quiet upstream partition does not hold back the
+repartitioned stage. A repartitioned task's watermark is the minimum over every upstream source
+partition, learnt from the watermark markers (records with a null key) that each upstream task
+writes to every repartition partition; until every upstream partition has reported, it does not
+advance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from weir.state import PartitionStore
+from weir.windowing import NO_WATERMARK, WindowOperator
+
+__all__ = [
+    "EARLIEST",
+    "LATEST",
+    "NO_WATERMARK",
+    "Headers",
+    "LateRecord",
+    "Message",
+    "Send",
+    "Task",
+    "Watermarks",
+]
+
+
+Headers = list[tuple[str, str | bytes | None]]
+
+EARLIEST = -2
+"""The logical offset of a partition's first record (Kafka's ``OFFSET_BEGINNING``)."""
+LATEST = -1
+"""The logical offset after a partition's last record (Kafka's ``OFFSET_END``)."""
+
+
+class Message(Protocol):
+    """What the core reads of a consumed record (``confluent_kafka.Message`` has it)."""
+
+    def value(self) -> bytes | None: ...
+    def key(self) -> bytes | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+    def topic(self) -> str: ...
+    def partition(self) -> int: ...
+    def offset(self) -> int: ...
+
+
+class Send(Protocol):
+    """Write one record to the open transaction: ``send(topic, value, key, partition, headers)``."""
+
+    def __call__(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int = -1,
+        headers: Headers | None = None,
+    ) -> None: ...
+
+
+class LateRecord(Exception):
+    """A record whose every window had closed when it arrived."""
+
+    reason = "late"
+
+    def __init__(self, ts: int, watermark: int) -> None:
+        self.detail = (
+            f"event time {ts} is at or behind the watermark {watermark} by more than "
+            "allowedLateness for every window it belongs to"
+        )
+        super().__init__(self.detail)
+
+
+@dataclass(eq=False)
+class Task:
+    """One input partition: its watermark, its position, and (when it runs the keyed stage) its
+    operator and store. ``next_offset`` is the next offset to read, or a negative logical offset
+    (the source's start) before the first record."""
+
+    topic: str
+    partition: int
+    label: str
+    op: WindowOperator | None = None
+    store: PartitionStore | None = None
+    forward: bool = False
+    wm: int = NO_WATERMARK
+    next_offset: int = -1
+    last_record: float = 0.0
+    idle: bool = False
+    records: int = 0
+    bytes: int = 0
+    late: int = 0
+    upstream: dict[str, int] = field(default_factory=dict)
+    """Repartitioned tasks: the watermark of every upstream source partition."""
+    wm_sent: int = NO_WATERMARK
+    metrics: Any = None
+    published: tuple[int, int, int] = (0, 0, 0)
+    replay_until: int | None = None
+    """Recovery by re-reading (``weir.recovery``): output before this offset is suppressed."""
+    replay_wm: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The partition's name in checkpoints: ``<topic>/<partition>``."""
+        return f"{self.topic}/{self.partition}"
+
+    def progress(self) -> dict[str, Any]:
+        return {"offset": self.next_offset, "wm": self.wm, "upstream": dict(self.upstream)}
+
+    def restore_progress(self, progress: Mapping[str, Any] | None) -> None:
+        """Take the watermark (and upstream watermarks) recorded with restored state."""
+        if progress is None:
+            return
+        self.wm = int(progress.get("wm", NO_WATERMARK))
+        self.wm_sent = NO_WATERMARK
+        self.upstream = {k: int(v) for k, v in (progress.get("upstream") or {}).items()}
+
+
+class Watermarks:
+    """Event-time progress that does not come from records: idleness and upstream minimums.
+
+    The per-record rule (``max event time - maxOutOfOrderness``) runs inline in the core's record
+    loops; this is the rest, with time injected (``now``: a monotonic clock in seconds, ``wall_ms``:
+    epoch milliseconds) so it is tested without waiting.
+    """
+
+    def __init__(self, max_out_of_orderness_ms: int, idle_timeout_ms: int, upstream_count: int = 0) -> None:
+        self.ooo = max_out_of_orderness_ms
+        self.idle_after = idle_timeout_ms / 1000
+        self.upstream_count = upstream_count
+
+    def saw_records(self, task: Task, now: float) -> None:
+        task.last_record = now
+        task.idle = False
+
+    def idle(self, task: Task, now: float, wall_ms: int, caught_up: Callable[[Task], bool]) -> None:
+        """A task that has read all its partition holds and had no record for ``idleTimeout``
+        is idle: its watermark follows the wall clock. ``caught_up`` is asked last (it may ask
+        the client): a slow partition with records waiting must not be taken for a quiet one."""
+        if self.idle_after <= 0 or now - task.last_record < self.idle_after or not caught_up(task):
+            return
+        task.idle = True
+        floor = wall_ms - self.ooo
+        if floor > task.wm:
+            task.wm = floor
+
+    def upstream_min(self, task: Task) -> int:
+        """A repartitioned task's watermark: the minimum over every upstream partition."""
+        if len(task.upstream) < self.upstream_count:
+            return NO_WATERMARK
+        return min(task.upstream.values())
+
+    def marker(self, task: Task, source: str, wm: int) -> bool:
+        """Record an upstream partition's watermark marker; True when it moved."""
+        if wm > task.upstream.get(source, NO_WATERMARK):
+            task.upstream[source] = wm
+            return True
+        return False
