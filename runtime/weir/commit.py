@@ -471,18 +471,26 @@ class Savepoints:
         self._done: dict[str, dict[str, Any]] = {}
         self.last: dict[str, Any] | None = None
 
-    def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Called by a control thread: queue the request and wait for its answer."""
+    def ask(self, request: dict[str, Any]) -> SavepointWaiter:
+        """Queue a request (once per id) without waiting; its waiter says when it is done."""
         sid = str(request["id"])
         with self._lock:
-            done = self._done.get(sid)
-            if done is not None:
-                return done
             waiter = self._waiting.get(sid)
             if waiter is None:
                 waiter = SavepointWaiter(request)
+                done = self._done.get(sid)
+                if done is not None:
+                    waiter.result = done
+                    waiter.done.set()
+                    return waiter
                 self._waiting[sid] = waiter
                 self._requests.append(waiter)
+            return waiter
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Called by a control thread: queue the request and wait for its answer."""
+        sid = str(request["id"])
+        waiter = self.ask(request)
         if not waiter.done.wait(self.timeout_s):
             raise TimeoutError(f"savepoint {sid} not complete after {self.timeout_s:.0f}s")
         if waiter.error is not None:
