@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from weir import kafka as kio
-from weir.graph import compile_job
+from weir.graph import JobGraph, compile_job
 from weir.spec import Job, load_job
 from weir.testing import reference_windows
 from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, InlineExecutor, MemoryBroker
@@ -101,32 +101,8 @@ def run(
     while True:
         faults.arm(*pending.pop(0)) if pending else faults.arm(None)
         backend.faults = faults
-        seen = [0]
-        worker: Worker
-
-        def on_consume(n: int) -> None:
-            seen[0] += n
-            if n == 0:
-                worker.stop()  # the input is read: commit what is left and stop
-            elif savepoint_every and seen[0] % savepoint_every < n:
-                worker.savepoints.ask({"id": f"sp-{restarts}-{seen[0]}"})
-
-        worker = Worker(
-            graph,
-            kio.KafkaSettings("memory", {}, {}),
-            WorkerSettings(
-                0,
-                1,
-                state,
-                batch_size=rng.randrange(3, 12),
-                checkpoint_interval_s=0,
-                watermark_interval_s=0,
-                checkpoint_url="memory://mem/ck",
-                shutdown_timeout_s=5,
-            ),
-            connect=broker.connect(faults, on_consume),
-            store_backend=backend,
-            uploader=InlineExecutor,
+        worker = start_worker(
+            graph, broker, faults, backend, state, rng.randrange(3, 12), savepoint_every, restarts
         )
         try:
             assert worker.run() == 0
@@ -136,6 +112,47 @@ def run(
             assert restarts < 50, "the job never got through its schedule"
             if rng.random() < wipe:
                 shutil.rmtree(state, ignore_errors=True)  # the new pod has no local state
+
+
+def start_worker(
+    graph: JobGraph,
+    broker: MemoryBroker,
+    faults: Faults,
+    backend: FaultyStore,
+    state: Path,
+    batch_size: int,
+    savepoint_every: int,
+    start: int,
+) -> Worker:
+    """A worker on the in-memory edges that stops once its input is read, checkpoints after
+    every batch, and asks for a savepoint every ``savepoint_every`` records."""
+    seen = [0]
+
+    def on_consume(n: int) -> None:
+        seen[0] += n
+        if n == 0:
+            worker.stop()  # the input is read: commit what is left and stop
+        elif savepoint_every and seen[0] % savepoint_every < n:
+            worker.savepoints.ask({"id": f"sp-{start}-{seen[0]}"})
+
+    worker = Worker(
+        graph,
+        kio.KafkaSettings("memory", {}, {}),
+        WorkerSettings(
+            0,
+            1,
+            state,
+            batch_size=batch_size,
+            checkpoint_interval_s=0,
+            watermark_interval_s=0,
+            checkpoint_url="memory://mem/ck",
+            shutdown_timeout_s=5,
+        ),
+        connect=broker.connect(faults, on_consume),
+        store_backend=backend,
+        uploader=InlineExecutor,
+    )
+    return worker
 
 
 def output(broker: MemoryBroker) -> Counter[tuple[str, bytes | None, bytes | None]]:
@@ -158,20 +175,24 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Counter[Any
     return out
 
 
-def test_a_crash_free_run_matches_the_brute_force_windowing_reference(reference: dict[int, Counter[Any]]) -> None:
+def test_a_crash_free_run_matches_the_brute_force_windowing_reference(
+    reference: dict[int, Counter[Any]],
+) -> None:
     for input_seed, got in reference.items():
         evts = events(input_seed)
         decodable = [(p, k, ts, r) for p, k, ts, r in evts if r is not None]
         specs = [(name, o["fn"], o.get("field")) for name, o in OUTPUTS.items()]
         windows, late = reference_windows(decodable, "tumbling", 10_000, None, None, 0, 2_000, specs)
         results = {}
-        for topic, key, value in got.elements():
+        for topic, _key, value in got.elements():
             if topic == "out":
                 r = orjson.loads(value or b"")
                 results[(r["key"], r["windowStartMs"], r["windowEndMs"])] = {"n": r["n"], "total": r["total"]}
         expected = {w: v for w, v in windows.items() if not w[0].startswith(END_KEY)}
         assert results == expected
-        assert sum(n for (t, _k, _v), n in got.items() if t == "dlq") == len(late) + (len(evts) - len(decodable))
+        assert sum(n for (t, _k, _v), n in got.items() if t == "dlq") == len(late) + (
+            len(evts) - len(decodable)
+        )
 
 
 @pytest.mark.parametrize("seed", range(240))
