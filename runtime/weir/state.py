@@ -47,8 +47,7 @@ from rocksdict import (
 )
 
 from weir.memory import release_free_memory
-
-WindowKey = tuple[str, int, int]
+from weir.window_shapes import WindowKey
 
 # Window entries are ``b"w" + start + end + key`` with big-endian signed times offset to
 # sort correctly, so a range scan returns windows in start order; progress lives under a

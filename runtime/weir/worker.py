@@ -56,7 +56,7 @@ from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.spec import Job
 from weir.state import PartitionStore, RocksMemory
-from weir.windowing import NO_WATERMARK, WindowOperator, WindowResult
+from weir.window_operator import NO_WATERMARK, WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
 
