@@ -12,7 +12,7 @@ uploads the few new files and the small metadata files. Checkpoint ids are
 the next free sequence number.
 
 A **savepoint** is self-contained and portable: per partition one SST file holding every
-entry (``state.export_sst``; SST rather than a format of our own because RocksDB ingests it
+entry (``state_sst.export_sst``; SST rather than a format of our own because RocksDB ingests it
 into a fresh database without rewriting it, it is RocksDB's stable, versioned table format
 with a checksum per block, and it is readable by ``sst_dump`` and every RocksDB binding), and
 no reference to checkpoint files. A savepoint taken by N workers is N manifests under one
@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from weir import __version__, state
+from weir import __version__, state_sst
 from weir.checkpoint_manifest import (
     CHECKPOINTS,
     FORMAT_CHECKPOINT,
@@ -273,7 +273,7 @@ class CheckpointStore(StoreReader):
                     sst, n = snap.path, 0  # a partition without state (a repartitioning stage's input)
                 elif snap.path.is_dir():
                     sst = Path(tmp) / f"{pdir}.sst"
-                    n = state.export_sst(snap.path, sst)
+                    n = state_sst.export_sst(snap.path, sst)
                 elif snap.path.is_file():
                     sst, n = snap.path, None
                 else:

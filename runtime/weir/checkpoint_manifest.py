@@ -258,7 +258,7 @@ class PartitionSnapshot:
 
     path: Path
     """A RocksDB checkpoint directory (``PartitionStore.checkpoint``). For a savepoint it may
-    also be an SST file from ``state.export_sst``."""
+    also be an SST file from ``state_sst.export_sst``."""
     offset: int
     watermark: int | None = None
     progress: Mapping[str, Any] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from weir import state
+from weir import state_sst
 from weir.checkpoint_manifest import (
     FORMAT_CHECKPOINT,
     FORMAT_EXPORT,
@@ -202,7 +202,7 @@ class StoreReader:
                     raise CorruptCheckpoint(
                         f"{manifest.url}: partition {partition} has {len(ssts)} export files"
                     )
-                state.import_sst(ready, ssts[0] if ssts else None)
+                state_sst.import_sst(ready, ssts[0] if ssts else None)
             else:
                 raise CorruptCheckpoint(
                     f"{manifest.url}: partition {partition} has unknown format {entry.format!r}"
