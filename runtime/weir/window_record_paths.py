@@ -29,7 +29,6 @@ ProcessFn = Callable[[str, int, dict[str, Any], int], bool]
 _end = attrgetter("end")
 
 
-
 def build_tumbling(
     shape: WindowShape,
     aggregator: Aggregator,
