@@ -54,9 +54,10 @@ from weir import memory, recovery
 from weir.aggregates import Aggregator, Overflow, compile_aggregates, representable
 from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
+from weir.rocksdb_options import RocksMemory
 from weir.spec import Job
-from weir.state import PartitionStore, RocksMemory
-from weir.windowing import NO_WATERMARK, WindowOperator, WindowResult
+from weir.state import PartitionStore
+from weir.window_operator import NO_WATERMARK, WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 from weir import kafka as kio
 from weir.spec import load_job
 from weir.testing import InMemoryWindowStore
-from weir.windowing import WindowOperator, WindowResult
+from weir.window_operator import WindowOperator, WindowResult
 from weir.worker import Task, Worker, WorkerSettings, plan_for, result_record
 
 END_OF_TIME = 2**62
