@@ -405,7 +405,7 @@ class ProcessOperator:
                 heapq.heappush(self._heap, timer)
         self._undo.clear()
 
-    def _collect(self, key: str, result: Outputs) -> list[Output]:
+    def _collect(self, key: str, result: object) -> list[Output]:
         if result is None:
             return []
         if isinstance(result, dict):

@@ -1,4 +1,4 @@
-"""Keyed process functions on a real ProcessStore: typed state, event-time TTL and timers, all-or-nothing calls."""
+"""Keyed process functions on a real ProcessStore: typed state, event-time TTL, timers, atomic calls."""
 
 from __future__ import annotations
 
@@ -263,7 +263,8 @@ def test_a_raising_on_timer_gives_an_error_output_undoes_its_changes_and_is_cons
     op.process("bad", 0, {"op": "timer", "at": [5]}, 0)
     op.process("good", 0, {"op": "timer", "at": [6]}, 0)
     out = op.advance(10, limit=10)
-    assert [(o.key, o.record) for o in out] == [("bad", None), ("good", {"timer": 6, "key": "good", "wm": 10})]
+    good = {"timer": 6, "key": "good", "wm": 10}
+    assert [(o.key, o.record) for o in out] == [("bad", None), ("good", good)]
     assert out[0].error is not None and out[0].error.detail == f"{REF}: RuntimeError: timer boom"
     assert _get(op, "bad", wm=10)["list"] == []
     assert op.timer_entries == 0 and op.advance(10_000, limit=10) == []
@@ -283,7 +284,9 @@ def test_on_error_fail_raises_function_failed_from_process_and_on_timer(tmp_path
 
 
 @pytest.mark.parametrize("value", [float("inf"), {1: "int key"}, {"s": {1, 2}}, 2**64])
-def test_a_state_value_encoding_refuses_fails_that_record_and_is_undone(tmp_path: Path, value: object) -> None:
+def test_a_state_value_encoding_refuses_fails_that_record_and_is_undone(
+    tmp_path: Path, value: object
+) -> None:
     op = _op(tmp_path)
     op.process("k", 0, {"op": "set", "v": "kept"}, 0)
     with pytest.raises(FunctionError, match="StateEncodingError"):
@@ -305,7 +308,8 @@ def test_outputs_come_in_order_in_every_form_and_a_non_dict_is_an_error_output(t
     assert [(o.key, o.record) for o in out] == [
         ("a", {"n": 1}), ("b", {"n": 2}), ("b", {"n": 3}), ("d", {"n": 4}), ("d", None), ("d", {"n": 5}),
         ("e", None)]
-    assert out[4].error is not None and out[4].error.detail == f"{REF}: TypeError: outputs must be dicts, got str"
+    assert out[4].error is not None
+    assert out[4].error.detail == f"{REF}: TypeError: outputs must be dicts, got str"
     assert out[6].error is not None and "got int" in out[6].error.detail
     assert op.take() == []
 
@@ -341,7 +345,7 @@ def test_a_bad_declaration_in_open_fails_the_task_with_the_state_name(tmp_path: 
 def test_open_process_loads_the_class_by_reference_and_refuses_other_callables(tmp_path: Path) -> None:
     op = open_process(REF, "deadLetter", tmp_path / "ok")
     assert isinstance(op.function, Fn)
-    with pytest.raises(FunctionNotFound, match="not a subclass of weir.ProcessFunction"):
+    with pytest.raises(FunctionNotFound, match=r"not a subclass of weir\.ProcessFunction"):
         open_process("json:dumps", "deadLetter", tmp_path / "no")
     with pytest.raises(ValueError, match="onError"):
         ProcessOperator(Fn, REF, "ignore", ProcessStore(tmp_path / "x"))  # type: ignore[arg-type]
@@ -386,7 +390,9 @@ def _events(seed: int) -> list[tuple[str, int, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_dedup_example_gives_its_reference_output_across_flushes_and_reopens(tmp_path: Path, seed: int) -> None:
+def test_the_dedup_example_gives_its_reference_output_across_flushes_and_reopens(
+    tmp_path: Path, seed: int
+) -> None:
     events = _events(seed)
     got: list[Output] = []
     op = open_process("weir.examples.dedup:Dedup", "deadLetter", tmp_path)
