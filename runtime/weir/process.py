@@ -25,7 +25,8 @@ Semantics (what ``ProcessOperator`` guarantees):
   ``advance`` once the watermark passes their expiry. Every write restarts the TTL.
 - Timers are event-time: one per ``(key, timestamp)``, fired by ``advance`` once the watermark
   reaches the timestamp, in ``(timestamp, key)`` order. A timer registered at or below the
-  current watermark fires at the next ``advance``.
+  current watermark fires at the next ``advance`` (or later in the same one, when ``on_timer``
+  registered it).
 - Records are never late for a process function (as in Flink): ``ctx.watermark`` tells.
 """
 

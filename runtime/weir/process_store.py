@@ -58,6 +58,12 @@ _U16: Final = struct.Struct(">H")
 NEVER: Final = (1 << 64) - 1 - _BIAS
 """The ``expires_at`` of an entry without TTL (stored as ``2**64 - 1``)."""
 
+_BACKGROUND_WORK: Final = (
+    "rocksdb.compaction-pending",
+    "rocksdb.num-running-compactions",
+    "rocksdb.num-running-flushes",
+)
+
 _PENDING_OVERHEAD: Final = 120
 """Bytes a pending change costs beyond its key and value: its dict slot, the bytes objects'
 headers and the journal/index slots that may point at it."""
@@ -372,6 +378,10 @@ class ProcessStore:
             return int(self._db.property_int_value("rocksdb.estimate-live-data-size") or 0)
         except Exception:  # noqa: BLE001 - an estimate; never worth failing the worker for
             return 0
+
+    def compacting(self) -> bool:
+        """Whether RocksDB is flushing or compacting in the background (as ``PartitionStore``)."""
+        return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
 
     def checkpoint(self, dest: Path) -> Path:
         """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
