@@ -417,3 +417,118 @@ def test_the_dedup_example_gives_its_reference_output_across_flushes_and_reopens
     summaries = [o.record for o in got if o.record is not None and o.record.get("kind") == "summary"]
     assert sum(s["unique"] + s["duplicates"] for s in summaries) == len(events)
     assert any(s["duplicates"] for s in summaries)
+
+
+def test_the_key_layout_is_the_documented_savepoint_format(tmp_path: Path) -> None:
+    op = _op(tmp_path)
+    op.process("k", 1_000, {"op": "short", "v": 1}, 0)  # value "short" (ttl 500), map "short_map" (1 s)
+    op.process("k", 0, {"op": "timer", "at": [7]}, 0)
+    op._store.flush({"offset": 1})
+    raw = dict(op._store._db.items())
+    bias = 1 << 63
+
+    def u64(t: int) -> bytes:
+        return (t + bias).to_bytes(8, "big")
+
+    value_key = b"s" + (1).to_bytes(4, "big") + b"k" + b"v" + (5).to_bytes(2, "big") + b"short"
+    map_key = b"s" + (1).to_bytes(4, "big") + b"k" + b"m" + (9).to_bytes(2, "big") + b"short_map" + b'\x01"k"'
+    assert raw == {
+        b"\x00progress": b'{"offset":1}',
+        value_key: u64(1_500) + b"\x011",
+        map_key: u64(2_000) + b"\x011",
+        b"n" + b"k": (2).to_bytes(4, "big"),
+        b"t" + u64(7) + b"k": b"",
+        b"e" + u64(1_500) + value_key: b"",
+        b"e" + u64(2_000) + map_key: b"",
+    }
+
+
+class Model(ProcessFunction):
+    """Applies random operations to state; the test mirrors them in dicts."""
+
+    def open(self, state: KeyedState) -> None:
+        self.v = state.value("v", ttl=300)
+        self.m = state.map("m", ttl=500)
+        self.lst = state.list("l")
+
+    def process(self, record: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        for op, arg in record["ops"]:
+            if op == "set":
+                self.v.set(arg)
+            elif op == "put":
+                self.m.put(arg % 3, arg)
+            elif op == "remove":
+                self.m.remove(arg % 3)
+            elif op == "append":
+                self.lst.append(arg)
+            elif op == "clear":
+                self.v.clear()
+                self.m.clear()
+                self.lst.clear()
+            elif op == "raise":
+                raise RuntimeError("scripted")
+        return {"v": self.v.get(), "m": dict(self.m.items()), "l": self.lst.get()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_calls_flushes_crashes_and_failures_match_a_dict_model(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    ref = "tests.unit.test_process:Model"
+    op = open_process(ref, "deadLetter", tmp_path)
+    # model: (key, kind, name) -> (value, expires_at or None); "flushed" is what a crash returns to
+    model: dict[tuple[str, str, Any], tuple[Any, int | None]] = {}
+    flushed = dict(model)
+    ts = wm = 0
+
+    def live(key: str, wm: int) -> dict[str, Any]:
+        def get(kind: str, name: Any) -> Any:
+            entry = model.get((key, kind, name))
+            return None if entry is None or (entry[1] is not None and entry[1] <= wm) else entry[0]
+        m = {k: get("m", k) for k in range(3) if get("m", k) is not None}
+        return {"v": get("v", None), "m": m, "l": get("l", None) or []}
+
+    for _ in range(300):
+        ts += rng.randrange(0, 60)
+        wm = max(wm, ts - rng.randrange(0, 400))
+        key = rng.choice("abc")
+        ops = [(rng.choice(["set", "put", "remove", "append", "clear"]), rng.randrange(100))
+               for _ in range(rng.randrange(1, 4))]
+        if rng.random() < 0.15:
+            ops.insert(rng.randrange(len(ops) + 1), ("raise", 0))
+        staged = dict(model)
+        for name, arg in ops:
+            if name == "set":
+                staged[(key, "v", None)] = (arg, ts + 300)
+            elif name == "put":
+                staged[(key, "m", arg % 3)] = (arg, ts + 500)
+            elif name == "remove":
+                staged.pop((key, "m", arg % 3), None)
+            elif name == "append":
+                items = list(staged[(key, "l", None)][0]) if (key, "l", None) in staged else []
+                staged[(key, "l", None)] = ([*items, arg], None)
+            elif name == "clear":
+                for k in [k for k in staged if k[0] == key]:
+                    del staged[k]
+        if ("raise", 0) in ops:
+            with pytest.raises(FunctionError):
+                op.process(key, ts, {"ops": ops}, wm)
+            assert op.take() == []
+        else:
+            model = staged
+            op.process(key, ts, {"ops": ops}, wm)
+            (out,) = op.take()
+            assert out.record == live(key, op.watermark), (seed, ops)
+        roll = rng.random()
+        if roll < 0.1:
+            op.advance(wm, limit=rng.randrange(1, 5))
+        elif roll < 0.2:
+            op._store.flush({"ts": ts})
+            flushed = dict(model)
+        elif roll < 0.25:
+            op._store.close()  # a crash: back to the last flush
+            op = open_process(ref, "deadLetter", tmp_path)
+            model = dict(flushed)
+    for key in "abc":
+        op.process(key, ts, {"ops": []}, wm)
+        (out,) = op.take()
+        assert out.record == live(key, op.watermark)
