@@ -45,7 +45,7 @@ from weir.functions import (
     encode_state,
     load_function,
 )
-from weir.process_store import MISSING, NEVER, ProcessStore, entry_prefix
+from weir.process_store import MISSING, NEVER, ProcessStore, key_prefix, state_suffix
 from weir.spec import parse_duration
 
 if TYPE_CHECKING:
@@ -125,16 +125,16 @@ class ProcessFunction:
 class _State:
     """A state handle: a name and kind, bound to whatever key the operator is calling for."""
 
-    __slots__ = ("_kind", "_name", "_op", "_ttl")
+    __slots__ = ("_op", "_suffix", "_ttl")
     _KIND = b""
 
     def __init__(self, op: ProcessOperator, name: str, ttl_ms: int | None) -> None:
         self._op = op
-        self._name = name
+        self._suffix = state_suffix(self._KIND, name)
         self._ttl = ttl_ms
 
     def _key(self) -> bytes:
-        return self._op._entry_key(self._KIND, self._name)
+        return self._op._entry_key(self._suffix)
 
     def _expires_at(self) -> int:
         return NEVER if self._ttl is None else self._op._ctx.timestamp + self._ttl
@@ -281,6 +281,7 @@ class ProcessOperator:
         self._store = store
         self._ctx = Context(Timers(self))
         self._bound = False  # whether a call is running (state and timers usable)
+        self._prefix = b""  # the entry-key prefix of the key being called for
         self._heap: list[tuple[int, str]] = []
         self._timers: set[tuple[int, str]] = set()
         self._undo: list[tuple[bool, tuple[int, str]]] = []  # (registered?, timer) of this call
@@ -377,6 +378,7 @@ class ProcessOperator:
     def _call(self, key: str, ts: int, fn: Callable[[Any, Context], Outputs], arg: Any) -> list[Output]:
         ctx = self._ctx
         ctx.key, ctx.timestamp, ctx.watermark = key, ts, self._watermark
+        self._prefix = key_prefix(key)
         store = self._store
         store.begin()
         self._undo.clear()
@@ -431,10 +433,10 @@ class ProcessOperator:
             raise RuntimeError("state is bound to a key only inside process() and on_timer()")
         return self._store
 
-    def _entry_key(self, kind: bytes, name: str) -> bytes:
+    def _entry_key(self, suffix: bytes) -> bytes:
         if not self._bound:
             raise RuntimeError("state is bound to a key only inside process() and on_timer()")
-        return entry_prefix(self._ctx.key, kind, name)
+        return self._prefix + suffix
 
     def _register(self, ts: int) -> None:
         timer = (ts, self._ctx.key)

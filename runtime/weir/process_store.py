@@ -43,7 +43,7 @@ from rocksdict import Checkpoint, Rdict, WriteBatch
 from weir.functions import decode_state, encode_state
 from weir.state import RocksMemory, rocksdb_options
 
-__all__ = ["MISSING", "NEVER", "ProcessStore", "entry_prefix"]
+__all__ = ["MISSING", "NEVER", "ProcessStore", "entry_prefix", "key_prefix", "state_suffix"]
 
 _PROGRESS: Final = b"\x00progress"
 _ENTRY: Final = b"s"
@@ -86,11 +86,21 @@ def _time(t: int) -> bytes:
     return _TIME.pack(t + _BIAS)
 
 
+def key_prefix(key: str) -> bytes:
+    """The prefix every entry of ``key`` starts with (see the layout)."""
+    k = key.encode()
+    return _ENTRY + _U32.pack(len(k)) + k
+
+
+def state_suffix(kind: bytes, name: str) -> bytes:
+    """What follows ``key_prefix`` in a state's entry keys: kind, name length, name."""
+    n = name.encode()
+    return kind + _U16.pack(len(n)) + n
+
+
 def entry_prefix(key: str, kind: bytes, name: str) -> bytes:
     """The key of a value or list entry, and the prefix of a map's entries (see the layout)."""
-    k = key.encode()
-    n = name.encode()
-    return _ENTRY + _U32.pack(len(k)) + k + kind + _U16.pack(len(n)) + n
+    return key_prefix(key) + state_suffix(kind, name)
 
 
 def _owner(entry: bytes) -> bytes:
