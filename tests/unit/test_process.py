@@ -14,6 +14,7 @@ from weir.examples import dedup
 from weir.functions import FunctionError, FunctionFailed, FunctionNotFound
 from weir.process import Context, KeyedState, OnError, Output, ProcessFunction, ProcessOperator, open_process
 from weir.process_store import ProcessStore
+from weir.state import export_sst, import_sst
 
 REF = "tests.unit.test_process:Fn"
 
@@ -237,6 +238,22 @@ def test_a_checkpoint_opens_as_a_store_holding_the_last_flush(tmp_path: Path) ->
         op._store.checkpoint(tmp_path / "cp")
     copy = _op(tmp_path / "cp")
     assert copy._store.progress == {"offset": 3} and _get(copy, "k")["value"] == 1
+
+
+def test_state_and_timers_travel_through_a_savepoint_sst_into_a_fresh_store(tmp_path: Path) -> None:
+    op = _op(tmp_path / "db")
+    op.process("k", 1_000, {"op": "short", "v": "ttl"}, 0)
+    op.process("k", 0, {"op": "put", "k": "m", "v": [1]}, 0)
+    op.process("j", 0, {"op": "timer", "at": [9]}, 0)
+    op._store.flush({"offset": 5})
+    op._store.checkpoint(tmp_path / "cp")
+    assert export_sst(tmp_path / "cp", tmp_path / "sp" / "state.sst") > 0
+    import_sst(tmp_path / "restored", tmp_path / "sp" / "state.sst")
+    again = _op(tmp_path / "restored")
+    assert again._store.progress == {"offset": 5} and again.timer_entries == 1 and again.open_windows == 1
+    assert _get(again, "k", wm=1_499) == {"value": None, "list": [], "map": [("m", [1])], "short": "ttl",
+                                          "short_map": [("k", "ttl")]}
+    assert [o.key for o in again.advance(9, limit=10)] == ["j"]
 
 
 def test_a_raising_call_leaves_no_state_timer_or_output_and_is_a_function_error(tmp_path: Path) -> None:
