@@ -276,6 +276,8 @@ class ProcessOperator:
             raise ValueError(f"onError must be 'deadLetter' or 'fail', got {on_error!r}")
         if not (isinstance(function, type) and issubclass(function, ProcessFunction)):
             raise FunctionNotFound(f"{ref} is not a subclass of weir.ProcessFunction")
+        if function.process is ProcessFunction.process:
+            raise FunctionNotFound(f"{ref} does not define process(record, ctx)")
         self.ref = ref
         self.on_error: OnError = on_error
         self._store = store

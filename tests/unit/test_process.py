@@ -341,13 +341,18 @@ def test_state_and_timers_are_usable_only_inside_calls_and_declared_only_in_open
         op._ctx.timers.register(5)
 
 
-class Twice(ProcessFunction):
+class Quiet(ProcessFunction):
+    def process(self, record: dict[str, Any], ctx: Context) -> None:
+        return None
+
+
+class Twice(Quiet):
     def open(self, state: KeyedState) -> None:
         state.value("x")
         state.map("x")
 
 
-class BadTtl(ProcessFunction):
+class BadTtl(Quiet):
     def open(self, state: KeyedState) -> None:
         state.value("x", ttl="soon")
 
@@ -364,6 +369,8 @@ def test_open_process_loads_the_class_by_reference_and_refuses_other_callables(t
     assert isinstance(op.function, Fn)
     with pytest.raises(FunctionNotFound, match=r"not a subclass of weir\.ProcessFunction"):
         open_process("json:dumps", "deadLetter", tmp_path / "no")
+    with pytest.raises(FunctionNotFound, match=r"does not define process\(record, ctx\)"):
+        ProcessOperator(ProcessFunction, "m:Base", "deadLetter", ProcessStore(tmp_path / "base"))
     with pytest.raises(ValueError, match="onError"):
         ProcessOperator(Fn, REF, "ignore", ProcessStore(tmp_path / "x"))  # type: ignore[arg-type]
 
