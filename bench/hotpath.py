@@ -109,7 +109,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     from weir.metrics import WorkerMetrics
     from weir.spec import load_job
     from weir.state import PartitionStore
-    from weir.windowing import NO_WATERMARK, WindowOperator
+    from weir.window_operator import NO_WATERMARK, WindowOperator
     from weir.worker import Worker, WorkerSettings
 
     events = PROFILE_EVENTS

@@ -193,10 +193,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=int, default=2000, help="events per second (default 2000)")
     _add_kafka_security(demo)
 
-    # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint.
-    from weir import checkpoint
+    # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint_cli.
+    from weir import checkpoint_cli
 
-    checkpoint.add_cli(sub)
+    checkpoint_cli.add_cli(sub)
 
     for name, command in _plugins().items():
         plugin = sub.add_parser(name, help=command.help, description=command.description)
@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "checkpoints":
-        from weir import checkpoint
+        from weir import checkpoint_cli
 
-        return checkpoint.run_cli(args)
+        return checkpoint_cli.run_cli(args)
     plugin = getattr(args, "plugin", None)
     if plugin is not None:
         return int(plugin.run(args))

@@ -33,9 +33,10 @@ import orjson
 from weir.aggregates import Overflow, representable
 from weir.graph import JobGraph, assigned
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
-from weir.state import PartitionStore, RocksMemory
+from weir.rocksdb_options import RocksMemory
+from weir.state import PartitionStore
 from weir.tasks import NO_WATERMARK, Headers, LateRecord, Message, Send, Task, Watermarks
-from weir.windowing import WindowOperator, WindowResult
+from weir.window_operator import WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from weir.state import PartitionStore
-from weir.windowing import NO_WATERMARK, WindowOperator
+from weir.window_operator import NO_WATERMARK, WindowOperator
 
 __all__ = [
     "EARLIEST",

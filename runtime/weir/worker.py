@@ -31,7 +31,7 @@ from weir.edges import DeliveryFailed, Rollback, Sink, Source, Stopped, StoreUna
 from weir.graph import JobGraph, compile_job
 from weir.kafka_io import Start, connect
 from weir.outages import Backoff, Dependencies
-from weir.state import RocksMemory
+from weir.rocksdb_options import RocksMemory
 from weir.status import publish
 from weir.tasks import Task
 

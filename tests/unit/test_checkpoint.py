@@ -13,20 +13,18 @@ from typing import Any
 import orjson
 import pytest
 
-from weir import checkpoint as ck
+from weir import checkpoint_cli
 from weir.checkpoint import (
     CheckpointError,
     CheckpointStore,
     CorruptCheckpoint,
-    FileBackend,
     Manifest,
-    MemoryBackend,
-    ObjectInfo,
     PartitionSnapshot,
     S3Settings,
     StoreReader,
     checkpoint_id,
 )
+from weir.objectstores import FileBackend, MemoryBackend, ObjectInfo
 from weir.state import PartitionStore
 
 NS, JOB = "team-a", "revenue"
@@ -672,9 +670,9 @@ def _run_cli(*argv: str) -> tuple[int, str, str]:
     import argparse
 
     parser = argparse.ArgumentParser()
-    ck.add_cli(parser.add_subparsers(dest="command"))
+    checkpoint_cli.add_cli(parser.add_subparsers(dest="command"))
     out, err = io.StringIO(), io.StringIO()
-    code = ck.run_cli(parser.parse_args(list(argv)), out, err)
+    code = checkpoint_cli.run_cli(parser.parse_args(list(argv)), out, err)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -152,7 +152,8 @@ def s3_error(code: str, message: str, operation: str = "ListObjectsV2") -> Excep
 def test_an_s3_refusal_the_user_must_fix_is_store_refused_on_one_line_naming_the_cause(
     code: str, message: str
 ) -> None:
-    from weir.objectstores import S3Backend, S3Settings, StoreRefused
+    from weir.objectstores import S3Settings, StoreRefused
+    from weir.s3_backend import S3Backend
 
     backend = S3Backend("jobs", S3Settings(endpoint_url="http://s3.example:9000", access_key_id="AKIA",
                                            secret_access_key="very-secret", region="us-east-1"))
@@ -168,7 +169,8 @@ def test_an_s3_refusal_the_user_must_fix_is_store_refused_on_one_line_naming_the
 def test_an_unreachable_s3_endpoint_is_a_checkpoint_error_worth_retrying_not_a_refusal() -> None:
     from botocore.exceptions import EndpointConnectionError
 
-    from weir.objectstores import CheckpointError, NotFound, S3Backend, S3Settings, StoreRefused
+    from weir.objectstores import CheckpointError, NotFound, S3Settings, StoreRefused
+    from weir.s3_backend import S3Backend
 
     backend = S3Backend("jobs", S3Settings(endpoint_url="http://127.0.0.1:9"))
     error = backend._fail("listing", "p/", EndpointConnectionError(endpoint_url="http://127.0.0.1:9/jobs"))
@@ -180,7 +182,8 @@ def test_an_unreachable_s3_endpoint_is_a_checkpoint_error_worth_retrying_not_a_r
 
 
 def test_an_unusable_s3_endpoint_url_is_refused_when_the_client_is_made() -> None:
-    from weir.objectstores import S3Backend, S3Settings, StoreRefused
+    from weir.objectstores import S3Settings, StoreRefused
+    from weir.s3_backend import S3Backend
 
     with pytest.raises(StoreRefused, match="Invalid endpoint"):
         S3Backend("jobs", S3Settings(endpoint_url="htp//minio:9000"))

@@ -14,7 +14,7 @@ from weir.graph import compile_job
 from weir.spec import load_job
 from weir.tasks import Task
 from weir.testing import InMemoryWindowStore
-from weir.windowing import WindowOperator, WindowResult
+from weir.window_operator import WindowOperator, WindowResult
 
 END_OF_TIME = 2**62
 OUTPUTS = {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "amount"}}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from weir.aggregates import Accumulator
-from weir.windowing import WindowKey
+from weir.window_shapes import WindowKey
 
 __all__ = [
     "Event",
@@ -24,7 +24,7 @@ Event = tuple[int, str, int, dict[str, Any]]
 
 
 class InMemoryWindowStore:
-    """A dict-backed window store (see ``weir.windowing.WindowStore``).
+    """A dict-backed window store (see ``weir.window_operator.WindowStore``).
 
     By default it holds the very accumulator objects it is given, like a cache. With ``dumps``
     and ``loads`` (an aggregator's codec) it keeps only serialised bytes and hands out a fresh
@@ -124,7 +124,7 @@ class FakeClock:
 
 # -- brute-force reference ------------------------------------------------------------------
 #
-# Deliberately slow and shares no code with weir.aggregates, weir.windows or weir.windowing:
+# Deliberately slow and shares no code with weir.aggregates or the weir.window_* modules:
 # it restates the semantics in the most direct Python, so that tests compare two independent
 # readings of the same rules.
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple, Protocol
 
 from weir.aggregates import Accumulator, Aggregator
-from weir.windows import WindowShape
+from weir.window_record_paths import (
+    ProcessFn,
+    Session,
+    arm,
+    build_session,
+    build_sliding,
+    build_tumbling,
+    mark_emitted,
+)
+from weir.window_shapes import WindowKey, WindowShape
 
-__all__ = ["NO_WATERMARK", "EmitMode", "WindowKey", "WindowOperator", "WindowResult", "WindowStore"]
+__all__ = ["NO_WATERMARK", "EmitMode", "WindowOperator", "WindowResult", "WindowStore"]
 
 EmitMode = Literal["final", "updates"]
-
-WindowKey = tuple[str, int, int]
-"""``(key, start, end)`` of one window of one key; sessions use their current bounds."""
 
 NO_WATERMARK = -(2**63)
 """The watermark before a partition has seen any record: nothing is complete yet."""
@@ -72,9 +77,6 @@ class WindowResult(NamedTuple):
     values: dict[str, Any]
     final: bool
     retract: bool = False
-
-
-ProcessFn = Callable[[str, int, dict[str, Any], int], bool]
 
 
 class WindowOperator:
@@ -146,7 +148,7 @@ class WindowOperator:
         self._store = store
         # Timer index: a heap of timer times plus, per time, what to check then. Tumbling and
         # sliding windows never change their end, so their timer is their end and the entry is
-        # the store key. Sessions grow, so their entry is the mutable _Session and its timer may
+        # the store key. Sessions grow, so their entry is the mutable Session and its timer may
         # lag its end: when it fires, the session is either closed (fire it) or re-armed at its
         # current end. Extending a session (the common per-record case) then touches no index,
         # and advance costs O(due timers * log), never a scan of all windows.
@@ -161,21 +163,29 @@ class WindowOperator:
         # ``(end, None)`` for an end fired from disk from ``_cursor`` (the last key fired) on.
         self._due: deque[tuple[int | None, list[WindowKey] | None]] = deque()
         self._cursor: str | None = None
-        self._session_timers: dict[int, list[_Session]] = {}
+        self._session_timers: dict[int, list[Session]] = {}
         # Sessions only: key -> that key's sessions not known to be closed, sorted by start.
-        self._sessions: dict[str, list[_Session]] = {}
+        self._sessions: dict[str, list[Session]] = {}
         # "updates" mode: windows changed since the last emission, and (sessions) emitted bounds
         # that a growth or merge has made stale and that the next advance retracts.
         self._changed: set[WindowKey] = set()
         self._retract: list[WindowKey] = []
         # Highest watermark seen, in a one-slot list so the process closure can update it.
         self._watermark = [NO_WATERMARK]
+        changed = self._changed if emit == "updates" else None
         if self.shape.kind == "tumbling":
-            self.process = self._build_tumbling()
+            self.process = build_tumbling(
+                self.shape, aggregator, store, self._timers, self._heap, self._watermark, changed
+            )
         elif self.shape.kind == "sliding":
-            self.process = self._build_sliding()
+            self.process = build_sliding(
+                self.shape, aggregator, store, self._timers, self._heap, self._watermark, changed
+            )
         else:
-            self.process = self._build_session()
+            self.process = build_session(
+                self.shape, aggregator, store, self._session_timers, self._heap, self._watermark,
+                self._sessions, changed, self._retract,
+            )
 
     @property
     def open_windows(self) -> int:
@@ -237,7 +247,7 @@ class WindowOperator:
                 if acc is not None:
                     out.append(WindowResult(k[0], k[1], k[2], result(acc), False))
                     if sessions is not None:
-                        _mark_emitted(sessions, k)
+                        mark_emitted(sessions, k)
             changed.clear()
 
         if store.evictions != self._evictions_seen:
@@ -333,7 +343,7 @@ class WindowOperator:
                 else:
                     # Grew since the timer was set: wait for its current end (> threshold, so
                     # this loop will not pop it again).
-                    _arm(timers, heap, s.end, s)
+                    arm(timers, heap, s.end, s)
         return due
 
     def restore(self) -> None:
@@ -363,7 +373,7 @@ class WindowOperator:
             self._heap.extend(ends)
         elif self.shape.kind == "session":
             for (key, start, end), _acc in self._store.items():
-                s = _Session(key, start, end)
+                s = Session(key, start, end)
                 if updates:
                     s.emitted = (key, start, end)
                 self._sessions.setdefault(key, []).append(s)
@@ -377,264 +387,10 @@ class WindowOperator:
             self._heap.extend(self._timers)
         heapq.heapify(self._heap)
 
-    # -- per-kind record paths -------------------------------------------------------------
-    #
-    # Each builder returns a closure over locals (store methods, aggregator functions, indexes,
-    # constants): local/cell loads are the cheapest lookups Python has, and the record path runs
-    # once per input record.
-
-    def _build_tumbling(self) -> ProcessFn:
-        size = self.shape.size_ms
-        lateness_m1 = self.shape.allowed_lateness_ms - 1
-        get, put = self._store.get, self._store.put
-        create, add = self.aggregator.create, self.aggregator.add
-        timers, heap, wm = self._timers, self._heap, self._watermark
-        changed = self._changed if self.emit == "updates" else None
-        heappush = heapq.heappush
-
-        def process(key: str, ts: int, record: dict[str, Any], watermark: int) -> bool:
-            if watermark > wm[0]:
-                wm[0] = watermark
-            else:
-                watermark = wm[0]
-            start = ts - ts % size
-            end = start + size
-            if end <= watermark - lateness_m1:  # W >= end - 1 + allowed_lateness
-                return False
-            k = (key, start, end)
-            acc = get(k)
-            if acc is None:
-                acc = create()
-                add(acc, record, ts)  # may raise Overflow: before anything is indexed
-                bucket = timers.get(end)
-                if bucket is None:
-                    timers[end] = [k]
-                    heappush(heap, end)
-                else:
-                    bucket.append(k)
-            else:
-                add(acc, record, ts)
-            put(k, acc)
-            if changed is not None:
-                changed.add(k)
-            return True
-
-        return process
-
-    def _build_sliding(self) -> ProcessFn:
-        size, slide = self.shape.size_ms, self.shape.slide_ms
-        lateness_m1 = self.shape.allowed_lateness_ms - 1
-        get, put = self._store.get, self._store.put
-        create, add, check = self.aggregator.create, self.aggregator.add, self.aggregator.check
-        timers, heap, wm = self._timers, self._heap, self._watermark
-        changed = self._changed if self.emit == "updates" else None
-        heappush = heapq.heappush
-
-        def process(key: str, ts: int, record: dict[str, Any], watermark: int) -> bool:
-            if watermark > wm[0]:
-                wm[0] = watermark
-            else:
-                watermark = wm[0]
-            # Windows containing ts start in (ts - size, ts]; the open ones (end > W - L + 1)
-            # start after W - L + 1 - size. Begin at the first multiple of slide past both
-            # bounds, so closed windows are skipped without being looked at.
-            lo = ts - size + 1
-            open_lo = watermark - lateness_m1 - size + 1
-            if open_lo > lo:
-                lo = open_lo
-            first = lo + (-lo) % slide
-            if first > ts:
-                return False
-            if check is None:  # no sum or avg: nothing can overflow
-                for start in range(first, ts + 1, slide):
-                    end = start + size
-                    k = (key, start, end)
-                    acc = get(k)
-                    if acc is None:
-                        acc = create()
-                        bucket = timers.get(end)
-                        if bucket is None:
-                            timers[end] = [k]
-                            heappush(heap, end)
-                        else:
-                            bucket.append(k)
-                    add(acc, record, ts)
-                    put(k, acc)
-                    if changed is not None:
-                        changed.add(k)
-                return True
-            # All or none: a record that would overflow one of its windows joins none, so the
-            # existing windows are checked before any is changed. (A fresh window holds one
-            # value, which the decoder has already bounded.)
-            keys = []
-            accs = []
-            for start in range(first, ts + 1, slide):
-                k = (key, start, start + size)
-                keys.append(k)
-                accs.append(get(k))
-            check(accs, record)
-            for k, acc in zip(keys, accs):  # noqa: B905 - equal lengths by construction
-                if acc is None:
-                    acc = create()
-                    end = k[2]
-                    bucket = timers.get(end)
-                    if bucket is None:
-                        timers[end] = [k]
-                        heappush(heap, end)
-                    else:
-                        bucket.append(k)
-                add(acc, record, ts)
-                put(k, acc)
-                if changed is not None:
-                    changed.add(k)
-            return True
-
-        return process
-
-    def _build_session(self) -> ProcessFn:
-        gap = self.shape.gap_ms
-        lateness_m1 = self.shape.allowed_lateness_ms - 1
-        store = self._store
-        get, put, delete = store.get, store.put, store.delete
-        create, add, merge = self.aggregator.create, self.aggregator.add, self.aggregator.merge
-        timers, heap, wm, sessions = self._session_timers, self._heap, self._watermark, self._sessions
-        changed = self._changed if self.emit == "updates" else None
-        retract = self._retract
-
-        def process(key: str, ts: int, record: dict[str, Any], watermark: int) -> bool:
-            if watermark > wm[0]:
-                wm[0] = watermark
-            else:
-                watermark = wm[0]
-            threshold = watermark - lateness_m1  # a window is closed iff end <= threshold
-            end = ts + gap
-            if end <= threshold:
-                return False
-            sess = sessions.get(key)
-            if sess is None:
-                sess = sessions[key] = []
-                i = j = 0
-            else:
-                # Sessions closed at this watermark stay closed (watermarks never go back), never
-                # merge again, and wait in the store and timers for advance to fire them: drop
-                # them from the mergeable list. They always form a prefix: a record that could
-                # start a session at or before a closed one's start would itself be late, so no
-                # open session starts at or before a closed one.
-                while sess and sess[0].end <= threshold:
-                    del sess[0]
-                # The remaining sessions are open, hence pairwise apart (neither overlapping nor
-                # touching), so ends are sorted too and the ones [ts, end) meets are contiguous.
-                i = bisect_left(sess, ts, key=_end)
-                j = i
-                n = len(sess)
-                while j < n and sess[j].start <= end:
-                    j += 1
-            if i == j:
-                acc = create()
-                add(acc, record, ts)  # may raise Overflow: before anything is indexed
-                s = _Session(key, ts, end)
-                sess.insert(i, s)
-                _arm(timers, heap, end, s)
-                k = (key, ts, end)
-                put(k, acc)
-                if changed is not None:
-                    changed.add(k)
-                return True
-            s = sess[i]
-            old = (key, s.start, s.end)
-            found = get(old)
-            if found is None:
-                raise RuntimeError(f"session {old} is indexed but not in the store")
-            acc = found
-            start = s.start if s.start <= ts else ts
-            last_end = sess[j - 1].end
-            if last_end > end:
-                end = last_end
-            if j - i == 1 and start == s.start and end == s.end:
-                # The record falls inside an existing session.
-                add(acc, record, ts)
-                put(old, acc)
-                if changed is not None:
-                    changed.add(old)
-                return True
-            # Merge in start order. Disjoint sessions cannot share an event time, so merge's
-            # first/last tie rule never matters here; the new record is added last, as the
-            # latest arrival. Merge and add raise Overflow before anything is changed, so
-            # they run before the store and the indexes are touched.
-            others: list[tuple[_Session, WindowKey]] = []
-            for m in range(i + 1, j):
-                other = sess[m]
-                other_key = (key, other.start, other.end)
-                other_acc = get(other_key)
-                if other_acc is None:
-                    raise RuntimeError(f"session {other_key} is indexed but not in the store")
-                acc = merge(acc, other_acc)
-                others.append((other, other_key))
-            add(acc, record, ts)
-            # The first session survives (keeping its timer, which is at or before its new
-            # end); the others die and their timers are skipped.
-            delete(old)
-            if changed is not None:
-                changed.discard(old)
-                if s.emitted is not None:
-                    retract.append(s.emitted)
-                    s.emitted = None
-            for other, other_key in others:
-                delete(other_key)
-                if changed is not None:
-                    changed.discard(other_key)
-                    if other.emitted is not None:
-                        retract.append(other.emitted)
-                other.live = False
-            if j - i > 1:
-                del sess[i + 1 : j]
-            s.start = start
-            s.end = end
-            k = (key, start, end)
-            put(k, acc)
-            if changed is not None:
-                changed.add(k)
-            return True
-
-        return process
-
-
-class _Session:
-    """One session of one key; mutated in place as it grows so no index needs updating."""
-
-    __slots__ = ("emitted", "end", "key", "live", "start")
-
-    def __init__(self, key: str, start: int, end: int) -> None:
-        self.key = key
-        self.start = start
-        self.end = end
-        self.live = True  # False once merged into another session or fired
-        # "updates" mode: the bounds of this session's last emitted update while they are still
-        # its bounds; a change of bounds hands them to the operator's retraction list.
-        self.emitted: WindowKey | None = None
-
-
-def _mark_emitted(sessions: dict[str, list[_Session]], k: WindowKey) -> None:
-    """Record that session ``k`` was emitted as an update (a closed one is gone: it fires now)."""
-    for s in sessions.get(k[0], ()):
-        if s.start == k[1]:
-            s.emitted = k
-            return
-
-
-def _arm(timers: dict[int, list[_Session]], heap: list[int], at: int, s: _Session) -> None:
-    bucket = timers.get(at)
-    if bucket is None:
-        timers[at] = [s]
-        heapq.heappush(heap, at)
-    else:
-        bucket.append(s)
-
 
 _FIRE_CHUNK = 10_000
 """Windows read from disk per scan when an end fires from disk."""
 
-_end = attrgetter("end")
 _start = attrgetter("start")
 
 

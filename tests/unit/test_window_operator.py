@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from weir.aggregates import AggSpec, Overflow, compile_aggregates
 from weir.state import PartitionStore
 from weir.testing import Event, FakeClock, InMemoryWindowStore, random_events, reference_windows
-from weir.windowing import NO_WATERMARK, EmitMode, WindowOperator, WindowResult, WindowStore
+from weir.window_operator import NO_WATERMARK, EmitMode, WindowOperator, WindowResult, WindowStore
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 

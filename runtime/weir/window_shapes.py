@@ -1,4 +1,10 @@
-"""Window shapes: validation, tumbling/sliding assignment and session-interval merging (pure functions)."""
+"""Window shapes: validation, tumbling/sliding assignment and session-interval merging (pure functions).
+
+What a window *is* (its kind, size, slide, gap, lateness; its ``WindowKey``) and the arithmetic
+of which windows a timestamp falls in. The operator that keeps and fires windows over a
+partition's records is ``weir.window_operator``; its per-record paths are
+``weir.window_record_paths``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from operator import itemgetter
 from typing import Literal, get_args
 
 __all__ = [
+    "WindowKey",
     "WindowKind",
     "WindowShape",
     "assign_sliding",
@@ -21,6 +28,9 @@ WindowKind = Literal["tumbling", "sliding", "session"]
 """The three window shapes the runtime supports."""
 
 WINDOW_KINDS: tuple[str, ...] = get_args(WindowKind)
+
+WindowKey = tuple[str, int, int]
+"""``(key, start, end)`` of one window of one key; sessions use their current bounds."""
 
 Interval = tuple[int, int]
 """A half-open window ``[start, end)`` in epoch milliseconds."""

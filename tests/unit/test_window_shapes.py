@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weir.windows import WindowShape, assign_sliding, assign_tumbling, closes_at, is_closed, merge_session
+from weir.window_shapes import (
+    WindowShape,
+    assign_sliding,
+    assign_tumbling,
+    closes_at,
+    is_closed,
+    merge_session,
+)
 
 SETTINGS = settings(deadline=None, max_examples=200)
 
