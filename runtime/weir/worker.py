@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from weir import checkpoint as ck
 from weir import kafka as kio
 from weir import memory
-from weir.commit import Committer, Policy, Savepoints, Waits
+from weir.commit import Committer, Policy, Waits
 from weir.core import TaskCore
 from weir.edges import DeliveryFailed, Rollback, Sink, Source, Stopped, StoreUnavailable
 from weir.graph import JobGraph, compile_job
@@ -92,6 +92,93 @@ class Edges(Source, Sink, Protocol):
     def probe_due(self, now: float) -> bool: ...
     def probe(self) -> bool: ...
     def close(self) -> None: ...
+
+
+class SavepointWaiter:
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+
+
+class Savepoints:
+    """Savepoint requests from the control server's threads, taken by the worker's loop.
+
+    Idempotent by request id: the same id returns the same savepoint (the operator may retry
+    after its own restart without producing two)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._requests: list[SavepointWaiter] = []
+        self._waiting: dict[str, SavepointWaiter] = {}
+        self._done: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, Any] | None = None
+
+    def ask(self, request: dict[str, Any]) -> SavepointWaiter:
+        """Queue a request (once per id) without waiting; its waiter says when it is done."""
+        sid = str(request["id"])
+        with self._lock:
+            waiter = self._waiting.get(sid)
+            if waiter is None:
+                waiter = SavepointWaiter(request)
+                done = self._done.get(sid)
+                if done is not None:
+                    waiter.result = done
+                    waiter.done.set()
+                    return waiter
+                self._waiting[sid] = waiter
+                self._requests.append(waiter)
+            return waiter
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Called by a control thread: queue the request and wait for its answer."""
+        sid = str(request["id"])
+        waiter = self.ask(request)
+        if not waiter.done.wait(self.timeout_s):
+            raise TimeoutError(f"savepoint {sid} not complete after {self.timeout_s:.0f}s")
+        if waiter.error is not None:
+            raise RuntimeError(waiter.error)
+        assert waiter.result is not None
+        return waiter.result
+
+    @property
+    def asked(self) -> bool:
+        return bool(self._requests)
+
+    def take(self, committer: Committer) -> bool:
+        """Take every queued savepoint (on the loop's thread); True when one asked to stop after."""
+        with self._lock:
+            requests, self._requests = self._requests, []
+        stop = False
+        for waiter in requests:
+            sid = str(waiter.request["id"])
+            try:
+                answer = committer.savepoint(sid, waiter.request.get("path"))
+                self.last = answer
+                with self._lock:
+                    self._done[sid] = answer
+                waiter.result = answer
+                stop = stop or bool(waiter.request.get("stop"))
+            except Exception as exc:
+                # The worker stops (its restart recovers from the last commit); the caller learns why.
+                waiter.error = f"the worker failed while taking the savepoint: {type(exc).__name__}: {exc}"
+                raise
+            finally:
+                waiter.done.set()
+                with self._lock:
+                    self._waiting.pop(sid, None)
+        return stop
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting.values())
+            self._requests = []
+        for waiter in waiting:
+            if not waiter.done.is_set():
+                waiter.error = reason
+                waiter.done.set()
 
 
 class Worker:
