@@ -133,6 +133,8 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     triples = [(m.value(), m.key(), m.timestamp()[1]) for m in msgs]
     values = [t[0] for t in triples]
     prepare = plan.prepare
+    window = plan.window
+    assert prepare is not None and window is not None
     prepared = [(m.partition(), *prepare(v, k, ts)) for m, (v, k, ts) in zip(msgs, triples, strict=True)]
     loads = orjson.loads
     ooo = plan.max_out_of_orderness_ms
@@ -158,17 +160,17 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         stores = []
         for p in range(partitions):
             store = PartitionStore(
-                work / f"stage-{time.monotonic_ns()}-{p}", plan.aggregator.dumps, plan.aggregator.loads
+                work / f"stage-{time.monotonic_ns()}-{p}", window.aggregator.dumps, window.aggregator.loads
             )
             stores.append(store)
             ops[p] = WindowOperator(
-                plan.window_kind,
-                plan.size_ms,
-                plan.slide_ms,
-                plan.gap_ms,
-                plan.allowed_lateness_ms,
-                plan.aggregator,
-                plan.emit,
+                window.kind,
+                window.size_ms,
+                window.slide_ms,
+                window.gap_ms,
+                window.allowed_lateness_ms,
+                window.aggregator,
+                window.emit,
                 store,  # type: ignore[arg-type]
             ).process
             wms[p] = NO_WATERMARK

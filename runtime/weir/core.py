@@ -32,6 +32,7 @@ import orjson
 
 from weir.aggregates import Overflow, representable
 from weir.graph import JobGraph, assigned
+from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
@@ -157,25 +158,33 @@ class TaskCore:
     def open_state(
         self, task: Task, path: Path, memory_bytes: int | None = None, rocks: RocksMemory | None = None
     ) -> None:
-        """Open the task's store at ``path`` (what is there, or empty) and its operator."""
-        graph = self.graph
+        """Open the task's store at ``path`` (what is there, or empty) and its keyed operator:
+        the window operator, or the process function's (``FunctionFailed`` when its ``open``
+        raises). A stateless pipeline has neither."""
+        window, process = self.graph.window, self.graph.process
+        if process is not None:
+            op = open_process(process.ref, process.on_error, path, rocks, memory_bytes)  # type: ignore[arg-type]
+            task.op, task.store = op, op.store
+            return
+        if window is None:
+            return
         store = PartitionStore(
             path,
-            graph.aggregator.dumps,
-            graph.aggregator.loads,
+            window.aggregator.dumps,
+            window.aggregator.loads,
             self.max_cached_windows,
             memory_bytes=memory_bytes,
             rocks=rocks,
         )
         task.store = store
         task.op = WindowOperator(
-            graph.window_kind,
-            graph.size_ms,
-            graph.slide_ms,
-            graph.gap_ms,
-            graph.allowed_lateness_ms,
-            graph.aggregator,
-            graph.emit,  # type: ignore[arg-type]
+            window.kind,
+            window.size_ms,
+            window.slide_ms,
+            window.gap_ms,
+            window.allowed_lateness_ms,
+            window.aggregator,
+            window.emit,  # type: ignore[arg-type]
             store,
         )
 
@@ -219,11 +228,14 @@ class TaskCore:
     def _process_task(self, task: Task, batch: list[Message]) -> None:
         if task.topic == self.graph.repartition_topic:
             self._keyed_repartitioned(task, batch)
-        elif task.forward:
-            self._prepare(task, batch, self._forward)
         else:
-            assert task.op is not None
-            self._prepare(task, batch, task.op.process)
+            accept = (
+                self._forward if task.forward else task.op.process if task.op is not None else self._to_sink
+            )
+            if self.graph.prepare_many is not None:
+                self._prepare_many(task, batch, accept)
+            else:
+                self._prepare(task, batch, accept)
         task.next_offset = batch[-1].offset() + 1
         self.fire(task)
 
@@ -250,6 +262,7 @@ class TaskCore:
         watermark and the counters are the same either way.
         """
         prepare = self.graph.prepare
+        assert prepare is not None
         ooo = self.graph.max_out_of_orderness_ms
         wm = task.wm
         nbytes = 0
@@ -267,7 +280,7 @@ class TaskCore:
             key, ts, record = out
             try:
                 accepted = accept(key, ts, record, wm)
-            except Overflow as exc:  # not applied, and (as for any dead letter) no watermark move
+            except (Overflow, DeadLetter) as exc:  # not applied, and no watermark move
                 self.dead_letter(m, exc)
                 continue
             if not accepted:
@@ -287,6 +300,42 @@ class TaskCore:
         """
         fkey, fvalue = encode_forward(key, ts, record)
         self.out(self.graph.repartition_topic, fvalue, fkey)  # type: ignore[arg-type]
+        return True
+
+    def _prepare_many(
+        self, task: Task, batch: list[Message], accept: Callable[[str, int, dict[str, Any], int], bool]
+    ) -> None:
+        """``_prepare`` for pipelines with Python functions: a record may become several (or
+        none). A failure dead-letters the source record once; results already accepted stay."""
+        prepare = self.graph.prepare_many
+        assert prepare is not None
+        ooo = self.graph.max_out_of_orderness_ms
+        wm = task.wm
+        nbytes = 0
+        for m in batch:
+            value = m.value()
+            if value is not None:
+                nbytes += len(value)
+            try:
+                outs = prepare(value, m.key(), m.timestamp()[1])
+                for key, ts, record in outs:
+                    if not accept(key, ts, record, wm):
+                        task.late += 1
+                        self.dead_letter(m, LateRecord(ts, wm))
+                        break
+            except (Overflow, DeadLetter) as exc:
+                self.dead_letter(m, exc)
+                continue
+            for _key, ts, _record in outs:
+                if ts - ooo > wm:
+                    wm = ts - ooo
+        task.wm = wm
+        task.records += len(batch)
+        task.bytes += nbytes
+
+    def _to_sink(self, key: str, ts: int, record: dict[str, Any], _wm: int) -> bool:
+        """The ``accept`` of a stateless pipeline: every prepared record goes to the sink."""
+        self._emit(key, record, None)
         return True
 
     def _keyed_repartitioned(self, task: Task, batch: list[Message]) -> None:
@@ -365,15 +414,22 @@ class TaskCore:
             self.alive()
 
     def _fire_some(self, task: Task) -> bool:
-        assert task.op is not None
-        results = task.op.advance(task.wm, _FIRE_CHUNK)
+        op = task.op
+        if isinstance(op, ProcessOperator):
+            for made in op.take():
+                self._emit(made.key, made.record, made.error, task)
+            for made in op.advance(task.wm, _FIRE_CHUNK):
+                self._emit(made.key, made.record, made.error, task)
+            return op.firing
+        assert op is not None and self.graph.window is not None
+        results = op.advance(task.wm, _FIRE_CHUNK)
         if not results:
             return False
         topic = self.graph.sink_topic
-        with_final = self.graph.emit == "updates"
+        with_final = self.graph.window.emit == "updates"
         out = self.out
         dumps = orjson.dumps
-        unrepresentable = self.graph.aggregator.unrepresentable
+        unrepresentable = self.graph.window.aggregator.unrepresentable
         on_result = self.on_result
         sent = 0
         for r in results:
@@ -395,7 +451,29 @@ class TaskCore:
             if on_result is not None:
                 on_result(record)
         self.records_out += sent
-        return task.op.firing
+        return op.firing
+
+    def _emit(
+        self, key: str, record: dict[str, Any] | None, error: Exception | None, task: Task | None = None
+    ) -> None:
+        """Write a record a function made (a process function's, or a stateless pipeline's);
+        what cannot be written, or the error that replaced it, goes to the dead-letter topic."""
+        if error is None and record is not None:
+            try:
+                value = orjson.dumps(record)
+            except TypeError as exc:  # not JSON: a set, bytes, an int beyond 64 bits, NaN keys...
+                error = exc
+            else:
+                self.out(self.graph.sink_topic, value, key.encode())
+                self.records_out += 1
+                if self.on_result is not None:
+                    self.on_result(record)
+                return
+        reason = str(getattr(error, "reason", "unserializable_result"))
+        detail = str(getattr(error, "detail", error))
+        self._result_dead_letter(
+            reason, f"output of key {key!r}: {detail}", key, record or {"key": key}, task
+        )
 
     # -- output -----------------------------------------------------------------------
     def out(
@@ -451,17 +529,23 @@ class TaskCore:
     def _dead_letter_result(
         self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
     ) -> None:
-        reason = "unserializable_result"
+        reason = str(getattr(exc, "reason", "unserializable_result"))
+        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {getattr(exc, 'detail', exc)}"
+        self._result_dead_letter(reason, detail, r.key, record, task)
+
+    def _result_dead_letter(
+        self, reason: str, detail: str, key: str, record: dict[str, Any], task: Task | None
+    ) -> None:
+        """Dead-letter a result (it has no source record: the headers name the task's partition)."""
         self._count_dead(reason)
-        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {exc}"
         topic = self.graph.dead_letter_topic
         if topic is None:
             log.warning("result dropped: no deadLetter topic configured: %s", detail)
             return
-        headers: Headers = [
-            ("weir.reason", reason.encode()),
-            ("weir.detail", detail[:1000].encode()),
-            ("weir.source.topic", task.topic.encode()),
-            ("weir.source.partition", str(task.partition).encode()),
-        ]
-        self.out(topic, _printable(record), r.key.encode(), -1, headers)
+        headers: Headers = [("weir.reason", reason.encode()), ("weir.detail", detail[:1000].encode())]
+        if task is not None:
+            headers += [
+                ("weir.source.topic", task.topic.encode()),
+                ("weir.source.partition", str(task.partition).encode()),
+            ]
+        self.out(topic, _printable(record), key.encode(), -1, headers)

@@ -6,34 +6,67 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from weir.aggregates import Aggregator, compile_aggregates
-from weir.records import Prepare, compile_prepare
+from weir.records import Prepare, Prepared, compile_prepare
 from weir.spec import Job
 
-__all__ = ["JobGraph", "assigned", "compile_job"]
+__all__ = ["JobGraph", "PrepareMany", "ProcessStage", "WindowStage", "assigned", "compile_job"]
+
+PrepareMany = Callable[[bytes | None, bytes | None, int], list[Prepared]]
+"""``prepare_many(value, key, kafka_ts_ms)``: every record the steps make of one (none: dropped)."""
 
 
 @dataclass(frozen=True)
-class JobGraph:
-    """What the worker runs, resolved once from the job's spec (``compile_job``)."""
+class WindowStage:
+    """The keyed stage of a windowed pipeline: window shape, aggregates, emission."""
 
-    job_id: str
-    group_id: str
-    source_topics: tuple[str, ...]
-    start_from: str
-    prepare: Prepare
-    max_out_of_orderness_ms: int
-    idle_timeout_ms: int
-    window_kind: str
+    kind: str
     size_ms: int | None
     slide_ms: int | None
     gap_ms: int | None
     allowed_lateness_ms: int
     aggregator: Aggregator
     emit: str
+
+
+@dataclass(frozen=True)
+class ProcessStage:
+    """The keyed stage of a pipeline ending in a process function (``weir.process``)."""
+
+    ref: str
+    """``package.module:Class`` of the ``weir.ProcessFunction``."""
+    on_error: str
+    """``deadLetter`` or ``fail``."""
+
+
+@dataclass(frozen=True)
+class JobGraph:
+    """What the worker runs, resolved once from the job's spec (``compile_job``).
+
+    Records are prepared by ``prepare`` (declarative steps only: one generated function, one
+    result per record) or ``prepare_many`` (with Python functions: any number of results per
+    record), then go to the keyed stage: ``window``, ``process``, or neither (a stateless
+    pipeline writes each prepared record to the sink).
+    """
+
+    job_id: str
+    group_id: str
+    source_topics: tuple[str, ...]
+    start_from: str
+    prepare: Prepare | None
+    max_out_of_orderness_ms: int
+    idle_timeout_ms: int
     sink_topic: str
     dead_letter_topic: str | None
+    window: WindowStage | None = None
+    process: ProcessStage | None = None
+    prepare_many: PrepareMany | None = None
     repartition_topic: str | None = None
     repartition_partitions: int | None = None
+
+    @property
+    def terminal(self) -> str:
+        """``window``, ``process`` or ``none`` (stateless)."""
+        return "window" if self.window is not None else "process" if self.process is not None else "none"
 
 
 def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
@@ -51,15 +84,17 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
         prepare=compile_prepare(pipeline, wall_ms),
         max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
         idle_timeout_ms=pipeline.watermark.idle_timeout,
-        window_kind=window.type,
-        size_ms=window.size,
-        slide_ms=window.slide,
-        gap_ms=window.gap,
-        allowed_lateness_ms=window.allowed_lateness,
-        aggregator=compile_aggregates(specs),
-        emit=aggregate.emit,
         sink_topic=pipeline.sink.topic,
         dead_letter_topic=job.dead_letter_topic,
+        window=WindowStage(
+            window.type,
+            window.size,
+            window.slide,
+            window.gap,
+            window.allowed_lateness,
+            compile_aggregates(specs),
+            aggregate.emit,
+        ),
         repartition_topic=job.repartition_topic,
         repartition_partitions=stages.repartition.partitions if stages.repartition else None,
     )

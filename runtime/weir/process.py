@@ -359,6 +359,11 @@ class ProcessOperator:
         self._timers = set(self._heap)
 
     @property
+    def store(self) -> ProcessStore:
+        """Where the function's state and timers live (flushed and checkpointed by the core)."""
+        return self._store
+
+    @property
     def firing(self) -> bool:
         """Whether more timers or expired entries were due at the last ``advance``'s watermark."""
         return self._firing

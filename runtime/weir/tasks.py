@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from weir.process import ProcessOperator
+from weir.process_store import ProcessStore
 from weir.state import PartitionStore
 from weir.window_operator import NO_WATERMARK, WindowOperator
 
@@ -87,8 +89,8 @@ class Task:
     topic: str
     partition: int
     label: str
-    op: WindowOperator | None = None
-    store: PartitionStore | None = None
+    op: WindowOperator | ProcessOperator | None = None
+    store: PartitionStore | ProcessStore | None = None
     forward: bool = False
     wm: int = NO_WATERMARK
     next_offset: int = -1

@@ -82,7 +82,7 @@ def worker_and_task(tmp_path: Path) -> tuple[TaskCore, Task, RecordingProducer]:
     core = TaskCore(graph)
     producer = RecordingProducer()
     core.send = producer.produce
-    agg = graph.aggregator
+    agg = graph.window.aggregator
     store = InMemoryWindowStore(agg.dumps, agg.loads)
     op = WindowOperator("tumbling", 10_000, None, None, 0, agg, "final", store)
     return core, Task("events", 0, "events-0", op, None), producer
@@ -94,7 +94,7 @@ def test_a_window_whose_restored_sum_was_lost_is_dead_lettered_and_the_others_ar
     worker, task, producer = worker_and_task(tmp_path)
     assert task.op is not None
     store = task.op._store
-    agg = worker.graph.aggregator
+    agg = worker.graph.window.aggregator
     # What a weir before the overflow rule checkpointed: an infinite sum, written as null.
     poisoned = agg.create()
     poisoned[:2] = [2, math.inf]
