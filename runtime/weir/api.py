@@ -32,9 +32,9 @@ from weir.spec import (
     Output,
     Pipeline,
     SpecError,
-    TimeFormat,
     format_validation_error,
 )
+from weir.spec_pipeline import TimeFormat
 
 __all__ = ["Col", "Expr", "PipelineBuilder", "col", "pipeline", "source"]
 
