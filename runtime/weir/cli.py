@@ -265,7 +265,7 @@ def _validate(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    plan = job.pipeline.plan()
+    plan = job.pipeline.stages()
     print(f"{job.namespace}/{job.name}: valid")
     print(f"  source topics: {', '.join(job.pipeline.source.topics)}")
     print(f"  repartition topic: {job.repartition_topic or '(none: keyed by the message key)'}")

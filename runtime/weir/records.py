@@ -37,7 +37,7 @@ is dead-lettered instead. The check costs one comparison per record: the generat
 keeps the last horizon it read (``now_ms() + skew``) and reads the clock again only for an
 event time beyond it, so a record is refused only against a fresh reading.
 
-Repartitioning: when ``pipeline.plan().repartition`` is set, stage 1 runs ``prepare`` and
+Repartitioning: when ``pipeline.stages().repartition`` is set, stage 1 runs ``prepare`` and
 forwards each result with ``encode_forward`` (message key = group key, value = the JSON
 array ``[event_time_ms, record]``); stage 2 reads the repartition topic with
 ``prepare_repartitioned``, which returns the same triple without re-checking. The event
@@ -301,7 +301,7 @@ def _member_expr(src: _Source, field: str, values: tuple[object, ...]) -> str:
 
 
 def _generate(pipeline: Pipeline) -> _Source:
-    plan = pipeline.plan()
+    plan = pipeline.stages()
     source = pipeline.source
     src = _Source()
     emit = src.emit

@@ -79,11 +79,11 @@ from weir.spec_pipeline import (
     FieldScope,
     Pipeline,
     PipelineLike,
-    Plan,
     Repartition,
     Sink,
     Source,
     SourceKey,
+    Stages,
     Watermark,
     as_pipeline,
 )
@@ -121,7 +121,6 @@ __all__ = [
     "Output",
     "Pipeline",
     "PipelineLike",
-    "Plan",
     "PodTemplate",
     "PositiveDuration",
     "Quantity",
@@ -134,6 +133,7 @@ __all__ = [
     "Source",
     "SourceKey",
     "SpecError",
+    "Stages",
     "Step",
     "StreamJob",
     "Toleration",
@@ -192,7 +192,7 @@ class Job:
     @property
     def repartition_topic(self) -> str | None:
         """Topic between stage 1 and stage 2, or None when the pipeline has one stage."""
-        repartition = self.pipeline.plan().repartition
+        repartition = self.pipeline.stages().repartition
         if repartition is None:
             return None
         return f"weir-{self.namespace}-{self.name}-{repartition.step_index}-repartition"

@@ -177,7 +177,7 @@ class Repartition:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class Stages:
     """How a validated pipeline executes: where the key comes from and where the stages split.
 
     Without ``repartition`` one stage reads the source, prepares records and windows them.
@@ -225,8 +225,8 @@ class Pipeline(SpecModel):
         _check_field_references(self.source, self.steps)
         return self
 
-    def plan(self) -> Plan:
-        """The execution plan of this pipeline (derived, not stored)."""
+    def stages(self) -> Stages:
+        """How this pipeline executes (derived, not stored)."""
         window_index = next(i for i, s in enumerate(self.steps) if s.window is not None)
         window = self.steps[window_index].window
         aggregate = self.steps[window_index + 1].aggregate
@@ -235,12 +235,12 @@ class Pipeline(SpecModel):
         if key_by is not None:
             index, spec = key_by
             if spec.field is None:
-                return Plan("messageKey", None, None, window_index, window, aggregate)
-            return Plan(
+                return Stages("messageKey", None, None, window_index, window, aggregate)
+            return Stages(
                 "keyByField", spec.field, Repartition(index, spec.partitions), window_index, window, aggregate
             )
         if self.source.key is not None:
-            return Plan(
+            return Stages(
                 "sourceField",
                 self.source.key.field,
                 Repartition(window_index, None),
@@ -248,7 +248,7 @@ class Pipeline(SpecModel):
                 window,
                 aggregate,
             )
-        return Plan("messageKey", None, None, window_index, window, aggregate)
+        return Stages("messageKey", None, None, window_index, window, aggregate)
 
 
 def _check_step_order(steps: tuple[Step, ...]) -> None:

@@ -181,9 +181,9 @@ def test_the_dead_letter_topic_defaults_to_one_named_after_the_job() -> None:
     assert job.repartition_topic is None
 
 
-def plan_of(source: dict[str, Any], *before_window: dict[str, Any]) -> spec.Plan:
+def plan_of(source: dict[str, Any], *before_window: dict[str, Any]) -> spec.Stages:
     steps = [*before_window, *minimal_pipeline()["steps"]]
-    return Pipeline.model_validate(minimal_pipeline(source=source, steps=steps)).plan()
+    return Pipeline.model_validate(minimal_pipeline(source=source, steps=steps)).stages()
 
 
 def test_keying_by_a_field_needs_a_repartition_named_after_the_key_by_step() -> None:
