@@ -269,7 +269,12 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{job.namespace}/{job.name}: valid")
     print(f"  source topics: {', '.join(job.pipeline.source.topics)}")
     print(f"  repartition topic: {job.repartition_topic or '(none: keyed by the message key)'}")
-    print(f"  window: {plan.window.type}; outputs: {', '.join(plan.aggregate.outputs)}")
+    if plan.window is not None and plan.aggregate is not None:
+        print(f"  window: {plan.window.type}; outputs: {', '.join(plan.aggregate.outputs)}")
+    elif plan.process is not None:
+        print(f"  process: {plan.process.function}")
+    else:
+        print("  stateless: every prepared record goes to the sink")
     print(f"  sink: {job.pipeline.sink.topic}; dead letters: {job.dead_letter_topic}")
     return EXIT_OK
 

@@ -344,7 +344,7 @@ def _generate(pipeline: Pipeline) -> _Source:
             scope.rename(index, step.rename)
         elif step.key_by is not None and step.key_by.field is not None:
             key_scope_field = scope.source_of(step.key_by.field)
-        elif step.window is not None:
+        elif step.window is not None or step.process is not None:
             break
 
     # -- event time
@@ -396,9 +396,10 @@ def _generate(pipeline: Pipeline) -> _Source:
         emit(2, f"k = _key_of(k, {plan.key_field!r})")
 
     # -- fields the aggregate reads
-    numeric = set(plan.aggregate.numeric_fields())
+    aggregate = plan.aggregate
+    numeric = set(aggregate.numeric_fields()) if aggregate is not None else set()
     present: set[str] = set()
-    for field in plan.aggregate.fields():
+    for field in aggregate.fields() if aggregate is not None else ():
         read = scope.source_of(field)
         present.add(read)
         if field in numeric:
@@ -480,7 +481,10 @@ def compile_prepare(pipeline: Pipeline | PipelineLike, now_ms: Callable[[], int]
     """Compile the pre-window part of ``pipeline`` into one prepare function (see the module
     docstring for its contract). With a repartition, this is stage 1's function. ``now_ms`` is
     the wall clock ``maxFutureSkew`` is measured from (default: the system clock)."""
-    generated = _generate(as_pipeline(pipeline))
+    built = as_pipeline(pipeline)
+    if built.stages().functions:
+        raise ValueError("this pipeline has function steps: compile it with weir.chain.compile_prepare_many")
+    generated = _generate(built)
     text = "\n".join(generated.lines) + "\n"
     namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants, "_now_ms": now_ms or _system_ms}
     # The source is generated from a validated spec; names and values enter it only via repr().

@@ -84,10 +84,22 @@ from weir.spec_pipeline import (
     Source,
     SourceKey,
     Stages,
+    Terminal,
     Watermark,
+    WindowedStages,
     as_pipeline,
 )
-from weir.spec_steps import Aggregate, Condition, KeyBy, Output, Step, Window
+from weir.spec_steps import (
+    Aggregate,
+    Condition,
+    FunctionRef,
+    FunctionStep,
+    KeyBy,
+    OnError,
+    Output,
+    Step,
+    Window,
+)
 
 __all__ = [
     "API_VERSION",
@@ -107,6 +119,8 @@ __all__ = [
     "EnvVar",
     "EventTime",
     "FieldScope",
+    "FunctionRef",
+    "FunctionStep",
     "Job",
     "JobSpec",
     "JobState",
@@ -118,6 +132,7 @@ __all__ = [
     "LocalObjectReference",
     "ObjectMeta",
     "ObjectName",
+    "OnError",
     "Output",
     "Pipeline",
     "PipelineLike",
@@ -136,10 +151,12 @@ __all__ = [
     "Stages",
     "Step",
     "StreamJob",
+    "Terminal",
     "Toleration",
     "UpgradeMode",
     "Watermark",
     "Window",
+    "WindowedStages",
     "as_pipeline",
     "format_validation_error",
     "load_job",

@@ -12,6 +12,7 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "DNS_LABEL",
     "DNS_SUBDOMAIN",
+    "FUNCTION_REF",
     "Duration",
     "FieldName",
     "LocatedError",
@@ -95,6 +96,11 @@ Duration = Annotated[int, BeforeValidator(parse_duration), WithJsonSchema(_DURAT
 
 PositiveDuration = Annotated[int, BeforeValidator(_parse_positive_duration), WithJsonSchema(_DURATION_SCHEMA)]
 """A ``Duration`` that must be greater than zero."""
+
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+FUNCTION_REF = f"^{_DOTTED}:{_DOTTED}$"
+"""The form of a function reference, ``package.module:name`` (``weir.functions`` loads them;
+also the CRD's pattern)."""
 
 # Kafka's legal topic names: at most 249 of these characters.
 _TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"

@@ -8,8 +8,8 @@ from typing import Annotated, Literal, Protocol, TypeAlias, runtime_checkable
 
 from pydantic import Field, model_validator
 
-from weir.spec_common import Duration, FieldName, LocatedError, SpecModel, TopicName
-from weir.spec_steps import Aggregate, Condition, Step, Window
+from weir.spec_common import Duration, FieldName, LocatedError, SpecError, SpecModel, TopicName
+from weir.spec_steps import Aggregate, Condition, FunctionStep, Step, Window
 
 # --------------------------------------------------------------------------- source
 
@@ -93,7 +93,7 @@ class Watermark(SpecModel):
 
 
 class Sink(SpecModel):
-    """Where window results go."""
+    """Where results go."""
 
     topic: TopicName
     """Output topic (JSON values, keyed by the group key)."""
@@ -176,20 +176,64 @@ class Repartition:
     """Partitions of the repartition topic; None means as many as the source topic."""
 
 
+Terminal: TypeAlias = Literal["window", "process", "none"]
+_PREPARE_KINDS = frozenset({"filter", "select", "rename", "map", "flatMap"})
+_FUNCTION_KINDS = frozenset({"map", "flatMap"})
+
+
 @dataclass(frozen=True, slots=True)
 class Stages:
-    """How a validated pipeline executes: where the key comes from and where the stages split.
+    """How a validated pipeline executes: where the key comes from, where the stages split and
+    what the keyed stage at the end is.
 
-    Without ``repartition`` one stage reads the source, prepares records and windows them.
-    With it, stage 1 prepares records and forwards them keyed to the repartition topic, and
-    stage 2 reads that topic and windows them.
+    The steps before the keyed stage prepare records (``weir.records.compile_prepare``, or
+    ``weir.chain.compile_prepare_many`` when ``functions``). Without ``repartition`` one stage
+    reads the source, prepares records and runs the keyed stage. With it, stage 1 prepares
+    records and forwards them keyed to the repartition topic, and stage 2 reads that topic and
+    runs the keyed stage. A stateless pipeline (``terminal == "none"``) never repartitions:
+    every prepared record goes to the sink keyed by its key.
     """
 
     key_from: Literal["messageKey", "sourceField", "keyByField"]
     """``messageKey``: the Kafka message key. ``sourceField``: ``source.key.field`` of the
-    decoded source record. ``keyByField``: the keyBy field after the steps before it."""
+    decoded source record. ``keyByField``: the keyBy field of the record the steps before it
+    produced."""
     key_field: str | None
     """The field for ``sourceField``/``keyByField``, else None."""
+    repartition: Repartition | None
+    """The shuffle before the keyed stage; always None when ``terminal == "none"``."""
+    terminal: Terminal
+    """``window``: window + aggregate; ``process``: a keyed process function; ``none``: stateless."""
+    keyed_index: int
+    """Index of the keyed stage's first step (the window or process step); ``len(steps)`` for none."""
+    window: Window | None
+    """The window (``terminal == "window"``), else None."""
+    aggregate: Aggregate | None
+    """The aggregate after the window (``terminal == "window"``), else None."""
+    process: FunctionStep | None
+    """The process step (``terminal == "process"``), else None."""
+    functions: bool
+    """True when a user-function step (map, flatMap, function filter) precedes the keyed stage:
+    records are then prepared by ``compile_prepare_many``, not ``compile_prepare``."""
+
+    def windowed(self) -> WindowedStages:
+        """These stages as a windowed pipeline's; ``SpecError`` naming the terminal otherwise
+        (for code that runs only window pipelines)."""
+        if self.window is None or self.aggregate is None:
+            raise SpecError(
+                [f"spec.pipeline.steps: a {self.terminal!r} pipeline has no window; this runs only windows"]
+            )
+        return WindowedStages(
+            self.key_from, self.key_field, self.repartition, self.keyed_index, self.window, self.aggregate
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowedStages:
+    """``Stages`` of a windowed pipeline, with its window and aggregate (``Stages.windowed()``)."""
+
+    key_from: Literal["messageKey", "sourceField", "keyByField"]
+    key_field: str | None
     repartition: Repartition | None
     window_index: int
     window: Window
@@ -203,9 +247,11 @@ MAX_STEPS = 100
 class Pipeline(SpecModel):
     """A complete pipeline: source → steps → sink.
 
-    Steps run in order: any filter/select/rename, then at most one keyBy, then exactly one
-    window immediately followed by the one aggregate. Fields read by a step must still exist
-    after the select and rename steps before it.
+    Steps run in order: any filter/select/rename/map/flatMap, then at most one keyBy, then the
+    keyed stage, which is last: a window immediately followed by the one aggregate, or one
+    process step, or nothing (a stateless pipeline). Fields read by a step must still exist
+    after the select and rename steps before it; after a map or flatMap they are checked per
+    record at run time (``missing_field``).
     """
 
     source: Source
@@ -215,7 +261,7 @@ class Pipeline(SpecModel):
     steps: Annotated[tuple[Step, ...], Field(max_length=MAX_STEPS)]
     """The processing steps, in order (at most 100)."""
     sink: Sink
-    """Where window results go."""
+    """Where results go: window results, process outputs or, without a keyed stage, the records."""
     dead_letter: DeadLetterSink | None = None
     """Where bad records go; omitted means ``weir-<namespace>-<name>-dlq``."""
 
@@ -227,56 +273,80 @@ class Pipeline(SpecModel):
 
     def stages(self) -> Stages:
         """How this pipeline executes (derived, not stored)."""
-        window_index = next(i for i, s in enumerate(self.steps) if s.window is not None)
-        window = self.steps[window_index].window
-        aggregate = self.steps[window_index + 1].aggregate
-        assert window is not None and aggregate is not None
-        key_by = next(((i, s.key_by) for i, s in enumerate(self.steps) if s.key_by is not None), None)
+        steps = self.steps
+        window_index = next((i for i, s in enumerate(steps) if s.window is not None), None)
+        process_index = next((i for i, s in enumerate(steps) if s.process is not None), None)
+        terminal: Terminal
+        if window_index is not None:
+            terminal, keyed_index = "window", window_index
+            window, aggregate = steps[window_index].window, steps[window_index + 1].aggregate
+        elif process_index is not None:
+            terminal, keyed_index, window, aggregate = "process", process_index, None, None
+        else:
+            terminal, keyed_index, window, aggregate = "none", len(steps), None, None
+        process = steps[process_index].process if process_index is not None else None
+        functions = any(
+            s.kind in _FUNCTION_KINDS or (s.filter is not None and s.filter.function is not None)
+            for s in steps[:keyed_index]
+        )
+        key_by = next(((i, s.key_by) for i, s in enumerate(steps) if s.key_by is not None), None)
+        shuffles = terminal != "none"
+        key_from: Literal["messageKey", "sourceField", "keyByField"] = "messageKey"
+        key_field: str | None = None
+        repartition: Repartition | None = None
         if key_by is not None:
             index, spec = key_by
-            if spec.field is None:
-                return Stages("messageKey", None, None, window_index, window, aggregate)
-            return Stages(
-                "keyByField", spec.field, Repartition(index, spec.partitions), window_index, window, aggregate
-            )
-        if self.source.key is not None:
-            return Stages(
-                "sourceField",
-                self.source.key.field,
-                Repartition(window_index, None),
-                window_index,
-                window,
-                aggregate,
-            )
-        return Stages("messageKey", None, None, window_index, window, aggregate)
+            if spec.field is not None:
+                key_from, key_field = "keyByField", spec.field
+                repartition = Repartition(index, spec.partitions) if shuffles else None
+        elif self.source.key is not None:
+            key_from, key_field = "sourceField", self.source.key.field
+            repartition = Repartition(keyed_index, None) if shuffles else None
+        return Stages(
+            key_from, key_field, repartition, terminal, keyed_index, window, aggregate, process, functions
+        )
+
+
+_KEYED_KINDS = ("keyBy", "window", "aggregate", "process")
 
 
 def _check_step_order(steps: tuple[Step, ...]) -> None:
     first: dict[str, int] = {}
     for index, step in enumerate(steps):
         kind = step.kind
-        if kind in ("keyBy", "window", "aggregate") and kind in first:
-            raise LocatedError(
-                ("steps", index, kind), f"only one {kind} step is allowed (steps[{first[kind]}] is one)"
-            )
-        if kind in ("filter", "select", "rename"):
-            for later in ("keyBy", "window", "aggregate"):
+        here = ("steps", index, kind)
+        if kind in _KEYED_KINDS and kind in first:
+            raise LocatedError(here, f"only one {kind} step is allowed (steps[{first[kind]}] is one)")
+        if kind in _PREPARE_KINDS:
+            for later in _KEYED_KINDS:
                 if later in first:
                     raise LocatedError(
-                        ("steps", index, kind),
-                        f"{kind} must come before keyBy and window (steps[{first[later]}] is a {later})",
+                        here,
+                        f"{kind} must come before keyBy, window and process "
+                        f"(steps[{first[later]}] is a {later})",
                     )
-        if kind == "keyBy" and "window" in first:
-            raise LocatedError(("steps", index, kind), "keyBy must come before the window")
+        if kind == "keyBy" and ("window" in first or "process" in first):
+            raise LocatedError(here, "keyBy must come before the window or process step")
         if kind == "aggregate" and first.get("window") != index - 1:
-            raise LocatedError(("steps", index, kind), "aggregate must immediately follow the window step")
+            raise LocatedError(here, "aggregate must immediately follow the window step")
+        other = {"window": "process", "process": "window"}.get(kind)
+        if other is not None and other in first:
+            raise LocatedError(
+                here, f"a pipeline has a window or a process step, not both (steps[{first[other]}] is one)"
+            )
         first.setdefault(kind, index)
-    if "window" not in first:
-        raise LocatedError(("steps",), "a window step is required")
-    if "aggregate" not in first:
+    if "window" in first and "aggregate" not in first:
         raise LocatedError(
             ("steps",), f"an aggregate step is required right after the window (steps[{first['window']}])"
         )
+    key_by = first.get("keyBy")
+    if key_by is not None and "window" not in first and "process" not in first:
+        spec = steps[key_by].key_by
+        if spec is not None and spec.partitions is not None:
+            raise LocatedError(
+                ("steps", key_by, "keyBy", "partitions"),
+                "only applies before a window or process step (a stateless pipeline never repartitions)",
+            )
 
 
 def _check_field_references(source: Source, steps: tuple[Step, ...]) -> None:
@@ -290,6 +360,10 @@ def _check_field_references(source: Source, steps: tuple[Step, ...]) -> None:
 
     for index, step in enumerate(steps):
         here: tuple[str | int, ...] = ("steps", index, step.kind)
+        if step.map is not None or step.flat_map is not None:
+            # A function's output fields are unknown until it runs: later steps' fields are
+            # checked per record (missing_field), not here.
+            return
         if step.filter is not None:
             for loc, name in _condition_fields(step.filter, here):
                 check(loc, name)

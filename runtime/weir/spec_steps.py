@@ -1,4 +1,9 @@
-"""Pipeline steps: filter conditions, keyBy, windows, aggregates and the ``Step`` that holds one."""
+"""Pipeline steps: filter conditions, user functions, keyBy, windows, aggregates, process and ``Step``.
+
+A user function is named by a reference ``"package.module:name"`` (``weir.functions``); the
+models check only its form, ``weir.records``/``weir.chain`` import it when a worker compiles
+the pipeline (a reference that does not resolve is then a ``SpecError`` with the field path).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,14 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from weir.spec_common import Duration, FieldName, LocatedError, PositiveDuration, SpecModel
+from weir.spec_common import FUNCTION_REF, Duration, FieldName, LocatedError, PositiveDuration, SpecModel
+
+FunctionRef = Annotated[str, Field(pattern=FUNCTION_REF)]
+"""``package.module:name`` of a function or class importable in the worker image."""
+
+OnError: TypeAlias = Literal["deadLetter", "fail"]
+"""What a user function raising on a record does: ``deadLetter`` the record (reason
+``function_error``, the default) or ``fail`` (stop the worker with the cause)."""
 
 # A JSON scalar a condition compares with; JSON has no NaN or infinity, and YAML's .inf
 # would make comparisons meaningless, so they are rejected.
@@ -23,8 +35,11 @@ _VALUE_SCHEMA: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class Condition(SpecModel):
-    """A filter condition: a comparison (``field`` + ``op`` [+ ``value``]) or exactly one
-    of ``and``, ``or``, ``not``.
+    """A filter condition: a comparison (``field`` + ``op`` [+ ``value``]), exactly one of
+    ``and``, ``or``, ``not``, or a user ``function`` (top level only: not inside and/or/not).
+
+    A function filter is called with the record (a dict it must not modify) and keeps the
+    record when it returns a truthy value.
 
     A comparison on a missing field is false, except that ``ne`` and ``notIn`` are the exact
     negations of ``eq`` and ``in``. ``lt``/``le``/``gt``/``ge`` are false unless the field
@@ -46,6 +61,10 @@ class Condition(SpecModel):
     """True when any member is."""
     not_: Condition | None = Field(default=None, alias="not")
     """True when the member is not."""
+    function: FunctionRef | None = None
+    """``package.module:name`` of ``f(record) -> bool``: true when its return is truthy."""
+    on_error: OnError | None = None
+    """With ``function``: ``deadLetter`` (default) or ``fail`` when the function raises."""
 
     @field_validator("value", mode="before")
     @classmethod
@@ -66,16 +85,29 @@ class Condition(SpecModel):
                 ("and", self.and_ is not None),
                 ("or", self.or_ is not None),
                 ("not", self.not_ is not None),
+                ("function", self.function is not None),
             )
             if present
         ]
         if len(set_forms) != 1:
             got = ", ".join(set_forms) if set_forms else "none"
-            raise ValueError(f"must be exactly one of a comparison (field/op), and, or, not (got {got})")
+            raise ValueError(
+                f"must be exactly one of a comparison (field/op), and, or, not, function (got {got})"
+            )
         if set_forms[0] == "field/op":
             self._check_comparison()
         elif self.value is not None:
             raise LocatedError(("value",), "only applies to a comparison (field/op)")
+        if self.on_error is not None and self.function is None:
+            raise LocatedError(("onError",), "only applies to a function filter")
+        nested: list[tuple[tuple[str | int, ...], Condition]] = [(("not",), self.not_)] if self.not_ else []
+        for alias, members in (("and", self.and_), ("or", self.or_)):
+            nested += [((alias, position), member) for position, member in enumerate(members or ())]
+        for where, member in nested:
+            if member.function is not None:
+                raise LocatedError(
+                    (*where, "function"), "a function filter must be the whole filter, not inside and/or/not"
+                )
         return self
 
     def _check_comparison(self) -> None:
@@ -180,7 +212,9 @@ class Window(SpecModel):
         return self
 
 
-AggregateFn: TypeAlias = Literal["count", "sum", "min", "max", "avg", "count_distinct", "first", "last"]
+AggregateFn: TypeAlias = Literal[
+    "count", "sum", "min", "max", "avg", "count_distinct", "first", "last", "custom"
+]
 NUMERIC_FNS: frozenset[str] = frozenset({"sum", "min", "max", "avg"})
 """Aggregate functions whose field must hold a number (int or float, never a boolean)."""
 
@@ -192,20 +226,28 @@ RESERVED_OUTPUT_NAMES: frozenset[str] = frozenset(
 
 class Output(SpecModel):
     """One aggregate output: ``count`` of records, ``sum``/``min``/``max``/``avg`` of a numeric
-    field, ``count_distinct`` values of a field, or the ``first``/``last`` value of a field by
-    event time."""
+    field, ``count_distinct`` values of a field, the ``first``/``last`` value of a field by
+    event time, or ``custom``: a user class following ``weir.AggregateFunction`` (``function``)
+    fed the field's value, or the whole record when no field is named."""
 
     fn: AggregateFn
     """The aggregate function."""
     field: FieldName | None = None
-    """Record field the function reads (numbers only for sum/min/max/avg); not used by ``count``."""
+    """Record field the function reads (numbers only for sum/min/max/avg); not used by ``count``,
+    optional for ``custom``."""
+    function: FunctionRef | None = None
+    """With ``fn: custom``: ``package.module:Class`` of a ``weir.AggregateFunction``."""
 
     @model_validator(mode="after")
     def _field_matches_fn(self) -> Output:
         if self.fn == "count" and self.field is not None:
             raise LocatedError(("field",), "does not apply to count (it counts records)")
-        if self.fn != "count" and self.field is None:
+        if self.fn not in ("count", "custom") and self.field is None:
             raise LocatedError(("field",), f"is required for {self.fn}")
+        if self.fn == "custom" and self.function is None:
+            raise LocatedError(("function",), "is required for custom")
+        if self.fn != "custom" and self.function is not None:
+            raise LocatedError(("function",), f"only applies to custom (not {self.fn})")
         return self
 
 
@@ -237,14 +279,29 @@ class Aggregate(SpecModel):
         return tuple(dict.fromkeys(o.field for o in self.outputs.values() if o.fn in NUMERIC_FNS and o.field))
 
 
-StepKind: TypeAlias = Literal["filter", "select", "rename", "keyBy", "window", "aggregate"]
+class FunctionStep(SpecModel):
+    """A step that calls user code: ``map``, ``flatMap`` or ``process``."""
+
+    function: FunctionRef
+    """``package.module:name`` of the function (a class for ``process``)."""
+    on_error: OnError = "deadLetter"
+    """``deadLetter``: a record the function raises on goes to the dead-letter topic
+    (``function_error``); ``fail``: the worker stops with the cause."""
+
+
+StepKind: TypeAlias = Literal[
+    "filter", "select", "rename", "map", "flatMap", "keyBy", "window", "aggregate", "process"
+]
 _STEP_KINDS: tuple[tuple[str, StepKind], ...] = (
     ("filter", "filter"),
     ("select", "select"),
     ("rename", "rename"),
+    ("map", "map"),
+    ("flat_map", "flatMap"),
     ("key_by", "keyBy"),
     ("window", "window"),
     ("aggregate", "aggregate"),
+    ("process", "process"),
 )
 
 
@@ -255,9 +312,11 @@ class Step(SpecModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "[has(self.filter), has(self.select), has(self.rename), has(self.keyBy), "
-                    "has(self.window), has(self.aggregate)].exists_one(x, x)",
-                    "message": "must set exactly one of filter, select, rename, keyBy, window, aggregate",
+                    "rule": "[has(self.filter), has(self.select), has(self.rename), has(self.map), "
+                    "has(self.flatMap), has(self.keyBy), has(self.window), has(self.aggregate), "
+                    "has(self.process)].exists_one(x, x)",
+                    "message": "must set exactly one of filter, select, rename, map, flatMap, keyBy, window, "
+                    "aggregate, process",
                 }
             ]
         }
@@ -270,12 +329,19 @@ class Step(SpecModel):
     rename: Annotated[dict[FieldName, FieldName], Field(min_length=1)] | None = None
     """Old name to new name, applied at once (so ``{a: b, b: a}`` swaps). A new name replaces
     any field already called that; renaming a missing field leaves the new name missing."""
+    map: FunctionStep | None = None
+    """Call ``f(record) -> dict`` on each record; its return replaces the record."""
+    flat_map: FunctionStep | None = None
+    """Call ``f(record) -> iterable of dicts`` on each record; each dict is a record (none: dropped)."""
     key_by: KeyBy | None = None
     """Re-key records; a field key means a repartition through Kafka."""
     window: Window | None = None
     """Group records into event-time windows."""
     aggregate: Aggregate | None = None
     """Compute the outputs per key and window."""
+    process: FunctionStep | None = None
+    """Run a keyed process function (``package.module:Class``, a ``weir.process.ProcessFunction``)
+    with keyed state and event-time timers; the last step."""
 
     @property
     def kind(self) -> StepKind:

@@ -185,7 +185,7 @@ def plan_for(job: Job, wall_ms: Callable[[], int] | None = None) -> RunPlan:
     """Resolve a loaded job into what the worker runs (``wall_ms``: the clock ``maxFutureSkew``
     is measured from; default the system clock)."""
     pipeline = job.pipeline
-    plan = pipeline.stages()
+    plan = pipeline.stages().windowed()
     window, aggregate = plan.window, plan.aggregate
     specs = [(name, o.fn, o.field) for name, o in aggregate.outputs.items()]
     return RunPlan(
