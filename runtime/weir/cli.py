@@ -281,6 +281,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from weir import kafka as kio
+    from weir.chain import resolve_functions
     from weir.checkpoint import CheckpointError
     from weir.config import Environment
     from weir.control import ControlServer
@@ -341,7 +342,13 @@ def _run(args: argparse.Namespace) -> int:
     def show(record: dict[str, Any]) -> None:
         print(orjson.dumps(record).decode(), flush=True)
 
-    worker = Worker(plan_for(job), kafka, settings, metrics, on_result=show if args.print_results else None)
+    try:
+        resolve_functions(job.pipeline)  # user code that does not import is a bad spec, not a crash
+        plan = plan_for(job)
+    except SpecError as exc:
+        print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    worker = Worker(plan, kafka, settings, metrics, on_result=show if args.print_results else None)
     worker.install_signal_handlers()
     control = ControlServer(
         metrics.registry,
