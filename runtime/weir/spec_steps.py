@@ -17,6 +17,12 @@ from weir.spec_common import FUNCTION_REF, Duration, FieldName, LocatedError, Po
 FunctionRef = Annotated[str, Field(pattern=FUNCTION_REF)]
 """``package.module:name`` of a function or class importable in the worker image."""
 
+def _absent(value: object) -> bool:
+    """Members added after v1alpha1's first release are left out of dumps while unset, so a
+    spec that does not use them dumps (and fingerprints, see weir_operator.render) as before."""
+    return value is None
+
+
 OnError: TypeAlias = Literal["deadLetter", "fail"]
 """What a user function raising on a record does: ``deadLetter`` the record (reason
 ``function_error``, the default) or ``fail`` (stop the worker with the cause)."""
@@ -61,9 +67,9 @@ class Condition(SpecModel):
     """True when any member is."""
     not_: Condition | None = Field(default=None, alias="not")
     """True when the member is not."""
-    function: FunctionRef | None = None
+    function: FunctionRef | None = Field(default=None, exclude_if=_absent)
     """``package.module:name`` of ``f(record) -> bool``: true when its return is truthy."""
-    on_error: OnError | None = None
+    on_error: OnError | None = Field(default=None, exclude_if=_absent)
     """With ``function``: ``deadLetter`` (default) or ``fail`` when the function raises."""
 
     @field_validator("value", mode="before")
@@ -235,7 +241,7 @@ class Output(SpecModel):
     field: FieldName | None = None
     """Record field the function reads (numbers only for sum/min/max/avg); not used by ``count``,
     optional for ``custom``."""
-    function: FunctionRef | None = None
+    function: FunctionRef | None = Field(default=None, exclude_if=_absent)
     """With ``fn: custom``: ``package.module:Class`` of a ``weir.AggregateFunction``."""
 
     @model_validator(mode="after")
@@ -329,9 +335,9 @@ class Step(SpecModel):
     rename: Annotated[dict[FieldName, FieldName], Field(min_length=1)] | None = None
     """Old name to new name, applied at once (so ``{a: b, b: a}`` swaps). A new name replaces
     any field already called that; renaming a missing field leaves the new name missing."""
-    map: FunctionStep | None = None
+    map: FunctionStep | None = Field(default=None, exclude_if=_absent)
     """Call ``f(record) -> dict`` on each record; its return replaces the record."""
-    flat_map: FunctionStep | None = None
+    flat_map: FunctionStep | None = Field(default=None, exclude_if=_absent)
     """Call ``f(record) -> iterable of dicts`` on each record; each dict is a record (none: dropped)."""
     key_by: KeyBy | None = None
     """Re-key records; a field key means a repartition through Kafka."""
@@ -339,7 +345,7 @@ class Step(SpecModel):
     """Group records into event-time windows."""
     aggregate: Aggregate | None = None
     """Compute the outputs per key and window."""
-    process: FunctionStep | None = None
+    process: FunctionStep | None = Field(default=None, exclude_if=_absent)
     """Run a keyed process function (``package.module:Class``, a ``weir.process.ProcessFunction``)
     with keyed state and event-time timers; the last step."""
 

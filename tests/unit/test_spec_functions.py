@@ -250,3 +250,22 @@ def test_the_crd_carries_the_function_reference_pattern_on_every_function_member
 )
 def test_the_function_reference_pattern_accepts_module_colon_name_only(ref: str, valid: bool) -> None:
     assert (re.fullmatch(FUNCTION_REF, ref) is not None) == valid
+
+
+def test_function_members_survive_a_dump_and_are_left_out_while_unset() -> None:
+    built = Pipeline.model_validate(
+        pipeline(
+            {"filter": {"function": "m:keep", "onError": "fail"}},
+            {"map": {"function": "m:f"}},
+            {"window": {"type": "tumbling", "size": "1m"}},
+            {"aggregate": {"outputs": {"p": {"fn": "custom", "function": "m:P"}, "n": {"fn": "count"}}}},
+        )
+    )
+
+    dumped = built.model_dump(mode="json", by_alias=True)
+
+    assert Pipeline.model_validate(dumped) == built
+    assert dumped["steps"][1]["map"] == {"function": "m:f", "onError": "deadLetter"}
+    assert "map" not in dumped["steps"][0] and "process" not in dumped["steps"][2]
+    assert "function" not in dumped["steps"][3]["aggregate"]["outputs"]["n"]
+    assert "onError" not in dumped["steps"][3]["aggregate"]["outputs"]["n"]
