@@ -268,4 +268,3 @@ def test_function_members_survive_a_dump_and_are_left_out_while_unset() -> None:
     assert dumped["steps"][1]["map"] == {"function": "m:f", "onError": "deadLetter"}
     assert "map" not in dumped["steps"][0] and "process" not in dumped["steps"][2]
     assert "function" not in dumped["steps"][3]["aggregate"]["outputs"]["n"]
-    assert "onError" not in dumped["steps"][3]["aggregate"]["outputs"]["n"]
