@@ -277,3 +277,23 @@ def test_rename_and_select_in_the_chain_act_on_the_current_record() -> None:
 def test_compile_prepare_refuses_a_pipeline_with_function_steps() -> None:
     with pytest.raises(ValueError, match="compile_prepare_many"):
         compile_prepare(build({"map": {"function": "user_functions:rekey"}}))
+
+
+def test_weir_run_exits_2_naming_the_field_of_a_reference_that_does_not_import_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from weir import cli
+
+    document = EXAMPLE.read_text().replace(
+        "      - select: [product_id, price]",
+        '      - map: {function: "no_such_module_xyz:f"}\n      - select: [product_id, price]',
+    )
+    assert "no_such_module_xyz" in document
+    job = tmp_path / "job.yaml"
+    job.write_text(document)
+
+    code = cli.main(["run", str(job), "--state-dir", str(tmp_path), "--bootstrap-servers", "127.0.0.1:1"])
+
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_SPEC == 2
+    assert "spec.pipeline.steps[2].map.function: cannot import module 'no_such_module_xyz'" in err
