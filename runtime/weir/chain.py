@@ -347,7 +347,7 @@ def _map(ref: str, fn: Callable[[dict[str, Any]], Any], on_error: OnError) -> St
                 o = fn(r)
             except Exception as exc:  # any failure of user code is the record's function_error
                 raise _failure(ref, on_error, exc) from exc
-            if o.__class__ is not dict and not isinstance(o, dict):
+            if not isinstance(o, dict):
                 raise _failure(ref, on_error, TypeError(f"a map must return a dict, not {type(o).__name__}"))
             out.append(o)
         return out

@@ -6,6 +6,9 @@ generated as source and compiled once, so the hot path makes no per-step calls. 
 function reads every field straight from the decoded source record (``FieldScope`` maps
 names through select and rename) and builds the output record once, after all filters.
 
+It serves declarative pipelines; one with user functions (``pipeline.stages().functions``) is
+compiled by ``weir.chain.compile_prepare_many`` instead, and ``compile_prepare`` refuses it.
+
 Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``, compiled with a clock
 ``now_ms()`` (epoch milliseconds; default: the system clock):
 
