@@ -21,9 +21,10 @@ Parsing bad input raises :class:`ControlPayloadError` with one line naming the f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Literal, TypeAlias, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 from pydantic.alias_generators import to_camel
 
 from weir.spec import format_validation_error
@@ -36,9 +37,19 @@ __all__ = [
     "PartitionStatus",
     "SavepointAnswer",
     "SavepointRequest",
+    "Timestamp",
     "WorkerStatus",
     "parse",
 ]
+
+
+def _iso_ms(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+Timestamp: TypeAlias = Annotated[AwareDatetime, PlainSerializer(_iso_ms, return_type=str, when_used="json")]
+"""An instant with a time zone; on the wire ISO-8601 UTC with milliseconds (``2026-01-01T00:00:05.123Z``),
+the form workers wrote before the models existed."""
 
 
 class _Payload(BaseModel):
@@ -87,7 +98,7 @@ class CheckpointStatus(_Payload):
     """The worker's last completed checkpoint (or savepoint: ``kind`` says which)."""
 
     id: Annotated[str, Field(min_length=1)]
-    completed_at: AwareDatetime
+    completed_at: Timestamp
     """When its commit completed."""
     kind: Literal["checkpoint", "savepoint"] = "checkpoint"
     url: str | None = None
@@ -107,7 +118,7 @@ class OutageStatus(_Payload):
     """The error that started the outage."""
     seconds: float = 0.0
     """How long it has lasted."""
-    since: AwareDatetime | None = None
+    since: Timestamp | None = None
     """When it started."""
     last_error: str | None = None
     """The latest error seen during it."""

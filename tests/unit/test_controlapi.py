@@ -108,6 +108,8 @@ def test_the_wire_form_keeps_the_camel_case_names_and_nulls_readers_already_use(
     assert wire["publishedAt"] == WALL_MS and wire["inputPartitions"] == {"orders": 4}
     assert wire["partitions"][1]["watermark"] is None and wire["partitions"][0]["watermarkLagMs"] == 1500
     assert wire["lastCheckpoint"]["bytesUploaded"] == 1024
+    assert wire["lastCheckpoint"]["completedAt"] == "2026-01-01T00:00:03.000Z"  # as iso() writes it
+    assert wire["outages"]["store"]["since"].endswith("Z")
     assert wire["outages"]["store"]["lastError"] == "connect timeout to http://s3:9000"
     assert set(wire["memory"]["usedBytes"]) == {"window_cache", "timers", "rocksdb", "kafka_queues"}
 
