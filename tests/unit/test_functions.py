@@ -48,14 +48,18 @@ def test_a_function_error_is_a_dead_letter_with_a_one_line_cause() -> None:
     assert cause(RuntimeError()) == "RuntimeError"
 
 
-@pytest.mark.parametrize("value", [None, 0, -(2**63), 2**63 - 1, 1.5, "é", [1, [2]], {"a": {"b": [None, True]}}])
+@pytest.mark.parametrize(
+    "value", [None, 0, -(2**63), 2**63 - 1, 1.5, "é", [1, [2]], {"a": {"b": [None, True]}}]
+)
 def test_state_values_round_trip_through_version_1(value: object) -> None:
     data = encode_state(value)
     assert data[:1] == b"\x01"
     assert decode_state(data) == value
 
 
-@pytest.mark.parametrize("value", [float("nan"), [1, float("inf")], {"a": -float("inf")}, 2**64, object(), {1: 2}])
+@pytest.mark.parametrize(
+    "value", [float("nan"), [1, float("inf")], {"a": -float("inf")}, 2**64, object(), {1: 2}]
+)
 def test_values_version_1_cannot_store_are_refused_not_altered(value: object) -> None:
     with pytest.raises(StateEncodingError):
         encode_state(value)
