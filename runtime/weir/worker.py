@@ -52,6 +52,15 @@ from weir import checkpoint as ck
 from weir import kafka as kio
 from weir import memory, recovery
 from weir.aggregates import Aggregator, Overflow, compile_aggregates, representable
+from weir.controlapi import (
+    CheckpointStatus,
+    MemoryStatus,
+    OutageStatus,
+    PartitionStatus,
+    SavepointAnswer,
+    SavepointRequest,
+    WorkerStatus,
+)
 from weir.outages import DEPENDENCIES, Backoff, Dependencies
 from weir.records import DeadLetter, Prepare, compile_prepare, encode_forward, prepare_repartitioned
 from weir.rocksdb_options import RocksMemory
@@ -335,10 +344,10 @@ class _Snap:
 
 
 class _SavepointWaiter:
-    def __init__(self, request: dict[str, Any]) -> None:
+    def __init__(self, request: SavepointRequest) -> None:
         self.request = request
         self.done = threading.Event()
-        self.result: dict[str, Any] | None = None
+        self.result: SavepointAnswer | None = None
         self.error: str | None = None
 
 
@@ -386,7 +395,7 @@ class Worker:
         self.out_bytes: dict[str, int] = {}
         self.queue_full = 0
         self._published: dict[str, tuple[int, int]] = {}
-        self._status: dict[str, Any] = {}
+        self._status = WorkerStatus()
         self._forward = self._forwarder() if plan.repartition_topic else None
         self._suppress = False
         self.suppressed = 0
@@ -405,9 +414,9 @@ class Worker:
         self._savepoint_lock = threading.Lock()
         self._savepoint_requests: list[_SavepointWaiter] = []
         self._savepoint_waiters: dict[str, _SavepointWaiter] = {}
-        self._savepoints_done: dict[str, dict[str, Any]] = {}
+        self._savepoints_done: dict[str, SavepointAnswer] = {}
         self.last_checkpoint: dict[str, Any] | None = None
-        self.last_savepoint: dict[str, Any] | None = None
+        self.last_savepoint: SavepointAnswer | None = None
         self.memory: memory.MemoryPlan | None = None
         self._rocks: RocksMemory | None = None
         self._kafka_queued: dict[str, int] = {}
@@ -1576,9 +1585,9 @@ class Worker:
         )
 
     # -- savepoints (called from the control server's threads) --------------------------------
-    def savepoint(self, request: dict[str, Any]) -> dict[str, Any]:
+    def savepoint(self, request: SavepointRequest) -> SavepointAnswer:
         """Take a savepoint through the loop and wait for it; the same id returns the same one."""
-        sid = str(request["id"])
+        sid = request.id
         with self._savepoint_lock:
             done = self._savepoints_done.get(sid)
             if done is not None:
@@ -1599,26 +1608,23 @@ class Worker:
         with self._savepoint_lock:
             requests, self._savepoint_requests = self._savepoint_requests, []
         for waiter in requests:
-            sid = str(waiter.request["id"])
+            sid = waiter.request.id
             try:
                 self._wait_pending()
-                self._trigger("savepoint", sid, waiter.request.get("path"))
+                self._trigger("savepoint", sid, waiter.request.path)
                 assert self._pending is not None
                 future = self._pending.future
                 self._wait_pending()
                 result = future.result()
-                answer = {
-                    "id": sid,
-                    "path": result.url,
-                    "status": "completed",
-                    "bytes": result.bytes_total,
-                    "offsets": {t.name: t.next_offset for t in self.tasks.values()},
-                }
+                answer = SavepointAnswer(
+                    id=sid, status="completed", path=result.url, bytes=result.bytes_total,
+                    offsets={t.name: t.next_offset for t in self.tasks.values()},
+                )
                 self.last_savepoint = answer
                 with self._savepoint_lock:
                     self._savepoints_done[sid] = answer
                 waiter.result = answer
-                if waiter.request.get("stop"):
+                if waiter.request.stop:
                     self._stopped_by_savepoint = True
                     self._stop.set()
             except Exception as exc:
@@ -1642,7 +1648,7 @@ class Worker:
     # -- observation --------------------------------------------------------------------
     def _publish(self, now: float) -> None:
         wall = self._wall_ms()
-        partitions = []
+        partitions: list[PartitionStatus] = []
         for task in self.tasks.values():
             lag = None
             with contextlib.suppress(KafkaException):
@@ -1652,17 +1658,17 @@ class Worker:
             if task.metrics is not None:
                 self._publish_task(task, lag, wall)
             partitions.append(
-                {
-                    "partition": task.label,
-                    "offset": task.next_offset,
-                    "lag": lag,
-                    "watermark": None if task.wm == NO_WATERMARK else task.wm,
-                    "watermarkLagMs": None if task.wm == NO_WATERMARK else wall - task.wm,
-                    "idle": task.idle,
-                    "records": task.records,
-                    "late": task.late,
-                    "openWindows": task.op.open_windows if task.op is not None else 0,
-                }
+                PartitionStatus(
+                    partition=task.label,
+                    offset=task.next_offset,
+                    lag=lag,
+                    watermark=None if task.wm == NO_WATERMARK else task.wm,
+                    watermark_lag_ms=None if task.wm == NO_WATERMARK else wall - task.wm,
+                    idle=task.idle,
+                    records=task.records,
+                    late=task.late,
+                    open_windows=task.op.open_windows if task.op is not None else 0,
+                )
             )
         if self.metrics is not None:
             for topic, count in self.out_counts.items():
@@ -1680,29 +1686,30 @@ class Worker:
                 self.metrics.set_dependency(name, not deps.is_down(name), deps.seconds_total(name))
         elapsed = max(1e-9, now - self.started)
         ready, not_ready = self.readiness()
-        self._status = {
-            "job": self.plan.job_id,
-            "worker": self.settings.index,
-            "workers": self.settings.count,
-            "inputPartitions": self.input_partitions,
-            "ready": ready,
-            "notReadyReason": not_ready or None,
-            "outages": deps.status(),
-            "rollbacks": self.rollbacks,
-            "partitions": partitions,
-            "publishedAt": wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
-            "busyRatio": self._busy.ratio(),
-            "busyRatioSinceStart": min(1.0, self.busy_s / elapsed),
-            "recordsPerSecond": self._rate.rate(),
-            "recordsIn": sum(t.records for t in self.tasks.values()),
-            "recordsOut": self.records_out,
-            "deadLettered": dict(self.dead_lettered),
-            "producerQueueFull": self.queue_full,
-            "guarantee": self.settings.guarantee,
-            "lastCheckpoint": self.last_checkpoint,
-            "lastSavepoint": self.last_savepoint,
-            "memory": self._memory_status(),
-        }
+        last = self.last_checkpoint
+        self._status = WorkerStatus(
+            job=self.plan.job_id,
+            worker=self.settings.index,
+            workers=self.settings.count,
+            input_partitions=dict(self.input_partitions),
+            ready=ready,
+            not_ready_reason=not_ready or None,
+            outages={name: OutageStatus.model_validate(o) for name, o in deps.status().items()},
+            rollbacks=self.rollbacks,
+            partitions=tuple(partitions),
+            published_at=wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
+            busy_ratio=self._busy.ratio(),
+            busy_ratio_since_start=min(1.0, self.busy_s / elapsed),
+            records_per_second=self._rate.rate(),
+            records_in=sum(t.records for t in self.tasks.values()),
+            records_out=self.records_out,
+            dead_lettered=dict(self.dead_lettered),
+            producer_queue_full=self.queue_full,
+            guarantee=self.settings.guarantee,
+            last_checkpoint=CheckpointStatus.model_validate(last) if last is not None else None,
+            last_savepoint=self.last_savepoint,
+            memory=MemoryStatus.model_validate(self._memory_status()),
+        )
 
     def _memory_status(self) -> dict[str, Any]:
         """Each part's bytes now (estimates for the Python parts) and, with a budget, its share."""
@@ -1750,6 +1757,6 @@ class Worker:
         if task.op is not None:
             pm.open_windows.set(task.op.open_windows)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         """A snapshot for the control API (replaced, never mutated, so safe across threads)."""
         return self._status
