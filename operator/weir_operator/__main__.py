@@ -24,6 +24,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+from pydantic import BaseModel, ConfigDict
 
 from weir import control
 from weir_operator import decide, handlers, kube
@@ -80,19 +81,30 @@ def _api_client(kubeconfig: str | None) -> Any:
     return client.ApiClient()
 
 
+class OperatorStatus(BaseModel):
+    """The operator's own ``/status`` on its health and metrics ports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    identity: str
+    """This replica's leader-election identity."""
+    leader: bool
+    """Whether it holds the lease (always true without leader election)."""
+
+
 async def _serve(args: argparse.Namespace) -> int:
     api = _api_client(args.kubeconfig)
     metrics = OperatorMetrics()
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+    def status() -> OperatorStatus:
+        return OperatorStatus(identity=identity, leader=bool(metrics.leader._value.get()))
+
     health = control.ControlServer(
-        metrics.registry,
-        alive=lambda: True,
-        ready=lambda: (True, ""),
-        status=lambda: {"identity": identity, "leader": bool(metrics.leader._value.get())},
-        port=args.health_port,
+        metrics.registry, alive=lambda: True, ready=lambda: (True, ""), status=status, port=args.health_port
     )
     scrape = control.ControlServer(
-        metrics.registry, alive=lambda: True, ready=lambda: (True, ""), status=dict, port=args.metrics_port
+        metrics.registry, alive=lambda: True, ready=lambda: (True, ""), status=status, port=args.metrics_port
     )
     health.start()
     scrape.start()

@@ -82,7 +82,11 @@ class WorkerState:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
-    """What a worker's control API (``GET /status``) says."""
+    """What ``decide`` and the autoscaler need from a worker's ``GET /status``.
+
+    Derived from the payload (``weir.controlapi.WorkerStatus``) by ``workers.report``: lag summed
+    and the oldest watermark over its partitions, outages as one line each. Kept apart from the
+    payload so the decision logic is tested with hand-made values of only what it reads."""
 
     index: int
     last_checkpoint: model.CheckpointInfo | None = None

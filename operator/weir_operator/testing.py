@@ -4,15 +4,32 @@
 ready), savepoints are idempotent by id like the real control API, and every call is
 logged in order, so a test can check that the status (the intent) was written before the
 action it announces.
+
+``FakeWorkerAPI`` plays one worker's control API for tests that talk HTTP to
+real ``weir.control.ControlServer`` instances (``serve_workers``), with statuses built by
+``worker_status`` from the runtime's payload models, as a worker builds them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import CollectorRegistry
+
 from weir import spec
+from weir.control import ControlServer, RequestRejected
+from weir.controlapi import (
+    CheckpointStatus,
+    OutageStatus,
+    PartitionStatus,
+    SavepointAnswer,
+    SavepointRequest,
+    WorkerStatus,
+)
 from weir.objectstores import CheckpointError
 from weir_operator import model, render
 from weir_operator.plans import (
@@ -28,7 +45,15 @@ from weir_operator.plans import (
 )
 from weir_operator.platforms import ApplyRejected
 
-__all__ = ["Clock", "FakePlatform", "OperatorCrashed", "SimulatedJob"]
+__all__ = [
+    "Clock",
+    "FakePlatform",
+    "FakeWorkerAPI",
+    "OperatorCrashed",
+    "SimulatedJob",
+    "serve_workers",
+    "worker_status",
+]
 
 
 class OperatorCrashed(Exception):
@@ -223,3 +248,82 @@ class SimulatedJob:
             WorkerReport(i, records_per_second=share, busy_ratio=busy, published_at=at)
             for i in range(self.workers)
         )
+
+
+def worker_status(
+    index: int = 0,
+    *,
+    published_at: datetime,
+    workers: int = 1,
+    job: str = "jobs/job",
+    ready: bool = True,
+    input_partitions: Mapping[str, int] | None = None,
+    partitions: Iterable[PartitionStatus] = (),
+    records_per_second: float | None = None,
+    busy_ratio: float | None = None,
+    last_checkpoint: CheckpointStatus | None = None,
+    outages: Mapping[str, OutageStatus] | None = None,
+) -> WorkerStatus:
+    """A ``GET /status`` answer as worker ``index`` of ``workers`` builds it, with what a test sets.
+
+    The counters a test does not set are what a worker that has just started reports (zero);
+    ``published_at`` is required because a reader distrusts an old snapshot.
+    """
+    parts = tuple(partitions)
+    return WorkerStatus(
+        job=job,
+        worker=index,
+        workers=workers,
+        ready=ready,
+        input_partitions=dict(input_partitions) if input_partitions is not None else None,
+        partitions=parts,
+        outages=dict(outages or {}),
+        published_at=int(published_at.timestamp() * 1000),
+        busy_ratio=busy_ratio,
+        busy_ratio_since_start=busy_ratio,
+        records_per_second=records_per_second,
+        records_in=sum(p.records for p in parts),
+        guarantee="exactly-once",
+        last_checkpoint=last_checkpoint,
+    )
+
+
+@dataclass
+class FakeWorkerAPI:
+    """One worker's control API without a worker: the status a test gives, savepoints idempotent by id.
+
+    ``savepoints`` is the job's savepoint directory (``<store>/<namespace>/<job>/savepoints``); a
+    savepoint ``id`` answers with the part ``<savepoints>/<id>/w<index>``, as a worker does.
+    ``fail`` makes every savepoint answer 503 with that message.
+    """
+
+    index: int
+    savepoints: str
+    status_of: Callable[[], WorkerStatus]
+    """Called on every ``GET /status`` (a test can publish a fresh ``publishedAt`` each time)."""
+    fail: str | None = None
+    taken: dict[str, SavepointAnswer] = field(default_factory=dict)
+    """Savepoints answered, by id."""
+
+    def status(self) -> WorkerStatus:
+        return self.status_of()
+
+    def savepoint(self, request: SavepointRequest) -> SavepointAnswer:
+        if self.fail:
+            raise RequestRejected(self.fail, 503)
+        return self.taken.setdefault(request.id, SavepointAnswer(
+            id=request.id, status="completed", path=f"{self.savepoints}/{request.id}/w{self.index}",
+        ))
+
+
+@contextmanager
+def serve_workers(fakes: Sequence[FakeWorkerAPI]) -> Iterator[list[str]]:
+    """Serve each fake on a real ``ControlServer`` on 127.0.0.1; yields their base URLs, in order."""
+    with ExitStack() as stack:
+        urls = []
+        for fake in fakes:
+            server = ControlServer(CollectorRegistry(), alive=lambda: True, ready=lambda: (True, ""),
+                                   status=fake.status, savepoint=fake.savepoint, host="127.0.0.1")
+            stack.enter_context(server)
+            urls.append(f"http://127.0.0.1:{server.port}")
+        yield urls

@@ -15,6 +15,7 @@ __all__ = [
     "INT_MAX",
     "INT_MIN",
     "NUMERIC_FUNCTIONS",
+    "Accumulator",
     "AggFunction",
     "AggSpec",
     "Aggregator",

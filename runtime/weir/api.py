@@ -13,6 +13,27 @@ Example::
         .sink("revenue-per-minute", dead_letter="revenue-dlq")
     )
 
+User functions (see README "Python functions")::
+
+    from myjobs.enrich import add_total, explode_items, is_interesting, P95, Dedup
+
+    enriched = (
+        pipeline.source("orders", event_time="ts")
+        .map(add_total)                      # record dict in, dict out
+        .flat_map(explode_items)             # record in, iterable of dicts out
+        .filter(is_interesting)              # kept when the return is truthy
+        .key_by("user")
+        .window_tumbling("1m")
+        .aggregate(total=("sum", "total"), p95=(P95, "latency"))  # a weir.AggregateFunction class
+        .sink("order-stats")
+    )
+    # or, instead of window + aggregate, a keyed process function:  .process(Dedup)
+
+A function or class is stored as its reference ``"module:qualname"`` (what a manifest writes),
+so it must be defined at module level of an importable module: a lambda, a nested function or
+one defined in ``__main__`` raises ``ValueError`` saying so. ``on_error="fail"`` stops the job
+when the function raises instead of dead-lettering the record (``function_error``).
+
 Every method returns a new builder, so a partial pipeline can be shared. ``build()``
 validates and returns the ``Pipeline`` (raising ``weir.spec.SpecError`` with paths such as
 ``steps[2].window.size``); anything accepting a pipeline (``compile_prepare``, an
@@ -21,28 +42,34 @@ validates and returns the ``Pipeline`` (raising ``weir.spec.SpecError`` with pat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn, TypeAlias
 
 from pydantic import ValidationError
 
+from weir.functions import FunctionNotFound, load_function
 from weir.spec import (
     Condition,
+    OnError,
     Output,
     Pipeline,
     SpecError,
-    TimeFormat,
     format_validation_error,
 )
+from weir.spec_pipeline import TimeFormat
 
-__all__ = ["Col", "Expr", "PipelineBuilder", "col", "pipeline", "source"]
+__all__ = ["Col", "Expr", "PipelineBuilder", "col", "function_ref", "pipeline", "source"]
 
 Scalar: TypeAlias = str | int | float | bool | None
 DurationLike: TypeAlias = str | int
 """``"250ms"``, ``"5s"``, ``"1m"``, ``"2h"``, ``"1d"`` or integer milliseconds."""
-OutputLike: TypeAlias = Literal["count"] | tuple[str, str] | Output
-"""``"count"``, ``(fn, field)`` such as ``("sum", "price")``, or an ``Output``."""
+OutputLike: TypeAlias = Literal["count"] | tuple[str, str] | tuple[type, str] | type | Output
+"""``"count"``, ``(fn, field)`` such as ``("sum", "price")``, a custom aggregate class (a
+``weir.AggregateFunction``) with a field ``(P95, "latency")`` or alone (it gets whole records),
+or an ``Output``."""
+FunctionLike: TypeAlias = Callable[..., Any] | str
+"""A module-level function or class, or its reference ``"package.module:name"``."""
 
 
 class Expr:
@@ -137,14 +164,57 @@ def col(name: str) -> Col:
     return Col(name)
 
 
+def function_ref(function: FunctionLike) -> str:
+    """The reference ``"module:qualname"`` of a module-level function or class (a string is
+    returned as it is; the spec checks its form).
+
+    Raises ``ValueError`` for a lambda, a nested function or one defined in ``__main__`` (a
+    worker imports the reference, so it must name a module-level object of an importable
+    module), and ``TypeError`` for anything not callable.
+    """
+    if isinstance(function, str):
+        return function
+    given: object = function  # untyped callers may pass anything
+    if not callable(given):
+        got = type(given).__name__
+        raise TypeError(f"expected a function, a class or 'package.module:name', got {got}")
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", None)
+    shown = qualname or repr(function)
+    advice = "define it at module level of an importable module and pass it (or its 'package.module:name')"
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise ValueError(f"{shown} has no module-level name that a worker could import; {advice}")
+    if qualname == "<lambda>" or "<lambda>" in qualname:
+        raise ValueError(f"a lambda cannot be named in a pipeline; {advice}")
+    if "<locals>" in qualname:
+        raise ValueError(f"{qualname} is defined inside a function; {advice}")
+    if module == "__main__":
+        raise ValueError(f"{qualname} is defined in __main__, which a worker cannot import; {advice}")
+    ref = f"{module}:{qualname}"
+    try:
+        found = load_function(ref)
+    except FunctionNotFound as exc:
+        raise ValueError(f"{ref} does not resolve ({exc}); {advice}") from None
+    if found is not function:
+        raise ValueError(f"{ref} names another object than the one given (a decorator's wrapper?); {advice}")
+    return ref
+
+
 def _output(name: str, spec: OutputLike) -> Output | dict[str, Any]:
     if isinstance(spec, Output):
         return spec
     if spec == "count":
         return {"fn": "count"}
+    if isinstance(spec, type):
+        return {"fn": "custom", "function": function_ref(spec)}
     if isinstance(spec, tuple) and len(spec) == 2:
-        return {"fn": spec[0], "field": spec[1]}
-    raise TypeError(f"output {name!r}: expected 'count', (fn, field) or Output, got {spec!r}")
+        fn, field = spec
+        if isinstance(fn, type):
+            return {"fn": "custom", "function": function_ref(fn), "field": field}
+        return {"fn": fn, "field": field}
+    raise TypeError(
+        f"output {name!r}: expected 'count', (fn, field), an AggregateFunction class or Output, got {spec!r}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +230,28 @@ class PipelineBuilder:
     def _step(self, **step: Any) -> PipelineBuilder:
         return replace(self, _steps=(*self._steps, step))
 
-    def filter(self, condition: Expr | Condition) -> PipelineBuilder:
-        """Keep only records for which ``condition`` holds (see ``col``)."""
-        return self._step(filter=condition.condition if isinstance(condition, Expr) else condition)
+    def filter(
+        self, condition: Expr | Condition | FunctionLike, *, on_error: OnError | None = None
+    ) -> PipelineBuilder:
+        """Keep only records for which ``condition`` holds (see ``col``), or, given a module-level
+        function ``f(record) -> bool``, for which its return is truthy (``on_error`` applies to it)."""
+        if isinstance(condition, Expr | Condition):
+            if on_error is not None:
+                raise ValueError("on_error only applies to a function filter, not to a condition")
+            return self._step(filter=condition.condition if isinstance(condition, Expr) else condition)
+        return self._step(filter={"function": function_ref(condition), "on_error": on_error})
+
+    def map(self, function: FunctionLike, *, on_error: OnError = "deadLetter") -> PipelineBuilder:
+        """Replace each record with ``function(record)``, a dict (see the module docstring)."""
+        return self._step(map={"function": function_ref(function), "on_error": on_error})
+
+    def flat_map(self, function: FunctionLike, *, on_error: OnError = "deadLetter") -> PipelineBuilder:
+        """Replace each record with the dicts ``function(record)`` returns (none: dropped)."""
+        return self._step(flat_map={"function": function_ref(function), "on_error": on_error})
+
+    def process(self, process_function: FunctionLike, *, on_error: OnError = "deadLetter") -> PipelineBuilder:
+        """End the pipeline with a keyed process function class (``weir.process.ProcessFunction``)."""
+        return self._step(process={"function": function_ref(process_function), "on_error": on_error})
 
     def select(self, *fields: str) -> PipelineBuilder:
         """Keep only ``fields``."""

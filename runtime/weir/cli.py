@@ -17,6 +17,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_KAFKA_UNAVAILABLE, EXIT_KAFKA_AUTH = 0
 EXIT_STORE = 5
 """The checkpoint store refused the worker (credentials, bucket, region, URL) or stayed
 unreachable for ``--connect-timeout`` at start-up."""
+EXIT_FUNCTION = 6
+"""A user function raised in a step with ``onError: fail`` (or a process function's ``open``)."""
 
 
 def _add_kafka_security(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         "SIGTERM finishes the current batch, flushes output, commits and exits 0.",
         epilog="exit codes: 0 stopped cleanly, 1 failed while running, 2 invalid manifest, settings or "
         "missing topic, 3 Kafka unreachable at start-up, 4 Kafka refused the credentials or TLS failed, "
-        "5 checkpoint store refused (credentials, bucket, region) or unreachable at start-up. Outages "
+        "5 checkpoint store refused (credentials, bucket, region) or unreachable at start-up, 6 a user "
+        "function failed in a step with onError: fail. Outages "
         "after start-up are ridden out, never an exit.",
     )
     run.add_argument("job", type=Path, help="StreamJob manifest, YAML or JSON")
@@ -265,20 +268,27 @@ def _validate(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    plan = job.pipeline.plan()
+    plan = job.pipeline.stages()
     print(f"{job.namespace}/{job.name}: valid")
     print(f"  source topics: {', '.join(job.pipeline.source.topics)}")
     print(f"  repartition topic: {job.repartition_topic or '(none: keyed by the message key)'}")
-    print(f"  window: {plan.window.type}; outputs: {', '.join(plan.aggregate.outputs)}")
+    if plan.window is not None and plan.aggregate is not None:
+        print(f"  window: {plan.window.type}; outputs: {', '.join(plan.aggregate.outputs)}")
+    elif plan.process is not None:
+        print(f"  process: {plan.process.function}")
+    else:
+        print("  stateless: every prepared record goes to the sink")
     print(f"  sink: {job.pipeline.sink.topic}; dead letters: {job.dead_letter_topic}")
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
     from weir import kafka as kio
+    from weir.chain import resolve_functions
     from weir.checkpoint import CheckpointError
     from weir.config import Environment
     from weir.control import ControlServer
+    from weir.functions import FunctionFailed
     from weir.graph import compile_job
     from weir.memory import MemoryBudgetTooSmall
     from weir.metrics import WorkerMetrics
@@ -337,9 +347,13 @@ def _run(args: argparse.Namespace) -> int:
     def show(record: dict[str, Any]) -> None:
         print(orjson.dumps(record).decode(), flush=True)
 
-    worker = Worker(
-        compile_job(job), kafka, settings, metrics, on_result=show if args.print_results else None
-    )
+    try:
+        resolve_functions(job.pipeline)  # user code that does not import is a bad spec, not a crash
+        graph = compile_job(job)
+    except SpecError as exc:
+        print(f"{args.job}: invalid StreamJob:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    worker = Worker(graph, kafka, settings, metrics, on_result=show if args.print_results else None)
     worker.install_signal_handlers()
     control = ControlServer(
         metrics.registry,
@@ -370,6 +384,9 @@ def _run(args: argparse.Namespace) -> int:
     except kio.KafkaAuthFailed as exc:
         log.error("%s", exc)
         return EXIT_KAFKA_AUTH
+    except FunctionFailed as exc:
+        log.error("stopping: %s", exc)
+        return EXIT_FUNCTION
     finally:
         control.stop()
 

@@ -8,10 +8,13 @@ path                method  answer
 ``/metrics``        GET     200, Prometheus text exposition (OpenMetrics when the scraper asks)
 ``/healthz``        GET     200 ``{"alive": true}`` while ``alive()`` is true, else 503
 ``/readyz``         GET     200 ``{"ready": true}``, or 503 ``{"ready": false, "reason": ...}``
-``/status``         GET     200, whatever ``status()`` returns, as JSON
-``/savepoint``      POST    body ``{"id": str, "path"?: str|null, "stop"?: bool}``; 200 with what
-                            ``savepoint()`` returns; 400 bad body; 501 when not supported
+``/status``         GET     200, the model ``status()`` returns (a worker's ``WorkerStatus``)
+``/savepoint``      POST    body a ``SavepointRequest``: ``{"id": str, "path"?: str|null,
+                            "stop"?: bool}``; 200 with the ``SavepointAnswer`` ``savepoint()``
+                            returns; 400 bad body (naming the field); 501 when not supported
 ==================  ======  ==================================================================
+
+The payloads are the models of ``weir.controlapi``; the operator parses the answers with them.
 
 Unknown paths answer 404, a known path with another method 405. A callable that raises answers 500
 with the exception's message (only the message: no traceback, no repr of arguments), or the status
@@ -42,12 +45,14 @@ from urllib.parse import urlsplit
 import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from pydantic import BaseModel
+
+from weir.controlapi import ControlPayloadError, SavepointAnswer, SavepointRequest, parse
 
 __all__ = [
     "MAX_BODY_BYTES",
     "ControlServer",
     "RequestRejected",
-    "SavepointRequest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,11 +66,6 @@ _POLL_INTERVAL_S = 0.1
 
 _REQUEST_TIMEOUT_S = 10.0
 """Socket timeout per connection, seconds: a client stalling mid-request cannot hold a thread forever."""
-
-_SAVEPOINT_FIELDS = frozenset({"id", "path", "stop"})
-
-SavepointRequest = dict[str, Any]
-"""What ``savepoint()`` receives: ``{"id": str, "path": str | None, "stop": bool}``, validated."""
 
 
 class RequestRejected(Exception):
@@ -85,8 +85,9 @@ class ControlServer:
 
     ``registry`` is what ``/metrics`` exposes (``WorkerMetrics.registry``). ``alive()`` says the worker
     loop is still making progress (liveness); ``ready()`` returns ``(ready, reason)``; ``status()``
-    returns a JSON-serialisable mapping; ``savepoint`` is ``None`` when this worker cannot take
-    savepoints. All callables must be thread-safe (module docstring).
+    returns a pydantic model, serialised by alias (a worker's latest published ``WorkerStatus``; the
+    operator serves its own on its health port); ``savepoint`` is ``None`` when this worker cannot
+    take savepoints. All callables must be thread-safe (module docstring).
 
     ``host`` is the bind address (``"0.0.0.0"`` for every IPv4 interface, ``"::"`` for IPv6);
     ``port`` 0 picks a free port, readable from :attr:`port` after :meth:`start`.
@@ -98,8 +99,8 @@ class ControlServer:
         *,
         alive: Callable[[], bool],
         ready: Callable[[], tuple[bool, str]],
-        status: Callable[[], Mapping[str, Any]],
-        savepoint: Callable[[SavepointRequest], Mapping[str, Any]] | None = None,
+        status: Callable[[], BaseModel],
+        savepoint: Callable[[SavepointRequest], SavepointAnswer] | None = None,
         # Every interface: kubelet probes and Prometheus reach the pod on its pod IP, not loopback.
         host: str = "0.0.0.0",
         port: int = 0,
@@ -257,7 +258,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"ready": False, "reason": reason})
 
     def _status(self) -> None:
-        self._send_json(HTTPStatus.OK, dict(self.control.status()))
+        # Serialised here, in the request thread, not in the worker loop that published it.
+        body = self.control.status().model_dump_json(by_alias=True).encode()
+        self._send(HTTPStatus.OK, body, "application/json")
 
     def _savepoint(self) -> None:
         savepoint = self.control.savepoint
@@ -266,7 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         request = self._read_savepoint_request()
         if request is not None:
-            self._send_json(HTTPStatus.OK, dict(savepoint(request)))
+            self._send(HTTPStatus.OK, savepoint(request).model_dump_json(by_alias=True).encode(),
+                       "application/json")
 
     def _read_savepoint_request(self) -> SavepointRequest | None:
         """The validated body, or None after answering 400/413."""
@@ -284,12 +288,11 @@ class _Handler(BaseHTTPRequestHandler):
         except orjson.JSONDecodeError as exc:
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid JSON: {exc}"})
             return None
-        problem = _savepoint_problem(body)
-        if problem is not None:
-            self._send_json(HTTPStatus.BAD_REQUEST, {"error": problem})
+        try:
+            return parse(SavepointRequest, body)
+        except ControlPayloadError as exc:
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return None
-        assert isinstance(body, dict)
-        return {"id": body["id"], "path": body.get("path"), "stop": body.get("stop", False)}
 
     def _send_json(self, status: int, value: object, headers: Mapping[str, str] | None = None) -> None:
         self._send(status, _json(value), "application/json", headers)
@@ -310,24 +313,3 @@ class _Handler(BaseHTTPRequestHandler):
         # Probes and scrapes arrive every few seconds; the stdlib would print each to stderr.
         logger.debug("control API %s: " + format, self.client_address[0], *args)
 
-
-def _savepoint_problem(body: object) -> str | None:
-    """Why a savepoint body is unacceptable, or None if it is fine.
-
-    Unknown fields are rejected rather than ignored: a misspelt ``"stpo": true`` must not take a
-    savepoint and leave the job running when the operator meant to stop it.
-    """
-    if not isinstance(body, dict):
-        return 'body must be a JSON object like {"id": "sp-1"}'
-    unknown = sorted(set(body) - _SAVEPOINT_FIELDS)
-    if unknown:
-        return f"unknown field(s) {', '.join(unknown)}; expected id, path, stop"
-    request_id = body.get("id")
-    if not isinstance(request_id, str) or not request_id:
-        return "missing 'id': a non-empty string naming the savepoint request"
-    path = body.get("path")
-    if path is not None and (not isinstance(path, str) or not path):
-        return "'path' must be a non-empty string or null"
-    if not isinstance(body.get("stop", False), bool):
-        return "'stop' must be true or false"
-    return None

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from weir.aggregates import Overflow, representable
+from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
@@ -439,11 +440,13 @@ class TaskCore:
             try:
                 bad = None if r.retract else unrepresentable(r.values)
                 if bad is not None:
+                    if isinstance(r.values[bad], FunctionError):
+                        raise r.values[bad]
                     raise ValueError(
                         f"aggregate {bad!r} is {r.values[bad]!r}, which JSON output cannot carry"
                     )
                 value = dumps(record)
-            except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+            except (TypeError, ValueError, FunctionError) as exc:  # orjson.JSONEncodeError is a TypeError
                 self._dead_letter_result(task, r, record, exc)
                 continue
             out(topic, value, r.key.encode())

@@ -28,6 +28,7 @@ from typing import Any, Final
 import orjson
 
 from weir.records import DeadLetter
+from weir.spec_common import FUNCTION_REF  # defined with the spec models, which must not import this module
 
 __all__ = [
     "FUNCTION_REF",
@@ -41,10 +42,6 @@ __all__ = [
     "encode_state",
     "load_function",
 ]
-
-_DOTTED: Final = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-FUNCTION_REF: Final = f"^{_DOTTED}:{_DOTTED}$"
-"""The form of a function reference, ``package.module:name`` (also the CRD's pattern)."""
 
 _REF = re.compile(FUNCTION_REF)
 

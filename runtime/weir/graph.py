@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from weir.aggregates import Aggregator, compile_aggregates
-from weir.records import Prepare, Prepared, compile_prepare
+from weir.aggregates import Aggregator
+from weir.chain import PrepareMany, compile_prepare_many
+from weir.custom_aggregates import aggregator_for
+from weir.records import Prepare, compile_prepare
 from weir.spec import Job
 
 __all__ = ["JobGraph", "PrepareMany", "ProcessStage", "WindowStage", "assigned", "compile_job"]
 
-PrepareMany = Callable[[bytes | None, bytes | None, int], list[Prepared]]
-"""``prepare_many(value, key, kafka_ts_ms)``: every record the steps make of one (none: dropped)."""
 
 
 @dataclass(frozen=True)
@@ -71,30 +71,37 @@ class JobGraph:
 
 def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
     """Resolve a loaded job into what the worker runs (``wall_ms``: the clock ``maxFutureSkew``
-    is measured from; default the system clock)."""
+    is measured from; default the system clock). Imports the user functions the pipeline names:
+    ``SpecError`` with the field path for one that does not resolve."""
     pipeline = job.pipeline
-    stages = pipeline.plan()
-    window, aggregate = stages.window, stages.aggregate
-    specs = [(name, o.fn, o.field) for name, o in aggregate.outputs.items()]
-    return JobGraph(
-        job_id=f"{job.namespace}/{job.name}",
-        group_id=job.consumer_group,
-        source_topics=tuple(pipeline.source.topics),
-        start_from=pipeline.source.start_from,
-        prepare=compile_prepare(pipeline, wall_ms),
-        max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
-        idle_timeout_ms=pipeline.watermark.idle_timeout,
-        sink_topic=pipeline.sink.topic,
-        dead_letter_topic=job.dead_letter_topic,
-        window=WindowStage(
+    stages = pipeline.stages()
+    window_stage = process_stage = None
+    if stages.window is not None and stages.aggregate is not None:
+        window = stages.window
+        window_stage = WindowStage(
             window.type,
             window.size,
             window.slide,
             window.gap,
             window.allowed_lateness,
-            compile_aggregates(specs),
-            aggregate.emit,
-        ),
+            aggregator_for(pipeline),
+            stages.aggregate.emit,
+        )
+    if stages.process is not None:
+        process_stage = ProcessStage(stages.process.function, stages.process.on_error)
+    return JobGraph(
+        job_id=f"{job.namespace}/{job.name}",
+        group_id=job.consumer_group,
+        source_topics=tuple(pipeline.source.topics),
+        start_from=pipeline.source.start_from,
+        prepare=None if stages.functions else compile_prepare(pipeline, wall_ms),
+        prepare_many=compile_prepare_many(pipeline, wall_ms) if stages.functions else None,
+        max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
+        idle_timeout_ms=pipeline.watermark.idle_timeout,
+        sink_topic=pipeline.sink.topic,
+        dead_letter_topic=job.dead_letter_topic,
+        window=window_stage,
+        process=process_stage,
         repartition_topic=job.repartition_topic,
         repartition_partitions=stages.repartition.partitions if stages.repartition else None,
     )

@@ -6,6 +6,9 @@ generated as source and compiled once, so the hot path makes no per-step calls. 
 function reads every field straight from the decoded source record (``FieldScope`` maps
 names through select and rename) and builds the output record once, after all filters.
 
+It serves declarative pipelines; one with user functions (``pipeline.stages().functions``) is
+compiled by ``weir.chain.compile_prepare_many`` instead, and ``compile_prepare`` refuses it.
+
 Contract of a prepare function, ``prepare(value, key, kafka_ts_ms)``, compiled with a clock
 ``now_ms()`` (epoch milliseconds; default: the system clock):
 
@@ -37,7 +40,7 @@ is dead-lettered instead. The check costs one comparison per record: the generat
 keeps the last horizon it read (``now_ms() + skew``) and reads the clock again only for an
 event time beyond it, so a record is refused only against a fresh reading.
 
-Repartitioning: when ``pipeline.plan().repartition`` is set, stage 1 runs ``prepare`` and
+Repartitioning: when ``pipeline.stages().repartition`` is set, stage 1 runs ``prepare`` and
 forwards each result with ``encode_forward`` (message key = group key, value = the JSON
 array ``[event_time_ms, record]``); stage 2 reads the repartition topic with
 ``prepare_repartitioned``, which returns the same triple without re-checking. The event
@@ -301,7 +304,7 @@ def _member_expr(src: _Source, field: str, values: tuple[object, ...]) -> str:
 
 
 def _generate(pipeline: Pipeline) -> _Source:
-    plan = pipeline.plan()
+    plan = pipeline.stages()
     source = pipeline.source
     src = _Source()
     emit = src.emit
@@ -344,7 +347,7 @@ def _generate(pipeline: Pipeline) -> _Source:
             scope.rename(index, step.rename)
         elif step.key_by is not None and step.key_by.field is not None:
             key_scope_field = scope.source_of(step.key_by.field)
-        elif step.window is not None:
+        elif step.window is not None or step.process is not None:
             break
 
     # -- event time
@@ -396,9 +399,10 @@ def _generate(pipeline: Pipeline) -> _Source:
         emit(2, f"k = _key_of(k, {plan.key_field!r})")
 
     # -- fields the aggregate reads
-    numeric = set(plan.aggregate.numeric_fields())
+    aggregate = plan.aggregate
+    numeric = set(aggregate.numeric_fields()) if aggregate is not None else set()
     present: set[str] = set()
-    for field in plan.aggregate.fields():
+    for field in aggregate.fields() if aggregate is not None else ():
         read = scope.source_of(field)
         present.add(read)
         if field in numeric:
@@ -480,7 +484,10 @@ def compile_prepare(pipeline: Pipeline | PipelineLike, now_ms: Callable[[], int]
     """Compile the pre-window part of ``pipeline`` into one prepare function (see the module
     docstring for its contract). With a repartition, this is stage 1's function. ``now_ms`` is
     the wall clock ``maxFutureSkew`` is measured from (default: the system clock)."""
-    generated = _generate(as_pipeline(pipeline))
+    built = as_pipeline(pipeline)
+    if built.stages().functions:
+        raise ValueError("this pipeline has function steps: compile it with weir.chain.compile_prepare_many")
+    generated = _generate(built)
     text = "\n".join(generated.lines) + "\n"
     namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants, "_now_ms": now_ms or _system_ms}
     # The source is generated from a validated spec; names and values enter it only via repr().

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from weir import memory
+from weir.controlapi import CheckpointStatus, MemoryStatus, OutageStatus, PartitionStatus, WorkerStatus
 from weir.outages import DEPENDENCIES
 from weir.tasks import NO_WATERMARK, Task
 
@@ -16,27 +17,27 @@ if TYPE_CHECKING:
     from weir.worker import Worker
 
 
-def publish(worker: Worker, now: float) -> dict[str, Any]:
+def publish(worker: Worker, now: float) -> WorkerStatus:
     """The worker's status now; moves its counters to its metrics on the way."""
     wall = worker.wall_ms()
     core, metrics, edges = worker.core, worker.metrics, worker.edges
-    partitions = []
+    partitions: list[PartitionStatus] = []
     for task in core.tasks.values():
         lag = edges.lag(task) if edges is not None else None
         if task.metrics is not None:
             _publish_task(task, lag, wall)
         partitions.append(
-            {
-                "partition": task.label,
-                "offset": task.next_offset,
-                "lag": lag,
-                "watermark": None if task.wm == NO_WATERMARK else task.wm,
-                "watermarkLagMs": None if task.wm == NO_WATERMARK else wall - task.wm,
-                "idle": task.idle,
-                "records": task.records,
-                "late": task.late,
-                "openWindows": task.op.open_windows if task.op is not None else 0,
-            }
+            PartitionStatus(
+                partition=task.label,
+                offset=task.next_offset,
+                lag=lag,
+                watermark=None if task.wm == NO_WATERMARK else task.wm,
+                watermark_lag_ms=None if task.wm == NO_WATERMARK else wall - task.wm,
+                idle=task.idle,
+                records=task.records,
+                late=task.late,
+                open_windows=task.op.open_windows if task.op is not None else 0,
+            )
         )
     if metrics is not None:
         for topic, count in core.out_counts.items():
@@ -53,29 +54,30 @@ def publish(worker: Worker, now: float) -> dict[str, Any]:
     elapsed = max(1e-9, now - worker.started)
     ready, not_ready = worker.readiness()
     settings = worker.settings
-    return {
-        "job": worker.graph.job_id,
-        "worker": settings.index,
-        "workers": settings.count,
-        "inputPartitions": worker.input_partitions,
-        "ready": ready,
-        "notReadyReason": not_ready or None,
-        "outages": worker.deps.status(),
-        "rollbacks": worker.rollbacks,
-        "partitions": partitions,
-        "publishedAt": wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
-        "busyRatio": worker.busy.ratio(),
-        "busyRatioSinceStart": min(1.0, worker.busy_s / elapsed),
-        "recordsPerSecond": worker.rate.rate(),
-        "recordsIn": sum(t.records for t in core.tasks.values()),
-        "recordsOut": core.records_out,
-        "deadLettered": dict(core.dead_lettered),
-        "producerQueueFull": worker.queue_full,
-        "guarantee": settings.guarantee,
-        "lastCheckpoint": worker.last_checkpoint,
-        "lastSavepoint": worker.savepoints.last,
-        "memory": _memory_status(worker),
-    }
+    last = worker.last_checkpoint
+    return WorkerStatus(
+        job=worker.graph.job_id,
+        worker=settings.index,
+        workers=settings.count,
+        input_partitions=dict(worker.input_partitions),
+        ready=ready,
+        not_ready_reason=not_ready or None,
+        outages={name: OutageStatus.model_validate(o) for name, o in worker.deps.status().items()},
+        rollbacks=worker.rollbacks,
+        partitions=tuple(partitions),
+        published_at=wall,  # the operator's autoscaler distrusts an old snapshot (a stuck loop)
+        busy_ratio=worker.busy.ratio(),
+        busy_ratio_since_start=min(1.0, worker.busy_s / elapsed),
+        records_per_second=worker.rate.rate(),
+        records_in=sum(t.records for t in core.tasks.values()),
+        records_out=core.records_out,
+        dead_lettered=dict(core.dead_lettered),
+        producer_queue_full=worker.queue_full,
+        guarantee=settings.guarantee,
+        last_checkpoint=CheckpointStatus.model_validate(last) if last is not None else None,
+        last_savepoint=worker.savepoints.last,
+        memory=MemoryStatus.model_validate(_memory_status(worker)),
+    )
 
 
 def _memory_status(worker: Worker) -> dict[str, Any]:

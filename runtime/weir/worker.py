@@ -26,6 +26,7 @@ from weir import checkpoint as ck
 from weir import kafka as kio
 from weir import memory
 from weir.commit import Committer, Policy, Waits
+from weir.controlapi import SavepointAnswer, SavepointRequest, WorkerStatus
 from weir.core import TaskCore
 from weir.edges import DeliveryFailed, Rollback, Sink, Source, Stopped, StoreUnavailable
 from weir.graph import JobGraph, compile_job
@@ -95,10 +96,10 @@ class Edges(Source, Sink, Protocol):
 
 
 class SavepointWaiter:
-    def __init__(self, request: dict[str, Any]) -> None:
+    def __init__(self, request: SavepointRequest) -> None:
         self.request = request
         self.done = threading.Event()
-        self.result: dict[str, Any] | None = None
+        self.result: SavepointAnswer | None = None
         self.error: str | None = None
 
 
@@ -113,31 +114,29 @@ class Savepoints:
         self._lock = threading.Lock()
         self._requests: list[SavepointWaiter] = []
         self._waiting: dict[str, SavepointWaiter] = {}
-        self._done: dict[str, dict[str, Any]] = {}
-        self.last: dict[str, Any] | None = None
+        self._done: dict[str, SavepointAnswer] = {}
+        self.last: SavepointAnswer | None = None
 
-    def ask(self, request: dict[str, Any]) -> SavepointWaiter:
+    def ask(self, request: SavepointRequest) -> SavepointWaiter:
         """Queue a request (once per id) without waiting; its waiter says when it is done."""
-        sid = str(request["id"])
         with self._lock:
-            waiter = self._waiting.get(sid)
+            waiter = self._waiting.get(request.id)
             if waiter is None:
                 waiter = SavepointWaiter(request)
-                done = self._done.get(sid)
+                done = self._done.get(request.id)
                 if done is not None:
                     waiter.result = done
                     waiter.done.set()
                     return waiter
-                self._waiting[sid] = waiter
+                self._waiting[request.id] = waiter
                 self._requests.append(waiter)
             return waiter
 
-    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+    def request(self, request: SavepointRequest) -> SavepointAnswer:
         """Called by a control thread: queue the request and wait for its answer."""
-        sid = str(request["id"])
         waiter = self.ask(request)
         if not waiter.done.wait(self.timeout_s):
-            raise TimeoutError(f"savepoint {sid} not complete after {self.timeout_s:.0f}s")
+            raise TimeoutError(f"savepoint {request.id} not complete after {self.timeout_s:.0f}s")
         if waiter.error is not None:
             raise RuntimeError(waiter.error)
         assert waiter.result is not None
@@ -153,14 +152,14 @@ class Savepoints:
             requests, self._requests = self._requests, []
         stop = False
         for waiter in requests:
-            sid = str(waiter.request["id"])
+            sid = waiter.request.id
             try:
-                answer = committer.savepoint(sid, waiter.request.get("path"))
+                answer = SavepointAnswer.model_validate(committer.savepoint(sid, waiter.request.path))
                 self.last = answer
                 with self._lock:
                     self._done[sid] = answer
                 waiter.result = answer
-                stop = stop or bool(waiter.request.get("stop"))
+                stop = stop or waiter.request.stop
             except Exception as exc:
                 # The worker stops (its restart recovers from the last commit); the caller learns why.
                 waiter.error = f"the worker failed while taking the savepoint: {type(exc).__name__}: {exc}"
@@ -231,7 +230,7 @@ class Worker:
         self.rocks: RocksMemory | None = None
         self.kafka_queued: dict[str, int] = {}
         self.published: dict[str, tuple[int, int]] = {}
-        self._status: dict[str, Any] = {}
+        self._status = WorkerStatus()
         from weir.metrics import BusyTracker, RateTracker
 
         self.busy = BusyTracker(clock=time.perf_counter)
@@ -484,13 +483,13 @@ class Worker:
         self._publish(now)
 
     # -- control API (called from the control server's threads) -------------------------------
-    def savepoint(self, request: dict[str, Any]) -> dict[str, Any]:
+    def savepoint(self, request: SavepointRequest) -> SavepointAnswer:
         """Take a savepoint through the loop and wait for it; the same id returns the same one."""
         return self.savepoints.request(request)
 
     def _publish(self, now: float) -> None:
         self._status = publish(self, now)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         """A snapshot for the control API (replaced, never mutated, so safe across threads)."""
         return self._status

@@ -13,8 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from harness import kube as kube_server
 from harness.common import Running, wait_until
@@ -32,10 +31,10 @@ from harness.helm import Helm
 from harness.kafka import KafkaHelper
 from harness.manifests import MERGE_PATCH, apply, create_namespace, install_crd
 from weir import spec
-from weir.control import ControlServer
 from weir_operator import crd, decide, handlers, kube, render
 from weir_operator.lag import LagReader
 from weir_operator.metrics import OperatorMetrics
+from weir_operator.testing import FakeWorkerAPI, serve_workers, worker_status
 
 pytestmark = [pytest.mark.kube, pytest.mark.kafka]
 
@@ -47,27 +46,12 @@ RATE = 50.0
 """Records per second each fake worker says it processes, fully busy."""
 
 
-@dataclass
-class FakeWorker:
-    """A worker's control API: a known processing rate, savepoints answered by id."""
-
-    index: int
-    topic: str
-    savepoints: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "worker": self.index, "ready": True, "partitions": [],
-            "inputPartitions": {self.topic: PARTITIONS},
-            "recordsPerSecond": RATE, "busyRatio": 1.0,
-            "publishedAt": int(datetime.now(UTC).timestamp() * 1000),
-        }
-
-    def savepoint(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.savepoints.setdefault(request["id"], {
-            "id": request["id"], "status": "completed",
-            "path": f"file:///store/jobs/auto/savepoints/{request['id']}/w{self.index}",
-        })
+def fake_worker(index: int, topic: str) -> FakeWorkerAPI:
+    """A worker's control API: a known processing rate, a fresh status, savepoints answered by id."""
+    return FakeWorkerAPI(index, "file:///store/jobs/auto/savepoints", lambda: worker_status(
+        index, input_partitions={topic: PARTITIONS}, records_per_second=RATE, busy_ratio=1.0,
+        published_at=datetime.now(UTC),
+    ))
 
 
 @dataclass
@@ -164,15 +148,9 @@ def test_the_operator_scales_a_lagging_job_up_by_the_scale_path_and_kubectl_scal
         {"value": orjson.dumps({"ts": i}), "key": f"k{i}".encode(), "partition": i % PARTITIONS}
         for i in range(4000)
     ])
-    fakes = [FakeWorker(i, topic) for i in range(PARTITIONS)]
+    fakes = [fake_worker(i, topic) for i in range(PARTITIONS)]
     metrics = OperatorMetrics()
-    with ExitStack() as stack:
-        urls = []
-        for fake in fakes:
-            server = ControlServer(CollectorRegistry(), alive=lambda: True, ready=lambda: (True, ""),
-                                   status=fake.status, savepoint=fake.savepoint, host="127.0.0.1")
-            stack.enter_context(server)
-            urls.append(f"http://127.0.0.1:{server.port}")
+    with serve_workers(fakes) as urls:
         platform = kube.KubernetesPlatform(
             cluster.account, worker_image="weir:test", savepoint_timeout_s=10,
             worker_url=lambda _name, _ns, index: urls[index], lag_reader=LagReader({}),
@@ -221,7 +199,7 @@ def test_the_operator_scales_a_lagging_job_up_by_the_scale_path_and_kubectl_scal
         env = {e.name: e.value for e in container.env}
         assert env[render.ENV_WORKERS] == "4"
         assert env[render.ENV_RESTORE_FROM].startswith("file:///store/jobs/auto/savepoints/scale-")
-        assert len(fakes[0].savepoints) == 1  # the one worker that ran took one savepoint
+        assert len(fakes[0].taken) == 1  # the one worker that ran took one savepoint
         events = client.CoreV1Api(cluster.admin).list_namespaced_event(cluster.namespace).items
         reasons = [e.reason for e in events if e.involved_object.name == name]
         assert "AutoscalerScaleUp" in reasons and "Scaling" in reasons

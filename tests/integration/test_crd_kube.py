@@ -85,6 +85,35 @@ def test_a_valid_stream_job_is_accepted_and_reads_back_as_the_same_spec(
     assert stored["spec"]["parallelism"] == body["spec"].get("parallelism", 1)
 
 
+def test_a_stream_job_with_function_steps_and_a_process_step_is_accepted_as_the_same_spec(
+    admin: Any, installed: dict[str, Any], namespace: str
+) -> None:
+    body = manifest(EXAMPLE, namespace, name="functions")
+    _pipeline(body)["steps"] = [
+        {"map": {"function": "shop.enrich:add_total"}},
+        {"flatMap": {"function": "shop.enrich:explode", "onError": "fail"}},
+        {"filter": {"function": "shop.enrich:is_big"}},
+        {"keyBy": {"field": "user"}},
+        {"process": {"function": "shop.enrich:Dedup"}},
+    ]
+
+    stored = apply(admin, body)
+
+    assert spec.StreamJob.model_validate(stored).spec == spec.StreamJob.model_validate(body).spec
+    assert stored["spec"]["pipeline"]["steps"][0] == {"map": {"function": "shop.enrich:add_total"}}
+
+
+def test_a_custom_window_aggregate_is_accepted(admin: Any, installed: dict[str, Any], namespace: str) -> None:
+    body = manifest(EXAMPLE, namespace, name="custom")
+    outputs = _pipeline(body)["steps"][6]["aggregate"]["outputs"]
+    outputs["p95"] = {"fn": "custom", "function": "shop.enrich:P95", "field": "amount"}
+
+    stored = apply(admin, body)
+
+    stored_outputs = stored["spec"]["pipeline"]["steps"][6]["aggregate"]["outputs"]
+    assert stored_outputs["p95"] == {"fn": "custom", "function": "shop.enrich:P95", "field": "amount"}
+
+
 def test_parallelism_defaults_to_one_so_the_scale_subresource_always_answers(
     custom: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -155,6 +184,18 @@ def _sliding_without_slide(document: dict[str, Any]) -> None:
     _pipeline(document)["steps"][5]["window"] = {"type": "sliding", "size": "1m"}
 
 
+def _map_and_process_in_one_step(document: dict[str, Any]) -> None:
+    _pipeline(document)["steps"][0] = {"map": {"function": "m:f"}, "process": {"function": "m:P"}}
+
+
+def _map_without_colon(document: dict[str, Any]) -> None:
+    _pipeline(document)["steps"][0] = {"map": {"function": "shop.enrich.add_total"}}
+
+
+def _custom_output_with_a_bad_reference(document: dict[str, Any]) -> None:
+    _pipeline(document)["steps"][6]["aggregate"]["outputs"]["p95"] = {"fn": "custom", "function": "P95"}
+
+
 def _long_name(document: dict[str, Any]) -> None:
     document["metadata"]["name"] = "a" * 53
 
@@ -201,6 +242,18 @@ INVALID = {
     "env with value and valueFrom": (
         _set(env=[{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]),
         ["spec.env[0]", "set value or valueFrom, not both"],
+    ),
+    "a map and a process in one step": (
+        _map_and_process_in_one_step,
+        ["spec.pipeline.steps[0]", "must set exactly one of filter, select, rename, map, flatMap"],
+    ),
+    "a function reference without a colon": (
+        _map_without_colon,
+        ["spec.pipeline.steps[0].map.function", "should match"],
+    ),
+    "a custom aggregate reference without a module": (
+        _custom_output_with_a_bad_reference,
+        ["spec.pipeline.steps[6].aggregate.outputs.p95.function", "should match"],
     ),
     "a name too long for the pods": (
         _long_name,

@@ -24,6 +24,7 @@ import pytest
 
 from harness.kafka import KafkaHelper
 from harness.s3 import S3Helper
+from weir.controlapi import SavepointRequest
 from weir.testing import random_events, reference_windows
 
 from .test_pipelines import (
@@ -296,7 +297,8 @@ class Job(Running):
         answers: list[Any] = [None] * len(self.workers)
 
         def take(i: int) -> None:
-            answers[i] = self.workers[i].savepoint({"id": sid, "path": None, "stop": stop})
+            answer = self.workers[i].savepoint(SavepointRequest(id=sid, stop=stop))
+            answers[i] = answer.model_dump(by_alias=True)
 
         threads = [threading.Thread(target=take, args=(i,)) for i in range(len(self.workers))]
         for t in threads:
@@ -368,7 +370,7 @@ def test_savepoint_at_two_workers_restored_at_one_and_at_four_gives_the_uninterr
             assert time.monotonic() < deadline, "phase 1 did not consume its half"
             time.sleep(0.2)
         answers = running.savepoint("sp-1", stop=True)
-        again = running.workers[0].savepoint({"id": "sp-1", "path": None, "stop": True})
+        again = running.workers[0].savepoint(SavepointRequest(id="sp-1", stop=True)).model_dump(by_alias=True)
     assert all(a["status"] == "completed" for a in answers), answers
     assert again["path"] == answers[0]["path"], "the same savepoint id must answer the same savepoint"
     savepoint_url = answers[0]["path"]  # .../savepoints/sp-1: every worker's part
@@ -403,7 +405,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_exact_o
             kafka.produce(source, records[i : min(i + 1000, half)])
             time.sleep(0.15)
         deadline = time.monotonic() + 30
-        while running.workers[0].status().get("recordsIn", 0) < half:
+        while running.workers[0].status().records_in < half:
             assert time.monotonic() < deadline
             time.sleep(0.2)
     # Delete one file that only the latest checkpoint has (its own directory's files).

@@ -126,13 +126,13 @@ class Running:
         """Until every input partition is consumed to ``ends`` and no window is left open."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            parts = [p for w in self.workers for p in w.status().get("partitions", [])]
+            parts = [p for w in self.workers for p in w.status().partitions]
             # Source partitions must have gone idle (their watermark then closes everything);
             # repartition partitions follow the upstream watermarks and need only be empty.
             done = bool(parts) and all(
-                p["openWindows"] == 0 and (p["idle"] or "-repartition-" in p["partition"]) for p in parts
+                p.open_windows == 0 and (p.idle or "-repartition-" in p.partition) for p in parts
             )
-            offsets = {p["partition"]: p["offset"] for p in parts}
+            offsets = {p.partition: p.offset for p in parts}
             consumed = all(
                 offsets.get(f"{t}-{p}", -1) >= end for t, e in ends.items() for p, end in e.items() if end > 0
             )
@@ -295,7 +295,7 @@ def test_key_by_a_record_field_goes_through_a_repartition_topic_and_gives_the_re
     )
     with Running(job, kafka, 2, tmp_path / "state") as running:
         running.wait_caught_up({source: kafka.end_offsets(source)})
-        paused = sum(w.status()["producerQueueFull"] for w in running.workers)
+        paused = sum(w.status().producer_queue_full for w in running.workers)
     assert_same(results_of(kafka.read_all(sink)), expected_by_group)
     assert kafka.read_all(dlq) == []
     assert paused > 0
@@ -334,7 +334,7 @@ def test_bad_records_are_dead_lettered_with_reasons_and_the_job_keeps_running(
 
     reasons = sorted(dict(m.headers)["weir.reason"].decode() for m in kafka.read_all(dlq))
     assert reasons == ["decode_error", "missing_field", "too_large", "wrong_type"]
-    assert status["deadLettered"] == {"decode_error": 1, "missing_field": 1, "too_large": 1, "wrong_type": 1}
+    assert status.dead_lettered == {"decode_error": 1, "missing_field": 1, "too_large": 1, "wrong_type": 1}
     dead = {
         s.labels["reason"]: s.value for s in families["weir_dead_letter"].samples if s.name.endswith("_total")
     }
@@ -502,14 +502,14 @@ def test_a_worker_with_a_memory_budget_reports_each_parts_share_and_use_and_stay
         running.wait_caught_up({source: kafka.end_offsets(source)})
         worker = running.workers[0]
         time.sleep(6)  # librdkafka's statistics (every 5 s) and one more publish
-        status = worker.status()["memory"]
+        status = worker.status().memory
         text = generate_latest(worker.metrics.registry).decode()  # type: ignore[union-attr]
     assert_same(results_of(kafka.read_all(sink)), expected)
-    assert status["budgetBytes"] == budget
-    assert sum(status["shareBytes"].values()) == budget
-    assert set(status["usedBytes"]) == {"window_cache", "timers", "rocksdb", "kafka_queues"}
-    assert status["usedBytes"]["rocksdb"] > 0  # the checkpoints' writes, charged to the shared cache
-    assert status["rssBytes"] > 0
+    assert status is not None and status.budget_bytes == budget and status.share_bytes is not None
+    assert sum(status.share_bytes.values()) == budget
+    assert set(status.used_bytes) == {"window_cache", "timers", "rocksdb", "kafka_queues"}
+    assert status.used_bytes["rocksdb"] > 0  # the checkpoints' writes, charged to the shared cache
+    assert status.rss_bytes > 0
     samples = {
         (s.name, s.labels.get("part")): s.value
         for f in text_string_to_metric_families(text)

@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from weir import kafka as kio
+from weir.controlapi import SavepointRequest
 from weir.graph import JobGraph, compile_job
 from weir.spec import Job, load_job
 from weir.testing import reference_windows
@@ -133,7 +134,7 @@ def start_worker(
         if n == 0:
             worker.stop()  # the input is read: commit what is left and stop
         elif savepoint_every and seen[0] % savepoint_every < n:
-            worker.savepoints.ask({"id": f"sp-{start}-{seen[0]}"})
+            worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
 
     worker = Worker(
         graph,

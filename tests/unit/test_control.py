@@ -14,7 +14,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from weir.control import ControlServer, RequestRejected, SavepointRequest
+from weir.control import ControlServer, RequestRejected
+from weir.controlapi import PartitionStatus, SavepointAnswer, SavepointRequest, WorkerStatus
 from weir.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.timeout(5)
@@ -56,15 +57,15 @@ class FakeWorker:
     alive: bool = True
     ready: bool = False
     reason: str = "restoring state for events-0"
-    status: dict[str, Any] = field(default_factory=lambda: {"partitions": ["events-0"], "busy_ratio": 0.5})
+    status: WorkerStatus = field(default_factory=lambda: WorkerStatus(busy_ratio=0.5))
     savepoints: list[SavepointRequest] = field(default_factory=list)
     savepoint_error: Exception | None = None
 
-    def take_savepoint(self, request: SavepointRequest) -> Mapping[str, Any]:
+    def take_savepoint(self, request: SavepointRequest) -> SavepointAnswer:
         if self.savepoint_error is not None:
             raise self.savepoint_error
         self.savepoints.append(request)
-        return {"id": request["id"], "state": "completed", "path": request["path"] or "file:///sp/1"}
+        return SavepointAnswer(id=request.id, status="completed", path=request.path or "file:///sp/1")
 
     def reset(self) -> None:
         self.__dict__.update(FakeWorker().__dict__)
@@ -166,13 +167,17 @@ def test_readyz_is_503_with_the_reason_until_the_worker_says_ready(
     assert (ready.status, ready.json()) == (200, {"ready": True})
 
 
-def test_status_returns_the_workers_snapshot_as_json(server: ControlServer, worker: FakeWorker) -> None:
-    worker.status = {"partitions": {0: {"offset": 17, "watermark_ms": 1000}}, "busy_ratio": 0.25}
+def test_status_returns_the_workers_snapshot_as_camel_case_json(
+        server: ControlServer, worker: FakeWorker) -> None:
+    partition = PartitionStatus(partition="events-0", offset=17, watermark=1000)
+    worker.status = WorkerStatus(partitions=(partition,), busy_ratio=0.25)
 
     reply = call(server, "GET", "/status")
 
     assert reply.status == 200
-    assert reply.json() == {"partitions": {"0": {"offset": 17, "watermark_ms": 1000}}, "busy_ratio": 0.25}
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.json() == worker.status.model_dump(mode="json", by_alias=True)
+    assert reply.json()["partitions"][0]["watermarkLagMs"] is None and reply.json()["busyRatio"] == 0.25
 
 
 def test_a_failing_status_callable_answers_500_with_its_message(
@@ -192,34 +197,36 @@ def test_savepoint_passes_the_validated_request_with_defaults_and_returns_the_an
     reply = post_json(server, "/savepoint", {"id": "sp-1"})
 
     assert reply.status == 200
-    assert reply.json() == {"id": "sp-1", "state": "completed", "path": "file:///sp/1"}
-    assert worker.savepoints == [{"id": "sp-1", "path": None, "stop": False}]
+    assert reply.json() == {"id": "sp-1", "status": "completed", "path": "file:///sp/1", "bytes": None,
+                            "offsets": {}}
+    assert worker.savepoints == [SavepointRequest(id="sp-1", path=None, stop=False)]
 
 
 def test_savepoint_passes_path_and_stop_through(server: ControlServer, worker: FakeWorker) -> None:
     reply = post_json(server, "/savepoint", {"id": "sp-2", "path": "s3://b/sp", "stop": True})
 
     assert reply.status == 200
-    assert worker.savepoints == [{"id": "sp-2", "path": "s3://b/sp", "stop": True}]
+    assert worker.savepoints == [SavepointRequest(id="sp-2", path="s3://b/sp", stop=True)]
 
 
 @pytest.mark.parametrize(("body", "complaint"), [
-    (b"{not json", "not valid JSON"),
-    (b"", "must be a JSON object"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b"{}", "missing 'id'"),
-    (b'{"id": ""}', "missing 'id'"),
-    (b'{"id": 7}', "missing 'id'"),
-    (b'{"id": "sp-1", "stop": "yes"}', "'stop' must be"),
-    (b'{"id": "sp-1", "path": 3}', "'path' must be"),
-    (b'{"id": "sp-1", "stpo": true}', "unknown field(s) stpo"),
+    (b"{not json", "body is not valid JSON: "),
+    (b"", "savepoint request: (top level): must be an object (got None)"),
+    (b"[1, 2]", "savepoint request: (top level): must be an object (got [1, 2])"),
+    (b"{}", "savepoint request: id: required field is missing"),
+    (b'{"id": ""}', "savepoint request: id: must not be empty (got '')"),
+    (b'{"id": 7}', "savepoint request: id: input should be a valid string (got 7)"),
+    (b'{"id": "sp-1", "stop": "yes"}', "savepoint request: stop: must be true or false (got 'yes')"),
+    (b'{"id": "sp-1", "path": 3}', "savepoint request: path: input should be a valid string (got 3)"),
+    (b'{"id": "sp-1", "path": ""}', "savepoint request: path: must not be empty (got '')"),
+    (b'{"id": "sp-1", "stpo": true}', "savepoint request: stpo: unknown field"),
 ])
 def test_savepoint_answers_400_with_a_clear_error_for_a_bad_body(
         server: ControlServer, worker: FakeWorker, body: bytes, complaint: str) -> None:
     reply = call(server, "POST", "/savepoint", body, {"Content-Type": "application/json"})
 
     assert reply.status == 400
-    assert complaint in reply.json()["error"]
+    assert reply.json()["error"].startswith(complaint)
     assert worker.savepoints == []
 
 
@@ -316,6 +323,6 @@ def test_stop_is_idempotent_and_the_port_is_unknown_until_started(
 def test_a_port_already_in_use_fails_start_loudly(metrics: WorkerMetrics, worker: FakeWorker) -> None:
     with make_server(metrics, worker) as first:
         second = ControlServer(metrics.registry, alive=lambda: True, ready=lambda: (True, ""),
-                               status=dict, host="127.0.0.1", port=first.port)
+                               status=WorkerStatus, host="127.0.0.1", port=first.port)
         with pytest.raises(OSError):
             second.start()

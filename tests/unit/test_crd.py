@@ -259,7 +259,8 @@ def test_self_referencing_conditions_are_inlined_to_a_fixed_depth_then_kept_as_o
     condition = step["properties"]["filter"]
     depth = 1
     while "properties" in condition:
-        assert set(condition["properties"]) == {"field", "op", "value", "and", "or", "not"}
+        members = {"field", "op", "value", "and", "or", "not", "function", "onError"}
+        assert set(condition["properties"]) == members
         condition = condition["properties"]["not"]
         depth += 1
 

@@ -3,64 +3,45 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
-from weir.control import ControlServer, RequestRejected
+from weir.control import ControlServer
+from weir.controlapi import CheckpointStatus, OutageStatus, PartitionStatus
 from weir_operator import workers
+from weir_operator.testing import FakeWorkerAPI, serve_workers, worker_status
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 STORE = "file:///store/ns/job/savepoints"
 
-
-class FakeWorker:
-    """Answers savepoints idempotently by id, like the contract says a worker must."""
-
-    def __init__(self, index: int, fail: str | None = None) -> None:
-        self.index, self.fail = index, fail
-        self.taken: dict[str, dict[str, Any]] = {}
-
-    def savepoint(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.fail:
-            raise RequestRejected(self.fail, 503)
-        return self.taken.setdefault(
-            request["id"],
-            {"id": request["id"], "path": f"{STORE}/{request['id']}/w{self.index}", "status": "completed"},
-        )
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "partitions": [{"partition": "t-0", "lag": 3, "watermarkLagMs": 1500},
-                           {"partition": "t-2", "lag": 4, "watermarkLagMs": 2500}],
-            "recordsPerSecond": 950.5, "busyRatio": 0.42, "publishedAt": 1_767_225_605_000,
-            "inputPartitions": {"t": 4, "weir-ns-job-3-repartition": 8, "broken": "many"},
-            "outages": {"store": {"since": "2026-01-01T00:00:01.000Z", "seconds": 4.0,
-                                  "error": "connect timeout to http://s3:9000", "outages": 1},
-                        "odd": "not an object"},
-            "lastCheckpoint": {"id": "c-9", "url": "file:///store/ns/job/checkpoints/c-9",
-                               "completedAt": "2026-01-01T00:00:05Z"},
-        }
+STATUS = worker_status(
+    0,
+    workers=2,
+    published_at=datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC),
+    partitions=[PartitionStatus(partition="t-0", offset=10, lag=3, watermark_lag_ms=1500),
+                PartitionStatus(partition="t-2", offset=20, lag=4, watermark_lag_ms=2500)],
+    records_per_second=950.5,
+    busy_ratio=0.42,
+    input_partitions={"t": 4, "weir-ns-job-3-repartition": 8},
+    outages={"store": OutageStatus(error="connect timeout to http://s3:9000", seconds=4.0, outages=1,
+                                   since=datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC))},
+    last_checkpoint=CheckpointStatus(id="c-9", url="file:///store/ns/job/checkpoints/c-9",
+                                     completed_at=datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)),
+)
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[list[FakeWorker], list[str]]]:
-    fakes = [FakeWorker(0), FakeWorker(1)]
-    with ExitStack() as stack:
-        urls = []
-        for fake in fakes:
-            server = ControlServer(CollectorRegistry(), alive=lambda: True, ready=lambda: (True, ""),
-                                   status=fake.status, savepoint=fake.savepoint, host="127.0.0.1")
-            stack.enter_context(server)
-            urls.append(f"http://127.0.0.1:{server.port}")
+def served() -> Iterator[tuple[list[FakeWorkerAPI], list[str]]]:
+    fakes = [FakeWorkerAPI(i, STORE, lambda: STATUS) for i in range(2)]
+    with serve_workers(fakes) as urls:
         yield fakes, urls
 
 
 def test_a_savepoint_completes_when_every_worker_answers_and_names_the_job_level_directory(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     fakes, urls = served
 
@@ -71,7 +52,7 @@ def test_a_savepoint_completes_when_every_worker_answers_and_names_the_job_level
 
 
 def test_asking_again_with_the_same_id_takes_no_second_savepoint(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     fakes, urls = served
 
@@ -83,7 +64,7 @@ def test_asking_again_with_the_same_id_takes_no_second_savepoint(
 
 
 def test_one_failing_worker_fails_the_savepoint_and_says_which(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     fakes, urls = served
     fakes[1].fail = "disk full"
@@ -101,7 +82,7 @@ def test_no_workers_is_a_failed_savepoint_not_an_empty_success() -> None:
 
 
 def test_a_worker_report_sums_partition_lag_and_reads_its_last_checkpoint(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     _, urls = served
 
@@ -114,7 +95,7 @@ def test_a_worker_report_sums_partition_lag_and_reads_its_last_checkpoint(
 
 
 def test_a_worker_report_carries_the_autoscalers_metrics_and_when_they_were_measured(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     _, urls = served
 
@@ -127,7 +108,7 @@ def test_a_worker_report_carries_the_autoscalers_metrics_and_when_they_were_meas
 
 
 def test_a_worker_report_names_the_dependencies_the_worker_cannot_reach(
-    served: tuple[list[FakeWorker], list[str]],
+    served: tuple[list[FakeWorkerAPI], list[str]],
 ) -> None:
     _, urls = served
 
@@ -139,6 +120,34 @@ def test_a_worker_report_names_the_dependencies_the_worker_cannot_reach(
 
 def test_a_worker_that_does_not_answer_gives_no_report() -> None:
     assert workers.fetch_report(0, "http://127.0.0.1:9", timeout=0.5) is None
+
+
+class Garbled(BaseModel):
+    """A status from a worker that breaks the contract: partitions is not a list."""
+
+    partitions: str = "many"
+
+
+def test_a_status_that_does_not_fit_the_model_gives_no_report_and_a_warning_naming_the_field(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with ControlServer(CollectorRegistry(), alive=lambda: True, ready=lambda: (True, ""),
+                       status=Garbled, host="127.0.0.1") as server:
+        report = workers.fetch_report(0, f"http://127.0.0.1:{server.port}")
+
+    assert report is None
+    assert "unreadable status: worker status: partitions: " in caplog.text
+
+
+def test_a_savepoint_answer_that_does_not_fit_fails_the_savepoint_naming_the_worker_and_field() -> None:
+    with ControlServer(CollectorRegistry(), alive=lambda: True, ready=lambda: (True, ""), status=Garbled,
+                       savepoint=lambda request: Garbled(), host="127.0.0.1") as server:
+        outcome = workers.take_savepoint([f"http://127.0.0.1:{server.port}"], "sp-5", stop=False, now=NOW,
+                                         timeout=5)
+
+    assert not outcome.completed
+    missing = "id: required field is missing; status: required field is missing"
+    assert outcome.error == f"worker 0: savepoint answer: {missing}"
 
 
 @pytest.mark.parametrize(

@@ -322,5 +322,5 @@ def test_a_wait_out_of_an_outage_keeps_the_worker_alive_and_its_status_fresh(tmp
     worker._pause(0.3)
 
     assert worker.alive()
-    assert worker.status()["outages"]["store"]["error"] == "connect timeout"
-    assert worker.status()["ready"] is False
+    assert worker.status().outages["store"].error == "connect timeout"
+    assert worker.status().ready is False

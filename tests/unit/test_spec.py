@@ -181,9 +181,9 @@ def test_the_dead_letter_topic_defaults_to_one_named_after_the_job() -> None:
     assert job.repartition_topic is None
 
 
-def plan_of(source: dict[str, Any], *before_window: dict[str, Any]) -> spec.Plan:
+def plan_of(source: dict[str, Any], *before_window: dict[str, Any]) -> spec.Stages:
     steps = [*before_window, *minimal_pipeline()["steps"]]
-    return Pipeline.model_validate(minimal_pipeline(source=source, steps=steps)).plan()
+    return Pipeline.model_validate(minimal_pipeline(source=source, steps=steps)).stages()
 
 
 def test_keying_by_a_field_needs_a_repartition_named_after_the_key_by_step() -> None:
@@ -194,7 +194,8 @@ def test_keying_by_a_field_needs_a_repartition_named_after_the_key_by_step() -> 
     assert plan.key_from == "keyByField"
     assert plan.key_field == "a"
     assert plan.repartition == spec.Repartition(step_index=1, partitions=None)
-    assert plan.window_index == 2
+    assert plan.keyed_index == 2
+    assert plan.terminal == "window"
 
 
 def test_a_source_key_field_needs_a_repartition_named_after_the_window_step() -> None:
@@ -315,7 +316,7 @@ def test_a_bad_enum_lists_the_allowed_values() -> None:
         (
             lambda d: steps_of(d)[6]["aggregate"]["outputs"]["orders"].update(fn="median"),
             "spec.pipeline.steps[6].aggregate.outputs.orders.fn: must be one of count, sum, min, max, avg, "
-            "count_distinct, first, last (got 'median')",
+            "count_distinct, first, last, custom (got 'median')",
         ),
         (
             lambda d: d.update(kind="Deployment"),
@@ -389,8 +390,8 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
     none = mutated(lambda d: steps_of(d).insert(0, {}))
 
     assert errors_of(two) == (
-        "spec.pipeline.steps[2]: must set exactly one of filter, select, rename, keyBy, window, aggregate "
-        "(got select, rename)"
+        "spec.pipeline.steps[2]: must set exactly one of filter, select, rename, map, flatMap, keyBy, "
+        "window, aggregate, process (got select, rename)"
     )
     assert errors_of(none).endswith("(got none)")
 
@@ -406,14 +407,29 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
             [{"aggregate": {"outputs": {"n": {"fn": "count"}}}}],
             "spec.pipeline.steps[0].aggregate: aggregate must immediately follow the window step",
         ),
-        ([], "spec.pipeline.steps: a window step is required"),
+        (
+            [{"process": {"function": "m:P"}}, {"window": {"type": "tumbling", "size": "1m"}}],
+            "spec.pipeline.steps[1].window: a pipeline has a window or a process step, not both "
+            "(steps[0] is one)",
+        ),
+        (
+            [{"process": {"function": "m:P"}}, {"map": {"function": "m:f"}}],
+            "spec.pipeline.steps[1].map: map must come before keyBy, window and process "
+            "(steps[0] is a process)",
+        ),
+        (
+            [{"keyBy": {"field": "a", "partitions": 3}}],
+            "spec.pipeline.steps[0].keyBy.partitions: only applies before a window or process step "
+            "(a stateless pipeline never repartitions)",
+        ),
         (
             [
                 {"window": {"type": "tumbling", "size": "1m"}},
                 {"filter": {"field": "a", "op": "exists"}},
                 {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
             ],
-            "spec.pipeline.steps[1].filter: filter must come before keyBy and window (steps[0] is a window)",
+            "spec.pipeline.steps[1].filter: filter must come before keyBy, window and process "
+            "(steps[0] is a window)",
         ),
         (
             [
@@ -422,7 +438,8 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
                 {"window": {"type": "tumbling", "size": "1m"}},
                 {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
             ],
-            "spec.pipeline.steps[1].select: select must come before keyBy and window (steps[0] is a keyBy)",
+            "spec.pipeline.steps[1].select: select must come before keyBy, window and process "
+            "(steps[0] is a keyBy)",
         ),
         (
             [
@@ -439,7 +456,7 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
                 {"keyBy": {"field": "a"}},
                 {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
             ],
-            "spec.pipeline.steps[1].keyBy: keyBy must come before the window",
+            "spec.pipeline.steps[1].keyBy: keyBy must come before the window or process step",
         ),
         (
             [
@@ -460,17 +477,23 @@ SELECT = {"select": ["k"]}
 KEY_BY = {"keyBy": {"field": "k"}}
 WINDOW = {"window": {"type": "tumbling", "size": "1m"}}
 AGGREGATE = {"aggregate": {"outputs": {"n": {"fn": "count"}}}}
-KINDS = {"T": TRANSFORM, "S": SELECT, "K": KEY_BY, "W": WINDOW, "A": AGGREGATE}
+MAP = {"map": {"function": "m:f"}}
+FLAT_MAP = {"flatMap": {"function": "m:f"}}
+PROCESS = {"process": {"function": "m:P"}}
+KINDS = {
+    "T": TRANSFORM, "S": SELECT, "M": MAP, "F": FLAT_MAP,
+    "K": KEY_BY, "W": WINDOW, "A": AGGREGATE, "P": PROCESS,
+}
 
 
 def is_valid_order(kinds: str) -> bool:
-    """The documented grammar: (filter|select|rename)* keyBy? window aggregate."""
+    """The documented grammar: (filter|select|rename|map|flatMap)* keyBy? (window aggregate | process)?."""
     import re
 
-    return re.fullmatch(r"[TS]*K?WA", kinds) is not None
+    return re.fullmatch(r"[TSMF]*K?(WA|P)?", kinds) is not None
 
 
-@given(st.text(alphabet="TSKWA", max_size=7))
+@given(st.text(alphabet="TSMFKWAP", max_size=7))
 def test_a_step_sequence_validates_exactly_when_it_follows_the_order_rules(kinds: str) -> None:
     document = minimal_pipeline(steps=[KINDS[kind] for kind in kinds])
 
@@ -590,10 +613,11 @@ def test_window_members_must_match_the_window_type(window: dict[str, Any], expec
         ),
         ({"field": "a"}, "filter.op: required field is missing"),
         ({"op": "eq"}, "filter.field: required field is missing"),
-        ({}, "filter: must be exactly one of a comparison (field/op), and, or, not (got none)"),
+        ({}, "filter: must be exactly one of a comparison (field/op), and, or, not, function (got none)"),
         (
             {"field": "a", "op": "exists", "not": {"field": "a", "op": "exists"}},
-            "filter: must be exactly one of a comparison (field/op), and, or, not (got field/op, not)",
+            "filter: must be exactly one of a comparison (field/op), and, or, not, function "
+            "(got field/op, not)",
         ),
         ({"and": []}, "filter.and: must not be empty (got [])"),
         ({"not": {"field": "a", "op": "exists"}, "value": 3}, "filter.value: only applies to a comparison"),
@@ -899,7 +923,9 @@ def test_the_pipeline_json_schema_names_camel_case_fields_and_durations_as_int_o
 
     assert {"eventTime", "startFrom", "maxValueBytes"} <= set(defs["Source"]["properties"])
     assert {"keyBy", "window", "aggregate"} <= set(defs["Step"]["properties"])
-    assert set(defs["Condition"]["properties"]) == {"field", "op", "value", "and", "or", "not"}
+    assert set(defs["Condition"]["properties"]) == {
+        "field", "op", "value", "and", "or", "not", "function", "onError"
+    }
     size = defs["Window"]["properties"]["size"]
     duration = next(option for option in size["anyOf"] if "x-kubernetes-int-or-string" in option)
     assert {tuple(sorted(o)) for o in duration["anyOf"]} == {("minimum", "type"), ("pattern", "type")}
