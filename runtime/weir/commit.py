@@ -35,9 +35,10 @@ from typing import Any
 
 from weir import checkpoint as ck
 from weir import recovery
-from weir.core import TaskCore, iso
+from weir.core import TaskCore
 from weir.edges import Offset, Sink, Source, Store, StoreUnavailable, Transaction
 from weir.outages import Backoff, Dependencies
+from weir.results import iso
 from weir.tasks import EARLIEST, LATEST, NO_WATERMARK, Task
 
 log = logging.getLogger(__name__)

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from weir.aggregates import Overflow, representable
+from weir.aggregates import Overflow
 from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
+from weir.results import printable, result_record
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
 from weir.tasks import NO_WATERMARK, Headers, LateRecord, Message, Send, Task, Watermarks
@@ -42,55 +42,11 @@ from weir.window_operator import WindowOperator, WindowResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskCore", "iso", "result_record"]
+__all__ = ["TaskCore"]
 
 
 _FIRE_CHUNK = 5000
 """Window results produced per ``advance`` call when many windows close at once."""
-
-_ISO_CACHE: dict[int, str] = {}
-
-
-def iso(ms: int) -> str:
-    """ISO-8601 UTC with milliseconds; window bounds repeat for many keys, so cache them."""
-    s = _ISO_CACHE.get(ms)
-    if s is None:
-        if len(_ISO_CACHE) > 100_000:
-            _ISO_CACHE.clear()
-        s = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
-        s = s.replace("+00:00", "Z")
-        _ISO_CACHE[ms] = s
-    return s
-
-
-def result_record(r: WindowResult, with_final: bool) -> dict[str, Any]:
-    """The sink record of one window result (the shape documented in the README)."""
-    out: dict[str, Any] = {
-        "key": r.key,
-        "windowStart": iso(r.start),
-        "windowEnd": iso(r.end),
-        "windowStartMs": r.start,
-        "windowEndMs": r.end,
-    }
-    out.update(r.values)
-    if with_final:
-        out["final"] = r.final
-    if r.retract:
-        out["retract"] = True
-    return out
-
-
-def _printable(record: dict[str, Any]) -> bytes:
-    """A dead-lettered result's value: JSON, with what JSON cannot carry (NaN, inf, ints beyond
-    64 bits) as strings, so the dead-letter topic shows the value that could not be sent."""
-    shown = {
-        k: str(v) if v.__class__ in (int, float) and not representable(v) else v for k, v in record.items()
-    }
-    try:
-        return orjson.dumps(shown, default=repr)
-    except (TypeError, ValueError):
-        return orjson.dumps({k: repr(v) for k, v in record.items()})
-
 
 def _drop(
     topic: str, value: bytes | None, key: bytes | None, partition: int = -1, headers: Headers | None = None
@@ -551,4 +507,4 @@ class TaskCore:
                 ("weir.source.topic", task.topic.encode()),
                 ("weir.source.partition", str(task.partition).encode()),
             ]
-        self.out(topic, _printable(record), key.encode(), -1, headers)
+        self.out(topic, printable(record), key.encode(), -1, headers)

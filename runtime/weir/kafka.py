@@ -27,6 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from weir.edges import DeliveryFailed, Rollback
 from weir.kafka_security import (  # the Kafka boundary's security names, defined apart
     PLAINTEXT,
     SASL_MECHANISMS,
@@ -39,12 +40,14 @@ __all__ = [
     "PLAINTEXT",
     "SASL_MECHANISMS",
     "Admin",
+    "Deliveries",
     "KafkaAuthFailed",
     "KafkaSecurity",
     "KafkaSecurityConfigError",
     "KafkaSettings",
     "KafkaUnavailable",
     "TopicMissing",
+    "kafka_error",
     "security",
 ]
 
@@ -425,3 +428,56 @@ def new_consumer(config: dict[str, Any]) -> Consumer:
 def new_producer(config: dict[str, Any]) -> Producer:
     producer: Producer = _create(Producer, config)
     return producer
+
+
+# Delivery errors that no retry fixes: the record (or the client's permission) is the problem,
+# not the broker's availability. Everything else an outage can cause, and rolling back to the
+# last commit and producing again is the cure.
+_PERMANENT_DELIVERY = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError._UNKNOWN_TOPIC,
+    KafkaError._UNKNOWN_PARTITION, KafkaError.INVALID_RECORD, KafkaError.POLICY_VIOLATION,
+    KafkaError._INVALID_ARG, KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+})
+
+
+def kafka_error(exc: KafkaException) -> tuple[KafkaError | None, str]:
+    """The KafkaError a KafkaException carries (None if it carries none) and its text."""
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return err, (err.str() if err is not None else str(exc))
+
+
+class Deliveries:
+    """Failed deliveries reported by librdkafka (on the worker's thread, in poll/flush)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.undelivered = 0
+        self.permanent = False
+
+    def on_delivery(self, err: Any, msg: Any) -> None:
+        """The producers' delivery callback (called for failures only)."""
+        if err is None:
+            return
+        self.undelivered += 1
+        if err.code() in _PERMANENT_DELIVERY:
+            self.permanent = True
+        if len(self.errors) < 3:
+            self.errors.append(f"{msg.topic()} [{msg.partition()}]: {err.str()} ({err.name()})")
+
+    def fatal(self, error: str) -> None:
+        """A fatal client error: nothing produced since the last commit can be trusted."""
+        self.errors.append(error)
+        self.undelivered = max(self.undelivered, 1)
+
+    def check(self) -> None:
+        """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record
+        for good, ``Rollback`` when an outage made them fail (the records are produced again)."""
+        if not self.undelivered:
+            return
+        causes = "; ".join(self.errors[:3]) or "no cause reported"
+        cause = f"{self.undelivered} records undelivered: {causes}"
+        if self.permanent:
+            raise DeliveryFailed(cause)
+        raise Rollback(cause)

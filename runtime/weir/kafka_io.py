@@ -30,8 +30,9 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaExcep
 from weir import kafka as kio
 from weir import memory
 from weir.commit import RETRY_CAP_S, Waits
-from weir.edges import DeliveryFailed, Offset, Rollback
+from weir.edges import Offset, Rollback
 from weir.graph import JobGraph, assigned
+from weir.kafka import Deliveries, kafka_error
 from weir.outages import Backoff
 from weir.tasks import EARLIEST, LATEST, Headers, Message, Task
 
@@ -42,59 +43,6 @@ CALL_TIMEOUT_S = 10.0
 the worker comes back to its loop: it must stay under the 60 s liveness window during an outage."""
 
 assert (OFFSET_BEGINNING, OFFSET_END) == (EARLIEST, LATEST)  # the core's logical offsets are Kafka's
-
-# Delivery errors that no retry fixes: the record (or the client's permission) is the problem,
-# not the broker's availability. Everything else an outage can cause, and rolling back to the
-# last commit and producing again is the cure.
-_PERMANENT_DELIVERY = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError._UNKNOWN_TOPIC,
-    KafkaError._UNKNOWN_PARTITION, KafkaError.INVALID_RECORD, KafkaError.POLICY_VIOLATION,
-    KafkaError._INVALID_ARG, KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
-})
-
-
-def kafka_error(exc: KafkaException) -> tuple[KafkaError | None, str]:
-    """The KafkaError a KafkaException carries (None if it carries none) and its text."""
-    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-    return err, (err.str() if err is not None else str(exc))
-
-
-class Deliveries:
-    """Failed deliveries reported by librdkafka (on the worker's thread, in poll/flush)."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.undelivered = 0
-        self.permanent = False
-
-    def on_delivery(self, err: Any, msg: Any) -> None:
-        """The producers' delivery callback (called for failures only)."""
-        if err is None:
-            return
-        self.undelivered += 1
-        if err.code() in _PERMANENT_DELIVERY:
-            self.permanent = True
-        if len(self.errors) < 3:
-            self.errors.append(f"{msg.topic()} [{msg.partition()}]: {err.str()} ({err.name()})")
-
-    def fatal(self, error: str) -> None:
-        """A fatal client error: nothing produced since the last commit can be trusted."""
-        self.errors.append(error)
-        self.undelivered = max(self.undelivered, 1)
-
-    def check(self) -> None:
-        """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record
-        for good, ``Rollback`` when an outage made them fail (the records are produced again)."""
-        if not self.undelivered:
-            return
-        causes = "; ".join(self.errors[:3]) or "no cause reported"
-        cause = f"{self.undelivered} records undelivered: {causes}"
-        if self.permanent:
-            raise DeliveryFailed(cause)
-        raise Rollback(cause)
-
 
 @dataclass
 class Start:

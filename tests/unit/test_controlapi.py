@@ -23,8 +23,8 @@ from weir.controlapi import (
     WorkerStatus,
     parse,
 )
-from weir.core import iso
 from weir.graph import compile_job
+from weir.results import iso
 from weir.spec import load_job
 from weir.tasks import Task
 from weir.worker import Worker, WorkerSettings

@@ -266,7 +266,7 @@ def test_records_that_timed_out_during_an_outage_roll_back_naming_the_cause_in_f
     from confluent_kafka import KafkaError
 
     from weir.edges import Rollback
-    from weir.kafka_io import Deliveries
+    from weir.kafka import Deliveries
 
     deliveries = Deliveries()
     for _ in range(590):
@@ -282,7 +282,7 @@ def test_a_record_kafka_refuses_for_good_stops_the_worker_naming_the_cause() -> 
     from confluent_kafka import KafkaError
 
     from weir.edges import DeliveryFailed
-    from weir.kafka_io import Deliveries
+    from weir.kafka import Deliveries
 
     deliveries = Deliveries()
     deliveries.on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage())

@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from weir.core import TaskCore, result_record
+from weir.core import TaskCore
 from weir.graph import compile_job
+from weir.results import result_record
 from weir.spec import load_job
 from weir.tasks import Task
 from weir.testing import InMemoryWindowStore
