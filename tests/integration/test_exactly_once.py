@@ -42,6 +42,9 @@ from .test_pipelines import (
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
 TUMBLING, (SIZE, _, _) = WINDOWS["tumbling"]
+PHASE1_IDLE = "10m"
+"""Idle timeout before a savepoint whose restore gets more input: idleness must not close windows
+early while a slow savepoint is taken (the first half is read within the 2 s ``IDLE`` otherwise)."""
 
 
 def events_for(seed: int, n: int, partitions: int = 4, keys: int = 64) -> list[Any]:
@@ -361,7 +364,9 @@ def test_savepoint_at_two_workers_restored_at_one_and_at_four_gives_the_uninterr
     kafka.produce(source, first_half)
 
     sink0, dlq = kafka.create_topic(), kafka.create_topic()
-    job0 = manifest(tmp_path, f"rs-{source[-6:]}", kafka, source, sink0, dlq, TUMBLING)
+    # Phase 1 must not close windows by idleness (its partitions are read to the end well before
+    # the savepoint on a loaded machine): the second half still belongs in them.
+    job0 = manifest(tmp_path, f"rs-{source[-6:]}", kafka, source, sink0, dlq, TUMBLING, idle=PHASE1_IDLE)
     with Job(job0, kafka, 2, tmp_path / "s0", url) as running:
         running.wait_ready()
         ends = kafka.end_offsets(source)
@@ -479,7 +484,8 @@ def test_a_repartitioned_job_savepoints_and_resumes_with_exact_output(
     kafka.produce(source, records[: len(records) // 2])
     sink, dlq = kafka.create_topic(), kafka.create_topic()
     key_by = {"field": "k", "partitions": 4}
-    job = manifest(tmp_path, f"rp-{source[-6:]}", kafka, source, sink, dlq, TUMBLING, key_by=key_by)
+    name = f"rp-{source[-6:]}"
+    job = manifest(tmp_path, name, kafka, source, sink, dlq, TUMBLING, key_by=key_by, idle=PHASE1_IDLE)
     with Job(job, kafka, 2, tmp_path / "s0", url) as running:
         running.wait_ready()
         ends = sum(kafka.end_offsets(source).values())
@@ -490,6 +496,7 @@ def test_a_repartitioned_job_savepoints_and_resumes_with_exact_output(
         answers = running.savepoint("sp-rp", stop=True)
     assert all(a["status"] == "completed" for a in answers), answers
     kafka.produce(source, records[len(records) // 2 :])
+    job = manifest(tmp_path, name, kafka, source, sink, dlq, TUMBLING, key_by=key_by)  # idle closes the end
     with Job(job, kafka, 1, tmp_path / "s1", url, restore_from=answers[0]["path"]) as running:
         got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
     assert_same(got, expected)

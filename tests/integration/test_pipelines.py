@@ -56,6 +56,7 @@ def manifest(
     window: dict[str, Any],
     key_by: dict[str, Any] | None = None,
     producer: dict[str, Any] | None = None,
+    idle: str = IDLE,
     **source_extra: Any,
 ) -> Path:
     steps: list[dict[str, Any]] = []
@@ -71,7 +72,7 @@ def manifest(
             "kafka": {"bootstrapServers": kafka.bootstrap, "producer": producer or {}},
             "pipeline": {
                 "source": {"topics": [source], "eventTime": {"field": "ts"}, **source_extra},
-                "watermark": {"maxOutOfOrderness": f"{OOO_MS}ms", "idleTimeout": IDLE},
+                "watermark": {"maxOutOfOrderness": f"{OOO_MS}ms", "idleTimeout": idle},
                 "steps": steps,
                 "sink": {"topic": sink},
                 "deadLetter": {"topic": dlq},
