@@ -310,6 +310,13 @@ class ProcessOperator:
         """
         if wm > self._watermark:
             self._watermark = wm
+            heap = self._heap
+            if heap and heap[0][0] <= wm:
+                # The watermark this record sees has passed timers: they fire first, as when a
+                # watermark reaches a Flink operator between records. Firing only at the end of
+                # the batch would let later records of the batch change what the timers read,
+                # so the output would depend on how records were batched.
+                self._out.extend(self.advance(wm, 1 << 62))
         self._out.extend(self._call(key, ts, self._process, record))
         return True
 

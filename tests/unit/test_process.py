@@ -15,6 +15,7 @@ from weir.functions import FunctionError, FunctionFailed, FunctionNotFound
 from weir.process import Context, KeyedState, OnError, Output, ProcessFunction, ProcessOperator, open_process
 from weir.process_store import ProcessStore
 from weir.state_sst import export_sst, import_sst
+from weir.tasks import NO_WATERMARK
 
 REF = "tests.unit.test_process:Fn"
 
@@ -244,7 +245,7 @@ def test_state_and_timers_travel_through_a_savepoint_sst_into_a_fresh_store(tmp_
     op = _op(tmp_path / "db")
     op.process("k", 1_000, {"op": "short", "v": "ttl"}, 0)
     op.process("k", 0, {"op": "put", "k": "m", "v": [1]}, 0)
-    op.process("j", 0, {"op": "timer", "at": [9]}, 0)
+    op.process("j", 0, {"op": "timer", "at": [9_000]}, 0)
     op._store.flush({"offset": 5})
     op._store.checkpoint(tmp_path / "cp")
     assert export_sst(tmp_path / "cp", tmp_path / "sp" / "state.sst") > 0
@@ -253,7 +254,7 @@ def test_state_and_timers_travel_through_a_savepoint_sst_into_a_fresh_store(tmp_
     assert again._store.progress == {"offset": 5} and again.timer_entries == 1 and again.open_windows == 1
     assert _get(again, "k", wm=1_499) == {"value": None, "list": [], "map": [("m", [1])], "short": "ttl",
                                           "short_map": [("k", "ttl")]}
-    assert [o.key for o in again.advance(9, limit=10)] == ["j"]
+    assert [o.key for o in again.advance(9_000, limit=10)] == ["j"]
 
 
 def test_a_raising_call_leaves_no_state_timer_or_output_and_is_a_function_error(tmp_path: Path) -> None:
@@ -420,11 +421,12 @@ def test_the_dedup_example_gives_its_reference_output_across_flushes_and_reopens
     events = _events(seed)
     got: list[Output] = []
     op = open_process("weir.examples.dedup:Dedup", "deadLetter", tmp_path)
+    wm = NO_WATERMARK
     for i in range(0, len(events), 37):  # batches, as the worker gives them
         batch = events[i : i + 37]
-        wm = batch[-1][1] - 1_000  # maxOutOfOrderness 1 s
-        for key, ts, record in batch:
+        for key, ts, record in batch:  # the watermark each record sees, as the task core gives it
             op.process(key, ts, record, wm)
+            wm = max(wm, ts - 1_000)  # maxOutOfOrderness 1 s
         got.extend(op.take())
         while True:
             got.extend(op.advance(wm, limit=3))
