@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ def test_a_map_then_the_dedup_process_function_gives_the_reference_output(
 ) -> None:
     events = dedup_events(1, 4000)
     expected = dedup_reference(events)
-    assert any(b'"duplicates":0' not in r for _k, r in expected), "the stream must have duplicates"
+    assert any(orjson.loads(r).get("duplicates", 0) > 0 for _k, r in expected), "the stream needs repeats"
     source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
     kafka.produce(source, as_records(events))
     job = dedup_job(tmp_path, f"dedup-{source[-6:]}", kafka, source, sink, dlq)
@@ -156,8 +157,6 @@ def test_a_map_then_the_dedup_process_function_gives_the_reference_output(
 def test_the_dedup_pipeline_killed_at_random_instants_gives_exactly_the_reference_output(
     kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
 ) -> None:
-    import shutil
-
     rng = random.Random(14)
     events = dedup_events(2, 8000)
     expected = dedup_reference(events)
@@ -167,9 +166,9 @@ def test_the_dedup_pipeline_killed_at_random_instants_gives_exactly_the_referenc
     procs = WorkerProcs(job, 2, tmp_path, subprocess_env(s3.env()), url)
     for i in range(2):
         procs.start(i)
-    kills, wiped = 10, 0
+    kills = 10
     try:
-        with Trickle(kafka, source, events, seconds=25):
+        with Trickle(kafka, source, events, seconds=25) as trickle:
             for k in range(kills):
                 time.sleep(rng.uniform(0.3, 2.0))
                 procs.check()
@@ -177,14 +176,15 @@ def test_the_dedup_pipeline_killed_at_random_instants_gives_exactly_the_referenc
                 procs.kill(victim)
                 if k % 2 == 0:  # as if the pod moved: no local state, restore from S3
                     shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
-                    wiped += 1
                 procs.start(victim)
+            mid_stream = not trickle.done.is_set()
         wait_for_count(kafka, sink, sum(expected.values()), timeout=120, check=procs.check)
     finally:
         codes = procs.stop_all()
     assert_same(output_of(kafka, sink), expected)
     assert codes == [0, 0], [procs.log_tail(i) for i in range(2)]
-    assert procs.starts == 2 + kills and wiped == kills // 2
+    assert procs.starts == 2 + kills
+    assert mid_stream, "the last kill came after the input had all been produced"
     logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
     assert "restore exact" in logs, "no restart restored a checkpoint from the store"
     assert kafka.read_all(dlq) == []
