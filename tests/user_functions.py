@@ -13,6 +13,18 @@ def add_total(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "total": record["price"] * record["qty"]}
 
 
+def normalise(record: dict[str, Any]) -> dict[str, Any]:
+    """A map: ``user`` is ``u`` trimmed and lower-cased, and the record says it was normalised."""
+    return {**record, "user": str(record["u"]).strip().lower(), "normalised": True}
+
+
+def normalise_unless_marked(record: dict[str, Any]) -> dict[str, Any]:
+    """``normalise``, raising ``ValueError`` on a record marked ``"bad": true``."""
+    if record.get("bad"):
+        raise ValueError(f"marked record {record['seq']}")
+    return normalise(record)
+
+
 def rekey(record: dict[str, Any]) -> dict[str, Any]:
     """A map whose output has a field the source did not: ``user``."""
     return {"user": record["u"], "n": record.get("n", 1)}

@@ -56,14 +56,15 @@ def manifest(
     window: dict[str, Any],
     key_by: dict[str, Any] | None = None,
     producer: dict[str, Any] | None = None,
+    steps: list[dict[str, Any]] | None = None,
     idle: str = IDLE,
     **source_extra: Any,
 ) -> Path:
-    steps: list[dict[str, Any]] = []
-    if key_by is not None:
-        steps.append({"keyBy": key_by})
-    steps.append({"window": {**window, "allowedLateness": f"{LATENESS_MS}ms"}})
-    steps.append({"aggregate": {"emit": "final", "outputs": OUTPUTS}})
+    """A job manifest; ``steps`` replaces the keyBy/window/aggregate steps made of the others."""
+    if steps is None:
+        steps = [{"keyBy": key_by}] if key_by is not None else []
+        steps.append({"window": {**window, "allowedLateness": f"{LATENESS_MS}ms"}})
+        steps.append({"aggregate": {"emit": "final", "outputs": OUTPUTS}})
     doc = {
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "StreamJob",
