@@ -133,8 +133,8 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     triples = [(m.value(), m.key(), m.timestamp()[1]) for m in msgs]
     values = [t[0] for t in triples]
     prepare = plan.prepare
-    window = plan.window
-    assert prepare is not None and window is not None
+    stage = plan.window
+    assert prepare is not None and stage is not None
     prepared = [(m.partition(), *prepare(v, k, ts)) for m, (v, k, ts) in zip(msgs, triples, strict=True)]
     loads = orjson.loads
     ooo = plan.max_out_of_orderness_ms
@@ -160,17 +160,17 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         stores = []
         for p in range(partitions):
             store = PartitionStore(
-                work / f"stage-{time.monotonic_ns()}-{p}", window.aggregator.dumps, window.aggregator.loads
+                work / f"stage-{time.monotonic_ns()}-{p}", stage.aggregator.dumps, stage.aggregator.loads
             )
             stores.append(store)
             ops[p] = WindowOperator(
-                window.kind,
-                window.size_ms,
-                window.slide_ms,
-                window.gap_ms,
-                window.allowed_lateness_ms,
-                window.aggregator,
-                window.emit,
+                stage.kind,
+                stage.size_ms,
+                stage.slide_ms,
+                stage.gap_ms,
+                stage.allowed_lateness_ms,
+                stage.aggregator,
+                stage.emit,
                 store,  # type: ignore[arg-type]
             ).process
             wms[p] = NO_WATERMARK
@@ -276,7 +276,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
             f"profiled worker emitted {got[0]} of {len(expected)} windows, dead letters "
             f"{worker.core.dead_lettered}"
         )
-    records = sum(t.records for t in worker.tasks.values())
+    records = events + partitions  # the events and one end record per partition (the worker's tasks are gone)
     stats = pstats.Stats(profiler)
     rows = []
     for (filename, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
