@@ -156,12 +156,14 @@ def produce(
     bootstrap: str,
     topic: str,
     items: Iterable[tuple[str, int, float, bytes]],
-    end: tuple[int, int] | None = None,
+    end: tuple[bytes, int] | None = None,
 ) -> tuple[int, int]:
-    """Write ``items`` (from ``events``) to ``topic``, keyed by product; returns ``(count, value bytes)``.
+    """Write ``items`` (from ``events``: key, event time, price, value) to ``topic`` keyed by
+    their key; returns ``(count, value bytes)``.
 
-    With ``end=(n, partitions)``, one end-of-input record for ``n`` events follows in every
-    partition, written only after every event was delivered (so it comes after them all).
+    With ``end=(value, partitions)``, one end-of-input record (``value``, key ``END_KEY``)
+    follows in every partition, written only after every event was delivered (so it comes
+    after them all).
     The default partitioner puts a key in the same partition whichever call writes it, so
     events written in several calls keep each key's order.
     """
@@ -197,9 +199,9 @@ def produce(
     # Flush first: every partition's end record must come after all of its events.
     remaining = producer.flush(120)
     if end is not None:
-        n, partitions = end
+        last, partitions = end
         for p in range(partitions):
-            producer.produce(topic, end_value(n), END_KEY.encode(), partition=p)
+            producer.produce(topic, last, END_KEY.encode(), partition=p)
         remaining += producer.flush(120)
     if remaining or failures:
         raise RuntimeError(f"writing {topic} failed: {remaining} undelivered; {failures[:3]}")
@@ -229,7 +231,7 @@ def ensure_input(
     create_topic(admin, topic, partitions)
     log(f"writing {n:,} events over {keys:,} keys to {topic} ...")
     started = time.monotonic()
-    _, nbytes = produce(bootstrap, topic, events(n, keys, seed), end=(n, partitions))
+    _, nbytes = produce(bootstrap, topic, events(n, keys, seed), end=(end_value(n), partitions))
     size = topic_size(admin, bootstrap, topic)
     if size != (partitions, n + partitions):
         raise RuntimeError(f"{topic} holds {size} after writing, want ({partitions}, {n + partitions})")

@@ -53,14 +53,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 import generate  # noqa: E402
 import measure  # noqa: E402
 import orjson  # noqa: E402
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from measure import log  # noqa: E402
 
 WORK = Path(os.environ.get("WEIR_CACHE", Path.home() / ".cache" / "weir")) / "bench-memory"
 HOUR_MS = 3_600_000
 SPREAD_MS = 3_000_000  # events over the first 50 minutes of the hour
-END_KEY = "~end"
+END_KEY = generate.END_KEY
 VERSION = 1
 
 
@@ -85,41 +85,12 @@ def ensure_input(bootstrap: str, n: int, partitions: int) -> str:
     generate.create_topic(admin, topic, partitions)
     log(f"writing {n:,} events with {n:,} distinct keys to {topic} ...")
     started = time.monotonic()
-    failures: list[str] = []
-
-    def on_delivery(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 50,
-            "batch.num.messages": 10_000,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 500_000,
-            "enable.idempotence": True,
-            "delivery.report.only.error": True,
-            "on_delivery": on_delivery,
-        }
+    dumps = orjson.dumps
+    items = (
+        (f"k-{i}", 0, 0.0, dumps({"id": f"k-{i}", "price": price(i), "ts": event_ts(i, n)})) for i in range(n)
     )
-    dumps, produce = orjson.dumps, producer.produce
-    for i in range(n):
-        key = f"k-{i}"
-        value = dumps({"id": key, "price": price(i), "ts": event_ts(i, n)})
-        while True:
-            try:
-                produce(topic, value, key.encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
-    remaining = producer.flush(300)
     end = dumps({"id": END_KEY, "price": 0.0, "ts": generate.BASE_TS + HOUR_MS + 120_000})
-    for p in range(partitions):
-        producer.produce(topic, end, END_KEY.encode(), partition=p)
-    remaining += producer.flush(120)
-    if remaining or failures:
-        raise RuntimeError(f"writing {topic} failed: {remaining} undelivered; {failures[:3]}")
+    generate.produce(bootstrap, topic, items, end=(end, partitions))
     log(f"wrote {n:,} events in {time.monotonic() - started:.0f} s")
     return topic
 

@@ -364,7 +364,8 @@ class Bench:
 
         # 2. The second half, then the end-of-input records.
         t = time.monotonic()
-        generate.produce(self.bootstrap, self.source, events, end=(a.events, a.partitions))
+        end = (generate.end_value(a.events), a.partitions)
+        generate.produce(self.bootstrap, self.source, events, end=end)
         ends = self.kafka.end_offsets(self.source)
         log(f"second half: {a.events - half:,} events + end records ({time.monotonic() - t:.1f} s)")
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, TypeAlias
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import AwareDatetime, BaseModel, Field
+
+from weir.controlapi import WIRE_MODEL_CONFIG
 
 __all__ = [
     "CONDITION_TYPES",
@@ -47,16 +48,7 @@ __all__ = [
 class _Status(BaseModel):
     """Base of the status models: frozen, camelCase, unknown keys ignored on reading."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-        use_attribute_docstrings=True,
-        allow_inf_nan=False,
-    )
+    model_config = WIRE_MODEL_CONFIG
 
 
 Phase: TypeAlias = Literal[

@@ -30,6 +30,7 @@ from pydantic.alias_generators import to_camel
 from weir.spec import format_validation_error
 
 __all__ = [
+    "WIRE_MODEL_CONFIG",
     "CheckpointStatus",
     "ControlPayloadError",
     "MemoryStatus",
@@ -52,19 +53,24 @@ Timestamp: TypeAlias = Annotated[AwareDatetime, PlainSerializer(_iso_ms, return_
 the form workers wrote before the models existed."""
 
 
-class _Payload(BaseModel):
-    """Base of the payloads: frozen, camelCase on the wire, unknown keys ignored on reading."""
+WIRE_MODEL_CONFIG = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+    extra="ignore",
+    frozen=True,
+    use_attribute_docstrings=True,
+    allow_inf_nan=False,
+)
+"""How a model read from another process is configured: frozen, camelCase on the wire, unknown
+keys ignored on reading (a newer writer's fields). The operator's StreamJob status models use it too."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-        use_attribute_docstrings=True,
-        allow_inf_nan=False,
-    )
+
+class _Payload(BaseModel):
+    """Base of the payloads (``WIRE_MODEL_CONFIG``)."""
+
+    model_config = WIRE_MODEL_CONFIG
 
     def to_json(self) -> bytes:
         """The wire form: camelCase keys, ``None`` kept as ``null`` (readers tell "unknown" from absent)."""

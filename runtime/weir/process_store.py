@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from rocksdict import Checkpoint, Rdict, WriteBatch
+from rocksdict import Rdict, WriteBatch
 
 from weir.functions import decode_state, encode_state
-from weir.rocksdb_options import RocksMemory, rocksdb_options
+from weir.rocksdb_options import RocksMemory, RocksStore, rocksdb_options
 
 __all__ = ["MISSING", "NEVER", "ProcessStore", "entry_prefix", "key_prefix", "state_suffix"]
 
@@ -57,12 +57,6 @@ _U32: Final = struct.Struct(">I")
 _U16: Final = struct.Struct(">H")
 NEVER: Final = (1 << 64) - 1 - _BIAS
 """The ``expires_at`` of an entry without TTL (stored as ``2**64 - 1``)."""
-
-_BACKGROUND_WORK: Final = (
-    "rocksdb.compaction-pending",
-    "rocksdb.num-running-compactions",
-    "rocksdb.num-running-flushes",
-)
 
 _PENDING_OVERHEAD: Final = 120
 """Bytes a pending change costs beyond its key and value: its dict slot, the bytes objects'
@@ -119,7 +113,7 @@ def _map_prefix(entry: bytes) -> bytes | None:
     return entry[: kind_at + 3 + m]
 
 
-class ProcessStore:
+class ProcessStore(RocksStore):
     """Keyed state, timers and the TTL index of one partition's process step (see the module docstring)."""
 
     def __init__(self, path: Path, rocks: RocksMemory | None = None, memory_bytes: int | None = None) -> None:
@@ -382,29 +376,3 @@ class ProcessStore:
         self._cursor = _EXPIRY
         return written + len(meta)
 
-    def size_bytes(self) -> int:
-        """Approximate on-disk size (RocksDB's own estimate of live data)."""
-        try:
-            return int(self._db.property_int_value("rocksdb.estimate-live-data-size") or 0)
-        except Exception:  # noqa: BLE001 - an estimate; never worth failing the worker for
-            return 0
-
-    def compacting(self) -> bool:
-        """Whether RocksDB is flushing or compacting in the background (as ``PartitionStore``)."""
-        return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
-
-    def checkpoint(self, dest: Path) -> Path:
-        """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
-
-        Pending changes are not in it (they never reach the database before a flush); the
-        directory opens as a normal ``ProcessStore``.
-        """
-        if dest.exists():
-            raise FileExistsError(f"checkpoint directory {dest} already exists")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._db.flush(wait=True)
-        Checkpoint(self._db).create_checkpoint(str(dest))
-        return dest
-
-    def close(self) -> None:
-        self._db.close()

@@ -1,13 +1,24 @@
 """RocksDB options of the partition databases and the worker's shared RocksDB memory.
 
-Every partition database (``weir.state.PartitionStore``) is opened, restored and exported with
-``rocksdb_options``; ``RocksMemory`` is the one block cache and write buffer manager all of a
-worker's databases share within its memory budget.
+Every partition database (``weir.state.PartitionStore``, ``weir.process_store.ProcessStore``) is
+opened, restored and exported with ``rocksdb_options``; ``RocksMemory`` is the one block cache and
+write buffer manager all of a worker's databases share within its memory budget; ``RocksStore``
+is what both stores do with their database alike (size, background work, checkpoint, close).
 """
 
 from __future__ import annotations
 
-from rocksdict import BlockBasedIndexType, BlockBasedOptions, Cache, Options, WriteBufferManager
+from pathlib import Path
+
+from rocksdict import (
+    BlockBasedIndexType,
+    BlockBasedOptions,
+    Cache,
+    Checkpoint,
+    Options,
+    Rdict,
+    WriteBufferManager,
+)
 
 # Compaction tuned for incremental checkpoints. Every checkpoint flushes the memtable, so each
 # one adds an L0 file, and every file a compaction writes is a new file the next checkpoint
@@ -86,3 +97,49 @@ def rocksdb_options(memory: RocksMemory | None = None) -> Options:
         options.set_max_write_buffer_number(2)
     options.set_block_based_table_factory(table)
     return options
+
+
+_BACKGROUND_WORK = (
+    "rocksdb.compaction-pending",
+    "rocksdb.num-running-compactions",
+    "rocksdb.num-running-flushes",
+)
+
+
+class RocksStore:
+    """The part of a partition store that is only its RocksDB database (``_db``)."""
+
+    _db: Rdict
+
+    def size_bytes(self) -> int:
+        """Approximate on-disk size (RocksDB's own estimate of live data)."""
+        try:
+            return int(self._db.property_int_value("rocksdb.estimate-live-data-size") or 0)
+        except Exception:  # noqa: BLE001 - an estimate; never worth failing the worker for
+            return 0
+
+    def compacting(self) -> bool:
+        """Whether RocksDB is flushing or compacting in the background or has compaction queued.
+
+        A compaction rewrites files, so the next checkpoint uploads its output; benchmarks and
+        tests wait for this to turn false to measure a settled database.
+        """
+        return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
+
+    def checkpoint(self, dest: Path) -> Path:
+        """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
+
+        The memtable is flushed first, so the snapshot is SST files (hard links: instant, no
+        copy) plus a few small metadata files and needs no write-ahead log. The directory opens
+        as a normal store of the same kind, and the working set keeps changing meanwhile without
+        touching it. Changes not yet written by ``flush`` are not in it: call it right after.
+        """
+        if dest.exists():
+            raise FileExistsError(f"checkpoint directory {dest} already exists")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._db.flush(wait=True)
+        Checkpoint(self._db).create_checkpoint(str(dest))
+        return dest
+
+    def close(self) -> None:
+        self._db.close()

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import Checkpoint, Rdict, WriteBatch
+from rocksdict import Rdict, WriteBatch
 
 from weir.memory import release_free_memory
-from weir.rocksdb_options import RocksMemory, rocksdb_options
+from weir.rocksdb_options import RocksMemory, RocksStore, rocksdb_options
 from weir.window_shapes import WindowKey
 
 # Window entries are ``b"w" + start + end + key`` with big-endian signed times offset to
@@ -64,12 +64,6 @@ timer slot in the window operator, and the allocator's rounding."""
 _INITIAL_ENTRY_BYTES = 300
 """The estimate before the first cached windows are measured (``_measure``)."""
 
-_BACKGROUND_WORK = (
-    "rocksdb.compaction-pending",
-    "rocksdb.num-running-compactions",
-    "rocksdb.num-running-flushes",
-)
-
 
 def encode_key(k: WindowKey) -> bytes:
     key, start, end = k
@@ -81,7 +75,7 @@ def decode_key(raw: bytes) -> WindowKey:
     return raw[1 + _TIMES.size :].decode(), start - _BIAS, end - _BIAS
 
 
-class PartitionStore:
+class PartitionStore(RocksStore):
     """The window store of one partition (the seam ``WindowOperator`` is written against).
 
     ``get``/``put``/``delete`` work on the in-memory working set; ``flush`` makes the
@@ -369,46 +363,11 @@ class PartitionStore:
         """The current limit on cached windows (from the count and the byte budget)."""
         return self._max_cached
 
-    def size_bytes(self) -> int:
-        """Approximate on-disk size (RocksDB's own estimate of live data)."""
-        try:
-            return int(self._db.property_int_value("rocksdb.estimate-live-data-size") or 0)
-        except Exception:  # noqa: BLE001 - an estimate; never worth failing the worker for
-            return 0
-
-    def compacting(self) -> bool:
-        """Whether RocksDB is flushing or compacting in the background or has compaction queued.
-
-        A compaction rewrites files, so the next checkpoint uploads its output; benchmarks and
-        tests wait for this to turn false to measure a settled database.
-        """
-        return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
-
-    def checkpoint(self, dest: Path) -> Path:
-        """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
-
-        The memtable is flushed first, so the snapshot is SST files (hard links: instant, no
-        copy) plus a few small metadata files and needs no write-ahead log. The directory
-        opens as a normal database (``PartitionStore(dest, ...)``), and the working set
-        keeps changing meanwhile without touching it. Uncommitted in-memory changes (since
-        the last ``flush``) are not in it; call it right after ``flush``, before anything
-        spills.
-        """
-        if dest.exists():
-            raise FileExistsError(f"checkpoint directory {dest} already exists")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._db.flush(wait=True)
-        Checkpoint(self._db).create_checkpoint(str(dest))
-        return dest
-
     def _window_keys(self) -> Iterator[bytes]:
         for raw_key in self._db.keys(from_key=_WINDOW):
             if not isinstance(raw_key, bytes) or not raw_key.startswith(_WINDOW):
                 return
             yield raw_key
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def _deep_size(acc: list[Any]) -> int:

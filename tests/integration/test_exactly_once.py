@@ -284,6 +284,15 @@ class Job(Running):
             assert len(self.codes) == 0, f"a worker exited: {self.codes}"
             time.sleep(0.1)
 
+    def wait_read(self, kafka: KafkaHelper, topic: str, timeout: float = 60) -> None:
+        """Until this job's tasks of ``topic`` have read all it holds now."""
+        ends = sum(kafka.end_offsets(topic).values())
+        deadline = time.monotonic() + timeout
+        while sum(t.next_offset for w in self.workers for t in w.tasks.values() if t.topic == topic) < ends:
+            assert time.monotonic() < deadline, f"the job did not read {topic} to its end"
+            assert len(self.codes) == 0, f"a worker exited: {self.codes}"
+            time.sleep(0.2)
+
     def check(self) -> None:
         assert len(self.codes) == 0, f"a worker exited: {self.codes}"
 
@@ -369,11 +378,7 @@ def test_savepoint_at_two_workers_restored_at_one_and_at_four_gives_the_uninterr
     job0 = manifest(tmp_path, f"rs-{source[-6:]}", kafka, source, sink0, dlq, TUMBLING, idle=PHASE1_IDLE)
     with Job(job0, kafka, 2, tmp_path / "s0", url) as running:
         running.wait_ready()
-        ends = kafka.end_offsets(source)
-        deadline = time.monotonic() + 60
-        while sum(t.next_offset for w in running.workers for t in w.tasks.values()) < sum(ends.values()):
-            assert time.monotonic() < deadline, "phase 1 did not consume its half"
-            time.sleep(0.2)
+        running.wait_read(kafka, source)
         answers = running.savepoint("sp-1", stop=True)
         again = running.workers[0].savepoint(SavepointRequest(id="sp-1", stop=True)).model_dump(by_alias=True)
     assert all(a["status"] == "completed" for a in answers), answers
@@ -488,11 +493,7 @@ def test_a_repartitioned_job_savepoints_and_resumes_with_exact_output(
     job = manifest(tmp_path, name, kafka, source, sink, dlq, TUMBLING, key_by=key_by, idle=PHASE1_IDLE)
     with Job(job, kafka, 2, tmp_path / "s0", url) as running:
         running.wait_ready()
-        ends = sum(kafka.end_offsets(source).values())
-        deadline = time.monotonic() + 60
-        while sum(t.next_offset for w in running.workers for t in w.tasks.values() if t.forward) < ends:
-            assert time.monotonic() < deadline, "stage 1 did not consume its half"
-            time.sleep(0.2)
+        running.wait_read(kafka, source)
         answers = running.savepoint("sp-rp", stop=True)
     assert all(a["status"] == "completed" for a in answers), answers
     kafka.produce(source, records[len(records) // 2 :])

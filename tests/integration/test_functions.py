@@ -215,11 +215,7 @@ def test_a_dedup_savepoint_at_two_workers_restored_at_another_parallelism_gives_
     job0 = dedup_job(tmp_path, name, kafka, source, sink0, dlq, idle="1h")
     with Job(job0, kafka, 2, tmp_path / "s0", url) as running:
         running.wait_ready()
-        ends = sum(kafka.end_offsets(source).values())
-        deadline = time.monotonic() + 60
-        while sum(t.next_offset for w in running.workers for t in w.tasks.values() if t.forward) < ends:
-            assert time.monotonic() < deadline, "stage 1 did not consume its half"
-            time.sleep(0.2)
+        running.wait_read(kafka, source)
         # Some output before the savepoint, so that the output is split across it (what stage 2
         # has not read yet is in the repartition topic, after the savepoint's offsets).
         wait_for_count(kafka, sink0, 1, timeout=60, check=running.check)
