@@ -15,9 +15,9 @@ between resumes the intent instead of starting it again.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field, WithJsonSchema
 
 from weir.controlapi import WIRE_MODEL_CONFIG
 
@@ -32,6 +32,10 @@ __all__ = [
     "Intent",
     "IntentAction",
     "Lag",
+    "LifecycleState",
+    "RollbackInfo",
+    "Stabilization",
+    "StableRecord",
     "LagSample",
     "Phase",
     "RecommendationRun",
@@ -64,6 +68,28 @@ Phase: TypeAlias = Literal[
 ]
 """The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail.
 ``RollingBack`` is reserved for the planned rollback of failed upgrades and never set yet."""
+
+LifecycleState: TypeAlias = Literal[
+    "Deploying",
+    "Upgrading",
+    "Stabilizing",
+    "Stable",
+    "RollingBack",
+    "RolledBack",
+    "Suspended",
+    "Failed",
+    "Deleting",
+]
+"""Where the job is in its upgrade life cycle (``status.lifecycleState``, the ``Lifecycle`` column)::
+
+    Deploying / Upgrading --children applied--> Stabilizing --gate holds--> Stable
+    Stabilizing --readinessTimeout, rollback: auto--> RollingBack --stable--> RolledBack
+    Stabilizing --readinessTimeout, rollback: manual or nothing stable before--> Failed
+    RollingBack --readinessTimeout--> Failed
+    Suspended (spec.state: suspended), Deleting (the StreamJob is being deleted)
+
+``RolledBack`` and ``Failed`` last until ``metadata.generation`` changes (a ``Failed`` job whose
+workers later pass the gate becomes ``Stable``)."""
 
 ConditionType: TypeAlias = Literal["Ready", "Progressing", "Degraded", "Stalled"]
 ConditionStatus: TypeAlias = Literal["True", "False", "Unknown"]
@@ -116,7 +142,7 @@ class CheckpointInfo(_Status):
     """When its manifest was written."""
 
 
-SavepointTrigger: TypeAlias = Literal["nonce", "upgrade", "suspend", "shutdown", "manual"]
+SavepointTrigger: TypeAlias = Literal["nonce", "upgrade", "suspend", "shutdown", "manual", "periodic"]
 
 
 class SavepointInfo(_Status):
@@ -136,6 +162,11 @@ class SavepointInfo(_Status):
     """When its manifest was written."""
     error: str | None = None
     """Why it failed; absent for a completed savepoint."""
+    dispose_error: str | None = None
+    """Why deleting it from the store failed (retention, ``spec.savepoints``); it is tried again
+    after ``disposeFailedAt`` + the operator's retry delay. A disposed savepoint leaves the history."""
+    dispose_failed_at: AwareDatetime | None = None
+    """When the last attempt to delete it failed."""
 
 
 IntentAction: TypeAlias = Literal[
@@ -175,6 +206,8 @@ class Intent(_Status):
     """Savepoint the intent takes or restores from."""
     restore_from: str | None = None
     """URL of the checkpoint or savepoint the new workers restore from."""
+    trigger: SavepointTrigger | None = None
+    """For ``action: savepoint``: why it is taken (``nonce`` when absent, ``periodic``)."""
 
 
 class ApplyFailure(_Status):
@@ -306,6 +339,66 @@ class AutoscalerStatus(_Status):
     """The latest decisions, newest first (bounded)."""
 
 
+_SPEC_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+SpecDocument = Annotated[dict[str, Any], WithJsonSchema(_SPEC_OBJECT_SCHEMA)]
+"""A whole ``JobSpec`` as JSON (camelCase): the API server keeps it as given."""
+
+
+class StableRecord(_Status):
+    """The version that last passed the stability gate: what a rollback returns to."""
+
+    generation: Annotated[int, Field(ge=0)]
+    """``metadata.generation`` of that spec."""
+    fingerprint: str
+    """Its ``render.fingerprint``."""
+    since: AwareDatetime
+    """When it passed the gate."""
+    snapshot: str | None = None
+    """The savepoint a rollback restores it from: the one taken when an upgrade left it. Absent
+    while it runs and after a ``last-state``/``stateless`` upgrade: a rollback then resumes from
+    the workers' checkpoints."""
+
+
+class Stabilization(_Status):
+    """The stability gate running for the version just applied (``lifecycleState: Stabilizing``)."""
+
+    kind: IntentAction
+    """The change that applied it (``deploy``, ``upgrade``, ``scale``, ``rollback``, ...)."""
+    generation: Annotated[int, Field(ge=0)]
+    """The ``metadata.generation`` it was started for (a rollback: the one rolled back)."""
+    fingerprint: str
+    """The fingerprint of the spec under test."""
+    started_at: AwareDatetime
+    """When the change began (its intent): the readiness timeout counts from here."""
+    deadline: AwareDatetime
+    """``startedAt + upgrade.readinessTimeout``: not stable by then, it is rolled back or failed."""
+    window_start: AwareDatetime | None = None
+    """When the current healthy stretch began (every worker ready); absent while one is not."""
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Worker restarts counted at ``windowStart``: any change restarts the window."""
+    lag_at_start: Annotated[int, Field(ge=0)] | None = None
+    """``status.lag.records`` at ``windowStart`` (absent: not known then)."""
+    measured: str = ""
+    """What the gate measured last, in words (why it is not stable yet)."""
+
+
+class RollbackInfo(_Status):
+    """The latest rollback: from which generation, why, and from what it restored."""
+
+    from_generation: Annotated[int, Field(ge=0)]
+    """The generation that did not become stable; the job stays rolled back until the generation changes."""
+    to_generation: Annotated[int, Field(ge=0)]
+    """The generation of ``lastStableSpec``."""
+    reason: str
+    """What the gate measured when the timeout passed."""
+    restored_from: str | None = None
+    """The savepoint the stable spec was restarted from (absent: the workers' checkpoints)."""
+    started_at: AwareDatetime
+    """When the rollback began."""
+    outcome: Literal["RollingBack", "RolledBack", "Failed"] = "RollingBack"
+    """Where it is: running, done (the stable spec passed the gate again), or failed too."""
+
+
 class StreamJobStatus(_Status):
     """``status`` of a StreamJob, written only by the operator."""
 
@@ -334,9 +427,19 @@ class StreamJobStatus(_Status):
     reconciled_fingerprint: str | None = None
     """Fingerprint of the spec the workers were last deployed with."""
     stable_fingerprint: str | None = None
-    """Fingerprint of the last spec that ran with every worker ready, a checkpoint and no
-    Degraded condition. Recorded for the planned rollback of failed upgrades, which is not
-    implemented yet: an upgrade that does not become stable is not rolled back."""
+    """Fingerprint of the last spec that passed the stability gate (``stable.fingerprint``)."""
+    lifecycle_state: LifecycleState | None = None
+    """Where the job is in its upgrade life cycle (see ``LifecycleState``)."""
+    last_stable_spec: SpecDocument | None = None
+    """The whole spec (camelCase JSON) that last passed the stability gate: what a rollback applies."""
+    stable: StableRecord | None = None
+    """The version of ``lastStableSpec``: its generation, since when, the snapshot it resumes from."""
+    stabilization: Stabilization | None = None
+    """The stability gate of the version being tried (``Stabilizing``, ``RollingBack``)."""
+    rollback: RollbackInfo | None = None
+    """The latest rollback."""
+    answered_savepoint_nonce: int | None = None
+    """The ``spec.savepointTriggerNonce`` last answered with a savepoint (taken or failed)."""
     intent: Intent | None = None
     """The action in progress, recorded before it starts."""
     apply_failure: ApplyFailure | None = None

@@ -33,6 +33,7 @@ __all__ = [
     "Action",
     "Apply",
     "Deployed",
+    "DisposeSavepoint",
     "Event",
     "LagReading",
     "Observed",
@@ -201,6 +202,8 @@ class Observed:
     lag: LagReading | None = None
     """The consumer lag of the job's input partitions, read from Kafka when its autoscaler is
     enabled (None: not read)."""
+    disposed: tuple[tuple[str, str | None], ...] = ()
+    """Outcomes of the ``DisposeSavepoint`` actions of this reconcile: (savepoint URL, error or None)."""
 
     @property
     def ready_workers(self) -> int:
@@ -211,7 +214,7 @@ class Observed:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    """Create or update the job's children: the current spec, run by ``workers`` workers.
+    """Create or update the job's children: ``spec`` (default the job's own), run by ``workers`` workers.
 
     ``replicas`` is ``workers`` or 0 (suspended); ``restore_from`` is given to workers started
     by this apply only (a worker restarted after a crash recovers from its latest checkpoint).
@@ -220,6 +223,8 @@ class Apply:
     workers: int
     replicas: int
     restore_from: str | None = None
+    spec: spec.JobSpec | None = None
+    """The spec to run; None: the job's own. A rollback applies ``status.lastStableSpec``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +247,14 @@ class RemoveCheckpoints:
     url: str
 
 
-Action: TypeAlias = Apply | TakeSavepoint | StopWorkers | RemoveCheckpoints
+@dataclass(frozen=True, slots=True)
+class DisposeSavepoint:
+    """Delete one savepoint from the store (retention); the outcome is ``Observed.disposed``."""
+
+    url: str
+
+
+Action: TypeAlias = Apply | TakeSavepoint | StopWorkers | RemoveCheckpoints | DisposeSavepoint
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,11 @@ class Platform(Protocol):
         """Remove the children of job ``namespace/name`` and stop its workers (the job itself is gone)."""
         ...
 
+    def dispose_savepoint(self, job: spec.StreamJob, url: str) -> None:
+        """Delete the savepoint at ``url`` (``<store>/<namespace>/<job>/savepoints/<id>``) with the
+        platform's own credentials; deleting one already gone succeeds. Raises ``CheckpointError``."""
+        ...
+
     def remove_checkpoints(self, job: spec.StreamJob) -> int:
         """Delete ``<checkpoint.url>/<namespace>/<job>/`` with the platform's own credentials;
         returns the number of objects deleted. Raises ``CheckpointError`` or ``OSError``."""

@@ -69,8 +69,10 @@ from weir.spec_job import (
     PodTemplate,
     Quantity,
     Resources,
+    SavepointsSpec,
     Toleration,
     UpgradeMode,
+    UpgradeSpec,
 )
 from weir.spec_pipeline import (
     MAX_STEPS,
@@ -141,6 +143,7 @@ __all__ = [
     "Quantity",
     "Repartition",
     "Resources",
+    "SavepointsSpec",
     "SecretKey",
     "SecretKeyRef",
     "SecurityProtocol",
@@ -154,6 +157,7 @@ __all__ = [
     "Terminal",
     "Toleration",
     "UpgradeMode",
+    "UpgradeSpec",
     "Watermark",
     "Window",
     "WindowedStages",
@@ -302,7 +306,7 @@ _MODELS: dict[str, type[BaseModel]] = {}
 
 def _register_models() -> None:
     models = (Pipeline, JobSpec, StreamJob, Step, Condition, Window, Source, KafkaSpec)
-    for model in (*models, CheckpointSpec, AutoscalerSpec, PodTemplate):
+    for model in (*models, CheckpointSpec, AutoscalerSpec, PodTemplate, UpgradeSpec, SavepointsSpec):
         _MODELS[model.__name__] = model
 
 

@@ -239,6 +239,50 @@ class AutoscalerSpec(SpecModel):
         return self
 
 
+# --------------------------------------------------------------------------- upgrades and savepoints
+
+
+class UpgradeSpec(SpecModel):
+    """How the operator carries out a spec change and decides whether the new version works.
+
+    After every deploy, upgrade, rescale, redeploy, resume or rollback the job is
+    ``Stabilizing``; it becomes ``Stable`` once, for ``stabilityWindow`` without a break, every
+    worker is ready and runs the new spec, no worker restarted, a checkpoint completed (jobs with
+    ``checkpoint`` only) and the lag did not grow. Only a stable spec becomes
+    ``status.lastStableSpec``, the spec a rollback returns to.
+    """
+
+    stability_window: Duration = 60_000
+    """How long the new version must run healthy to count as stable (default 1m; ``0``: as soon as
+    every worker is ready, a checkpoint completed since they were, and the lag is known)."""
+    readiness_timeout: PositiveDuration = 300_000
+    """Time from the start of a change until its version must be stable (default 5m); after it
+    the change is rolled back (``rollback: auto``) or the job is ``Failed`` (``manual``)."""
+    rollback: Literal["auto", "manual"] = "auto"
+    """``auto``: a version that is not stable within ``readinessTimeout`` is stopped and
+    ``lastStableSpec`` is started again from the savepoint taken when it was left (or, after a
+    ``last-state`` upgrade, from its checkpoints). ``manual``: the job is ``Failed`` and its
+    workers are left as they are until the spec changes."""
+    allow_state_reset: Annotated[bool, Field(strict=True)] = False
+    """Allow a change that makes the saved state unusable (window type, size, slide or gap, the
+    key, an aggregate's function, ...): the new version starts with empty windows at the
+    savepoint's offsets. Without it such a change is refused and the old version keeps running
+    (``upgradeMode: stateless`` allows it too)."""
+
+
+class SavepointsSpec(SpecModel):
+    """Periodic savepoints and how many savepoints the store keeps."""
+
+    interval: Duration | None = None
+    """Take a savepoint (without stopping) when the newest one is older than this, while the job
+    runs; omitted: no periodic savepoints."""
+    max_count: Annotated[int, Field(ge=1, le=1000, strict=True)] = 10
+    """Completed savepoints kept; older ones are deleted from the store (never the one
+    ``lastStableSpec`` or a running restore needs)."""
+    max_age: Duration | None = None
+    """Savepoints older than this are deleted from the store (same exceptions); omitted: no limit."""
+
+
 # --------------------------------------------------------------------------- job spec
 
 UpgradeMode: TypeAlias = Literal["stateless", "savepoint", "last-state"]
@@ -307,6 +351,14 @@ class JobSpec(SpecModel):
     """Change it to take a savepoint of the running job."""
     autoscaler: AutoscalerSpec | None = None
     """The lag-driven autoscaler (omitted: off; ``parallelism`` is what runs)."""
+    upgrade: UpgradeSpec = UpgradeSpec()
+    """The stability gate and rollback of spec changes, and whether a state reset is allowed."""
+    savepoints: SavepointsSpec | None = None
+    """Periodic savepoints and their retention (omitted: savepoints are taken for upgrades,
+    suspends and ``savepointTriggerNonce`` only, and none is deleted)."""
+    initial_savepoint_path: Annotated[str, Field(min_length=1)] | None = None
+    """A savepoint URL a new job starts from (e.g. one taken by another job); ignored once the
+    job has run."""
 
     @field_validator("env")
     @classmethod
