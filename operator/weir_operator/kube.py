@@ -6,8 +6,9 @@ operator owns them), the status through the ``status`` subresource as a JSON mer
 the whole status (absent fields become nulls, which removes them), events as ``v1`` Events.
 
 Readiness, restarts and crash loops come from the pods (``CrashLoopBackOff``), and whether
-each runs the latest revision from its ``controller-revision-hash`` (``_worker_states``). Worker reports and savepoints go to each worker's
-control API through the headless Service (``render.worker_url``).
+each runs the latest revision from its ``controller-revision-hash`` (``_worker_states``).
+Worker reports and savepoints go to each worker's control API through the headless Service
+(``render.worker_url``); a savepoint nobody answers for is looked up in the store.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ class KubernetesPlatform:
     # ------------------------------------------------------------------ acting
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
-        sized = job.model_copy(update={"spec": job.spec.model_copy(update={"parallelism": action.workers})})
+        # A rollback applies the last stable spec (action.spec) under the job's own name and owner.
+        job_spec = action.spec if action.spec is not None else job.spec
+        sized = job.model_copy(update={"spec": job_spec.model_copy(update={"parallelism": action.workers})})
         options = render.RenderOptions(
             default_image=self.worker_image, restore_from=action.restore_from, replicas=action.replicas
         )
@@ -260,7 +263,7 @@ class KubernetesPlatform:
         checkpoint = job.spec.checkpoint
         if checkpoint is None:
             raise CheckpointError("the job has no checkpoint store the operator can reach")
-        deleted = dispose_job_savepoint(job, url, checkpoint.url, store_s3(checkpoint.url, job))
+        deleted = dispose_job_savepoint(job, url, store_s3(url, job))
         logger.info("%s/%s: savepoint %s disposed (%d objects)", job.metadata.namespace, job.metadata.name,
                     url, deleted)
 

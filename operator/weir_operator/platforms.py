@@ -12,16 +12,15 @@ transient: the reconcile is retried at the next resync.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Protocol
-
 import logging
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Protocol
 
 from weir import spec
 from weir.checkpoint import CheckpointError, CheckpointStore, S3Settings
 from weir.checkpoint_manifest import MANIFEST, SAVEPOINTS, CorruptCheckpoint
-from weir.objectstores import join_key, join_url, job_url, open_backend, parent_key, split_url
+from weir.objectstores import job_url, join_key, join_url, open_backend, parent_key, split_url
 from weir_operator import model
 from weir_operator.plans import Apply, Event, Observed, SavepointOutcome
 
@@ -77,13 +76,6 @@ class Platform(Protocol):
     def remove_checkpoints(self, job: spec.StreamJob) -> int:
         """Delete ``<checkpoint.url>/<namespace>/<job>/`` with the platform's own credentials;
         returns the number of objects deleted. Raises ``CheckpointError`` or ``OSError``."""
-        ...
-
-    def dispose_savepoint(self, job: spec.StreamJob, url: str) -> None:
-        """Delete the objects of the job-level savepoint ``url`` (``<store>/<namespace>/<job>/
-        savepoints/<id>``: every worker's part) with the platform's own credentials. Nothing
-        outside the job's own savepoints directory is ever touched; a savepoint already gone is
-        no error. Raises ``CheckpointError`` on failure."""
         ...
 
 
@@ -175,17 +167,21 @@ def completed_in_store(
     return outcome
 
 
-def dispose_job_savepoint(job: spec.StreamJob, url: str, store_url: str, s3: S3Settings | None) -> int:
-    """Delete savepoint ``url`` of ``job`` (in the store at ``store_url``): its manifests first, so
-    a half-deleted savepoint never looks complete, then its files. Returns the objects deleted
-    (0: already gone). ``url`` must be ``<store>/<namespace>/<job>/savepoints/<id>``; anything
-    else is refused with ``CheckpointError`` (a disposal never reaches beyond one savepoint).
-    Every failure is a ``CheckpointError``."""
+def dispose_job_savepoint(job: spec.StreamJob, url: str, s3: S3Settings | None) -> int:
+    """Delete savepoint ``url`` of ``job``: its manifests first, so a half-deleted savepoint never
+    looks complete, then its files. Returns the objects deleted (0: already gone).
+
+    ``url`` must be ``<store>/<namespace>/<job>/savepoints/<id>`` for this job's namespace and
+    name (any store: the savepoint may have been taken before ``checkpoint.url`` changed);
+    anything else is refused with ``CheckpointError``, so a disposal never reaches beyond one
+    savepoint of its own job. Every failure is a ``CheckpointError``."""
     scheme, bucket, key = split_url(url)
-    j_scheme, j_bucket, j_key = split_url(job_url(store_url, job.metadata.namespace, job.metadata.name))
-    if (scheme, bucket) != (j_scheme, j_bucket) or parent_key(key) != join_key(j_key, SAVEPOINTS):
+    where = join_key(job.metadata.namespace, job.metadata.name, SAVEPOINTS)
+    parent = parent_key(key)
+    if not key or parent == key or not (parent == where or parent.endswith("/" + where)):
         raise CheckpointError(
-            f"{url} is not a savepoint of {job.metadata.namespace}/{job.metadata.name} in {store_url}"
+            f"{url} is not a savepoint of {job.metadata.namespace}/{job.metadata.name} "
+            f"(<store>/{where}/<id>): not deleted"
         )
     backend = open_backend(scheme, bucket, s3)
     try:

@@ -1,4 +1,4 @@
-"""How the Kubernetes platform sees each worker: readiness from its pod, and whether it runs the latest revision."""
+"""How the Kubernetes platform sees a worker: readiness from its pod, whether it runs the latest revision."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def _pod(
     labels = {**render.selector(NAME), render.POD_INDEX_LABEL: str(index)}
     if revision is not None:
         labels[kube.REVISION_LABEL] = revision
-    state = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(reason=waiting)) if waiting else None
+    waits = client.V1ContainerStateWaiting(reason=waiting)
+    state = client.V1ContainerState(waiting=waits) if waiting else None
     return client.V1Pod(
         metadata=client.V1ObjectMeta(
             name=f"{NAME}-{index}", labels=labels,
@@ -110,7 +111,7 @@ def test_without_an_update_revision_a_pod_of_an_observed_spec_counts_as_current(
 def test_without_pod_objects_the_observed_status_counts_stand_in() -> None:
     states = kube._worker_states([], _sts(3, ready=2, updated=1))
 
-    assert [(w.index, w.ready, w.current) for w in states] == [(0, True, True), (1, True, False), (2, False, False)]
+    assert [(w.ready, w.current) for w in states] == [(True, True), (True, False), (False, False)]
     assert Observed(workers=states).ready_workers == 1
 
 
