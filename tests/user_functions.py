@@ -111,3 +111,11 @@ class BrokenResult(Percentile):
 
 class Dedup:
     """Stands in for a keyed process function class (the spec only names it)."""
+
+
+def fail_on_poison(record: dict[str, Any]) -> dict[str, Any]:
+    """A map that passes records on unchanged and raises on one marked ``"poison": true`` (with
+    ``onError: fail`` the worker exits 6: a version that crash-loops once that record arrives)."""
+    if record.get("poison"):
+        raise ValueError("poisoned record")
+    return record
