@@ -517,6 +517,92 @@ def test_deleting_the_stream_job_removes_its_children(operator: Operator) -> Non
     operator.wait(gone, "children deleted")
 
 
+def _env_of(op: Operator, name: str) -> dict[str, str]:
+    return {e.name: e.value for e in _stateful_set(op, name).spec.template.spec.containers[0].env or ()}
+
+
+def _patch_spec(op: Operator, name: str, changes: dict[str, Any]) -> None:
+    client.CustomObjectsApi(op.admin).patch_namespaced_custom_object(
+        crd.GROUP, crd.VERSION, op.watched, crd.PLURAL, name, {"spec": changes}, _content_type=MERGE_PATCH,
+    )
+
+
+def test_the_lifecycle_states_and_events_follow_the_stateful_sets_status_through_an_upgrade(
+    operator: Operator,
+) -> None:
+    name = "lifecycle-" + uuid.uuid4().hex[:6]
+    upgrade = {"stabilityWindow": "2s", "readinessTimeout": "5m"}
+    # last-state: an upgrade at the same parallelism takes no savepoint (none could answer here).
+    _create(operator, _job_body(operator, name, upgradeMode="last-state", upgrade=upgrade,
+                                env=[{"name": "GREETING", "value": "one"}]))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    operator.wait(lambda: _status(operator, name).get("lifecycleState") == "Stabilizing", "Stabilizing")
+    _set_ready(operator, name, 1)
+    operator.wait(lambda: _status(operator, name).get("lifecycleState") == "Stable", "Stable")
+    first = _status(operator, name)
+    assert first["stable"]["generation"] == 1
+    assert first["lastStableSpec"]["env"] == [{"name": "GREETING", "value": "one"}]
+
+    _patch_spec(operator, name, {"env": [{"name": "GREETING", "value": "two"}]})
+
+    operator.wait(lambda: _env_of(operator, name).get("GREETING") == "two", "the new template applied")
+    # The StatefulSet's status still describes the old pods (observedGeneration behind): the new
+    # version is not ready, so the job is not stable and nothing is recorded as stable.
+    time.sleep(4)
+    status = _status(operator, name)
+    assert status["lifecycleState"] == "Stabilizing", status
+    assert status["stable"]["generation"] == 1 and status["readyWorkers"] == 0
+    assert status["lastStableSpec"]["env"] == [{"name": "GREETING", "value": "one"}]
+    assert not any(e.reason == "Upgraded" for e in _events(operator, name))
+
+    _set_ready(operator, name, 1)
+
+    operator.wait(lambda: (_status(operator, name).get("stable") or {}).get("generation") == 2,
+                  "generation 2 stable")
+    status = _status(operator, name)
+    assert status["lifecycleState"] == "Stable"
+    assert status["lastStableSpec"]["env"] == [{"name": "GREETING", "value": "two"}]
+    reasons = [e.reason for e in _events(operator, name)]
+    assert {"Deploying", "Stable", "Deployed", "Upgrading", "Upgraded"} <= set(reasons), reasons
+
+
+def test_an_upgrade_that_never_becomes_ready_is_rolled_back_to_the_last_stable_stateful_set(
+    operator: Operator,
+) -> None:
+    name = "rollback-" + uuid.uuid4().hex[:6]
+    upgrade = {"stabilityWindow": "1s", "readinessTimeout": "6s"}
+    _create(operator, _job_body(operator, name, upgradeMode="last-state", upgrade=upgrade,
+                                env=[{"name": "GREETING", "value": "stable"}]))
+    operator.wait(lambda: _stateful_set(operator, name) is not None, "the StatefulSet")
+    _set_ready(operator, name, 1)
+    operator.wait(lambda: _status(operator, name).get("lifecycleState") == "Stable", "Stable")
+    stable_template = _stateful_set(operator, name).spec.template.spec.containers[0]
+
+    _patch_spec(operator, name, {"env": [{"name": "GREETING", "value": "broken"}]})
+
+    operator.wait(lambda: _env_of(operator, name).get("GREETING") == "broken", "the new template applied")
+    # Nobody marks the new pods ready: after readinessTimeout the last stable spec is applied again.
+    operator.wait(lambda: _env_of(operator, name).get("GREETING") == "stable",
+                  "the stable template re-applied", timeout=40)
+    rolled = _stateful_set(operator, name).spec.template.spec.containers[0]
+    assert rolled.env == stable_template.env and rolled.image == stable_template.image
+    assert _status(operator, name)["lifecycleState"] == "RollingBack"
+    assert _job(operator, name)["spec"]["env"] == [{"name": "GREETING", "value": "broken"}]  # left as written
+
+    _set_ready(operator, name, 1)
+
+    operator.wait(lambda: _status(operator, name).get("lifecycleState") == "RolledBack", "RolledBack")
+    status = _status(operator, name)
+    degraded = _condition(status, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "RolledBack", degraded
+    assert "generation 2" in degraded["message"], degraded
+    assert status["rollback"]["fromGeneration"] == 2 and status["stable"]["generation"] == 1
+    time.sleep(3)  # it stays rolled back: the failed spec is not applied again
+    assert _env_of(operator, name).get("GREETING") == "stable"
+    reasons = {e.reason for e in _events(operator, name)}
+    assert {"RollingBack", "RolledBack"} <= reasons, reasons
+
+
 def _put_store(s3: S3Helper, prefix: str) -> set[str]:
     """A job's store directory as its workers leave it: checkpoints, shared files, a savepoint."""
     keys = {
