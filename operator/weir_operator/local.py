@@ -261,6 +261,7 @@ class LocalPlatform:
         deployed = Deployed(fingerprint, action.workers, action.replicas, action.restore_from, sized.spec)
         with self._lock:
             local = self._job(namespace, name)
+            local.previous = [w for w in local.previous if w.poll() is None]
             if local.deployed == deployed and len(local.workers) == action.replicas and not local.previous:
                 return
             # Every old worker (and any a previous weir up left) is gone before a new one starts:
