@@ -13,7 +13,8 @@ The contract with the worker image (``weir run``, read by ``weir.config``):
   (the StatefulSet controller's ``apps.kubernetes.io/pod-index`` label);
 - ``WEIR_STATE_DIR`` is an emptyDir for RocksDB, ``/tmp`` another (the root filesystem is
   read-only); ``WEIR_RESTORE_FROM`` is the checkpoint or savepoint URL to restore from,
-  when the operator gives one;
+  when the operator gives one; ``WEIR_ALLOW_STATE_RESET=1`` with ``upgrade.allowStateReset`` or
+  ``upgradeMode: stateless`` (state that does not fit the pipeline is dropped, not refused);
 - ``WEIR_MEMORY_BUDGET`` is ``MEMORY_BUDGET_FRACTION`` of the container's memory limit (of its
   memory request when it has no limit), in bytes, when ``spec.resources`` gives either;
 - secrets arrive as ``secretKeyRef`` variables: ``AWS_ACCESS_KEY_ID`` /
@@ -105,6 +106,9 @@ ENV_WORKER_INDEX: Final = "WEIR_WORKER_INDEX"
 ENV_STATE_DIR: Final = "WEIR_STATE_DIR"
 ENV_RESTORE_FROM: Final = "WEIR_RESTORE_FROM"
 ENV_MEMORY_BUDGET: Final = "WEIR_MEMORY_BUDGET"
+ENV_ALLOW_STATE_RESET: Final = "WEIR_ALLOW_STATE_RESET"
+"""``1`` when ``spec.upgrade.allowStateReset`` or ``upgradeMode: stateless``: a worker may start
+with empty windows where the saved state does not fit its pipeline (else it exits 2)."""
 MEMORY_BUDGET_FRACTION: Final = 0.75
 """The worker's memory budget as a share of its container's memory limit. The budget covers the
 whole process (``weir.memory``), but its parts are estimates and allocations come in spikes
@@ -133,6 +137,9 @@ _NOT_FINGERPRINTED: dict[str, Any] = {
     "savepoint_trigger_nonce": True,
     "autoscaler": True,
     "checkpoint": {"cleanup_policy"},
+    "upgrade": True,
+    "savepoints": True,
+    "initial_savepoint_path": True,
 }
 
 
@@ -423,6 +430,8 @@ def _env(job_spec: spec.JobSpec, options: RenderOptions) -> list[dict[str, Any]]
         env.append({"name": ENV_MEMORY_BUDGET, "value": str(budget)})
     if options.restore_from is not None:
         env.append({"name": ENV_RESTORE_FROM, "value": options.restore_from})
+    if job_spec.upgrade.allow_state_reset or job_spec.upgrade_mode == "stateless":
+        env.append({"name": ENV_ALLOW_STATE_RESET, "value": "1"})
     credentials = job_spec.checkpoint.credentials_secret if job_spec.checkpoint is not None else None
     if credentials is not None:
         env.append(_secret_env(ENV_AWS_ACCESS_KEY_ID, None, credentials.name, credentials.access_key_id_key))

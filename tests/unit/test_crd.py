@@ -95,7 +95,7 @@ def test_status_and_scale_subresources_map_parallelism_and_the_selector() -> Non
     assert status["selector"]["type"] == "string"
 
 
-def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_and_age() -> None:
+def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_age_and_lifecycle() -> None:
     columns = [
         (c["name"], c["jsonPath"]) for c in version()["additionalPrinterColumns"] if "priority" not in c
     ]
@@ -107,6 +107,7 @@ def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_and_ag
         ("Lag", ".status.lag.records"),
         ("Last Checkpoint", ".status.lastCheckpoint.completedAt"),
         ("Age", ".metadata.creationTimestamp"),
+        ("Lifecycle", ".status.lifecycleState"),
     ]
 
 
