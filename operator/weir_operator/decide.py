@@ -158,7 +158,7 @@ def decide(
         _continue(draft, job, intent, observed, now, generation=generation, shutdown=shutdown, policy=policy)
     if draft.intent is None and not draft.actions and intent is None:
         _start(draft, job, generation, observed, now, shutdown=shutdown, policy=policy)
-    idle = draft.intent is None and intent is None and not draft.actions
+    idle = draft.intent is None and not draft.actions  # (an intent finished now: measure at once)
     if idle and not shutdown and lifecycle.gate(draft, job, observed, now) == "rollback":
         _begin_rollback(draft, job, generation, observed, now, policy)
     if draft.intent is None and intent is None:
