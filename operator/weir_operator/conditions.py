@@ -66,13 +66,15 @@ def write(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) 
     looping = [w for w in observed.workers if w.crash_looping]
     unreachable = sorted({name for r in observed.reports for name in r.outages})
     degraded: tuple[str, str, str]
-    if looping:
+    # The life cycle's cause first: its message names the measurement that failed the change.
+    failed = lifecycle.degraded(draft)
+    if failed is not None:
+        degraded = ("True", *failed)
+    elif looping:
         detail = ", ".join(
             f"worker {w.index}: {w.reason or 'crash-looping'} ({w.restarts} restarts)" for w in looping
         )
         degraded = ("True", "WorkersCrashLooping", detail)
-    elif lifecycle.degraded(draft) is not None:
-        degraded = ("True", *lifecycle.degraded(draft))  # type: ignore[misc]
     elif draft.get("last_savepoint") is not None and draft.get("last_savepoint").error is not None:
         info = draft.get("last_savepoint")
         degraded = ("True", "SavepointFailed", f"savepoint {info.id} failed: {info.error}")

@@ -161,7 +161,7 @@ def decide(
     idle = draft.intent is None and not draft.actions  # (an intent finished now: measure at once)
     if idle and not shutdown and lifecycle.gate(draft, job, observed, now) == "rollback":
         _begin_rollback(draft, job, generation, observed, now, policy)
-    if draft.intent is None and intent is None:
+    if draft.intent is None:
         savepoints.retention(draft, job, observed, now, policy)
     conditions.write(draft, job, observed, now)
     new_status = status.model_copy(update=draft.updates)

@@ -369,18 +369,12 @@ def _timed_out(
         rollback = model.RollbackInfo(
             from_generation=current.generation,
             to_generation=stable.generation,
-            reason=cause,
+            reason=f"not stable within {timeout}: {cause}",
             restored_from=stable.snapshot,
             started_at=now,
         )
+        # The Degraded condition's event (a Warning, reason RollingBack) announces it with the cause.
         draft.set(rollback=rollback, lifecycle_state="RollingBack", error=None)
-        draft.event(
-            "Warning",
-            "RollingBack",
-            f"generation {current.generation} is not stable within {timeout}: {cause}; "
-            "rolling back to generation "
-            f"{stable.generation} from {stable.snapshot or 'its checkpoints'}",
-        )
         return "rollback"
     why = (
         "rollback: manual"
@@ -393,8 +387,7 @@ def _timed_out(
         f"generation {current.generation} is not stable within {timeout}: {cause}; {why}: the workers are "
         "left as they are until the spec changes"
     )
-    draft.set(lifecycle_state="Failed", error=message)
-    draft.event("Warning", "UpgradeFailed", message)
+    draft.set(lifecycle_state="Failed", error=message)  # Degraded (UpgradeFailed) says it, as an event
     return None
 
 
@@ -429,10 +422,11 @@ def degraded(draft: Draft) -> tuple[str, str] | None:
     if state == "RolledBack" and rollback is not None:
         return ("RolledBack", _rolled_back(rollback))
     if state == "RollingBack" and rollback is not None:
+        source = rollback.restored_from or "its checkpoints"
         return (
             "RollingBack",
-            f"generation {rollback.from_generation} is rolled back to generation "
-            f"{rollback.to_generation}: {rollback.reason}",
+            f"generation {rollback.from_generation} is {rollback.reason}; rolling back to generation "
+            f"{rollback.to_generation} from {source}",
         )
     if state == "Failed":
         reason = (
