@@ -122,7 +122,7 @@ PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
         "name": "Lifecycle",
         "type": "string",
         "jsonPath": ".status.lifecycleState",
-        "description": "Upgrade life cycle: Deploying, Upgrading, Stabilizing, Stable, RollingBack, RolledBack, ...",
+        "description": "Upgrade life cycle (Deploying, Upgrading, Stabilizing, Stable, RollingBack, ...)",
     },
     {
         "name": "Upgrade Mode",

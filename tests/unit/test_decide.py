@@ -49,7 +49,8 @@ def running(parallelism: int = 2, **changes: Any) -> tuple[FakePlatform, spec.St
     run(platform, the_job)
     assert platform.status.phase == "Running"
     if the_job.spec.checkpoint is not None:  # the gate waits for a checkpoint of the new version
-        done = model.CheckpointInfo(id="c-1", url="file:///s/c-1", completed_at=platform.clock() + timedelta(seconds=30))
+        at = platform.clock() + timedelta(seconds=30)
+        done = model.CheckpointInfo(id="c-1", url="file:///s/c-1", completed_at=at)
         platform.reports = tuple(WorkerReport(i, done) for i in range(parallelism))
     assert settle(platform, the_job).lifecycle_state == "Stable"
     platform.reports = ()

@@ -35,7 +35,9 @@ def condition(status: model.StreamJobStatus, type_: str) -> model.StatusConditio
     return next(c for c in status.conditions if c.type == type_)
 
 
-def run(platform: FakePlatform, the_job: spec.StreamJob, generation: int = 1, **kwargs: Any) -> model.StreamJobStatus:
+def run(
+    platform: FakePlatform, the_job: spec.StreamJob, generation: int = 1, **kwargs: Any
+) -> model.StreamJobStatus:
     return reconcile(platform, the_job, generation, platform.status, platform.clock, **kwargs)
 
 
@@ -132,7 +134,9 @@ def test_a_worker_restart_starts_the_window_again_but_the_deadline_keeps_running
     assert "restarted" in status.stabilization.measured
 
     platform.clock.advance(20)
-    assert run(platform, new, 2).lifecycle_state == "Stabilizing"  # 40 s since the upgrade, 20 s since the restart
+    assert (
+        run(platform, new, 2).lifecycle_state == "Stabilizing"
+    )  # 40 s since the upgrade, 20 s since the restart
     platform.clock.advance(10)
     assert run(platform, new, 2).lifecycle_state == "Stable"
 
@@ -166,7 +170,9 @@ def test_growing_lag_starts_the_window_again_and_lag_within_the_slack_does_not()
     platform.reports = (WorkerReport(0, lag_records=1200 + lifecycle.LAG_SLACK_RECORDS + 121),)
     status = run(platform, the_job)
     assert status.lifecycle_state == "Stabilizing"
-    assert status.stabilization is not None and "lag grew 1200 -> 2321 records" in status.stabilization.measured
+    assert (
+        status.stabilization is not None and "lag grew 1200 -> 2321 records" in status.stabilization.measured
+    )
 
     platform.clock.advance(30)
     platform.reports = (WorkerReport(0, lag_records=300),)
@@ -201,7 +207,9 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_to_the_last_stable_spec_from
     assert status.stable is not None and status.stable.snapshot == url
     # the broken workers stop completely before the stable ones start from the upgrade's savepoint
     assert [(a.workers, a.replicas, a.restore_from) for a in platform.applied[-3:]] == [
-        (2, 2, url), (2, 0, url), (2, 2, url),
+        (2, 2, url),
+        (2, 0, url),
+        (2, 2, url),
     ]
     assert platform.applied[-1].spec == before.spec
     assert platform.deployed is not None and platform.deployed.fingerprint == render.fingerprint(before.spec)
@@ -244,7 +252,9 @@ def test_with_rollback_manual_a_failing_upgrade_is_failed_and_its_workers_left_a
     assert platform.deployed.spec.image == "weir:broken"
     degraded = condition(status, "Degraded")
     assert (degraded.status, degraded.reason) == ("True", "UpgradeFailed")
-    assert "generation 2 is not stable within 2m" in degraded.message and "rollback: manual" in degraded.message
+    assert (
+        "generation 2 is not stable within 2m" in degraded.message and "rollback: manual" in degraded.message
+    )
     assert [e.type for e in platform.events if e.reason == "UpgradeFailed"] == ["Warning"]
 
 
@@ -280,7 +290,7 @@ def test_a_rollback_that_does_not_stabilize_either_is_failed_without_a_loop() ->
 
 def test_reverting_a_crash_looping_savepoint_upgrade_by_hand_restores_the_stable_snapshot() -> None:
     slow = {**FAST, "readinessTimeout": "1h"}  # no automatic rollback during the test
-    platform, before = stable_job(image="weir:1", upgrade=slow)
+    platform, _ = stable_job(image="weir:1", upgrade=slow)
     run(platform, job(image="weir:broken", upgrade=slow), 2)
     assert platform.status.lifecycle_state == "Stabilizing"
     url = platform.status.stable.snapshot if platform.status.stable else None
@@ -336,7 +346,9 @@ def test_a_state_reset_allowed_by_the_spec_reaches_the_workers_environment() -> 
 
 def test_upgrade_and_savepoint_settings_change_no_worker() -> None:
     platform, _ = stable_job()
-    changed = job(upgrade={"stabilityWindow": "5m"}, savepoints={"maxCount": 3}, initialSavepointPath="s3://b/x")
+    changed = job(
+        upgrade={"stabilityWindow": "5m"}, savepoints={"maxCount": 3}, initialSavepointPath="s3://b/x"
+    )
 
     status = run(platform, changed, 2)
 
@@ -472,7 +484,7 @@ def test_a_nonce_answered_long_ago_is_not_taken_again_after_newer_savepoints() -
     assert len(platform.savepoints) >= 4
 
 
-# --------------------------------------------------------------------------- an operator restart after every step
+# ------------------------------------------------------------------- an operator restart after each step
 
 
 def summary(platform: FakePlatform) -> dict[str, Any]:
@@ -483,9 +495,12 @@ def summary(platform: FakePlatform) -> dict[str, Any]:
         "intent": status.intent,
         "stable": status.stable.model_dump(by_alias=False) if status.stable else None,
         "last_stable_spec": status.last_stable_spec,
-        "rollback": status.rollback.model_dump(by_alias=False, exclude={"started_at"}) if status.rollback else None,
+        "rollback": status.rollback.model_dump(by_alias=False, exclude={"started_at"})
+        if status.rollback
+        else None,
         "deployed": (deployed.fingerprint, deployed.workers, deployed.replicas, deployed.restore_from)
-        if deployed else None,
+        if deployed
+        else None,
         "savepoints": sorted(platform.savepoints),
         "conditions": [(c.type, c.status, c.reason) for c in status.conditions],
     }
@@ -532,7 +547,7 @@ def test_an_operator_crash_after_any_step_of_a_failing_upgrade_ends_rolled_back_
         platform.savepoints.clear()
         drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
 
-    expected, steps = crash_after_every_step(scenario, setup)
+    expected, _ = crash_after_every_step(scenario, setup)
 
     assert expected["lifecycle"] == "RolledBack" and len(expected["savepoints"]) == 1
     assert expected["rollback"]["from_generation"] == 2 and expected["rollback"]["outcome"] == "RolledBack"
