@@ -304,13 +304,20 @@ def _pass(
         draft.set(stabilization=current.model_copy(update={"measured": "the spec under test is not known"}))
         return None
     draft.set(stabilization=None, error=None)
-    if current.kind == "rollback":
-        rollback: model.RollbackInfo | None = draft.get("rollback")
+    rollback: model.RollbackInfo | None = draft.get("rollback")
+    stable: model.StableRecord | None = draft.get("stable")
+    still_rolled_back = (  # redeployed (weir up restarted) while rolled back from this generation
+        rollback is not None
+        and rollback.from_generation == current.generation
+        and stable is not None
+        and stable.fingerprint == current.fingerprint
+    )
+    if current.kind == "rollback" or still_rolled_back:
+        # The Degraded condition's event (a Warning, reason RolledBack) says what was rolled back and why.
         draft.set(lifecycle_state="RolledBack")
         if rollback is not None:
             draft.set(rollback=rollback.model_copy(update={"outcome": "RolledBack"}))
             draft.event("Normal", "Stable", f"generation {rollback.to_generation} stable again: {measured}")
-            draft.event("Warning", "RolledBack", _rolled_back(rollback))
         return None
     draft.set(
         lifecycle_state="Stable",
@@ -355,8 +362,7 @@ def _timed_out(
                 f"generation {rollback.from_generation} rolled back to generation {rollback.to_generation}, "
                 f"which is not stable within {timeout} either: {cause}; the workers are left as they are"
             )
-        draft.set(lifecycle_state="Failed", error=message)
-        draft.event("Warning", "RollbackFailed", message)
+        draft.set(lifecycle_state="Failed", error=message)  # Degraded (RollbackFailed) says it, as an event
         return None
     stable: model.StableRecord | None = draft.get("stable")
     stable_job = stable_spec(draft.status)

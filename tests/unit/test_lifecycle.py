@@ -220,7 +220,8 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_to_the_last_stable_spec_from
     assert (degraded.status, degraded.reason) == ("True", "RolledBack")
     assert degraded.message.startswith(f"generation 2 rolled back to generation 1 (restored from {url}): ")
     assert "worker 0 crash-looping (CrashLoopBackOff), 5 restarts in 2m" in degraded.message
-    assert "RollingBack" in reasons(platform) and "RolledBack" in reasons(platform)
+    assert [e.type for e in platform.events if e.reason == "RolledBack"] == ["Warning"]
+    assert sorted(e.type for e in platform.events if e.reason == "RollingBack") == ["Normal", "Warning"]
     rolling = next(e for e in platform.events if e.reason == "RollingBack" and e.type == "Warning")
     assert "generation 2 is not stable within 2m" in rolling.message
 
@@ -240,6 +241,18 @@ def test_a_rolled_back_job_stays_rolled_back_until_its_generation_changes() -> N
     assert status.stable is not None and status.stable.generation == 3
     assert condition(status, "Degraded").status == "False"
     assert lifecycle.stable_spec(status) == fixed.spec
+
+
+def test_a_rolled_back_job_redeployed_from_scratch_stays_rolled_back() -> None:
+    platform, before = stable_job(image="weir:1")
+    drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
+
+    platform.deployed = None  # weir up restarted: no workers, the status remains
+    status = drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
+
+    assert platform.deployed is not None and platform.deployed.spec is not None
+    assert platform.deployed.spec.image == "weir:1"
+    assert condition(status, "Degraded").reason == "RolledBack"
 
 
 def test_with_rollback_manual_a_failing_upgrade_is_failed_and_its_workers_left_alone() -> None:
