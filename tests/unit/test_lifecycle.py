@@ -244,7 +244,7 @@ def test_a_rolled_back_job_stays_rolled_back_until_its_generation_changes() -> N
 
 
 def test_a_rolled_back_job_redeployed_from_scratch_stays_rolled_back() -> None:
-    platform, before = stable_job(image="weir:1")
+    platform, _ = stable_job(image="weir:1")
     drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
 
     platform.deployed = None  # weir up restarted: no workers, the status remains
