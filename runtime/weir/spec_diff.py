@@ -272,7 +272,7 @@ def _fingerprinted(value: Any, path: _Path) -> Any:
 
 def _changes(old: Any, new: Any, where: tuple[str | int, ...]) -> Iterator[FieldChange]:
     """The leaves ``old`` and ``new`` differ in, below location ``where``."""
-    if old == new:
+    if _key(old) == _key(new):
         return
     if isinstance(old, dict) and isinstance(new, dict):
         for key in dict.fromkeys([*old, *new]):
@@ -289,9 +289,7 @@ def _changes(old: Any, new: Any, where: tuple[str | int, ...]) -> Iterator[Field
 
 def _list_changes(old: list[Any], new: list[Any], where: tuple[str | int, ...]) -> Iterator[FieldChange]:
     """Align the two lists (a step inserted is one addition) and compare the items paired up."""
-    keys_old = [orjson.dumps(item, option=orjson.OPT_SORT_KEYS) for item in old]
-    keys_new = [orjson.dumps(item, option=orjson.OPT_SORT_KEYS) for item in new]
-    matcher = difflib.SequenceMatcher(a=keys_old, b=keys_new, autojunk=False)
+    matcher = difflib.SequenceMatcher(a=[_key(i) for i in old], b=[_key(i) for i in new], autojunk=False)
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal":
             continue
@@ -302,6 +300,12 @@ def _list_changes(old: list[Any], new: list[Any], where: tuple[str | int, ...]) 
             yield _field_change((*where, i), old[i], None, "removed")
         for j in range(j1 + paired, j2):
             yield _field_change((*where, j), None, new[j], "added")
+
+
+def _key(value: Any) -> bytes:
+    """Equality as the fingerprint sees it: ``1``, ``1.0`` and ``true`` differ (a filter comparing
+    with ``true`` is another filter than one comparing with ``1``), key order does not."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 def _field_change(where: tuple[str | int, ...], old: Any, new: Any, verb: str = "") -> FieldChange:

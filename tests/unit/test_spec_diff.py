@@ -233,6 +233,13 @@ def test_a_filter_change_before_key_by_restarts_the_pods_and_keeps_the_state() -
     )
 
 
+def test_a_filter_comparing_with_true_instead_of_1_is_a_change_as_the_fingerprint_sees_it() -> None:
+    old = job_spec(steps({"filter": {"field": "flag", "op": "eq", "value": 1}}))
+    new = job_spec(steps({"filter": {"field": "flag", "op": "eq", "value": True}}))
+    assert changed(old, new).fields == (FieldChange("pipeline.steps[0].filter.value", "pods", "1 -> true"),)
+    assert fingerprint(old) != fingerprint(new)
+
+
 def test_a_step_added_before_a_message_key_key_by_restarts_the_pods_and_keeps_the_state() -> None:
     keyed = {"keyBy": {"messageKey": True}}
     new = job_spec(steps({"select": ["amount", "user"]}, keyed))
@@ -415,3 +422,34 @@ def test_the_fingerprint_follows_the_table() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(spec_diff, "_ENTRIES", entries)
         assert fingerprint(spec) == fingerprint(other)
+
+
+def variants() -> list[JobSpec]:
+    ck = {"url": "file:///ck"}
+    keyed = {"keyBy": {"field": "user"}}
+    return [
+        job_spec(),
+        job_spec(parallelism=3),
+        job_spec(restartNonce=1),
+        job_spec(upgradeMode="stateless", savepointTriggerNonce=2),
+        job_spec(checkpoint=ck),
+        job_spec(checkpoint={**ck, "cleanupPolicy": "delete"}),
+        job_spec(checkpoint={**ck, "interval": "1s"}),
+        job_spec(checkpoint=ck, autoscaler={"enabled": True}, parallelism=2),
+        job_spec(image="weir:2"),
+        job_spec(env=[{"name": "A", "value": "1"}]),
+        job_spec(steps(keyed)),
+        job_spec(steps({"filter": {"field": "user", "op": "exists"}}, keyed)),
+        job_spec(steps(window={"type": "tumbling", "size": "5m"})),
+        job_spec(steps(window={"type": "tumbling", "size": "1m", "allowedLateness": "5s"})),
+        job_spec(steps(outputs={"n": {"fn": "count"}})),
+        JobSpec.model_validate({"kafka": KAFKA, "entrypoint": "shop.jobs:orders"}),
+    ]
+
+
+def test_two_specs_share_a_fingerprint_exactly_when_their_diff_is_at_most_a_scale() -> None:
+    specs = variants()
+    for old in specs:
+        for new in specs:
+            got = changed(old, new)
+            assert (fingerprint(old) == fingerprint(new)) == (got.change <= Change.SCALE), (old, new, got)
