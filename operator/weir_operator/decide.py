@@ -54,30 +54,17 @@ per generation, then ``Stalled`` says what to do.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Literal
 
 from weir import spec
+from weir.spec_diff import Change
 from weir_operator import conditions, lifecycle, model, parallelism, render, savepoints
 from weir_operator.deletion import cleanup_url, decide_deletion
 from weir_operator.drafts import Draft, Policy
 from weir_operator.plans import Apply, Deployed, Observed, Plan, SavepointOutcome, TakeSavepoint
 
 __all__ = ["Change", "Policy", "classify", "cleanup_url", "decide", "decide_deletion"]
-
-
-class Change(enum.IntEnum):
-    """How much of the job a spec change touches; changes combine by taking the maximum."""
-
-    IGNORE = 0
-    """Operator policy only (upgradeMode, autoscaler, cleanup policy, savepointTriggerNonce)."""
-    SCALE = 1
-    """``parallelism``."""
-    UPGRADE = 2
-    """Anything the worker pods run (pipeline, image, Kafka, checkpoint store, resources, ...)."""
-    REDEPLOY = 3
-    """``restartNonce``: restart every worker even if nothing else changed."""
 
 
 def classify(deployed: Deployed, desired: spec.JobSpec) -> Change:

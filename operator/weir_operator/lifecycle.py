@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from weir import spec
+from weir import spec, spec_diff
 from weir_operator import model, render
 from weir_operator.drafts import Draft
 from weir_operator.plans import Deployed, Observed
@@ -133,10 +133,6 @@ def incompatible_fields(
     cannot be known from the specs (entrypoint jobs: the runtime's restore check guards them).
 
     The one place the operator asks the spec-change table (``weir.spec_diff``)."""
-    try:
-        from weir import spec_diff  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - the table lands in its own branch
-        return ()
     found = spec_diff.diff(old, new, namespace=namespace, name=name)
     if found.state is None or found.state.compatible:
         return ()
