@@ -330,6 +330,69 @@ def test_a_change_to_a_crash_looping_version_restores_its_checkpoints_without_a_
     assert status.stable is not None and status.stable.generation == 3
 
 
+# --------------------------------------------------------------------------- refusal of incompatible state
+
+
+def pipeline_with(window_size: str = "1m", **outputs: Any) -> dict[str, Any]:
+    pipeline: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())["spec"]["pipeline"]
+    pipeline["steps"][5]["window"]["size"] = window_size
+    pipeline["steps"][6]["aggregate"]["outputs"].update(outputs)
+    return pipeline
+
+
+def test_a_change_that_makes_the_state_unusable_is_refused_while_the_old_workers_keep_running() -> None:
+    platform, _ = stable_job()
+    applied = list(platform.applied)
+    bigger = job(pipeline=pipeline_with("5m"))
+
+    status = run(platform, bigger, 2)
+
+    assert platform.applied == applied and platform.savepoints == {}
+    assert status.intent is None and status.lifecycle_state == "Stable" and status.observed_generation == 2
+    stalled = condition(status, "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "IncompatibleStateChange")
+    assert "pipeline.window.size: 1m -> 5m" in stalled.message
+    assert "upgrade.allowStateReset: true" in stalled.message and "upgradeMode: stateless" in stalled.message
+    assert [(e.type, e.reason) for e in platform.events] == [("Warning", "IncompatibleStateChange")]
+
+    platform.clock.advance(60)
+    run(platform, bigger, 2)
+    assert len(platform.events) == 1 and platform.applied == applied  # the same refusal: no new event
+
+    status = run(platform, job(), 3)  # changed back
+    assert condition(status, "Stalled").status == "False"
+
+
+def test_with_allow_state_reset_the_incompatible_change_goes_through_a_savepoint_saying_windows_restart() -> None:
+    platform, _ = stable_job()
+    reset = job(pipeline=pipeline_with("5m"), upgrade={**FAST, "allowStateReset": True})
+
+    status = drive(platform, reset, 2, is_("Stable"))
+
+    assert len(platform.savepoints) == 1
+    assert platform.applied[-1].restore_from is not None
+    upgrading = next(e for e in platform.events if e.reason == "Upgrading")
+    assert "windows restart empty (pipeline.window.size: 1m -> 5m)" in upgrading.message
+    assert condition(status, "Stalled").status == "False"
+
+
+def test_in_stateless_mode_an_incompatible_change_is_not_refused() -> None:
+    platform, _ = stable_job(upgradeMode="stateless")
+
+    status = drive(platform, job(upgradeMode="stateless", pipeline=pipeline_with("5m")), 2, is_("Stable"))
+
+    assert status.stable is not None and status.stable.generation == 2 and platform.savepoints == {}
+
+
+def test_adding_an_output_keeps_the_state_usable_and_upgrades_through_a_savepoint() -> None:
+    platform, _ = stable_job()
+
+    status = drive(platform, job(pipeline=pipeline_with(mx={"fn": "max", "field": "amount"})), 2, is_("Stable"))
+
+    assert len(platform.savepoints) == 1 and status.stable is not None and status.stable.generation == 2
+    assert condition(status, "Stalled").status == "False"
+
+
 # --------------------------------------------------------------------------- modes, initial savepoint
 
 
