@@ -363,7 +363,7 @@ def test_a_change_that_makes_the_state_unusable_is_refused_while_the_old_workers
     assert condition(status, "Stalled").status == "False"
 
 
-def test_with_allow_state_reset_the_incompatible_change_goes_through_a_savepoint_saying_windows_restart() -> None:
+def test_with_allow_state_reset_the_change_goes_through_a_savepoint_saying_windows_restart() -> None:
     platform, _ = stable_job()
     reset = job(pipeline=pipeline_with("5m"), upgrade={**FAST, "allowStateReset": True})
 
@@ -387,7 +387,9 @@ def test_in_stateless_mode_an_incompatible_change_is_not_refused() -> None:
 def test_adding_an_output_keeps_the_state_usable_and_upgrades_through_a_savepoint() -> None:
     platform, _ = stable_job()
 
-    status = drive(platform, job(pipeline=pipeline_with(mx={"fn": "max", "field": "amount"})), 2, is_("Stable"))
+    status = drive(
+        platform, job(pipeline=pipeline_with(mx={"fn": "max", "field": "amount"})), 2, is_("Stable")
+    )
 
     assert len(platform.savepoints) == 1 and status.stable is not None and status.stable.generation == 2
     assert condition(status, "Stalled").status == "False"
