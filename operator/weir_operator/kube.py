@@ -5,9 +5,10 @@ written by server-side apply as field manager ``weir-operator`` (forcing conflic
 operator owns them), the status through the ``status`` subresource as a JSON merge patch of
 the whole status (absent fields become nulls, which removes them), events as ``v1`` Events.
 
-Readiness comes from the StatefulSet's ``status.readyReplicas``; restarts and crash loops
-from the pods (``CrashLoopBackOff``). Worker reports and savepoints go to each worker's
-control API through the headless Service (``render.worker_url``).
+Readiness, restarts and crash loops come from the pods (``CrashLoopBackOff``), and whether
+each runs the latest revision from its ``controller-revision-hash`` (``_worker_states``).
+Worker reports and savepoints go to each worker's control API through the headless Service
+(``render.worker_url``); a savepoint nobody answers for is looked up in the store.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from weir import spec
+from weir.objectstores import CheckpointError
 from weir_operator import model, render, workers
 from weir_operator.lag import LagReader, autoscaled, reported_inputs
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerReport, WorkerState
-from weir_operator.platforms import ApplyRejected, remove_job_store
+from weir_operator.platforms import (
+    ApplyRejected,
+    completed_in_store,
+    dispose_job_savepoint,
+    find_savepoint,
+    remove_job_store,
+    store_s3,
+)
 
 __all__ = ["FIELD_MANAGER", "GROUP", "PLURAL", "VERSION", "KubernetesPlatform", "status_patch"]
 
@@ -112,9 +121,8 @@ class KubernetesPlatform:
             spec=_deployed_spec(config_map),
             missing=missing,
         )
-        ready = (stateful_set.status.ready_replicas or 0) if stateful_set.status is not None else 0
         pods = self.core.list_namespaced_pod(namespace, label_selector=render.selector_string(name)).items
-        worker_states = _worker_states(pods, replicas, ready)
+        worker_states = _worker_states(pods, stateful_set)
         reports = self._reports(name, namespace, [w.index for w in worker_states if w.ready], bool(pods))
         lingering = sum(1 for pod in pods if (_pod_index(pod) or 0) >= replicas)
         lag = None
@@ -136,7 +144,9 @@ class KubernetesPlatform:
     # ------------------------------------------------------------------ acting
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
-        sized = job.model_copy(update={"spec": job.spec.model_copy(update={"parallelism": action.workers})})
+        # A rollback applies the last stable spec (action.spec) under the job's own name and owner.
+        job_spec = action.spec if action.spec is not None else job.spec
+        sized = job.model_copy(update={"spec": job_spec.model_copy(update={"parallelism": action.workers})})
         options = render.RenderOptions(
             default_image=self.worker_image, restore_from=action.restore_from, replicas=action.replicas
         )
@@ -180,7 +190,19 @@ class KubernetesPlatform:
         stateful_set = _read(lambda: self.apps.read_namespaced_stateful_set(name, namespace))
         replicas = (stateful_set.spec.replicas or 0) if stateful_set is not None else 0
         urls = [self.worker_url(name, namespace, i) for i in range(replicas)]
-        return workers.take_savepoint(urls, savepoint_id, stop, self.now(), self.savepoint_timeout_s)
+        outcome = workers.take_savepoint(urls, savepoint_id, stop, self.now(), self.savepoint_timeout_s)
+        checkpoint = job.spec.checkpoint
+        if checkpoint is None:
+            return outcome  # the workers' default store is inside their pods: nothing to look in
+        # After an operator restart the workers that took it may be gone (a stop-savepoint
+        # ends them; replicas may be 0 already): a complete savepoint in the store is the answer.
+        url = checkpoint.url
+        return completed_in_store(
+            outcome,
+            lambda: find_savepoint(url, namespace, name, savepoint_id, store_s3(url, job)),
+            self.now(),
+            asked_all=bool(urls),
+        )
 
     def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         self.custom.patch_namespaced_custom_object_status(
@@ -237,6 +259,14 @@ class KubernetesPlatform:
     def remove_checkpoints(self, job: spec.StreamJob) -> int:
         return remove_job_store(job)
 
+    def dispose_savepoint(self, job: spec.StreamJob, url: str) -> None:
+        checkpoint = job.spec.checkpoint
+        if checkpoint is None:
+            raise CheckpointError("the job has no checkpoint store the operator can reach")
+        deleted = dispose_job_savepoint(job, url, store_s3(url, job))
+        logger.info("%s/%s: savepoint %s disposed (%d objects)", job.metadata.namespace, job.metadata.name,
+                    url, deleted)
+
 
 def _read(call: Callable[[], Any]) -> Any:
     try:
@@ -264,7 +294,31 @@ def _pod_index(pod: Any) -> int | None:
     return int(index) if str(index).isdigit() else None
 
 
-def _worker_states(pods: list[Any], replicas: int, ready_replicas: int) -> tuple[WorkerState, ...]:
+REVISION_LABEL = "controller-revision-hash"
+"""The label the StatefulSet controller puts on each pod: the revision of the template it runs."""
+
+
+def _worker_states(pods: list[Any], stateful_set: Any) -> tuple[WorkerState, ...]:
+    """Each ordinal's worker: readiness, restarts and crash loops from its pod, and whether it
+    runs the StatefulSet's latest revision (``WorkerState.current``).
+
+    Readiness comes from the pod's ``Ready`` condition, never from ``status.readyReplicas``:
+    right after an apply that count still describes the previous revision's pods. A pod is
+    current when the controller has seen the latest spec (``status.observedGeneration`` >=
+    ``metadata.generation``) and the pod's ``controller-revision-hash`` is
+    ``status.updateRevision``; a terminating pod never is. Without an ``updateRevision`` (no
+    controller has written one: the test API server) a pod of an observed spec counts as current.
+
+    Without any pod object (no controller-manager creates them, as in the tests that set the
+    StatefulSet's status by hand) the counts of an observed status stand in: ordinal ``i`` is
+    ready when ``i < readyReplicas`` and current when ``i < updatedReplicas``.
+    """
+    replicas = stateful_set.spec.replicas or 0
+    status = stateful_set.status
+    generation = stateful_set.metadata.generation
+    observed = status.observed_generation if status is not None else None
+    seen = status is not None and (generation is None or (observed is not None and observed >= generation))
+    update_revision = status.update_revision if seen else None
     by_index: dict[int, Any] = {}
     for pod in pods:
         index = _pod_index(pod)
@@ -274,9 +328,13 @@ def _worker_states(pods: list[Any], replicas: int, ready_replicas: int) -> tuple
     for i in range(replicas):
         pod = by_index.get(i)
         if pod is None:
-            # No pod object (yet, or a test without a controller-manager): count readiness from the
-            # StatefulSet's status.
-            states.append(WorkerState(i, ready=not by_index and i < ready_replicas))
+            if by_index or not seen:
+                states.append(WorkerState(i, ready=False, current=False, reason="no pod"))
+                continue
+            ready = i < (status.ready_replicas or 0)
+            updated = status.updated_replicas
+            current = i < (updated if updated is not None else replicas)
+            states.append(WorkerState(i, ready=ready, current=current))
             continue
         statuses = (pod.status.container_statuses or ()) if pod.status is not None else ()
         restarts = sum(s.restart_count or 0 for s in statuses)
@@ -285,13 +343,17 @@ def _worker_states(pods: list[Any], replicas: int, ready_replicas: int) -> tuple
         ]
         conditions = (pod.status.conditions or ()) if pod.status is not None else ()
         ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
+        revision = (pod.metadata.labels or {}).get(REVISION_LABEL)
+        terminating = pod.metadata.deletion_timestamp is not None
+        current = seen and not terminating and (update_revision is None or revision == update_revision)
         states.append(
             WorkerState(
                 i,
                 ready=ready,
                 restarts=restarts,
                 crash_looping="CrashLoopBackOff" in waiting,
-                reason=waiting[0] if waiting else "",
+                reason=waiting[0] if waiting else ("terminating" if terminating else ""),
+                current=current,
             )
         )
     return tuple(states)

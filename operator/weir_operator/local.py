@@ -1,52 +1,52 @@
-"""The local platform and ``weir up``: StreamJobs run as ``weir run`` subprocesses on this machine.
+"""The local platform: StreamJobs run as ``weir run`` subprocesses on this machine (``weir up``).
 
 Same reconciler, same ``decide`` as on Kubernetes; this module plays the parts the cluster
 plays there: the StatefulSet (one process per worker index, control API on a free
-127.0.0.1 port), the kubelet (a worker that exits non-zero is restarted with a backoff and
-recovers from its latest checkpoint; one that exits 0 stopped on purpose and stays
-stopped), the API server (status in ``<state>/<namespace>/<name>/status.json``, events in
-``events.log`` next to it) and the checkpoint store (``file://<state>/checkpoints`` for jobs
-that name none).
+127.0.0.1 port), the kubelet (``weir_operator.local_workers``: a worker that exits non-zero is
+restarted with a backoff and recovers from its latest checkpoint; one that exits 0 stopped on
+purpose and stays stopped), the API server (status in
+``<state>/<namespace>/<name>/status.json``, events in ``events.log`` next to it) and the
+checkpoint store (``file://<state>/checkpoints`` for jobs that name none). The command itself
+is ``weir_operator.up``.
 
-``weir up PATH`` (registered with the ``weir`` command through the ``weir.commands`` entry
-point, so the runtime never imports the operator) runs the manifests in PATH, re-reads them
-every second (an edit is a new generation; a manifest taken out of PATH is a deleted job:
-its workers stop and, with ``cleanupPolicy: delete``, its checkpoints and savepoints are
-removed), prints a ``kubectl get sj``-like table, and on Ctrl-C or SIGTERM stops every job
-with a savepoint (``trigger: shutdown``) that the next ``weir up`` resumes from.
+**Restarts of ``weir up``.** Workers a killed ``weir up`` left running are adopted when this
+platform first meets their job (``local_workers.previous_workers``): they are reported as
+lingering, a savepoint the killed one had asked for is asked of them again under the same id,
+and they are stopped before any new worker of the job starts. A savepoint nobody answers
+for (its workers stopped after taking it) is looked up in the store: complete there, it is
+the answer; only a savepoint missing from the store is a failure.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 import orjson
 import yaml
 
 from weir import spec
-from weir_operator import decide, model, render, workers
+from weir.objectstores import CheckpointError
+from weir_operator import local_workers, model, render, workers
 from weir_operator.lag import LagReader, autoscaled, reported_inputs
+from weir_operator.local_workers import Worker
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerState
-from weir_operator.platforms import remove_job_store
-from weir_operator.reconciler import finalize, reconcile
+from weir_operator.platforms import (
+    completed_in_store,
+    dispose_job_savepoint,
+    find_savepoint,
+    remove_job_store,
+    store_s3,
+)
 
-__all__ = ["COMMAND", "LocalPlatform", "UpCommand", "load_manifests"]
+__all__ = ["ENV_ALLOW_STATE_RESET", "LocalPlatform", "job_has_no_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,13 @@ CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_S = 300.0
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Delay before restarting a crashed worker, by consecutive crash (as the kubelet backs off)."""
-_STOP_TIMEOUT_S = 60.0
+ENV_ALLOW_STATE_RESET = "WEIR_ALLOW_STATE_RESET"
+"""Set to ``1`` for workers of a spec that allows a state reset (``upgrade.allowStateReset`` or
+``upgradeMode: stateless``): a restore whose state does not fit the pipeline starts empty."""
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
 
 
 def job_has_no_store(manifest: Path) -> bool:
@@ -73,37 +74,23 @@ def job_has_no_store(manifest: Path) -> bool:
     except SpecError:
         return True
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=0.5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-@dataclass
-class _Worker:
-    index: int
-    port: int
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]
-    restarts: int = 0
-    crashes: deque[float] = field(default_factory=deque)
-    restart_at: float | None = None
-    exit_code: int | None = None
+def reset_allowed(job_spec: spec.JobSpec) -> bool:
+    """Whether the workers of ``job_spec`` may start with empty state where the saved one does not fit."""
+    return job_spec.upgrade.allow_state_reset or job_spec.upgrade_mode == "stateless"
 
 
 @dataclass
 class _Job:
     deployed: Deployed | None = None
     manifest: Path | None = None
-    workers: dict[int, _Worker] = field(default_factory=dict)
+    workers: dict[int, Worker] = field(default_factory=dict)
+    previous: list[Worker] = field(default_factory=list)
+    """Workers a previous ``weir up`` started that still ran when this one met the job."""
+    applied: int = 0
+    """Applies that started workers so far: a worker started by the latest one is current."""
+    env: dict[str, str] = field(default_factory=dict)
+    """The environment the workers of the latest apply (and their restarts) get."""
 
 
 class LocalPlatform:
@@ -137,22 +124,48 @@ class LocalPlatform:
     def store(self) -> str:
         return (self.state_dir / "checkpoints").as_uri()
 
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.extra_env}
+
+    def store_url(self, job_spec: spec.JobSpec) -> str:
+        """Where the workers of ``job_spec`` keep checkpoints and savepoints (``WEIR_CHECKPOINT_URL``
+        overrides the spec, as in ``weir run``; a job without a store gets this platform's)."""
+        override = self._env().get("WEIR_CHECKPOINT_URL")
+        checkpoint = job_spec.checkpoint
+        return override or (checkpoint.url if checkpoint is not None else self.store)
+
+    def _job(self, namespace: str, name: str) -> _Job:
+        """The job's record, created on first use: then a previous ``weir up``'s workers are adopted."""
+        key = (namespace, name)
+        local = self._jobs.get(key)
+        if local is None:
+            local = self._jobs[key] = _Job()
+            local.previous = local_workers.previous_workers(self.job_dir(namespace, name))
+            if local.previous:
+                logger.warning(
+                    "%s/%s: %d workers of a previous weir up still run (pids %s): they answer a savepoint it "
+                    "asked for and are stopped before any new worker starts", namespace, name,
+                    len(local.previous), ", ".join(str(w.pid) for w in local.previous),
+                )
+        return local
+
     # ------------------------------------------------------------------ the "kubelet"
 
     def tick(self) -> None:
         """Notice exited workers; restart crashed ones once their backoff has passed."""
         with self._lock:
             for (namespace, name), job in self._jobs.items():
+                job.previous = [w for w in job.previous if w.poll() is None]
                 for worker in list(job.workers.values()):
                     self._supervise(namespace, name, job, worker)
 
-    def _supervise(self, namespace: str, name: str, job: _Job, worker: _Worker) -> None:
-        code = worker.process.poll()
+    def _supervise(self, namespace: str, name: str, job: _Job, worker: Worker) -> None:
+        code = worker.poll()
         if code is None:
             return
         if worker.exit_code is None:
             worker.exit_code = code
-            worker.log.close()
+            worker.close_log()
             if code == 0:
                 logger.info("%s/%s: worker %d stopped", namespace, name, worker.index)
                 return
@@ -170,75 +183,58 @@ class LocalPlatform:
             if deployed is None or job.manifest is None:
                 return
             # A restart recovers from the worker's latest checkpoint, never the deploy's restore point.
-            fresh = self._start(namespace, name, job.manifest, worker.index, deployed.workers, None)
+            fresh = self._start(namespace, name, job, worker.index, None)
             fresh.restarts = worker.restarts + 1
             fresh.crashes = worker.crashes
             job.workers[worker.index] = fresh
+            local_workers.write_record(self.job_dir(namespace, name), job.workers.values())
 
-    def _start(
-        self, namespace: str, name: str, manifest: Path, index: int, count: int, restore_from: str | None
-    ) -> _Worker:
-        directory = self.job_dir(namespace, name)
-        port = _free_port()
-        command = [
-            self.python, "-m", "weir", "run", str(manifest),
-            "--worker-index", str(index), "--workers", str(count),
-            "--http-host", "127.0.0.1", "--http-port", str(port),
-            "--state-dir", str(directory / f"w{index}"),
-        ]
-        if self.bootstrap_servers:
-            command += ["--bootstrap-servers", self.bootstrap_servers]
-        env = {**os.environ, **self.extra_env}
-        if job_has_no_store(manifest):
-            env.setdefault("WEIR_CHECKPOINT_URL", self.store)
-        env.pop(render.ENV_RESTORE_FROM, None)
+    def _start(self, namespace: str, name: str, job: _Job, index: int, restore_from: str | None) -> Worker:
+        assert job.deployed is not None and job.manifest is not None and job.deployed.spec is not None
+        env = dict(job.env)
         if restore_from is not None:
             env[render.ENV_RESTORE_FROM] = restore_from
-        log = (directory / f"w{index}.log").open("ab")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        logger.info("%s/%s: worker %d/%d started (pid %d, port %d%s)", namespace, name, index, count,
-                    process.pid, port, f", restoring {restore_from}" if restore_from else "")
-        return _Worker(index, port, process, log)
+        worker = local_workers.start_worker(
+            self.python, job.manifest, self.job_dir(namespace, name), index, job.deployed.workers,
+            store=self.store_url(job.deployed.spec), bootstrap_servers=self.bootstrap_servers, env=env,
+        )
+        worker.applied = job.applied
+        logger.info("%s/%s: worker %d/%d started (pid %d, port %d%s)", namespace, name, index,
+                    job.deployed.workers, worker.pid, worker.port,
+                    f", restoring {restore_from}" if restore_from else "")
+        return worker
 
     def _stop_all(self, job: _Job) -> None:
-        for worker in job.workers.values():
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT_S
-        for worker in job.workers.values():
-            try:
-                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-            if not worker.log.closed:
-                worker.log.close()
+        local_workers.stop([*job.previous, *job.workers.values()])
+        job.previous = []
         job.workers.clear()
 
     # ------------------------------------------------------------------ Platform
 
     def observe(self, job: spec.StreamJob) -> Observed:
         with self._lock:
-            local = self._jobs.get((job.metadata.namespace, job.metadata.name))
-            if local is None or local.deployed is None:
-                return Observed()
+            local = self._job(job.metadata.namespace, job.metadata.name)
+            lingering = sum(1 for w in local.previous if w.poll() is None)
+            if local.deployed is None:
+                return Observed(lingering=lingering)
             states = []
             ready_ports = []
             now = time.monotonic()
             for index in range(local.deployed.replicas):
                 worker = local.workers.get(index)
                 if worker is None:
-                    states.append(WorkerState(index, ready=False, reason="not started"))
+                    states.append(WorkerState(index, ready=False, reason="not started", current=False))
                     continue
-                alive = worker.process.poll() is None
-                ready = alive and _ready(worker.port)
+                code = worker.poll()
+                ready = code is None and local_workers.is_ready(worker.port)
                 if ready:
                     ready_ports.append((index, worker.port))
                 recent = sum(1 for t in worker.crashes if now - t <= CRASH_LOOP_WINDOW_S)
-                reason = "" if alive else f"exit code {worker.process.returncode}"
+                reason = "" if code is None else f"exit code {code}"
                 states.append(
                     WorkerState(index, ready=ready, restarts=worker.restarts,
-                                crash_looping=recent >= CRASH_LOOP_RESTARTS, reason=reason)
+                                crash_looping=recent >= CRASH_LOOP_RESTARTS, reason=reason,
+                                current=worker.applied == local.applied)
                 )
             deployed = local.deployed
         reports = tuple(
@@ -249,42 +245,68 @@ class LocalPlatform:
         if autoscaled(job) and deployed.replicas > 0:
             lag = self._lag.read(job, bootstrap_servers=self.bootstrap_servers,
                                  reported=reported_inputs(reports))
-        return Observed(deployed=deployed, workers=tuple(states), reports=reports, lag=lag)
+        return Observed(deployed=deployed, workers=tuple(states), reports=reports, lag=lag,
+                        lingering=lingering)
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
         namespace, name = job.metadata.namespace, job.metadata.name
-        sized = job.model_copy(update={"spec": job.spec.model_copy(update={"parallelism": action.workers})})
-        fingerprint = render.fingerprint(job.spec)
+        # A rollback applies the last stable spec (action.spec) under the job's own name.
+        job_spec = action.spec if action.spec is not None else job.spec
+        sized = job.model_copy(update={"spec": job_spec.model_copy(update={"parallelism": action.workers})})
+        fingerprint = render.fingerprint(job_spec)
         directory = self.job_dir(namespace, name)
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / f"job-{fingerprint}-{action.workers}.yaml"
         manifest.write_text(yaml.safe_dump(render.job_document(sized), sort_keys=False))
         deployed = Deployed(fingerprint, action.workers, action.replicas, action.restore_from, sized.spec)
         with self._lock:
-            local = self._jobs.setdefault((namespace, name), _Job())
-            if local.deployed == deployed and len(local.workers) == action.replicas:
+            local = self._job(namespace, name)
+            if local.deployed == deployed and len(local.workers) == action.replicas and not local.previous:
                 return
+            # Every old worker (and any a previous weir up left) is gone before a new one starts:
+            # two workers never share a RocksDB directory or a partition.
             self._stop_all(local)
             local.deployed, local.manifest = deployed, manifest
+            local.applied += 1
+            local.env = self._worker_env(sized.spec, manifest)
             for index in range(action.replicas):
-                local.workers[index] = self._start(
-                    namespace, name, manifest, index, action.workers, action.restore_from
-                )
+                local.workers[index] = self._start(namespace, name, local, index, action.restore_from)
+            local_workers.write_record(directory, local.workers.values())
+
+    def _worker_env(self, job_spec: spec.JobSpec, manifest: Path) -> dict[str, str]:
+        env = self._env()
+        if job_has_no_store(manifest):
+            env.setdefault("WEIR_CHECKPOINT_URL", self.store)
+        env.pop(render.ENV_RESTORE_FROM, None)
+        env.pop(ENV_ALLOW_STATE_RESET, None)
+        if reset_allowed(job_spec):
+            env[ENV_ALLOW_STATE_RESET] = "1"
+        return env
 
     def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:
+        namespace, name = job.metadata.namespace, job.metadata.name
         with self._lock:
-            local = self._jobs.get((job.metadata.namespace, job.metadata.name))
-            running = [w for w in (local.workers.values() if local else ()) if w.process.poll() is None]
-        urls = [f"http://127.0.0.1:{w.port}" for w in sorted(running, key=lambda w: w.index)]
+            local = self._job(namespace, name)
+            running = [w for w in local.workers.values() if w.poll() is None]
+            if not running:
+                # Only before this weir up started workers of its own: a savepoint the previous one
+                # asked for is asked of its workers again (same id, same savepoint).
+                running = [w for w in local.previous if w.poll() is None]
+            deployed_spec = local.deployed.spec if local.deployed is not None else None
+        running.sort(key=lambda w: w.index)
+        urls = [f"http://127.0.0.1:{w.port}" for w in running]
         outcome = workers.take_savepoint(urls, savepoint_id, stop, self.now(), self.savepoint_timeout_s)
         if stop and outcome.completed:
-            for worker in running:
-                try:
-                    worker.process.wait(timeout=_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    worker.process.kill()
-                    worker.process.wait()
-        return outcome
+            local_workers.stop_after_savepoint(running)
+        store = running[0].store if running else self.store_url(deployed_spec or job.spec)
+        count = running[0].count if running else None
+        asked_all = count is not None and sorted(w.index for w in running) == list(range(count))
+        return completed_in_store(
+            outcome,
+            lambda: find_savepoint(store, namespace, name, savepoint_id, store_s3(store, job, self._env())),
+            self.now(),
+            asked_all=asked_all,
+        )
 
     def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         path = self.job_dir(job.namespace, job.name) / "status.json"
@@ -312,177 +334,25 @@ class LocalPlatform:
 
     def delete(self, namespace: str, name: str) -> None:
         with self._lock:
-            local = self._jobs.pop((namespace, name), None)
-            if local is not None:
-                self._stop_all(local)
+            local = self._job(namespace, name)
+            self._stop_all(local)
+            del self._jobs[(namespace, name)]
+            (self.job_dir(namespace, name) / local_workers.RECORD).unlink(missing_ok=True)
 
     def remove_checkpoints(self, job: spec.StreamJob) -> int:
-        return remove_job_store(job, {**os.environ, **self.extra_env})
+        return remove_job_store(job, self._env())
+
+    def dispose_savepoint(self, job: spec.StreamJob, url: str) -> None:
+        store = self.store_url(job.spec)
+        try:
+            deleted = dispose_job_savepoint(job, url, store_s3(url, job, self._env()))
+        except OSError as exc:
+            raise CheckpointError(f"deleting {url} failed: {exc}") from exc
+        logger.info("%s/%s: savepoint %s disposed (%d objects; store %s)", job.metadata.namespace,
+                    job.metadata.name, url, deleted, store)
 
     def close(self) -> None:
         """Stop every worker (SIGTERM: each finishes its batch and checkpoints)."""
         with self._lock:
             for key in list(self._jobs):
                 self.delete(*key)
-
-
-# --------------------------------------------------------------------------- manifests
-
-
-@dataclass
-class _Tracked:
-    """A manifest ``weir up`` runs, with its local generation (bumped when its spec changes)."""
-
-    job: spec.StreamJob
-    generation: int
-    digest: str
-    created: datetime
-
-
-def load_manifests(path: Path, *, allow_empty: bool = False) -> list[spec.StreamJob]:
-    """The StreamJobs in ``path`` (a file, or the ``*.yaml``/``*.yml``/``*.json`` files of a directory).
-
-    ``allow_empty``: a directory without manifests is no error (every job was taken out)."""
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
-    )
-    jobs = []
-    for file in files:
-        documents = [d for d in yaml.safe_load_all(file.read_text(encoding="utf-8")) if d]
-        for document in documents:
-            if isinstance(document, dict) and document.get("kind") == spec.KIND:
-                jobs.append(spec.parse_manifest(orjson.dumps(document).decode()))
-    if not jobs and not (allow_empty and path.is_dir()):
-        raise spec.SpecError([f"{path}: no StreamJob manifests"])
-    return jobs
-
-
-def _digest(job: spec.StreamJob) -> str:
-    document = orjson.dumps(job.spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(document).hexdigest()
-
-
-def _age(since: datetime, now: datetime) -> str:
-    seconds = int((now - since).total_seconds())
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
-def status_table(rows: list[tuple[str, model.StreamJobStatus, datetime]], now: datetime) -> str:
-    """``kubectl get sj``: NAME PHASE PARALLELISM READY LAG LAST CHECKPOINT AGE."""
-    header = ("NAME", "PHASE", "PARALLELISM", "READY", "LAG", "LAST CHECKPOINT", "AGE")
-    lines = [header]
-    for name, status, created in rows:
-        checkpoint = status.last_checkpoint
-        lines.append((
-            name,
-            status.phase or "",
-            str(status.parallelism if status.parallelism is not None else ""),
-            f"{status.ready_workers or 0}/{status.parallelism or 0}",
-            str(status.lag.records) if status.lag is not None else "",
-            _age(checkpoint.completed_at, now) + " ago" if checkpoint is not None else "",
-            _age(created, now),
-        ))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in lines)
-
-
-# --------------------------------------------------------------------------- weir up
-
-
-class UpCommand:
-    """``weir up PATH``: the ``weir.commands`` entry point."""
-
-    name = "up"
-    help = "run StreamJob manifests on this machine (workers as local processes)"
-    description = (
-        "Run the StreamJob manifests in PATH (a file or a directory) on this machine with the operator's "
-        "reconciler: one `weir run` process per worker, restarted when it crashes, savepoints on "
-        "savepointTriggerNonce, and on Ctrl-C a savepoint the next `weir up` resumes from. Prints the "
-        "jobs like `kubectl get sj`; status and events are in STATE_DIR/<namespace>/<name>/."
-    )
-
-    def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", type=Path, help="a StreamJob manifest, or a directory of them")
-        parser.add_argument("--state-dir", type=Path, default=None,
-                            help="worker state, checkpoints, status (default: ~/.cache/weir/up)")
-        parser.add_argument("--bootstrap-servers", help="override spec.kafka.bootstrapServers of every job")
-        parser.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
-                            help="print the status table this often (default 5; 0: never)")
-        parser.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
-                            help="stop (with a savepoint) after this long (default 0: until Ctrl-C)")
-        parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-    def run(self, args: argparse.Namespace) -> int:
-        cache = Path(os.environ.get("WEIR_CACHE") or Path.home() / ".cache" / "weir")
-        state_dir = (args.state_dir or cache / "up").resolve()
-        try:
-            load_manifests(args.path)
-        except (spec.SpecError, OSError) as exc:
-            print(f"{args.path}: {exc}", file=sys.stderr)
-            return 2
-        platform = LocalPlatform(state_dir, bootstrap_servers=args.bootstrap_servers)
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        try:
-            return _up(platform, args, stop)
-        finally:
-            platform.close()
-
-
-def _up(platform: LocalPlatform, args: argparse.Namespace, stop: threading.Event) -> int:
-    tracked: dict[tuple[str, str], _Tracked] = {}
-    deadline = time.monotonic() + args.duration if args.duration > 0 else None
-    next_print = time.monotonic()
-    # weir up reconciles every second: the autoscaler measures as often.
-    policy = decide.Policy(autoscaler_interval=timedelta(seconds=1))
-    while not stop.is_set():
-        try:
-            jobs = load_manifests(args.path, allow_empty=True)
-        except (spec.SpecError, OSError) as exc:
-            logger.error("%s (keeping the last valid manifests)", exc)
-            jobs = [t.job for t in tracked.values()]
-        present = {(job.metadata.namespace, job.metadata.name) for job in jobs}
-        for key in [k for k in tracked if k not in present]:
-            # A manifest taken out of PATH is a deleted StreamJob (kubectl delete -f).
-            item = tracked[key]
-            if finalize(platform, item.job, item.generation, platform.read_status(*key), platform.now,
-                        policy=policy):
-                del tracked[key]
-        for job in jobs:
-            key = (job.metadata.namespace, job.metadata.name)
-            digest = _digest(job)
-            known = tracked.get(key)
-            if known is None:
-                status = platform.read_status(*key)
-                # A new run of `weir up` is a new generation: whatever ran before is gone.
-                generation = (status.observed_generation or 0) + 1
-                tracked[key] = known = _Tracked(job, generation, digest, platform.now())
-            elif known.digest != digest:
-                known.job, known.digest, known.generation = job, digest, known.generation + 1
-        platform.tick()
-        for key, item in tracked.items():
-            status = platform.read_status(*key)
-            reconcile(platform, item.job, item.generation, status, platform.now, policy=policy)
-        if args.interval > 0 and time.monotonic() >= next_print:
-            next_print = time.monotonic() + args.interval
-            rows = [(k[1], platform.read_status(*k), t.created) for k, t in tracked.items()]
-            print(status_table(rows, platform.now()), flush=True)
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        stop.wait(1.0)
-    logger.info("stopping: a savepoint of every job, then its workers")
-    for key, item in tracked.items():
-        reconcile(platform, item.job, item.generation, platform.read_status(*key), platform.now,
-                  shutdown=True, policy=policy)
-    rows = [(k[1], platform.read_status(*k), t.created) for k, t in tracked.items()]
-    print(status_table(rows, platform.now()), flush=True)
-    return 0
-
-
-COMMAND = UpCommand()

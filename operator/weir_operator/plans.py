@@ -79,6 +79,13 @@ class WorkerState:
     """Kubernetes: ``CrashLoopBackOff``; local: restarted again and again within a short time."""
     reason: str = ""
     """Why it is not running, when known (``CrashLoopBackOff``, ``exit code 1``)."""
+    current: bool = True
+    """Whether it runs what the children ask for now. Kubernetes: its pod's
+    ``controller-revision-hash`` is the StatefulSet's ``status.updateRevision`` and the
+    StatefulSet controller has seen the latest spec (``observedGeneration``); local: its
+    process was started by the latest ``Apply``. A worker of the previous revision that is
+    still up (a rolling update not yet at its ordinal, a stale ready count) is not current,
+    so it never passes for the new spec."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +207,9 @@ class Observed:
 
     @property
     def ready_workers(self) -> int:
-        return sum(1 for w in self.workers if w.ready)
+        """Workers that are ready AND current: a ready worker of the previous revision does
+        not count for the spec the children ask for now."""
+        return sum(1 for w in self.workers if w.ready and w.current)
 
 
 @dataclass(frozen=True, slots=True)
