@@ -204,7 +204,7 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
         return None
     window = timedelta(milliseconds=job.spec.upgrade.stability_window)
     replicas = deployed.replicas
-    restarts = sum(w.restarts for w in observed.workers)
+    restarts = sum(w.restarts for w in observed.workers if w.current)  # an old pod's restarts are not ours
     lag: model.Lag | None = draft.get("lag")
     lag_now = lag.records if lag is not None and lag.measured_at == now else None
     passed = ""

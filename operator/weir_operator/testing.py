@@ -111,6 +111,8 @@ class FakePlatform:
     """Workers of a spec whose ``image`` is one of these crash-loop (a version that fails)."""
     restarts: dict[int, int] = field(default_factory=dict)
     """Extra restarts of worker ``index`` (a test bumps them to simulate a restart)."""
+    not_current: frozenset[int] = frozenset()
+    """Indices of workers still running an older revision of the children (a rolling update)."""
     dispose_error: str | None = None
     """Every deletion of a savepoint fails with this message."""
     disposed: list[str] = field(default_factory=list)
@@ -141,6 +143,7 @@ class FakePlatform:
                 restarts=(5 if i in looping else 0) + self.restarts.get(i, 0),
                 crash_looping=i in looping,
                 reason="CrashLoopBackOff" if i in looping else "",
+                current=i not in self.not_current,
             )
             for i in range(deployed.replicas)
         )

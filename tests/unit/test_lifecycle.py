@@ -141,6 +141,21 @@ def test_a_worker_restart_starts_the_window_again_but_the_deadline_keeps_running
     assert run(platform, new, 2).lifecycle_state == "Stable"
 
 
+def test_workers_of_the_old_revision_do_not_count_as_ready_for_the_new_one() -> None:
+    platform, _ = stable_job(image="weir:1")
+    new = job(image="weir:2")
+    platform.not_current = frozenset({1})  # the rolling update has not replaced worker 1 yet
+    run(platform, new, 2)
+    platform.clock.advance(60)
+    status = run(platform, new, 2)
+    assert status.lifecycle_state == "Stabilizing" and status.ready_workers == 1
+    assert status.stabilization is not None and "1/2 workers ready" in status.stabilization.measured
+
+    platform.not_current = frozenset()
+    status = drive(platform, new, 2, is_("Stable"))
+    assert status.stable is not None and status.stable.generation == 2
+
+
 def test_a_job_with_checkpoints_is_stable_only_once_one_completed_in_the_window() -> None:
     checkpointed = {"checkpoint": {"url": "s3://bucket/weir"}}
     platform = FakePlatform()
