@@ -146,6 +146,8 @@ def decide(
     if draft.intent is None and not draft.actions and intent is None:
         _start(draft, job, generation, observed, now, shutdown=shutdown, policy=policy)
     idle = draft.intent is None and not draft.actions  # (an intent finished now: measure at once)
+    if idle and intent is None:
+        lifecycle.adopt(draft, job, generation, observed, now)
     if idle and not shutdown and lifecycle.gate(draft, job, observed, now) == "rollback":
         _begin_rollback(draft, job, generation, observed, now, policy)
     if draft.intent is None:
@@ -446,7 +448,8 @@ def _begin(
     )
     draft.set(intent=intent, observed_generation=generation, apply_failure=None)
     if action not in ("savepoint", "rollback"):
-        draft.set(lifecycle_state=_BEGIN_STATE.get(action, "Upgrading"), stabilization=None)
+        # A new change: what failed before (Failed, RolledBack) is history now.
+        draft.set(lifecycle_state=_BEGIN_STATE.get(action, "Upgrading"), stabilization=None, error=None)
     draft.event("Normal", conditions.PROGRESS_REASON[action], message)
     _continue(
         draft, job, intent, observed, now, generation=generation, shutdown=False, policy=policy, fresh=True

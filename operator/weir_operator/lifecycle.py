@@ -46,6 +46,7 @@ __all__ = [
     "DONE_REASON",
     "LAG_SLACK_FRACTION",
     "LAG_SLACK_RECORDS",
+    "adopt",
     "begin_stabilizing",
     "degraded",
     "gate",
@@ -188,6 +189,29 @@ def begin_stabilizing(draft: Draft, job_spec: spec.JobSpec, intent: model.Intent
         f"stable after {_duration(upgrade.stability_window)} "
         f"healthy, else {'failed' if intent.action == 'rollback' else _fallback(job_spec)} at "
         f"{deadline.isoformat()}",
+    )
+
+
+def adopt(draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime) -> None:
+    """A job an older operator deployed (no ``lifecycleState``): its running workers go through
+    the gate from now on, so it gets a ``lastStableSpec`` without a change; stopped ones are
+    ``Suspended``."""
+    deployed = observed.deployed
+    if draft.get("lifecycle_state") is not None or deployed is None or draft.intent is not None:
+        return
+    if deployed.replicas == 0:
+        draft.set(lifecycle_state="Suspended")
+        return
+    fp = deployed.fingerprint or render.fingerprint(job.spec)
+    draft.set(
+        lifecycle_state="Stabilizing",
+        stabilization=model.Stabilization(
+            kind="deploy",
+            generation=generation,
+            fingerprint=fp,
+            started_at=now,
+            deadline=now + timedelta(milliseconds=job.spec.upgrade.readiness_timeout),
+        ),
     )
 
 

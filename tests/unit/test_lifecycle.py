@@ -207,6 +207,34 @@ def test_a_restart_nonce_goes_through_the_stability_gate() -> None:
     assert "Redeployed" in reasons(platform)
 
 
+def test_a_job_an_older_operator_deployed_goes_through_the_gate_and_gets_a_stable_spec() -> None:
+    platform, the_job = stable_job()
+    legacy = model.StreamJobStatus.model_validate(
+        platform.status.model_dump(
+            by_alias=False,
+            exclude={"lifecycle_state", "stable", "last_stable_spec", "stabilization", "stable_fingerprint"},
+        )
+    )
+    platform.statuses.append(legacy)
+
+    assert run(platform, the_job).lifecycle_state == "Stabilizing"
+    status = drive(platform, the_job, 1, is_("Stable"))
+
+    assert lifecycle.stable_spec(status) == the_job.spec and platform.savepoints == {}
+
+
+def test_a_new_change_after_a_failed_one_clears_the_failure() -> None:
+    manual = {**FAST, "rollback": "manual"}
+    platform, _ = stable_job(image="weir:1", upgrade=manual)
+    drive(platform, job(image="weir:broken", upgrade=manual), 2, is_("Failed"))
+
+    status = run(platform, job(image="weir:3", upgrade=manual), 3)
+
+    assert status.error is None and status.phase != "Failed"
+    status = drive(platform, job(image="weir:3", upgrade=manual), 3, is_("Stable"))
+    assert condition(status, "Degraded").status == "False"
+
+
 # --------------------------------------------------------------------------- rollback
 
 
