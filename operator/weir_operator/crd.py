@@ -119,6 +119,12 @@ PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
+        "name": "Lifecycle",
+        "type": "string",
+        "jsonPath": ".status.lifecycleState",
+        "description": "Upgrade life cycle (Deploying, Upgrading, Stabilizing, Stable, RollingBack, ...)",
+    },
+    {
         "name": "Upgrade Mode",
         "type": "string",
         "jsonPath": ".spec.upgradeMode",

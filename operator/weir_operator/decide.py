@@ -32,10 +32,19 @@ mode, workers of two parallelisms never run at once: the old ones are scaled to 
 gone before the new ones start (at the same parallelism a rolling replacement is safe: one
 pod per ordinal, and a new worker's transactional ids fence its predecessor's).
 
-The seam for the full savepoint-upgrade state machine (stable-spec tracking, rollback to
-``status.stableFingerprint``, a bounded policy for failed savepoints beyond retrying) is
-``_strategy``: it picks the steps of a change; a later issue replaces the upgrade branch
-with its own intents (``upgrade``, ``rollback``) without touching the rest.
+**The upgrade life cycle** (``weir_operator.lifecycle``): a change whose saved state the new
+version cannot use is refused before anything stops (``Stalled``: ``IncompatibleStateChange``)
+unless a state reset is allowed; once a change's children are applied the job is
+``Stabilizing`` until the stability gate holds (``Stable``: only then ``lastStableSpec``), and
+a version not stable within ``upgrade.readinessTimeout`` is rolled back to ``lastStableSpec``
+(or ``Failed``). A change while the running version is unhealthy (not ready, crash-looping)
+takes no savepoint, which it could not: the new workers restore from the checkpoints, or from
+the stable version's snapshot when the new spec is the stable one (a rollback by hand).
+Periodic savepoints and their retention: ``weir_operator.savepoints``.
+
+The module layout: ``drafts`` (the plan being built, ``Policy``), ``parallelism`` (autoscaler,
+partition cap), ``lifecycle``, ``savepoints``, ``conditions`` (phase and conditions),
+``deletion`` (``decide_deletion``).
 
 **A failed savepoint never loses state**: the old workers keep running, the intent is
 dropped, the failure goes to ``status.savepointHistory`` and ``Degraded``; the change is
@@ -45,65 +54,17 @@ per generation, then ``Stalled`` says what to do.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
+from typing import Literal
 
 from weir import spec
-from weir.objectstores import job_url
-from weir_operator import autoscaler, model, render
-from weir_operator.plans import (
-    Action,
-    Apply,
-    Deployed,
-    Event,
-    Observed,
-    Plan,
-    RemoveCheckpoints,
-    StopWorkers,
-    TakeSavepoint,
-)
+from weir.spec_diff import Change
+from weir_operator import conditions, lifecycle, model, parallelism, render, savepoints
+from weir_operator.deletion import cleanup_url, decide_deletion
+from weir_operator.drafts import Draft, Policy
+from weir_operator.plans import Apply, Deployed, Observed, Plan, SavepointOutcome, TakeSavepoint
 
-__all__ = ["Change", "Policy", "classify", "decide", "decide_deletion"]
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Knobs of the decision, fixed per operator."""
-
-    savepoint_history: int = 10
-    """Savepoints kept in ``status.savepointHistory`` (newest first)."""
-    savepoint_attempts: int = 3
-    """Failed savepoints per generation and trigger before the job is ``Stalled``."""
-    savepoint_retry_after: timedelta = timedelta(seconds=60)
-    """Wait after a failed savepoint before trying the change again."""
-    cleanup_timeout: timedelta = timedelta(minutes=10)
-    """How long a deleted job with ``cleanupPolicy: delete`` waits for its store to be removed
-    before it is let go anyway (with a Warning naming what is left)."""
-    apply_retry_after: timedelta = timedelta(seconds=10)
-    """Wait after the first refused apply of a job's children; doubled after each further
-    refusal of the same generation (a new spec is applied at once)."""
-    apply_retry_max: timedelta = timedelta(minutes=5)
-    """Longest wait between two applies of children the API server refused."""
-    autoscaler_interval: timedelta = timedelta(seconds=10)
-    """The autoscaler measures and decides at most this often per job (reconciles in between, e.g.
-    the one its own status write triggers, leave ``status.autoscaler`` alone)."""
-    autoscaler_stale_after: timedelta = timedelta(seconds=30)
-    """A worker status older than this is stale: no autoscaling decision on it."""
-
-
-class Change(enum.IntEnum):
-    """How much of the job a spec change touches; changes combine by taking the maximum."""
-
-    IGNORE = 0
-    """Operator policy only (upgradeMode, autoscaler, cleanup policy, savepointTriggerNonce)."""
-    SCALE = 1
-    """``parallelism``."""
-    UPGRADE = 2
-    """Anything the worker pods run (pipeline, image, Kafka, checkpoint store, resources, ...)."""
-    REDEPLOY = 3
-    """``restartNonce``: restart every worker even if nothing else changed."""
+__all__ = ["Change", "Policy", "classify", "cleanup_url", "decide", "decide_deletion"]
 
 
 def classify(deployed: Deployed, desired: spec.JobSpec) -> Change:
@@ -136,56 +97,6 @@ _PREFIX: dict[model.IntentAction, str] = {
     "rollback": "rollback",
     "cleanup": "cleanup",
 }
-_PROGRESS_REASON: dict[model.IntentAction, str] = {
-    "deploy": "Deploying",
-    "scale": "Scaling",
-    "redeploy": "Redeploying",
-    "upgrade": "Upgrading",
-    "savepoint": "Savepointing",
-    "suspend": "Suspending",
-    "resume": "Resuming",
-    "restart": "Restarting",
-    "rollback": "RollingBack",
-    "cleanup": "CleaningUp",
-}
-_DONE_REASON: dict[model.IntentAction, str] = {
-    "deploy": "Deployed",
-    "scale": "Scaled",
-    "redeploy": "Redeployed",
-    "upgrade": "Upgraded",
-    "savepoint": "SavepointCompleted",
-    "suspend": "Suspended",
-    "resume": "Resumed",
-    "restart": "Restarted",
-    "rollback": "RolledBack",
-    "cleanup": "CleanedUp",
-}
-
-
-@dataclass
-class _Draft:
-    """The plan being built: status changes, actions, events."""
-
-    status: model.StreamJobStatus
-    updates: dict[str, Any] = field(default_factory=dict)
-    actions: list[Action] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    stalled: tuple[str, str] | None = None
-    capped: _Cap | None = None
-
-    def get(self, name: str) -> Any:
-        return self.updates[name] if name in self.updates else getattr(self.status, name)
-
-    def set(self, **values: Any) -> None:
-        self.updates.update(values)
-
-    @property
-    def intent(self) -> model.Intent | None:
-        intent: model.Intent | None = self.get("intent")
-        return intent
-
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.events.append(Event(type_, reason, message))
 
 
 def decide(
@@ -196,14 +107,14 @@ def decide(
     now: datetime,
     *,
     shutdown: bool = False,
-    policy: Policy = Policy(),
+    policy: Policy = Policy(),  # noqa: B008 - frozen
 ) -> Plan:
     """The next step for ``job`` (at ``metadata.generation`` ``generation``).
 
     ``shutdown``: the platform is going away (``weir up`` stopping): stop the workers as a
     suspend would, recording the savepoint as ``trigger: shutdown``.
     """
-    draft = _Draft(status)
+    draft = Draft(status)
     deployed = observed.deployed
     draft.set(
         selector=render.selector_string(job.metadata.name),
@@ -212,164 +123,45 @@ def decide(
         worker_restarts=sum(w.restarts for w in observed.workers),
     )
     _record_reports(draft, observed, now)
-    job = _autoscale(draft, job, status, observed, now, shutdown=shutdown, policy=policy)
-    draft.capped = _parallelism_cap(job, draft.get("input_partitions"))
+    savepoints.apply_disposed(draft, observed, now)
+    rolled_back = lifecycle.target(job, generation, status)
+    if rolled_back is not None:
+        # Rolled back from this generation: the stable spec is what runs (the autoscaler waits
+        # for the next generation, so it does not move the job off the spec it was returned to).
+        job = rolled_back
+        draft.apply_spec = job.spec
+    else:
+        job = parallelism.autoscale(draft, job, status, observed, now, shutdown=shutdown, policy=policy)
+    draft.capped = parallelism.cap(job, draft.get("input_partitions"))
     if draft.capped is not None:
         # Everything below deploys, scales and compares with the capped job.
         capped = job.spec.model_copy(update={"parallelism": draft.capped.workers})
         job = job.model_copy(update={"spec": capped})
+        if draft.apply_spec is not None:
+            draft.apply_spec = capped
 
     intent = status.intent
     if intent is not None:
         _continue(draft, job, intent, observed, now, generation=generation, shutdown=shutdown, policy=policy)
     if draft.intent is None and not draft.actions and intent is None:
         _start(draft, job, generation, observed, now, shutdown=shutdown, policy=policy)
-    _conditions(draft, job, observed, now)
+    idle = draft.intent is None and not draft.actions  # (an intent finished now: measure at once)
+    if idle and intent is None:
+        lifecycle.adopt(draft, job, generation, observed, now)
+    if idle and not shutdown and lifecycle.gate(draft, job, observed, now) == "rollback":
+        _begin_rollback(draft, job, generation, observed, now, policy)
+    if draft.intent is None:
+        savepoints.retention(draft, job, observed, now, policy)
+    conditions.write(draft, job, observed, now)
     new_status = status.model_copy(update=draft.updates)
     return Plan(new_status, tuple(draft.actions), tuple(draft.events))
-
-
-@dataclass(frozen=True, slots=True)
-class _Cap:
-    """A parallelism above the input partition count, and what runs instead."""
-
-    wanted: int
-    """``spec.parallelism``."""
-    workers: int
-    """The partition count of the largest input topic: the workers that run."""
-    topic: str
-    """That topic."""
-    several: bool
-    """Whether the job has more than one input topic (the message says "largest")."""
-
-    def message(self) -> str:
-        largest = "its largest input topic " if self.several else ""
-        return (
-            f"parallelism {self.wanted} exceeds the {self.workers} partitions of {largest}{self.topic}; "
-            f"running {self.workers} workers"
-        )
-
-
-_DECISION_REASON: dict[model.ScalingDirection, str] = {
-    "up": "AutoscalerScaleUp", "down": "AutoscalerScaleDown", "manual": "AutoscalerManualScale",
-}
-
-
-def _autoscale(
-    draft: _Draft,
-    job: spec.StreamJob,
-    status: model.StreamJobStatus,
-    observed: Observed,
-    now: datetime,
-    *,
-    shutdown: bool,
-    policy: Policy,
-) -> spec.StreamJob:
-    """Run the autoscaler (``weir_operator.autoscaler``) and return ``job`` at the parallelism it owns.
-
-    **Who owns parallelism.** With ``autoscaler.enabled`` and ``mode: auto`` the autoscaler does:
-    the job runs ``status.autoscaler.parallelism``; ``spec.parallelism`` is its starting value, and
-    a *change* of ``spec.parallelism`` (``kubectl scale``, an edit) becomes the running parallelism
-    once (a ``manual`` decision, then the cooldown). Re-applying the same manifest changes nothing,
-    so a GitOps tool never fights the autoscaler, and the autoscaler never writes the spec. With
-    ``mode: recommend``, or the autoscaler disabled, ``spec.parallelism`` is what runs.
-
-    A decision here changes the job's parallelism before ``_start`` compares it with what runs: the
-    rescale is the same ``scale`` intent (stop with a savepoint, restore at the new parallelism) as
-    a change of ``spec.parallelism``, so exactly-once holds across it.
-    """
-    settings = job.spec.autoscaler
-    if settings is None or not settings.enabled:
-        before = status.autoscaler
-        if before is not None and before.parallelism is not None:
-            # Ownership goes back to spec.parallelism; enabling again starts from what runs then.
-            draft.set(autoscaler=before.model_copy(update={
-                "parallelism": None, "spec_parallelism": None, "recommendation": None,
-                "reason": "disabled: spec.parallelism runs", "recommendations": (), "samples": (),
-            }))
-        return job
-    deployed = observed.deployed
-    running = deployed.workers if deployed is not None and deployed.replicas > 0 else None
-    largest = _largest_input(job, draft.get("input_partitions"))
-    partitions = largest[1] if largest is not None else None
-    adopted = autoscaler.adopt_spec_parallelism(
-        settings, status.autoscaler, job.spec.parallelism, running, partitions, now
-    )
-    current, decision = adopted.status, adopted.decision
-    previous = current.measured_at
-    due = previous is None or now - previous >= policy.autoscaler_interval or previous > now
-    if (
-        decision is None
-        and due
-        and job.spec.state == "running"
-        and not shutdown
-        and deployed is not None
-        and deployed.replicas > 0
-        and status.intent is None
-    ):
-        signals = autoscaler.Signals(observed.lag, observed.reports, deployed.workers,
-                                     observed.ready_workers, partitions)
-        interval = job.spec.checkpoint.interval if job.spec.checkpoint is not None else 5_000
-        outcome = autoscaler.step(settings, current, signals, now, checkpoint_interval_ms=interval,
-                                  stale_after=policy.autoscaler_stale_after)
-        current, decision = outcome.status, outcome.decision
-    draft.set(autoscaler=current)
-    if decision is not None:
-        draft.set(last_scaling=decision)
-        reason = _DECISION_REASON[decision.direction] if decision.applied else "AutoscalerRecommendation"
-        draft.event("Normal", reason, decision.reason)
-    if settings.mode == "auto" and current.parallelism is not None:
-        owned = job.spec.model_copy(update={"parallelism": current.parallelism})
-        return job.model_copy(update={"spec": owned})
-    return job
-
-
-def _inputs(job: spec.StreamJob, reported: dict[str, int] | None) -> dict[str, int]:
-    """The partition count of each input topic of ``job``, from the workers' reports.
-
-    Only the topics this spec reads count (an upgrade may have changed them); with an
-    ``entrypoint`` the operator does not know the pipeline, so every reported topic counts.
-    """
-    pipeline = job.spec.pipeline
-    if not reported or pipeline is None:
-        return dict(reported or {})
-    repartition = f"weir-{job.metadata.namespace}-{job.metadata.name}-"
-    return {
-        topic: count
-        for topic, count in reported.items()
-        if topic in pipeline.source.topics
-        or (topic.startswith(repartition) and topic.endswith("-repartition"))
-    }
-
-
-def _largest_input(job: spec.StreamJob, reported: dict[str, int] | None) -> tuple[str, int] | None:
-    """The input topic with the most partitions, and its count (None: not reported yet)."""
-    inputs = _inputs(job, reported)
-    return max(inputs.items(), key=lambda item: (item[1], item[0])) if inputs else None
-
-
-def _parallelism_cap(job: spec.StreamJob, reported: dict[str, int] | None) -> _Cap | None:
-    """The cap on ``job``'s parallelism from the input partition counts the workers reported.
-
-    A worker owns the partitions ``p`` with ``p % workers == index`` of every input topic (the
-    sources and the repartition topic), so beyond the largest partition count a worker owns
-    nothing in any stage: it would idle, yet hold a pod and take part in every savepoint.
-    Only the topics this spec reads count; unknown counts (no worker has reported yet) cap nothing.
-    """
-    found = _largest_input(job, reported)
-    if found is None:
-        return None
-    topic, largest = found
-    if largest < 1 or job.spec.parallelism <= largest:
-        return None
-    return _Cap(job.spec.parallelism, largest, topic, several=len(_inputs(job, reported)) > 1)
 
 
 # --------------------------------------------------------------------------- starting
 
 
 def _start(
-    draft: _Draft,
+    draft: Draft,
     job: spec.StreamJob,
     generation: int,
     observed: Observed,
@@ -391,8 +183,14 @@ def _start(
             generation,
             now,
             parallelism=job_spec.parallelism,
-            restore_from=_resume_point(draft.status),
-            message=f"creating the workers ({job_spec.parallelism})",
+            restore_from=savepoints.resume_point(draft.status)
+            or lifecycle.initial_restore(job_spec, draft.status),
+            message=f"creating the workers ({job_spec.parallelism})"
+            + (
+                f" from {job_spec.initial_savepoint_path}"
+                if lifecycle.initial_restore(job_spec, draft.status)
+                else ""
+            ),
             observed=observed,
             policy=policy,
         )
@@ -439,22 +237,67 @@ def _start(
         draft.set(observed_generation=generation)
         if deployed.missing:
             # Someone deleted a ConfigMap or Service: put it back, nothing else changes.
-            draft.actions.append(Apply(deployed.workers, deployed.replicas, deployed.restore_from))
+            draft.apply(deployed.workers, deployed.replicas, deployed.restore_from)
             draft.event("Normal", "Repairing", f"recreating {', '.join(deployed.missing)}")
             return
         _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
+        if draft.intent is None and savepoints.periodic_due(draft, job, observed, now):
+            _begin(
+                draft,
+                job,
+                "savepoint",
+                generation,
+                now,
+                parallelism=deployed.workers,
+                savepoint=True,
+                trigger="periodic",
+                message="periodic savepoint (savepoints.interval)",
+                observed=observed,
+                policy=policy,
+            )
         return
-    action, with_savepoint = _strategy(change, job_spec, deployed)
+    reset = ""
+    if change >= Change.UPGRADE and deployed.spec is not None:
+        lines = lifecycle.incompatible_fields(
+            deployed.spec, job_spec, namespace=job.metadata.namespace, name=job.metadata.name
+        )
+        if lines and not lifecycle.reset_allowed(job_spec):
+            lifecycle.refuse(draft, generation, lines)
+            return
+        if lines:
+            reset = f"; state reset allowed: windows restart empty ({'; '.join(lines)})"
+    healthy = lifecycle.healthy(observed)
+    action, with_savepoint = _strategy(change, job_spec, deployed, healthy=healthy)
+    restore_from = None
+    stable: model.StableRecord | None = draft.get("stable")
+    leaving_stable = stable is not None and deployed.fingerprint == stable.fingerprint
+    if (
+        not healthy
+        and not with_savepoint
+        and stable is not None
+        and render.fingerprint(job_spec) == stable.fingerprint
+    ):
+        # Back to the stable spec by hand while the running version fails: restore its snapshot.
+        restore_from = stable.snapshot
     trigger = "upgrade"
     if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
         return
+    if leaving_stable and stable is not None and not with_savepoint:
+        draft.set(stable=stable.model_copy(update={"snapshot": None}))  # a rollback resumes from checkpoints
     what = {
         "scale": f"parallelism {deployed.workers} -> {job_spec.parallelism}"
         + (f" ({draft.capped.message()})" if draft.capped is not None else ""),
         "upgrade": "the workers' spec changed",
         "redeploy": "restartNonce changed",
     }[action]
-    how = "savepoint with stop, then new workers restoring from it" if with_savepoint else "new workers"
+    if with_savepoint:
+        how = "savepoint with stop, then new workers restoring from it"
+    elif restore_from is not None:
+        how = f"the running version is not healthy: new workers restoring the stable version's {restore_from}"
+    elif not healthy and job_spec.upgrade_mode == "savepoint":
+        how = "the running version is not healthy (no savepoint possible): new workers restore checkpoints"
+    else:
+        how = "new workers"
     _begin(
         draft,
         job,
@@ -463,38 +306,66 @@ def _start(
         now,
         parallelism=job_spec.parallelism,
         savepoint=with_savepoint,
-        message=f"{what} ({job_spec.upgrade_mode}): {how}",
+        restore_from=restore_from,
+        message=f"{what} ({job_spec.upgrade_mode}): {how}{reset}",
         observed=observed,
         policy=policy,
     )
 
 
 def _strategy(
-    change: Change, job_spec: spec.JobSpec, deployed: Deployed
+    change: Change, job_spec: spec.JobSpec, deployed: Deployed, *, healthy: bool
 ) -> tuple[Literal["scale", "upgrade", "redeploy"], bool]:
     """Which intent carries a change, and whether the old workers stop through a savepoint.
 
-    The seam for the savepoint-upgrade state machine (a later issue): it will return its own
-    intents for ``Change.UPGRADE`` (track stability, roll back) instead of this one-step
-    savepoint-and-redeploy.
+    A version that is not healthy (workers not ready, crash-looping) cannot take a savepoint;
+    at the same parallelism the new workers then restore from the checkpoints (``last-state``),
+    the way out of a crash-looping upgrade under ``savepoint`` mode. A parallelism change still
+    needs a savepoint (checkpoints are per worker): it waits for the workers to be healthy.
     """
     action: Literal["scale", "upgrade", "redeploy"] = (
         "scale" if change == Change.SCALE else "upgrade" if change == Change.UPGRADE else "redeploy"
     )
     mode = job_spec.upgrade_mode
+    same_parallelism = deployed.workers == job_spec.parallelism
     if mode == "stateless":
         return action, False
-    if mode == "last-state":
+    if mode == "last-state" or (not healthy and same_parallelism):
         # Checkpoints are per worker: only a savepoint can change the parallelism.
-        return action, deployed.workers != job_spec.parallelism
+        return action, not same_parallelism
     return action, True
 
 
+def _begin_rollback(
+    draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
+) -> None:
+    """Begin the ``rollback`` intent ``lifecycle.gate`` asked for (``draft.rollback`` is written)."""
+    stable_spec = lifecycle.stable_spec(draft.status)
+    rollback: model.RollbackInfo | None = draft.get("rollback")
+    if stable_spec is None or rollback is None:
+        return
+    stable_job = job.model_copy(update={"spec": stable_spec})
+    draft.apply_spec = stable_spec
+    _begin(
+        draft,
+        stable_job,
+        "rollback",
+        generation,
+        now,
+        parallelism=stable_spec.parallelism,
+        restore_from=rollback.restored_from,
+        message=f"stopping generation {rollback.from_generation}, then starting generation "
+        f"{rollback.to_generation} from {rollback.restored_from or 'its checkpoints'}",
+        observed=observed,
+        policy=policy,
+    )
+
+
 def _maybe_savepoint_nonce(
-    draft: _Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
+    draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
 ) -> None:
     nonce = job.spec.savepoint_trigger_nonce
-    if nonce is None or nonce == _answered_nonce(draft.status):
+    if nonce is None or nonce == savepoints.answered_nonce(draft.status):
         return
     deployed = observed.deployed
     if deployed is None or deployed.replicas == 0 or observed.ready_workers < deployed.replicas:
@@ -513,25 +384,8 @@ def _maybe_savepoint_nonce(
     )
 
 
-def _answered_nonce(status: model.StreamJobStatus) -> int | None:
-    for info in (status.last_savepoint, *status.savepoint_history):
-        if info is not None and info.trigger == "nonce":
-            return info.trigger_nonce
-    return None
-
-
-def _resume_point(status: model.StreamJobStatus) -> str | None:
-    """A savepoint the workers stopped with (suspend, shutdown) and nothing ran after it."""
-    last = status.last_savepoint
-    if last is None or last.url is None or last.trigger not in ("suspend", "shutdown"):
-        return None
-    checkpoint, saved_at = status.last_checkpoint, last.completed_at
-    later = checkpoint is not None and saved_at is not None and checkpoint.completed_at > saved_at
-    return None if later else last.url
-
-
 def _savepoint_blocked(
-    draft: _Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
+    draft: Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
 ) -> bool:
     """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
     failures = [
@@ -553,12 +407,20 @@ def _savepoint_blocked(
     return failed_at is not None and now - failed_at < policy.savepoint_retry_after
 
 
+_BEGIN_STATE: dict[model.IntentAction, model.LifecycleState] = {
+    "deploy": "Deploying",
+    "resume": "Deploying",
+    "suspend": "Suspended",
+}
+"""The life-cycle state an intent starts (others: ``Upgrading``; savepoints keep the state)."""
+
+
 def _new_id(action: model.IntentAction, generation: int, now: datetime) -> str:
     return f"{_PREFIX[action]}-{generation}-{now.strftime('%Y%m%d%H%M%S')}"
 
 
 def _begin(
-    draft: _Draft,
+    draft: Draft,
     job: spec.StreamJob,
     action: model.IntentAction,
     generation: int,
@@ -569,7 +431,8 @@ def _begin(
     message: str,
     savepoint: bool = False,
     restore_from: str | None = None,
-    policy: Policy = Policy(),
+    trigger: model.SavepointTrigger | None = None,
+    policy: Policy = Policy(),  # noqa: B008 - frozen
 ) -> None:
     intent_id = _new_id(action, generation, now)
     intent = model.Intent(
@@ -581,9 +444,13 @@ def _begin(
         parallelism=parallelism,
         savepoint_id=intent_id if savepoint else None,
         restore_from=restore_from,
+        trigger=trigger,
     )
     draft.set(intent=intent, observed_generation=generation, apply_failure=None)
-    draft.event("Normal", _PROGRESS_REASON[action], message)
+    if action not in ("savepoint", "rollback"):
+        # A new change: what failed before (Failed, RolledBack) is history now.
+        draft.set(lifecycle_state=_BEGIN_STATE.get(action, "Upgrading"), stabilization=None, error=None)
+    draft.event("Normal", conditions.PROGRESS_REASON[action], message)
     _continue(
         draft, job, intent, observed, now, generation=generation, shutdown=False, policy=policy, fresh=True
     )
@@ -593,7 +460,7 @@ def _begin(
 
 
 def _continue(
-    draft: _Draft,
+    draft: Draft,
     job: spec.StreamJob,
     intent: model.Intent,
     observed: Observed,
@@ -616,24 +483,11 @@ def _continue(
         if outcome is None or outcome.id != intent.savepoint_id:
             draft.actions.append(TakeSavepoint(intent.savepoint_id, stop=intent.action != "savepoint"))
             return
-        trigger: model.SavepointTrigger = (
-            "nonce"
-            if intent.action == "savepoint"
-            else ("shutdown" if shutdown else "suspend")
-            if intent.action == "suspend"
-            else "upgrade"
-        )
-        info = model.SavepointInfo(
-            id=outcome.id,
-            url=outcome.url if outcome.completed else None,
-            trigger=trigger,
-            trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
-            generation=intent.generation,
-            completed_at=outcome.completed_at or now,
-            error=None if outcome.completed else (outcome.error or "failed"),
-        )
-        history = (info, *draft.status.savepoint_history)[: policy.savepoint_history]
+        info = _savepoint_info(job, intent, outcome, now, shutdown=shutdown)
+        history = savepoints.bounded((info, *draft.get("savepoint_history")), job.spec, policy)
         draft.set(last_savepoint=info, savepoint_history=history)
+        if info.trigger == "nonce":
+            draft.set(answered_savepoint_nonce=job.spec.savepoint_trigger_nonce)
         if not outcome.completed:
             draft.set(intent=None)
             kept = "" if intent.action == "savepoint" else "; the workers keep running the previous spec"
@@ -643,9 +497,21 @@ def _continue(
         if intent.action == "savepoint":
             draft.set(intent=None)
             return
+        stable: model.StableRecord | None = draft.get("stable")
+        deployed = observed.deployed
+        if stable is not None and deployed is not None and deployed.fingerprint == stable.fingerprint:
+            # The stable version stopped here: a rollback to it restores this savepoint.
+            draft.set(stable=stable.model_copy(update={"snapshot": outcome.url}))
         intent = intent.model_copy(update={"restore_from": outcome.url})
         draft.set(intent=intent)
 
+    if intent.action == "rollback":
+        stable_spec = lifecycle.stable_spec(draft.status)
+        if stable_spec is None:  # pragma: no cover - a rollback begins only with a stable spec
+            draft.set(intent=None)
+            return
+        job = job.model_copy(update={"spec": stable_spec})
+        draft.apply_spec = stable_spec
     workers = intent.parallelism if intent.parallelism is not None else job.spec.parallelism
     # A job suspended while another intent runs gets its children without workers.
     replicas = 0 if intent.action == "suspend" or job.spec.state == "suspended" else workers
@@ -661,9 +527,21 @@ def _continue(
         and not deployed.missing
     ):
         draft.set(intent=None, reconciled_fingerprint=fp, error=None, apply_failure=None)
-        done = f"{replicas} workers" if replicas else "no workers"
-        draft.event("Normal", _DONE_REASON[intent.action], f"{intent.id}: {done} now run the spec {fp}")
+        if replicas == 0:
+            draft.set(lifecycle_state="Suspended", stabilization=None)
+            draft.event(
+                "Normal", lifecycle.DONE_REASON["suspend"], f"{intent.id}: no workers now run the spec {fp}"
+            )
+        else:
+            lifecycle.begin_stabilizing(draft, job.spec, intent, replicas)
         return
+    if intent.action == "rollback" and deployed is not None and deployed.replicas > 0:
+        # The failing version takes no savepoint and never runs beside the stable one: stop all
+        # of it first (its checkpoints stay; the stable version restores its own snapshot).
+        draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from, spec=deployed.spec))
+        return
+    if intent.action == "rollback" and observed.lingering:
+        return  # failing workers still stopping
     failure: model.ApplyFailure | None = draft.get("apply_failure")
     if observed.apply_error is not None and not fresh:
         # Stalled says why (with an event when it appears); retried after a back-off.
@@ -682,17 +560,39 @@ def _continue(
         # StatefulSet's rolling update would overlap them, and Kubernetes restarts a worker that
         # exited after a stop-savepoint). Stop every old worker first, then start the new ones.
         if deployed.replicas > 0:
-            draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from))
+            draft.apply(deployed.workers, 0, deployed.restore_from)
             return
         if observed.lingering:
             return  # old workers still stopping: the next reconcile starts the new ones
-    draft.actions.append(Apply(workers, replicas, intent.restore_from))
+    draft.apply(workers, replicas, intent.restore_from)
+
+
+def _savepoint_info(
+    job: spec.StreamJob, intent: model.Intent, outcome: SavepointOutcome, now: datetime, *, shutdown: bool
+) -> model.SavepointInfo:
+    """The history entry of the outcome of ``intent``'s savepoint."""
+    trigger: model.SavepointTrigger = (
+        (intent.trigger or "nonce")
+        if intent.action == "savepoint"
+        else ("shutdown" if shutdown else "suspend")
+        if intent.action == "suspend"
+        else "upgrade"
+    )
+    return model.SavepointInfo(
+        id=outcome.id,
+        url=outcome.url if outcome.completed else None,
+        trigger=trigger,
+        trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
+        generation=intent.generation,
+        completed_at=outcome.completed_at or now,
+        error=None if outcome.completed else (outcome.error or "failed"),
+    )
 
 
 # --------------------------------------------------------------------------- observing workers
 
 
-def _record_reports(draft: _Draft, observed: Observed, now: datetime) -> None:
+def _record_reports(draft: Draft, observed: Observed, now: datetime) -> None:
     reports = observed.reports
     if not reports:
         return
@@ -714,226 +614,3 @@ def _record_reports(draft: _Draft, observed: Observed, now: datetime) -> None:
         previous = draft.status.last_checkpoint
         if previous is None or oldest.completed_at >= previous.completed_at:
             draft.set(last_checkpoint=oldest)
-
-
-# --------------------------------------------------------------------------- deletion
-
-
-def cleanup_url(job: spec.StreamJob) -> str | None:
-    """The store directory deleting ``job`` removes (``cleanupPolicy: delete``), else None."""
-    checkpoint = job.spec.checkpoint
-    if checkpoint is None or checkpoint.cleanup_policy != "delete":
-        return None
-    return job_url(checkpoint.url, job.metadata.namespace, job.metadata.name)
-
-
-def decide_deletion(
-    job: spec.StreamJob,
-    generation: int,
-    status: model.StreamJobStatus,
-    observed: Observed,
-    now: datetime,
-    *,
-    policy: Policy = Policy(),
-) -> Plan:
-    """The next step for a StreamJob being deleted that the platform holds (a finalizer).
-
-    Stop the workers; wait until none is left, since a stopping worker may still write a last
-    checkpoint; then, with ``cleanupPolicy: delete``, remove ``<store>/<namespace>/<job>/``;
-    then ``release``. A store that cannot be removed is retried at every reconcile
-    (``Stalled``, reason ``CleanupFailed``) until ``policy.cleanup_timeout`` after the
-    deletion began; then the job is released anyway with a Warning naming what is left:
-    deleting a StreamJob never hangs on an unreachable store, and never loses data silently.
-    """
-    draft = _Draft(status)
-    url = cleanup_url(job)
-    intent = status.intent
-    if intent is None or intent.action != "cleanup":
-        intent = model.Intent(
-            action="cleanup", id=_new_id("cleanup", generation, now), generation=generation,
-            started_at=now, fingerprint=render.fingerprint(job.spec), parallelism=0,
-        )
-        draft.set(intent=intent, error=None, apply_failure=None)
-        then = f", then removing {url}" if url is not None else " (its store is kept: cleanupPolicy retain)"
-        draft.event("Normal", "CleaningUp", f"{intent.id}: deleting: stopping the workers{then}")
-    draft.set(phase="Deleting", parallelism=0, ready_workers=0)
-    if status.phase != "Deleting":
-        draft.event("Normal", "PhaseDeleting", f"phase {status.phase or 'none'} -> Deleting")
-    release = False
-    stalled: tuple[str, str] | None = None
-    if observed.deployed is not None:
-        draft.actions.append(StopWorkers())
-        waiting = "stopping the workers"
-    elif observed.lingering:
-        waiting = f"waiting for {observed.lingering} workers to stop before removing the store"
-    elif url is None:
-        release, waiting = True, ""
-    elif observed.removed is None:
-        draft.actions.append(RemoveCheckpoints(url))
-        waiting = f"removing {url}"
-        before = next((c for c in status.conditions if c.type == "Stalled"), None)
-        if before is not None and before.reason == "CleanupFailed":
-            stalled = (before.reason, before.message)  # a retry: stalled until it works
-    elif observed.removed.error is None:
-        draft.event("Normal", _DONE_REASON["cleanup"],
-                    f"{intent.id}: removed {observed.removed.objects} objects under {url}")
-        release, waiting = True, ""
-    else:
-        error = observed.removed.error
-        waiting = f"removing {url}"
-        if now - intent.started_at >= policy.cleanup_timeout:
-            draft.event("Warning", "CleanupAbandoned",
-                        f"{intent.id}: {url} could not be removed within {policy.cleanup_timeout} and is "
-                        f"left in place: {error}")
-            release = True
-        else:
-            # The Stalled condition's event says it once; retries of the same failure add none.
-            until = (intent.started_at + policy.cleanup_timeout).isoformat()
-            draft.set(error=error)
-            stalled = ("CleanupFailed", f"removing {url} failed (retried until {until}): {error}")
-    if release:
-        draft.set(intent=None)
-    _write_conditions(draft, now, (
-        ("False", "Deleting", "the StreamJob is being deleted"),
-        ("True", _PROGRESS_REASON["cleanup"], waiting) if not release else ("False", "CleanedUp", ""),
-        ("False", "AsExpected", ""),
-        ("True", *stalled) if stalled is not None else ("False", "AsExpected", ""),
-    ))
-    new_status = status.model_copy(update=draft.updates)
-    return Plan(new_status, tuple(draft.actions), tuple(draft.events), release=release)
-
-
-# --------------------------------------------------------------------------- phase and conditions
-
-
-def _phase(draft: _Draft, observed: Observed) -> model.Phase:
-    intent = draft.intent
-    deployed = observed.deployed
-    if intent is not None:
-        if intent.savepoint_id is not None and intent.restore_from is None:
-            return "Savepointing"
-        if draft.get("error") is not None:
-            return "Failed"
-        return {"upgrade": "Upgrading", "suspend": "Suspended"}.get(intent.action, "Deploying")  # type: ignore[return-value]
-    if deployed is None:
-        return "Pending"
-    if deployed.replicas == 0:
-        return "Suspended"
-    return "Running" if observed.ready_workers >= deployed.replicas else "Deploying"
-
-
-_DEPENDENCY = {
-    "kafka": ("Kafka", "KafkaUnreachable"),
-    "store": ("checkpoint store", "CheckpointStoreUnreachable"),
-}
-"""What a worker's ``outages`` key names, and the ``Degraded`` reason while it is unreachable."""
-
-
-def _conditions(draft: _Draft, job: spec.StreamJob, observed: Observed, now: datetime) -> None:
-    old = draft.status
-    phase = _phase(draft, observed)
-    intent = draft.intent
-    deployed = observed.deployed
-    replicas = deployed.replicas if deployed is not None else 0
-    ready = observed.ready_workers
-
-    looping = [w for w in observed.workers if w.crash_looping]
-    unreachable = sorted({name for r in observed.reports for name in r.outages})
-    degraded: tuple[str, str, str]
-    if looping:
-        detail = ", ".join(
-            f"worker {w.index}: {w.reason or 'crash-looping'} ({w.restarts} restarts)" for w in looping
-        )
-        degraded = ("True", "WorkersCrashLooping", detail)
-    elif draft.get("last_savepoint") is not None and draft.get("last_savepoint").error is not None:
-        info = draft.get("last_savepoint")
-        degraded = ("True", "SavepointFailed", f"savepoint {info.id} failed: {info.error}")
-    elif unreachable:
-        # The workers ride the outage out (retrying, not ready); the condition says what they
-        # wait for, so `kubectl get sj` shows a broker or store outage, not just unready pods.
-        detail = "; ".join(
-            f"worker {r.index}: {_DEPENDENCY.get(name, (name, ''))[0]} unreachable: {error}"
-            for r in observed.reports
-            for name, error in sorted(r.outages.items())
-        )
-        why = _DEPENDENCY.get(unreachable[0], ("", "DependencyUnreachable"))[1]
-        degraded = ("True", why if len(unreachable) == 1 else "DependenciesUnreachable", detail)
-    elif draft.capped is not None:
-        degraded = ("True", "ParallelismCapped", draft.capped.message())
-    else:
-        degraded = ("False", "AsExpected", "")
-
-    if phase == "Running" and replicas > 0 and ready >= replicas:
-        ready_c = ("True", "WorkersReady", f"{ready}/{replicas} workers ready")
-    elif phase == "Suspended":
-        why = "spec.state is suspended" if job.spec.state == "suspended" else "stopped"
-        ready_c = ("False", "Suspended", why)
-    else:
-        ready_c = ("False", "WorkersNotReady", f"{ready}/{replicas} workers ready")
-
-    if intent is not None:
-        progressing = ("True", _PROGRESS_REASON[intent.action], f"{intent.action} {intent.id}")
-    elif phase == "Deploying":
-        progressing = ("True", "WorkersStarting", f"{ready}/{replicas} workers ready")
-    else:
-        progressing = ("False", "Reconciled", "")
-
-    error = draft.get("error")
-    failure: model.ApplyFailure | None = draft.get("apply_failure")
-    if error is not None and intent is not None:
-        retry = ""
-        if failure is not None:
-            retry = (f" (refused {failure.attempts} times; tried again at {failure.retry_at.isoformat()} "
-                     "or when the spec changes)")
-        stalled = ("True", "ApplyFailed", f"{error}{retry}")
-    elif draft.stalled is not None:
-        stalled = ("True", *draft.stalled)
-    else:
-        stalled = ("False", "AsExpected", "")
-
-    # A capped job runs as well as it can: it may become stable.
-    healthy = degraded[0] == "False" or degraded[1] == "ParallelismCapped"
-    if ready_c[0] == "True" and healthy and draft.get("last_checkpoint") is not None:
-        draft.set(stable_fingerprint=draft.get("reconciled_fingerprint"))
-    _write_conditions(draft, now, (ready_c, progressing, degraded, stalled))
-    if phase != old.phase:
-        draft.set(phase=phase)
-        draft.event("Normal", f"Phase{phase}", f"phase {old.phase or 'none'} -> {phase}")
-
-
-_Condition = tuple[str, str, str]
-"""(status, reason, message) of one condition."""
-
-
-def _write_conditions(
-    draft: _Draft, now: datetime, values: tuple[_Condition, _Condition, _Condition, _Condition]
-) -> None:
-    """Set the conditions (in ``CONDITION_TYPES`` order), keeping transition times and emitting
-    an event for each that changed."""
-    previous = {c.type: c for c in draft.status.conditions}
-    conditions = []
-    for type_, (state, reason, message) in zip(model.CONDITION_TYPES, values, strict=True):
-        before = previous.get(type_)
-        changed = before is None or before.status != state
-        conditions.append(
-            model.StatusCondition(
-                type=type_,
-                status=state,
-                reason=reason,
-                message=message[:32768],
-                last_transition_time=now if changed or before is None else before.last_transition_time,
-            )
-        )
-        appeared = before is None and state == "True"
-        new_cause = before is not None and before.reason != reason and state == "True"
-        if appeared or (before is not None and changed) or new_cause:
-            _condition_event(draft, type_, state, reason, message)
-    draft.set(conditions=tuple(conditions))
-
-
-def _condition_event(draft: _Draft, type_: str, state: str, reason: str, message: str) -> None:
-    if type_ == "Progressing":
-        return  # the intents' own events say what is progressing
-    warning = state == "True" and type_ in ("Degraded", "Stalled")
-    text = f"{type_}={state}" + (f": {message}" if message else "")
-    draft.event("Warning" if warning else "Normal", reason if state == "True" else f"{type_}Cleared", text)

@@ -24,6 +24,7 @@ from weir_operator import decide as deciding
 from weir_operator import model
 from weir_operator.plans import (
     Apply,
+    DisposeSavepoint,
     RemoveCheckpoints,
     RemovedCheckpoints,
     SavepointOutcome,
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ROUNDS = 6
 """Rounds per reconcile: deploy needs 2 (apply, see it applied), a savepoint-and-rescale 4
-(savepoint, stop the old workers, start the new ones, see them applied)."""
+(savepoint, stop the old workers, start the new ones, see them applied), a rollback 3 (stop the
+failing workers, start the stable ones, see them applied)."""
 
 
 def reconcile(
@@ -54,9 +56,10 @@ def reconcile(
     """Move ``job`` one or more steps towards its spec; returns the status as written."""
     savepoint: SavepointOutcome | None = None
     apply_error: str | None = None
+    disposed: list[tuple[str, str | None]] = []
     for _ in range(MAX_ROUNDS):
         observed = platform.observe(job)
-        observed = replace(observed, savepoint=savepoint, apply_error=apply_error)
+        observed = replace(observed, savepoint=savepoint, apply_error=apply_error, disposed=tuple(disposed))
         plan = deciding.decide(job, generation, status, observed, now(), shutdown=shutdown, policy=policy)
         if plan.status != status:
             platform.write_status(job.metadata, plan.status)
@@ -65,21 +68,30 @@ def reconcile(
             platform.record_event(job.metadata, event)
         if not plan.actions:
             break
-        savepoint, apply_error = None, None
+        savepoint, apply_error, disposed = None, None, []
         for action in plan.actions:
             if isinstance(action, TakeSavepoint):
                 logger.info("%s/%s: savepoint %s (stop=%s)", _ns(job), _name(job), action.id, action.stop)
                 savepoint = platform.savepoint(job, action.id, action.stop)
             elif isinstance(action, Apply):
                 logger.info(
-                    "%s/%s: apply %d workers (replicas %d, restore from %s)",
+                    "%s/%s: apply %d workers (replicas %d, restore from %s%s)",
                     _ns(job), _name(job), action.workers, action.replicas, action.restore_from,
+                    "" if action.spec is None else ", the last stable spec",
                 )
                 try:
                     platform.apply(job, action)
                 except ApplyRejected as exc:
                     apply_error = str(exc)
                     logger.warning("%s/%s: apply refused: %s", _ns(job), _name(job), exc)
+            elif isinstance(action, DisposeSavepoint):
+                logger.info("%s/%s: deleting savepoint %s (retention)", _ns(job), _name(job), action.url)
+                try:
+                    platform.dispose_savepoint(job, action.url)
+                    disposed.append((action.url, None))
+                except CheckpointError as exc:
+                    disposed.append((action.url, str(exc)))
+                    logger.warning("%s/%s: deleting %s failed: %s", _ns(job), _name(job), action.url, exc)
     return status
 
 

@@ -13,7 +13,8 @@ The contract with the worker image (``weir run``, read by ``weir.config``):
   (the StatefulSet controller's ``apps.kubernetes.io/pod-index`` label);
 - ``WEIR_STATE_DIR`` is an emptyDir for RocksDB, ``/tmp`` another (the root filesystem is
   read-only); ``WEIR_RESTORE_FROM`` is the checkpoint or savepoint URL to restore from,
-  when the operator gives one;
+  when the operator gives one; ``WEIR_ALLOW_STATE_RESET=1`` with ``upgrade.allowStateReset`` or
+  ``upgradeMode: stateless`` (state that does not fit the pipeline is dropped, not refused);
 - ``WEIR_MEMORY_BUDGET`` is ``MEMORY_BUDGET_FRACTION`` of the container's memory limit (of its
   memory request when it has no limit), in bytes, when ``spec.resources`` gives either;
 - secrets arrive as ``secretKeyRef`` variables: ``AWS_ACCESS_KEY_ID`` /
@@ -32,15 +33,13 @@ so deleting the job deletes them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
 import yaml
 
-from weir import spec
+from weir import spec, spec_diff
 from weir.memory import parse_size
 
 __all__ = [
@@ -105,6 +104,9 @@ ENV_WORKER_INDEX: Final = "WEIR_WORKER_INDEX"
 ENV_STATE_DIR: Final = "WEIR_STATE_DIR"
 ENV_RESTORE_FROM: Final = "WEIR_RESTORE_FROM"
 ENV_MEMORY_BUDGET: Final = "WEIR_MEMORY_BUDGET"
+ENV_ALLOW_STATE_RESET: Final = "WEIR_ALLOW_STATE_RESET"
+"""``1`` when ``spec.upgrade.allowStateReset`` or ``upgradeMode: stateless``: a worker may start
+with empty windows where the saved state does not fit its pipeline (else it exits 2)."""
 MEMORY_BUDGET_FRACTION: Final = 0.75
 """The worker's memory budget as a share of its container's memory limit. The budget covers the
 whole process (``weir.memory``), but its parts are estimates and allocations come in spikes
@@ -123,17 +125,6 @@ ENV_AWS_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"
 MAX_NAME_LENGTH: Final = 52
 """Longest job name: the StatefulSet controller labels pods ``<name>-<10-char hash>`` (<= 63)."""
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-# Spec fields that do not change what a worker pod runs: scaling, the life cycle, the
-# operator's own policies. A change to only these is not a new version of the job.
-_NOT_FINGERPRINTED: dict[str, Any] = {
-    "parallelism": True,
-    "state": True,
-    "upgrade_mode": True,
-    "savepoint_trigger_nonce": True,
-    "autoscaler": True,
-    "checkpoint": {"cleanup_policy"},
-}
 
 
 class RenderError(ValueError):
@@ -197,16 +188,15 @@ def worker_url(job_name: str, namespace: str, index: int) -> str:
 
 
 def fingerprint(job_spec: spec.JobSpec) -> str:
-    """A stable hash of the spec fields that decide what the worker pods run.
+    """A stable hash of the spec fields that decide what the worker pods run: those whose kind
+    in ``weir.spec_diff.TABLE`` is pods, state or redeploy (``weir.spec_diff.fingerprint``).
 
     Equal for specs that differ only in ``parallelism``, ``state``, ``upgradeMode``,
     ``savepointTriggerNonce``, ``autoscaler`` or ``checkpoint.cleanupPolicy``, and in how
     values are written (``10s`` or ``10000``, key order, defaults spelled out or not); any
     other change, ``restartNonce`` included, gives a new one. 16 hex digits of SHA-256.
     """
-    relevant = job_spec.model_dump(mode="json", by_alias=True, exclude=_NOT_FINGERPRINTED)
-    digest = hashlib.sha256(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return digest[:16]
+    return spec_diff.fingerprint(job_spec)
 
 
 def job_document(job: spec.StreamJob) -> dict[str, Any]:
@@ -423,6 +413,8 @@ def _env(job_spec: spec.JobSpec, options: RenderOptions) -> list[dict[str, Any]]
         env.append({"name": ENV_MEMORY_BUDGET, "value": str(budget)})
     if options.restore_from is not None:
         env.append({"name": ENV_RESTORE_FROM, "value": options.restore_from})
+    if job_spec.upgrade.allow_state_reset or job_spec.upgrade_mode == "stateless":
+        env.append({"name": ENV_ALLOW_STATE_RESET, "value": "1"})
     credentials = job_spec.checkpoint.credentials_secret if job_spec.checkpoint is not None else None
     if credentials is not None:
         env.append(_secret_env(ENV_AWS_ACCESS_KEY_ID, None, credentials.name, credentials.access_key_id_key))

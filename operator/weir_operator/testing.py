@@ -98,9 +98,25 @@ class FakePlatform:
     lingering: int = 0
     """Workers still stopping that the children no longer ask for."""
     crash_before: frozenset[str] = frozenset()
-    """Actions ("apply", "savepoint", "remove") that crash the 'operator' before they happen."""
+    """Actions ("apply", "savepoint", "remove", "dispose") that crash the 'operator' before they happen."""
     crash_after: frozenset[str] = frozenset()
     """Actions that crash the 'operator' after they happened, before it learns the outcome."""
+    crash_at_step: int | None = None
+    """Crash the 'operator' right after its step number ``crash_at_step`` (counted from 1 over every
+    status write, apply, savepoint, deletion of a savepoint): a test injects a restart after each
+    step of a run in turn. Cleared when it fires (one crash)."""
+    steps: int = 0
+    """Steps taken so far (see ``crash_at_step``)."""
+    broken_images: frozenset[str] = frozenset()
+    """Workers of a spec whose ``image`` is one of these crash-loop (a version that fails)."""
+    restarts: dict[int, int] = field(default_factory=dict)
+    """Extra restarts of worker ``index`` (a test bumps them to simulate a restart)."""
+    not_current: frozenset[int] = frozenset()
+    """Indices of workers still running an older revision of the children (a rolling update)."""
+    dispose_error: str | None = None
+    """Every deletion of a savepoint fails with this message."""
+    disposed: list[str] = field(default_factory=list)
+    """Savepoint URLs deleted, in order."""
     statuses: list[model.StreamJobStatus] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     applied: list[Apply] = field(default_factory=list)
@@ -108,7 +124,7 @@ class FakePlatform:
     """Savepoints taken, by id; a request with a known id answers the same outcome."""
     calls: list[str] = field(default_factory=list)
     """Every call in order: ``status:<phase>:<intent id>``, ``apply``, ``savepoint:<id>``, ``deleted``,
-    ``removed``."""
+    ``removed``, ``dispose:<url>``."""
     clock: Clock = field(default_factory=Clock)
 
     @property
@@ -119,18 +135,34 @@ class FakePlatform:
         deployed = self.deployed
         if deployed is None:
             return Observed(reports=self.reports, lingering=self.lingering, lag=self.lag)
+        looping = self._looping()
         workers = tuple(
             WorkerState(
                 index=i,
-                ready=self.workers_ready and i not in self.crash_looping,
-                restarts=5 if i in self.crash_looping else 0,
-                crash_looping=i in self.crash_looping,
-                reason="CrashLoopBackOff" if i in self.crash_looping else "",
+                ready=self.workers_ready and i not in looping,
+                restarts=(5 if i in looping else 0) + self.restarts.get(i, 0),
+                crash_looping=i in looping,
+                reason="CrashLoopBackOff" if i in looping else "",
+                current=i not in self.not_current,
             )
             for i in range(deployed.replicas)
         )
         return Observed(deployed=deployed, workers=workers, reports=self.reports, lingering=self.lingering,
                         lag=self.lag)
+
+    def _looping(self) -> frozenset[int]:
+        deployed = self.deployed
+        if deployed is None:
+            return frozenset()
+        if deployed.spec is not None and deployed.spec.image in self.broken_images:
+            return frozenset(range(deployed.replicas))
+        return self.crash_looping
+
+    def _step(self, what: str) -> None:
+        self.steps += 1
+        if self.crash_at_step is not None and self.steps == self.crash_at_step:
+            self.crash_at_step = None
+            raise OperatorCrashed(f"after step {self.steps} ({what})")
 
     def apply(self, job: spec.StreamJob, action: Apply) -> None:
         if "apply" in self.crash_before:
@@ -139,15 +171,17 @@ class FakePlatform:
         if self.reject_apply is not None:
             raise ApplyRejected(self.reject_apply)
         self.applied.append(action)
+        job_spec = action.spec if action.spec is not None else job.spec
         self.deployed = Deployed(
-            fingerprint=render.fingerprint(job.spec),
+            fingerprint=render.fingerprint(job_spec),
             workers=action.workers,
             replicas=action.replicas,
             restore_from=action.restore_from,
-            spec=job.spec.model_copy(update={"parallelism": action.workers}),
+            spec=job_spec.model_copy(update={"parallelism": action.workers}),
         )
         if "apply" in self.crash_after:
             raise OperatorCrashed("after apply")
+        self._step("apply")
 
     def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:
         if "savepoint" in self.crash_before:
@@ -155,21 +189,37 @@ class FakePlatform:
         self.calls.append(f"savepoint:{savepoint_id}")
         known = self.savepoints.get(savepoint_id)
         if known is not None:
+            self._step("savepoint")
             return known
+        looping = sorted(self._looping())
         if self.savepoint_error is not None:
             outcome = SavepointOutcome(savepoint_id, completed=False, error=self.savepoint_error)
+        elif looping:
+            error = f"worker {looping[0]}: connection refused"
+            outcome = SavepointOutcome(savepoint_id, completed=False, error=error)
         else:
             url = f"{self.store}/{job.metadata.namespace}/{job.metadata.name}/savepoints/{savepoint_id}"
             outcome = SavepointOutcome(savepoint_id, completed=True, url=url, completed_at=self.clock())
         self.savepoints[savepoint_id] = outcome
         if "savepoint" in self.crash_after:
             raise OperatorCrashed("after savepoint")
+        self._step("savepoint")
         return outcome
 
     def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         intent = status.intent.id if status.intent is not None else "-"
         self.calls.append(f"status:{status.phase}:{intent}")
         self.statuses.append(status)
+        self._step("status")
+
+    def dispose_savepoint(self, job: spec.StreamJob, url: str) -> None:
+        if "dispose" in self.crash_before:
+            raise OperatorCrashed("dispose")
+        self.calls.append(f"dispose:{url}")
+        if self.dispose_error is not None:
+            raise CheckpointError(self.dispose_error)
+        self.disposed.append(url)
+        self._step("dispose")
 
     def record_event(self, job: spec.ObjectMeta, event: Event) -> None:
         self.events.append(event)

@@ -95,7 +95,7 @@ def test_status_and_scale_subresources_map_parallelism_and_the_selector() -> Non
     assert status["selector"]["type"] == "string"
 
 
-def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_and_age() -> None:
+def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_age_and_lifecycle() -> None:
     columns = [
         (c["name"], c["jsonPath"]) for c in version()["additionalPrinterColumns"] if "priority" not in c
     ]
@@ -107,6 +107,7 @@ def test_printer_columns_show_phase_parallelism_ready_lag_last_checkpoint_and_ag
         ("Lag", ".status.lag.records"),
         ("Last Checkpoint", ".status.lastCheckpoint.completedAt"),
         ("Age", ".metadata.creationTimestamp"),
+        ("Lifecycle", ".status.lifecycleState"),
     ]
 
 
@@ -155,7 +156,7 @@ def test_parallelism_and_the_autoscaler_bounds_have_a_maximum() -> None:
         assert (node["minimum"], node["maximum"]) == (1, spec.MAX_PARALLELISM)
 
 
-def test_descriptions_say_rollbacks_are_not_implemented_yet_and_the_autoscaler_no_longer_so() -> None:
+def test_descriptions_say_how_rollbacks_work_and_the_autoscaler_no_longer_says_it_only_recommends() -> None:
     spec_properties = schema()["properties"]["spec"]["properties"]
     status_properties = schema()["properties"]["status"]["properties"]
     autoscaler = spec_properties["autoscaler"]
@@ -164,7 +165,10 @@ def test_descriptions_say_rollbacks_are_not_implemented_yet_and_the_autoscaler_n
                  status_properties["autoscaler"]):
         assert "not acted on" not in node["description"] and "planned" not in node["description"], node
     assert "mode: recommend" in autoscaler["properties"]["enabled"]["description"]
-    assert "not implemented yet" in status_properties["stableFingerprint"]["description"]
+    assert "not implemented" not in status_properties["stableFingerprint"]["description"]
+    assert "stability gate" in status_properties["lastStableSpec"]["description"]
+    assert status_properties["lastStableSpec"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert "Lifecycle" in [c["name"] for c in version()["additionalPrinterColumns"]]
     for node in nodes(schema()):
         if isinstance(node, dict) and "description" in node:
             text = node["description"].lower()
