@@ -23,10 +23,14 @@ import pytest
 
 from weir import kafka as kio
 from weir.aggregates import compile_aggregates
+from weir.checkpoint_manifest import CorruptCheckpoint, Manifest
+from weir.config import Environment
 from weir.controlapi import SavepointRequest
+from weir.custom_aggregates import compile_custom_aggregates
 from weir.graph import JobGraph, compile_job
-from weir.spec import load_job
-from weir.state_migration import StateShapeMismatch, accumulator_migration, layout_of
+from weir.recovery import IncompatibleState, choose
+from weir.spec import Aggregate, load_job
+from weir.state_migration import StateShapeMismatch, accumulator_migration, layout_of, verdict
 from weir.testing import reference_windows
 from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, InlineExecutor, MemoryBroker
 from weir.worker import Worker, WorkerSettings
@@ -273,6 +277,43 @@ def test_a_migrated_accumulator_keeps_outputs_by_name_starts_added_ones_empty_dr
     assert new.result(moved) == {"a": 4.0, "mx": 1, "d": 3}
 
 
+class Top:
+    """A custom aggregate: the largest value seen (for the custom-slot migration)."""
+
+    def create(self) -> Any:
+        return None
+
+    def add(self, acc: Any, value: Any) -> Any:
+        return value if acc is None or value > acc else acc
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return b if a is None or (b is not None and b > a) else a
+
+    def result(self, acc: Any) -> Any:
+        return acc
+
+
+def custom(outputs: dict[str, Any]) -> Any:
+    aggregate = Aggregate.model_validate({"outputs": outputs})
+    return compile_custom_aggregates(aggregate, {n: Top() for n, o in outputs.items() if o["fn"] == "custom"})
+
+
+def test_custom_outputs_keep_their_accumulators_by_name_across_a_migration() -> None:
+    top = {"fn": "custom", "function": "tests.unit.test_state_migration:Top", "field": "x"}
+    old = custom({"n": {"fn": "count"}, "t": top})
+    new = custom({"t2": top, "t": top, "s": {"fn": "sum", "field": "x"}})
+    acc = old.create()
+    for i, x in enumerate([3, 7, 5]):
+        old.add(acc, {"x": x}, i)
+    migrate = accumulator_migration(tuple(old.specs), new)
+    assert migrate is not None
+    moved = new.loads(migrate(old.dumps(acc)))
+    assert new.result(moved) == {"t2": None, "t": 7, "s": 0}
+    back = accumulator_migration(tuple(new.specs), old)
+    assert back is not None
+    assert old.result(old.loads(back(new.dumps(moved)))) == {"n": 0, "t": 7}
+
+
 def test_an_unchanged_layout_needs_no_migration() -> None:
     agg = compile_aggregates([("n", "count", None)])
     assert accumulator_migration(tuple(tuple(s) for s in layout_of(agg)), agg) is None  # type: ignore[arg-type]
@@ -452,3 +493,78 @@ def test_crashes_around_an_upgrade_that_adds_an_output_still_commit_exactly_once
     assert without(c.out(), "mx") == without(want.out())
     assert c.dead_letters() == want.dead_letters()
     assert c.restarts >= 1
+
+
+# -- the pieces: manifests, settings, the recovery choice ------------------------------------------
+def test_a_manifest_records_the_state_shape_and_reads_back_without_one_from_an_older_weir() -> None:
+    shape = graph(V2).shape.to_json()
+    m = Manifest("checkpoint", "0000000001-w0", T0, "0", "test", "eo", 0, 1, {}, "job", state_shape=shape)
+    assert Manifest.from_json(m.to_json(), "memory://mem/x").state_shape == shape
+    older = orjson.loads(m.to_json())
+    del older["stateShape"]
+    assert Manifest.from_json(orjson.dumps(older), "memory://mem/x").state_shape is None
+    with pytest.raises(CorruptCheckpoint, match="stateShape"):
+        Manifest.from_json(orjson.dumps({**older, "stateShape": [1]}), "memory://mem/x")
+
+
+def test_shapes_are_compared_by_output_name_and_a_missing_one_is_taken_as_matching() -> None:
+    v1, v2 = graph(V1).shape, graph(V2).shape
+    assert verdict(None, v2).kind == "same"
+    assert verdict(v1.to_json(), v2).kind == "migrate"
+    assert verdict(v2.to_json(), v1).kind == "migrate"
+    assert verdict(graph(V1, size="50s").shape.to_json(), v1).kind == "incompatible"
+    assert not verdict({"stage": 3}, v1).compatible
+
+
+def test_the_state_reset_is_allowed_by_the_environment_or_not_at_all() -> None:
+    assert Environment.read({"WEIR_ALLOW_STATE_RESET": "1"}).allow_state_reset
+    assert Environment.read({"WEIR_ALLOW_STATE_RESET": "true"}).allow_state_reset
+    assert not Environment.read({"WEIR_ALLOW_STATE_RESET": "0"}).allow_state_reset
+    assert not Environment.read({}).allow_state_reset
+
+
+@dataclass(frozen=True)
+class Snap:
+    id: str
+    created_ms: int
+    offset: int
+    fits: bool = True
+
+    def progress(self, partition: str) -> dict[str, Any] | None:
+        return {"offset": self.offset, "wm": self.offset * 10}
+
+
+def fits(s: Any) -> bool:
+    return bool(s.fits)
+
+
+def test_an_incompatible_committed_checkpoint_is_replayed_from_the_newest_compatible_one_behind_it() -> None:
+    old, savepoint, other = Snap("c1", 1, 100), Snap("sp", 2, 150), Snap("c9", 3, 300, fits=False)
+    r = choose("t/0", 300, [old, other], [savepoint], committed_id="c9", compatible=fits)
+    assert (r.how, r.source, r.offset, r.replay_until, r.replay_wm) == ("replay", savepoint, 150, 300, 3000)
+    # The newer checkpoint matching the commit means the job already resumed: it is not rewound.
+    r = choose("t/0", 300, [old, other], [], committed_id="c9", compatible=fits)
+    assert (r.how, r.source) == ("replay", old)
+
+
+def test_a_compatible_checkpoint_after_the_restore_source_still_wins_over_it() -> None:
+    savepoint, later = Snap("sp", 2, 150), Snap("c3", 3, 300)
+    r = choose("t/0", 300, [later], [savepoint], committed_id="c3", compatible=fits)
+    assert (r.how, r.source) == ("exact", later)
+
+
+def test_state_that_cannot_be_loaded_is_refused_or_with_a_reset_starts_empty_at_its_offset() -> None:
+    bad_source, bad_commit = Snap("sp", 2, 150, fits=False), Snap("c9", 3, 300, fits=False)
+    with pytest.raises(IncompatibleState):
+        choose("t/0", None, [], [bad_source], compatible=fits)
+    r = choose("t/0", None, [], [bad_source], compatible=fits, allow_reset=True)
+    assert (r.how, r.source, r.offset) == ("reset", bad_source, 150)
+    with pytest.raises(IncompatibleState):
+        choose("t/0", 300, [bad_commit], committed_id="c9", compatible=fits)
+    r = choose("t/0", 300, [bad_commit], committed_id="c9", compatible=fits, allow_reset=True)
+    assert (r.how, r.source, r.offset) == ("reset", bad_commit, 300)
+    # Never downloaded: an incompatible snapshot is not even checked for intactness.
+    tried: list[str] = []
+    choose("t/0", 300, [bad_commit], committed_id="c9", compatible=fits, allow_reset=True,
+           usable=lambda s: tried.append(s.id) or True)
+    assert tried == []
