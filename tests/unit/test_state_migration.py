@@ -27,6 +27,7 @@ from weir.checkpoint_manifest import CorruptCheckpoint, Manifest
 from weir.config import Environment
 from weir.controlapi import SavepointRequest
 from weir.custom_aggregates import compile_custom_aggregates
+from weir.examples.dedup import Dedup
 from weir.graph import JobGraph, compile_job
 from weir.recovery import IncompatibleState, choose
 from weir.spec import Aggregate, load_job
@@ -43,11 +44,19 @@ V2 = {**V1, "mx": {"fn": "max", "field": "amount"}}
 Event = tuple[int, str, int, dict[str, Any] | None]
 
 
-def graph(outputs: dict[str, Any], size: str = "10s", name: str = "eo", key_by: bool = False) -> JobGraph:
+def graph(
+    outputs: dict[str, Any],
+    size: str = "10s",
+    name: str = "eo",
+    key_by: bool = False,
+    process: str | None = None,
+) -> JobGraph:
     steps: list[dict[str, Any]] = [
         {"window": {"type": "tumbling", "size": size}},
         {"aggregate": {"outputs": outputs}},
     ]
+    if process is not None:
+        steps = [{"process": {"function": process}}]
     if key_by:
         steps.insert(0, {"keyBy": {"field": "user"}})
     doc = {
@@ -473,6 +482,19 @@ def test_a_keyby_jobs_savepoint_restored_into_a_renamed_job_is_refused(tmp_path:
     c.run(graph(V1, key_by=True), savepoint="sp-up")
     with pytest.raises(StateShapeMismatch, match="keyBy"):
         c.run(graph(V1, name="eo2", key_by=True), restore_from=savepoint_url("sp-up"))
+
+
+class Renamed(Dedup):
+    """The dedup process function under another reference (its state is another's)."""
+
+
+def test_a_process_functions_savepoint_restored_into_another_function_is_refused(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    append(c.broker, [(p, k, ts, r and {**r, "eventId": f"e{ts % 5}"}) for p, k, ts, r in events(0)[:40]])
+    c.run(graph(V1, process="weir.examples.dedup:Dedup"), savepoint="sp-up")
+    with pytest.raises(StateShapeMismatch, match="process"):
+        c.run(graph(V1, process=f"{__name__}:Renamed"), restore_from=savepoint_url("sp-up"))
+    c.run(graph(V1, process="weir.examples.dedup:Dedup"), restore_from=savepoint_url("sp-up"))
 
 
 # -- (7): crashes around the upgrade -----------------------------------------------------------
