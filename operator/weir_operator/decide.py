@@ -45,13 +45,13 @@ per generation, then ``Stalled`` says what to do.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from weir import spec
 from weir.objectstores import job_url
+from weir.spec_diff import Change
 from weir_operator import autoscaler, model, render
 from weir_operator.plans import (
     Action,
@@ -91,19 +91,6 @@ class Policy:
     the one its own status write triggers, leave ``status.autoscaler`` alone)."""
     autoscaler_stale_after: timedelta = timedelta(seconds=30)
     """A worker status older than this is stale: no autoscaling decision on it."""
-
-
-class Change(enum.IntEnum):
-    """How much of the job a spec change touches; changes combine by taking the maximum."""
-
-    IGNORE = 0
-    """Operator policy only (upgradeMode, autoscaler, cleanup policy, savepointTriggerNonce)."""
-    SCALE = 1
-    """``parallelism``."""
-    UPGRADE = 2
-    """Anything the worker pods run (pipeline, image, Kafka, checkpoint store, resources, ...)."""
-    REDEPLOY = 3
-    """``restartNonce``: restart every worker even if nothing else changed."""
 
 
 def classify(deployed: Deployed, desired: spec.JobSpec) -> Change:

@@ -32,15 +32,13 @@ so deleting the job deletes them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
 import yaml
 
-from weir import spec
+from weir import spec, spec_diff
 from weir.memory import parse_size
 
 __all__ = [
@@ -124,17 +122,6 @@ MAX_NAME_LENGTH: Final = 52
 """Longest job name: the StatefulSet controller labels pods ``<name>-<10-char hash>`` (<= 63)."""
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-# Spec fields that do not change what a worker pod runs: scaling, the life cycle, the
-# operator's own policies. A change to only these is not a new version of the job.
-_NOT_FINGERPRINTED: dict[str, Any] = {
-    "parallelism": True,
-    "state": True,
-    "upgrade_mode": True,
-    "savepoint_trigger_nonce": True,
-    "autoscaler": True,
-    "checkpoint": {"cleanup_policy"},
-}
-
 
 class RenderError(ValueError):
     """The StreamJob cannot be rendered; the message names the field."""
@@ -197,16 +184,15 @@ def worker_url(job_name: str, namespace: str, index: int) -> str:
 
 
 def fingerprint(job_spec: spec.JobSpec) -> str:
-    """A stable hash of the spec fields that decide what the worker pods run.
+    """A stable hash of the spec fields that decide what the worker pods run: those whose kind
+    in ``weir.spec_diff.TABLE`` is pods, state or redeploy (``weir.spec_diff.fingerprint``).
 
     Equal for specs that differ only in ``parallelism``, ``state``, ``upgradeMode``,
     ``savepointTriggerNonce``, ``autoscaler`` or ``checkpoint.cleanupPolicy``, and in how
     values are written (``10s`` or ``10000``, key order, defaults spelled out or not); any
     other change, ``restartNonce`` included, gives a new one. 16 hex digits of SHA-256.
     """
-    relevant = job_spec.model_dump(mode="json", by_alias=True, exclude=_NOT_FINGERPRINTED)
-    digest = hashlib.sha256(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return digest[:16]
+    return spec_diff.fingerprint(job_spec)
 
 
 def job_document(job: spec.StreamJob) -> dict[str, Any]:

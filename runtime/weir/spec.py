@@ -212,7 +212,7 @@ class Job:
         repartition = self.pipeline.stages().repartition
         if repartition is None:
             return None
-        return f"weir-{self.namespace}-{self.name}-{repartition.step_index}-repartition"
+        return repartition.topic(self.namespace, self.name)
 
     @property
     def dead_letter_topic(self) -> str:

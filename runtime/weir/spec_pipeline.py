@@ -175,6 +175,12 @@ class Repartition:
     partitions: int | None
     """Partitions of the repartition topic; None means as many as the source topic."""
 
+    def topic(self, namespace: str, name: str) -> str:
+        """The repartition topic of job ``namespace/name``. Its name holds the job's name and the
+        step index, so a job renamed, or with a step added or removed before the shuffle, reads
+        (and keeps its stage-2 state under) another topic."""
+        return f"weir-{namespace}-{name}-{self.step_index}-repartition"
+
 
 Terminal: TypeAlias = Literal["window", "process", "none"]
 _PREPARE_KINDS = frozenset({"filter", "select", "rename", "map", "flatMap"})
