@@ -406,8 +406,9 @@ class Committer:
             try:
                 self._restore_task(task, committed, snapshots, explicit, start)
             except recovery.IncompatibleState as exc:
-                assert isinstance(exc.snapshot, _Snap)
-                raise StateShapeMismatch(mismatch(exc.snapshot, str(exc))) from None
+                snap = exc.snapshot
+                assert isinstance(snap, _Snap)
+                raise StateShapeMismatch(mismatch(snap, f"{exc} ({snap.manifest.url})")) from None
         if self._reset:
             log.warning(
                 "state reset (allowed): %s start with empty state at their snapshot's offsets; "

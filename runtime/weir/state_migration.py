@@ -81,10 +81,11 @@ class Snap(Protocol):
 
 
 def mismatch(snap: Snap, what: str) -> str:
-    """The one-line error of a refused restore: what differs and the two ways out."""
+    """The one-line error of a refused restore of ``what`` (names the snapshot): what differs
+    and the two ways out."""
     changes = "; ".join(snap.verdict.changes) or "its state shape differs"
     return (
-        f"state shape mismatch: {what} ({snap.manifest.url}): {changes}. Restore it with the "
+        f"state shape mismatch: {what}: {changes}. Restore it with the "
         "pipeline it was taken from, or allow a state reset (spec.upgrade.allowStateReset, "
         "upgradeMode: stateless, WEIR_ALLOW_STATE_RESET=1 or weir run --allow-state-reset) to start "
         "from its offsets with empty state"
