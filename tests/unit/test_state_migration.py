@@ -590,3 +590,29 @@ def test_state_that_cannot_be_loaded_is_refused_or_with_a_reset_starts_empty_at_
     choose("t/0", 300, [bad_commit], committed_id="c9", compatible=fits, allow_reset=True,
            usable=lambda s: tried.append(s.id) or True)
     assert tried == []
+
+
+def test_checkpoints_inspect_shows_the_state_shape_a_snapshot_was_written_with(tmp_path: Path) -> None:
+    import argparse
+    import io
+
+    from weir import checkpoint_cli
+    from weir.checkpoint import CheckpointStore, PartitionSnapshot
+
+    store = CheckpointStore.open(f"file://{tmp_path}/store", "test", "eo")
+    (tmp_path / "empty").mkdir()
+    part = {"events/0": PartitionSnapshot(tmp_path / "empty", 7)}
+    new = store.write_savepoint("sp-new", (0, 1), part, state_shape=graph(V2).shape.to_json())
+    old = store.write_savepoint("sp-old", (0, 1), part)
+    shown = []
+    for url in (new.url, old.url):
+        parser = argparse.ArgumentParser()
+        checkpoint_cli.add_cli(parser.add_subparsers(dest="command"))
+        out = io.StringIO()
+        args = parser.parse_args(["checkpoints", "inspect", url])
+        assert checkpoint_cli.run_cli(args, out, io.StringIO()) == 0
+        shown.append(next(line.strip() for line in out.getvalue().splitlines() if "state:" in line))
+    assert shown == [
+        "state: window tumbling 10s by messageKey; outputs n=count, total=sum(amount), mx=max(amount)",
+        "state: (not recorded: written by an older weir)",
+    ]
