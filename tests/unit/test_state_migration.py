@@ -50,9 +50,10 @@ def graph(
     name: str = "eo",
     key_by: bool = False,
     process: str | None = None,
+    window: dict[str, Any] | None = None,
 ) -> JobGraph:
     steps: list[dict[str, Any]] = [
-        {"window": {"type": "tumbling", "size": size}},
+        {"window": window or {"type": "tumbling", "size": size}},
         {"aggregate": {"outputs": outputs}},
     ]
     if process is not None:
@@ -230,13 +231,15 @@ def without(records: list[dict[str, Any]], *names: str) -> Counter[bytes]:
                    for r in records)
 
 
-def uninterrupted(root: Path, outputs: dict[str, Any], *parts: list[Event]) -> Cluster:
+def uninterrupted(
+    root: Path, outputs: dict[str, Any], *parts: list[Event], window: dict[str, Any] | None = None
+) -> Cluster:
     """One version reading the phases one after the other, stopping (with a final checkpoint)
     after each: the run an upgrade is compared with."""
     c = Cluster(root)
     for part in parts:
         append(c.broker, part)
-        c.run(graph(outputs))
+        c.run(graph(outputs, window=window))
     return c
 
 
@@ -329,21 +332,31 @@ def test_an_unchanged_layout_needs_no_migration() -> None:
 
 
 # -- (1) and (2): adding and removing an output across a savepoint ------------------------------
-@pytest.mark.parametrize("seed", range(4))
+WINDOWS = {
+    "tumbling": ({"type": "tumbling", "size": "10s"}, (10_000, None, None)),
+    "sliding": ({"type": "sliding", "size": "10s", "slide": "5s"}, (10_000, 5_000, None)),
+    "session": ({"type": "session", "gap": "3s"}, (None, None, 3_000)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOWS))
+@pytest.mark.parametrize("seed", range(3))
 def test_an_output_added_across_a_savepoint_is_in_every_window_closing_after_it_and_the_rest_is_exact(
-    seed: int, tmp_path: Path
+    seed: int, kind: str, tmp_path: Path
 ) -> None:
     """Windows open at the upgrade carry ``mx`` over the records processed since the upgrade
-    only (its state starts empty there); their other outputs are exact."""
+    only (its state starts empty there; a session merged after it takes the maximum of both
+    parts' since-upgrade records); their other outputs are exact."""
+    spec, (size, slide, gap) = WINDOWS[kind]
     evts = events(seed)
     one, two = phases(evts, 45)
-    want = uninterrupted(tmp_path / "ref", V1, one, two)
+    want = uninterrupted(tmp_path / "ref", V1, one, two, window=spec)
     c = Cluster(tmp_path / "up")
     append(c.broker, one)
-    c.run(graph(V1), savepoint="sp-up")
+    c.run(graph(V1, window=spec), savepoint="sp-up")
     upgrade = c.mark()
     append(c.broker, two)
-    c.run(graph(V2), restore_from=savepoint_url("sp-up"))
+    c.run(graph(V2, window=spec), restore_from=savepoint_url("sp-up"))
     assert without(c.out(), "mx") == without(want.out())
     assert c.dead_letters() == want.dead_letters()
     old, new = c.out(until=upgrade), c.out(since=upgrade)
@@ -351,7 +364,7 @@ def test_an_output_added_across_a_savepoint_is_in_every_window_closing_after_it_
     assert new, "no window closed after the upgrade"
     marked = [(p, k, ts, {**r, "since": r["amount"] if i >= 45 else None})
               for i, (p, k, ts, r) in enumerate(evts) if r is not None]
-    mx, _late = reference_windows(marked, "tumbling", 10_000, None, None, 0, 2_000, [("mx", "max", "since")])
+    mx, _late = reference_windows(marked, kind, size, slide, gap, 0, 2_000, [("mx", "max", "since")])
     assert {window(r): r["mx"] for r in new} == {window(r): mx[window(r)]["mx"] for r in new}
 
 
