@@ -21,6 +21,7 @@ __all__ = [
     "Aggregator",
     "Overflow",
     "compile_aggregates",
+    "slot_count",
 ]
 
 AggFunction = Literal["count", "sum", "min", "max", "avg", "count_distinct", "first", "last"]
@@ -140,6 +141,11 @@ _SLOTS: dict[str, tuple[str, ...]] = {
     "first": ("None", "None"),  # event time, value
     "last": ("None", "None"),
 }
+
+
+def slot_count(fn: str) -> int:
+    """Accumulator slots one output of function ``fn`` occupies (``custom``: one, after the built-in ones)."""
+    return len(_SLOTS[fn]) if fn in _SLOTS else 1
 
 
 def _canonical(value: Any) -> bytes:

@@ -48,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from weir import __version__, state_sst
 from weir.checkpoint_manifest import (
@@ -193,9 +194,11 @@ class CheckpointStore(StoreReader):
 
     # writing
     def write_checkpoint(
-        self, checkpoint_id: str, worker: tuple[int, int], partitions: Mapping[str, PartitionSnapshot]
+        self, checkpoint_id: str, worker: tuple[int, int], partitions: Mapping[str, PartitionSnapshot],
+        state_shape: Mapping[str, Any] | None = None,
     ) -> WriteResult:
-        """Upload the partitions' RocksDB checkpoint directories and then the manifest.
+        """Upload the partitions' RocksDB checkpoint directories and then the manifest
+        (recording ``state_shape``, the pipeline's ``StateShape.to_json()``).
 
         SST/blob files already in the shared area are not uploaded again. Until the manifest is
         written the checkpoint does not exist for readers; a failure leaves only unreferenced
@@ -228,7 +231,8 @@ class CheckpointStore(StoreReader):
             )
         self._forget_digests_except(partitions.values())
         manifest = self._manifest(
-            "checkpoint", checkpoint_id, index, count, entries, "job", self._url(CHECKPOINTS, checkpoint_id)
+            "checkpoint", checkpoint_id, index, count, entries, "job", self._url(CHECKPOINTS, checkpoint_id),
+            state_shape,
         )
         data = encode_manifest(manifest)
         self._backend.put_bytes(self._key(CHECKPOINTS, checkpoint_id, MANIFEST), data)
@@ -248,9 +252,10 @@ class CheckpointStore(StoreReader):
         worker: tuple[int, int],
         partitions: Mapping[str, PartitionSnapshot],
         path: str | None = None,
+        state_shape: Mapping[str, Any] | None = None,
     ) -> WriteResult:
         """Export each partition to one SST file and upload it with a manifest of kind savepoint
-        to ``<path or <job>/savepoints>/<savepoint_id>/w<index>/``.
+        to ``<path or <job>/savepoints>/<savepoint_id>/w<index>/`` (recording ``state_shape``).
 
         Idempotent: when that manifest already exists nothing is written and the existing
         savepoint is returned (``existing=True``).
@@ -287,7 +292,9 @@ class CheckpointStore(StoreReader):
                 entries[name] = PartitionEntry(
                     snap.offset, snap.watermark, dict(snap.progress), FORMAT_EXPORT, files, n
                 )
-        manifest = self._manifest("savepoint", savepoint_id, index, count, entries, "manifest", dir_url)
+        manifest = self._manifest(
+            "savepoint", savepoint_id, index, count, entries, "manifest", dir_url, state_shape
+        )
         data = encode_manifest(manifest)
         backend.put_bytes(join_key(dir_key, MANIFEST), data)
         self._manifest_cache[dir_url] = manifest
@@ -307,14 +314,8 @@ class CheckpointStore(StoreReader):
         return index, count
 
     def _manifest(
-        self,
-        kind: str,
-        mid: str,
-        index: int,
-        count: int,
-        entries: dict[str, PartitionEntry],
-        rel: str,
-        url: str,
+        self, kind: str, mid: str, index: int, count: int, entries: dict[str, PartitionEntry], rel: str,
+        url: str, state_shape: Mapping[str, Any] | None = None,
     ) -> Manifest:
         return Manifest(
             kind=kind,
@@ -325,9 +326,7 @@ class CheckpointStore(StoreReader):
             job=self.job,
             worker_index=index,
             workers=count,
-            partitions=entries,
-            files_relative_to=rel,
-            url=url,
+            partitions=entries, files_relative_to=rel, url=url, state_shape=state_shape,
         )
 
     def _put_file(self, rel: str, path: Path, size: int, counter: list[int]) -> None:

@@ -12,6 +12,7 @@ import orjson
 from weir.checkpoint_manifest import MANIFEST, CorruptCheckpoint, Manifest, iso_ms
 from weir.checkpoint_reader import StoreReader
 from weir.objectstores import CheckpointError, S3Settings
+from weir.state_shape import StateShape
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
@@ -165,6 +166,16 @@ def cli_inspect(
     return EXIT_CORRUPT if any(problems.values()) else EXIT_OK
 
 
+def _shape(m: Manifest) -> str:
+    """The state shape the snapshot was written with, in one line (what a restore compares)."""
+    if m.state_shape is None:
+        return "(not recorded: written by an older weir)"
+    try:
+        return StateShape.from_json(m.state_shape).describe()
+    except ValueError as exc:
+        return f"(unreadable: {exc})"
+
+
 def _print_manifest(m: Manifest, out: IO[str]) -> None:
     print(f"{m.kind} {m.id}  job {m.namespace}/{m.job}  worker {m.worker_index}/{m.workers}", file=out)
     print(f"  url: {m.url}", file=out)
@@ -172,6 +183,7 @@ def _print_manifest(m: Manifest, out: IO[str]) -> None:
         f"  created: {m.created_iso}  weir {m.weir_version}  {m.total_files} files, {_size(m.total_bytes)}",
         file=out,
     )
+    print(f"  state: {_shape(m)}", file=out)
     rows = [["PARTITION", "OFFSET", "WATERMARK", "FILES", "SIZE"]]
     for name, p in sorted(m.partitions.items()):
         wm = "-" if p.watermark is None else f"{p.watermark} ({iso_ms(p.watermark)})"

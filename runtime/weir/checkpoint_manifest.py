@@ -18,7 +18,13 @@ Layout (``<store>`` is the store URL, e.g. ``s3://bucket/prefix`` or ``file:///v
                                  "format": "rocksdb-checkpoint" | "sst-export", "entries": null | 7,
                                  "files": [{"name": "000012.sst", "key": "shared/orders-0/<sha>-000012.sst",
                                             "size": 1234, "sha256": "..."}]}},
-     "totals": {"bytes": 1234, "files": 1}}
+     "totals": {"bytes": 1234, "files": 1},
+     "stateShape": {...}}
+
+``stateShape`` is ``weir.state_shape.StateShape.to_json()`` of the pipeline that wrote the
+snapshot: a restore compares it with its own pipeline's before loading the state
+(``weir.commit``). Manifests written before weir recorded it have none and are taken as
+matching.
 
 A file's ``key`` is relative to the job directory (checkpoints) or to the manifest's own
 directory (savepoints, so the directory can be copied anywhere).
@@ -135,6 +141,8 @@ class Manifest:
     files_relative_to: str
     url: str = ""
     """Where this manifest's directory is (set when read from or written to a store)."""
+    state_shape: Mapping[str, Any] | None = None
+    """``stateShape``: the writing pipeline's ``StateShape.to_json()``, None in older manifests."""
 
     @property
     def seq(self) -> int:
@@ -191,6 +199,8 @@ class Manifest:
             },
             "totals": {"bytes": self.total_bytes, "files": self.total_files},
         }
+        if self.state_shape is not None:
+            doc["stateShape"] = dict(self.state_shape)
         return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
     @classmethod
@@ -241,11 +251,20 @@ class Manifest:
                 partitions=partitions,
                 files_relative_to=str(doc["filesRelativeTo"]),
                 url=url,
+                state_shape=_state_shape(doc.get("stateShape")),
             )
         except CorruptCheckpoint:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, CheckpointError) as exc:
             raise CorruptCheckpoint(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _state_shape(value: Any) -> Mapping[str, Any] | None:
+    # Parsed into a StateShape by the reader that compares it: a manifest stays readable (its
+    # files listable and deletable) even when its shape is from a newer, unknown weir.
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"stateShape is {type(value).__name__}, not an object")
+    return value
 
 
 def iso_ms(ms: int) -> str:

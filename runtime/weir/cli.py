@@ -154,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: WEIR_RESTORE_FROM)",
     )
     run.add_argument(
+        "--allow-state-reset",
+        action="store_true",
+        help="when the restored snapshot's state does not fit the pipeline (window size, keyBy, an "
+        "aggregate's function changed...), start from its offsets with empty state instead of "
+        "exiting with code 2 (default: WEIR_ALLOW_STATE_RESET)",
+    )
+    run.add_argument(
         "--memory-budget",
         metavar="SIZE",
         help="memory the worker process stays within, e.g. 256Mi, 1Gi or bytes: shared by the window "
@@ -293,6 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     from weir.memory import MemoryBudgetTooSmall
     from weir.metrics import WorkerMetrics
     from weir.spec import SpecError, load_job
+    from weir.state_migration import StateShapeMismatch
     from weir.worker import StoreUnavailable, Worker, WorkerSettings
 
     log = logging.getLogger("weir")
@@ -372,7 +380,7 @@ def _run(args: argparse.Namespace) -> int:
     except MemoryBudgetTooSmall as exc:
         log.error("--memory-budget: %s", exc)
         return EXIT_BAD_SPEC
-    except (kio.TopicMissing, SpecError) as exc:
+    except (kio.TopicMissing, SpecError, StateShapeMismatch) as exc:
         log.error("%s", exc)
         return EXIT_BAD_SPEC
     except kio.KafkaUnavailable as exc:
@@ -416,6 +424,7 @@ def _checkpoint_settings(args: argparse.Namespace, env: Any, job: Any) -> dict[s
         "guarantee": args.guarantee or job.spec.delivery_guarantee,
         "checkpoint_url": args.checkpoint_url or env.checkpoint_url or (ck.url if ck else None),
         "restore_from": args.restore_from or env.restore_from,
+        "allow_state_reset": bool(args.allow_state_reset or env.allow_state_reset),
     }
     retain = args.checkpoint_retain or (ck.retain if ck else None)
     if retain is not None:

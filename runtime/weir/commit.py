@@ -39,6 +39,15 @@ from weir.core import TaskCore
 from weir.edges import Offset, Sink, Source, Store, StoreUnavailable, Transaction
 from weir.outages import Backoff, Dependencies
 from weir.results import iso
+from weir.state_migration import (
+    StateShapeMismatch,
+    check_restore_source,
+    layout_of,
+    migrate_state,
+    mismatch,
+    verdict,
+)
+from weir.state_shape import StateShape
 from weir.tasks import EARLIEST, LATEST, NO_WATERMARK, Task
 
 log = logging.getLogger(__name__)
@@ -51,10 +60,12 @@ worker stays down after its dependency is back."""
 class _Snap:
     """A checkpoint or savepoint manifest as ``weir.recovery`` sees it."""
 
-    def __init__(self, manifest: ck.Manifest) -> None:
+    def __init__(self, manifest: ck.Manifest, shape: StateShape) -> None:
         self.manifest = manifest
         self.id = f"{manifest.kind}:{manifest.id}"
         self.created_ms = manifest.created_ms
+        self.verdict = verdict(manifest.state_shape, shape)
+        """Whether this snapshot's state can be loaded into the running pipeline."""
 
     def progress(self, partition: str) -> dict[str, Any] | None:
         entry = self.manifest.partitions.get(partition)
@@ -66,6 +77,10 @@ class _Snap:
             "wm": NO_WATERMARK if wm is None else wm,
             "upstream": dict(entry.progress.get("upstream") or {}),
         }
+
+
+def _compatible(s: recovery.Snapshot) -> bool:
+    return not isinstance(s, _Snap) or s.verdict.compatible
 
 
 @dataclass
@@ -104,6 +119,9 @@ class Policy:
     restore_from: str | None = None
     checkpoint_retain: int = 3
     start_from: str = "earliest"
+    allow_state_reset: bool = False
+    """A snapshot whose state shape does not fit starts its partitions empty from its offsets
+    (``WEIR_ALLOW_STATE_RESET``), instead of ``StateShapeMismatch``."""
 
 
 class Committer:
@@ -145,6 +163,14 @@ class Committer:
         self.committed_once = False
         self.last_checkpoint: dict[str, Any] | None = None
         self._retain_failing = False
+        self.shape = core.graph.shape
+        self.shape_json = self.shape.to_json()
+        window = core.graph.window
+        self.state_meta: dict[str, Any] = {"shape": self.shape_json}
+        """Stored with every flush of a task's state: what it means and (windows) its slot layout."""
+        if window is not None:
+            self.state_meta["slots"] = layout_of(window.aggregator)
+        self._reset: list[str] = []
 
     # -- epochs -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -169,12 +195,13 @@ class Committer:
         shutil.rmtree(work, ignore_errors=True)
         parts: dict[str, ck.PartitionSnapshot] = {}
         offsets: list[Offset] = []
+        shape = self.shape_json
         for task in self.core.tasks.values():
             if task.next_offset < 0:
                 continue
             local = work / task.label
             if task.store is not None:
-                task.store.flush({**task.progress(), "id": snapshot_id})
+                task.store.flush({**task.progress(), "id": snapshot_id, **self.state_meta})
                 task.store.checkpoint(local)
                 if task.metrics is not None:
                     task.metrics.state_size.set(task.store.size_bytes())
@@ -196,9 +223,9 @@ class Committer:
             while True:
                 try:
                     if kind == "savepoint":
-                        result = store.write_savepoint(cid, worker, parts, path=path)
+                        result = store.write_savepoint(cid, worker, parts, path=path, state_shape=shape)
                     else:
-                        result = store.write_checkpoint(cid, worker, parts)
+                        result = store.write_checkpoint(cid, worker, parts, state_shape=shape)
                     shutil.rmtree(work, ignore_errors=True)
                     deps.up("store")
                     return result
@@ -365,18 +392,29 @@ class Committer:
             for bad in scan.unreadable:
                 log.warning("skipping an unreadable manifest: %s", bad)
                 self._skipped("corrupt")
-        snapshots = [_Snap(m) for scan in scans for m in scan.manifests]
+        shape = self.shape
+        snapshots = [_Snap(m, shape) for scan in scans for m in scan.manifests]
         # Never below what this process used: an upload abandoned by a rollback may still write.
         self.seq = max(self.seq, self.from_store("listing checkpoints", lambda: store.next_seq(policy.index)))
         source = policy.restore_from
-        explicit = (
-            [_Snap(m) for m in self.from_store(f"reading {source}", lambda: store.read_savepoint(source))]
-            if source
-            else []
-        )
+        read = self.from_store(f"reading {source}", lambda: store.read_savepoint(source)) if source else []
+        explicit = [_Snap(m, shape) for m in read]
+        check_restore_source(source, explicit, snapshots, policy.allow_state_reset)
         start = EARLIEST if policy.start_from == "earliest" else LATEST
+        self._reset = []
         for task in tasks:
-            self._restore_task(task, committed, snapshots, explicit, start)
+            try:
+                self._restore_task(task, committed, snapshots, explicit, start)
+            except recovery.IncompatibleState as exc:
+                snap = exc.snapshot
+                assert isinstance(snap, _Snap)
+                raise StateShapeMismatch(mismatch(snap, f"{exc} ({snap.manifest.url})")) from None
+        if self._reset:
+            log.warning(
+                "state reset (allowed): %s start with empty state at their snapshot's offsets; "
+                "windows open there restart empty and see only the records from that offset on",
+                ", ".join(self._reset),
+            )
         seconds = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.restore_duration_seconds.set(seconds)
@@ -406,7 +444,7 @@ class Committer:
             self.open_state(task, path)
             assert task.store is not None
             local_progress = task.store.progress
-            if local_progress is not None:
+            if local_progress is not None and verdict(local_progress.get("shape"), self.shape).compatible:
                 local = (int(local_progress["offset"]), local_progress.get("id"))
         fetched: dict[str, Path] = {}
 
@@ -427,16 +465,25 @@ class Committer:
             return True
 
         offset, committed_id = committed.get(task.name, (None, None))
-        decision = recovery.choose(task.name, offset, snapshots, explicit, local, usable, committed_id)
+        decision = recovery.choose(
+            task.name, offset, snapshots, explicit, local, usable, committed_id,
+            # A task without state (a repartitioned job's stage 1) needs only the offsets.
+            compatible=(lambda s: True) if task.forward else _compatible,
+            allow_reset=self.policy.allow_state_reset,
+        )
         log.info("%s: restore %s (%s)", task.name, decision.how, decision.reason)
         if not task.forward and decision.how != "local":
             if task.store is not None:
                 task.store.close()
             shutil.rmtree(path, ignore_errors=True)
-            if decision.source is not None:
+            if decision.source is not None and decision.how != "reset":
                 fetched[decision.source.id].rename(path)
             self.open_state(task, path)
         shutil.rmtree(state_dir / "restore", ignore_errors=True)
+        if decision.how == "reset" and not task.forward:
+            self._reset.append(task.name)
+        if not task.forward and decision.how in ("local", "exact", "replay"):
+            migrate_state(task, self.core.graph.window, self.shape, self.state_meta)
         if decision.how == "local":
             task.restore_progress(local_progress)
         elif decision.source is not None:

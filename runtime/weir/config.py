@@ -127,6 +127,10 @@ class Environment:
     max_records_per_second: float | None = None
     """``WEIR_MAX_RECORDS_PER_SECOND``: a worker processes at most this many input records per
     second (tests and benchmarks of the autoscaler: a known capacity); None: no limit."""
+    allow_state_reset: bool = False
+    """``WEIR_ALLOW_STATE_RESET=1`` (``true``/``yes``): a restore whose snapshot holds state of
+    another shape starts empty from the snapshot's offsets instead of exiting with code 2 (set
+    by the operator for ``spec.upgrade.allowStateReset`` or ``upgradeMode: stateless``)."""
 
     @classmethod
     def read(cls, env: Mapping[str, str] | None = None) -> Environment:
@@ -149,4 +153,6 @@ class Environment:
             kafka_security=KafkaSecurityInputs.read(env),
             max_records_per_second=float(env["WEIR_MAX_RECORDS_PER_SECOND"])
             if env.get("WEIR_MAX_RECORDS_PER_SECOND") else None,
+            allow_state_reset=(env.get("WEIR_ALLOW_STATE_RESET") or "").strip().lower()
+            in ("1", "true", "yes"),
         )

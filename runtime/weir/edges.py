@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from weir import checkpoint as ck
 from weir.tasks import Headers, Message, Task
@@ -111,7 +111,11 @@ class Store(Protocol):
     def read_savepoint(self, url: str) -> list[ck.Manifest]: ...
     def restore(self, manifest: ck.Manifest, partition: str, db_dir: Path) -> Path: ...
     def write_checkpoint(
-        self, checkpoint_id: str, worker: tuple[int, int], partitions: Mapping[str, ck.PartitionSnapshot]
+        self,
+        checkpoint_id: str,
+        worker: tuple[int, int],
+        partitions: Mapping[str, ck.PartitionSnapshot],
+        state_shape: Mapping[str, Any] | None = None,
     ) -> ck.WriteResult: ...
     def write_savepoint(
         self,
@@ -119,6 +123,7 @@ class Store(Protocol):
         worker: tuple[int, int],
         partitions: Mapping[str, ck.PartitionSnapshot],
         path: str | None = None,
+        state_shape: Mapping[str, Any] | None = None,
     ) -> ck.WriteResult: ...
     def retain(
         self, keep: int, worker_index: int, owned_partitions: Iterable[str], workers: int | None = None

@@ -10,9 +10,9 @@ from weir.chain import PrepareMany, compile_prepare_many
 from weir.custom_aggregates import aggregator_for
 from weir.records import Prepare, compile_prepare
 from weir.spec import Job
+from weir.state_shape import StateShape, shape_of
 
 __all__ = ["JobGraph", "PrepareMany", "ProcessStage", "WindowStage", "assigned", "compile_job"]
-
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class JobGraph:
     idle_timeout_ms: int
     sink_topic: str
     dead_letter_topic: str | None
+    shape: StateShape
+    """What the keyed stage's state means (``weir.state_shape``): recorded with every snapshot
+    and compared with a snapshot's before it is restored (``weir.commit``)."""
     window: WindowStage | None = None
     process: ProcessStage | None = None
     prepare_many: PrepareMany | None = None
@@ -104,6 +107,7 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
         process=process_stage,
         repartition_topic=job.repartition_topic,
         repartition_partitions=stages.repartition.partitions if stages.repartition else None,
+        shape=shape_of(stages, job.namespace, job.name),
     )
 
 

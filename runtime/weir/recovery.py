@@ -22,6 +22,16 @@ For each partition, in order of preference:
 An explicit restore source (a savepoint) wins over checkpoints, unless a checkpoint taken
 *after* it matches the committed offset: that is the job restarting after it already
 resumed from the savepoint, which must not rewind to it again.
+
+State shapes (``compatible(s)``: the snapshot's state means what this pipeline's means, as is
+or migrated): an incompatible snapshot's *state* is never loaded, but its offsets still say
+where output was committed. So an incompatible snapshot at the committed offset (written by
+another version of the pipeline: an operator rollback after the new version committed
+output) is replaced by a ``replay`` from the newest compatible snapshot behind it, the
+explicit restore source included, output suppressed up to the committed offset. When no
+compatible one exists, or the explicit source itself is incompatible, the state cannot be
+restored: ``reset`` when ``allow_reset`` (empty state from that snapshot's offsets, the
+partition's committed output untouched), else ``IncompatibleState``.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ class Snapshot(Protocol):
 class Restore:
     """The decision for one partition."""
 
-    how: Literal["local", "exact", "replay", "fresh"]
+    how: Literal["local", "exact", "replay", "fresh", "reset"]
     source: Snapshot | None = None
-    """The checkpoint or savepoint to download (``exact``, and ``replay`` when not from empty)."""
+    """The checkpoint or savepoint to download (``exact``, and ``replay`` when not from empty);
+    ``reset``: the incompatible snapshot whose offset and watermark start the empty state."""
     offset: int | None = None
     """Where consumption starts; None: the source's start position (``fresh``, or ``replay`` from empty)."""
     replay_until: int | None = None
@@ -69,6 +80,8 @@ def choose(
     local: tuple[int, str | None] | None = None,
     usable: Callable[[Snapshot], bool] = lambda _s: True,
     committed_id: str | None = None,
+    compatible: Callable[[Snapshot], bool] = lambda _s: True,
+    allow_reset: bool = False,
 ) -> Restore:
     """Decide how ``partition`` starts.
 
@@ -78,7 +91,9 @@ def choose(
     partition's watermark moves without input), so the id is what names the committed state.
     ``checkpoints`` and ``restore_from`` are manifests in any order; ``local`` is the
     ``(offset, id)`` stored with the state on this disk; ``usable(s)`` verifies a snapshot's
-    files for this partition (called lazily, newest first: it may download).
+    files for this partition (called lazily, newest first: it may download), and is never
+    called for an incompatible one. ``compatible(s)``: whether ``s``'s state can be loaded into
+    this pipeline; ``allow_reset``: what an unloadable one gives (see the module docstring).
     """
 
     def offset_of(s: Snapshot) -> int:
@@ -90,6 +105,11 @@ def choose(
         found = [s for s in snaps if s.progress(partition) is not None]
         return sorted(found, key=lambda s: s.created_ms, reverse=True)
 
+    def reset(s: Snapshot, offset: int, why: str) -> Restore:
+        if not allow_reset:
+            raise IncompatibleState(partition, s, why)
+        return Restore("reset", s, offset, reason=f"{why}; state reset allowed: starts empty")
+
     newest_first, explicit = newest(checkpoints), newest(restore_from)
 
     if explicit:
@@ -100,6 +120,8 @@ def choose(
             and (committed_id is None or s.id == committed_id)
         ]
         if not resumed or committed is None:
+            if not compatible(source):
+                return reset(source, offset_of(source), f"restore source {source.id} has another state shape")
             if not usable(source):
                 raise RestoreSourceUnusable(
                     f"{partition}: restore source {source.id} is corrupt or incomplete"
@@ -116,6 +138,25 @@ def choose(
     else:
         at_commit = [s for s in newest_first if offset_of(s) == committed]
     target = at_commit[0] if at_commit else None
+    if target is not None and not compatible(target):
+        # Written by another version: replay from the newest compatible snapshot behind it.
+        p = target.progress(partition)
+        wm = None if p is None or p.get("wm") is None else int(p["wm"])
+        seen = {s.id for s in newest_first}
+        behind = sorted(
+            [s for s in newest_first if s.created_ms < target.created_ms and offset_of(s) <= committed]
+            + [s for s in explicit if s.id not in seen and offset_of(s) <= committed],
+            key=lambda s: s.created_ms,
+            reverse=True,
+        )
+        for s in behind:
+            if compatible(s) and usable(s):
+                return Restore(
+                    "replay", s, offset_of(s), committed, wm,
+                    reason=f"{s.id} (skipped {target.id}: another state shape)",
+                )
+        why = f"the committed {target.id} has another state shape (none behind it fits)"
+        return reset(target, committed, why)
     if target is not None and usable(target):
         return Restore("exact", target, committed, reason=f"checkpoint {target.id}")
 
@@ -131,7 +172,7 @@ def choose(
         older = [s for s in newest_first if offset_of(s) < committed]
     skipped = target.id if target is not None else f"none found for {committed_id or committed}"
     for s in older:
-        if usable(s):
+        if compatible(s) and usable(s):
             return Restore(
                 "replay", s, offset_of(s), committed, wm, reason=f"checkpoint {s.id} (skipped: {skipped})"
             )
@@ -140,3 +181,13 @@ def choose(
 
 class RestoreSourceUnusable(RuntimeError):
     """The explicitly given restore source cannot be used for a partition."""
+
+
+class IncompatibleState(Exception):
+    """``snapshot`` holds the state a partition must restore, but this pipeline cannot load it
+    (``compatible`` said no) and a state reset is not allowed."""
+
+    def __init__(self, partition: str, snapshot: Snapshot, why: str) -> None:
+        super().__init__(f"{partition}: {why}")
+        self.partition = partition
+        self.snapshot = snapshot

@@ -305,6 +305,30 @@ class PartitionStore(RocksStore):
         raw = self._db.get(_PROGRESS)
         return None if raw is None else dict(orjson.loads(bytes(raw)))
 
+    def rewrite(self, transform: Callable[[bytes], bytes], progress: dict[str, Any]) -> int:
+        """Replace every stored window's value ``v`` by ``transform(v)``, then store ``progress``;
+        returns the number of windows. For a state migration, once, right after opening (nothing
+        cached yet): the hot path never sees the old encoding. The progress record is deleted
+        first and written last, so a crash half-way leaves a database that claims no offset
+        (recovery then restores it from the checkpoint store, not from this half-rewritten one).
+        """
+        assert not self._cache and not self._dirty and not self._deleted, "rewrite right after opening"
+        db = self._db
+        db.delete(_PROGRESS)
+        n = 0
+        batch = WriteBatch(raw_mode=True)
+        for raw_key, raw_value in db.items(from_key=_WINDOW):
+            if not isinstance(raw_key, bytes) or not raw_key.startswith(_WINDOW):
+                break
+            batch.put(raw_key, transform(bytes(raw_value)))
+            n += 1
+            if n % _CHUNK == 0:
+                db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        batch.put(_PROGRESS, orjson.dumps(progress))
+        db.write(batch)
+        return n
+
     def flush(self, progress: dict[str, Any]) -> int:
         """Write changed windows and ``progress``; returns bytes written.
 

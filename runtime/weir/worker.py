@@ -68,6 +68,9 @@ class WorkerSettings:
     checkpoint_retain: int = 3
     restore_from: str | None = None
     """A savepoint (or checkpoint) URL to start from instead of the latest checkpoint."""
+    allow_state_reset: bool = False
+    """A snapshot whose state shape does not fit the pipeline starts empty from its offsets
+    instead of ``StateShapeMismatch`` (exit code 2)."""
     s3: Any = None
     """``weir.checkpoint.S3Settings`` for an ``s3://`` store (None: from the environment)."""
     watermark_interval_s: float = 0.2
@@ -350,6 +353,7 @@ class Worker:
                 settings.restore_from,
                 settings.checkpoint_retain,
                 self.graph.start_from,
+                settings.allow_state_reset,
             ),
             waits,
             self._open_state,

@@ -501,3 +501,65 @@ def test_a_repartitioned_job_savepoints_and_resumes_with_exact_output(
     with Job(job, kafka, 1, tmp_path / "s1", url, restore_from=answers[0]["path"]) as running:
         got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
     assert_same(got, expected)
+
+
+def test_a_savepoint_restored_into_another_window_size_exits_2_or_with_a_reset_starts_empty_at_its_offsets(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    """``weir run --restore-from`` a savepoint of 10 s windows into 50 s windows: exit code 2
+    naming the field, nothing committed; with ``--allow-state-reset`` the job starts at the
+    savepoint's offsets with empty windows, so the new windows count exactly the records read
+    after it (none is late: the input's disorder is below the watermark's)."""
+    s3 = s3_env
+    records = as_records(events_for(17, 6_000))
+    first, second = records[: len(records) // 2], records[len(records) // 2 :]
+    source = kafka.create_topic(partitions=4)
+    sink, dlq = kafka.create_topic(), kafka.create_topic()
+    url = f"s3://{s3.new_bucket()}/ck"
+    name = f"ws-{source[-6:]}"
+    kafka.produce(source, first)
+    job = manifest(tmp_path, name, kafka, source, sink, dlq, TUMBLING, idle=PHASE1_IDLE)
+    with Job(job, kafka, 1, tmp_path / "s0", url) as running:
+        running.wait_ready()
+        running.wait_read(kafka, source)
+        answers = running.savepoint("sp-ws", stop=True)
+    assert answers[0]["status"] == "completed", answers
+    kafka.produce(source, second)
+    before = results_of(kafka.read_all(sink))
+    at_savepoint = kafka.committed(f"weir-test-{name}", source)
+    (tmp_path / "v2").mkdir()
+    wider = manifest(tmp_path / "v2", name, kafka, source, sink, dlq, {"type": "tumbling", "size": "50s"})
+    command = [
+        sys.executable, "-m", "weir", "run", str(wider), "--state-dir", str(tmp_path / "s1"),
+        "--http-port", "0", "--checkpoint-url", url, "--checkpoint-interval", "0.5",
+        "--restore-from", answers[0]["path"], "--connect-timeout", "30",
+    ]
+    env = {**os.environ, **s3.env()}
+    refused = subprocess.run(command, env=env, capture_output=True, timeout=120, check=False)
+    err = refused.stderr.decode(errors="replace")
+    assert refused.returncode == 2, err[-2000:]
+    assert "state shape mismatch" in err and "pipeline.window.size: 10s -> 50s" in err, err[-2000:]
+    assert kafka.committed(f"weir-test-{name}", source) == at_savepoint
+    with open(tmp_path / "reset.log", "wb") as log:
+        reset = [*command, "--allow-state-reset"]
+        proc = subprocess.Popen(reset, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "reset.log").read_text()[-2000:]
+            after = {k: v for k, v in results_of(kafka.read_all(sink)).items() if k not in before}
+            counted = sum(v["n"] for v in after.values())
+            if counted >= len(second):
+                break
+            assert time.monotonic() < deadline, f"{counted} of {len(second)} records counted"
+            time.sleep(0.5)
+        time.sleep(2.5)  # anything emitted twice would show now
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(40)
+    assert code == 0
+    after = {k: v for k, v in results_of(kafka.read_all(sink)).items() if k not in before}
+    assert all(end - start == 50_000 for _key, start, end in after)
+    assert sum(v["n"] for v in after.values()) == len(second)
+    assert results_of(kafka.read_all(sink)).keys() >= before.keys()
+    assert "state reset (allowed)" in (tmp_path / "reset.log").read_text()
