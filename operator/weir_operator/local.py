@@ -36,6 +36,7 @@ from weir import spec
 from weir.objectstores import CheckpointError
 from weir_operator import local_workers, model, render, workers
 from weir_operator.lag import LagReader, autoscaled, reported_inputs
+from weir_operator.lifecycle import reset_allowed
 from weir_operator.local_workers import Worker
 from weir_operator.plans import Apply, Deployed, Event, Observed, SavepointOutcome, WorkerState
 from weir_operator.platforms import (
@@ -73,11 +74,6 @@ def job_has_no_store(manifest: Path) -> bool:
         return load_job(manifest).spec.checkpoint is None
     except SpecError:
         return True
-
-
-def reset_allowed(job_spec: spec.JobSpec) -> bool:
-    """Whether the workers of ``job_spec`` may start with empty state where the saved one does not fit."""
-    return job_spec.upgrade.allow_state_reset or job_spec.upgrade_mode == "stateless"
 
 
 @dataclass

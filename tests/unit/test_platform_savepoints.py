@@ -17,7 +17,8 @@ from weir import spec
 from weir.checkpoint import CheckpointError, CheckpointStore
 from weir.checkpoint_manifest import PartitionSnapshot, checkpoint_id
 from weir_operator import local_workers, up
-from weir_operator.local import ENV_ALLOW_STATE_RESET, LocalPlatform, reset_allowed
+from weir_operator.lifecycle import reset_allowed
+from weir_operator.local import ENV_ALLOW_STATE_RESET, LocalPlatform
 from weir_operator.plans import Apply, SavepointOutcome
 from weir_operator.platforms import completed_in_store, dispose_job_savepoint, find_savepoint
 
