@@ -130,7 +130,7 @@ class Upgradable:
 
     def close_windows(self) -> None:
         """A far-future record per partition: every window closes (their own windows never do)."""
-        self._send([(p, f"end{p}", END_MS, {"price": 0}) for p in range(PARTITIONS)])
+        self._send([(p, f"end{p}", END_MS, {"price": 1}) for p in range(PARTITIONS)])
 
     def _send(self, events: list[Event]) -> None:
         self.kafka.produce(self.source, [
@@ -214,7 +214,12 @@ class Upgradable:
         return out
 
     def wait_output(self, windows: set[Window], what: str, timeout: float = 90) -> None:
-        self.wait(lambda: windows <= set(self.output()), what, timeout)
+        try:
+            self.wait(lambda: windows <= set(self.output()), what, timeout)
+        except AssertionError as exc:
+            missing = sorted(windows - set(self.output()))
+            dead = [(dict(m.headers).get("weir.reason"), m.value) for m in self.kafka.read_all(self.dlq, timeout=5)]
+            raise AssertionError(f"{exc}\nmissing windows: {missing[:20]}\ndead letters: {dead[:10]}") from None
 
     def savepoint_ids(self) -> set[str]:
         """The savepoints in the store (listing the bucket)."""
