@@ -218,8 +218,10 @@ class Upgradable:
             self.wait(lambda: windows <= set(self.output()), what, timeout)
         except AssertionError as exc:
             missing = sorted(windows - set(self.output()))
-            dead = [(dict(m.headers).get("weir.reason"), m.value) for m in self.kafka.read_all(self.dlq, timeout=5)]
-            raise AssertionError(f"{exc}\nmissing windows: {missing[:20]}\ndead letters: {dead[:10]}") from None
+            dead = [(dict(m.headers).get("weir.reason"), m.value)
+                    for m in self.kafka.read_all(self.dlq, timeout=5)]
+            raise AssertionError(f"{exc}\nmissing windows: {missing[:20]}\ndead letters: {dead[:10]}"
+                                 ) from None
 
     def savepoint_ids(self) -> set[str]:
         """The savepoints in the store (listing the bucket)."""
@@ -328,10 +330,10 @@ def test_a_compatible_upgrade_becomes_stable_and_the_output_stays_exact(
     expected = reference(job.events)
     job.wait_output(set(expected), "every window")
     time.sleep(3)  # a window emitted twice would show now
+    status = job.status()  # before the shutdown savepoint suspends the job
     job.stop()
 
     assert job.output() == expected
-    status = job.status()
     added = {"filter": {"field": "price", "op": "gt", "value": 0}}
     assert status["lastStableSpec"]["pipeline"]["steps"][0] == added
     upgrade = _upgrade_savepoints(status, 2)
@@ -364,10 +366,10 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_automatically_and_the_output
     expected = reference(job.events)
     job.wait_output(set(expected), "every window")
     time.sleep(3)
+    status = job.status()  # before the shutdown savepoint suspends the job
     job.stop()
 
     assert job.output() == expected
-    status = job.status()
     degraded = _condition(status, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "RolledBack", degraded
     assert "generation 2" in degraded["message"] and "exit code 6" in degraded["message"], degraded
@@ -481,6 +483,7 @@ def test_adding_an_output_fills_it_in_every_window_closing_after_the_upgrade_and
     expected = reference(job.events)
     job.wait_output(set(expected), "every window")
     time.sleep(3)
+    status = job.status()
     job.stop()
 
     output = job.output()
@@ -497,7 +500,6 @@ def test_adding_an_output_fills_it_in_every_window_closing_after_the_upgrade_and
         else:
             assert result["mx"] == maxima[window]["mx"], (window, result)
     assert all(window_index(w) >= 6 for w in reference(third))
-    status = job.status()
     assert len(_upgrade_savepoints(status, 2)) == 1 and len(_upgrade_savepoints(status, 3)) == 1
 
 
@@ -559,10 +561,10 @@ def test_weir_up_sigkilled_at_each_step_of_an_upgrade_and_restarted_completes_it
     expected = reference(job.events)
     job.wait_output(set(expected), "every window")
     time.sleep(3)
+    status = job.status()  # before the shutdown savepoint suspends the job
     job.stop()
 
     assert job.output() == expected
-    status = job.status()
     for g in range(2, generation + 1):
         upgrade = _upgrade_savepoints(status, g)
         assert len(upgrade) == 1 and upgrade[0].get("url") and not upgrade[0].get("error"), (g, upgrade)
