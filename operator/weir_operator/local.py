@@ -182,6 +182,7 @@ class LocalPlatform:
             fresh = self._start(namespace, name, job, worker.index, None)
             fresh.restarts = worker.restarts + 1
             fresh.crashes = worker.crashes
+            fresh.last_exit = code
             job.workers[worker.index] = fresh
             local_workers.write_record(self.job_dir(namespace, name), job.workers.values())
 
@@ -227,6 +228,9 @@ class LocalPlatform:
                     ready_ports.append((index, worker.port))
                 recent = sum(1 for t in worker.crashes if now - t <= CRASH_LOOP_WINDOW_S)
                 reason = "" if code is None else f"exit code {code}"
+                if code is None and recent >= CRASH_LOOP_RESTARTS and worker.last_exit is not None:
+                    # Running again, but crash-looping: say how it last ended (the kubelet's lastState).
+                    reason = f"exit code {worker.last_exit}, restarted"
                 states.append(
                     WorkerState(index, ready=ready, restarts=worker.restarts,
                                 crash_looping=recent >= CRASH_LOOP_RESTARTS, reason=reason,

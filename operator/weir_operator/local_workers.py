@@ -122,6 +122,8 @@ class Worker:
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
     exit_code: int | None = None
+    last_exit: int | None = None
+    """The exit code of the process this one restarted (None: not a restart)."""
 
     @property
     def adopted(self) -> bool:
