@@ -297,6 +297,7 @@ class LocalPlatform:
         running.sort(key=lambda w: w.index)
         urls = [f"http://127.0.0.1:{w.port}" for w in running]
         outcome = workers.take_savepoint(urls, savepoint_id, stop, self.now(), self.savepoint_timeout_s)
+        self._answered(outcome)
         if stop and outcome.completed:
             local_workers.stop_after_savepoint(running)
         store = running[0].store if running else self.store_url(deployed_spec or job.spec)
@@ -308,6 +309,9 @@ class LocalPlatform:
             self.now(),
             asked_all=asked_all,
         )
+
+    def _answered(self, outcome: SavepointOutcome) -> None:
+        """The workers' answers are in, before stopping workers wait to exit (``crashpoints``' seam)."""
 
     def write_status(self, job: spec.ObjectMeta, status: model.StreamJobStatus) -> None:
         path = self.job_dir(job.namespace, job.name) / "status.json"

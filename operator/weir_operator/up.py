@@ -33,7 +33,7 @@ import orjson
 import yaml
 
 from weir import spec
-from weir_operator import decide, model
+from weir_operator import crashpoints, decide, model
 from weir_operator.local import LocalPlatform
 from weir_operator.reconciler import finalize, reconcile
 
@@ -171,6 +171,15 @@ class UpCommand:
             print(f"{args.path}: {exc}", file=sys.stderr)
             return 2
         platform = LocalPlatform(state_dir, bootstrap_servers=args.bootstrap_servers)
+        crash_at = os.environ.get(crashpoints.ENV_CRASH_AT)
+        if crash_at:  # the kill tests' fault injection (weir_operator.crashpoints)
+            try:
+                point = crashpoints.CrashPoint.parse(crash_at)
+            except ValueError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            platform = crashpoints.CrashingPlatform(point, state_dir,
+                                                    bootstrap_servers=args.bootstrap_servers)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())

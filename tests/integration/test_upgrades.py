@@ -31,6 +31,7 @@ from harness import up
 from harness.kafka import KafkaHelper
 from harness.s3 import S3Helper
 from weir.testing import reference_windows
+from weir_operator.crashpoints import ENV_CRASH_AT, STEPS
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
@@ -140,9 +141,13 @@ class Upgradable:
         self.events += events
 
     # weir up
-    def start(self) -> None:
+    def start(self, crash_at: str | None = None) -> None:
+        """Start `weir up`; ``crash_at``: ``<step>@<generation>`` where it SIGKILLs itself."""
         env = {**os.environ, **self.s3.env(),
                "PYTHONPATH": os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)}
+        env.pop(ENV_CRASH_AT, None)
+        if crash_at is not None:
+            env[ENV_CRASH_AT] = crash_at
         self._log_sink = self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "weir", "up", str(self.path), "--state-dir",
@@ -153,7 +158,8 @@ class Upgradable:
     def kill(self) -> None:
         """SIGKILL `weir up` (its workers are left running, as after a crash)."""
         assert self.process is not None
-        self.process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.wait()
         self._log_sink.close()
 
@@ -511,65 +517,63 @@ def _intent(job: Upgradable, generation: int) -> dict[str, Any]:
     return intent if intent.get("generation") == generation and intent.get("savepointId") else {}
 
 
-KILL_POINTS = (
-    "intent written",
-    "savepoint requested",
-    "savepoint done",
-    "old stopped",
-    "new applied",
-    "stabilizing",
-)
-
-
-def _reached(job: Upgradable, point: str, generation: int, old: set[str]) -> bool:
-    """Whether the upgrade to ``generation`` is at ``point`` (from status.json, the store, /proc)."""
+def _check_where_it_died(job: Upgradable, step: str, generation: int, old: set[str]) -> None:
+    """What status.json, the store and /proc say right after `weir up` died at ``step``."""
     intent = _intent(job, generation)
-    if point in ("intent written", "savepoint requested"):
-        return bool(intent)  # the status is written before the savepoint request is sent
-    if point == "savepoint done":  # in the store, not yet in the status
-        return bool(intent) and job.savepoint_complete_in_store(intent["savepointId"])
-    if point == "old stopped":  # the status has the savepoint: the old workers have exited
-        return bool(intent.get("restoreFrom"))
-    if point == "new applied":  # workers of the new spec run, the status does not say so yet
-        return bool(set(worker_pids(job.state).values()) - old)
+    running = set(worker_pids(job.state).values())  # the manifests the running workers were given
     status = job.status()
-    return (status.get("lifecycleState") == "Stabilizing"
-            and (status.get("stabilization") or {}).get("generation") == generation)
+    if step in ("intent-written", "savepoint-requested", "savepoint-done"):
+        assert intent and not intent.get("restoreFrom"), status
+        assert running <= old, running  # no new worker (the old ones may be ending after a stop-savepoint)
+    if step == "intent-written":
+        assert not job.savepoint_complete_in_store(intent["savepointId"])  # nothing was asked
+    if step == "savepoint-done":
+        assert job.savepoint_complete_in_store(intent["savepointId"])  # taken, not yet recorded
+    if step == "old-stopped":
+        assert intent.get("restoreFrom") and not running, (status, running)
+    if step == "new-applied":
+        assert intent.get("restoreFrom") and running and not running & old, (status, running)
+    if step == "stabilizing":
+        assert status["lifecycleState"] == "Stabilizing", status
+        assert status["stabilization"]["generation"] == generation, status
 
 
 @pytest.mark.timeout(420)
 def test_weir_up_sigkilled_at_each_step_of_an_upgrade_and_restarted_completes_it_with_one_savepoint(
     job_factory: Callable[..., Upgradable],
 ) -> None:
+    """`weir up` dies by SIGKILL (``weir_operator.crashpoints``: the steps are milliseconds apart)
+    at each step of an upgrade in turn; each restart finishes that upgrade and is armed for the next."""
     job = job_factory("killed")
     job.produce(0, 2, seed=20)
-    job.start()
+    job.start(crash_at=f"{STEPS[0]}@2")
     job.wait_stable(1)
-    generation = 1
-    for step, point in enumerate(KILL_POINTS):
-        generation += 1
+    for index, step in enumerate(STEPS):
+        generation = index + 2
         old = set(worker_pids(job.state).values())
-        job.write(steps=({"filter": {"field": "price", "op": "gt", "value": -step}},))
-        job.wait(lambda: _reached(job, point, generation, old), point, timeout=60)  # noqa: B023
-        if point == "savepoint requested":
-            time.sleep(0.3)  # the request has reached the workers
-        job.kill()
-        job.start()
+        job.write(steps=({"filter": {"field": "price", "op": "gt", "value": -index}},))
+        job.wait(lambda: job.process is not None and job.process.poll() is not None,
+                 f"weir up killed at {step}")
+        assert job.process is not None and job.process.returncode == -signal.SIGKILL, job.tail()
+        assert f"killing weir up at {step}" in job.tail()
+        _check_where_it_died(job, step, generation, old)
+        job.kill()  # (already dead: closes its log)
+        job.start(crash_at=f"{STEPS[index + 1]}@{generation + 1}" if index + 1 < len(STEPS) else None)
         job.wait_stable(generation, timeout=120)
-        job.produce(2 + 2 * step, 2, seed=21 + step)
+        job.produce(2 + 2 * index, 2, seed=21 + index)
     job.close_windows()
     expected = reference(job.events)
     job.wait_output(set(expected), "every window")
     time.sleep(3)
-    status = job.status()  # before the shutdown savepoint suspends the job
+    status = job.status()
     job.stop()
 
     assert job.output() == expected
-    for g in range(2, generation + 1):
+    for g in range(2, len(STEPS) + 2):
         upgrade = _upgrade_savepoints(status, g)
         assert len(upgrade) == 1 and upgrade[0].get("url") and not upgrade[0].get("error"), (g, upgrade)
-    # No second savepoint in the store either: the upgrades' six, and the shutdown's at the end.
+    # No second savepoint in the store either: one per upgrade, nothing else before the shutdown.
     upgrade_ids = {s["id"] for s in status["savepointHistory"] if s["trigger"] == "upgrade"}
-    others = {s["id"] for s in status["savepointHistory"] if s["trigger"] != "upgrade"}
-    assert len(upgrade_ids) == len(KILL_POINTS)
-    assert job.savepoint_ids() - others == upgrade_ids
+    assert len(upgrade_ids) == len(STEPS)
+    shutdown = {s["id"] for s in job.status()["savepointHistory"] if s["trigger"] != "upgrade"}
+    assert job.savepoint_ids() - shutdown == upgrade_ids
