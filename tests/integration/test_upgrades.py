@@ -429,7 +429,7 @@ def test_an_incompatible_window_change_is_refused_while_the_old_job_runs_and_a_s
 
     assert job.output() == expected
     assert not any(window_index(w) == 5 for w in job.output() if w[2] - w[1] == SIZE_MS)
-    assert "empty" in job.events_log()  # the upgrade's event says the windows restart empty
+    assert "state reset allowed: windows restart empty (pipeline.window.size" in job.events_log()
 
 
 # --------------------------------------------------------------------------- (d) periodic savepoints

@@ -16,7 +16,7 @@ import yaml
 from weir import spec
 from weir.checkpoint import CheckpointError, CheckpointStore
 from weir.checkpoint_manifest import PartitionSnapshot, checkpoint_id
-from weir_operator import local_workers, up
+from weir_operator import crashpoints, local_workers, up
 from weir_operator.lifecycle import reset_allowed
 from weir_operator.local import ENV_ALLOW_STATE_RESET, LocalPlatform
 from weir_operator.plans import Apply, SavepointOutcome
@@ -295,3 +295,45 @@ def test_weir_up_started_again_on_an_unchanged_manifest_continues_its_generation
 
     assert (first, again, edited) == (1, 1, 2)
     assert up._generation(platform, key, "digest-b") == 2
+
+
+# --------------------------------------------------------------------------- the kill tests' crash points
+
+
+def test_a_crash_point_names_a_step_and_a_generation_and_anything_else_is_refused() -> None:
+    assert crashpoints.CrashPoint.parse("savepoint-done@4") == crashpoints.CrashPoint("savepoint-done", 4)
+    for bad in ("savepoint-done", "teatime@4", "new-applied@x", "@3"):
+        with pytest.raises(ValueError, match="expected <step>@<generation>"):
+            crashpoints.CrashPoint.parse(bad)
+
+
+class _StatefulSets:
+    """The one AppsV1Api call ``KubernetesPlatform.savepoint`` makes: a StatefulSet stopped at 0."""
+
+    def read_namespaced_stateful_set(self, name: str, namespace: str) -> Any:
+        from kubernetes import client
+
+        return client.V1StatefulSet(spec=client.V1StatefulSetSpec(
+            replicas=0, selector=client.V1LabelSelector(), service_name=name,
+            template=client.V1PodTemplateSpec(),
+        ))
+
+
+def test_the_kubernetes_platform_answers_with_the_savepoint_in_the_store_when_no_worker_answers(
+    tmp_path: Path,
+) -> None:
+    from weir_operator import kube
+
+    store = tmp_path / "store"
+    url = _savepoint(store, "upgrade-4-1", 2)
+    platform = kube.KubernetesPlatform(None, worker_image="weir:test", now=lambda: NOW)
+    platform.apps = _StatefulSets()  # type: ignore[assignment]
+
+    assert platform.savepoint(_job(store), "upgrade-4-1", stop=True) == SavepointOutcome(
+        "upgrade-4-1", completed=True, url=url, completed_at=NOW
+    )
+    assert platform.savepoint(_job(store), "upgrade-5-1", stop=True) == SavepointOutcome(
+        "upgrade-5-1", completed=False, error="no workers are running"
+    )
+    platform.dispose_savepoint(_job(store), url)
+    assert find_savepoint(store.as_uri(), "local", "revenue", "upgrade-4-1", None) is None
