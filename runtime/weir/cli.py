@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
 PLUGIN_GROUP = "weir.commands"
 """Entry-point group of further ``weir`` subcommands. Each names an object with ``help``,
 ``description``, ``configure(parser)`` and ``run(args) -> int``. This is how ``weir up``
-(in the operator package, ``weir_operator.local``) joins the command without the runtime
+(in the operator package, ``weir_operator.up``) joins the command without the runtime
 importing the operator: the import-linter contract forbids that, and the entry point keeps
 the dependency pointing from the operator to the runtime."""
 
