@@ -140,7 +140,7 @@ class LocalPlatform:
             if local.previous:
                 logger.warning(
                     "%s/%s: %d workers of a previous weir up still run (pids %s): they answer a savepoint it "
-                    "asked for and are stopped before any new worker starts", namespace, name,
+                    "had asked for, if any, and are stopped before any new worker starts", namespace, name,
                     len(local.previous), ", ".join(str(w.pid) for w in local.previous),
                 )
         return local
