@@ -386,6 +386,41 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_automatically_and_the_output
     assert "RollingBack" in events and "RolledBack" in events
 
 
+@pytest.mark.timeout(300)
+def test_reverting_a_crash_looping_upgrade_by_hand_under_savepoint_mode_restores_the_stable_savepoint(
+    job_factory: Callable[..., Upgradable],
+) -> None:
+    # The issue: the revert's savepoint request met the crash-looping worker (connection refused).
+    job = job_factory("revert", upgrade={"rollback": "manual"})
+    first = job.produce(0, 3, seed=13)
+    job.start()
+    job.wait_stable(1)
+    job.wait_output(closed(first), "the first version's windows")
+    job.write(steps=({"map": {"function": "user_functions:fail_on_poison", "onError": "fail"}},),
+              upgrade={"rollback": "manual"})
+    job.wait(lambda: (job.status().get("stabilization") or {}).get("generation") == 2, "generation 2 applied")
+    job.produce(3, 2, seed=14, poison=True)
+    job.wait(lambda: _condition(job.status(), "Degraded").get("reason") == "WorkersCrashLooping",
+             "crash loop")
+
+    job.write(upgrade={"rollback": "manual"})  # back to version 1, by hand
+    job.wait_stable(3)
+    job.produce(5, 2, seed=15)
+    job.close_windows()
+    expected = reference(job.events)
+    job.wait_output(set(expected), "every window")
+    time.sleep(3)
+    status = job.status()
+    job.stop()
+
+    assert job.output() == expected
+    assert not _upgrade_savepoints(status, 3)  # none could be taken from the crash-looping version
+    (taken,) = _upgrade_savepoints(status, 2)  # the savepoint version 1 stopped with
+    assert f"restoring the stable version's {taken['url']}" in job.events_log()
+    assert not [s for s in status["savepointHistory"] if s.get("error")], status["savepointHistory"]
+    assert "map" not in str(status["lastStableSpec"]["pipeline"]["steps"])
+
+
 # --------------------------------------------------------------------------- (c) an incompatible change
 
 
