@@ -50,6 +50,7 @@ END_MS = START_MS + 10_000_000
 OUTPUTS: dict[str, dict[str, str]] = {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "price"}}
 TESTS_DIR = str(Path(user_functions.__file__).parent)
 UPGRADE = {"stabilityWindow": "5s", "readinessTimeout": "40s"}
+ADOPTED = "workers of a previous weir up still run"
 
 
 # --------------------------------------------------------------------------- the job and its input
@@ -593,8 +594,13 @@ def test_weir_up_sigkilled_at_each_step_of_an_upgrade_and_restarted_completes_it
         assert f"killing weir up at {step}" in job.tail()
         _check_where_it_died(job, step, generation, old)
         job.kill()  # (already dead: closes its log)
+        adopted = job.log.read_text().count(ADOPTED)
         job.start(crash_at=f"{STEPS[index + 1]}@{generation + 1}" if index + 1 < len(STEPS) else None)
         job.wait_stable(generation, timeout=120)
+        if step in ("intent-written", "new-applied", "stabilizing"):
+            # The killed weir up's workers still ran: adopted (for intent-written they took the
+            # savepoint the restarted weir up asked for), and stopped before new ones started.
+            assert job.log.read_text().count(ADOPTED) == adopted + 1, job.tail()
         job.produce(2 + 2 * index, 2, seed=21 + index)
     job.close_windows()
     expected = reference(job.events)
