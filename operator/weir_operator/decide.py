@@ -62,7 +62,7 @@ from weir.spec_diff import Change
 from weir_operator import conditions, lifecycle, model, parallelism, render, savepoints
 from weir_operator.deletion import cleanup_url, decide_deletion
 from weir_operator.drafts import Draft, Policy
-from weir_operator.plans import Apply, Deployed, Observed, Plan, SavepointOutcome, TakeSavepoint
+from weir_operator.plans import Apply, Deployed, Observed, Plan, TakeSavepoint
 
 __all__ = ["Change", "Policy", "classify", "cleanup_url", "decide", "decide_deletion"]
 
@@ -199,7 +199,7 @@ def _start(
         if deployed.replicas > 0:
             trigger: model.SavepointTrigger = "shutdown" if shutdown else "suspend"
             with_savepoint = job_spec.upgrade_mode != "stateless"
-            if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+            if with_savepoint and savepoints.blocked(draft, generation, trigger, now, policy):
                 return
             _begin(
                 draft,
@@ -280,7 +280,7 @@ def _start(
         # Back to the stable spec by hand while the running version fails: restore its snapshot.
         restore_from = stable.snapshot
     trigger = "upgrade"
-    if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+    if with_savepoint and savepoints.blocked(draft, generation, trigger, now, policy):
         return
     if leaving_stable and stable is not None and not with_savepoint:
         draft.set(stable=stable.model_copy(update={"snapshot": None}))  # a rollback resumes from checkpoints
@@ -384,29 +384,6 @@ def _maybe_savepoint_nonce(
     )
 
 
-def _savepoint_blocked(
-    draft: Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
-) -> bool:
-    """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
-    failures = [
-        s
-        for s in draft.status.savepoint_history
-        if s.error is not None and s.generation == generation and s.trigger == trigger
-    ]
-    if not failures:
-        return False
-    if len(failures) >= policy.savepoint_attempts:
-        draft.stalled = (
-            "SavepointFailed",
-            f"{len(failures)} savepoints for generation {generation} failed (last: {failures[0].error}); "
-            "the workers keep running the previous spec. Fix the cause, or set upgradeMode: stateless "
-            "to redeploy without state.",
-        )
-        return True
-    failed_at = failures[0].completed_at
-    return failed_at is not None and now - failed_at < policy.savepoint_retry_after
-
-
 _BEGIN_STATE: dict[model.IntentAction, model.LifecycleState] = {
     "deploy": "Deploying",
     "resume": "Deploying",
@@ -483,7 +460,7 @@ def _continue(
         if outcome is None or outcome.id != intent.savepoint_id:
             draft.actions.append(TakeSavepoint(intent.savepoint_id, stop=intent.action != "savepoint"))
             return
-        info = _savepoint_info(job, intent, outcome, now, shutdown=shutdown)
+        info = savepoints.info_of(job, intent, outcome, now, shutdown=shutdown)
         history = savepoints.bounded((info, *draft.get("savepoint_history")), job.spec, policy)
         draft.set(last_savepoint=info, savepoint_history=history)
         if info.trigger == "nonce":
@@ -565,28 +542,6 @@ def _continue(
         if observed.lingering:
             return  # old workers still stopping: the next reconcile starts the new ones
     draft.apply(workers, replicas, intent.restore_from)
-
-
-def _savepoint_info(
-    job: spec.StreamJob, intent: model.Intent, outcome: SavepointOutcome, now: datetime, *, shutdown: bool
-) -> model.SavepointInfo:
-    """The history entry of the outcome of ``intent``'s savepoint."""
-    trigger: model.SavepointTrigger = (
-        (intent.trigger or "nonce")
-        if intent.action == "savepoint"
-        else ("shutdown" if shutdown else "suspend")
-        if intent.action == "suspend"
-        else "upgrade"
-    )
-    return model.SavepointInfo(
-        id=outcome.id,
-        url=outcome.url if outcome.completed else None,
-        trigger=trigger,
-        trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
-        generation=intent.generation,
-        completed_at=outcome.completed_at or now,
-        error=None if outcome.completed else (outcome.error or "failed"),
-    )
 
 
 # --------------------------------------------------------------------------- observing workers

@@ -29,9 +29,18 @@ from datetime import datetime, timedelta
 from weir import spec
 from weir_operator import model
 from weir_operator.drafts import Draft, Policy
-from weir_operator.plans import DisposeSavepoint, Observed
+from weir_operator.plans import DisposeSavepoint, Observed, SavepointOutcome
 
-__all__ = ["answered_nonce", "apply_disposed", "bounded", "periodic_due", "resume_point", "retention"]
+__all__ = [
+    "answered_nonce",
+    "apply_disposed",
+    "blocked",
+    "bounded",
+    "info_of",
+    "periodic_due",
+    "resume_point",
+    "retention",
+]
 
 
 def bounded(
@@ -153,3 +162,48 @@ def _protected(draft: Draft, observed: Observed) -> set[str]:
     if rollback is not None:
         urls.add(rollback.restored_from)
     return {url.rstrip("/") for url in urls if url is not None} | {url for url in urls if url is not None}
+
+
+def blocked(
+    draft: Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
+) -> bool:
+    """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
+    failures = [
+        s
+        for s in draft.status.savepoint_history
+        if s.error is not None and s.generation == generation and s.trigger == trigger
+    ]
+    if not failures:
+        return False
+    if len(failures) >= policy.savepoint_attempts:
+        draft.stalled = (
+            "SavepointFailed",
+            f"{len(failures)} savepoints for generation {generation} failed (last: {failures[0].error}); "
+            "the workers keep running the previous spec. Fix the cause, or set upgradeMode: stateless "
+            "to redeploy without state.",
+        )
+        return True
+    failed_at = failures[0].completed_at
+    return failed_at is not None and now - failed_at < policy.savepoint_retry_after
+
+
+def info_of(
+    job: spec.StreamJob, intent: model.Intent, outcome: SavepointOutcome, now: datetime, *, shutdown: bool
+) -> model.SavepointInfo:
+    """The history entry of the outcome of ``intent``'s savepoint."""
+    trigger: model.SavepointTrigger = (
+        (intent.trigger or "nonce")
+        if intent.action == "savepoint"
+        else ("shutdown" if shutdown else "suspend")
+        if intent.action == "suspend"
+        else "upgrade"
+    )
+    return model.SavepointInfo(
+        id=outcome.id,
+        url=outcome.url if outcome.completed else None,
+        trigger=trigger,
+        trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
+        generation=intent.generation,
+        completed_at=outcome.completed_at or now,
+        error=None if outcome.completed else (outcome.error or "failed"),
+    )
