@@ -378,6 +378,8 @@ class Stabilization(_Status):
     """Worker restarts counted at ``windowStart``: any change restarts the window."""
     lag_at_start: Annotated[int, Field(ge=0)] | None = None
     """``status.lag.records`` at ``windowStart`` (absent: not known then)."""
+    window_restarts: Annotated[int, Field(ge=0)] = 0
+    """Times a worker restart started the window again."""
     measured: str = ""
     """What the gate measured last, in words (why it is not stable yet)."""
 

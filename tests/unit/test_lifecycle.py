@@ -92,8 +92,10 @@ def test_an_upgrade_is_stable_and_announced_only_after_the_window_with_every_wor
     assert status.stable is not None and status.stable.generation == 1
     assert status.stable_fingerprint == render.fingerprint(job(image="weir:1").spec)
 
+    platform.calls.clear()
     platform.clock.advance(29)
     assert run(platform, new, 2).lifecycle_state == "Stabilizing"
+    assert platform.calls == []  # nothing changed: no status write while the window runs
     platform.clock.advance(1)
     status = run(platform, new, 2)
 
