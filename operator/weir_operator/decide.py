@@ -240,21 +240,7 @@ def _start(
             draft.apply(deployed.workers, deployed.replicas, deployed.restore_from)
             draft.event("Normal", "Repairing", f"recreating {', '.join(deployed.missing)}")
             return
-        _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
-        if draft.intent is None and savepoints.periodic_due(draft, job, observed, now):
-            _begin(
-                draft,
-                job,
-                "savepoint",
-                generation,
-                now,
-                parallelism=deployed.workers,
-                savepoint=True,
-                trigger="periodic",
-                message="periodic savepoint (savepoints.interval)",
-                observed=observed,
-                policy=policy,
-            )
+        _routine_savepoints(draft, job, generation, observed, now, policy)
         return
     reset = ""
     if change >= Change.UPGRADE and deployed.spec is not None:
@@ -263,6 +249,7 @@ def _start(
         )
         if lines and not lifecycle.reset_allowed(job_spec):
             lifecycle.refuse(draft, generation, lines)
+            _routine_savepoints(draft, job, generation, observed, now, policy)  # the old version runs on
             return
         if lines:
             reset = f"; state reset allowed: windows restart empty ({'; '.join(lines)})"
@@ -359,6 +346,29 @@ def _begin_rollback(
         observed=observed,
         policy=policy,
     )
+
+
+def _routine_savepoints(
+    draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
+) -> None:
+    """A savepoint without stop the running version owes: ``savepointTriggerNonce``, periodic."""
+    _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
+    if draft.intent is None and savepoints.periodic_due(draft, job, observed, now):
+        deployed = observed.deployed
+        assert deployed is not None
+        _begin(
+            draft,
+            job,
+            "savepoint",
+            generation,
+            now,
+            parallelism=deployed.workers,
+            savepoint=True,
+            trigger="periodic",
+            message="periodic savepoint (savepoints.interval)",
+            observed=observed,
+            policy=policy,
+        )
 
 
 def _maybe_savepoint_nonce(

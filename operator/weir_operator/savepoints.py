@@ -6,10 +6,10 @@
 every completed savepoint stays in the history until retention has deleted it from the store,
 and failed ones are bounded by the policy.
 
-**Periodic savepoints** (``savepoints.interval``): while the job is ``Stable`` or
-``Stabilizing``, every worker ready and no intent running, a savepoint without stop
-(``trigger: periodic``) is taken when the newest savepoint (or failed periodic attempt) is
-older than the interval, or none was taken yet.
+**Periodic savepoints** (``savepoints.interval``): while the job is ``Stable``, ``Stabilizing``
+or ``RolledBack`` (also while a change is refused), every worker ready and no intent running,
+a savepoint without stop (``trigger: periodic``) is taken when the newest savepoint (or failed
+periodic attempt) is older than the interval, or none was taken yet.
 
 **Retention**, at every decision: completed savepoints beyond ``savepoints.maxCount`` (the newest
 are kept) or older than ``savepoints.maxAge`` are deleted (``DisposeSavepoint``) — never one
@@ -85,7 +85,7 @@ def periodic_due(draft: Draft, job: spec.StreamJob, observed: Observed, now: dat
     settings = job.spec.savepoints
     if settings is None or settings.interval is None:
         return False
-    if draft.get("lifecycle_state") not in ("Stable", "Stabilizing"):
+    if draft.get("lifecycle_state") not in ("Stable", "Stabilizing", "RolledBack"):
         return False
     deployed = observed.deployed
     if deployed is None or deployed.replicas == 0 or observed.ready_workers < deployed.replicas:

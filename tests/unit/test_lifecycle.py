@@ -511,6 +511,28 @@ def test_no_periodic_savepoint_is_asked_of_workers_that_are_not_ready() -> None:
     assert len(platform.savepoints) == 1
 
 
+def test_periodic_savepoints_go_on_while_a_change_is_refused_and_while_rolled_back() -> None:
+    settings = {"interval": "1m"}
+    platform, _ = stable_job(image="weir:1", savepoints=settings)
+    refused = job(image="weir:1", savepoints=settings, pipeline=pipeline_with("5m"))
+    run(platform, refused, 2)
+    taken = len(platform.savepoints)
+    platform.clock.advance(60)
+    run(platform, refused, 2)
+    assert len(platform.savepoints) == taken + 1
+    assert (
+        platform.deployed is not None and platform.deployed.fingerprint == platform.status.stable_fingerprint
+    )
+
+    broken = job(image="weir:broken", savepoints=settings)
+    drive(platform, broken, 3, is_("RolledBack"))
+    taken = len(platform.savepoints)
+    platform.clock.advance(60)
+    run(platform, broken, 3)
+    assert len(platform.savepoints) == taken + 1
+    assert platform.status.last_savepoint is not None and platform.status.last_savepoint.trigger == "periodic"
+
+
 def history_of(platform: FakePlatform) -> list[str]:
     return [s.id for s in platform.status.savepoint_history]
 
