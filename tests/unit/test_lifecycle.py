@@ -15,7 +15,7 @@ from weir import spec
 from weir_operator import lifecycle, model, render
 from weir_operator.decide import Policy
 from weir_operator.plans import Apply, WorkerReport
-from weir_operator.reconciler import reconcile
+from weir_operator.reconciler import finalize, reconcile
 from weir_operator.testing import FakePlatform, OperatorCrashed
 
 EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
@@ -80,6 +80,57 @@ def reasons(platform: FakePlatform) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the stability gate
+
+
+def states(platform: FakePlatform) -> list[str | None]:
+    """The life-cycle states the written statuses went through, repeats dropped."""
+    seen: list[str | None] = []
+    for status in platform.statuses:
+        if not seen or seen[-1] != status.lifecycle_state:
+            seen.append(status.lifecycle_state)
+    return seen
+
+
+def test_a_new_job_is_deploying_then_stabilizing_then_stable() -> None:
+    platform = FakePlatform()
+
+    drive(platform, job(), 1, is_("Stable"))
+
+    assert states(platform) == ["Deploying", "Stabilizing", "Stable"]
+    assert [r for r in reasons(platform) if r in ("Deploying", "Stabilizing", "Stable", "Deployed")] == [
+        "Deploying",
+        "Stabilizing",
+        "Stable",
+        "Deployed",
+    ]
+
+
+def test_an_upgrade_is_upgrading_then_stabilizing_then_stable() -> None:
+    platform, _ = stable_job(image="weir:1")
+    platform.statuses.clear()
+
+    drive(platform, job(image="weir:2"), 2, is_("Stable"))
+
+    assert states(platform) == ["Upgrading", "Stabilizing", "Stable"]
+
+
+def test_suspend_and_resume_are_suspended_then_deploying_stabilizing_stable() -> None:
+    platform, _ = stable_job()
+    platform.statuses.clear()
+
+    drive(platform, job(state="suspended"), 2, is_("Suspended"))
+    drive(platform, job(), 3, is_("Stable"))
+
+    assert states(platform) == ["Suspended", "Deploying", "Stabilizing", "Stable"]
+    assert "Resumed" in reasons(platform)
+
+
+def test_a_deleted_job_is_deleting() -> None:
+    platform, the_job = stable_job()
+
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+
+    assert platform.status.lifecycle_state == "Deleting" and platform.status.stabilization is None
 
 
 def test_an_upgrade_is_stable_and_announced_only_after_the_window_with_every_worker_ready() -> None:
