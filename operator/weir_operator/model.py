@@ -66,8 +66,8 @@ Phase: TypeAlias = Literal[
     "Failed",
     "Deleting",
 ]
-"""The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail.
-``RollingBack`` is reserved for the planned rollback of failed upgrades and never set yet."""
+"""The job's phase, one word for ``kubectl get sj``; conditions carry the detail. ``RollingBack``
+while a rollback's intent runs; the upgrade life cycle itself is ``lifecycleState``."""
 
 LifecycleState: TypeAlias = Literal[
     "Deploying",

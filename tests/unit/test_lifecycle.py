@@ -322,6 +322,26 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_to_the_last_stable_spec_from
     assert "generation 2 is not stable within 2m" in rolling.message
 
 
+def test_the_stable_workers_start_only_once_no_failing_worker_is_left() -> None:
+    platform, _ = stable_job(image="weir:1")
+    broken = job(image="weir:broken")
+    run(platform, broken, 2)
+    platform.clock.advance(120)
+    platform.lingering = 2  # the failing pods take their time to terminate
+
+    run(platform, broken, 2)
+    assert platform.status.intent is not None and platform.status.intent.action == "rollback"
+    assert platform.status.phase == "RollingBack" and platform.status.lifecycle_state == "RollingBack"
+    assert (platform.applied[-1].replicas, platform.deployed and platform.deployed.replicas) == (0, 0)
+    applies = len(platform.applied)
+    run(platform, broken, 2)
+    assert len(platform.applied) == applies
+
+    platform.lingering = 0
+    run(platform, broken, 2)
+    assert platform.applied[-1].replicas == 2 and platform.applied[-1].spec == job(image="weir:1").spec
+
+
 def test_a_rolled_back_job_stays_rolled_back_until_its_generation_changes() -> None:
     platform, _ = stable_job(image="weir:1")
     drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
