@@ -406,7 +406,7 @@ def _timed_out(
         "rollback: manual"
         if job.spec.upgrade.rollback == "manual"
         else "no stable version to roll back to"
-        if stable is None
+        if stable is None or stable_job is None
         else "the stable version is the same spec"
     )
     message = (
