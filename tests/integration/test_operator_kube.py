@@ -290,7 +290,8 @@ def test_an_applied_stream_job_is_reconciled_into_valid_children_and_a_status(op
     }
     assert status["readyWorkers"] == 2 and status["parallelism"] == 2
     reasons = {e.reason for e in _events(operator, name)}
-    assert {"Deploying", "Deployed", "PhaseRunning", "WorkersReady"} <= reasons
+    # "Deployed" waits for the stability gate (upgrade.stabilityWindow); applied is "Stabilizing".
+    assert {"Deploying", "Stabilizing", "PhaseRunning", "WorkersReady"} <= reasons
 
 
 def test_writing_the_scale_subresource_changes_the_stateful_sets_replicas(operator: Operator) -> None:
