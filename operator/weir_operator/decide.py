@@ -522,13 +522,6 @@ def _continue(
         else:
             lifecycle.begin_stabilizing(draft, job.spec, intent, replicas)
         return
-    if intent.action == "rollback" and deployed is not None and deployed.replicas > 0:
-        # The failing version takes no savepoint and never runs beside the stable one: stop all
-        # of it first (its checkpoints stay; the stable version restores its own snapshot).
-        draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from, spec=deployed.spec))
-        return
-    if intent.action == "rollback" and observed.lingering:
-        return  # failing workers still stopping
     failure: model.ApplyFailure | None = draft.get("apply_failure")
     if observed.apply_error is not None and not fresh:
         # Stalled says why (with an event when it appears); retried after a back-off.
@@ -541,6 +534,13 @@ def _continue(
         return
     if failure is not None and not fresh and failure.generation == generation and now < failure.retry_at:
         return  # the same spec was refused: wait for the back-off (or a new spec)
+    if intent.action == "rollback" and deployed is not None and deployed.replicas > 0:
+        # The failing version takes no savepoint and never runs beside the stable one: stop all
+        # of it first (its checkpoints stay; the stable version restores its own snapshot).
+        draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from, spec=deployed.spec))
+        return
+    if intent.action == "rollback" and observed.lingering:
+        return  # failing workers still stopping
     if deployed is not None and deployed.workers != workers and replicas > 0:
         # Workers of two parallelisms never run side by side: a partition would have two owners
         # with different transactional ids, and exactly-once output would get duplicates (a
