@@ -243,7 +243,11 @@ def _start(
         _routine_savepoints(draft, job, generation, observed, now, policy)
         return
     reset = ""
-    if change >= Change.UPGRADE and deployed.spec is not None:
+    stable: model.StableRecord | None = draft.get("stable")
+    back_to_stable = stable is not None and render.fingerprint(job_spec) == stable.fingerprint
+    # Back to the stable spec, its own state is what restores (its snapshot, or a snapshot of its
+    # shape the runtime replays from): nothing to refuse.
+    if change >= Change.UPGRADE and deployed.spec is not None and not back_to_stable:
         lines = lifecycle.incompatible_fields(
             deployed.spec, job_spec, namespace=job.metadata.namespace, name=job.metadata.name
         )
@@ -256,14 +260,8 @@ def _start(
     healthy = lifecycle.healthy(observed)
     action, with_savepoint = _strategy(change, job_spec, deployed, healthy=healthy)
     restore_from = None
-    stable: model.StableRecord | None = draft.get("stable")
     leaving_stable = stable is not None and deployed.fingerprint == stable.fingerprint
-    if (
-        not healthy
-        and not with_savepoint
-        and stable is not None
-        and render.fingerprint(job_spec) == stable.fingerprint
-    ):
+    if not healthy and not with_savepoint and stable is not None and back_to_stable:
         # Back to the stable spec by hand while the running version fails: restore its snapshot.
         restore_from = stable.snapshot
     trigger = "upgrade"

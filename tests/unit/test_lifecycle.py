@@ -492,6 +492,20 @@ def test_with_allow_state_reset_the_change_goes_through_a_savepoint_saying_windo
     assert condition(status, "Stalled").status == "False"
 
 
+def test_going_back_by_hand_from_a_failing_reset_upgrade_to_the_stable_spec_is_not_refused() -> None:
+    slow = {**FAST, "readinessTimeout": "1h"}
+    platform, before = stable_job(image="weir:1", upgrade=slow)
+    reset = job(image="weir:broken", pipeline=pipeline_with("5m"), upgrade={**slow, "allowStateReset": True})
+    run(platform, reset, 2)
+    snapshot = platform.status.stable.snapshot if platform.status.stable else None
+    assert snapshot is not None
+
+    status = drive(platform, before, 3, is_("Stable"))
+
+    assert platform.applied[-1] == Apply(2, 2, snapshot)
+    assert condition(status, "Stalled").status == "False"
+
+
 def test_in_stateless_mode_an_incompatible_change_is_not_refused() -> None:
     platform, _ = stable_job(upgradeMode="stateless")
 
