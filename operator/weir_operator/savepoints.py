@@ -159,7 +159,7 @@ def _protected(draft: Draft, observed: Observed) -> set[str]:
     if observed.deployed is not None:
         urls.add(observed.deployed.restore_from)
     rollback: model.RollbackInfo | None = draft.get("rollback")
-    if rollback is not None:
+    if rollback is not None and rollback.outcome == "RollingBack":  # later, Deployed.restore_from has it
         urls.add(rollback.restored_from)
     return {url.rstrip("/") for url in urls if url is not None} | {url for url in urls if url is not None}
 
