@@ -62,7 +62,7 @@ from weir.spec_diff import Change
 from weir_operator import conditions, lifecycle, model, parallelism, render, savepoints
 from weir_operator.deletion import cleanup_url, decide_deletion
 from weir_operator.drafts import Draft, Policy
-from weir_operator.plans import Apply, Deployed, Observed, Plan, SavepointOutcome, TakeSavepoint
+from weir_operator.plans import Apply, Deployed, Observed, Plan, TakeSavepoint
 
 __all__ = ["Change", "Policy", "classify", "cleanup_url", "decide", "decide_deletion"]
 
@@ -199,7 +199,7 @@ def _start(
         if deployed.replicas > 0:
             trigger: model.SavepointTrigger = "shutdown" if shutdown else "suspend"
             with_savepoint = job_spec.upgrade_mode != "stateless"
-            if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+            if with_savepoint and savepoints.blocked(draft, generation, trigger, now, policy):
                 return
             _begin(
                 draft,
@@ -240,47 +240,32 @@ def _start(
             draft.apply(deployed.workers, deployed.replicas, deployed.restore_from)
             draft.event("Normal", "Repairing", f"recreating {', '.join(deployed.missing)}")
             return
-        _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
-        if draft.intent is None and savepoints.periodic_due(draft, job, observed, now):
-            _begin(
-                draft,
-                job,
-                "savepoint",
-                generation,
-                now,
-                parallelism=deployed.workers,
-                savepoint=True,
-                trigger="periodic",
-                message="periodic savepoint (savepoints.interval)",
-                observed=observed,
-                policy=policy,
-            )
+        _routine_savepoints(draft, job, generation, observed, now, policy)
         return
     reset = ""
-    if change >= Change.UPGRADE and deployed.spec is not None:
+    stable: model.StableRecord | None = draft.get("stable")
+    back_to_stable = stable is not None and render.fingerprint(job_spec) == stable.fingerprint
+    # Back to the stable spec, its own state is what restores (its snapshot, or a snapshot of its
+    # shape the runtime replays from): nothing to refuse.
+    if change >= Change.UPGRADE and deployed.spec is not None and not back_to_stable:
         lines = lifecycle.incompatible_fields(
             deployed.spec, job_spec, namespace=job.metadata.namespace, name=job.metadata.name
         )
         if lines and not lifecycle.reset_allowed(job_spec):
             lifecycle.refuse(draft, generation, lines)
+            _routine_savepoints(draft, job, generation, observed, now, policy)  # the old version runs on
             return
         if lines:
             reset = f"; state reset allowed: windows restart empty ({'; '.join(lines)})"
     healthy = lifecycle.healthy(observed)
     action, with_savepoint = _strategy(change, job_spec, deployed, healthy=healthy)
     restore_from = None
-    stable: model.StableRecord | None = draft.get("stable")
     leaving_stable = stable is not None and deployed.fingerprint == stable.fingerprint
-    if (
-        not healthy
-        and not with_savepoint
-        and stable is not None
-        and render.fingerprint(job_spec) == stable.fingerprint
-    ):
+    if not healthy and not with_savepoint and stable is not None and back_to_stable:
         # Back to the stable spec by hand while the running version fails: restore its snapshot.
         restore_from = stable.snapshot
     trigger = "upgrade"
-    if with_savepoint and _savepoint_blocked(draft, generation, trigger, now, policy):
+    if with_savepoint and savepoints.blocked(draft, generation, trigger, now, policy):
         return
     if leaving_stable and stable is not None and not with_savepoint:
         draft.set(stable=stable.model_copy(update={"snapshot": None}))  # a rollback resumes from checkpoints
@@ -361,6 +346,29 @@ def _begin_rollback(
     )
 
 
+def _routine_savepoints(
+    draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
+) -> None:
+    """A savepoint without stop the running version owes: ``savepointTriggerNonce``, periodic."""
+    _maybe_savepoint_nonce(draft, job, generation, observed, now, policy)
+    if draft.intent is None and savepoints.periodic_due(draft, job, observed, now):
+        deployed = observed.deployed
+        assert deployed is not None
+        _begin(
+            draft,
+            job,
+            "savepoint",
+            generation,
+            now,
+            parallelism=deployed.workers,
+            savepoint=True,
+            trigger="periodic",
+            message="periodic savepoint (savepoints.interval)",
+            observed=observed,
+            policy=policy,
+        )
+
+
 def _maybe_savepoint_nonce(
     draft: Draft, job: spec.StreamJob, generation: int, observed: Observed, now: datetime, policy: Policy
 ) -> None:
@@ -382,29 +390,6 @@ def _maybe_savepoint_nonce(
         observed=observed,
         policy=policy,
     )
-
-
-def _savepoint_blocked(
-    draft: Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
-) -> bool:
-    """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
-    failures = [
-        s
-        for s in draft.status.savepoint_history
-        if s.error is not None and s.generation == generation and s.trigger == trigger
-    ]
-    if not failures:
-        return False
-    if len(failures) >= policy.savepoint_attempts:
-        draft.stalled = (
-            "SavepointFailed",
-            f"{len(failures)} savepoints for generation {generation} failed (last: {failures[0].error}); "
-            "the workers keep running the previous spec. Fix the cause, or set upgradeMode: stateless "
-            "to redeploy without state.",
-        )
-        return True
-    failed_at = failures[0].completed_at
-    return failed_at is not None and now - failed_at < policy.savepoint_retry_after
 
 
 _BEGIN_STATE: dict[model.IntentAction, model.LifecycleState] = {
@@ -483,7 +468,7 @@ def _continue(
         if outcome is None or outcome.id != intent.savepoint_id:
             draft.actions.append(TakeSavepoint(intent.savepoint_id, stop=intent.action != "savepoint"))
             return
-        info = _savepoint_info(job, intent, outcome, now, shutdown=shutdown)
+        info = savepoints.info_of(job, intent, outcome, now, shutdown=shutdown)
         history = savepoints.bounded((info, *draft.get("savepoint_history")), job.spec, policy)
         draft.set(last_savepoint=info, savepoint_history=history)
         if info.trigger == "nonce":
@@ -535,13 +520,6 @@ def _continue(
         else:
             lifecycle.begin_stabilizing(draft, job.spec, intent, replicas)
         return
-    if intent.action == "rollback" and deployed is not None and deployed.replicas > 0:
-        # The failing version takes no savepoint and never runs beside the stable one: stop all
-        # of it first (its checkpoints stay; the stable version restores its own snapshot).
-        draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from, spec=deployed.spec))
-        return
-    if intent.action == "rollback" and observed.lingering:
-        return  # failing workers still stopping
     failure: model.ApplyFailure | None = draft.get("apply_failure")
     if observed.apply_error is not None and not fresh:
         # Stalled says why (with an event when it appears); retried after a back-off.
@@ -554,6 +532,13 @@ def _continue(
         return
     if failure is not None and not fresh and failure.generation == generation and now < failure.retry_at:
         return  # the same spec was refused: wait for the back-off (or a new spec)
+    if intent.action == "rollback" and deployed is not None and deployed.replicas > 0:
+        # The failing version takes no savepoint and never runs beside the stable one: stop all
+        # of it first (its checkpoints stay; the stable version restores its own snapshot).
+        draft.actions.append(Apply(deployed.workers, 0, deployed.restore_from, spec=deployed.spec))
+        return
+    if intent.action == "rollback" and observed.lingering:
+        return  # failing workers still stopping
     if deployed is not None and deployed.workers != workers and replicas > 0:
         # Workers of two parallelisms never run side by side: a partition would have two owners
         # with different transactional ids, and exactly-once output would get duplicates (a
@@ -565,28 +550,6 @@ def _continue(
         if observed.lingering:
             return  # old workers still stopping: the next reconcile starts the new ones
     draft.apply(workers, replicas, intent.restore_from)
-
-
-def _savepoint_info(
-    job: spec.StreamJob, intent: model.Intent, outcome: SavepointOutcome, now: datetime, *, shutdown: bool
-) -> model.SavepointInfo:
-    """The history entry of the outcome of ``intent``'s savepoint."""
-    trigger: model.SavepointTrigger = (
-        (intent.trigger or "nonce")
-        if intent.action == "savepoint"
-        else ("shutdown" if shutdown else "suspend")
-        if intent.action == "suspend"
-        else "upgrade"
-    )
-    return model.SavepointInfo(
-        id=outcome.id,
-        url=outcome.url if outcome.completed else None,
-        trigger=trigger,
-        trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
-        generation=intent.generation,
-        completed_at=outcome.completed_at or now,
-        error=None if outcome.completed else (outcome.error or "failed"),
-    )
 
 
 # --------------------------------------------------------------------------- observing workers

@@ -237,7 +237,7 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
         stabilization = current.model_copy(
             update={
                 "window_start": None,
-                "measured": _unhealthy(observed, replicas, current, now),
+                "measured": _unhealthy(observed, replicas, None),
             }
         )
     elif current.window_start is None or restarts != current.restarts:
@@ -247,11 +247,11 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
                 "window_start": now,
                 "restarts": restarts,
                 "lag_at_start": lag_now,
-                "measured": (
-                    f"a worker restarted ({restarts} restarts): the window starts again"
-                    if restarted
-                    else f"{replicas}/{replicas} workers ready: the window starts"
-                ),
+                "window_restarts": current.window_restarts + (1 if restarted else 0),
+                # No running time in the text: a status write per change, not per reconcile.
+                "measured": (f"a worker restarted ({restarts} restarts): " if restarted else "")
+                + f"{replicas}/{replicas} workers ready since {now.isoformat()}, stable at "
+                f"{(now + window).isoformat()}",
             }
         )
     else:
@@ -265,13 +265,7 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
             and lag_now > current.lag_at_start + _slack(current.lag_at_start)
         )
         if now - start < window:
-            stabilization = current.model_copy(
-                update={
-                    "measured": f"{_duration_td(now - start)} of {_duration_td(window)} healthy with "
-                    f"{replicas}/{replicas} "
-                    "workers ready",
-                }
-            )
+            pass  # the window runs: its start wrote what there is to say
         elif grew:
             stabilization = current.model_copy(
                 update={
@@ -285,9 +279,8 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
         elif need_checkpoint and not checkpointed:
             stabilization = current.model_copy(
                 update={
-                    "measured": f"{replicas}/{replicas} workers ready for {_duration_td(now - start)}, "
-                    "but no checkpoint "
-                    "completed since",
+                    "measured": f"{replicas}/{replicas} workers ready since {start.isoformat()}, but no "
+                    "checkpoint completed since",
                 }
             )
         else:
@@ -307,7 +300,15 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
     draft.set(stabilization=stabilization)
     state = draft.get("lifecycle_state")
     if now >= current.deadline and state in ("Stabilizing", "RollingBack"):
-        return _timed_out(draft, job, stabilization, now)
+        if not healthy(observed):
+            cause = _unhealthy(observed, replicas, now - current.started_at)
+        else:
+            cause = stabilization.measured
+            if stabilization.window_restarts:
+                cause += (
+                    f"; the window started again {stabilization.window_restarts} times after worker restarts"
+                )
+        return _timed_out(draft, job, stabilization, cause, now)
     return None
 
 
@@ -367,10 +368,9 @@ def _spec_under_test(
 
 
 def _timed_out(
-    draft: Draft, job: spec.StreamJob, current: model.Stabilization, now: datetime
+    draft: Draft, job: spec.StreamJob, current: model.Stabilization, cause: str, now: datetime
 ) -> Literal["rollback"] | None:
     timeout = _duration(job.spec.upgrade.readiness_timeout)
-    cause = current.measured or "not measured"
     if current.kind == "rollback":
         rollback: model.RollbackInfo | None = draft.get("rollback")
         message = (
@@ -406,7 +406,7 @@ def _timed_out(
         "rollback: manual"
         if job.spec.upgrade.rollback == "manual"
         else "no stable version to roll back to"
-        if stable is None
+        if stable is None or stable_job is None
         else "the stable version is the same spec"
     )
     message = (
@@ -417,16 +417,17 @@ def _timed_out(
     return None
 
 
-def _unhealthy(observed: Observed, replicas: int, current: model.Stabilization, now: datetime) -> str:
+def _unhealthy(observed: Observed, replicas: int, since: timedelta | None) -> str:
+    """What keeps the workers from being healthy; with ``since``, how long it has been going on."""
     looping = [w for w in observed.workers if w.crash_looping]
-    since = _duration_td(now - current.started_at)
+    span = f" in {_duration_td(since)}" if since is not None else ""
     if looping:
         return "; ".join(
-            f"worker {w.index} crash-looping ({w.reason or 'CrashLoopBackOff'}), "
-            f"{w.restarts} restarts in {since}"
+            f"worker {w.index} crash-looping ({w.reason or 'CrashLoopBackOff'}), {w.restarts} restarts{span}"
             for w in looping
         )
-    return f"{observed.ready_workers}/{replicas} workers ready after {since}"
+    after = f" after {_duration_td(since)}" if since is not None else ""
+    return f"{observed.ready_workers}/{replicas} workers ready{after}"
 
 
 def _slack(lag: int) -> int:

@@ -66,8 +66,8 @@ Phase: TypeAlias = Literal[
     "Failed",
     "Deleting",
 ]
-"""The job's life-cycle phase, one word for ``kubectl get sj``; conditions carry the detail.
-``RollingBack`` is reserved for the planned rollback of failed upgrades and never set yet."""
+"""The job's phase, one word for ``kubectl get sj``; conditions carry the detail. ``RollingBack``
+while a rollback's intent runs; the upgrade life cycle itself is ``lifecycleState``."""
 
 LifecycleState: TypeAlias = Literal[
     "Deploying",
@@ -378,6 +378,8 @@ class Stabilization(_Status):
     """Worker restarts counted at ``windowStart``: any change restarts the window."""
     lag_at_start: Annotated[int, Field(ge=0)] | None = None
     """``status.lag.records`` at ``windowStart`` (absent: not known then)."""
+    window_restarts: Annotated[int, Field(ge=0)] = 0
+    """Times a worker restart started the window again."""
     measured: str = ""
     """What the gate measured last, in words (why it is not stable yet)."""
 

@@ -89,7 +89,7 @@ def reconcile(
                 try:
                     platform.dispose_savepoint(job, action.url)
                     disposed.append((action.url, None))
-                except CheckpointError as exc:
+                except (CheckpointError, OSError) as exc:
                     disposed.append((action.url, str(exc)))
                     logger.warning("%s/%s: deleting %s failed: %s", _ns(job), _name(job), action.url, exc)
     return status

@@ -6,10 +6,10 @@
 every completed savepoint stays in the history until retention has deleted it from the store,
 and failed ones are bounded by the policy.
 
-**Periodic savepoints** (``savepoints.interval``): while the job is ``Stable`` or
-``Stabilizing``, every worker ready and no intent running, a savepoint without stop
-(``trigger: periodic``) is taken when the newest savepoint (or failed periodic attempt) is
-older than the interval, or none was taken yet.
+**Periodic savepoints** (``savepoints.interval``): while the job is ``Stable``, ``Stabilizing``
+or ``RolledBack`` (also while a change is refused), every worker ready and no intent running,
+a savepoint without stop (``trigger: periodic``) is taken when the newest savepoint (or failed
+periodic attempt) is older than the interval, or none was taken yet.
 
 **Retention**, at every decision: completed savepoints beyond ``savepoints.maxCount`` (the newest
 are kept) or older than ``savepoints.maxAge`` are deleted (``DisposeSavepoint``) — never one
@@ -29,9 +29,18 @@ from datetime import datetime, timedelta
 from weir import spec
 from weir_operator import model
 from weir_operator.drafts import Draft, Policy
-from weir_operator.plans import DisposeSavepoint, Observed
+from weir_operator.plans import DisposeSavepoint, Observed, SavepointOutcome
 
-__all__ = ["answered_nonce", "apply_disposed", "bounded", "periodic_due", "resume_point", "retention"]
+__all__ = [
+    "answered_nonce",
+    "apply_disposed",
+    "blocked",
+    "bounded",
+    "info_of",
+    "periodic_due",
+    "resume_point",
+    "retention",
+]
 
 
 def bounded(
@@ -76,7 +85,7 @@ def periodic_due(draft: Draft, job: spec.StreamJob, observed: Observed, now: dat
     settings = job.spec.savepoints
     if settings is None or settings.interval is None:
         return False
-    if draft.get("lifecycle_state") not in ("Stable", "Stabilizing"):
+    if draft.get("lifecycle_state") not in ("Stable", "Stabilizing", "RolledBack"):
         return False
     deployed = observed.deployed
     if deployed is None or deployed.replicas == 0 or observed.ready_workers < deployed.replicas:
@@ -150,6 +159,51 @@ def _protected(draft: Draft, observed: Observed) -> set[str]:
     if observed.deployed is not None:
         urls.add(observed.deployed.restore_from)
     rollback: model.RollbackInfo | None = draft.get("rollback")
-    if rollback is not None:
+    if rollback is not None and rollback.outcome == "RollingBack":  # later, Deployed.restore_from has it
         urls.add(rollback.restored_from)
     return {url.rstrip("/") for url in urls if url is not None} | {url for url in urls if url is not None}
+
+
+def blocked(
+    draft: Draft, generation: int, trigger: model.SavepointTrigger, now: datetime, policy: Policy
+) -> bool:
+    """Whether failed savepoints for this generation hold the change back (retry later, or stalled)."""
+    failures = [
+        s
+        for s in draft.status.savepoint_history
+        if s.error is not None and s.generation == generation and s.trigger == trigger
+    ]
+    if not failures:
+        return False
+    if len(failures) >= policy.savepoint_attempts:
+        draft.stalled = (
+            "SavepointFailed",
+            f"{len(failures)} savepoints for generation {generation} failed (last: {failures[0].error}); "
+            "the workers keep running the previous spec. Fix the cause, or set upgradeMode: stateless "
+            "to redeploy without state.",
+        )
+        return True
+    failed_at = failures[0].completed_at
+    return failed_at is not None and now - failed_at < policy.savepoint_retry_after
+
+
+def info_of(
+    job: spec.StreamJob, intent: model.Intent, outcome: SavepointOutcome, now: datetime, *, shutdown: bool
+) -> model.SavepointInfo:
+    """The history entry of the outcome of ``intent``'s savepoint."""
+    trigger: model.SavepointTrigger = (
+        (intent.trigger or "nonce")
+        if intent.action == "savepoint"
+        else ("shutdown" if shutdown else "suspend")
+        if intent.action == "suspend"
+        else "upgrade"
+    )
+    return model.SavepointInfo(
+        id=outcome.id,
+        url=outcome.url if outcome.completed else None,
+        trigger=trigger,
+        trigger_nonce=job.spec.savepoint_trigger_nonce if trigger == "nonce" else None,
+        generation=intent.generation,
+        completed_at=outcome.completed_at or now,
+        error=None if outcome.completed else (outcome.error or "failed"),
+    )

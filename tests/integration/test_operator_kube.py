@@ -290,7 +290,7 @@ def test_an_applied_stream_job_is_reconciled_into_valid_children_and_a_status(op
     }
     assert status["readyWorkers"] == 2 and status["parallelism"] == 2
     reasons = {e.reason for e in _events(operator, name)}
-    # "Deployed" comes once the stability gate passes (after stabilityWindow, default 1m).
+    # "Deployed" waits for the stability gate (upgrade.stabilityWindow); applied is "Stabilizing".
     assert {"Deploying", "Stabilizing", "PhaseRunning", "WorkersReady"} <= reasons
 
 

@@ -15,7 +15,7 @@ from weir import spec
 from weir_operator import lifecycle, model, render
 from weir_operator.decide import Policy
 from weir_operator.plans import Apply, WorkerReport
-from weir_operator.reconciler import reconcile
+from weir_operator.reconciler import finalize, reconcile
 from weir_operator.testing import FakePlatform, OperatorCrashed
 
 EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
@@ -82,6 +82,57 @@ def reasons(platform: FakePlatform) -> list[str]:
 # --------------------------------------------------------------------------- the stability gate
 
 
+def states(platform: FakePlatform) -> list[str | None]:
+    """The life-cycle states the written statuses went through, repeats dropped."""
+    seen: list[str | None] = []
+    for status in platform.statuses:
+        if not seen or seen[-1] != status.lifecycle_state:
+            seen.append(status.lifecycle_state)
+    return seen
+
+
+def test_a_new_job_is_deploying_then_stabilizing_then_stable() -> None:
+    platform = FakePlatform()
+
+    drive(platform, job(), 1, is_("Stable"))
+
+    assert states(platform) == ["Deploying", "Stabilizing", "Stable"]
+    assert [r for r in reasons(platform) if r in ("Deploying", "Stabilizing", "Stable", "Deployed")] == [
+        "Deploying",
+        "Stabilizing",
+        "Stable",
+        "Deployed",
+    ]
+
+
+def test_an_upgrade_is_upgrading_then_stabilizing_then_stable() -> None:
+    platform, _ = stable_job(image="weir:1")
+    platform.statuses.clear()
+
+    drive(platform, job(image="weir:2"), 2, is_("Stable"))
+
+    assert states(platform) == ["Upgrading", "Stabilizing", "Stable"]
+
+
+def test_suspend_and_resume_are_suspended_then_deploying_stabilizing_stable() -> None:
+    platform, _ = stable_job()
+    platform.statuses.clear()
+
+    drive(platform, job(state="suspended"), 2, is_("Suspended"))
+    drive(platform, job(), 3, is_("Stable"))
+
+    assert states(platform) == ["Suspended", "Deploying", "Stabilizing", "Stable"]
+    assert "Resumed" in reasons(platform)
+
+
+def test_a_deleted_job_is_deleting() -> None:
+    platform, the_job = stable_job()
+
+    assert finalize(platform, the_job, 1, platform.status, platform.clock)
+
+    assert platform.status.lifecycle_state == "Deleting" and platform.status.stabilization is None
+
+
 def test_an_upgrade_is_stable_and_announced_only_after_the_window_with_every_worker_ready() -> None:
     platform, _ = stable_job(image="weir:1")
     new = job(image="weir:2")
@@ -92,8 +143,10 @@ def test_an_upgrade_is_stable_and_announced_only_after_the_window_with_every_wor
     assert status.stable is not None and status.stable.generation == 1
     assert status.stable_fingerprint == render.fingerprint(job(image="weir:1").spec)
 
+    platform.calls.clear()
     platform.clock.advance(29)
     assert run(platform, new, 2).lifecycle_state == "Stabilizing"
+    assert platform.calls == []  # nothing changed: no status write while the window runs
     platform.clock.advance(1)
     status = run(platform, new, 2)
 
@@ -269,6 +322,26 @@ def test_an_upgrade_that_crash_loops_is_rolled_back_to_the_last_stable_spec_from
     assert "generation 2 is not stable within 2m" in rolling.message
 
 
+def test_the_stable_workers_start_only_once_no_failing_worker_is_left() -> None:
+    platform, _ = stable_job(image="weir:1")
+    broken = job(image="weir:broken")
+    run(platform, broken, 2)
+    platform.clock.advance(120)
+    platform.lingering = 2  # the failing pods take their time to terminate
+
+    run(platform, broken, 2)
+    assert platform.status.intent is not None and platform.status.intent.action == "rollback"
+    assert platform.status.phase == "RollingBack" and platform.status.lifecycle_state == "RollingBack"
+    assert (platform.applied[-1].replicas, platform.deployed and platform.deployed.replicas) == (0, 0)
+    applies = len(platform.applied)
+    run(platform, broken, 2)
+    assert len(platform.applied) == applies
+
+    platform.lingering = 0
+    run(platform, broken, 2)
+    assert platform.applied[-1].replicas == 2 and platform.applied[-1].spec == job(image="weir:1").spec
+
+
 def test_a_rolled_back_job_stays_rolled_back_until_its_generation_changes() -> None:
     platform, _ = stable_job(image="weir:1")
     drive(platform, job(image="weir:broken"), 2, is_("RolledBack"))
@@ -419,6 +492,20 @@ def test_with_allow_state_reset_the_change_goes_through_a_savepoint_saying_windo
     assert condition(status, "Stalled").status == "False"
 
 
+def test_going_back_by_hand_from_a_failing_reset_upgrade_to_the_stable_spec_is_not_refused() -> None:
+    slow = {**FAST, "readinessTimeout": "1h"}
+    platform, before = stable_job(image="weir:1", upgrade=slow)
+    reset = job(image="weir:broken", pipeline=pipeline_with("5m"), upgrade={**slow, "allowStateReset": True})
+    run(platform, reset, 2)
+    snapshot = platform.status.stable.snapshot if platform.status.stable else None
+    assert snapshot is not None
+
+    status = drive(platform, before, 3, is_("Stable"))
+
+    assert platform.applied[-1] == Apply(2, 2, snapshot)
+    assert condition(status, "Stalled").status == "False"
+
+
 def test_in_stateless_mode_an_incompatible_change_is_not_refused() -> None:
     platform, _ = stable_job(upgradeMode="stateless")
 
@@ -507,6 +594,28 @@ def test_no_periodic_savepoint_is_asked_of_workers_that_are_not_ready() -> None:
     run(platform, the_job)
 
     assert len(platform.savepoints) == 1
+
+
+def test_periodic_savepoints_go_on_while_a_change_is_refused_and_while_rolled_back() -> None:
+    settings = {"interval": "1m"}
+    platform, _ = stable_job(image="weir:1", savepoints=settings)
+    refused = job(image="weir:1", savepoints=settings, pipeline=pipeline_with("5m"))
+    run(platform, refused, 2)
+    taken = len(platform.savepoints)
+    platform.clock.advance(60)
+    run(platform, refused, 2)
+    assert len(platform.savepoints) == taken + 1
+    assert (
+        platform.deployed is not None and platform.deployed.fingerprint == platform.status.stable_fingerprint
+    )
+
+    broken = job(image="weir:broken", savepoints=settings)
+    drive(platform, broken, 3, is_("RolledBack"))
+    taken = len(platform.savepoints)
+    platform.clock.advance(60)
+    run(platform, broken, 3)
+    assert len(platform.savepoints) == taken + 1
+    assert platform.status.last_savepoint is not None and platform.status.last_savepoint.trigger == "periodic"
 
 
 def history_of(platform: FakePlatform) -> list[str]:

@@ -388,10 +388,6 @@ def _fingerprint_before_the_table(job: JobSpec) -> str:
         "savepoint_trigger_nonce": True,
         "autoscaler": True,
         "checkpoint": {"cleanup_policy"},
-        # Added after the table (operator policy): absent from the specs of that time.
-        "upgrade": True,
-        "savepoints": True,
-        "initial_savepoint_path": True,
     }
     relevant = job.model_dump(mode="json", by_alias=True, include=before_the_table, exclude=excluded)
     return hashlib.sha256(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
