@@ -656,3 +656,31 @@ def test_checkpoints_inspect_shows_the_state_shape_a_snapshot_was_written_with(t
         "state: window tumbling 10s by messageKey; outputs n=count, total=sum(amount), mx=max(amount)",
         "state: (not recorded: written by an older weir)",
     ]
+
+
+def test_a_migration_that_dies_half_way_leaves_state_that_claims_no_offset(tmp_path: Path) -> None:
+    """So recovery restores that partition from the checkpoint store again instead of trusting
+    a half-rewritten local database."""
+    from weir.state import PartitionStore
+
+    agg = compile_aggregates([("n", "count", None)])
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads)
+    for i in range(30):
+        store.put((f"k{i}", 0, 10), [i])
+    store.flush({"offset": 30, "wm": 5})
+    store.close()
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads)
+    seen = [0]
+
+    def dies(data: bytes) -> bytes:
+        seen[0] += 1
+        if seen[0] == 20:
+            raise RuntimeError("the process died")
+        return data
+
+    with pytest.raises(RuntimeError):
+        store.rewrite(dies, {"offset": 30, "wm": 5, "migrated": True})
+    assert store.progress is None
+    assert store.rewrite(lambda data: data, {"offset": 30, "wm": 5, "migrated": True}) == 30
+    assert store.progress == {"offset": 30, "wm": 5, "migrated": True}
+    store.close()
