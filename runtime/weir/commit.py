@@ -211,8 +211,11 @@ class Committer:
             parts[task.name] = ck.PartitionSnapshot(
                 local, task.next_offset, wm, {"upstream": dict(task.upstream)}
             )
-            # The snapshot's id rides along as offset metadata: it names the committed state.
-            offsets.append(Offset(task.topic, task.partition, task.next_offset, snapshot_id))
+            # The snapshot's id rides along as offset metadata: it names the committed state. A
+            # task still re-reading up to its committed offset commits none: the committed one is
+            # ahead of it, and moving it back would un-suppress output committed before.
+            if task.replay_until is None:
+                offsets.append(Offset(task.topic, task.partition, task.next_offset, snapshot_id))
         worker = (self.policy.index, self.policy.count)
         store, closing, deps, metrics = self.store, self.closing, self.waits.deps, self.metrics
 

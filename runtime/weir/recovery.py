@@ -139,12 +139,14 @@ def choose(
         at_commit = [s for s in newest_first if offset_of(s) == committed]
     target = at_commit[0] if at_commit else None
     if target is not None and not compatible(target):
-        # Written by another version: replay from the newest compatible snapshot behind it.
+        # Written by another version: replay from the newest compatible snapshot behind it --
+        # one taken before it, or one a replay like this took after it (not committed: a
+        # replaying partition commits no offset) and then crashed.
         p = target.progress(partition)
         wm = None if p is None or p.get("wm") is None else int(p["wm"])
         seen = {s.id for s in newest_first}
         behind = sorted(
-            [s for s in newest_first if s.created_ms < target.created_ms and offset_of(s) <= committed]
+            [s for s in newest_first if s is not target and offset_of(s) <= committed]
             + [s for s in explicit if s.id not in seen and offset_of(s) <= committed],
             key=lambda s: s.created_ms,
             reverse=True,

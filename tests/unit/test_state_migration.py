@@ -438,7 +438,23 @@ def test_a_rollback_after_a_state_reset_replays_the_old_savepoint_and_commits_ev
     output is v1's windows closed before the upgrade, v2's windows, and v1's windows closing
     after the rollback (exactly those an uninterrupted v1 emits then); the 10s windows that
     closed while v2 ran are covered by v2's 20s windows instead."""
-    evts = events(seed)
+    rollback_after_a_reset(seed, tmp_path, crashes=False)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crashes_around_a_reset_upgrade_and_its_rollback_still_commit_every_window_once(
+    seed: int, tmp_path: Path
+) -> None:
+    rollback_after_a_reset(seed, tmp_path, crashes=True)
+
+
+def rollback_after_a_reset(seed: int, tmp_path: Path, crashes: bool) -> None:
+    rng = random.Random(seed)
+
+    def schedule() -> list[tuple[str, int]]:
+        return [(rng.choice(STEPS), rng.randrange(1, 4))] if crashes else []
+
+    evts = events(seed % 3)
     one, two, three = phases(evts, 35, 65)
     want = uninterrupted(tmp_path / "ref", V1, one)
     want_upgrade = want.mark()
@@ -449,10 +465,11 @@ def test_a_rollback_after_a_state_reset_replays_the_old_savepoint_and_commits_ev
     want.run(graph(V1))
     c = Cluster(tmp_path / "up")
     append(c.broker, one)
-    c.run(graph(V1), savepoint="sp-up")
+    c.run(graph(V1), savepoint="sp-up", schedule=schedule(), seed=seed)
     upgrade, dead_at_upgrade = c.mark(), c.dead_letters()
     append(c.broker, two)
-    c.run(graph(V1, size="20s"), restore_from=savepoint_url("sp-up"), allow_reset=True)
+    c.run(graph(V1, size="20s"), restore_from=savepoint_url("sp-up"), allow_reset=True, schedule=schedule(),
+          seed=seed + 1)
     rollback, dead = c.mark(), c.dead_letters()
     v2 = c.out(since=upgrade)
     v2_want, v2_dead = phase_two_reference(evts, 35, 65, 20_000)
@@ -460,7 +477,9 @@ def test_a_rollback_after_a_state_reset_replays_the_old_savepoint_and_commits_ev
     assert v2, "v2 committed no window"
     assert dead - dead_at_upgrade == v2_dead
     append(c.broker, three)
-    c.run(graph(V1), restore_from=savepoint_url("sp-up"), wipe=seed % 2 == 0)
+    c.run(graph(V1), restore_from=savepoint_url("sp-up"), wipe=seed % 2 == 0, schedule=schedule(),
+          seed=seed + 2)
+    assert c.restarts >= 1 or not crashes
     assert c.out(until=upgrade) == want.out(until=want_upgrade)
     assert without(c.out(since=rollback)) == without(want.out(since=want_rollback))
     assert c.out(since=rollback), "no window closed after the rollback"
@@ -582,6 +601,14 @@ def test_an_incompatible_committed_checkpoint_is_replayed_from_the_newest_compat
     assert (r.how, r.source) == ("replay", old)
 
 
+def test_a_replay_that_crashed_resumes_from_its_own_checkpoint_taken_after_the_incompatible_one() -> None:
+    # The replay from "sp" checkpointed at 240 without committing (a replaying partition commits
+    # no offset), then died: the next start replays from there, not from the savepoint again.
+    savepoint, other, own = Snap("sp", 2, 150), Snap("c9", 3, 300, fits=False), Snap("c10", 4, 240)
+    r = choose("t/0", 300, [other, own], [savepoint], committed_id="c9", compatible=fits)
+    assert (r.how, r.source, r.offset, r.replay_until) == ("replay", own, 240, 300)
+
+
 def test_a_compatible_checkpoint_after_the_restore_source_still_wins_over_it() -> None:
     savepoint, later = Snap("sp", 2, 150), Snap("c3", 3, 300)
     r = choose("t/0", 300, [later], [savepoint], committed_id="c3", compatible=fits)
@@ -629,3 +656,31 @@ def test_checkpoints_inspect_shows_the_state_shape_a_snapshot_was_written_with(t
         "state: window tumbling 10s by messageKey; outputs n=count, total=sum(amount), mx=max(amount)",
         "state: (not recorded: written by an older weir)",
     ]
+
+
+def test_a_migration_that_dies_half_way_leaves_state_that_claims_no_offset(tmp_path: Path) -> None:
+    """So recovery restores that partition from the checkpoint store again instead of trusting
+    a half-rewritten local database."""
+    from weir.state import PartitionStore
+
+    agg = compile_aggregates([("n", "count", None)])
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads)
+    for i in range(30):
+        store.put((f"k{i}", 0, 10), [i])
+    store.flush({"offset": 30, "wm": 5})
+    store.close()
+    store = PartitionStore(tmp_path / "db", agg.dumps, agg.loads)
+    seen = [0]
+
+    def dies(data: bytes) -> bytes:
+        seen[0] += 1
+        if seen[0] == 20:
+            raise RuntimeError("the process died")
+        return data
+
+    with pytest.raises(RuntimeError):
+        store.rewrite(dies, {"offset": 30, "wm": 5, "migrated": True})
+    assert store.progress is None
+    assert store.rewrite(lambda data: data, {"offset": 30, "wm": 5, "migrated": True}) == 30
+    assert store.progress == {"offset": 30, "wm": 5, "migrated": True}
+    store.close()
