@@ -563,8 +563,9 @@ def test_the_lifecycle_states_and_events_follow_the_stateful_sets_status_through
     status = _status(operator, name)
     assert status["lifecycleState"] == "Stable"
     assert status["lastStableSpec"]["env"] == [{"name": "GREETING", "value": "two"}]
-    reasons = [e.reason for e in _events(operator, name)]
-    assert {"Deploying", "Stable", "Deployed", "Upgrading", "Upgraded"} <= set(reasons), reasons
+    # Events are recorded after the status is written: wait for them.
+    operator.wait(lambda: {"Deploying", "Stable", "Deployed", "Upgrading", "Upgraded"}
+                  <= {e.reason for e in _events(operator, name)}, "the lifecycle events")
 
 
 def test_an_upgrade_that_never_becomes_ready_is_rolled_back_to_the_last_stable_stateful_set(
@@ -600,8 +601,8 @@ def test_an_upgrade_that_never_becomes_ready_is_rolled_back_to_the_last_stable_s
     assert status["rollback"]["fromGeneration"] == 2 and status["stable"]["generation"] == 1
     time.sleep(3)  # it stays rolled back: the failed spec is not applied again
     assert _env_of(operator, name).get("GREETING") == "stable"
-    reasons = {e.reason for e in _events(operator, name)}
-    assert {"RollingBack", "RolledBack"} <= reasons, reasons
+    operator.wait(lambda: {"RollingBack", "RolledBack"} <= {e.reason for e in _events(operator, name)},
+                  "the rollback events")
 
 
 def _put_store(s3: S3Helper, prefix: str) -> set[str]:
