@@ -300,6 +300,17 @@ def gate(draft: Draft, job: spec.StreamJob, observed: Observed, now: datetime) -
     draft.set(stabilization=stabilization)
     state = draft.get("lifecycle_state")
     if now >= current.deadline and state in ("Stabilizing", "RollingBack"):
+        unreachable = sorted({name for r in observed.reports for name in r.outages})
+        if unreachable:
+            # A broker or store outage is not the new version's fault, and the version a rollback
+            # would return to needs the same dependencies: the deadline waits for the outage (it
+            # moves one stability window at a time, so status is not rewritten every reconcile).
+            waiting = stabilization.model_copy(update={
+                "deadline": now + window,
+                "measured": f"{', '.join(unreachable)} unreachable: the readiness deadline waits for it",
+            })
+            draft.set(stabilization=waiting)
+            return None
         if not healthy(observed):
             cause = _unhealthy(observed, replicas, now - current.started_at)
         else:

@@ -387,6 +387,42 @@ def test_with_rollback_manual_a_failing_upgrade_is_failed_and_its_workers_left_a
     assert [e.type for e in platform.events if e.reason == "UpgradeFailed"] == ["Warning"]
 
 
+def test_an_outage_of_kafka_while_stabilizing_holds_the_deadline_instead_of_rolling_back() -> None:
+    platform, _ = stable_job(image="weir:1")
+    upgraded = job(image="weir:2")
+    run(platform, upgraded, 2)
+    # The new workers wait for the broker: not ready, and they say why.
+    platform.workers_ready = False
+    platform.reports = tuple(
+        WorkerReport(index=i, outages={"kafka": "connection refused (for 30 s)"}) for i in range(2)
+    )
+    for _ in range(30):  # 5 minutes: well past readinessTimeout (2m)
+        platform.clock.advance(10)
+        status = run(platform, upgraded, 2)
+    assert status.lifecycle_state == "Stabilizing" and status.rollback is None
+    assert status.stabilization is not None
+    assert status.stabilization.measured == "kafka unreachable: the readiness deadline waits for it"
+
+    # Kafka is back: the gate measures again and the upgrade becomes stable.
+    platform.workers_ready, platform.reports = True, ()
+    status = drive(platform, upgraded, 2, is_("Stable"))
+    assert status.stable is not None and status.stable.generation == 2
+
+
+def test_an_upgrade_that_stays_unready_after_an_outage_ends_still_rolls_back() -> None:
+    platform, _ = stable_job(image="weir:1")
+    broken = job(image="weir:broken")
+    run(platform, broken, 2)
+    platform.reports = (WorkerReport(index=0, outages={"store": "timed out (for 5 s)"}),)
+    for _ in range(15):
+        platform.clock.advance(10)
+        run(platform, broken, 2)
+    assert platform.status.lifecycle_state == "Stabilizing"
+    platform.reports = ()
+    status = drive(platform, broken, 2, is_("RolledBack"))
+    assert status.rollback is not None and "crash-looping" in status.rollback.reason
+
+
 def test_a_first_deploy_that_never_gets_ready_is_failed_and_stable_once_it_recovers() -> None:
     platform = FakePlatform(workers_ready=False)
     the_job = job()
