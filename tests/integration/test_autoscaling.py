@@ -159,7 +159,11 @@ def test_a_job_over_one_workers_capacity_scales_up_catches_up_then_down_after_th
     ups = [d for d in history if d["direction"] == "up"]
     downs = [d for d in history if d["direction"] == "down"]
     assert ups and downs, history
-    assert ups[-1]["fromParallelism"] == 1 and ups[-1]["toParallelism"] >= 3
+    # History is newest first: the first scale-up leaves parallelism 1. The autoscaler may reach
+    # the parallelism the load needs in one step or in two (a rate measured while the load ramps
+    # up asks for less); either way it reached at least 3 (waited for above) by scaling up.
+    assert ups[-1]["fromParallelism"] == 1
+    assert max(d["toParallelism"] for d in ups) >= 3, ups
     for decision in ups + downs:
         assert decision["applied"] and decision["reason"].startswith("lag ") and "need " in decision["reason"]
     assert down_at > up_at
