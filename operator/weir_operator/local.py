@@ -47,7 +47,7 @@ from weir_operator.platforms import (
     store_s3,
 )
 
-__all__ = ["ENV_ALLOW_STATE_RESET", "LocalPlatform", "job_has_no_store"]
+__all__ = ["LocalPlatform", "job_has_no_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ CRASH_LOOP_RESTARTS = 3
 CRASH_LOOP_WINDOW_S = 300.0
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Delay before restarting a crashed worker, by consecutive crash (as the kubelet backs off)."""
-ENV_ALLOW_STATE_RESET = "WEIR_ALLOW_STATE_RESET"
-"""Set to ``1`` for workers of a spec that allows a state reset (``upgrade.allowStateReset`` or
-``upgradeMode: stateless``): a restore whose state does not fit the pipeline starts empty."""
 
 
 def _utcnow() -> datetime:
@@ -279,9 +276,9 @@ class LocalPlatform:
         if job_has_no_store(manifest):
             env.setdefault("WEIR_CHECKPOINT_URL", self.store)
         env.pop(render.ENV_RESTORE_FROM, None)
-        env.pop(ENV_ALLOW_STATE_RESET, None)
+        env.pop(render.ENV_ALLOW_STATE_RESET, None)
         if reset_allowed(job_spec):
-            env[ENV_ALLOW_STATE_RESET] = "1"
+            env[render.ENV_ALLOW_STATE_RESET] = "1"
         return env
 
     def savepoint(self, job: spec.StreamJob, savepoint_id: str, stop: bool) -> SavepointOutcome:

@@ -18,9 +18,10 @@ from weir.checkpoint import CheckpointError, CheckpointStore
 from weir.checkpoint_manifest import PartitionSnapshot, checkpoint_id
 from weir_operator import crashpoints, local_workers, up
 from weir_operator.lifecycle import reset_allowed
-from weir_operator.local import ENV_ALLOW_STATE_RESET, LocalPlatform
+from weir_operator.local import LocalPlatform
 from weir_operator.plans import Apply, SavepointOutcome
 from weir_operator.platforms import completed_in_store, dispose_job_savepoint, find_savepoint
+from weir_operator.render import ENV_ALLOW_STATE_RESET
 
 EXAMPLE = Path(spec.__file__).parent / "examples" / "revenue.yaml"
 NOW = datetime(2026, 12, 2, 4, 0, tzinfo=UTC)
