@@ -302,7 +302,8 @@ def test_a_write_after_a_flush_withdraws_the_stores_claim_to_match_its_offset(st
 
 
 # -- checkpoints and determinism ---------------------------------------------------------------
-Step = tuple[str, int]  # ("s", 0) a stream record, ("t", p) the next record of table partition p
+Step = tuple[str, int]  # ("s", 0) a stream record, ("t", p) the next record of table partition p,
+# ("i", p) the caller declares table partition p idle
 
 
 def scenario(rng: random.Random, partitions: int) -> tuple[list[Any], list[list[Any]], JoinSpec]:
@@ -352,6 +353,7 @@ def run(
     op = make(spec, store, parts)
     op.bootstrap(boot)
     si, pos = 0, [0] * len(tables)
+    idle: set[int] = set()
     out: list[tuple[Any, ...]] = []
 
     def collect(joined: list[Any]) -> None:
@@ -364,10 +366,14 @@ def run(
             if not op.process(key, ts, record, 0):
                 out.append((record["i"], "late"))
             collect(op.take())
+        elif kind == "i":
+            op.table_idle(p)
+            idle.add(p)
         else:
             key, ts, value = tables[p][pos[p]]
             op.table_record(p, pos[p], key, ts, value)
             pos[p] += 1
+            idle.discard(p)
         while True:
             collect(op.advance(0, 2))
             if not op.firing:
@@ -380,6 +386,8 @@ def run(
             op = make(spec, store, parts)
             assert op.table_offsets() == {q: pos[q] if pos[q] else -1 for q in parts}
             op.bootstrap({q: pos[q] for q in parts if pos[q]})
+            for q in idle:  # the restarted caller finds the same partitions quiet again
+                op.table_idle(q)
     for q in parts:
         op.table_idle(q)
     collect(drain(op, limit=2))
@@ -402,6 +410,22 @@ def test_any_interleaving_of_the_same_stream_and_table_gives_the_same_joins(tmp_
         runs.append(run(tmp_path / f"{seed}-{attempt}", stream, tables, spec, steps, boot, restart))
     assert runs[0] == runs[1] == runs[2]
     assert len(runs[0]) == len(stream)  # every stream record is answered exactly once
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_a_restart_at_any_step_joins_like_the_uninterrupted_run_idleness_included(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    partitions = rng.choice([1, 2])
+    stream, tables, spec = scenario(rng, partitions)
+    steps = interleaving(rng, stream, tables)
+    for _ in range(rng.randint(1, 4)):  # idleness is a timing decision: the same in both runs
+        steps.insert(rng.randrange(len(steps) + 1), ("i", rng.randrange(partitions)))
+    uninterrupted = run(tmp_path / f"{seed}-a", stream, tables, spec, steps, {})
+    restarted = run(tmp_path / f"{seed}-b", stream, tables, spec, steps, {}, rng.randrange(len(steps)))
+    assert restarted == uninterrupted
 
 
 class EagerJoin(JoinOperator):
@@ -458,4 +482,27 @@ def test_a_store_restored_from_a_checkpoint_or_a_savepoint_joins_like_the_origin
         assert restored.held == 2 and restored.table_offsets() == {0: 3}
         assert rest(restored) == expected
         restored_store.close()
+    live.close()
+
+
+def test_a_restored_task_still_treats_an_update_behind_what_it_joined_as_late(tmp_path: Path) -> None:
+    def after_idle_join(op: JoinOperator) -> None:
+        op.table_record(0, 0, "c", 100, {"price": 1})
+        op.table_idle(0)
+        op.process("c", 4000, {"i": 0}, 0)  # joined at once: the partition is idle
+
+    def rest(op: JoinOperator) -> list[Any]:
+        assert op.table_record(0, 1, "c", 3000, {"price": 2}) is TableRecord.LATE
+        op.process("c", 3500, {"i": 1}, 0)
+        op.table_record(0, 2, "z", 5000, {"price": 0})
+        return prices(drain(op))
+
+    live = JoinStore(tmp_path / "live")
+    op = operator(live)
+    after_idle_join(op)
+    assert prices(drain(op)) == [("c", 4000, 1)]
+    live.flush({})
+    restored_store = JoinStore(live.checkpoint(tmp_path / "cp"))
+    assert rest(operator(restored_store)) == rest(op) == [("c", 3500, 1)]
+    restored_store.close()
     live.close()
