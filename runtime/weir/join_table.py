@@ -43,7 +43,7 @@ from rocksdict import Rdict, WriteBatch
 from weir.functions import decode_state, encode_state
 from weir.rocksdb_options import RocksMemory, RocksStore, rocksdb_options
 
-__all__ = ["JoinStore", "Put", "Version", "VersionedTable"]
+__all__ = ["JoinStore", "Put", "Stamp", "Version", "VersionedTable"]
 
 _PROGRESS: Final = b"\x00progress"
 _META: Final = b"\x00join"
@@ -73,6 +73,14 @@ class Version(NamedTuple):
     ts: int
     visible_from: int
     value: dict[str, Any] | None
+
+
+class Stamp(NamedTuple):
+    """Where a version sits in its key's history, without its value (``live``: not a tombstone)."""
+
+    ts: int
+    visible_from: int
+    live: bool
 
 
 class JoinStore(RocksStore):
@@ -139,22 +147,36 @@ class JoinStore(RocksStore):
         finally:
             del it
 
-    def replace_versions(self, key: str, old: list[Version], new: list[Version]) -> None:
-        """Replace ``key``'s versions ``old`` (as read) by ``new``, updating its retention index
-        entry, in one write. ``StateEncodingError`` when a value cannot be stored (nothing changes)."""
+    def stamps(self, key: str) -> list[Stamp]:
+        """``(ts, visible_from, live)`` of every stored version of ``key`` in order, values unread."""
+        prefix = _key_prefix(key)
+        skip = len(prefix)
+        out = []
+        for k, v in self._scan(prefix):
+            ts, vis = _TWO.unpack_from(k, skip)
+            out.append(Stamp(ts - _BIAS, vis - _BIAS, v != _TOMBSTONE))
+        return out
+
+    def rewrite(self, key: str, before: list[Stamp], after: list[Stamp], new: Version | None = None) -> None:
+        """Change ``key``'s versions from ``before`` (as read by ``stamps``) to ``after``: delete
+        what ``after`` lacks, write ``new`` (whose stamp is in ``after``), and move the key's
+        retention index entry, in one write. ``StateEncodingError`` when ``new``'s value cannot
+        be stored (nothing changes)."""
         prefix = _key_prefix(key)
         batch = WriteBatch(raw_mode=True)
-        for v in old:
-            batch.delete(prefix + _TWO.pack(v.ts + _BIAS, v.visible_from + _BIAS))
-        for v in new:
-            data = _TOMBSTONE if v.value is None else encode_state(v.value)
-            batch.put(prefix + _TWO.pack(v.ts + _BIAS, v.visible_from + _BIAS), data)
-        before, after = _due(old), _due(new)
-        if before != after:
-            if before is not None:
-                batch.delete(_INDEX + _time(before) + key.encode())
-            if after is not None:
-                batch.put(_INDEX + _time(after) + key.encode(), b"")
+        kept = {(s.ts, s.visible_from) for s in after}
+        for s in before:
+            if (s.ts, s.visible_from) not in kept:
+                batch.delete(prefix + _TWO.pack(s.ts + _BIAS, s.visible_from + _BIAS))
+        if new is not None:
+            data = _TOMBSTONE if new.value is None else encode_state(new.value)
+            batch.put(prefix + _TWO.pack(new.ts + _BIAS, new.visible_from + _BIAS), data)
+        was, due = _due(before), _due(after)
+        if was != due:
+            if was is not None:
+                batch.delete(_INDEX + _time(was) + key.encode())
+            if due is not None:
+                batch.put(_INDEX + _time(due) + key.encode(), b"")
         self._write(batch)
 
     def due_keys(self, cutoff: int, limit: int) -> list[str]:
@@ -232,14 +254,14 @@ class JoinStore(RocksStore):
         return False
 
 
-def _due(versions: list[Version]) -> int | None:
+def _due(versions: list[Stamp]) -> int | None:
     """When a key's history may first shrink (see ``VersionedTable.expire``): the earliest
     ``visible_from`` of a version that supersedes another, or of a tombstone that is the oldest
     version (it then reads like absence); ``None`` for one live version, or none."""
     if not versions:
         return None
     times = [v.visible_from for v in versions[1:]]
-    if versions[0].value is None:
+    if not versions[0].live:
         times.append(versions[0].visible_from)
     return min(times) if times else None
 
@@ -290,11 +312,12 @@ class VersionedTable:
             return Put.DROPPED
         late = ts <= frontier
         new = Version(ts, frontier + 1 if late else ts, value)
-        old = self.store.versions(key)
-        merged = [v for v in old if (v.ts, v.visible_from) != (new.ts, new.visible_from)]
-        merged.append(new)
-        merged.sort(key=_order)
-        self.store.replace_versions(key, old, merged)
+        stamp = Stamp(new.ts, new.visible_from, value is not None)
+        old = self.store.stamps(key)
+        after = [s for s in old if (s.ts, s.visible_from) != (stamp.ts, stamp.visible_from)]
+        after.append(stamp)
+        after.sort()
+        self.store.rewrite(key, old, after, new)
         return Put.LATE if late else Put.APPLIED
 
     def expire(self, cutoff: int, limit: int) -> bool:
@@ -306,15 +329,11 @@ class VersionedTable:
         return len(keys) > limit
 
     def _prune(self, key: str, cutoff: int) -> None:
-        old = self.store.versions(key)
-        seen = [i for i, v in enumerate(old) if v.visible_from <= cutoff]
+        old = self.store.stamps(key)
+        seen = [i for i, s in enumerate(old) if s.visible_from <= cutoff]
         if not seen:
             return
         keep_from = seen[-1]  # the newest version every lookup at >= cutoff sees
-        if old[keep_from].value is None:
+        if not old[keep_from].live:
             keep_from += 1
-        self.store.replace_versions(key, old, old[keep_from:])
-
-
-def _order(v: Version) -> tuple[int, int]:
-    return v.ts, v.visible_from
+        self.store.rewrite(key, old, old[keep_from:])
