@@ -1,4 +1,5 @@
-"""The stream-table temporal join on a real RocksDB store: as-of lookups, lateness, retention, bootstrap, restore, determinism."""
+"""The stream-table temporal join on a real RocksDB store: as-of lookups, lateness, retention,
+bootstrap, restore, determinism."""
 
 from __future__ import annotations
 
@@ -240,7 +241,9 @@ def test_left_join_emits_a_miss_with_null_table_fields_and_counts_it(store: Join
     assert (op.joined, op.misses) == (2, 1)
 
 
-def test_inner_join_returns_a_miss_as_a_join_miss_with_the_stream_record_and_counts_it(store: JoinStore) -> None:
+def test_inner_join_returns_a_miss_as_a_join_miss_with_the_stream_record_and_counts_it(
+    store: JoinStore,
+) -> None:
     op = operator(store)
     op.table_record(0, 0, "apple", 100, {"price": 1})
     op.table_record(0, 1, "apple", 200, None)  # deleted from 200 on
@@ -315,7 +318,7 @@ def scenario(rng: random.Random, partitions: int) -> tuple[list[Any], list[list[
     tables: list[list[Any]] = [[] for _ in range(partitions)]
     for p in range(partitions):
         for _ in range(rng.randint(0, 12)):
-            key = rng.choice(keys) if partitions == 1 else keys[p::partitions][0] if rng.random() < 0.7 else f"x{p}"
+            key = rng.choice(keys[p::partitions])  # a keyed topic: each key in one partition
             value = None if rng.random() < 0.15 else {"price": rng.randint(1, 99)}
             tables[p].append((key, rng.randint(0, 1100), value))
     spec = JoinSpec(
@@ -357,7 +360,9 @@ def run(
     out: list[tuple[Any, ...]] = []
 
     def collect(joined: list[Any]) -> None:
-        out.extend((j.record["i"], j.key, j.ts, tuple(sorted(j.record.items())), j.error is None) for j in joined)
+        out.extend(
+            (j.record["i"], j.key, j.ts, tuple(sorted(j.record.items())), j.error is None) for j in joined
+        )
 
     for n, (kind, p) in enumerate(steps):
         if kind == "s":
@@ -397,7 +402,9 @@ def run(
 
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(min_value=0, max_value=2**32))
-def test_any_interleaving_of_the_same_stream_and_table_gives_the_same_joins(tmp_path: Path, seed: int) -> None:
+def test_any_interleaving_of_the_same_stream_and_table_gives_the_same_joins(
+    tmp_path: Path, seed: int
+) -> None:
     rng = random.Random(seed)
     partitions = rng.choice([1, 2])
     stream, tables, spec = scenario(rng, partitions)
@@ -437,13 +444,16 @@ class EagerJoin(JoinOperator):
         return END_OF_TIME if self.bootstrapped else NO_TIME
 
 
-def test_the_determinism_check_fails_for_a_join_that_does_not_wait_for_the_tables_time(tmp_path: Path) -> None:
+def test_the_determinism_check_fails_for_a_join_that_does_not_wait_for_the_tables_time(
+    tmp_path: Path,
+) -> None:
     differing = 0
     for seed in range(40):
         rng = random.Random(seed)
         stream, tables, spec = scenario(rng, 1)
         first, second = (
-            run(tmp_path / f"{seed}-{n}", stream, tables, spec, interleaving(rng, stream, tables), {}, None, EagerJoin)
+            run(tmp_path / f"{seed}-{n}", stream, tables, spec, interleaving(rng, stream, tables), {},
+                make=EagerJoin)
             for n in range(2)
         )
         differing += first != second
