@@ -6,7 +6,10 @@ Design
 What it computes (Flink's ``FOR SYSTEM_TIME AS OF``, Kafka Streams' versioned stream-table join):
 a stream record with key ``k`` at event time ``t`` joins the value the table held for ``k`` at
 ``t`` — the newest table update of ``k`` with event time ``<= t`` (a tombstone: no value). The
-table is a Kafka topic read as key -> versions (``weir.join_table.VersionedTable``).
+table is a Kafka topic read as key -> versions (``weir.join_table.VersionedTable``); it must be
+keyed (a key's updates all in one partition, as Kafka's partitioner puts them), and of two
+updates of a key at the same event time the later offset wins. Table values are JSON objects
+(the caller dead-letters others, ``not_an_object``, before ``table_record``).
 
 When a stream record may be joined (the determinism rule). The answer must not depend on how
 the stream and the table reads interleave, or a restart, a replay or a rescale would join
@@ -33,7 +36,9 @@ topics' contents alone. Idleness is the one exception (as in Flink): it trades d
 for progress on a quiet table. An update read after its partition was declared idle and a
 record at ``t >= u`` was joined is late, so it cannot change what was emitted, but whether it
 was late depended on timing; a run that never declares the partition idle would have seen it.
-Checkpoints hold ``R`` and the table, so a restore never revisits what was emitted.
+Checkpoints hold ``R`` and the table, so a restore never revisits what was emitted. The cost
+of the rule on a rarely updated table (a catalog): after each update its partition holds the
+stream back again until the update's time passes or the idle timeout does.
 
 Bootstrap. ``bootstrap(end_offsets)`` (called at every task start, global mode; the caller
 passes the table partitions' end offsets at that moment) holds every stream record until each
@@ -69,7 +74,19 @@ operator's progress (``meta``): per table partition the next offset and max even
 ``R`` and the arrival counter. The task's state is self-contained, so a savepoint restores at
 any parallelism. Table records at an offset below the stored next offset are skipped, so the
 caller may read a table partition from the lowest of several tasks' offsets and give every
-task every record.
+task every record. The price of self-contained tasks in global mode is one copy of the table
+per stream partition task (on disk, in the shared block cache, in every checkpoint).
+
+Driving it (the task core's side): build ``JoinOperator(spec, JoinStore(path, rocks),
+table_partitions)`` over the task's state directory (a restored one resumes); call
+``bootstrap`` with the table's end offsets; read each table partition from
+``table_offsets()`` and pass every record to ``table_record`` and the reader's position to
+``table_position``; call ``table_idle`` when a table partition is caught up and quiet for the
+idle timeout; pass stream records to ``process`` (False: late) and emit ``take()``, then
+``advance`` while ``firing``, after every batch and tick; ``Joined.error`` is dead-lettered
+with the stream record. ``store.flush(progress)`` and ``store.checkpoint(dest)`` are the
+checkpoint, as for the other stores. Measured on one core (one partition, 5,000 keys, 10
+versions each in retention): about 24,000 table updates and 23,000 stream joins a second.
 """
 
 from __future__ import annotations
@@ -204,7 +221,7 @@ class JoinOperator:
         """Apply one table record (``value`` None: a tombstone) read from ``partition`` at
         ``offset``. Raises ``StateEncodingError`` when the value cannot be stored (nothing
         changes; the caller dead-letters it)."""
-        part = self._parts[partition]
+        part = self._part(partition)
         if offset < part.next_offset:
             return TableRecord.SEEN
         frontier = max(part.max_ts - self.spec.grace_ms, self._released)
@@ -225,7 +242,7 @@ class JoinOperator:
     def table_position(self, partition: int, position: int) -> None:
         """The reader is at ``position`` in ``partition`` (past transaction markers and
         compacted gaps): what bootstrap compares with the end offsets."""
-        part = self._parts[partition]
+        part = self._part(partition)
         if position > part.next_offset:
             part.next_offset = position
             self._check_bootstrap()
@@ -233,7 +250,14 @@ class JoinOperator:
     def table_idle(self, partition: int) -> None:
         """``partition`` has been read to its end and had no record for the idle timeout: it
         holds back no stream record until its next record (see the module docstring)."""
-        self._parts[partition].idle = True
+        self._part(partition).idle = True
+
+    def _part(self, partition: int) -> _Partition:
+        part = self._parts.get(partition)
+        if part is None:
+            reads = sorted(self._parts)
+            raise ValueError(f"table partition {partition} is not read by this task (it reads {reads})")
+        return part
 
     def table_offsets(self) -> dict[int, int]:
         """Where to start reading each table partition (``-1``: its beginning)."""

@@ -219,12 +219,6 @@ class JoinStore(RocksStore):
             self.held -= len(out)
         return out
 
-    def first_held(self) -> int | None:
-        """The event time of the first held record in release order (``None``: none held)."""
-        for k, _v in self._scan(_HELD):
-            return int(_U64.unpack_from(k, 1)[0] - _BIAS)
-        return None
-
     # -- the checkpoint surface -----------------------------------------------------------------
     @property
     def progress(self) -> dict[str, Any] | None:

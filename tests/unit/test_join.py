@@ -287,6 +287,12 @@ def test_a_table_record_at_an_offset_already_read_is_skipped(store: JoinStore) -
     assert op.table_offsets() == {0: 1}
 
 
+def test_a_record_of_a_table_partition_the_task_does_not_read_is_refused(store: JoinStore) -> None:
+    op = operator(store)
+    with pytest.raises(ValueError, match=r"table partition 3 is not read by this task \(it reads \[0\]\)"):
+        op.table_record(3, 0, "k", 100, {"price": 1})
+
+
 def test_a_join_spec_refuses_no_fields_and_an_unknown_kind() -> None:
     with pytest.raises(ValueError, match="fields"):
         JoinSpec(fields=())
