@@ -50,6 +50,8 @@ _META: Final = b"\x00join"
 _VERSION: Final = b"v"
 _INDEX: Final = b"i"
 _HELD: Final = b"b"
+_INDEX_END: Final = b"j"  # the first key after every index entry
+_HELD_END: Final = b"c"  # the first key after every held record
 _TOMBSTONE: Final = b"\x00"
 _BIAS: Final = 1 << 63
 _U64: Final = struct.Struct(">Q")
@@ -101,6 +103,12 @@ class JoinStore(RocksStore):
         """What ``flush`` stores as the join operator's progress (the operator sets it)."""
         self.held = sum(1 for _ in self._scan(_HELD))
         """How many stream records are held (waiting for the table's time to reach them)."""
+        # Lower bounds of the live index entries and held records. Both key ranges are queues
+        # (consumed from the front), and a scan from the front would step over every entry
+        # deleted since the last compaction: releasing 200,000 held records in chunks slowed
+        # 25-fold by the end that way. Scans start at the bound instead.
+        self._index_floor = _INDEX
+        self._held_floor = _HELD
 
     # -- raw access -------------------------------------------------------------------------
     def _write(self, batch: WriteBatch) -> None:
@@ -176,7 +184,9 @@ class JoinStore(RocksStore):
             if was is not None:
                 batch.delete(_INDEX + _time(was) + key.encode())
             if due is not None:
-                batch.put(_INDEX + _time(due) + key.encode(), b"")
+                entry = _INDEX + _time(due) + key.encode()
+                batch.put(entry, b"")
+                self._index_floor = min(self._index_floor, entry)
         self._write(batch)
 
     def due_keys(self, cutoff: int, limit: int) -> list[str]:
@@ -184,20 +194,26 @@ class JoinStore(RocksStore):
         index order."""
         bound = _INDEX + _time(cutoff)
         out: list[str] = []
-        for k, _v in self._scan(_INDEX):
+        first = None
+        for k, _v in self._scan(_INDEX, self._index_floor):
+            if first is None:
+                first = k
             if k[:9] > bound or len(out) >= limit:
                 break
             out.append(k[9:].decode())
+        self._index_floor = _INDEX_END if first is None else first
         return out
 
     # -- held stream records ------------------------------------------------------------------
     def hold(self, ts: int, seq: int, key: str, record: dict[str, Any]) -> None:
         """Keep a stream record until it can be joined. ``StateEncodingError`` when it cannot
         be stored."""
+        k = _HELD + _TWO.pack(ts + _BIAS, seq)
         batch = WriteBatch(raw_mode=True)
-        batch.put(_HELD + _TWO.pack(ts + _BIAS, seq), encode_state([key, record]))
+        batch.put(k, encode_state([key, record]))
         self._write(batch)
         self.held += 1
+        self._held_floor = min(self._held_floor, k)
 
     def release(self, until: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Remove and return up to ``limit`` held records with ``ts <= until`` as ``(ts, key,
@@ -207,13 +223,16 @@ class JoinStore(RocksStore):
         bound = _HELD + _time(until) + b"\xff" * 8
         out: list[tuple[int, str, dict[str, Any]]] = []
         batch = WriteBatch(raw_mode=True)
-        for k, v in self._scan(_HELD):
+        floor = _HELD_END
+        for k, v in self._scan(_HELD, self._held_floor):
             if k > bound or len(out) >= limit:
+                floor = k
                 break
             (ts,) = _U64.unpack_from(k, 1)
             key, record = decode_state(v)
             out.append((ts - _BIAS, key, record))
             batch.delete(k)
+        self._held_floor = floor
         if out:
             self._write(batch)
             self.held -= len(out)

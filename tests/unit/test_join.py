@@ -140,6 +140,20 @@ def test_pruning_goes_in_chunks_of_keys_and_says_when_more_are_due(store: JoinSt
     assert all(len(store.versions(k)) == 1 for k in "abcde")
 
 
+def test_a_key_due_for_pruning_before_where_the_last_pruning_stopped_is_still_pruned(
+    store: JoinStore,
+) -> None:
+    t = table(store)
+    t.put("a", 100, {"v": 1}, NO_TIME)
+    t.put("a", 200, {"v": 2}, NO_TIME)
+    assert t.expire(cutoff=150, limit=10) is False  # nothing due yet: "a" is due at 200
+    t.put("b", 100, {"v": 1}, NO_TIME)
+    t.put("b", 120, {"v": 2}, NO_TIME)  # due at 120, before "a"
+    t.expire(cutoff=150, limit=10)
+    assert [v.ts for v in store.versions("b")] == [120]
+    assert [v.ts for v in store.versions("a")] == [100, 200]
+
+
 # -- the join ----------------------------------------------------------------------------------
 def operator(store: JoinStore, spec: JoinSpec = SPEC, partitions: tuple[int, ...] = (0,)) -> JoinOperator:
     return JoinOperator(spec, store, partitions)
