@@ -85,8 +85,9 @@ table_partitions)`` over the task's state directory (a restored one resumes); ca
 idle timeout; pass stream records to ``process`` (False: late) and emit ``take()``, then
 ``advance`` while ``firing``, after every batch and tick; ``Joined.error`` is dead-lettered
 with the stream record. ``store.flush(progress)`` and ``store.checkpoint(dest)`` are the
-checkpoint, as for the other stores. Measured on one core (one partition, 5,000 keys, 10
-versions each in retention): about 38,000 table updates and 28,000 stream joins a second.
+checkpoint, as for the other stores. Measured on one core (one partition, 5,000 keys): about
+38,000 table updates a second (10 versions per key in retention), 28,000 stream joins a second
+when each record is held first, 130,000 when the table's time is ahead and they join at once.
 """
 
 from __future__ import annotations
