@@ -10,6 +10,7 @@ from weir.chain import PrepareMany, compile_prepare_many
 from weir.custom_aggregates import aggregator_for
 from weir.records import Prepare, compile_prepare
 from weir.spec import Job
+from weir.spec_common import SpecError
 from weir.state_shape import StateShape, shape_of
 
 __all__ = ["JobGraph", "PrepareMany", "ProcessStage", "WindowStage", "assigned", "compile_job"]
@@ -78,6 +79,13 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
     ``SpecError`` with the field path for one that does not resolve."""
     pipeline = job.pipeline
     stages = pipeline.stages()
+    if stages.joins:
+        # The join step validates (weir.spec_join) but the task core does not run it yet: refuse
+        # rather than run the pipeline without it. Remove when the runtime drives JoinOperator.
+        index = stages.joins[0][0]
+        raise SpecError(
+            [f"spec.pipeline.steps[{index}].join: join steps are not run by this worker version yet"]
+        )
     window_stage = process_stage = None
     if stages.window is not None and stages.aggregate is not None:
         window = stages.window
