@@ -281,11 +281,12 @@ class PipelineBuilder:
         prefix: str = "",
         grace: DurationLike = 0,
         retention: DurationLike | None = None,
+        idle_timeout: DurationLike | None = None,
     ) -> PipelineBuilder:
         """Add ``fields`` of the value table topic ``topic`` held for each record's key (or its
         ``key`` field, global mode) at the record's event time, as ``prefix + field``
         (``weir.spec_join``). After keyBy, before the window or process step. ``retention``
-        None: the default, 1 day."""
+        None: the default, 1 day; ``idle_timeout`` None: the watermark's."""
         join: dict[str, Any] = {
             "topic": topic,
             "fields": tuple(fields),
@@ -297,6 +298,8 @@ class PipelineBuilder:
         }
         if retention is not None:
             join["retention"] = retention
+        if idle_timeout is not None:
+            join["idle_timeout"] = idle_timeout
         return self._step(join=join)
 
     def window_tumbling(self, size: DurationLike, *, allowed_lateness: DurationLike = 0) -> PipelineBuilder:

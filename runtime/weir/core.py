@@ -32,6 +32,8 @@ import orjson
 from weir.aggregates import Overflow
 from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
+from weir.join_feed import TableEnds, TableFeed
+from weir.join_stage import JoinStage, StoreSet, open_join_stage
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
 from weir.results import printable, result_record
@@ -85,6 +87,8 @@ class TaskCore:
         self.out_bytes: dict[str, int] = {}
         self.suppressed = 0
         self._suppress = False
+        self.tables: TableFeed | None = None
+        """The table partitions the joins read (``weir.join_feed``); None without joins."""
 
     # -- tasks ------------------------------------------------------------------------
     def build(self, partitions: dict[str, int], index: int, count: int, now: float) -> None:
@@ -101,6 +105,17 @@ class TaskCore:
             self.repartition_partitions = partitions[graph.repartition_topic]
             for q in assigned(self.repartition_partitions, index, count):
                 self._add(graph.repartition_topic, q, True, now)
+        if graph.joins:
+            keyed = [t for t in self.tasks.values() if not t.forward]
+            self.tables = TableFeed(graph, partitions, keyed, now)
+
+    def assignment(self, ends: TableEnds) -> list[Task]:
+        """What the consumer reads, after the restore: every task's partition and the table
+        partitions the joins need (``ends``: their current watermark offsets)."""
+        tasks = list(self.tasks.values())
+        if self.tables is None:
+            return tasks
+        return tasks + self.tables.start([t for t in tasks if not t.forward], ends)
 
     def _add(self, topic: str, partition: int, keyed: bool, now: float) -> None:
         label = f"{topic}-{partition}"
@@ -117,7 +132,27 @@ class TaskCore:
     ) -> None:
         """Open the task's store at ``path`` (what is there, or empty) and its keyed operator:
         the window operator, or the process function's (``FunctionFailed`` when its ``open``
-        raises). A stateless pipeline has neither."""
+        raises), behind the joins if there are any (``weir.join_stage``). A stateless pipeline
+        has none."""
+        if self.tables is None:
+            self._open_keyed(task, path, memory_bytes, rocks)
+            return
+        StoreSet.unpack(path)  # a restored checkpoint is one flat directory
+        task.op = task.store = None  # a reopened task's are closed: they are not wrapped again
+        self._open_keyed(task, path, memory_bytes, rocks)
+        open_join_stage(
+            task,
+            path,
+            self.graph.joins,
+            self.graph.join_check,
+            self.tables.partitions_for,
+            rocks,
+            lambda error, key, record: self._emit(key, record, error, task),
+        )
+
+    def _open_keyed(
+        self, task: Task, path: Path, memory_bytes: int | None = None, rocks: RocksMemory | None = None
+    ) -> None:
         window, process = self.graph.window, self.graph.process
         if process is not None:
             op = open_process(process.ref, process.on_error, path, rocks, memory_bytes)  # type: ignore[arg-type]
@@ -156,6 +191,9 @@ class TaskCore:
         """Run a batch of consumed messages (any mix of this worker's partitions)."""
         by_task: dict[Task, list[Message]] = {}
         tasks = self.tasks
+        touched: Iterable[Task] = ()
+        if self.tables is not None:
+            msgs, touched = self.tables.split(list(msgs), now, self.dead_letter)
         last_key: tuple[str, int] | None = None
         bucket: list[Message] = []
         for m in msgs:
@@ -181,6 +219,12 @@ class TaskCore:
             if cut < len(batch):
                 self.end_replay(task)
                 self._process_task(task, batch[cut:])
+        for task in touched:  # table records may have made held records due
+            self._suppress = task.replay_until is not None
+            try:
+                self.fire(task)
+            finally:
+                self._suppress = False
 
     def _process_task(self, task: Task, batch: list[Message]) -> None:
         if task.topic == self.graph.repartition_topic:
@@ -339,6 +383,8 @@ class TaskCore:
         the reader is in the task's partition (past transaction markers too)."""
         marks = self.watermarks
         repartition = self.graph.repartition_topic
+        if self.tables is not None:
+            self.tables.tick(now, caught_up, position)
         for task in self.tasks.values():
             if task.replay_until is not None and position(task) >= task.replay_until:
                 self.end_replay(task)
@@ -372,7 +418,7 @@ class TaskCore:
 
     def _fire_some(self, task: Task) -> bool:
         op = task.op
-        if isinstance(op, ProcessOperator):
+        if isinstance(op, ProcessOperator) or (isinstance(op, JoinStage) and not op.windowed):
             for made in op.take():
                 self._emit(made.key, made.record, made.error, task)
             for made in op.advance(task.wm, _FIRE_CHUNK):

@@ -83,6 +83,8 @@ def connect(start: Start) -> KafkaEdges:
     wanted[graph.sink_topic] = "spec.pipeline.sink.topic"
     if graph.dead_letter_topic:
         wanted[graph.dead_letter_topic] = "spec.pipeline.deadLetter.topic"
+    for step in graph.joins:
+        wanted.setdefault(step.topic, f"spec.pipeline.steps[{step.index}].join.topic")
     kio.require_topics(partitions, wanted, settings.bootstrap_servers)
     inputs = {t: partitions[t] for t in graph.source_topics}
     if graph.repartition_topic:
@@ -93,7 +95,9 @@ def connect(start: Start) -> KafkaEdges:
             partitions,
         )
     del admin  # its connections would keep reconnecting (and logging) through an outage
-    return KafkaEdges(start, inputs)
+    edges = KafkaEdges(start, inputs)
+    edges.table_partitions = {t: partitions[t] for t in graph.table_topics}
+    return edges
 
 
 class KafkaEdges:
@@ -103,6 +107,8 @@ class KafkaEdges:
         self.start = start
         self.partitions = partitions
         """Partition count of each input topic (sources, repartition topic)."""
+        self.table_partitions: dict[str, int] = {}
+        """Partition count of each join table topic (read, never committed: ``weir.join_feed``)."""
         self.waits = start.waits
         self.deliveries = Deliveries()
         self.suspect: str | None = None
@@ -366,6 +372,19 @@ class KafkaEdges:
         if task.next_offset == OFFSET_BEGINNING:  # nothing consumed: caught up if it is empty
             return lo == hi
         return task.next_offset >= hi
+
+    def table_ends(self, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
+        """The low and high watermark offsets of each (table) task's partition now, uncached."""
+        out = {}
+        for t in tasks:
+            tp = TopicPartition(t.topic, t.partition)
+
+            def ends(tp: TopicPartition = tp) -> Any:
+                return self.consumer.get_watermark_offsets(tp, timeout=CALL_TIMEOUT_S, cached=False)
+
+            lo, hi = self.retry(f"reading the end offsets of {t.label}", ends)
+            out[(t.topic, t.partition)] = (int(lo), int(hi))
+        return out
 
     def lag(self, task: Task) -> int | None:
         ends = self._ends(task)

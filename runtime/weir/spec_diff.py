@@ -115,6 +115,7 @@ TABLE: Mapping[str, Kind] = MappingProxyType(
         "pipeline.steps.join.grace": "pods",
         "pipeline.steps.join.retention": "pods",
         "pipeline.steps.join.format": "pods",
+        "pipeline.steps.join.idleTimeout": "pods",
         "pipeline.steps.window.type": "state",
         "pipeline.steps.window.size": "state",
         "pipeline.steps.window.slide": "state",

@@ -34,6 +34,11 @@ DEFAULT_RETENTION_MS = 86_400_000
 """One day of table history (and of stream lateness) unless ``retention`` says otherwise."""
 
 
+def _absent(value: object) -> bool:
+    """Left out of dumps while unset, so the default stays the watermark's (not a copy of it)."""
+    return value is None
+
+
 class Join(SpecModel):
     """Join each record with the value a table topic held for its key at the record's event
     time (``FOR SYSTEM_TIME AS OF``); tombstones delete a key."""
@@ -62,6 +67,11 @@ class Join(SpecModel):
     retention: Duration = DEFAULT_RETENTION_MS
     """How much table history lookups may reach behind the table's and the stream's time; a
     record older than the stream's time minus this is dead-lettered (``late``)."""
+    idle_timeout: Duration | None = Field(default=None, exclude_if=_absent)
+    """A table partition read to its end and quiet this long stops holding records back until
+    its next update (a rarely updated catalog would otherwise hold each record until the next
+    update); omitted means ``watermark.idleTimeout``; 0 never (exact as-of results whatever
+    the timing, but a quiet table stops the join)."""
     format: Literal["json"] = "json"
     """How table values are decoded: ``json`` objects (others are dead-lettered, and skipped)."""
 

@@ -10,9 +10,13 @@ import yaml
 
 from weir.api import pipeline as api
 from weir.graph import compile_job
+from weir.join import JoinSpec
+from weir.join_feed import TableFeed
+from weir.records import DeadLetter
 from weir.spec import JobSpec, SpecError, load_job
 from weir.spec_diff import Change, diff, kind_of
 from weir.state_shape import JoinShape, StateShape, compare, shape_of
+from weir.tasks import Task
 
 CATALOG = {"join": {"topic": "catalog", "key": "product", "fields": ["category", "price"], "prefix": "p_"}}
 WINDOW = [
@@ -209,15 +213,44 @@ def test_the_python_api_reports_a_bad_join_with_its_path() -> None:
     assert str(caught.value).startswith("steps[0].join.fields:")
 
 
-def test_a_worker_refuses_a_join_pipeline_until_the_runtime_runs_joins() -> None:
-    job = load_job(yaml.safe_dump(manifest([{"keyBy": {"field": "user"}}, CATALOG, *WINDOW])))
+def test_the_job_graph_carries_each_join_with_its_idle_timeout_and_checks_joined_aggregate_fields() -> None:
+    steps = [{"keyBy": {"field": "user"}}, CATALOG, join(topic="segments", idleTimeout="5s"), *WINDOW]
+    document = manifest(steps)
+    document["spec"]["pipeline"]["watermark"] = {"idleTimeout": "30s"}
+    graph = compile_job(load_job(yaml.safe_dump(document)))
+
+    assert [(j.index, j.topic, j.key_field, j.mode, j.idle_timeout_ms) for j in graph.joins] == [
+        (1, "catalog", "product", "global", 30_000),
+        (2, "segments", None, "global", 5_000),
+    ]
+    assert graph.joins[0].spec == JoinSpec(("category", "price"), "inner", "p_", 0, 86_400_000)
+    assert graph.table_topics == ("catalog", "segments")
+    assert graph.join_check is not None
+    with pytest.raises(DeadLetter, match="aggregate field 'p_price' is missing"):
+        graph.join_check({"user": "u"})
+
+
+def test_a_copartitioned_table_with_another_partition_count_is_refused_with_its_path() -> None:
+    graph = compile_job(load_job(yaml.safe_dump(manifest([join(mode="copartitioned")]))))
+    keyed = [Task("purchases", p, f"purchases-{p}") for p in range(2)]
 
     with pytest.raises(SpecError) as caught:
-        compile_job(job)
+        TableFeed(graph, {"purchases": 2, "catalog": 3}, keyed, 0.0)
 
-    assert (
-        str(caught.value) == "spec.pipeline.steps[1].join: join steps are not run by this worker version yet"
+    assert str(caught.value) == (
+        "spec.pipeline.steps[0].join.topic: a copartitioned table needs as many partitions as the "
+        "stream it joins ('catalog' has 3, the stream 2)"
     )
+
+
+def test_a_global_join_reads_every_table_partition_and_a_copartitioned_one_its_own() -> None:
+    steps = [join(), join(topic="orders", mode="copartitioned")]
+    graph = compile_job(load_job(yaml.safe_dump(manifest(steps))))
+    keyed = [Task("purchases", 1, "purchases-1")]
+
+    feed = TableFeed(graph, {"purchases": 2, "catalog": 3, "orders": 2}, keyed, 0.0)
+
+    assert sorted(feed.tasks) == [("catalog", 0), ("catalog", 1), ("catalog", 2), ("orders", 1)]
 
 
 # --------------------------------------------------------------------------- state shape
