@@ -30,17 +30,18 @@ from typing import Any
 import orjson
 
 from weir.aggregates import Overflow
+from weir.core_output import CoreOutput
 from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
 from weir.join_feed import TableEnds, TableFeed
 from weir.join_stage import JoinStage, StoreSet, open_join_stage
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
-from weir.results import printable, result_record
+from weir.results import result_record
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
 from weir.tasks import NO_WATERMARK, Headers, LateRecord, Message, Send, Task, Watermarks
-from weir.window_operator import WindowOperator, WindowResult
+from weir.window_operator import WindowOperator
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _drop(
     raise RuntimeError("the task core has no open transaction to write to")
 
 
-class TaskCore:
+class TaskCore(CoreOutput):
     """The tasks of one worker and the operators they run; see the module docstring.
 
     ``send`` is where output goes (the committer points it at the open transaction); the
@@ -479,78 +480,3 @@ class TaskCore:
         self._result_dead_letter(
             reason, f"output of key {key!r}: {detail}", key, record or {"key": key}, task
         )
-
-    # -- output -----------------------------------------------------------------------
-    def out(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        partition: int = -1,
-        headers: Headers | None = None,
-    ) -> None:
-        """Write one record, unless a replay suppresses it (it was committed before)."""
-        if self._suppress:
-            self.suppressed += 1
-            return
-        self.send(topic, value, key, partition, headers)
-        self.out_counts[topic] = self.out_counts.get(topic, 0) + 1
-        self.out_bytes[topic] = self.out_bytes.get(topic, 0) + (len(value) if value else 0)
-
-    def _count_dead(self, reason: str) -> None:
-        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
-        if self.metrics is not None:
-            self.metrics.dead_letter_total.labels(reason=reason).inc()
-
-    def dead_letter(self, m: Message, exc: Exception) -> None:
-        """Send a consumed record that cannot be processed to the dead-letter topic, with
-        headers saying why and where it came from."""
-        reason = str(getattr(exc, "reason", "error"))
-        detail = str(getattr(exc, "detail", exc))
-        self._count_dead(reason)
-        topic = self.graph.dead_letter_topic
-        if topic is None:
-            log.warning(
-                "dead letter (%s) at %s-%d@%d dropped: no deadLetter topic configured: %s",
-                reason,
-                m.topic(),
-                m.partition(),
-                m.offset(),
-                detail,
-            )
-            return
-        # An oversized value is not copied: it would fail the same size limit again. The
-        # headers locate the original in its source topic.
-        value = None if reason == "too_large" else m.value()
-        headers: Headers = [
-            ("weir.reason", reason.encode()),
-            ("weir.detail", detail[:1000].encode()),
-            ("weir.source.topic", m.topic().encode()),
-            ("weir.source.partition", str(m.partition()).encode()),
-            ("weir.source.offset", str(m.offset()).encode()),
-        ]
-        self.out(topic, value, m.key(), -1, headers)
-
-    def _dead_letter_result(
-        self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
-    ) -> None:
-        reason = str(getattr(exc, "reason", "unserializable_result"))
-        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {getattr(exc, 'detail', exc)}"
-        self._result_dead_letter(reason, detail, r.key, record, task)
-
-    def _result_dead_letter(
-        self, reason: str, detail: str, key: str, record: dict[str, Any], task: Task | None
-    ) -> None:
-        """Dead-letter a result (it has no source record: the headers name the task's partition)."""
-        self._count_dead(reason)
-        topic = self.graph.dead_letter_topic
-        if topic is None:
-            log.warning("result dropped: no deadLetter topic configured: %s", detail)
-            return
-        headers: Headers = [("weir.reason", reason.encode()), ("weir.detail", detail[:1000].encode())]
-        if task is not None:
-            headers += [
-                ("weir.source.topic", task.topic.encode()),
-                ("weir.source.partition", str(task.partition).encode()),
-            ]
-        self.out(topic, printable(record), key.encode(), -1, headers)
