@@ -106,6 +106,15 @@ def broker_with(purchases: list[Purchase], updates: list[Update]) -> MemoryBroke
     far = T0 + 10 * 86_400_000  # the table's time passes every purchase: all of them join
     for q in range(TABLE_PARTITIONS):
         broker.append("catalog", orjson.dumps({"price": 0}), f"{END}{q}".encode(), q, far)
+    # Segments, keyed by user and partitioned like the purchases (user u<p>-i is in partition p):
+    # a co-partitioned table. Each user's segment changes once; u<p>-2 has none until late.
+    broker.create("segments", PARTITIONS)
+    for p in range(PARTITIONS):
+        for i, (first, second) in enumerate([(0, 40_000), (10_000, 70_000), (90_000, 100_000)]):
+            user = f"u{p}-{i}".encode()
+            broker.append("segments", orjson.dumps({"segment": "new"}), user, p, T0 + first)
+            broker.append("segments", orjson.dumps({"segment": "loyal"}), user, p, T0 + second)
+        broker.append("segments", orjson.dumps({"segment": "-"}), f"{END}{p}".encode(), p, far)
     return broker
 
 
@@ -119,20 +128,10 @@ def as_of_reference(
     update read from partition ``q`` behind that partition's newest time minus the grace is
     seen by lookups after that point only (``weir.join``); a lookup at ``t`` takes the newest
     update (by time, then visibility, then offset) with time and visibility at or before ``t``."""
-    versions: dict[str, list[tuple[int, int, int, dict[str, Any] | None]]] = {}
-    for log in broker.topics["catalog"]:
-        newest: int | None = None
-        for m in log:
-            u = m.timestamp()[1]
-            frontier = None if newest is None else newest - GRACE
-            visible = u if frontier is None or u > frontier else frontier + 1
-            value = None if m.value() is None else orjson.loads(m.value() or b"")
-            versions.setdefault((m.key() or b"").decode(), []).append((u, visible, m.offset(), value))
-            newest = u if newest is None else max(newest, u)
+    versions = table_versions(broker, "catalog", GRACE)
     out = []
     for _p, user, ts, record in purchases:
-        seen = [v for v in versions.get(record["product"], []) if v[0] <= ts and v[1] <= ts]
-        value = max(seen, key=lambda v: v[:3])[3] if seen else None
+        value = lookup(versions, record["product"], ts)
         joined = (
             None
             if value is None
@@ -140,6 +139,47 @@ def as_of_reference(
         )
         out.append((user, ts, joined))
     return out
+
+
+Versions = dict[str, list[tuple[int, int, int, dict[str, Any] | None]]]
+
+
+def table_versions(broker: MemoryBroker, topic: str, grace: int) -> Versions:
+    """Every key's versions ``(time, visible from, offset, value)`` as ``weir.join`` stores them."""
+    versions: Versions = {}
+    for log in broker.topics[topic]:
+        newest: int | None = None
+        for m in log:
+            u = m.timestamp()[1]
+            frontier = None if newest is None else newest - grace
+            visible = u if frontier is None or u > frontier else frontier + 1
+            value = None if m.value() is None else orjson.loads(m.value() or b"")
+            versions.setdefault((m.key() or b"").decode(), []).append((u, visible, m.offset(), value))
+            newest = u if newest is None else max(newest, u)
+    return versions
+
+
+def lookup(versions: Versions, key: str, ts: int) -> dict[str, Any] | None:
+    seen = [v for v in versions.get(key, []) if v[0] <= ts and v[1] <= ts]
+    return max(seen, key=lambda v: v[:3])[3] if seen else None
+
+
+def chained_reference(broker: MemoryBroker, purchases: list[Purchase]) -> tuple[Counter[Any], int]:
+    """The two-join pipeline's output: a left join with the catalog, then an inner join with the
+    segments by the record's key; returns the sink records and the number of misses."""
+    catalog, segments = table_versions(broker, "catalog", GRACE), table_versions(broker, "segments", 0)
+    out: Counter[Any] = Counter()
+    misses = 0
+    for _p, user, ts, record in purchases:
+        product = lookup(catalog, record["product"], ts) or {}
+        segment = lookup(segments, user, ts)
+        if segment is None:
+            misses += 1
+            continue
+        joined = {**record, "p_price": product.get("price"), "p_category": product.get("category")}
+        joined["segment"] = segment.get("segment")
+        out[("out", user.encode(), orjson.dumps(joined))] += 1
+    return out, misses
 
 
 # --------------------------------------------------------------------------- running
@@ -227,13 +267,18 @@ def reasons(broker: MemoryBroker) -> Counter[bytes | None]:
 
 SINK_GRAPH = compile_job(job([{"join": JOIN}]), wall_ms=lambda: T0 + 86_400_000)
 WINDOW_GRAPH = compile_job(job([{"join": JOIN}, *WINDOW_STEPS]), wall_ms=lambda: T0 + 86_400_000)
+SEGMENTS = {"topic": "segments", "mode": "copartitioned", "fields": ["segment"]}
+CHAINED_GRAPH = compile_job(
+    job([{"join": {**JOIN, "kind": "left"}}, {"join": SEGMENTS}]), wall_ms=lambda: T0 + 86_400_000
+)
+GRAPHS = {"sink": SINK_GRAPH, "window": WINDOW_GRAPH, "chained": CHAINED_GRAPH}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Counter[Any]]:
     """Committed output of crash-free runs, per pipeline and input seed."""
     out = {}
-    for name, graph in (("sink", SINK_GRAPH), ("window", WINDOW_GRAPH)):
+    for name, graph in GRAPHS.items():
         for input_seed in range(3):
             broker = broker_with(*data(input_seed))
             assert run(broker, tmp_path_factory.mktemp(f"{name}{input_seed}"), graph, [], input_seed) == 0
@@ -301,12 +346,25 @@ def test_joined_records_flow_into_the_window_as_the_brute_force_windows_say(
         }
 
 
-@pytest.mark.parametrize("seed", range(40))
+def test_a_left_catalog_join_then_a_copartitioned_segment_join_chain_as_of_each_records_time(
+    reference: dict[tuple[str, int], Counter[Any]],
+) -> None:
+    for input_seed in range(3):
+        purchases, updates = data(input_seed)
+        want, misses = chained_reference(broker_with(purchases, updates), purchases)
+        got = reference[("chained", input_seed)]
+        assert Counter({k: n for k, n in got.items() if k[0] == "out"}) == want
+        assert sum(n for k, n in got.items() if k[0] == "dlq") == misses
+        assert misses > 0 and any(b'"p_price":null' in k[2] for k in want)
+
+
+@pytest.mark.parametrize("seed", range(45))
 def test_every_abort_schedule_joins_exactly_as_the_uninterrupted_run(
     seed: int, reference: dict[tuple[str, int], Counter[Any]], tmp_path: Path
 ) -> None:
     input_seed = seed % 3
-    name, graph = ("window", WINDOW_GRAPH) if seed % 2 else ("sink", SINK_GRAPH)
+    name = list(GRAPHS)[seed % 5 % 3]
+    graph = GRAPHS[name]
     broker = broker_with(*data(input_seed))
     rng = random.Random(seed)
     schedule = [(rng.choice(STEPS), rng.randrange(1, 6)) for _ in range(rng.randrange(1, 4))]
