@@ -370,3 +370,75 @@ def test_every_abort_schedule_joins_exactly_as_the_uninterrupted_run(
     schedule = [(rng.choice(STEPS), rng.randrange(1, 6)) for _ in range(rng.randrange(1, 4))]
     restarts = run(broker, tmp_path, graph, schedule, seed, savepoint_every=13 if seed % 3 == 0 else 0)
     assert output(broker) == reference[(name, input_seed)], f"schedule {schedule} ({restarts} restarts)"
+
+
+@pytest.mark.parametrize("name", ["sink", "window", "chained"])
+def test_a_savepoint_restored_at_another_parallelism_joins_as_the_uninterrupted_run(
+    name: str, reference: dict[tuple[str, int], Counter[Any]], tmp_path: Path
+) -> None:
+    graph, input_seed = GRAPHS[name], 1
+    broker = broker_with(*data(input_seed))
+    backend = FaultyStore(Faults())
+    seen = [0]
+
+    def on_consume(n: int) -> None:  # a savepoint and stop once some records are read
+        seen[0] += n
+        if seen[0] >= 40 and not asked:
+            asked.append(True)
+            first.savepoints.ask(SavepointRequest(id="rescale", stop=True))
+        elif n == 0:
+            first.stop()
+
+    asked: list[bool] = []
+    first = settings_worker(graph, broker, backend, tmp_path / "one", 0, 1, on_consume)
+    assert first.run() == 0
+    answer = first.savepoints.last
+    assert answer is not None and answer.status == "completed" and answer.path is not None
+    url = answer.path
+    assert len(broker.records("out")) < sum(
+        n for k, n in reference[(name, input_seed)].items() if k[0] == "out"
+    )
+
+    workers: dict[int, Worker] = {}
+    for index in range(2):  # two workers restore the one worker's savepoint, one after the other
+
+        def stop_when_read(n: int, index: int = index) -> None:
+            if n == 0:
+                workers[index].stop()
+
+        workers[index] = settings_worker(
+            graph, broker, backend, tmp_path / f"two{index}", index, 2, stop_when_read, url
+        )
+        assert workers[index].run() == 0
+
+    assert output(broker) == reference[(name, input_seed)]
+
+
+def settings_worker(
+    graph: JobGraph,
+    broker: MemoryBroker,
+    backend: FaultyStore,
+    state: Path,
+    index: int,
+    count: int,
+    on_consume: Any,
+    restore_from: str | None = None,
+) -> Worker:
+    return Worker(
+        graph,
+        kio.KafkaSettings("memory", {}, {}),
+        WorkerSettings(
+            index,
+            count,
+            state,
+            batch_size=7,
+            checkpoint_interval_s=0,
+            watermark_interval_s=0,
+            checkpoint_url="memory://mem/ck",
+            shutdown_timeout_s=5,
+            restore_from=restore_from,
+        ),
+        connect=broker.connect(Faults(), on_consume),
+        store_backend=backend,
+        uploader=InlineExecutor,
+    )
