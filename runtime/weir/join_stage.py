@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from weir.aggregates import Overflow
+from weir.functions import StateEncodingError
 from weir.join import JoinOperator, JoinSpec
 from weir.join_table import JoinStore
 from weir.process import ProcessOperator
@@ -135,7 +136,11 @@ class JoinStage:
         step, op = self.joins[0]
         lookup = lookup_key(step, key, record)
         carried = {**record, _KEY: key, _WM: wm}
-        if not op.process(lookup, ts, carried, wm):
+        try:
+            joined_now = op.process(lookup, ts, carried, wm)
+        except StateEncodingError as exc:  # cannot be held (an integer beyond 64 bits)
+            raise DeadLetter("wrong_type", f"cannot be held for the join: {exc}") from None
+        if not joined_now:
             raise DeadLetter("late", _late(step, ts))
         self._pass(0, op.take())
         return True
@@ -157,7 +162,12 @@ class JoinStage:
             except DeadLetter as exc:
                 self._dead(exc, record)
                 continue
-            if not op.process(lookup, j.ts, record, record[_WM]):
+            try:
+                joined_now = op.process(lookup, j.ts, record, record[_WM])
+            except StateEncodingError as exc:
+                self._dead(DeadLetter("wrong_type", f"cannot be held for the join: {exc}"), record)
+                continue
+            if not joined_now:
                 self._dead(DeadLetter("late", _late(step, j.ts)), record)
                 continue
             self._pass(i + 1, op.take())

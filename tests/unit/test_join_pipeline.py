@@ -458,3 +458,33 @@ def settings_worker(
         store_backend=backend,
         uploader=InlineExecutor,
     )
+
+
+@pytest.mark.parametrize("schedule", [[], [("after-commit", 2)], [("records", 3), ("mid-upload", 1)]])
+def test_a_bad_table_record_is_dead_lettered_once_and_skipped(
+    schedule: list[tuple[str, int]], reference: dict[tuple[str, int], Counter[Any]], tmp_path: Path
+) -> None:
+    purchases, updates = data(0)
+    broker = broker_with(purchases, [])
+    q = catalog_partition("zz")
+    broker.append("catalog", b"[1]", b"zz", q, T0)  # not an object
+    broker.append("catalog", b'{"price": 1}', None, q, T0)  # no key
+    broker.append("catalog", b"{oops", b"zz", q, T0)
+    for product, ts, value in updates:  # then the catalog as usual, before its end records
+        broker.append(
+            "catalog",
+            None if value is None else orjson.dumps(value),
+            product.encode(),
+            catalog_partition(product),
+            ts,
+        )
+
+    run(broker, tmp_path, SINK_GRAPH, schedule, 0, wipe=1.0)
+
+    table_reasons = {b"not_an_object": 1, b"bad_key": 1, b"decode_error": 1}
+    assert {r: n for r, n in reasons(broker).items() if r != b"join_miss"} == table_reasons
+    assert all(
+        m.headers().get("weir.source.topic") == b"catalog"
+        for m in broker.records("dlq")
+        if m.headers().get("weir.reason") != b"join_miss"
+    )

@@ -127,3 +127,11 @@ def test_a_store_set_whose_parts_were_flushed_apart_claims_no_progress(tmp_path:
     assert StoreSet([a, b]).progress is None
     a.close()
     b.close()
+
+
+def test_a_record_that_cannot_be_held_is_dead_lettered_not_a_crash(tmp_path: Path) -> None:
+    js, _behind, _dead = stage(tmp_path)  # the table is empty: every record is held
+
+    with pytest.raises(DeadLetter, match="cannot be held for the join"):
+        js.process("k", 5, {"tags": {"a", "b"}}, 0)  # a set (from a map step) is not JSON
+    assert js.held == 0
