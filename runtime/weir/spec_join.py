@@ -11,7 +11,10 @@ Where it goes (checked by ``weir.spec_pipeline``): in the keyed stage, after the
   join needs a keyed stream: stream partition ``p`` joins table partition ``p``, so the
   lookup key is the keyed stage's key (the keyBy field through its repartition topic, the
   source key, or the Kafka message key) and the table must have as many partitions as the
-  stream and be written with Kafka's default partitioner;
+  stream and be partitioned like it: like the source topic's producer for a message key, like
+  weir's repartition topic after keyBy (librdkafka's default partitioner, CRC32 of the key,
+  unless ``kafka.producer.partitioner`` says otherwise; Java producers use murmur2, which
+  ``partitioner: murmur2_random`` matches);
 - ``global`` mode keeps the whole table in every task, so it may look up by any field of the
   record (``key``): one keyed stage can join a catalog by product and segments by user.
 
