@@ -270,6 +270,38 @@ class PipelineBuilder:
         """Key records by the Kafka message key (no repartition)."""
         return self._step(key_by={"message_key": True})
 
+    def join(
+        self,
+        topic: str,
+        fields: Iterable[str],
+        *,
+        key: str | None = None,
+        mode: Literal["global", "copartitioned"] = "global",
+        kind: Literal["inner", "left"] = "inner",
+        prefix: str = "",
+        grace: DurationLike = 0,
+        retention: DurationLike | None = None,
+        idle_timeout: DurationLike | None = None,
+    ) -> PipelineBuilder:
+        """Add ``fields`` of the value table topic ``topic`` held for each record's key (or its
+        ``key`` field, global mode) at the record's event time, as ``prefix + field``
+        (``weir.spec_join``). After keyBy, before the window or process step. ``retention``
+        None: the default, 1 day; ``idle_timeout`` None: the watermark's."""
+        join: dict[str, Any] = {
+            "topic": topic,
+            "fields": tuple(fields),
+            "key": key,
+            "mode": mode,
+            "kind": kind,
+            "prefix": prefix,
+            "grace": grace,
+        }
+        if retention is not None:
+            join["retention"] = retention
+        if idle_timeout is not None:
+            join["idle_timeout"] = idle_timeout
+        return self._step(join=join)
+
     def window_tumbling(self, size: DurationLike, *, allowed_lateness: DurationLike = 0) -> PipelineBuilder:
         """Fixed, non-overlapping windows of ``size``."""
         return self._step(window={"type": "tumbling", "size": size, "allowed_lateness": allowed_lateness})

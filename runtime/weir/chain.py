@@ -65,7 +65,14 @@ from weir.records import (
 )
 from weir.spec import Condition, FieldScope, OnError, Pipeline, PipelineLike, SpecError, Step, as_pipeline
 
-__all__ = ["PrepareMany", "StepFn", "compile_prepare_many", "load_step_function", "resolve_functions"]
+__all__ = [
+    "PrepareMany",
+    "StepFn",
+    "aggregate_field_checks",
+    "compile_prepare_many",
+    "load_step_function",
+    "resolve_functions",
+]
 
 PrepareMany: TypeAlias = Callable[[bytes | None, bytes | None, int], list[Prepared]]
 """``prepare_many(value, key, kafka_ts_ms)``; see the module docstring for the contract."""
@@ -143,7 +150,16 @@ def compile_prepare_many(
     )
     key_field = stages.key_field
     aggregate = stages.aggregate
-    check_fields = _field_checks(aggregate.fields(), aggregate.numeric_fields()) if aggregate else None
+    # Fields a join adds do not exist yet: the join stage checks them (weir.graph.join_check).
+    joined = {name for _, j in stages.joins for name in j.output_names()}
+    check_fields = (
+        _field_checks(
+            tuple(f for f in aggregate.fields() if f not in joined),
+            tuple(f for f in aggregate.numeric_fields() if f not in joined),
+        )
+        if aggregate
+        else None
+    )
     source_key_field = key_field if stages.key_from == "sourceField" else None
 
     def prepare_many(value: bytes | None, key: bytes | None, kafka_ts_ms: int) -> list[Prepared]:
@@ -251,6 +267,14 @@ def _wrong_time(t: Any, what: str, kind: str) -> DeadLetter:
     if t is _MISSING:
         return DeadLetter("missing_field", f"{what} is missing")
     return DeadLetter("wrong_type", f"{what} must be {kind}, not {_json_type(t)}")
+
+
+def aggregate_field_checks(
+    fields: tuple[str, ...], numeric_fields: tuple[str, ...]
+) -> Callable[[dict[str, Any]], None]:
+    """A check of a record's aggregate ``fields`` (present; ``numeric_fields`` numbers within
+    the aggregates' range) raising ``DeadLetter`` as the prepare step does."""
+    return _field_checks(fields, numeric_fields)
 
 
 def _field_checks(

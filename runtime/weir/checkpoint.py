@@ -275,20 +275,19 @@ class CheckpointStore(StoreReader):
             for name, snap in sorted(partitions.items()):
                 pdir = partition_dir(name)
                 if snap.path.is_dir() and not (snap.path / "CURRENT").exists():
-                    sst, n = snap.path, 0  # a partition without state (a repartitioning stage's input)
-                elif snap.path.is_dir():
-                    sst = Path(tmp) / f"{pdir}.sst"
-                    n = state_sst.export_sst(snap.path, sst)
+                    ssts, n = list[Path](), 0  # a partition without state (a repartitioning stage's input)
+                elif snap.path.is_dir():  # every part of the task's state (weir.join_stage.StoreSet)
+                    ssts, n = state_sst.export_parts(snap.path, Path(tmp), pdir)
                 elif snap.path.is_file():
-                    sst, n = snap.path, None
+                    ssts, n = [snap.path], None
                 else:
                     raise CheckpointError(f"partition {name}: {snap.path} does not exist")
                 files: tuple[FileEntry, ...] = ()
-                if n != 0:
+                for sst in ssts if n != 0 else []:
                     size, digest = _sha256_size(sst)
-                    rel = f"{pdir}.sst"
+                    rel = f"{pdir}.sst" if sst.parent != Path(tmp) else sst.name
                     _put_counted(backend, join_key(dir_key, rel), sst, size, uploaded)
-                    files = (FileEntry(rel, rel, size, digest),)
+                    files += (FileEntry(rel, rel, size, digest),)
                 entries[name] = PartitionEntry(
                     snap.offset, snap.watermark, dict(snap.progress), FORMAT_EXPORT, files, n
                 )

@@ -197,12 +197,10 @@ class StoreReader:
                 ready = files
             elif entry.format == FORMAT_EXPORT:
                 ready = work / "db"
-                ssts = [files / f.name for f in entry.files]
-                if len(ssts) > 1:
-                    raise CorruptCheckpoint(
-                        f"{manifest.url}: partition {partition} has {len(ssts)} export files"
-                    )
-                state_sst.import_sst(ready, ssts[0] if ssts else None)
+                try:
+                    state_sst.import_parts(ready, [files / f.name for f in entry.files])
+                except ValueError as exc:
+                    raise CorruptCheckpoint(f"{manifest.url}: partition {partition}: {exc}") from None
             else:
                 raise CorruptCheckpoint(
                     f"{manifest.url}: partition {partition} has unknown format {entry.format!r}"

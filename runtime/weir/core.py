@@ -30,15 +30,18 @@ from typing import Any
 import orjson
 
 from weir.aggregates import Overflow
+from weir.core_output import CoreOutput
 from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
+from weir.join_feed import TableEnds, TableFeed
+from weir.join_stage import JoinStage, StoreSet, open_join_stage
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter, encode_forward, prepare_repartitioned
-from weir.results import printable, result_record
+from weir.results import result_record
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
 from weir.tasks import NO_WATERMARK, Headers, LateRecord, Message, Send, Task, Watermarks
-from weir.window_operator import WindowOperator, WindowResult
+from weir.window_operator import WindowOperator
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def _drop(
     raise RuntimeError("the task core has no open transaction to write to")
 
 
-class TaskCore:
+class TaskCore(CoreOutput):
     """The tasks of one worker and the operators they run; see the module docstring.
 
     ``send`` is where output goes (the committer points it at the open transaction); the
@@ -85,6 +88,8 @@ class TaskCore:
         self.out_bytes: dict[str, int] = {}
         self.suppressed = 0
         self._suppress = False
+        self.tables: TableFeed | None = None
+        """The table partitions the joins read (``weir.join_feed``); None without joins."""
 
     # -- tasks ------------------------------------------------------------------------
     def build(self, partitions: dict[str, int], index: int, count: int, now: float) -> None:
@@ -101,6 +106,26 @@ class TaskCore:
             self.repartition_partitions = partitions[graph.repartition_topic]
             for q in assigned(self.repartition_partitions, index, count):
                 self._add(graph.repartition_topic, q, True, now)
+        if graph.joins:
+            keyed = [t for t in self.tasks.values() if not t.forward]
+            self.tables = TableFeed(graph, partitions, keyed, now)
+
+    def assignment(self, ends: TableEnds) -> list[Task]:
+        """What the consumer reads, after the restore: every task's partition and the table
+        partitions the joins need (``ends``: their current watermark offsets)."""
+        tasks = list(self.tasks.values())
+        if self.tables is None:
+            return tasks
+        for t in tasks:
+            if t.replay_until is not None and not t.forward:
+                # Which held records the original run released before its commit depended on
+                # how far it had read the tables then, which a replay does not reproduce.
+                log.warning(
+                    "%s: re-reading up to the committed offset behind a join: the joined "
+                    "records near that offset may be written twice or not at all",
+                    t.name,
+                )
+        return tasks + self.tables.start([t for t in tasks if not t.forward], ends)
 
     def _add(self, topic: str, partition: int, keyed: bool, now: float) -> None:
         label = f"{topic}-{partition}"
@@ -117,7 +142,27 @@ class TaskCore:
     ) -> None:
         """Open the task's store at ``path`` (what is there, or empty) and its keyed operator:
         the window operator, or the process function's (``FunctionFailed`` when its ``open``
-        raises). A stateless pipeline has neither."""
+        raises), behind the joins if there are any (``weir.join_stage``). A stateless pipeline
+        has none."""
+        if self.tables is None:
+            self._open_keyed(task, path, memory_bytes, rocks)
+            return
+        StoreSet.unpack(path)  # a restored checkpoint is one flat directory
+        task.op = task.store = None  # a reopened task's are closed: they are not wrapped again
+        self._open_keyed(task, path, memory_bytes, rocks)
+        open_join_stage(
+            task,
+            path,
+            self.graph.joins,
+            self.graph.join_check,
+            self.tables.partitions_for,
+            rocks,
+            lambda error, key, record: self._emit(key, record, error, task),
+        )
+
+    def _open_keyed(
+        self, task: Task, path: Path, memory_bytes: int | None = None, rocks: RocksMemory | None = None
+    ) -> None:
         window, process = self.graph.window, self.graph.process
         if process is not None:
             op = open_process(process.ref, process.on_error, path, rocks, memory_bytes)  # type: ignore[arg-type]
@@ -156,6 +201,9 @@ class TaskCore:
         """Run a batch of consumed messages (any mix of this worker's partitions)."""
         by_task: dict[Task, list[Message]] = {}
         tasks = self.tasks
+        touched: Iterable[Task] = ()
+        if self.tables is not None:
+            msgs, touched = self.tables.split(list(msgs), now, self.dead_letter)
         last_key: tuple[str, int] | None = None
         bucket: list[Message] = []
         for m in msgs:
@@ -181,6 +229,12 @@ class TaskCore:
             if cut < len(batch):
                 self.end_replay(task)
                 self._process_task(task, batch[cut:])
+        for task in touched:  # table records may have made held records due
+            self._suppress = task.replay_until is not None
+            try:
+                self.fire(task)
+            finally:
+                self._suppress = False
 
     def _process_task(self, task: Task, batch: list[Message]) -> None:
         if task.topic == self.graph.repartition_topic:
@@ -339,6 +393,8 @@ class TaskCore:
         the reader is in the task's partition (past transaction markers too)."""
         marks = self.watermarks
         repartition = self.graph.repartition_topic
+        if self.tables is not None:
+            self.tables.tick(now, caught_up, position)
         for task in self.tasks.values():
             if task.replay_until is not None and position(task) >= task.replay_until:
                 self.end_replay(task)
@@ -372,7 +428,7 @@ class TaskCore:
 
     def _fire_some(self, task: Task) -> bool:
         op = task.op
-        if isinstance(op, ProcessOperator):
+        if isinstance(op, ProcessOperator) or (isinstance(op, JoinStage) and not op.windowed):
             for made in op.take():
                 self._emit(made.key, made.record, made.error, task)
             for made in op.advance(task.wm, _FIRE_CHUNK):
@@ -433,78 +489,3 @@ class TaskCore:
         self._result_dead_letter(
             reason, f"output of key {key!r}: {detail}", key, record or {"key": key}, task
         )
-
-    # -- output -----------------------------------------------------------------------
-    def out(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        partition: int = -1,
-        headers: Headers | None = None,
-    ) -> None:
-        """Write one record, unless a replay suppresses it (it was committed before)."""
-        if self._suppress:
-            self.suppressed += 1
-            return
-        self.send(topic, value, key, partition, headers)
-        self.out_counts[topic] = self.out_counts.get(topic, 0) + 1
-        self.out_bytes[topic] = self.out_bytes.get(topic, 0) + (len(value) if value else 0)
-
-    def _count_dead(self, reason: str) -> None:
-        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
-        if self.metrics is not None:
-            self.metrics.dead_letter_total.labels(reason=reason).inc()
-
-    def dead_letter(self, m: Message, exc: Exception) -> None:
-        """Send a consumed record that cannot be processed to the dead-letter topic, with
-        headers saying why and where it came from."""
-        reason = str(getattr(exc, "reason", "error"))
-        detail = str(getattr(exc, "detail", exc))
-        self._count_dead(reason)
-        topic = self.graph.dead_letter_topic
-        if topic is None:
-            log.warning(
-                "dead letter (%s) at %s-%d@%d dropped: no deadLetter topic configured: %s",
-                reason,
-                m.topic(),
-                m.partition(),
-                m.offset(),
-                detail,
-            )
-            return
-        # An oversized value is not copied: it would fail the same size limit again. The
-        # headers locate the original in its source topic.
-        value = None if reason == "too_large" else m.value()
-        headers: Headers = [
-            ("weir.reason", reason.encode()),
-            ("weir.detail", detail[:1000].encode()),
-            ("weir.source.topic", m.topic().encode()),
-            ("weir.source.partition", str(m.partition()).encode()),
-            ("weir.source.offset", str(m.offset()).encode()),
-        ]
-        self.out(topic, value, m.key(), -1, headers)
-
-    def _dead_letter_result(
-        self, task: Task, r: WindowResult, record: dict[str, Any], exc: Exception
-    ) -> None:
-        reason = str(getattr(exc, "reason", "unserializable_result"))
-        detail = f"window [{r.start}, {r.end}) of key {r.key!r}: {getattr(exc, 'detail', exc)}"
-        self._result_dead_letter(reason, detail, r.key, record, task)
-
-    def _result_dead_letter(
-        self, reason: str, detail: str, key: str, record: dict[str, Any], task: Task | None
-    ) -> None:
-        """Dead-letter a result (it has no source record: the headers name the task's partition)."""
-        self._count_dead(reason)
-        topic = self.graph.dead_letter_topic
-        if topic is None:
-            log.warning("result dropped: no deadLetter topic configured: %s", detail)
-            return
-        headers: Headers = [("weir.reason", reason.encode()), ("weir.detail", detail[:1000].encode())]
-        if task is not None:
-            headers += [
-                ("weir.source.topic", task.topic.encode()),
-                ("weir.source.partition", str(task.partition).encode()),
-            ]
-        self.out(topic, printable(record), key.encode(), -1, headers)

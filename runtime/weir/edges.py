@@ -102,6 +102,12 @@ class Source(Protocol):
     def caught_up(self, task: Task) -> bool: ...
     def lag(self, task: Task) -> int | None: ...
 
+    table_partitions: dict[str, int]
+    """Partition count of each join table topic."""
+
+    def table_ends(self, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
+        """The ``(low, high)`` watermark offsets of each task's partition now (join tables)."""
+
 
 class Store(Protocol):
     """The part of ``weir.checkpoint.CheckpointStore`` the protocol uses."""

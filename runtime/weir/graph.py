@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from weir.aggregates import Aggregator
-from weir.chain import PrepareMany, compile_prepare_many
+from weir.chain import PrepareMany, aggregate_field_checks, compile_prepare_many
 from weir.custom_aggregates import aggregator_for
+from weir.join import JoinSpec
+from weir.join_stage import JoinStep
 from weir.records import Prepare, compile_prepare
 from weir.spec import Job
 from weir.state_shape import StateShape, shape_of
@@ -65,6 +68,16 @@ class JobGraph:
     prepare_many: PrepareMany | None = None
     repartition_topic: str | None = None
     repartition_partitions: int | None = None
+    joins: tuple[JoinStep, ...] = ()
+    """The join steps the keyed stage runs first (``weir.join_stage``), in order."""
+    join_check: Callable[[dict[str, Any]], None] | None = None
+    """Checks the fields an aggregate reads that the joins add (``DeadLetter``): they do not
+    exist when records are prepared, so they are checked after the last join."""
+
+    @property
+    def table_topics(self) -> tuple[str, ...]:
+        """The joins' table topics, each once, in step order."""
+        return tuple(dict.fromkeys(j.topic for j in self.joins))
 
     @property
     def terminal(self) -> str:
@@ -78,6 +91,26 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
     ``SpecError`` with the field path for one that does not resolve."""
     pipeline = job.pipeline
     stages = pipeline.stages()
+    idle_ms = pipeline.watermark.idle_timeout
+    joins = tuple(
+        JoinStep(
+            index,
+            j.topic,
+            j.key,
+            j.mode,
+            JoinSpec(j.fields, j.kind, j.prefix, j.grace, j.retention),
+            idle_ms if j.idle_timeout is None else j.idle_timeout,
+        )
+        for index, j in stages.joins
+    )
+    joined = {name for _, j in stages.joins for name in j.output_names()}
+    aggregate = stages.aggregate
+    join_check = None
+    if aggregate is not None and joined & set(aggregate.fields()):
+        join_check = aggregate_field_checks(
+            tuple(f for f in aggregate.fields() if f in joined),
+            tuple(f for f in aggregate.numeric_fields() if f in joined),
+        )
     window_stage = process_stage = None
     if stages.window is not None and stages.aggregate is not None:
         window = stages.window
@@ -108,6 +141,8 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
         repartition_topic=job.repartition_topic,
         repartition_partitions=stages.repartition.partitions if stages.repartition else None,
         shape=shape_of(stages, job.namespace, job.name),
+        joins=joins,
+        join_check=join_check,
     )
 
 

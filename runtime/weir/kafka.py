@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from weir.edges import DeliveryFailed, Rollback
@@ -423,6 +423,14 @@ def recreate_topics(client: AdminClient, topics: Mapping[str, int], timeout_s: f
 def new_consumer(config: dict[str, Any]) -> Consumer:
     consumer: Consumer = _create(Consumer, config)
     return consumer
+
+
+def end_offsets(
+    consumer: Consumer, tps: list[tuple[str, int]], timeout_s: float
+) -> dict[tuple[str, int], Any]:
+    """The ``(low, high)`` watermark offsets of each ``(topic, partition)`` now (not cached)."""
+    get = consumer.get_watermark_offsets
+    return {tp: get(TopicPartition(*tp), timeout=timeout_s, cached=False) for tp in tps}
 
 
 def new_producer(config: dict[str, Any]) -> Producer:

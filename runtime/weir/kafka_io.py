@@ -83,6 +83,7 @@ def connect(start: Start) -> KafkaEdges:
     wanted[graph.sink_topic] = "spec.pipeline.sink.topic"
     if graph.dead_letter_topic:
         wanted[graph.dead_letter_topic] = "spec.pipeline.deadLetter.topic"
+    wanted.update({j.topic: f"spec.pipeline.steps[{j.index}].join.topic" for j in reversed(graph.joins)})
     kio.require_topics(partitions, wanted, settings.bootstrap_servers)
     inputs = {t: partitions[t] for t in graph.source_topics}
     if graph.repartition_topic:
@@ -93,16 +94,18 @@ def connect(start: Start) -> KafkaEdges:
             partitions,
         )
     del admin  # its connections would keep reconnecting (and logging) through an outage
-    return KafkaEdges(start, inputs)
+    return KafkaEdges(start, inputs, {t: partitions[t] for t in graph.table_topics})
 
 
 class KafkaEdges:
     """The consumer and the producers of one start of a worker: ``Source`` and ``Sink``."""
 
-    def __init__(self, start: Start, partitions: dict[str, int]) -> None:
+    def __init__(self, start: Start, partitions: dict[str, int], tables: dict[str, int] | None = None):
         self.start = start
         self.partitions = partitions
         """Partition count of each input topic (sources, repartition topic)."""
+        self.table_partitions = tables or {}
+        """Partition count of each join table topic (read, never committed: ``weir.join_feed``)."""
         self.waits = start.waits
         self.deliveries = Deliveries()
         self.suspect: str | None = None
@@ -366,6 +369,12 @@ class KafkaEdges:
         if task.next_offset == OFFSET_BEGINNING:  # nothing consumed: caught up if it is empty
             return lo == hi
         return task.next_offset >= hi
+
+    def table_ends(self, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
+        """The low and high watermark offsets of each (table) task's partition now, uncached."""
+        tps = [(t.topic, t.partition) for t in tasks]
+        ends = self.retry("join table ends", lambda: kio.end_offsets(self.consumer, tps, CALL_TIMEOUT_S))
+        return {tp: (int(lo), int(hi)) for tp, (lo, hi) in ends.items()}
 
     def lag(self, task: Task) -> int | None:
         ends = self._ends(task)

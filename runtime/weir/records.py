@@ -74,7 +74,7 @@ __all__ = [
 
 Reason: TypeAlias = Literal[
     "too_large", "decode_error", "not_an_object", "missing_field", "wrong_type", "bad_timestamp", "bad_key",
-    "overflow", "function_error",
+    "overflow", "function_error", "late", "join_miss",
 ]
 REASONS: Final[tuple[Reason, ...]] = (
     "too_large",
@@ -86,6 +86,8 @@ REASONS: Final[tuple[Reason, ...]] = (
     "bad_key",
     "overflow",
     "function_error",
+    "late",
+    "join_miss",
 )
 
 Prepared: TypeAlias = tuple[str, int, dict[str, Any]]
@@ -402,7 +404,10 @@ def _generate(pipeline: Pipeline) -> _Source:
     aggregate = plan.aggregate
     numeric = set(aggregate.numeric_fields()) if aggregate is not None else set()
     present: set[str] = set()
+    joined = {name for _, j in plan.joins for name in j.output_names()}  # checked after the joins
     for field in aggregate.fields() if aggregate is not None else ():
+        if field in joined:
+            continue
         read = scope.source_of(field)
         present.add(read)
         if field in numeric:

@@ -9,7 +9,8 @@ in ``TABLE``, with what a change of it does:
 - ``pods``: the workers restart, their state is carried over untouched (image, resources,
   Kafka and checkpoint settings, pipeline fields that do not change what state means);
 - ``state``: the workers restart and what their state means may change: judged by
-  ``weir.state_shape.compare`` (window, keyBy, aggregate outputs, process, the source key);
+  ``weir.state_shape.compare`` (window, keyBy, aggregate outputs, process, the source key,
+  a join's table topic, lookup key and mode);
 - ``redeploy``: ``restartNonce``, restart every worker even if nothing else changed.
 
 ``diff`` lists the fields two specs differ in with their kinds, the largest ``Change`` among
@@ -102,6 +103,19 @@ TABLE: Mapping[str, Kind] = MappingProxyType(
         "pipeline.steps.keyBy.messageKey": "state",
         # Used only when the repartition topic is created: an existing topic keeps its count.
         "pipeline.steps.keyBy.partitions": "pods",
+        # A join's state is the versions of one table topic, looked up by one key, partitioned
+        # one way (weir.state_shape.JoinShape); the rest changes what later lookups add or how
+        # long history is kept, not what the stored versions and held records mean.
+        "pipeline.steps.join.topic": "state",
+        "pipeline.steps.join.key": "state",
+        "pipeline.steps.join.mode": "state",
+        "pipeline.steps.join.kind": "pods",
+        "pipeline.steps.join.fields": "pods",
+        "pipeline.steps.join.prefix": "pods",
+        "pipeline.steps.join.grace": "pods",
+        "pipeline.steps.join.retention": "pods",
+        "pipeline.steps.join.format": "pods",
+        "pipeline.steps.join.idleTimeout": "pods",
         "pipeline.steps.window.type": "state",
         "pipeline.steps.window.size": "state",
         "pipeline.steps.window.slide": "state",

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Protocol, TypeAlias, runtime_checkable
 from pydantic import Field, model_validator
 
 from weir.spec_common import Duration, FieldName, LocatedError, SpecError, SpecModel, TopicName
+from weir.spec_join import Join
 from weir.spec_steps import Aggregate, Condition, FunctionStep, Step, Window
 
 # --------------------------------------------------------------------------- source
@@ -221,6 +222,15 @@ class Stages:
     functions: bool
     """True when a user-function step (map, flatMap, function filter) precedes the keyed stage:
     records are then prepared by ``compile_prepare_many``, not ``compile_prepare``."""
+    joins: tuple[tuple[int, Join], ...] = ()
+    """The join steps with their step indexes, in order: the keyed stage runs them on each
+    prepared record before the window or process step (or the sink). A pipeline with a join
+    has a keyed stage (it repartitions like a windowed one) even when ``terminal == "none"``."""
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the keyed stage keeps state: a window, a process function or a join."""
+        return self.terminal != "none" or bool(self.joins)
 
     def windowed(self) -> WindowedStages:
         """These stages as a windowed pipeline's; ``SpecError`` naming the terminal otherwise
@@ -254,10 +264,10 @@ class Pipeline(SpecModel):
     """A complete pipeline: source → steps → sink.
 
     Steps run in order: any filter/select/rename/map/flatMap, then at most one keyBy, then the
-    keyed stage, which is last: a window immediately followed by the one aggregate, or one
-    process step, or nothing (a stateless pipeline). Fields read by a step must still exist
-    after the select and rename steps before it; after a map or flatMap they are checked per
-    record at run time (``missing_field``).
+    keyed stage, which is last: any join steps (``weir.spec_join``), then a window immediately
+    followed by the one aggregate, or one process step, or nothing. Fields read by a step must
+    still exist after the select and rename steps before it (a join adds its fields); after a
+    map or flatMap they are checked per record at run time (``missing_field``).
     """
 
     source: Source
@@ -295,8 +305,11 @@ class Pipeline(SpecModel):
             s.kind in _FUNCTION_KINDS or (s.filter is not None and s.filter.function is not None)
             for s in steps[:keyed_index]
         )
+        joins = tuple((i, s.join) for i, s in enumerate(steps) if s.join is not None)
         key_by = next(((i, s.key_by) for i, s in enumerate(steps) if s.key_by is not None), None)
-        shuffles = terminal != "none"
+        # A join keeps per-task state like a window, so its records are keyed (and shuffled) too.
+        shuffles = terminal != "none" or bool(joins)
+        stage_start = min(keyed_index, joins[0][0]) if joins else keyed_index
         key_from: Literal["messageKey", "sourceField", "keyByField"] = "messageKey"
         key_field: str | None = None
         repartition: Repartition | None = None
@@ -307,9 +320,10 @@ class Pipeline(SpecModel):
                 repartition = Repartition(index, spec.partitions) if shuffles else None
         elif self.source.key is not None:
             key_from, key_field = "sourceField", self.source.key.field
-            repartition = Repartition(keyed_index, None) if shuffles else None
+            repartition = Repartition(stage_start, None) if shuffles else None
         return Stages(
-            key_from, key_field, repartition, terminal, keyed_index, window, aggregate, process, functions
+            key_from, key_field, repartition, terminal, keyed_index, window, aggregate, process, functions,
+            joins,
         )
 
 
@@ -323,6 +337,9 @@ def _check_step_order(steps: tuple[Step, ...]) -> None:
         here = ("steps", index, kind)
         if kind in _KEYED_KINDS and kind in first:
             raise LocatedError(here, f"only one {kind} step is allowed (steps[{first[kind]}] is one)")
+        if kind in _PREPARE_KINDS and "join" in first:
+            joins = first["join"]
+            raise LocatedError(here, f"{kind} must come before the join steps (steps[{joins}] is a join)")
         if kind in _PREPARE_KINDS:
             for later in _KEYED_KINDS:
                 if later in first:
@@ -333,6 +350,15 @@ def _check_step_order(steps: tuple[Step, ...]) -> None:
                     )
         if kind == "keyBy" and ("window" in first or "process" in first):
             raise LocatedError(here, "keyBy must come before the window or process step")
+        if kind == "keyBy" and "join" in first:
+            raise LocatedError(
+                here,
+                f"keyBy must come before the join steps (steps[{first['join']}] is a join: it joins keyed "
+                "records)",
+            )
+        if kind == "join" and ("window" in first or "process" in first):
+            later = "window" if "window" in first else "process"
+            raise LocatedError(here, f"join must come before the {later} step (steps[{first[later]}])")
         if kind == "aggregate" and first.get("window") != index - 1:
             raise LocatedError(here, "aggregate must immediately follow the window step")
         other = {"window": "process", "process": "window"}.get(kind)
@@ -346,19 +372,23 @@ def _check_step_order(steps: tuple[Step, ...]) -> None:
             ("steps",), f"an aggregate step is required right after the window (steps[{first['window']}])"
         )
     key_by = first.get("keyBy")
-    if key_by is not None and "window" not in first and "process" not in first:
+    if key_by is not None and not {"window", "process", "join"} & first.keys():
         spec = steps[key_by].key_by
         if spec is not None and spec.partitions is not None:
             raise LocatedError(
                 ("steps", key_by, "keyBy", "partitions"),
-                "only applies before a window or process step (a stateless pipeline never repartitions)",
+                "only applies before a join, window or process step "
+                "(a stateless pipeline never repartitions)",
             )
 
 
 def _check_field_references(source: Source, steps: tuple[Step, ...]) -> None:
     scope = FieldScope(raw=source.format == "raw")
+    joined: set[str] = set()  # the fields join steps added (after every select and rename)
 
     def check(loc: tuple[str | int, ...], name: str) -> None:
+        if name in joined:
+            return
         try:
             scope.source_of(name)
         except ValueError as exc:
@@ -383,6 +413,10 @@ def _check_field_references(source: Source, steps: tuple[Step, ...]) -> None:
             scope.rename(index, step.rename)
         elif step.key_by is not None and step.key_by.field is not None:
             check((*here, "field"), step.key_by.field)
+        elif step.join is not None:
+            if step.join.key is not None:
+                check((*here, "key"), step.join.key)
+            joined.update(step.join.output_names())
         elif step.aggregate is not None:
             for name, output in step.aggregate.outputs.items():
                 if output.field is not None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from weir.spec_common import FUNCTION_REF, Duration, FieldName, LocatedError, PositiveDuration, SpecModel
+from weir.spec_join import Join
 
 FunctionRef = Annotated[str, Field(pattern=FUNCTION_REF)]
 """``package.module:name`` of a function or class importable in the worker image."""
@@ -296,7 +297,7 @@ class FunctionStep(SpecModel):
 
 
 StepKind: TypeAlias = Literal[
-    "filter", "select", "rename", "map", "flatMap", "keyBy", "window", "aggregate", "process"
+    "filter", "select", "rename", "map", "flatMap", "keyBy", "join", "window", "aggregate", "process"
 ]
 _STEP_KINDS: tuple[tuple[str, StepKind], ...] = (
     ("filter", "filter"),
@@ -305,6 +306,7 @@ _STEP_KINDS: tuple[tuple[str, StepKind], ...] = (
     ("map", "map"),
     ("flat_map", "flatMap"),
     ("key_by", "keyBy"),
+    ("join", "join"),
     ("window", "window"),
     ("aggregate", "aggregate"),
     ("process", "process"),
@@ -319,10 +321,10 @@ class Step(SpecModel):
             "x-kubernetes-validations": [
                 {
                     "rule": "[has(self.filter), has(self.select), has(self.rename), has(self.map), "
-                    "has(self.flatMap), has(self.keyBy), has(self.window), has(self.aggregate), "
-                    "has(self.process)].exists_one(x, x)",
-                    "message": "must set exactly one of filter, select, rename, map, flatMap, keyBy, window, "
-                    "aggregate, process",
+                    "has(self.flatMap), has(self.keyBy), has(self.join), has(self.window), "
+                    "has(self.aggregate), has(self.process)].exists_one(x, x)",
+                    "message": "must set exactly one of filter, select, rename, map, flatMap, keyBy, join, "
+                    "window, aggregate, process",
                 }
             ]
         }
@@ -341,6 +343,8 @@ class Step(SpecModel):
     """Call ``f(record) -> iterable of dicts`` on each record; each dict is a record (none: dropped)."""
     key_by: KeyBy | None = None
     """Re-key records; a field key means a repartition through Kafka."""
+    join: Join | None = Field(default=None, exclude_if=_absent)
+    """Add a table topic's fields as of each record's event time (``weir.spec_join``)."""
     window: Window | None = None
     """Group records into event-time windows."""
     aggregate: Aggregate | None = None

@@ -16,7 +16,15 @@ can refuse a snapshot written for another pipeline.
   names (or their order): slots are matched by output name, an added output starts empty in
   the windows open at the upgrade, a removed one's slot is dropped;
 - ``incompatible``: anything else (window type/size/slide/gap, the key, an output's function
-  or field, the process function, state appearing or disappearing).
+  or field, the process function, state appearing or disappearing, a join step's table topic,
+  lookup key or mode, a join added or removed).
+
+Join steps (``weir.spec_join``) keep state of their own in the keyed stage: the table's
+versions and the stream records held for it, per join in order (its position among the
+joins, not its step index, names its store). That state means something only for the same
+table topic, looked up by the same key, partitioned the same way. A join added or removed is
+incompatible too (conservative: a removed join's held records would be lost; an added one
+could start empty and bootstrap from its topic, which a later change may allow as a migration).
 
 Pure: imports only the ``weir.spec*`` models.
 """
@@ -29,7 +37,7 @@ from typing import Any, Literal, cast
 
 from weir.spec_pipeline import Stages
 
-__all__ = ["Output", "StateShape", "Verdict", "compare", "shape_of"]
+__all__ = ["JoinShape", "Output", "StateShape", "Verdict", "compare", "shape_of"]
 
 Stage = Literal["window", "process", "none"]
 _STAGES: tuple[Stage, ...] = ("window", "process", "none")
@@ -58,6 +66,21 @@ class Output:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinShape:
+    """What one join step's state means."""
+
+    topic: str
+    """The table topic."""
+    key: str
+    """What the lookup key is: ``key`` (the record's key in the keyed stage) or ``field:<f>``."""
+    mode: str
+    """``global`` (the whole table per task) or ``copartitioned`` (the same-numbered partition)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "mode": self.mode, "topic": self.topic}
+
+
+@dataclass(frozen=True, slots=True)
 class StateShape:
     """What a job's keyed state means (see the module docstring)."""
 
@@ -75,10 +98,21 @@ class StateShape:
     """The aggregate outputs in spec order (the order matters to ``same``, not to ``migrate``)."""
     process: str | None = None
     """The process function reference ``package.module:Class``."""
+    joins: tuple[JoinShape, ...] = ()
+    """The join steps in order (a pipeline with joins and no window or process has stage
+    ``none`` and is still stateful: ``stateful``)."""
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the keyed stage keeps state (a window, a process function or a join)."""
+        return self.stage != "none" or bool(self.joins)
 
     def to_json(self) -> dict[str, Any]:
-        """A stable JSON object (JSON primitives, containers; keys in sorted order) for manifests."""
+        """A stable JSON object (JSON primitives, containers; keys in sorted order) for manifests.
+        ``joins`` is written only when there are some, so shapes without joins read as before."""
+        joins = {"joins": [j.to_json() for j in self.joins]} if self.joins else {}
         return {
+            **joins,
             "key": self.key,
             "outputs": [
                 {"field": o.field, "fn": o.fn, "name": o.name, "params": dict(sorted(o.params))}
@@ -118,16 +152,23 @@ class StateShape:
         process = data.get("process")
         if process is not None and not isinstance(process, str):
             raise ValueError(f"stateShape.process: must be a string or null (got {_short(process)})")
-        return cls(cast(Stage, stage), key, tuple(window), outputs, process)
+        joins_data = data.get("joins", [])
+        if not isinstance(joins_data, list):
+            raise ValueError(f"stateShape.joins: must be a list (got {_short(joins_data)})")
+        joins = tuple(_join_from_json(i, item) for i, item in enumerate(joins_data))
+        return cls(cast(Stage, stage), key, tuple(window), outputs, process, joins)
 
     def describe(self) -> str:
         """One line for logs and errors, e.g. ``window tumbling 1m by keyBy:user; outputs n=count,
         s=sum(amount)`` (the repartition topic is left out: ``key`` has it)."""
-        if self.stage == "none":
+        if not self.stateful:
             return "stateless (no keyed state)"
         by = f"by {self.key.partition('@')[0]}"
+        joins = "".join(f"join {j.topic} ({j.mode}, {j.key}) then " for j in self.joins)
+        if self.stage == "none":
+            return f"{joins.removesuffix(' then ')} {by}"
         if self.stage == "process":
-            return f"process {self.process} {by}"
+            return f"{joins}process {self.process} {by}"
         window = dict(self.window)
         sizes = " ".join(
             f"{m} {_duration(window[m])}" if m != "size" else _duration(window[m])
@@ -135,7 +176,7 @@ class StateShape:
             if m in window
         )
         outputs = ", ".join(f"{o.name}={_describe_fn(o)}" for o in self.outputs)
-        return f"window {window.get('type')} {sizes} {by}; outputs {outputs}"
+        return f"{joins}window {window.get('type')} {sizes} {by}; outputs {outputs}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +203,7 @@ def shape_of(stages: Stages, namespace: str, name: str) -> StateShape:
     operator can call it, and the runtime calls it with the ``Stages`` its compiled pipeline
     came from (entrypoint jobs too).
     """
-    if stages.terminal == "none":
+    if not stages.stateful:
         return StateShape("none", "none")
     topic = stages.repartition.topic(namespace, name) if stages.repartition is not None else None
     if stages.key_from == "messageKey":
@@ -170,9 +211,14 @@ def shape_of(stages: Stages, namespace: str, name: str) -> StateShape:
     else:
         prefix = "keyBy" if stages.key_from == "keyByField" else "sourceField"
         key = f"{prefix}:{stages.key_field}" + (f"@{topic}" if topic is not None else "")
+    joins = tuple(
+        JoinShape(j.topic, "key" if j.key is None else f"field:{j.key}", j.mode) for _, j in stages.joins
+    )
+    if stages.terminal == "none":
+        return StateShape("none", key, joins=joins)
     if stages.terminal == "process":
         assert stages.process is not None  # a process terminal has its step
-        return StateShape("process", key, process=stages.process.function)
+        return StateShape("process", key, process=stages.process.function, joins=joins)
     window, aggregate = stages.window, stages.aggregate
     assert window is not None and aggregate is not None  # a window terminal has both
     members = tuple(
@@ -182,7 +228,7 @@ def shape_of(stages: Stages, namespace: str, name: str) -> StateShape:
         Output(name, f"custom:{o.function}" if o.fn == "custom" else o.fn, o.field)
         for name, o in aggregate.outputs.items()
     )
-    return StateShape("window", key, members, outputs)
+    return StateShape("window", key, members, outputs, joins=joins)
 
 
 def compare(old: StateShape, new: StateShape) -> Verdict:
@@ -193,9 +239,13 @@ def compare(old: StateShape, new: StateShape) -> Verdict:
     """
     if old == new:
         return Verdict("same")
-    if old.stage != new.stage:
-        return Verdict("incompatible", (f"stage: {old.stage} -> {new.stage}",))
-    broken = [*_key_changes(old.key, new.key), *_window_changes(old.window, new.window)]
+    if old.stage != new.stage or old.stateful != new.stateful:
+        return Verdict("incompatible", (f"stage: {_stage_text(old)} -> {_stage_text(new)}",))
+    broken = [
+        *_key_changes(old.key, new.key),
+        *_join_changes(old.joins, new.joins),
+        *_window_changes(old.window, new.window),
+    ]
     if old.process != new.process:
         broken.append(f"pipeline.process.function: {old.process} -> {new.process}")
     before = {o.name: o for o in old.outputs}
@@ -232,6 +282,28 @@ def _key_changes(old: str, new: str) -> list[str]:
         f"{path}: repartition topic {old_topic} -> {new_topic} (the job was renamed, or a step was "
         "added or removed before the shuffle; stage-2 state lives under the topic)"
     ]
+
+
+def _stage_text(shape: StateShape) -> str:
+    if shape.stage == "none" and shape.joins:
+        return "join"
+    return shape.stage
+
+
+def _join_changes(old: tuple[JoinShape, ...], new: tuple[JoinShape, ...]) -> list[str]:
+    if len(old) != len(new):
+        return [
+            f"pipeline.steps.join: {len(old)} -> {len(new)} join steps (a join's table and held "
+            "records belong to its place among the joins)"
+        ]
+    lines = []
+    for position, (a, b) in enumerate(zip(old, new, strict=True)):
+        where = f"pipeline.steps.join (join {position + 1})"
+        for member in ("topic", "key", "mode"):
+            before, after = getattr(a, member), getattr(b, member)
+            if before != after:
+                lines.append(f"{where}.{member}: {before} -> {after}")
+    return lines
 
 
 def _key_text(by: str) -> str:
@@ -305,6 +377,17 @@ def _output_from_json(index: int, item: object) -> Output:
     ):
         raise ValueError(f"{where}.params: must be an object of JSON scalars (got {_short(params)})")
     return Output(name, fn, field, tuple(sorted(params.items())))
+
+
+def _join_from_json(index: int, item: object) -> JoinShape:
+    where = f"stateShape.joins[{index}]"
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{where}: must be an object (got {_short(item)})")
+    return JoinShape(
+        _required_str(item, "topic", where),
+        _required_str(item, "key", where),
+        _required_str(item, "mode", where),
+    )
 
 
 def _required_str(data: Mapping[str, Any], key: str, where: str = "stateShape") -> str:

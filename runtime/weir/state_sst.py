@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
 
 from rocksdict import AccessType, IngestExternalFileOptions, Rdict, SstFileWriter
@@ -55,3 +58,50 @@ def import_sst(db_dir: Path, sst_path: Path | None) -> None:
             db.ingest_external_file([str(sst_path)], ingest)
     finally:
         db.close()
+
+
+# A task's state may be several databases checkpointed as one directory (``weir.join_stage.
+# StoreSet``): part 0's files as they are, part ``i``'s named ``part<i>-<name>``. A savepoint
+# exports each part to its own SST file, ``<stem>.sst`` and ``<stem>.part<i>.sst``.
+_PART = re.compile(r"^part(\d+)-(.+)$")
+_PART_SST = re.compile(r"\.part(\d+)\.sst$")
+
+
+def export_parts(db_dir: Path, work: Path, stem: str) -> tuple[list[Path], int]:
+    """Export every part of the checkpoint in ``db_dir`` into SST files in ``work`` (named from
+    ``stem``); returns the files written (an empty part writes none) and the entries in all."""
+    parts: dict[int, list[Path]] = {}
+    for f in db_dir.iterdir():
+        m = _PART.match(f.name)
+        if m is not None and f.is_file():
+            parts.setdefault(int(m.group(1)), []).append(f)
+    files: list[Path] = []
+    main = work / f"{stem}.sst"
+    total = export_sst(db_dir, main)
+    if total:
+        files.append(main)
+    for i, members in sorted(parts.items()):
+        part_dir = work / f"{stem}.part{i}.db"
+        part_dir.mkdir(parents=True)
+        for f in members:
+            os.link(f, part_dir / _PART.sub(r"\2", f.name))
+        sst = work / f"{stem}.part{i}.sst"
+        n = export_sst(part_dir, sst)
+        shutil.rmtree(part_dir)
+        if n:
+            files.append(sst)
+            total += n
+    return files, total
+
+
+def import_parts(db_dir: Path, ssts: list[Path]) -> None:
+    """Create the databases ``export_parts`` exported: part 0 in ``db_dir`` (empty when it had no
+    file), part ``i`` in ``db_dir/part<i>``."""
+    main = [s for s in ssts if _PART_SST.search(s.name) is None]
+    if len(main) > 1:
+        raise ValueError(f"{len(main)} main export files: {', '.join(s.name for s in main)}")
+    import_sst(db_dir, main[0] if main else None)
+    for s in ssts:
+        m = _PART_SST.search(s.name)
+        if m is not None:
+            import_sst(db_dir / f"part{m.group(1)}", s)

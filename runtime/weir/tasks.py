@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from weir.join_stage import JoinStage, StoreSet
 from weir.process import ProcessOperator
 from weir.process_store import ProcessStore
 from weir.state import PartitionStore
@@ -89,8 +90,8 @@ class Task:
     topic: str
     partition: int
     label: str
-    op: WindowOperator | ProcessOperator | None = None
-    store: PartitionStore | ProcessStore | None = None
+    op: WindowOperator | ProcessOperator | JoinStage | None = None
+    store: PartitionStore | ProcessStore | StoreSet | None = None
     forward: bool = False
     wm: int = NO_WATERMARK
     next_offset: int = -1

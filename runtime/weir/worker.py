@@ -334,7 +334,7 @@ class Worker:
         )
         self.edges = edges
         self.input_partitions = dict(edges.partitions)
-        core.build(edges.partitions, settings.index, settings.count, started)
+        core.build({**edges.partitions, **edges.table_partitions}, settings.index, settings.count, started)
         if self.memory is not None:
             self.rocks = RocksMemory(self.memory.rocksdb, core.keyed_tasks())
             log.info(
@@ -365,7 +365,7 @@ class Worker:
         )
         self.committer = committer
         committer.restore()
-        edges.assign(list(core.tasks.values()))
+        edges.assign(core.assignment(edges.table_ends))
         committer.begin()
         self.ready = True
         log.info(

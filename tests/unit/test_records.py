@@ -128,6 +128,8 @@ def test_every_dead_letter_reason_is_listed() -> None:
         "bad_key",
         "overflow",
         "function_error",
+        "late",
+        "join_miss",
     }
 
 

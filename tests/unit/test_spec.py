@@ -391,7 +391,7 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
 
     assert errors_of(two) == (
         "spec.pipeline.steps[2]: must set exactly one of filter, select, rename, map, flatMap, keyBy, "
-        "window, aggregate, process (got select, rename)"
+        "join, window, aggregate, process (got select, rename)"
     )
     assert errors_of(none).endswith("(got none)")
 
@@ -419,7 +419,7 @@ def test_a_step_with_two_members_or_none_is_rejected() -> None:
         ),
         (
             [{"keyBy": {"field": "a", "partitions": 3}}],
-            "spec.pipeline.steps[0].keyBy.partitions: only applies before a window or process step "
+            "spec.pipeline.steps[0].keyBy.partitions: only applies before a join, window or process step "
             "(a stateless pipeline never repartitions)",
         ),
         (

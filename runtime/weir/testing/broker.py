@@ -206,6 +206,11 @@ class MemoryEdges:
             n = graph.repartition_partitions or max(self.partitions.values())
             broker.create(graph.repartition_topic, n)
             self.partitions[graph.repartition_topic] = len(broker.topics[graph.repartition_topic])
+        for step in graph.joins:
+            if step.topic not in broker.topics:
+                where = f"spec.pipeline.steps[{step.index}].join.topic"
+                raise TopicMissing(f"topic {step.topic!r} ({where}) does not exist")
+        self.table_partitions = {t: len(broker.topics[t]) for t in graph.table_topics}
         self.positions: dict[tuple[str, int], int] = {}
         self._turn = 0
 
@@ -249,6 +254,10 @@ class MemoryEdges:
 
     def lag(self, task: Task) -> int | None:
         return len(self.broker.topics[task.topic][task.partition]) - self.position(task)
+
+    def table_ends(self, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
+        self.faults.alive()
+        return {(t.topic, t.partition): (0, len(self.broker.topics[t.topic][t.partition])) for t in tasks}
 
     # -- Sink -------------------------------------------------------------------------------
     def begin(self) -> MemoryTransaction:
