@@ -215,7 +215,8 @@ def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
         "out": kafka.create_topic(),
         "dlq": kafka.create_topic(),
     }
-    job = job_manifest(tmp_path, f"join-{topics['purchases'][-6:]}", kafka, topics)
+    name = f"join-{topics['purchases'][-6:]}"
+    job = job_manifest(tmp_path, name, kafka, topics)
     procs = WorkerProcs(job, 2, tmp_path, s3.env(), f"s3://{s3.new_bucket()}/checkpoints")
     for i in range(2):
         procs.start(i)
@@ -225,7 +226,13 @@ def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
             # The first kill comes after a checkpoint committed (output is readable) and wipes the
             # victim's local state, and the next waits until it restored: at least one restart
             # restores from the store however slow the machine is. The others fall anywhere.
-            _wait(lambda: bool(kafka.read_all(topics["out"], timeout=2)), 90, "a first checkpoint", procs)
+            group = f"weir-test-{name}"
+            _wait(
+                lambda: any(o > 0 for o in kafka.committed(group, topics["purchases"]).values()),
+                90,
+                "a first checkpoint",
+                procs,
+            )
             for k in range(kills):
                 time.sleep(rng.uniform(0.5, 3.0))
                 procs.check()
