@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,44 @@ class WorkerProcs:
         self.procs[i].send_signal(signal.SIGKILL)
         self.procs[i].wait(10)
 
+    def restores(self, i: int) -> int:
+        """How many restores worker ``i``'s log shows (it is appended to across restarts)."""
+        log = self.root / f"w{i}.log"
+        return log.read_text(errors="replace").count("restored in") if log.exists() else 0
+
+    def wait(self, done: Callable[[], bool], seconds: float, what: str) -> None:
+        """Until ``done()``; every worker must keep running meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not done():
+            self.check()
+            assert time.monotonic() < deadline, f"no {what} within {seconds:g}s"
+            time.sleep(0.5)
+
+    def kill_schedule(
+        self, rng: random.Random, kills: int, pause: tuple[float, float], committed: Callable[[], bool]
+    ) -> int:
+        """SIGKILL a random worker ``kills`` times, ``pause`` seconds apart (uniform), half the
+        time wiping its local state as if the pod moved (a restore from the store); returns how
+        many were wiped. The first kill waits until ``committed()`` (a checkpoint is in the store),
+        always wipes, and the next waits for that worker's restore: at least one restart restores
+        from the store however slow the machine is. The others fall anywhere, start-up included."""
+        self.wait(committed, 90, "first committed checkpoint")
+        wiped = 0
+        for k in range(kills):
+            time.sleep(rng.uniform(*pause))
+            self.check()
+            victim = rng.randrange(self.workers)
+            before = self.restores(victim)
+            self.kill(victim)
+            if k == 0 or rng.random() < 0.5:
+                shutil.rmtree(self.state_dir(victim), ignore_errors=True)
+                wiped += 1
+            self.start(victim)
+            print(f"kill {k + 1}: worker {victim}")
+            if k == 0:
+                self.wait(lambda v=victim, b=before: self.restores(v) > b, 90, "restore from the store")
+        return wiped
+
     def stop_all(self) -> list[int]:
         for p in self.procs.values():
             if p.poll() is None:
@@ -196,19 +234,12 @@ def run_kill_test(
     procs = WorkerProcs(job, 2, tmp_path, s3.env(), url, args)
     for i in range(2):
         procs.start(i)
-    wiped = 0
+    group = f"weir-test-{name}"
     try:
         with Trickle(kafka, source, events, seconds=25):
-            for k in range(kills):
-                time.sleep(rng.uniform(0.3, 2.5))
-                procs.check()
-                victim = rng.randrange(2)
-                procs.kill(victim)
-                if rng.random() < 0.5:  # as if the pod moved: no local state, restore from S3
-                    shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
-                    wiped += 1
-                procs.start(victim)
-                print(f"kill {k + 1}: worker {victim}")
+            wiped = procs.kill_schedule(
+                rng, kills, (0.3, 2.5), lambda: any(o > 0 for o in kafka.committed(group, source).values())
+            )
         got = wait_for_output(kafka, sink, expected, timeout=120, check=procs.check)
     finally:
         codes = procs.stop_all()

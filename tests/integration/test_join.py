@@ -6,11 +6,9 @@ reference: a purchase missing, joined twice or joined with the wrong price fails
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,24 +183,6 @@ class Producing:
         self.thread.join(120)
 
 
-def _restores(root: Path, worker: int) -> int:
-    """How many restores worker ``worker``'s log shows (its log is appended across restarts)."""
-    log = root / f"w{worker}.log"
-    return log.read_text(errors="replace").count("restored in") if log.exists() else 0
-
-
-def _more_restores(root: Path, worker: int, before: int) -> Callable[[], bool]:
-    return lambda: _restores(root, worker) > before
-
-
-def _wait(done: Callable[[], bool], seconds: float, what: str, procs: WorkerProcs) -> None:
-    deadline = time.monotonic() + seconds
-    while not done():
-        procs.check()
-        assert time.monotonic() < deadline, f"no {what} within {seconds:g}s"
-        time.sleep(0.5)
-
-
 def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
     kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
 ) -> None:
@@ -220,31 +200,15 @@ def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
     procs = WorkerProcs(job, 2, tmp_path, s3.env(), f"s3://{s3.new_bucket()}/checkpoints")
     for i in range(2):
         procs.start(i)
-    wiped = 0
+    group = f"weir-test-{name}"
     try:
         with Producing(kafka, topics, purchases, catalog, seconds=20):
-            # The first kill comes after a checkpoint committed (output is readable) and wipes the
-            # victim's local state, and the next waits until it restored: at least one restart
-            # restores from the store however slow the machine is. The others fall anywhere.
-            group = f"weir-test-{name}"
-            _wait(
+            wiped = procs.kill_schedule(
+                rng,
+                kills,
+                (0.5, 3.0),
                 lambda: any(o > 0 for o in kafka.committed(group, topics["purchases"]).values()),
-                90,
-                "a first checkpoint",
-                procs,
             )
-            for k in range(kills):
-                time.sleep(rng.uniform(0.5, 3.0))
-                procs.check()
-                victim = rng.randrange(2)
-                restores = _restores(tmp_path, victim)
-                procs.kill(victim)
-                if k == 0 or rng.random() < 0.5:  # as if the pod moved: restore from S3
-                    shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
-                    wiped += 1
-                procs.start(victim)
-                if k == 0:
-                    _wait(_more_restores(tmp_path, victim, restores), 90, "the restore from S3", procs)
         want, misses = as_of(kafka.read_all(topics["catalog"]), purchases)
         deadline = time.monotonic() + 120
         while True:
