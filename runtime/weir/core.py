@@ -36,7 +36,8 @@ from weir.graph import JobGraph, assigned
 from weir.join_feed import TableEnds, TableFeed
 from weir.join_stage import JoinStage, StoreSet, open_join_stage
 from weir.process import ProcessOperator, open_process
-from weir.records import DeadLetter, encode_forward, prepare_repartitioned
+from weir.records import DeadLetter
+from weir.repartition import encode_forward, prepare_repartitioned
 from weir.results import result_record
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
