@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,24 @@ class Producing:
         self.thread.join(120)
 
 
+def _restores(root: Path, worker: int) -> int:
+    """How many restores worker ``worker``'s log shows (its log is appended across restarts)."""
+    log = root / f"w{worker}.log"
+    return log.read_text(errors="replace").count("restored in") if log.exists() else 0
+
+
+def _more_restores(root: Path, worker: int, before: int) -> Callable[[], bool]:
+    return lambda: _restores(root, worker) > before
+
+
+def _wait(done: Callable[[], bool], seconds: float, what: str, procs: WorkerProcs) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        procs.check()
+        assert time.monotonic() < deadline, f"no {what} within {seconds:g}s"
+        time.sleep(0.5)
+
+
 def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
     kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
 ) -> None:
@@ -196,22 +215,36 @@ def test_purchases_join_the_catalog_as_of_their_event_time_through_sigkills(
         "out": kafka.create_topic(),
         "dlq": kafka.create_topic(),
     }
-    job = job_manifest(tmp_path, f"join-{topics['purchases'][-6:]}", kafka, topics)
+    name = f"join-{topics['purchases'][-6:]}"
+    job = job_manifest(tmp_path, name, kafka, topics)
     procs = WorkerProcs(job, 2, tmp_path, s3.env(), f"s3://{s3.new_bucket()}/checkpoints")
     for i in range(2):
         procs.start(i)
     wiped = 0
     try:
         with Producing(kafka, topics, purchases, catalog, seconds=20):
-            for _ in range(kills):
+            # The first kill comes after a checkpoint committed (output is readable) and wipes the
+            # victim's local state, and the next waits until it restored: at least one restart
+            # restores from the store however slow the machine is. The others fall anywhere.
+            group = f"weir-test-{name}"
+            _wait(
+                lambda: any(o > 0 for o in kafka.committed(group, topics["purchases"]).values()),
+                90,
+                "a first checkpoint",
+                procs,
+            )
+            for k in range(kills):
                 time.sleep(rng.uniform(0.5, 3.0))
                 procs.check()
                 victim = rng.randrange(2)
+                restores = _restores(tmp_path, victim)
                 procs.kill(victim)
-                if rng.random() < 0.5:  # as if the pod moved: restore from S3
+                if k == 0 or rng.random() < 0.5:  # as if the pod moved: restore from S3
                     shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
                     wiped += 1
                 procs.start(victim)
+                if k == 0:
+                    _wait(_more_restores(tmp_path, victim, restores), 90, "the restore from S3", procs)
         want, misses = as_of(kafka.read_all(topics["catalog"]), purchases)
         deadline = time.monotonic() + 120
         while True:
