@@ -472,7 +472,7 @@ class Committer:
             task.name, offset, snapshots, explicit, local, usable, committed_id,
             # A task without state (a repartitioned job's stage 1) needs only the offsets.
             compatible=(lambda s: True) if task.forward else _compatible,
-            allow_reset=self.policy.allow_state_reset,
+            allow_reset=self.policy.allow_state_reset, replayable=self.core.replay_exact(task),
         )
         log.info("%s: restore %s (%s)", task.name, decision.how, decision.reason)
         if not task.forward and decision.how != "local":

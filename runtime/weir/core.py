@@ -36,7 +36,8 @@ from weir.graph import JobGraph, assigned
 from weir.join_feed import TableEnds, TableFeed
 from weir.join_stage import JoinStage, StoreSet, open_join_stage
 from weir.process import ProcessOperator, open_process
-from weir.records import DeadLetter, encode_forward, prepare_repartitioned
+from weir.records import DeadLetter
+from weir.repartition import encode_forward, prepare_repartitioned
 from weir.results import result_record
 from weir.rocksdb_options import RocksMemory
 from weir.state import PartitionStore
@@ -116,16 +117,14 @@ class TaskCore(CoreOutput):
         tasks = list(self.tasks.values())
         if self.tables is None:
             return tasks
-        for t in tasks:
-            if t.replay_until is not None and not t.forward:
-                # Which held records the original run released before its commit depended on
-                # how far it had read the tables then, which a replay does not reproduce.
-                log.warning(
-                    "%s: re-reading up to the committed offset behind a join: the joined "
-                    "records near that offset may be written twice or not at all",
-                    t.name,
-                )
         return tasks + self.tables.start([t for t in tasks if not t.forward], ends)
+
+    def replay_exact(self, task: Task) -> bool:
+        """Whether re-reading ``task``'s partition with output suppressed up to the committed
+        offset reproduces the output committed before it (``weir.recovery``'s replay): not behind
+        a join (the joins run in the keyed stage), where which held records were released before
+        the commit depended on how far the tables had been read."""
+        return self.tables is None or task.forward
 
     def _add(self, topic: str, partition: int, keyed: bool, now: float) -> None:
         label = f"{topic}-{partition}"

@@ -198,6 +198,7 @@ class JoinOperator:
         self._firing = False
         self.joined = 0
         self.misses = 0
+        self.applied_table_updates = 0
         self.late_table_updates = 0
         self.dropped_table_updates = 0
         self.late_stream_records = 0
@@ -238,6 +239,7 @@ class JoinOperator:
         if put is Put.DROPPED:
             self.dropped_table_updates += 1
             return TableRecord.DROPPED
+        self.applied_table_updates += 1
         return TableRecord.APPLIED
 
     def table_position(self, partition: int, position: int) -> None:

@@ -13,6 +13,7 @@ as unsigned ``time + 2**63`` so byte order is time order; keys are UTF-8)::
     b"\\x00progress"                       -> JSON: the task core's progress at the last flush
     b"\\x00join"                           -> JSON: the join operator's own progress (table
                                               partitions' offsets and times, stream time, ...)
+                                              and ``versions``, how many ``v`` keys there are
     b"v" + u32 len(key) + key + u64 ts + u64 visible_from
                                           -> b"\\x00" (a tombstone) or encode_state(value)
     b"i" + u64 due + key                  -> b"": the key's history may shrink once the prune
@@ -103,6 +104,10 @@ class JoinStore(RocksStore):
         """What ``flush`` stores as the join operator's progress (the operator sets it)."""
         self.held = sum(1 for _ in self._scan(_HELD))
         """How many stream records are held (waiting for the table's time to reach them)."""
+        saved = self.saved_meta.get("versions")
+        self.version_count = int(saved) if saved is not None else sum(1 for _ in self._scan(_VERSION))
+        """How many table versions are stored (``weir_join_table_versions``); kept with the
+        operator's progress at each flush, counted once when opening a store without it."""
         # Lower bounds of the live index entries and held records. Both key ranges are queues
         # (consumed from the front), and a scan from the front would step over every entry
         # deleted since the last compaction: releasing 200,000 held records in chunks slowed
@@ -188,6 +193,7 @@ class JoinStore(RocksStore):
                 batch.put(entry, b"")
                 self._index_floor = min(self._index_floor, entry)
         self._write(batch)
+        self.version_count += len(after) - len(before)
 
     def due_keys(self, cutoff: int, limit: int) -> list[str]:
         """Up to ``limit`` keys whose retention index entry is at or before ``cutoff``, in
@@ -248,7 +254,7 @@ class JoinStore(RocksStore):
     def flush(self, progress: dict[str, Any]) -> int:
         """Store ``progress`` and the operator's own (``meta_source()``) in one batch (every other
         change is written already); returns the bytes written by this call."""
-        self.saved_meta = self.meta_source()
+        self.saved_meta = {**self.meta_source(), "versions": self.version_count}
         batch = WriteBatch(raw_mode=True)
         data, meta = orjson.dumps(progress), orjson.dumps(self.saved_meta)
         batch.put(_PROGRESS, data)

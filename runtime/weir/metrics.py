@@ -196,6 +196,29 @@ class WorkerMetrics:
         self.memory_rss_bytes = self._gauge(
             "weir_memory_rss_bytes", "Resident set size of the worker process, bytes.")
 
+        # Joins (weir.join), per join step: labels ``step`` (its index in spec.pipeline.steps) and
+        # ``topic`` (its table topic), summed over the worker's tasks; set by weir.join_metrics.
+        self.join_held_records = self._gauge(
+            "weir_join_held_records",
+            "Stream records a join holds until its table's time reaches theirs.", "step", "topic")
+        self.join_table_updates_total = self._counter(
+            "weir_join_table_updates_total",
+            "Table updates read by a join: applied, late (seen by later lookups only: grace too "
+            "small) or dropped (older than the retention).", "step", "topic", "outcome")
+        self.join_misses_total = self._counter(
+            "weir_join_misses_total",
+            "Stream records with no table value at their event time (inner joins also count them "
+            "in weir_dead_letter_total{reason=\"join_miss\"}; left joins add nulls).", "step", "topic")
+        self.join_bootstrapped = self._gauge(
+            "weir_join_bootstrapped",
+            "1 once every task of the join has read its table partitions up to their ends as of "
+            "its start, 0 while one still holds the stream back for that.", "step", "topic")
+        self.join_table_versions = self._gauge(
+            "weir_join_table_versions",
+            "Table versions a join stores (every task's copy counted, in retention).", "step", "topic")
+        self.joins_published: dict[int, tuple[object, tuple[int, int, int, int]]] = {}
+        """What ``weir.join_metrics.publish_joins`` has moved to the counters, per join operator."""
+
         self.registry = CollectorRegistry()
         """The registry to serve: the metrics above with the job and worker labels added."""
         self.registry.register(_IdentityLabels(self._metrics, {JOB_LABEL: job, WORKER_LABEL: str(worker)}))

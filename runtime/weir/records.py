@@ -41,11 +41,7 @@ keeps the last horizon it read (``now_ms() + skew``) and reads the clock again o
 event time beyond it, so a record is refused only against a fresh reading.
 
 Repartitioning: when ``pipeline.stages().repartition`` is set, stage 1 runs ``prepare`` and
-forwards each result with ``encode_forward`` (message key = group key, value = the JSON
-array ``[event_time_ms, record]``); stage 2 reads the repartition topic with
-``prepare_repartitioned``, which returns the same triple without re-checking. The event
-time travels in the value rather than the Kafka timestamp so that it does not depend on
-the topic's timestamp type or on time-based retention of old event times.
+forwards each result to the repartition topic in the format of ``weir.repartition``.
 """
 
 from __future__ import annotations
@@ -67,8 +63,6 @@ __all__ = [
     "Prepared",
     "Reason",
     "compile_prepare",
-    "encode_forward",
-    "prepare_repartitioned",
     "prepare_source",
 ]
 
@@ -499,30 +493,3 @@ def compile_prepare(pipeline: Pipeline | PipelineLike, now_ms: Callable[[], int]
     exec(compile(text, "<weir prepare>", "exec"), namespace)
     function: Prepare = namespace["prepare"]
     return function
-
-
-def encode_forward(group_key: str, event_time_ms: int, record: dict[str, Any]) -> tuple[bytes, bytes]:
-    """Message key and value with which stage 1 forwards a prepared record to the
-    repartition topic; ``prepare_repartitioned`` reads them back."""
-    return group_key.encode(), orjson.dumps((event_time_ms, record))
-
-
-def prepare_repartitioned(value: bytes | None, key: bytes | None, kafka_ts_ms: int) -> Prepared:
-    """Stage 2's prepare: read a record written by ``encode_forward``.
-
-    Stage 1 has already filtered and checked it, so nothing is re-validated except the
-    framing; ``kafka_ts_ms`` is ignored (the event time is in the value). Raises
-    ``DeadLetter`` (``decode_error``/``not_an_object``/``bad_key``) only for records that
-    were not written by ``encode_forward``.
-    """
-    if value is None:
-        raise DeadLetter("not_an_object", "the value is null (a tombstone)")
-    try:
-        event_time, record = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise _decode_error(exc) from None
-    except (TypeError, ValueError):
-        raise DeadLetter("not_an_object", "not an [event_time, record] pair") from None
-    if event_time.__class__ is not int or record.__class__ is not dict:
-        raise DeadLetter("not_an_object", "not an [event_time, record] pair")
-    return ("" if key is None else _decode_key(key)), event_time, record

@@ -19,6 +19,16 @@ For each partition, in order of preference:
    one recorded at the committed offset, so the state it ends with is the one that matches.
 4. ``fresh``: nothing committed, nothing restorable: the source's start position.
 
+Replay is exact only where the output before the committed offset is a function of the input
+before it. A task whose records pass a join (``replayable`` False) is not such a task: which of
+its held records the original run released before the commit depended on how far it had read
+the table topics then (and on restarts' bootstraps and idle table partitions), which the
+replay cannot know; a held record released before the commit would be written again, one
+released after it would be suppressed and lost. So where a replay would be chosen for it,
+the partition is ``reset`` when ``allow_reset`` (empty state at the committed offset: the
+records it held and the windows behind the join restart empty, nothing is written twice),
+else ``ReplayRefused``: restore a savepoint instead, or allow the reset.
+
 An explicit restore source (a savepoint) wins over checkpoints, unless a checkpoint taken
 *after* it matches the committed offset: that is the job restarting after it already
 resumed from the savepoint, which must not rewind to it again.
@@ -39,6 +49,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from weir.state_migration import StateShapeMismatch
 
 
 class Snapshot(Protocol):
@@ -82,6 +94,7 @@ def choose(
     committed_id: str | None = None,
     compatible: Callable[[Snapshot], bool] = lambda _s: True,
     allow_reset: bool = False,
+    replayable: bool = True,
 ) -> Restore:
     """Decide how ``partition`` starts.
 
@@ -94,6 +107,8 @@ def choose(
     files for this partition (called lazily, newest first: it may download), and is never
     called for an incompatible one. ``compatible(s)``: whether ``s``'s state can be loaded into
     this pipeline; ``allow_reset``: what an unloadable one gives (see the module docstring).
+    ``replayable`` False: a replay cannot reproduce the partition's committed output (a task
+    behind a join): ``reset`` when ``allow_reset`` instead, else ``ReplayRefused``.
     """
 
     def offset_of(s: Snapshot) -> int:
@@ -109,6 +124,14 @@ def choose(
         if not allow_reset:
             raise IncompatibleState(partition, s, why)
         return Restore("reset", s, offset, reason=f"{why}; state reset allowed: starts empty")
+
+    def replay(s: Snapshot | None, target: Snapshot | None, wm: int | None, why: str) -> Restore:
+        if replayable:
+            return Restore("replay", s, None if s is None else offset_of(s), committed, wm, reason=why)
+        if not allow_reset:
+            raise ReplayRefused(partition, committed, why)
+        # ``target``'s progress (its watermark) starts the empty state when its manifest is left.
+        return Restore("reset", target, committed, reason=f"{why}; no exact replay behind a join: empty")
 
     newest_first, explicit = newest(checkpoints), newest(restore_from)
 
@@ -152,11 +175,10 @@ def choose(
             reverse=True,
         )
         for s in behind:
-            if compatible(s) and usable(s):
-                return Restore(
-                    "replay", s, offset_of(s), committed, wm,
-                    reason=f"{s.id} (skipped {target.id}: another state shape)",
-                )
+            if replayable and compatible(s) and usable(s):
+                return replay(s, target, wm, f"{s.id} (skipped {target.id}: another state shape)")
+        if not replayable:
+            return replay(None, target, wm, f"the committed {target.id} has another state shape")
         why = f"the committed {target.id} has another state shape (none behind it fits)"
         return reset(target, committed, why)
     if target is not None and usable(target):
@@ -173,12 +195,15 @@ def choose(
     else:
         older = [s for s in newest_first if offset_of(s) < committed]
     skipped = target.id if target is not None else f"none found for {committed_id or committed}"
+    if not replayable:
+        lost = f"checkpoint {target.id} is corrupt or incomplete" if target is not None else (
+            f"its checkpoint {committed_id} is gone" if committed_id else "no checkpoint at it is left"
+        )
+        return replay(None, target, wm, lost)
     for s in older:
         if compatible(s) and usable(s):
-            return Restore(
-                "replay", s, offset_of(s), committed, wm, reason=f"checkpoint {s.id} (skipped: {skipped})"
-            )
-    return Restore("replay", None, None, committed, wm, reason=f"no usable checkpoint (skipped: {skipped})")
+            return replay(s, target, wm, f"checkpoint {s.id} (skipped: {skipped})")
+    return replay(None, target, wm, f"no usable checkpoint (skipped: {skipped})")
 
 
 class RestoreSourceUnusable(RuntimeError):
@@ -193,3 +218,22 @@ class IncompatibleState(Exception):
         super().__init__(f"{partition}: {why}")
         self.partition = partition
         self.snapshot = snapshot
+
+
+class ReplayRefused(StateShapeMismatch):
+    """A partition's committed state cannot be restored and a replay would not reproduce its
+    committed output (it runs a join: see the module docstring), and a state reset is not
+    allowed. A ``StateShapeMismatch`` so that ``weir run`` exits with code 2 the same way: the
+    job cannot start as asked. The message is one line naming the two ways out."""
+
+    def __init__(self, partition: str, committed: int | None, why: str) -> None:
+        super().__init__(
+            f"{partition}: cannot restore the state committed at offset {committed} ({why}), and "
+            "replaying from an older snapshot would write some joined records twice or drop them "
+            "(which records a join had released by then depended on how far the table topic was "
+            "read). Restore a savepoint (weir run --restore-from <savepoint URL>), or allow a "
+            "state reset (weir run --allow-state-reset, WEIR_ALLOW_STATE_RESET=1, "
+            "spec.upgrade.allowStateReset) to start the partition with empty join state at the "
+            "committed offset"
+        )
+        self.partition = partition

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from weir import memory
 from weir.controlapi import CheckpointStatus, MemoryStatus, OutageStatus, PartitionStatus, WorkerStatus
+from weir.join_metrics import publish_joins
 from weir.outages import DEPENDENCIES
 from weir.tasks import NO_WATERMARK, Task
 
@@ -47,6 +48,7 @@ def publish(worker: Worker, now: float) -> WorkerStatus:
                 metrics.records_out_total.labels(topic).inc(count - before)
                 metrics.bytes_out_total.labels(topic).inc(nbytes - before_bytes)
                 worker.published[topic] = (count, nbytes)
+        publish_joins(metrics, core.tasks.values())
         metrics.busy_ratio.set(worker.busy.ratio())
         metrics.processing_rate.set(worker.rate.rate())
         for name in DEPENDENCIES:

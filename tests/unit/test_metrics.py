@@ -105,6 +105,11 @@ def test_every_metric_the_runtime_promises_is_exposed_with_the_weir_prefix(metri
         "weir_memory_share_bytes": "gauge",
         "weir_memory_used_bytes": "gauge",
         "weir_memory_rss_bytes": "gauge",
+        "weir_join_held_records": "gauge",
+        "weir_join_table_updates": "counter",
+        "weir_join_misses": "counter",
+        "weir_join_bootstrapped": "gauge",
+        "weir_join_table_versions": "gauge",
     }
 
 

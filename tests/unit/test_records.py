@@ -18,10 +18,9 @@ from weir.records import (
     DeadLetter,
     Prepare,
     compile_prepare,
-    encode_forward,
-    prepare_repartitioned,
     prepare_source,
 )
+from weir.repartition import encode_forward, prepare_repartitioned
 from weir.spec import Condition, Pipeline
 from weir.testing import FakeClock
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from weir.recovery import RestoreSourceUnusable, choose
+from weir.recovery import ReplayRefused, RestoreSourceUnusable, choose
+from weir.state_migration import StateShapeMismatch
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,60 @@ def test_a_partition_missing_from_the_savepoint_follows_the_checkpoints() -> Non
 def test_a_corrupt_explicit_savepoint_is_an_error_not_a_silent_fresh_start() -> None:
     with pytest.raises(RestoreSourceUnusable):
         choose("t/0", None, [], restore_from=[snap("sp", 5, 150)], usable=lambda s: False)
+
+
+# -- a partition behind a join (replayable=False) ------------------------------------------
+def test_a_join_partition_whose_committed_checkpoint_is_corrupt_is_refused_naming_the_ways_out() -> None:
+    with pytest.raises(ReplayRefused) as refused:
+        choose("t/0", 200, [C1, C2], usable=lambda s: s.id != "c2", committed_id="c2", replayable=False)
+    message = str(refused.value)
+    assert message.startswith("t/0: cannot restore the state committed at offset 200")
+    assert "--restore-from" in message and "--allow-state-reset" in message and "\n" not in message
+    assert isinstance(refused.value, StateShapeMismatch)  # weir run exits 2 for it
+
+
+def test_a_join_partition_with_no_checkpoint_left_is_refused_rather_than_replayed_from_the_start() -> None:
+    with pytest.raises(ReplayRefused, match="its checkpoint c2 is gone"):
+        choose("t/0", 200, [C1], usable=lambda s: s.id == "c1", committed_id="c2", replayable=False)
+    with pytest.raises(ReplayRefused, match="checkpoint c2 is corrupt or incomplete"):
+        choose("t/0", 200, [C2], usable=lambda s: False, replayable=False)
+
+
+def test_a_join_partition_never_downloads_an_older_checkpoint_it_would_not_use() -> None:
+    tried: list[str] = []
+
+    def usable(s: Any) -> bool:
+        tried.append(s.id)
+        return bool(s.id != "c2")
+
+    with pytest.raises(ReplayRefused):
+        choose("t/0", 200, [C1, C2, C3], usable=usable, committed_id="c2", replayable=False)
+    assert tried == ["c2"]
+
+
+def test_a_join_partition_with_reset_allowed_starts_empty_at_the_committed_offset_and_watermark() -> None:
+    r = choose(
+        "t/0", 200, [C1, C2], usable=lambda s: s.id != "c2", committed_id="c2", replayable=False,
+        allow_reset=True,
+    )
+    # Not C1's offset: nothing committed is written again; C2's manifest gives the watermark.
+    assert (r.how, r.source, r.offset, r.replay_until) == ("reset", C2, 200, None)
+    gone = choose("t/0", 200, [C1], committed_id="c2", replayable=False, allow_reset=True)
+    assert (gone.how, gone.source, gone.offset) == ("reset", None, 200)
+
+
+def test_a_join_partition_whose_committed_snapshot_has_another_shape_is_refused_not_replayed() -> None:
+    other = snap("c2", 2, 200, 20)
+    with pytest.raises(ReplayRefused, match="another state shape"):
+        choose(
+            "t/0", 200, [C1, other], committed_id="c2", compatible=lambda s: s.id != "c2", replayable=False
+        )
+
+
+def test_a_join_partition_restores_its_committed_state_exactly_as_any_other() -> None:
+    exact = choose("t/0", 200, [C1, C2, C3], committed_id="c2", replayable=False)
+    assert (exact.how, exact.source, exact.offset) == ("exact", C2, 200)
+    local = choose("t/0", 200, [C1, C2], local=(200, "c2"), committed_id="c2", replayable=False)
+    assert local.how == "local"
+    sp = snap("sp", 5, 150)
+    assert choose("t/0", 200, [C1, C2], restore_from=[sp], replayable=False).source == sp

@@ -1,0 +1,138 @@
+"""One epoch of a worker's Kafka output: the transaction (exactly-once) or the batch of records
+and offsets (at-least-once) that a checkpoint commits (``weir.commit.Transaction`` on librdkafka).
+
+``KafkaEdges.begin`` (``weir.kafka_io``) opens one on the producer whose turn it is. Producing
+waits out a full queue (back-pressure, never a drop), ``flush`` waits out an unreachable broker,
+and ``commit`` retries what is retriable and raises ``Rollback`` for a transaction that can no
+longer commit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from weir.commit import RETRY_CAP_S
+from weir.edges import Offset, Rollback
+from weir.kafka import kafka_error
+from weir.outages import Backoff
+from weir.tasks import Headers
+
+if TYPE_CHECKING:
+    from weir.kafka_io import KafkaEdges
+
+__all__ = ["CALL_TIMEOUT_S", "KafkaTransaction"]
+
+CALL_TIMEOUT_S = 10.0
+"""Longest a single blocking Kafka call (init/commit a transaction, read offsets) may take before
+the worker comes back to its loop: it must stay under the 60 s liveness window during an outage."""
+
+
+class KafkaTransaction:
+    """One epoch of output on one producer (see ``weir.commit.Transaction``)."""
+
+    def __init__(self, edges: KafkaEdges, producer: Any) -> None:
+        self.edges = edges
+        self.producer = producer
+        self._paused = 0.0
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int = -1,
+        headers: Headers | None = None,
+    ) -> None:
+        producer = self.producer
+        while True:
+            try:
+                producer.produce(topic, value, key, partition, headers=headers)
+                return
+            except BufferError:
+                # The producer's queue is full: back-pressure. Stop taking input until
+                # deliveries make room; never drop and never crash. During an outage this is
+                # where the worker waits: alive, status fresh, until delivery or rollback.
+                self.edges.start.on_queue_full()
+                producer.poll(0.05)
+                self.edges.check_delivery()
+                now = time.monotonic()
+                if now - self._paused >= 1.0:  # alive and status fresh, without a publish per retry
+                    self._paused = now
+                    self.edges.waits.pause(0)
+
+    def flush(self) -> None:
+        """Wait until the output is acknowledged; while the broker is unreachable keep waiting
+        (alive, not ready, status fresh) until the records are delivered or time out (then
+        ``Rollback``)."""
+        edges, deps = self.edges, self.edges.waits.deps
+        first_wait = CALL_TIMEOUT_S
+        remaining = self.producer.flush(first_wait)
+        waited = False
+        while remaining:
+            edges.check_delivery()
+            if not waited:
+                known = deps.reason()
+                why = f"{remaining} records not acknowledged after {first_wait:.0f}s"
+                deps.down("kafka", why + (f" ({known})" if known else ""))
+                waited = True
+            edges.waits.pause(0)
+            remaining = self.producer.flush(1.0)
+        edges.check_delivery()
+        if waited:
+            deps.up("kafka")
+
+    def commit(self, offsets: Sequence[Offset]) -> None:
+        """Exactly-once: commit the transaction with the offsets, retrying while the broker is
+        unreachable. At-least-once: commit the offsets (the output was flushed already).
+
+        Retriable failures (a timeout, no coordinator) are retried with back-off; a transaction
+        that can no longer commit (aborted by the broker after ``transaction.timeout.ms``,
+        fenced, a fatal producer error) raises ``Rollback``: its output is dropped and produced
+        again from the last committed state, so nothing is lost or duplicated."""
+        edges, deps = self.edges, self.edges.waits.deps
+        tps = [TopicPartition(o.topic, o.partition, o.offset, metadata=o.metadata) for o in offsets]
+        if edges.start.guarantee != "exactly-once":
+            if tps:
+                try:
+                    edges.consumer.commit(offsets=tps, asynchronous=False)
+                except KafkaException as exc:
+                    # The next checkpoint commits them; an outage shows once, not per checkpoint.
+                    deps.down("kafka", f"committing offsets: {kafka_error(exc)[1]}")
+            return
+        backoff = Backoff(0.5, RETRY_CAP_S)
+        offsets_sent = not tps
+        producer, group = self.producer, edges.consumer.consumer_group_metadata()
+        what = "committing a checkpoint's transaction"
+
+        def send_offsets() -> None:
+            producer.send_offsets_to_transaction(tps, group, CALL_TIMEOUT_S)
+
+        def commit() -> None:
+            producer.commit_transaction(CALL_TIMEOUT_S)
+
+        while True:
+            try:
+                if not offsets_sent:
+                    edges.bounded(what, send_offsets)
+                    offsets_sent = True
+                edges.bounded(what, commit)
+                if tps:
+                    deps.up("kafka")
+                return
+            except KafkaException as exc:
+                err, detail = kafka_error(exc)
+                text = f"{what}: {detail}" + (f" ({err.name()})" if err is not None else "")
+                if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    raise Rollback(f"the transaction cannot commit: {text}") from exc
+                deps.down("kafka", text)
+                # Retried only once the broker answers again: a retry made while it is down can
+                # block past its timeout (librdkafka#5456).
+                while True:
+                    edges.waits.pause(backoff.next())
+                    edges.check_delivery()
+                    if edges.probe():
+                        break
