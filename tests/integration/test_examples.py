@@ -45,11 +45,13 @@ pytestmark = pytest.mark.kafka
 
 START_MS = 1_704_067_200_000  # 2024-01-01: in the past, so idle partitions close every window
 SEED = 11
-RECORDS = 6_000
+RECORDS = 12_000
 """Records produced per case (an example whose generator writes a malformed record every 5000
-gets one in the dead-letter topic)."""
+gets two in the dead-letter topic)."""
 SPAN_WINDOWS = 8
-MIN_SPAN_MS = 10 * 60_000
+MIN_SPAN_MS = 40 * 60_000
+"""What ``weir demo`` shows by default (40 s at 60x): what an example's notes tell the user to
+look for (a spike, an alert) happens within it, so the test covers it too."""
 CHECKPOINT_INTERVAL = "1s"
 MAX_IDLE_MS = 2_000
 WAIT_S = 60.0
