@@ -244,3 +244,10 @@ def test_a_generated_record_becomes_its_key_and_json_raw_bytes_or_a_tombstone() 
 
 def _json(document: dict[str, Any]) -> str:
     return orjson.dumps(document).decode()
+
+
+def test_the_demo_prints_a_batch_of_window_results_by_minute_then_key_in_numeric_order() -> None:
+    batch = [{"key": k, "windowStartMs": t} for k, t in (("p-10", 60), ("p-2", 60), ("p-9", 0), ("b", 0))]
+    assert [(r["windowStartMs"], r["key"]) for r in sorted(batch, key=demo.reading_order)] == [
+        (0, "b"), (0, "p-9"), (60, "p-2"), (60, "p-10"),
+    ]
