@@ -42,7 +42,8 @@ from weir.graph import JobGraph, compile_job
 from weir.spec import load_job
 
 __all__ = [
-    "DEFAULT", "SOURCE_PARTITIONS", "SPEED", "TopicLayout", "list_lines", "main", "message", "topic_layout",
+    "DEFAULT", "SOURCE_PARTITIONS", "SPEED", "TopicLayout", "list_lines", "main", "message", "recreate",
+    "topic_layout",
 ]
 
 SPEED = 60
@@ -134,7 +135,7 @@ def main(
     except kio.KafkaAuthFailed as exc:
         print(exc)
         return 4
-    _recreate(admin, topic_layout(plan, example.table_topics), plan.group_id)
+    recreate(admin, topic_layout(plan, example.table_topics), plan.group_id)
     inputs = ", ".join(f"'{t}'" for t in (*plan.source_topics, *plan.table_topics))
     print(
         f"weir demo {example.name}: {example.summary}.\n"
@@ -188,8 +189,9 @@ def main(
     return code
 
 
-def _recreate(admin: AdminClient, topics: dict[str, TopicLayout], group: str) -> None:
-    """Start from nothing: the demo's topics empty and its consumer group gone."""
+def recreate(admin: AdminClient, topics: dict[str, TopicLayout], group: str) -> None:
+    """Start from nothing: each of ``topics`` deleted if it exists and created empty with its
+    layout, and the consumer group ``group`` gone."""
     try:
         for f in admin.delete_consumer_groups([group], request_timeout=10).values():
             f.result(timeout=10)
