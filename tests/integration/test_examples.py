@@ -73,14 +73,18 @@ def rewritten(
 ) -> dict[str, Any]:
     """The manifest ``document`` (parsed YAML) running under ``name`` in ``NAMESPACE`` on
     ``bootstrap`` with its topics ``renamed``, checkpointing to ``store`` every
-    ``CHECKPOINT_INTERVAL`` and idle after at most ``MAX_IDLE_MS``: what it computes is unchanged
-    (the idle timeout only decides when a read-to-its-end partition stops holding windows open)."""
+    ``CHECKPOINT_INTERVAL``, idle after at most ``MAX_IDLE_MS``, reading from the earliest offset:
+    what it computes is unchanged (the idle timeout only decides when a partition read to its end
+    stops holding windows open)."""
     doc = _renamed_topics(document, renamed)
     doc["metadata"] = {**doc.get("metadata", {}), "name": name, "namespace": NAMESPACE}
     spec = doc["spec"]
     spec["kafka"] = {**spec.get("kafka", {}), "bootstrapServers": bootstrap}
     checkpoint = {k: v for k, v in (spec.get("checkpoint") or {}).items() if k not in ("endpoint", "region")}
     spec["checkpoint"] = {**checkpoint, "url": store.as_uri(), "interval": CHECKPOINT_INTERVAL}
+    # The input is produced before the job starts: a new job must read it from the start (on the
+    # demo's fresh topics, "latest" and "earliest" read the same records).
+    spec["pipeline"]["source"]["startFrom"] = "earliest"
     watermark = spec["pipeline"].setdefault("watermark", {})
     idle = parse_duration(watermark.get("idleTimeout", 0))
     if idle == 0 or idle > MAX_IDLE_MS:
