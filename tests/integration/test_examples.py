@@ -56,8 +56,9 @@ MIN_SPAN_MS = 40 * 60_000
 look for (a spike, an alert) happens within it, so the test covers it too."""
 CHECKPOINT_INTERVAL = "1s"
 MAX_IDLE_MS = 2_000
-WAIT_S = 60.0
-"""How long the sink may take to hold every expected record."""
+WAIT_S = 90.0
+"""How long the output may take to hold every expected record (a passing case takes 10-20 s; a
+chained example waits for its second job's idle timeout; CI machines are slower)."""
 NAMESPACE = "examples"
 
 EXAMPLES = examples()
@@ -214,7 +215,7 @@ def _floats(value: Any) -> list[float]:
     return []
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("runner", ["run", "up"])
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_the_example_job_writes_exactly_its_reference_output_and_dead_letters_the_malformed(
