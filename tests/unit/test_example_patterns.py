@@ -483,3 +483,14 @@ def test_a_purchase_in_a_minute_the_watermark_has_closed_is_dead_lettered_as_lat
     ]
     out = drive(alerts.FailedPayments, late_payment, tmp_path / "b")
     assert [type(o) for o in out] == [FunctionError] and "LateRecord" in out[0].detail
+
+
+def test_a_payment_without_a_numeric_amount_is_dead_lettered_and_left_out_of_the_run(tmp_path: Path) -> None:
+    records = payments((0, F), (1, F), (2, F), (3, F))
+    assert records[1].value is not None
+    records[1].value["amount"] = "12.50"
+    events = [(r.key or "", r.value["ts"], r.value) for r in records if r.value is not None]
+    out = drive(alerts.FailedPayments, events, tmp_path)
+    assert isinstance(out[0], FunctionError) and "amount must be a number" in out[0].detail
+    assert out[1:] == alerts.reference(records)
+    assert [r["paymentIds"] for r in out[1:]] == [["pay-0", "pay-2", "pay-3"]]
