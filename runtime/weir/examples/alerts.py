@@ -242,7 +242,7 @@ def show(r: dict[str, Any]) -> str:
 
 EXAMPLE = Example(
     name="alerts",
-    summary="failed-payment alerts: three failures by one user within a minute of event time",
+    summary="failed payments: 3 by one user within a minute (process function, event-time timers)",
     manifest="alerts.yaml",
     generate=generate,
     reference=reference,

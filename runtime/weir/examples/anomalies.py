@@ -265,7 +265,7 @@ def show(r: dict[str, Any]) -> str:
 
 EXAMPLE = Example(
     name="anomalies",
-    summary="revenue anomalies: a product's 5-minute revenue far above its own weighted history",
+    summary="revenue anomalies: a product's 5-minute revenue far above its history (process function)",
     manifest="anomalies.yaml",
     generate=generate,
     reference=reference,
