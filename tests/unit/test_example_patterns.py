@@ -494,3 +494,12 @@ def test_a_payment_without_a_numeric_amount_is_dead_lettered_and_left_out_of_the
     assert isinstance(out[0], FunctionError) and "amount must be a number" in out[0].detail
     assert out[1:] == alerts.reference(records)
     assert [r["paymentIds"] for r in out[1:]] == [["pay-0", "pay-2", "pay-3"]]
+
+
+def test_a_payment_id_repeated_in_one_millisecond_is_ordered_by_status_not_arrival(tmp_path: Path) -> None:
+    records = payments((0, F), (1, F), (2, OK), (2, F))
+    for r in records[2:]:
+        assert r.value is not None
+        r.value["payment_id"] = "pay-x"  # the same id, failed and ok: ok (False) sorts first
+    assert alert_ids(records, tmp_path / "a") == []
+    assert alert_ids([*records[:2], records[3], records[2]], tmp_path / "b") == []

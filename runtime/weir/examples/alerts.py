@@ -1,7 +1,8 @@
 """Failed-payment alerts: three failed payments by one user within a minute of event time.
 
 The job (``alerts.yaml``) reads payments keyed by user and runs ``FailedPayments``. The rule,
-per user, over the payments in event-time order (ties by ``payment_id``):
+per user, over the payments in event-time order (ties by ``payment_id``, then status and
+amount, so that the order never depends on arrival):
 
 - A failed payment joins the user's current *run* of failures, after the run has dropped
   every failure 60 s or more older than it (exactly 60 s apart is not "within a minute").
@@ -82,7 +83,9 @@ class FailedPayments(ProcessFunction):
         held = self.pending.get(timestamp)
         if held is not None:
             self.pending.remove(timestamp)
-            for payment_id, failed, amount in sorted(held, key=lambda p: str(p[0])):
+            # By payment id, then the rest: the order never depends on arrival, even for a
+            # payment id repeated within one millisecond.
+            for payment_id, failed, amount in sorted(held, key=lambda p: (str(p[0]), p[1], p[2])):
                 if not failed:
                     run = []
                     continue
@@ -200,23 +203,24 @@ def reference(
     records: Sequence[Record], within_ms: int = WITHIN_MS, failures: int = FAILURES
 ) -> list[dict[str, Any]]:
     """The alerts the job writes for ``records`` once the watermark has passed them all: the rule
-    of the module docstring applied to each user's payments sorted by (event time, payment id).
-    Records the manifest's filter drops (a status other than ok or failed) and those the
-    function dead-letters (a non-numeric amount) are left out. Exact
-    when no record is late (out of order by less than the job's maxOutOfOrderness)."""
-    by_user: dict[str, list[tuple[int, str, str, float]]] = {}
+    of the module docstring applied to each user's payments sorted by event time, then payment
+    id (as text), status and amount. Records the manifest's filter drops (a status other than
+    ok or failed) and those the function dead-letters (a non-numeric amount) are left out.
+    Exact when no record is late (out of order by less than the job's maxOutOfOrderness)."""
+    by_user: dict[str, list[tuple[int, str, bool, float, Any]]] = {}
     for r in records:
         v = r.value
         if r.raw is not None or v is None or v.get("status") not in ("ok", "failed") or r.key is None:
             continue
         if isinstance(v["amount"], bool) or not isinstance(v["amount"], int | float):
             continue  # the function dead-letters it
-        by_user.setdefault(r.key, []).append((v["ts"], str(v["payment_id"]), v["status"], v["amount"]))
+        payment = (v["ts"], str(v["payment_id"]), v["status"] == "failed", v["amount"], v["payment_id"])
+        by_user.setdefault(r.key, []).append(payment)
     out = []
     for user, payments in sorted(by_user.items()):
-        run: list[tuple[int, str, float]] = []
-        for ts, payment_id, status, amount in sorted(payments, key=lambda p: (p[0], p[1])):
-            if status == "ok":
+        run: list[tuple[int, Any, float]] = []
+        for ts, _id, failed, amount, payment_id in sorted(payments, key=lambda p: p[:4]):
+            if not failed:
                 run.clear()
                 continue
             while run and ts - run[0][0] >= within_ms:
