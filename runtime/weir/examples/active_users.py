@@ -118,7 +118,7 @@ def _iso(ms: int) -> str:
 
 def _show(r: dict[str, Any]) -> str:
     minute = r["windowStart"][11:16] + "-" + r["windowEnd"][11:16]
-    return f"{minute:<12} {r['activeUsers1m']:>14} {r['activeUsers5m']:>20}"
+    return f"{minute:<12} {r['activeUsers1m']:>16} {r['activeUsers5m']:>20}"
 
 
 EXAMPLE = Example(
@@ -127,7 +127,7 @@ EXAMPLE = Example(
     manifest="active_users.yaml",
     generate=generate,
     reference=reference,
-    header=f"{'minute':<12} {'active in minute':>14} {'active in last 5 min':>20}",
+    header=f"{'minute':<12} {'active in minute':>16} {'active in last 5 min':>20}",
     show=_show,
     notes=(
         "One line per shop minute once the minute is complete: users with an event in that",
