@@ -2,8 +2,8 @@
 
 ``active_users.yaml`` keys the click stream (``weir.examples.clickstream``) by shop and runs
 ``ActiveUsers``, a keyed process function: it keeps, per key, each minute's distinct users (a
-map from minute start to the list of users) and, when the watermark passes the end of a minute,
-writes one record for it::
+map entry per minute and user) and, when the watermark passes the end of a minute, writes one
+record for it::
 
     {"key": "demo-shop", "windowStart": "2024-01-01T00:05:00.000Z",
      "windowEnd": "2024-01-01T00:06:00.000Z", "windowStartMs": 1704067500000,
@@ -46,36 +46,38 @@ class ActiveUsers(ProcessFunction):
     USER_FIELD = "user_id"
 
     def open(self, state: KeyedState) -> None:
-        # minute start -> the distinct users of that minute, kept until the last line that
-        # counts them (SPAN_MINUTES - 1 minutes later) is written
-        self.minutes = state.map("users")
+        # [minute start, user] -> True for each user seen in that minute, kept until the last
+        # line that counts it (SPAN_MINUTES - 1 minutes later) is written. One entry per pair
+        # rather than a list per minute: a record costs a point lookup, not a rewrite of the
+        # minute's list, however many users a minute has.
+        self.seen = state.map("seen")
 
     def process(self, record: dict[str, Any], ctx: Context) -> None:
         minute = ctx.timestamp - ctx.timestamp % MINUTE_MS
         if ctx.watermark >= minute + MINUTE_MS - 1:
             written = iso(ctx.watermark)
             raise LateRecord(f"late for minute {iso(minute)}: its line was written at watermark {written}")
-        users = self.minutes.get(minute)
-        if users is None:
-            users = []
-            # this minute's line and the next ones whose SPAN includes it; registering a
-            # timer twice is harmless (each (key, time) fires once)
+        pair = [minute, record[self.USER_FIELD]]
+        if self.seen.get(pair) is None:
+            self.seen.put(pair, True)
+            # this minute's line and the next ones whose span includes it (a timer registered
+            # again is registered once: each (key, time) fires once)
             for later in range(SPAN_MINUTES):
                 ctx.timers.register(minute + (later + 1) * MINUTE_MS - 1)
-        user = record[self.USER_FIELD]
-        if user not in users:
-            users.append(user)
-            self.minutes.put(minute, users)
 
     def on_timer(self, timestamp: int, ctx: Context) -> dict[str, Any]:
         minute = timestamp + 1 - MINUTE_MS
         first = minute - (SPAN_MINUTES - 1) * MINUTE_MS
         recent: set[Any] = set()
-        for m in range(first, minute + MINUTE_MS, MINUTE_MS):
-            recent.update(self.minutes.get(m, ()))
-        this = self.minutes.get(minute, ())
-        self.minutes.remove(first)  # no later line counts it
-        return _line(ctx.key, minute, iso(minute), iso(minute + MINUTE_MS), len(this), len(recent))
+        this = 0
+        for (m, user), _ in self.seen.items():  # this span's pairs and the next minute's first ones
+            if first <= m <= minute:
+                recent.add(user)
+                if m == minute:
+                    this += 1
+            if m == first:  # no later line counts it
+                self.seen.remove([m, user])
+        return _line(ctx.key, minute, iso(minute), iso(minute + MINUTE_MS), this, len(recent))
 
 
 def _line(key: str, minute: int, start: str, end: str, one: int, span: int) -> dict[str, Any]:

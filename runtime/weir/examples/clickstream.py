@@ -17,8 +17,9 @@ every ``MALFORMED_EVERY`` is malformed JSON on purpose (it must reach the dead-l
 
 The population is sized from ``step_ms`` so that the whole stream produces about one record
 per ``step_ms`` of event time (a user makes about ``EVENTS_PER_VISIT`` records per
-``CYCLE_MS``); each user starts at a random point of its cycle, drawn as at equilibrium, so the
-rate is steady from the first record.
+``CYCLE_MS``); each user starts at a random point of its cycle, drawn as at equilibrium, and
+the stream begins in the middle of the visits under way, so the rate is steady from the first
+record.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _MINUTE = 60_000
 _SHORT_PAUSE = (3 * _MINUTE, 28 * _MINUTE)
 _LONG_PAUSE = (32 * _MINUTE, 180 * _MINUTE)
 _SHORT_SHARE = 0.35
+_WARM_UP_MS = 15 * _MINUTE
+"""Longer than any visit (at most 8 views 60 s apart, 16 carts and purchases 20 s apart)."""
 EVENTS_PER_VISIT = 4.5 * (1 + 0.25 + 0.25 * 0.4)
 """Mean page views (uniform 1-8) times (1 + carts per view + purchases per view)."""
 CYCLE_MS = int(
@@ -70,14 +73,17 @@ def events(seed: int, start_ms: int, step_ms: int) -> Iterator[dict[str, Any]]:
     users = max(10, round(CYCLE_MS / (EVENTS_PER_VISIT * max(step_ms, 1))))
     # (send time, user index, that user's remaining events of the current visit)
     heap: list[tuple[int, int, list[dict[str, Any]]]] = []
+    # Users start _WARM_UP_MS early and what they do before start_ms is dropped: at start_ms
+    # some are in the middle of a visit, as at any other time, so the first minutes are not
+    # emptier than the later ones.
     for i in range(users):
-        first = start_ms + _time_to_next_visit(rng)
+        first = start_ms - _WARM_UP_MS + _time_to_next_visit(rng)
         heap.append((first, i, _visit(rng, f"u-{i}", first)))
     heapq.heapify(heap)
     while True:
         sent, i, visit = heap[0]
         event = visit.pop()  # the visit is built in reverse: pop() takes the earliest
-        if rng.random() < 0.1:
+        if sent >= start_ms and rng.random() < 0.1:
             event = {**event, "ts": max(start_ms, event["ts"] - rng.randrange(3_000))}
         if visit:
             heapq.heapreplace(heap, (visit[-1]["ts"], i, visit))
@@ -85,7 +91,8 @@ def events(seed: int, start_ms: int, step_ms: int) -> Iterator[dict[str, Any]]:
             low, high = _SHORT_PAUSE if rng.random() < _SHORT_SHARE else _LONG_PAUSE
             start = sent + rng.randrange(low, high)
             heapq.heapreplace(heap, (start, i, _visit(rng, event["user_id"], start)))
-        yield event
+        if sent >= start_ms:
+            yield event
 
 
 def _time_to_next_visit(rng: random.Random) -> int:
