@@ -124,7 +124,9 @@ EXAMPLE = Example(
     show=_show,
     notes=(
         "A session is a user's activity with no pause over 30 minutes of event time; it is",
-        "written 30 minutes after its last event. Users return after short and long pauses,",
-        "so some visits join into one session and others start a new one.",
+        "written 30 shop minutes (30 s) after its last event. Users return after short and",
+        "long pauses, so some visits join into one session and others start a new one.",
+        "The first sessions began before the stream did: they show only their end.",
+        "Every session is a line: `weir demo sessions --rate 100 --duration 120` reads better.",
     ),
 )
