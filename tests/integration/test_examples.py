@@ -261,3 +261,22 @@ def test_the_example_job_writes_exactly_its_reference_output_and_dead_letters_th
     raw = Counter(r.raw for r in records if r.raw is not None)
     dead = Counter(m.value for m in kafka.read_all(dlq)) if dlq else Counter()
     assert raw <= dead, f"malformed records not dead-lettered: {raw - dead}"
+
+
+def test_the_demo_recreates_its_topics_empty_with_their_partitions_and_the_tables_compacted(
+    kafka: KafkaHelper,
+) -> None:
+    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+    events, table = kafka.unique("events"), kafka.unique("table")
+    layout = {events: demo.TopicLayout(4), table: demo.TopicLayout(2, {"cleanup.policy": "compact"})}
+    demo.recreate(kafka.admin(), layout, kafka.unique("group"))
+    kafka.produce(events, [{"key": b"k", "value": b"{}"}])
+    demo.recreate(kafka.admin(), layout, kafka.unique("group"))
+
+    assert kafka.end_offsets(events) == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert kafka.end_offsets(table) == {0: 0, 1: 0}
+    described = kafka.admin().describe_configs([ConfigResource(ConfigResource.Type.TOPIC, table)])
+    configs = next(iter(described.values())).result(timeout=30)
+    assert configs["cleanup.policy"].value == "compact"
+

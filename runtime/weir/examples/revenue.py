@@ -40,12 +40,13 @@ WINDOW_MS = 60_000
 
 def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
     """Events keyed by user; the clock starts at ``start_ms`` and moves ``step_ms`` per record,
-    each event's ``ts`` up to 3 s behind it. Record ``n`` with ``n % 5000 == 4999`` is a
-    truncated JSON object (``raw``)."""
+    each event's ``ts`` up to 3 s behind it (but not before ``start_ms``). Record ``n`` with
+    ``n % 5000 == 4999`` is a truncated JSON object (``raw``)."""
     rng = random.Random(seed)
     n = 0
     while True:
-        ts = start_ms + n * step_ms - rng.randint(0, MAX_DISORDER_MS)
+        # Never before start_ms: the demo's first minute would show a few stragglers of the one before.
+        ts = max(start_ms, start_ms + n * step_ms - rng.randint(0, MAX_DISORDER_MS))
         user = "bot" if rng.randrange(BOT_EVERY) == 0 else f"u-{rng.randint(1, USERS)}"
         kind = rng.choices(KINDS, KIND_WEIGHTS)[0]
         product = rng.choice(PRODUCTS)
