@@ -134,5 +134,6 @@ EXAMPLE = Example(
     notes=(
         "One line per shop minute once the minute is complete: users with an event in that",
         "minute, and in the 5 minutes ending with it (a user counts once however many events).",
+        "The 5-minute count fills up over the first 5 minutes of the stream.",
     ),
 )
