@@ -19,7 +19,7 @@ help: ## List the targets and what they do
 
 demo: setup ## Command 1: start a local Kafka broker and run an example job on generated events (EXAMPLE=revenue)
 	$(HARNESS) up kafka
-	$(BIN)/weir demo $(EXAMPLE) --bootstrap-servers 127.0.0.1:$${WEIR_KAFKA_PORT:-19092}
+	$(BIN)/weir demo$(if $(EXAMPLE), $(EXAMPLE)) --bootstrap-servers 127.0.0.1:$${WEIR_KAFKA_PORT:-19092}
 	@echo "More examples: '$(BIN)/weir demo --list' lists them, 'make demo EXAMPLE=NAME' runs one."
 
 setup: $(STAMP) ## Create .venv and install weir (editable) with the dev tools, pinned by constraints.txt

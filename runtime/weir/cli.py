@@ -209,7 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--list", action="store_true", help="print each example's name and summary, and exit"
     )
-    demo.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
+    demo.add_argument(
+        "--bootstrap-servers", default="127.0.0.1:19092",
+        help="the broker (default 127.0.0.1:19092, the one make demo starts)",
+    )
     demo.add_argument(
         "--duration",
         type=float,
@@ -217,7 +220,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long (default 40; Ctrl-C stops earlier)",
     )
-    demo.add_argument("--rate", type=_positive_int, default=2000, help="records per second (default 2000)")
+    demo.add_argument(
+        "--rate", type=_positive_int, default=2000,
+        help="records per second (default 2000); shop time runs at 60x at any rate, so the rate sets "
+        "how many records a minute of shop time has",
+    )
     _add_kafka_security(demo)
 
     # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint_cli.

@@ -21,11 +21,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
@@ -39,11 +40,11 @@ from weir import kafka as kio
 from weir.config import Environment, KafkaSecurityInputs
 from weir.examples import Example, Record
 from weir.graph import JobGraph, compile_job
-from weir.spec import load_job
+from weir.spec import Job, load_job
 
 __all__ = [
-    "DEFAULT", "SOURCE_PARTITIONS", "SPEED", "TopicLayout", "list_lines", "main", "message", "recreate",
-    "topic_layout",
+    "DEFAULT", "SOURCE_PARTITIONS", "SPEED", "TopicLayout", "documents", "jobs", "list_lines", "main",
+    "message", "output_topic", "recreate", "timestamp", "topic_layout",
 ]
 
 SPEED = 60
@@ -66,23 +67,61 @@ class TopicLayout:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_layout(plan: JobGraph, compacted: Collection[str] = ()) -> dict[str, TopicLayout]:
-    """Every topic ``plan`` reads or writes, with its partitions and configuration: sources
+def documents(example: Example) -> list[dict[str, Any]]:
+    """The example's manifest documents: one job, or several chained through topics (one job's
+    sink another's source), which `weir up` runs together."""
+    text = example.manifest_path().read_text(encoding="utf-8")
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def jobs(example: Example) -> list[Job]:
+    """The example's jobs, loaded (``SpecError`` names the field)."""
+    return [load_job(orjson.dumps(d).decode()) for d in documents(example)]
+
+
+def output_topic(plans: Sequence[JobGraph]) -> str:
+    """Where the example's results are: the sink of the last job whose output no job reads."""
+    read = {t for p in plans for t in p.source_topics}
+    final = [p.sink_topic for p in plans if p.sink_topic not in read]
+    return (final or [plans[-1].sink_topic])[-1]
+
+
+def topic_layout(
+    plans: JobGraph | Sequence[JobGraph], compacted: Collection[str] = ()
+) -> dict[str, TopicLayout]:
+    """Every topic the jobs read or write, with its partitions and configuration: sources
     ``SOURCE_PARTITIONS``; join tables as many as the keyed stage's stream (a copartitioned
-    join needs that), compacted when named in ``compacted``; the repartition topic as the keyBy
-    says; the sink and the dead-letter topic one (the demo prints them in order)."""
-    keyed = SOURCE_PARTITIONS
-    if plan.repartition_topic:
-        keyed = plan.repartition_partitions or SOURCE_PARTITIONS
-    topics = {t: TopicLayout(SOURCE_PARTITIONS) for t in plan.source_topics}
-    for table in plan.table_topics:
-        topics[table] = TopicLayout(keyed, {"cleanup.policy": "compact"} if table in compacted else {})
-    if plan.repartition_topic:
-        topics[plan.repartition_topic] = TopicLayout(keyed)
-    topics[plan.sink_topic] = TopicLayout(1)
-    if plan.dead_letter_topic:
-        topics[plan.dead_letter_topic] = TopicLayout(1)
+    join needs that), compacted when named in ``compacted``; a repartition topic as its keyBy
+    says; sinks and dead-letter topics one (the demo prints results in order), unless another
+    job reads the sink (then it is that job's source)."""
+    topics: dict[str, TopicLayout] = {}
+    for plan in [plans] if isinstance(plans, JobGraph) else plans:
+        keyed = SOURCE_PARTITIONS
+        if plan.repartition_topic:
+            keyed = plan.repartition_partitions or SOURCE_PARTITIONS
+        wanted = {t: TopicLayout(SOURCE_PARTITIONS) for t in plan.source_topics}
+        for table in plan.table_topics:
+            wanted[table] = TopicLayout(keyed, {"cleanup.policy": "compact"} if table in compacted else {})
+        if plan.repartition_topic:
+            wanted[plan.repartition_topic] = TopicLayout(keyed)
+        wanted.setdefault(plan.sink_topic, TopicLayout(1))
+        if plan.dead_letter_topic:
+            wanted.setdefault(plan.dead_letter_topic, TopicLayout(1))
+        for topic, layout in wanted.items():
+            known = topics.get(topic)
+            if known is not None:  # in two jobs: as many partitions as either wants
+                partitions = max(known.partitions, layout.partitions)
+                layout = TopicLayout(partitions, {**known.config, **layout.config})
+            topics[topic] = layout
     return topics
+
+
+def timestamp(record: Record) -> int | None:
+    """The Kafka timestamp a generated record must carry, if any: a table update's event time
+    is its timestamp (``weir.join``). ``Record`` has no such field yet; an example's subclass
+    adds ``timestamp`` (the enrichment example's ``TableRecord``)."""
+    value = getattr(record, "timestamp", None)
+    return value if isinstance(value, int) else None
 
 
 def message(record: Record) -> tuple[bytes | None, bytes | None]:
@@ -116,15 +155,17 @@ def main(
     except KeyError as exc:
         print(f"weir demo: {exc.args[0]}", file=sys.stderr)
         return 2
-    job = load_job(example.manifest_path())
-    plan = compile_job(job)
+    loaded = jobs(example)
+    plans = [compile_job(job) for job in loaded]
+    sink = output_topic(plans)
     flags = security or KafkaSecurityInputs()
     kafka = kio.KafkaSettings(
         bootstrap_servers=bootstrap,
         consumer={},
-        producer={k: v for k, v in job.spec.kafka.producer.items() if k == "partitioner"},
+        # The generator's records go where the job's own producer would put their keys.
+        producer={k: v for k, v in loaded[0].spec.kafka.producer.items() if k == "partitioner"},
         connect_timeout_s=20,
-        security=kio.security(job.spec.kafka, flags, Environment.read().kafka_security),
+        security=kio.security(loaded[0].spec.kafka, flags, Environment.read().kafka_security),
     )
     try:
         admin = kio.admin(kafka)
@@ -135,12 +176,16 @@ def main(
     except kio.KafkaAuthFailed as exc:
         print(exc)
         return 4
-    recreate(admin, topic_layout(plan, example.table_topics), plan.group_id)
-    inputs = ", ".join(f"'{t}'" for t in (*plan.source_topics, *plan.table_topics))
+    recreate(admin, topic_layout(plans, example.table_topics), [p.group_id for p in plans])
+    written = {t for p in plans for t in (p.sink_topic, p.repartition_topic)}
+    inputs = ", ".join(
+        f"'{t}'" for t in dict.fromkeys(t for p in plans for t in (*p.source_topics, *p.table_topics))
+        if t not in written
+    )
     print(
         f"weir demo {example.name}: {example.summary}.\n"
         f"{rate} records/s into {inputs} at {SPEED}x shop time (a minute a second); results from "
-        f"'{plan.sink_topic}' as they are committed. Ctrl-C stops.\n"
+        f"'{sink}' as they are committed. Ctrl-C stops.\n"
     )
     for line in example.notes:
         print(f"  {line}")
@@ -159,7 +204,7 @@ def main(
     )
     done = threading.Event()
     follower = threading.Thread(
-        target=_follow, args=(kafka, plan.sink_topic, show, done, counts), daemon=True
+        target=_follow, args=(kafka, sink, show, done, counts), daemon=True
     )
     with tempfile.TemporaryDirectory(prefix="weir-demo-") as state:
         command = [
@@ -181,22 +226,25 @@ def main(
             time.sleep(1.0)  # the last results were committed by the stop-savepoint
             done.set()
             follower.join(15)
-    dead = _count(kafka, plan.dead_letter_topic) if plan.dead_letter_topic else 0
+    dead_letters = list(dict.fromkeys(p.dead_letter_topic for p in plans if p.dead_letter_topic))
+    dead = sum(_count(kafka, t) for t in dead_letters)
     print(
         f"\n{counts.get('records', 0)} records produced, {counts.get('results', 0)} results read; "
-        f"{dead} records dead-lettered (in '{plan.dead_letter_topic}', each with its reason in the headers)."
+        f"{dead} records dead-lettered (in {', '.join(repr(t) for t in dead_letters)}, each with its reason "
+        "in the headers)."
     )
     return code
 
 
-def recreate(admin: AdminClient, topics: dict[str, TopicLayout], group: str) -> None:
+def recreate(admin: AdminClient, topics: dict[str, TopicLayout], groups: Sequence[str]) -> None:
     """Start from nothing: each of ``topics`` deleted if it exists and created empty with its
-    layout, and the consumer group ``group`` gone."""
-    try:
-        for f in admin.delete_consumer_groups([group], request_timeout=10).values():
-            f.result(timeout=10)
-    except Exception:  # noqa: BLE001 - the group does not exist on a first run
-        pass
+    layout, and the consumer ``groups`` gone."""
+    for group in groups:
+        try:
+            for f in admin.delete_consumer_groups([group], request_timeout=10).values():
+                f.result(timeout=10)
+        except Exception:  # noqa: BLE001 - the group does not exist on a first run
+            pass
     kio.recreate_topics(admin, {t: layout.partitions for t, layout in topics.items()})
     configured = [
         ConfigResource(
@@ -240,12 +288,12 @@ def _produce(
 
 
 def _send(producer: Producer, record: Record, key: bytes | None, value: bytes | None) -> None:
+    # librdkafka's "none": -1 lets the partitioner choose, 0 stamps the record with the time now.
+    partition = -1 if record.partition is None else record.partition
+    stamp = timestamp(record) or 0
     while True:
         try:
-            if record.partition is None:
-                producer.produce(record.topic, value, key)
-            else:
-                producer.produce(record.topic, value, key, partition=record.partition)
+            producer.produce(record.topic, value, key, partition=partition, timestamp=stamp)
             return
         except BufferError:  # the local queue is full: let deliveries drain it
             producer.poll(0.1)
@@ -272,7 +320,8 @@ def _follow(
     """Print each result as soon as it is committed; window results each batch in ``reading_order``."""
     consumer = _consumer(kafka)
     try:
-        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         while not done.is_set():
             batch = [
                 orjson.loads(value)

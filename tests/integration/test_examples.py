@@ -1,20 +1,22 @@
 """Every example job (``weir.examples``) on the real broker gives exactly its reference output.
 
-Each case takes the example's own manifest, rewritten on the parsed YAML to run in isolation
-without changing what it computes: unique topic names, job name and namespace (so a unique
-consumer group and repartition topic), the test broker, a ``file://`` checkpoint store in
-``tmp_path`` with a 1 s interval, and an ``idleTimeout`` of at most 2 s. It creates the topics
-as ``weir demo`` does (``weir.demo.topic_layout``), produces a bounded prefix of the example's
-generator with its clock in the past (so once the input is read, the idle partitions' watermark
-follows the wall clock and closes every window), runs the job through ``weir run`` (worker
-subprocesses) or ``weir up`` (the local platform), waits until the read_committed sink holds as
-many records as the reference, 3 s more for anything written twice, stops it with SIGTERM (exit
-0), and compares the sink with the reference as a multiset (floats to a relative 1e-9: sums may
-be added in another order). Every malformed (``raw``) record must be in the dead-letter topic.
+Each case takes the example's own manifest (one job, or several chained through topics),
+rewritten on the parsed YAML to run in isolation without changing what it computes: unique topic
+names, job names and namespace (so unique consumer groups and repartition topics), the test
+broker, a ``file://`` checkpoint store in ``tmp_path`` with a 1 s interval, the earliest offset,
+and an ``idleTimeout`` of at most 2 s (``rewritten`` says why that is safe, and why a job reading
+another's output keeps its own). It creates the topics as ``weir demo`` does
+(``weir.demo.topic_layout``), produces a bounded prefix of the example's generator with its clock
+in the past (so once the input is read, the idle partitions' watermark follows the wall clock and
+closes every window), runs the jobs through ``weir run`` (worker subprocesses) or ``weir up``
+(the local platform), waits until the read_committed output topic holds as many records as the
+reference, 3 s more for anything written twice, stops them with SIGTERM (exit 0), and compares
+the output with the reference as a multiset (floats to a relative 1e-9: sums may be added in
+another order). Every malformed (``raw``) record must be in a dead-letter topic.
 
-The prefix spans ``SPAN_WINDOWS`` of the manifest's longest window (its size, or its session
-gap) and at least ``MIN_SPAN_MS`` of event time, in ``RECORDS`` records: several windows or
-sessions whatever the example.
+The prefix spans ``SPAN_WINDOWS`` of the longest window (its size, or its session gap) and at
+least ``MIN_SPAN_MS`` of event time, in ``RECORDS`` records: several windows or sessions whatever
+the example.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from harness.kafka import KafkaHelper
 from weir import demo
 from weir.examples import Example, Record, examples
 from weir.graph import compile_job
-from weir.spec import load_job, parse_duration
+from weir.spec import Job, load_job, parse_duration
 
 pytestmark = pytest.mark.kafka
 
@@ -61,29 +63,35 @@ NAMESPACE = "examples"
 EXAMPLES = examples()
 
 
-def step_ms(path: Path) -> int:
+def step_ms(jobs: list[Job]) -> int:
     """The generator's clock step: ``RECORDS`` records over ``SPAN_WINDOWS`` of the longest window."""
-    window = load_job(path).pipeline.stages().window
-    longest = max((d for d in (window.size, window.gap) if d), default=0) if window else 0
+    windows = [w for w in (job.pipeline.stages().window for job in jobs) if w is not None]
+    longest = max((d for w in windows for d in (w.size, w.gap) if d), default=0)
     return max(1, max(MIN_SPAN_MS, SPAN_WINDOWS * longest) // RECORDS)
 
 
 def rewritten(
-    document: dict[str, Any], renamed: dict[str, str], name: str, bootstrap: str, store: Path
+    document: dict[str, Any], renamed: dict[str, str], name: str, bootstrap: str, store: Path, chained: bool
 ) -> dict[str, Any]:
     """The manifest ``document`` (parsed YAML) running under ``name`` in ``NAMESPACE`` on
     ``bootstrap`` with its topics ``renamed``, checkpointing to ``store`` every
-    ``CHECKPOINT_INTERVAL`` and idle after at most ``MAX_IDLE_MS``: what it computes is unchanged
-    (the idle timeout only decides when a read-to-its-end partition stops holding windows open)."""
+    ``CHECKPOINT_INTERVAL``, reading from the earliest offset and, unless it is ``chained`` (reads
+    another job's output), idle after at most ``MAX_IDLE_MS``. What it computes is unchanged: the
+    idle timeout only decides when a partition read to its end stops holding windows open, and
+    the test's input is all there before the job starts; another job's output is not (it comes at
+    that job's checkpoints), so a chained job keeps the timeout its manifest chose for that."""
     doc = _renamed_topics(document, renamed)
     doc["metadata"] = {**doc.get("metadata", {}), "name": name, "namespace": NAMESPACE}
     spec = doc["spec"]
     spec["kafka"] = {**spec.get("kafka", {}), "bootstrapServers": bootstrap}
     checkpoint = {k: v for k, v in (spec.get("checkpoint") or {}).items() if k not in ("endpoint", "region")}
     spec["checkpoint"] = {**checkpoint, "url": store.as_uri(), "interval": CHECKPOINT_INTERVAL}
+    # The input is produced before the job starts: a new job must read it from the start (on the
+    # demo's fresh topics, "latest" and "earliest" read the same records).
+    spec["pipeline"]["source"]["startFrom"] = "earliest"
     watermark = spec["pipeline"].setdefault("watermark", {})
     idle = parse_duration(watermark.get("idleTimeout", 0))
-    if idle == 0 or idle > MAX_IDLE_MS:
+    if not chained and (idle == 0 or idle > MAX_IDLE_MS):
         watermark["idleTimeout"] = f"{MAX_IDLE_MS}ms"
     return doc
 
@@ -100,18 +108,22 @@ def _renamed_topics(value: Any, renamed: dict[str, str], key: str = "") -> Any:
 
 
 @contextmanager
-def weir_run(manifest: Path, state: Path, bootstrap: str, workers: int, log: Path) -> Iterator[Any]:
-    """``workers`` ``weir run`` subprocesses until the block ends; ``running()`` fails if one exited."""
+def weir_run(manifests: list[Path], state: Path, bootstrap: str, log: Path) -> Iterator[Any]:
+    """Each job's ``spec.parallelism`` ``weir run`` subprocesses until the block ends;
+    ``running()`` fails if one exited, ``stop()`` returns their exit codes."""
     with log.open("wb") as sink:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "weir", "run", str(manifest), "--bootstrap-servers", bootstrap,
-                 "--state-dir", str(state / f"w{i}"), "--http-port", "0", "--workers", str(workers),
-                 "--worker-index", str(i), "--log-level", "WARNING"],
-                stdout=sink, stderr=subprocess.STDOUT,
-            )
-            for i in range(workers)
-        ]
+        procs = []
+        for manifest in manifests:
+            workers = load_job(manifest).spec.parallelism
+            procs += [
+                subprocess.Popen(
+                    [sys.executable, "-m", "weir", "run", str(manifest), "--bootstrap-servers", bootstrap,
+                     "--state-dir", str(state / manifest.stem / f"w{i}"), "--http-port", "0",
+                     "--workers", str(workers), "--worker-index", str(i), "--log-level", "WARNING"],
+                    stdout=sink, stderr=subprocess.STDOUT,
+                )
+                for i in range(workers)
+            ]
 
     class Workers:
         def running(self) -> bool:
@@ -147,10 +159,12 @@ def produce(
 
     for record in records:
         key, value = demo.message(record)
-        extra = {} if record.partition is None else {"partition": record.partition}
+        partition = -1 if record.partition is None else record.partition  # -1: the partitioner's choice
+        stamp = demo.timestamp(record) or 0  # 0: the time now
         while True:
             try:
-                producer.produce(renamed[record.topic], value, key, on_delivery=delivered, **extra)
+                producer.produce(renamed[record.topic], value, key, partition=partition, timestamp=stamp,
+                                 on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -206,40 +220,49 @@ def _floats(value: Any) -> list[float]:
 def test_the_example_job_writes_exactly_its_reference_output_and_dead_letters_the_malformed(
     example: Example, runner: str, kafka: KafkaHelper, tmp_path: Path
 ) -> None:
-    path = example.manifest_path()
-    document = yaml.safe_load(path.read_text())
-    original = compile_job(load_job(path))
+    documents = demo.documents(example)
+    originals = [compile_job(job) for job in demo.jobs(example)]
     tag = kafka.unique("x")[-8:]
-    renamed = {t: f"{t}-{tag}" for t in (*original.source_topics, *original.table_topics, original.sink_topic,
-                                          original.dead_letter_topic) if t}
-    name = f"{example.name}-{runner}-{tag}"[:48]
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(
-        rewritten(document, renamed, name, kafka.bootstrap, tmp_path / "store"), sort_keys=False))
-    plan = compile_job(load_job(manifest))
-    for topic, layout in demo.topic_layout(plan, [renamed[t] for t in example.table_topics]).items():
+    renamed = {
+        t: f"{t}-{tag}"
+        for p in originals
+        for t in (*p.source_topics, *p.table_topics, p.sink_topic, p.dead_letter_topic)
+        if t
+    }
+    outputs = {p.sink_topic for p in originals}
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+    manifests = []
+    for i, (document, original) in enumerate(zip(documents, originals, strict=True)):
+        name = f"{document['metadata']['name']}-{runner}-{tag}"
+        chained = bool(outputs & set(original.source_topics))
+        manifests.append(jobs_dir / f"{i}-{name}.yaml")
+        job = rewritten(document, renamed, name, kafka.bootstrap, tmp_path / "store", chained)
+        manifests[-1].write_text(yaml.safe_dump(job, sort_keys=False))
+    jobs = [load_job(m) for m in manifests]
+    plans = [compile_job(job) for job in jobs]
+    for topic, layout in demo.topic_layout(plans, [renamed[t] for t in example.table_topics]).items():
         kafka.create_topic(topic, layout.partitions, layout.config)
 
-    records = list(islice(example.generate(SEED, START_MS, step_ms(path)), RECORDS))
+    records = list(islice(example.generate(SEED, START_MS, step_ms(jobs)), RECORDS))
     expected = example.reference(records)
     assert expected, "the reference expects no output: the prefix is too short to test anything"
     # The manifest's partitioner, if it names one: a copartitioned table must match the job's.
-    producer = document["spec"].get("kafka", {}).get("producer", {})
+    producer = jobs[0].spec.kafka.producer
     produce(kafka, records, renamed, {k: v for k, v in producer.items() if k == "partitioner"})
 
     state, log = tmp_path / "state", tmp_path / f"{runner}.log"
-    sink, dlq = plan.sink_topic, plan.dead_letter_topic
+    sink = demo.output_topic(plans)
     started = time.monotonic()
     if runner == "run":
-        workers = load_job(manifest).spec.parallelism
-        with weir_run(manifest, state, kafka.bootstrap, workers, log) as job:
-            up.wait(lambda: job.running() and len(kafka.read_all(sink, timeout=5)) >= len(expected),
+        with weir_run(manifests, state, kafka.bootstrap, log) as workers:
+            up.wait(lambda: workers.running() and len(kafka.read_all(sink, timeout=5)) >= len(expected),
                     WAIT_S, f"{len(expected)} results", log)
             time.sleep(3)  # anything written twice shows up now
-            job.running()
-            assert job.stop() == [0] * workers, log.read_text()
+            workers.running()
+            assert set(workers.stop()) == {0}, log.read_text()
     else:
-        with up.weir_up(manifest, state, kafka.bootstrap, log) as process:
+        with up.weir_up(jobs_dir, state, kafka.bootstrap, log) as process:
             def running() -> bool:
                 assert process.poll() is None, f"weir up exited with {process.returncode}:\n{log.read_text()}"
                 return True
@@ -259,7 +282,8 @@ def test_the_example_job_writes_exactly_its_reference_output_and_dead_letters_th
         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"
     )
     raw = Counter(r.raw for r in records if r.raw is not None)
-    dead = Counter(m.value for m in kafka.read_all(dlq)) if dlq else Counter()
+    dead_letters = {p.dead_letter_topic for p in plans if p.dead_letter_topic}
+    dead = Counter(m.value for t in dead_letters for m in kafka.read_all(t))
     assert raw <= dead, f"malformed records not dead-lettered: {raw - dead}"
 
 
@@ -270,9 +294,9 @@ def test_the_demo_recreates_its_topics_empty_with_their_partitions_and_the_table
 
     events, table = kafka.unique("events"), kafka.unique("table")
     layout = {events: demo.TopicLayout(4), table: demo.TopicLayout(2, {"cleanup.policy": "compact"})}
-    demo.recreate(kafka.admin(), layout, kafka.unique("group"))
+    demo.recreate(kafka.admin(), layout, [kafka.unique("group")])
     kafka.produce(events, [{"key": b"k", "value": b"{}"}])
-    demo.recreate(kafka.admin(), layout, kafka.unique("group"))
+    demo.recreate(kafka.admin(), layout, [kafka.unique("group")])
 
     assert kafka.end_offsets(events) == {0: 0, 1: 0, 2: 0, 3: 0}
     assert kafka.end_offsets(table) == {0: 0, 1: 0}
