@@ -150,6 +150,17 @@ def assert_same(got: Counter[bytes], want: Counter[bytes]) -> None:
     assert not missing and not extra, f"missing {list(missing)[:3]}, extra {list(extra)[:3]}"
 
 
+def wait_assigned(procs: WorkerProcs, i: int, times: int, check: Any, timeout: float = 60) -> None:
+    """Until worker ``i`` has been assigned its partitions ``times`` times (this start's): a
+    worker killed while it starts tests nothing."""
+    deadline = time.monotonic() + timeout
+    while (procs.root / f"w{i}.log").read_text(errors="replace").count(" assigned ") < times:
+        assert time.monotonic() < deadline, f"worker {i} did not start:\n{procs.log_tail(i)}"
+        check()
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
 def test_the_enrichment_example_through_sigkills_of_either_job_equals_its_reference(
     kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
 ) -> None:
@@ -169,31 +180,31 @@ def test_the_enrichment_example_through_sigkills_of_either_job_equals_its_refere
         for i in range(2):
             procs.start(i)
     wiped = 0
+    started = Counter({(name, i): 1 for name in jobs for i in range(2)})  # starts per worker
 
     def check() -> None:
         for procs in jobs.values():
             procs.check()
 
     try:
-        with Producing(kafka, topics, records, seconds=20):
+        with Producing(kafka, topics, records, seconds=25):
             for _ in range(kills):
-                time.sleep(rng.uniform(0.5, 3.0))
-                check()
-                procs = jobs[rng.choice(sorted(jobs))]
-                victim = rng.randrange(2)
+                name, victim = rng.choice(sorted(jobs)), rng.randrange(2)
+                procs = jobs[name]
+                wait_assigned(procs, victim, started[(name, victim)], check)
+                time.sleep(rng.uniform(0.5, 2.5))  # running: a few checkpoints (every 0.5 s)
                 procs.kill(victim)
                 if rng.random() < 0.5:  # as if the pod moved: restore from S3
                     shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
                     wiped += 1
                 procs.start(victim)
+                started[(name, victim)] += 1
         got = wait_for_reference(kafka, topics[ex.SINK], want, check)
         dead = kafka.read_all(topics["enrichment-dlq"], timeout=30)
     finally:
         codes = {name: procs.stop_all() for name, procs in jobs.items()}
     assert_same(got, want)
     assert not dead, [(dict(m.headers), m.value) for m in dead[:3]]
-    games = [orjson.loads(r) for r in got if orjson.loads(r)["key"].startswith("games|")]
-    assert len(games) >= 3, "the games category has results in several minutes and segments"
     assert codes == {"join": [0, 0], "revenue": [0, 0]}, codes
     logs = "".join(p.read_text() for procs in jobs.values() for p in procs.root.glob("w*.log"))
     assert "restore exact" in logs or wiped == 0, "no restart restored a checkpoint from the store"
