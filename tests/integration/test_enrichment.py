@@ -71,7 +71,10 @@ def manifests(tmp_path: Path, kafka: KafkaHelper, topics: dict[str, str]) -> tup
     assert [d["metadata"]["name"] for d in docs] == ["enrichment-join", "enrichment-revenue"]
     paths = []
     for doc in docs:
-        doc["metadata"] = {"name": f"{doc['metadata']['name']}-{topics[ex.PURCHASES][-6:]}", "namespace": "test"}
+        doc["metadata"] = {
+            "name": f"{doc['metadata']['name']}-{topics[ex.PURCHASES][-6:]}",
+            "namespace": "test",
+        }
         spec = doc["spec"]
         spec["kafka"]["bootstrapServers"] = kafka.bootstrap
         pipeline = spec["pipeline"]
@@ -222,27 +225,40 @@ def test_a_savepoint_of_the_join_at_two_workers_restored_at_one_keeps_the_output
     kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
 ) -> None:
     records = prefix(7, 1_600)
-    # Before the savepoint: the tables, the price and segment changes and 850 purchases; after
-    # it: the segment tombstone (produced at purchase 900) and the rest.
-    cut = next(i for i, r in enumerate(records) if r.topic == ex.PURCHASES and r.value and r.value["order"] == "o-850")
+
+    def upto(order: int) -> int:
+        return next(
+            i for i, r in enumerate(records) if r.value is not None and r.value.get("order") == f"o-{order}"
+        )
+
+    # Phase 1: the tables, the price and segment changes and 850 purchases, all joined. Phase 2,
+    # up to purchase 1100: the segment tombstone (valid from purchase 1000) moves its table
+    # partition's time, so the purchases after it are held (until the 2 s idle timeout) when
+    # the savepoint is taken right after they are read: it carries them and the tables into
+    # the one worker. Phase 3: the rest, read by the one worker.
+    first, second = upto(850) + 1, upto(1100) + 1
     want = canonical(EXAMPLE.reference(records))
     topics = create_topics(kafka)
     join_job, revenue_job = manifests(tmp_path, kafka, topics)
     url = f"s3://{s3_env.new_bucket()}/checkpoints"
-    produce(kafka, topics, records[:cut])
+    produce(kafka, topics, records[:first])
     with Job(revenue_job, kafka, 1, tmp_path / "revenue", url) as revenue:
         with Job(join_job, kafka, 2, tmp_path / "join2", url) as joining:
             joining.wait_ready()
+            deadline = time.monotonic() + 60
+            while len(kafka.read_all(topics[ex.ENRICHED], timeout=30)) < 850:
+                assert time.monotonic() < deadline, "the join did not write the first 850 purchases"
+                joining.check()
+                time.sleep(0.5)
+            produce(kafka, topics, records[first:second])
             joining.wait_read(kafka, topics[ex.PURCHASES])
-            # Some purchases may still be held (newer than a table's last update): the
-            # savepoint carries them, with the tables, into the one worker.
             answers = joining.savepoint("sp-enrich", stop=True)
         savepoint_url = answers[0]["path"]
         assert savepoint_url.endswith("/savepoints/sp-enrich") and answers[1]["path"] == savepoint_url
         written = len(kafka.read_all(topics[ex.ENRICHED], timeout=30))
-        assert 0 < written <= 850, written
+        assert 850 <= written <= 1_100, written
         with Job(join_job, kafka, 1, tmp_path / "join1", url, restore_from=savepoint_url) as joining:
-            produce(kafka, topics, records[cut:])
+            produce(kafka, topics, records[second:])
             got = wait_for_reference(kafka, topics[ex.SINK], want, lambda: (joining.check(), revenue.check()))
     assert_same(got, want)
     enriched = [orjson.loads(m.value or b"null") for m in kafka.read_all(topics[ex.ENRICHED], timeout=30)]
@@ -251,7 +267,9 @@ def test_a_savepoint_of_the_join_at_two_workers_restored_at_one_keeps_the_output
     assert not kafka.read_all(topics["enrichment-dlq"], timeout=10)
 
 
-def race_manifest(tmp_path: Path, kafka: KafkaHelper, purchases: str, catalog: str, out: str, dlq: str) -> Path:
+def race_manifest(
+    tmp_path: Path, kafka: KafkaHelper, purchases: str, catalog: str, out: str, dlq: str
+) -> Path:
     doc = {
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "StreamJob",
@@ -309,6 +327,8 @@ def test_a_table_update_arriving_after_a_purchase_it_precedes_in_event_time_appl
         while len(got := kafka.read_all(out, timeout=10)) < 2 and time.monotonic() < deadline:
             running.check()
             time.sleep(0.5)
-    prices = {orjson.loads(m.value or b"null")["order"]: orjson.loads(m.value or b"null")["price"] for m in got}
+    prices = {
+        orjson.loads(m.value or b"null")["order"]: orjson.loads(m.value or b"null")["price"] for m in got
+    }
     assert prices == {"at-1000": 90, "at-800": 100}, prices
     assert len(got) == 2

@@ -100,8 +100,9 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
     rng = random.Random(seed)
     opened = start_ms - MINUTE
     for product, (category, price, margin) in PRODUCTS.items():
-        yield TableRecord(CATALOG, product, {"category": category, "price": price, "margin": margin},
-                          timestamp=opened)
+        yield TableRecord(
+            CATALOG, product, {"category": category, "price": price, "margin": margin}, timestamp=opened
+        )
     for u in range(USERS):
         yield TableRecord(SEGMENTS, _user(u), {"segment": _segment(u)}, timestamp=opened)
     at = start_ms
@@ -111,8 +112,12 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
         due = i + LEAD
         if due == PRICE_CHANGE_AT:
             product, category, price, margin = PRICE_CHANGE
-            yield TableRecord(CATALOG, product, {"category": category, "price": price, "margin": margin},
-                              timestamp=start_ms + due * step_ms)
+            yield TableRecord(
+                CATALOG,
+                product,
+                {"category": category, "price": price, "margin": margin},
+                timestamp=start_ms + due * step_ms,
+            )
         elif due == SEGMENT_CHANGE_AT:
             for user in SEGMENT_CHANGED:
                 yield TableRecord(SEGMENTS, user, {"segment": "vip"}, timestamp=start_ms + due * step_ms)
@@ -120,8 +125,13 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
             yield TableRecord(SEGMENTS, SEGMENT_DELETED, None, timestamp=start_ms + due * step_ms)
         user = _user(rng.randrange(USERS))
         ts = at + rng.randrange(0, 3 * step_ms + 1) - 3 * step_ms
-        value = {"order": f"o-{i}", "user": user, "product": rng.choice(products),
-                 "quantity": rng.choice((1, 1, 1, 2, 3)), "ts": max(ts, start_ms)}
+        value = {
+            "order": f"o-{i}",
+            "user": user,
+            "product": rng.choice(products),
+            "quantity": rng.choice((1, 1, 1, 2, 3)),
+            "ts": max(ts, start_ms),
+        }
         yield Record(PURCHASES, user, value)
         at += step_ms
         i += 1
@@ -186,7 +196,9 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
             "margin": margin,
             "orders": orders,
         }
-        for (group, start), (revenue, margin, orders) in sorted(windows.items(), key=lambda w: (w[0][1], w[0][0]))
+        for (group, start), (revenue, margin, orders) in sorted(
+            windows.items(), key=lambda w: (w[0][1], w[0][0])
+        )
     ]
 
 
@@ -200,7 +212,7 @@ def _show(r: dict[str, Any]) -> str:
 
 EXAMPLE = Example(
     name="enrichment",
-    summary="purchases joined with a catalog and user segments as of event time: revenue per category and segment",
+    summary="purchases + catalog + user segments joined as of event time: revenue per category and segment",
     manifest="enrichment.yaml",
     generate=generate,
     reference=reference,
@@ -214,6 +226,7 @@ EXAMPLE = Example(
         f"{PRICE_CHANGE[3] / 100:.2f}) from purchase {PRICE_CHANGE_AT}'s event time: games margin falls from "
         "that minute on, and purchases before it keep the old price even if they arrive later",
         f"users {', '.join(SEGMENT_CHANGED)} become vip from purchase {SEGMENT_CHANGE_AT}; "
-        f"{SEGMENT_DELETED}'s segment is deleted from purchase {SEGMENT_DELETE_AT} (counted as {UNSEGMENTED})",
+        f"{SEGMENT_DELETED}'s segment is deleted from purchase {SEGMENT_DELETE_AT} "
+        f"(counted as {UNSEGMENTED})",
     ),
 )
