@@ -31,10 +31,8 @@ from .test_exactly_once import Job, WorkerProcs
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
 T0 = 1_704_067_200_000
-STEP_MS = 40
-"""Event time per purchase: slow against the production rate (~6 s of event time per second),
-so the first job's tasks never run apart by more than the second job's maxOutOfOrderness (2m)
-while one of them restarts."""
+STEP_MS = 800
+"""Event time per purchase: 3000 purchases span 40 minutes, past every table change."""
 EXAMPLE = example("enrichment")
 
 
@@ -224,19 +222,19 @@ def s3_env(s3: S3Helper, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Helper]:
 def test_a_savepoint_of_the_join_at_two_workers_restored_at_one_keeps_the_output_exact(
     kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
 ) -> None:
-    records = prefix(7, 1_600)
+    records = prefix(7, 2_400)
 
     def upto(order: int) -> int:
         return next(
             i for i, r in enumerate(records) if r.value is not None and r.value.get("order") == f"o-{order}"
         )
 
-    # Phase 1: the tables, the price and segment changes and 850 purchases, all joined. Phase 2,
-    # up to purchase 1100: the segment tombstone (valid from purchase 1000) moves its table
-    # partition's time, so the purchases after it are held (until the 2 s idle timeout) when
-    # the savepoint is taken right after they are read: it carries them and the tables into
-    # the one worker. Phase 3: the rest, read by the one worker.
-    first, second = upto(850) + 1, upto(1100) + 1
+    # Phase 1: the tables and 700 purchases (9 minutes), all joined. Phase 2, up to purchase
+    # 1000: the price change (valid from 10 minutes) moves its catalog partition's time, so the
+    # purchases after it are held (until the 2 s idle timeout) when the savepoint is taken right
+    # after they are read: it carries them and the tables into the one worker. Phase 3: the
+    # rest (the segment changes at 20 and 30 minutes), read by the one worker.
+    first, second = upto(700) + 1, upto(1000) + 1
     want = canonical(EXAMPLE.reference(records))
     topics = create_topics(kafka)
     join_job, revenue_job = manifests(tmp_path, kafka, topics)
@@ -246,8 +244,8 @@ def test_a_savepoint_of_the_join_at_two_workers_restored_at_one_keeps_the_output
         with Job(join_job, kafka, 2, tmp_path / "join2", url) as joining:
             joining.wait_ready()
             deadline = time.monotonic() + 60
-            while len(kafka.read_all(topics[ex.ENRICHED], timeout=30)) < 850:
-                assert time.monotonic() < deadline, "the join did not write the first 850 purchases"
+            while len(kafka.read_all(topics[ex.ENRICHED], timeout=30)) < 700:
+                assert time.monotonic() < deadline, "the join did not write the first 700 purchases"
                 joining.check()
                 time.sleep(0.5)
             produce(kafka, topics, records[first:second])
@@ -256,14 +254,14 @@ def test_a_savepoint_of_the_join_at_two_workers_restored_at_one_keeps_the_output
         savepoint_url = answers[0]["path"]
         assert savepoint_url.endswith("/savepoints/sp-enrich") and answers[1]["path"] == savepoint_url
         written = len(kafka.read_all(topics[ex.ENRICHED], timeout=30))
-        assert 850 <= written <= 1_100, written
+        assert 700 <= written <= 1_000, written
         with Job(join_job, kafka, 1, tmp_path / "join1", url, restore_from=savepoint_url) as joining:
             produce(kafka, topics, records[second:])
             got = wait_for_reference(kafka, topics[ex.SINK], want, lambda: (joining.check(), revenue.check()))
     assert_same(got, want)
     enriched = [orjson.loads(m.value or b"null") for m in kafka.read_all(topics[ex.ENRICHED], timeout=30)]
     orders = Counter(r["order"] for r in enriched)
-    assert len(orders) == 1_600 and set(orders.values()) == {1}, "each purchase enriched exactly once"
+    assert len(orders) == 2_400 and set(orders.values()) == {1}, "each purchase enriched exactly once"
     assert not kafka.read_all(topics["enrichment-dlq"], timeout=10)
 
 

@@ -51,7 +51,7 @@ def test_the_reference_joins_each_purchase_with_the_tables_as_of_its_event_time_
 
 
 def test_the_generator_produces_every_table_change_ahead_of_the_purchases_it_applies_to() -> None:
-    step = 100
+    step = 2_000  # 1300 records: 43 minutes, every change
     records = list(itertools.islice(ex.generate(3, T0, step), 1_300))
     assert records == list(itertools.islice(ex.generate(3, T0, step), 1_300)), "deterministic per seed"
     tables = [i for i, r in enumerate(records) if r.topic != ex.PURCHASES]
@@ -69,7 +69,7 @@ def test_the_generator_produces_every_table_change_ahead_of_the_purchases_it_app
 
 
 def test_the_price_change_and_the_segment_changes_show_in_the_reference() -> None:
-    records = list(itertools.islice(ex.generate(5, T0, 100), 1_300))
+    records = list(itertools.islice(ex.generate(5, T0, 2_000), 1_300))
     opening = [r for r in records if r.topic == ex.PURCHASES or getattr(r, "timestamp", None) == T0 - 60_000]
     changed, unchanged = ex.reference(records), ex.reference(opening)
 

@@ -16,18 +16,23 @@ Why two jobs: a join runs in the keyed stage, after the keyBy, and this question
 (category and segment) that exists only after the joins (Kafka Streams: ``join`` then
 ``groupBy``; Flink SQL: a temporal join then ``GROUP BY``). Chaining two exactly-once jobs
 through a read_committed topic gives the same result, at the cost of one more topic and of
-a second watermark: the enriched topic merges the first job's partitions, which may run
-apart (a restart, a table update holding one task), so the second job's
-``maxOutOfOrderness`` covers that.
+a second watermark, which needs two things. ``enriched-purchases`` has as many partitions as
+``purchases`` (both written by librdkafka's default partitioner, keyed by user), so each of
+its partitions carries one first-job task's output, in that task's event-time order: were
+tasks interleaved in one partition, one running minutes behind the other (a restart, a
+backlog) would have its purchases dropped as late. And the second job's ``idleTimeout``
+(30 s) outlasts a restart of a first-job worker (the join then holds purchases until the
+tables are read and quiet for 2 s): an enriched partition idle meanwhile would have its
+watermark follow the wall clock, and the purchases still to come be late.
 
 The generator (``generate``) produces the tables first (valid from one minute before the
-shop opens), then purchases about ``step_ms`` apart, and, ahead of the purchases they affect
-(``LEAD`` purchases before their time, so the join never meets them late):
+shop opens), then purchases about ``step_ms`` apart, and, ``LEAD_MS`` of shop time ahead of
+the purchases they affect (so the join never meets them late), at fixed shop times after the
+first purchase:
 
-- at purchase ``PRICE_CHANGE_AT``: ``PRICE_CHANGE`` (a games title on sale: lower price,
-  lower margin);
-- at purchase ``SEGMENT_CHANGE_AT``: users ``SEGMENT_CHANGED`` move to ``vip``;
-- at purchase ``SEGMENT_DELETE_AT``: ``SEGMENT_DELETED``'s segment is deleted (a tombstone).
+- at 10 minutes: ``PRICE_CHANGE`` (a games title on sale: lower price, lower margin);
+- at 20 minutes: users ``SEGMENT_CHANGED`` move to ``vip``;
+- at 30 minutes: ``SEGMENT_DELETED``'s segment is deleted (a tombstone).
 
 Table records are ``TableRecord``s: a ``Record`` with the Kafka ``timestamp`` the producer must
 give it (a table update's event time is its Kafka timestamp). ``reference`` computes the output
@@ -67,13 +72,14 @@ PRODUCTS: Final = {
 }
 USERS: Final = 40
 SEGMENTS_OF: Final = ("new", "regular", "vip")
-LEAD: Final = 100
-"""How many purchases before its time a table change is produced."""
-PRICE_CHANGE_AT: Final = 400
+LEAD_MS: Final = 30_000
+"""How much shop time before it takes effect a table change is produced."""
+PRICE_CHANGE_MS: Final = 10 * MINUTE
+"""Shop time (after the first purchase) from which ``PRICE_CHANGE`` applies."""
 PRICE_CHANGE: Final = ("p-3", "games", 3_999, 200)
-SEGMENT_CHANGE_AT: Final = 700
+SEGMENT_CHANGE_MS: Final = 20 * MINUTE
 SEGMENT_CHANGED: Final = ("u-1", "u-2", "u-3", "u-4")
-SEGMENT_DELETE_AT: Final = 1_000
+SEGMENT_DELETE_MS: Final = 30 * MINUTE
 SEGMENT_DELETED: Final = "u-5"
 UNSEGMENTED: Final = "unsegmented"
 
@@ -94,9 +100,9 @@ def _segment(i: int) -> str:
 
 
 def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
-    """The endless input (see the module docstring). Purchase ``i`` is at about
-    ``start_ms + i * step_ms``, late by up to ``3 * step_ms`` (out of order, never late for
-    the second job's ``maxOutOfOrderness`` of two minutes while ``step_ms`` is at most 30 s)."""
+    """The endless input (see the module docstring). Purchase ``i`` is at ``start_ms + i *
+    step_ms`` less up to ``3 * step_ms`` (out of order; never late for the second job's
+    ``maxOutOfOrderness`` of two minutes while ``step_ms`` is at most 40 s)."""
     rng = random.Random(seed)
     opened = start_ms - MINUTE
     for product, (category, price, margin) in PRODUCTS.items():
@@ -105,32 +111,31 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
         )
     for u in range(USERS):
         yield TableRecord(SEGMENTS, _user(u), {"segment": _segment(u)}, timestamp=opened)
+    product, category, price, margin = PRICE_CHANGE
+    changes = [  # (shop time, its table records), produced LEAD_MS of shop time ahead
+        (
+            start_ms + PRICE_CHANGE_MS,
+            [(CATALOG, product, {"category": category, "price": price, "margin": margin})],
+        ),
+        (start_ms + SEGMENT_CHANGE_MS, [(SEGMENTS, user, {"segment": "vip"}) for user in SEGMENT_CHANGED]),
+        (start_ms + SEGMENT_DELETE_MS, [(SEGMENTS, SEGMENT_DELETED, None)]),
+    ]
     at = start_ms
     products = list(PRODUCTS)
     i = 0
     while True:
-        due = i + LEAD
-        if due == PRICE_CHANGE_AT:
-            product, category, price, margin = PRICE_CHANGE
-            yield TableRecord(
-                CATALOG,
-                product,
-                {"category": category, "price": price, "margin": margin},
-                timestamp=start_ms + due * step_ms,
-            )
-        elif due == SEGMENT_CHANGE_AT:
-            for user in SEGMENT_CHANGED:
-                yield TableRecord(SEGMENTS, user, {"segment": "vip"}, timestamp=start_ms + due * step_ms)
-        elif due == SEGMENT_DELETE_AT:
-            yield TableRecord(SEGMENTS, SEGMENT_DELETED, None, timestamp=start_ms + due * step_ms)
+        while changes and changes[0][0] - LEAD_MS <= at:
+            valid_from, updates = changes.pop(0)
+            for topic, key, value in updates:
+                yield TableRecord(topic, key, value, timestamp=valid_from)
         user = _user(rng.randrange(USERS))
-        ts = at + rng.randrange(0, 3 * step_ms + 1) - 3 * step_ms
+        ts = max(at - rng.randrange(0, 3 * step_ms + 1), start_ms)
         value = {
             "order": f"o-{i}",
             "user": user,
             "product": rng.choice(products),
             "quantity": rng.choice((1, 1, 1, 2, 3)),
-            "ts": max(ts, start_ms),
+            "ts": ts,
         }
         yield Record(PURCHASES, user, value)
         at += step_ms
@@ -220,13 +225,12 @@ EXAMPLE = Example(
     show=_show,
     table_topics=(CATALOG, SEGMENTS),
     notes=(
-        "two jobs: enrichment-join (purchases + catalog + user-segments -> enriched-purchases) "
-        "and enrichment-revenue (per category|segment per minute)",
-        f"the price of {PRICE_CHANGE[0]} drops to {PRICE_CHANGE[2] / 100:.2f} (margin "
-        f"{PRICE_CHANGE[3] / 100:.2f}) from purchase {PRICE_CHANGE_AT}'s event time: games margin falls from "
-        "that minute on, and purchases before it keep the old price even if they arrive later",
-        f"users {', '.join(SEGMENT_CHANGED)} become vip from purchase {SEGMENT_CHANGE_AT}; "
-        f"{SEGMENT_DELETED}'s segment is deleted from purchase {SEGMENT_DELETE_AT} "
-        f"(counted as {UNSEGMENTED})",
+        "two jobs: enrichment-join (purchases + catalog + user-segments -> enriched-purchases), "
+        "then enrichment-revenue (per category|segment per minute)",
+        f"at 10 minutes the price of {PRICE_CHANGE[0]} drops to {PRICE_CHANGE[2] / 100:.2f} (margin "
+        f"{PRICE_CHANGE[3] / 100:.2f}): games margin falls from that minute on, as of each purchase's "
+        "event time (a purchase made before it keeps the old price even if it arrives later)",
+        f"at 20 minutes users {', '.join(SEGMENT_CHANGED)} become vip; at 30 minutes "
+        f"{SEGMENT_DELETED}'s segment is deleted (a tombstone: counted as {UNSEGMENTED} from then on)",
     ),
 )
