@@ -17,9 +17,10 @@ export PATH := $(PATH):/usr/local/go/bin
 help: ## List the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
 
-demo: setup ## Command 1: start a local Kafka broker and run the revenue-per-minute example on generated events
+demo: setup ## Command 1: start a local Kafka broker and run an example job on generated events (EXAMPLE=revenue)
 	$(HARNESS) up kafka
-	$(BIN)/weir demo --bootstrap-servers 127.0.0.1:$${WEIR_KAFKA_PORT:-19092}
+	$(BIN)/weir demo$(if $(EXAMPLE), $(EXAMPLE)) --bootstrap-servers 127.0.0.1:$${WEIR_KAFKA_PORT:-19092}
+	@echo "More examples: '$(BIN)/weir demo --list' lists them, 'make demo EXAMPLE=NAME' runs one."
 
 setup: $(STAMP) ## Create .venv and install weir (editable) with the dev tools, pinned by constraints.txt
 

@@ -50,6 +50,17 @@ def _add_kafka_security(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``weir demo --rate``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _kafka_security_flags(args: argparse.Namespace) -> Any:
     """``KafkaSecurityInputs`` from the flags; raises KafkaSecurityConfigError when a password
     file cannot be read."""
@@ -187,12 +198,21 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="generate e-commerce events and run the revenue-per-minute example on them",
-        description="Create the example topics, produce simulated e-commerce events (page views, "
-        "add-to-cart, purchases) at 60x speed, run one worker of the revenue-per-minute "
-        "example and print each window's result as it closes.",
+        help="run an example job on generated input (default: revenue per product per minute)",
+        description="Create an example's topics, produce its generated records (e-commerce events "
+        "at 60x speed: one wall-clock second is a minute of shop time), run the job through "
+        "`weir up` and print each result as it is committed. Without NAME: the revenue example.",
     )
-    demo.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
+    demo.add_argument(
+        "name", nargs="?", metavar="NAME", help="the example to run (see --list; default revenue)"
+    )
+    demo.add_argument(
+        "--list", action="store_true", help="print each example's name and summary, and exit"
+    )
+    demo.add_argument(
+        "--bootstrap-servers", default="127.0.0.1:19092",
+        help="the broker (default 127.0.0.1:19092, the one make demo starts)",
+    )
     demo.add_argument(
         "--duration",
         type=float,
@@ -200,7 +220,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long (default 40; Ctrl-C stops earlier)",
     )
-    demo.add_argument("--rate", type=int, default=2000, help="events per second (default 2000)")
+    demo.add_argument(
+        "--rate", type=_positive_int, default=2000,
+        help="records per second (default 2000); shop time runs at 60x at any rate, so the rate sets "
+        "how many records a minute of shop time has",
+    )
     _add_kafka_security(demo)
 
     # `weir checkpoints ls|inspect`: parser and logic live in weir.checkpoint_cli.
@@ -254,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(plugin.run(args))
     if args.command == "demo":
         from weir import demo
+
+        if args.list:
+            print("\n".join(demo.list_lines()))
+            return EXIT_OK
         from weir import kafka as kio
         from weir.config import Environment
 
@@ -263,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         except kio.KafkaSecurityConfigError as exc:
             print(f"weir demo: {exc}", file=sys.stderr)
             return EXIT_BAD_SPEC
-        return demo.main(args.bootstrap_servers, args.duration, args.rate, flags)
+        return demo.main(args.bootstrap_servers, args.duration, args.rate, flags, args.name)
     return _run(args)
 
 

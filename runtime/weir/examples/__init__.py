@@ -75,7 +75,9 @@ class Example:
         return Path(str(resources.files("weir") / "examples" / self.manifest))
 
 
-EXAMPLES: tuple[str, ...] = ("revenue", "funnel", "active_users", "anomalies", "sessions", "enrichment", "alerts")
+EXAMPLES: tuple[str, ...] = (
+    "revenue", "funnel", "active_users", "anomalies", "sessions", "enrichment", "alerts",
+)
 """Module names of the examples, in ``--list`` order (a module not yet written is skipped by
 ``examples()`` only while this list is being filled; the unit test requires every one)."""
 
