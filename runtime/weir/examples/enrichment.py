@@ -112,7 +112,8 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
     for u in range(USERS):
         yield TableRecord(SEGMENTS, _user(u), {"segment": _segment(u)}, timestamp=opened)
     product, category, price, margin = PRICE_CHANGE
-    changes = [  # (shop time, its table records), produced LEAD_MS of shop time ahead
+    changes: list[tuple[int, list[tuple[str, str, dict[str, Any] | None]]]] = [
+        # (shop time, its table records), produced LEAD_MS of shop time ahead
         (
             start_ms + PRICE_CHANGE_MS,
             [(CATALOG, product, {"category": category, "price": price, "margin": margin})],
