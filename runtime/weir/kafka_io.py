@@ -367,7 +367,7 @@ class KafkaEdges:
             return True
         if task.next_offset == OFFSET_BEGINNING:  # nothing consumed: caught up if it is empty
             return lo == hi
-        return task.next_offset >= hi
+        return self.position(task) >= hi  # past transaction markers: a job's output is read caught up
 
     def table_ends(self, tasks: list[Task]) -> dict[tuple[str, int], tuple[int, int]]:
         """The low and high watermark offsets of each (table) task's partition now, uncached."""
