@@ -44,7 +44,7 @@ from weir.spec import Job, load_job
 
 __all__ = [
     "DEFAULT", "SOURCE_PARTITIONS", "SPEED", "TopicLayout", "documents", "jobs", "list_lines", "main",
-    "message", "output_topic", "recreate", "timestamp", "topic_layout",
+    "message", "output_topic", "recreate", "topic_layout",
 ]
 
 SPEED = 60
@@ -114,14 +114,6 @@ def topic_layout(
                 layout = TopicLayout(partitions, {**known.config, **layout.config})
             topics[topic] = layout
     return topics
-
-
-def timestamp(record: Record) -> int | None:
-    """The Kafka timestamp a generated record must carry, if any: a table update's event time
-    is its timestamp (``weir.join``). ``Record`` has no such field yet; an example's subclass
-    adds ``timestamp`` (the enrichment example's ``TableRecord``)."""
-    value = getattr(record, "timestamp", None)
-    return value if isinstance(value, int) else None
 
 
 def message(record: Record) -> tuple[bytes | None, bytes | None]:
@@ -290,7 +282,7 @@ def _produce(
 def _send(producer: Producer, record: Record, key: bytes | None, value: bytes | None) -> None:
     # librdkafka's "none": -1 lets the partitioner choose, 0 stamps the record with the time now.
     partition = -1 if record.partition is None else record.partition
-    stamp = timestamp(record) or 0
+    stamp = record.timestamp or 0
     while True:
         try:
             producer.produce(record.topic, value, key, partition=partition, timestamp=stamp)

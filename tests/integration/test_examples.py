@@ -161,7 +161,7 @@ def produce(
     for record in records:
         key, value = demo.message(record)
         partition = -1 if record.partition is None else record.partition  # -1: the partitioner's choice
-        stamp = demo.timestamp(record) or 0  # 0: the time now
+        stamp = record.timestamp or 0  # 0: the time now
         while True:
             try:
                 producer.produce(renamed[record.topic], value, key, partition=partition, timestamp=stamp,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -167,16 +166,12 @@ def test_the_dedup_pipeline_killed_at_random_instants_gives_exactly_the_referenc
     for i in range(2):
         procs.start(i)
     kills = 10
+    group = f"weir-test-dkill-{source[-6:]}"
     try:
-        with Trickle(kafka, source, events, seconds=25) as trickle:
-            for k in range(kills):
-                time.sleep(rng.uniform(0.3, 2.0))
-                procs.check()
-                victim = rng.randrange(2)
-                procs.kill(victim)
-                if k % 2 == 0:  # as if the pod moved: no local state, restore from S3
-                    shutil.rmtree(procs.state_dir(victim), ignore_errors=True)
-                procs.start(victim)
+        with Trickle(kafka, source, events, seconds=40) as trickle:
+            procs.kill_schedule(
+                rng, kills, (0.3, 2.0), lambda: any(o > 0 for o in kafka.committed(group, source).values())
+            )
             mid_stream = not trickle.done.is_set()
         wait_for_count(kafka, sink, sum(expected.values()), timeout=120, check=procs.check)
     finally:

@@ -5,7 +5,6 @@ the revenue example's reference on hand-written records; ``weir demo --list`` an
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import re
 from datetime import datetime
@@ -291,10 +290,7 @@ def test_chained_jobs_show_the_last_jobs_output_and_the_topic_between_them_has_s
     assert total.repartition_topic is not None and layout[total.repartition_topic] == demo.TopicLayout(2)
 
 
-def test_a_generated_record_with_a_timestamp_is_produced_with_it() -> None:
-    @dataclasses.dataclass(frozen=True)
-    class Stamped(Record):
-        timestamp: int | None = None
-
-    assert demo.timestamp(Stamped("catalog", "p-1", {"price": 1}, timestamp=1_000)) == 1_000
-    assert demo.timestamp(Record("catalog", "p-1", {"price": 1})) is None
+def test_only_table_records_of_the_enrichment_example_carry_a_kafka_timestamp() -> None:
+    records = list(islice(example("enrichment").generate(1, 1_704_067_200_000, 50), 3000))
+    assert {r.topic for r in records if r.timestamp is not None} == {"catalog", "user-segments"}
+    assert all(r.timestamp is None for r in records if r.topic == "purchases")

@@ -31,13 +31,16 @@ class Record:
     with bytes that are malformed on purpose (they must reach the dead-letter topic); the
     reference ignores such records. Records without ``partition`` go where the producer's
     default partitioner puts ``key`` (one producer for every topic of the example, so a table
-    and a stream keyed alike are co-partitioned)."""
+    and a stream keyed alike are co-partitioned). ``timestamp`` is the Kafka timestamp to
+    produce with (ms): a table update's event time is its timestamp (``weir.join``); None
+    leaves it to the producer's clock."""
 
     topic: str
     key: str | None
     value: dict[str, Any] | None
     raw: bytes | None = None
     partition: int | None = None
+    timestamp: int | None = None
 
 
 Generator = Callable[[int, int, int], Iterator[Record]]

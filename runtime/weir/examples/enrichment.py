@@ -34,22 +34,21 @@ first purchase:
 - at 20 minutes: users ``SEGMENT_CHANGED`` move to ``vip``;
 - at 30 minutes: ``SEGMENT_DELETED``'s segment is deleted (a tombstone).
 
-Table records are ``TableRecord``s: a ``Record`` with the Kafka ``timestamp`` the producer must
-give it (a table update's event time is its Kafka timestamp). ``reference`` computes the output
-from the records with plain as-of lookups, independently of the runtime.
+Table records carry the Kafka ``timestamp`` the producer must give them (a table update's
+event time is its Kafka timestamp). ``reference`` computes the output from the records with
+plain as-of lookups, independently of the runtime.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from weir.examples import Example, Record
 
-__all__ = ["EXAMPLE", "TableRecord", "by_category_and_segment", "generate", "reference"]
+__all__ = ["EXAMPLE", "by_category_and_segment", "generate", "reference"]
 
 PURCHASES: Final = "purchases"
 CATALOG: Final = "catalog"
@@ -84,13 +83,6 @@ SEGMENT_DELETED: Final = "u-5"
 UNSEGMENTED: Final = "unsegmented"
 
 
-@dataclass(frozen=True)
-class TableRecord(Record):
-    """A table update: a ``Record`` whose Kafka ``timestamp`` (event time, ms) the producer sets."""
-
-    timestamp: int | None = None
-
-
 def _user(i: int) -> str:
     return f"u-{i}"
 
@@ -106,11 +98,11 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
     rng = random.Random(seed)
     opened = start_ms - MINUTE
     for product, (category, price, margin) in PRODUCTS.items():
-        yield TableRecord(
+        yield Record(
             CATALOG, product, {"category": category, "price": price, "margin": margin}, timestamp=opened
         )
     for u in range(USERS):
-        yield TableRecord(SEGMENTS, _user(u), {"segment": _segment(u)}, timestamp=opened)
+        yield Record(SEGMENTS, _user(u), {"segment": _segment(u)}, timestamp=opened)
     product, category, price, margin = PRICE_CHANGE
     changes: list[tuple[int, list[tuple[str, str, dict[str, Any] | None]]]] = [
         # (shop time, its table records), produced LEAD_MS of shop time ahead
@@ -128,7 +120,7 @@ def generate(seed: int, start_ms: int, step_ms: int) -> Iterator[Record]:
         while changes and changes[0][0] - LEAD_MS <= at:
             valid_from, updates = changes.pop(0)
             for topic, key, value in updates:
-                yield TableRecord(topic, key, value, timestamp=valid_from)
+                yield Record(topic, key, value, timestamp=valid_from)
         user = _user(rng.randrange(USERS))
         ts = max(at - rng.randrange(0, 3 * step_ms + 1), start_ms)
         value = {
@@ -175,7 +167,7 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
         if r.raw is not None:
             continue
         if r.topic in tables:
-            ts = getattr(r, "timestamp", None)
+            ts = r.timestamp
             assert ts is not None and r.key is not None, "a table record needs a key and a timestamp"
             tables[r.topic].setdefault(r.key, []).append((ts, n, r.value))
         elif r.topic == PURCHASES and r.value is not None:
