@@ -14,13 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from weir import kafka as kio
 from weir.examples import Example, Record, active_users, clickstream, funnel, sessions
 from weir.graph import compile_job
-from weir.objectstores import MemoryBackend
 from weir.spec import load_job
-from weir.testing.broker import Faults, InlineExecutor, MemoryBroker, MemoryMessage
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import MemoryBroker, MemoryMessage, memory_worker
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MIN = 60_000
@@ -60,23 +57,7 @@ def run(
         if idle[0] == 3:
             worker.stop()
 
-    worker = Worker(
-        graph,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0,
-            1,
-            state,
-            batch_size=batch_size,
-            checkpoint_interval_s=0,
-            watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-        ),
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=MemoryBackend(),
-        uploader=InlineExecutor,
-    )
+    worker = memory_worker(graph, broker, state, on_consume=on_consume, batch_size=batch_size)
     assert worker.run() == 0
     out = [orjson.loads(m.value() or b"") for m in broker.records(graph.sink_topic)]
     assert graph.dead_letter_topic is not None

@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 import pytest
 
-from weir import kafka as kio
 from weir.controlapi import SavepointRequest
 from weir.examples import Example, Record, alerts, anomalies
 from weir.functions import FunctionError
@@ -25,8 +24,8 @@ from weir.graph import JobGraph, compile_job
 from weir.process import NO_WATERMARK, ProcessFunction, ProcessOperator
 from weir.process_store import ProcessStore
 from weir.spec import load_job
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, InlineExecutor, MemoryBroker
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
+from weir.worker import Worker
 
 T0 = 1_704_067_200_000
 MINUTE = 60_000
@@ -150,22 +149,8 @@ def start_worker(
         elif seen[0] % 700 < n:
             worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
 
-    worker = Worker(
-        graph,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0,
-            1,
-            state,
-            batch_size=batch,
-            checkpoint_interval_s=0,
-            watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-        ),
-        connect=broker.connect(faults, on_consume),
-        store_backend=backend,
-        uploader=InlineExecutor,
+    worker = memory_worker(
+        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch
     )
     return worker
 

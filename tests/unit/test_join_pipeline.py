@@ -15,13 +15,12 @@ import orjson
 import pytest
 
 import weir
-from weir import kafka as kio
 from weir.controlapi import SavepointRequest
 from weir.graph import JobGraph, compile_job
 from weir.spec import Job, load_job
 from weir.testing import reference_windows
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, InlineExecutor, MemoryBroker
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
+from weir.worker import Worker
 
 T0 = 1_704_067_200_000
 PARTITIONS = 2
@@ -238,22 +237,8 @@ def start_worker(
         elif savepoint_every and seen[0] % savepoint_every < n:
             worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
 
-    worker = Worker(
-        graph,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0,
-            1,
-            state,
-            batch_size=batch_size,
-            checkpoint_interval_s=0,
-            watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-        ),
-        connect=broker.connect(faults, on_consume),
-        store_backend=backend,
-        uploader=InlineExecutor,
+    worker = memory_worker(
+        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch_size
     )
     return worker
 
@@ -496,23 +481,9 @@ def settings_worker(
     on_consume: Any,
     restore_from: str | None = None,
 ) -> Worker:
-    return Worker(
-        graph,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            index,
-            count,
-            state,
-            batch_size=7,
-            checkpoint_interval_s=0,
-            watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-            restore_from=restore_from,
-        ),
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=backend,
-        uploader=InlineExecutor,
+    return memory_worker(
+        graph, broker, state, on_consume=on_consume, backend=backend, index=index, workers=count,
+        restore_from=restore_from,
     )
 
 

@@ -11,15 +11,13 @@ import pytest
 from rocksdict import WriteBatch
 from tests.unit.test_join_pipeline import SINK_GRAPH, broker_with, data, reasons
 
-from weir import kafka as kio
 from weir.join import JoinOperator, JoinSpec
 from weir.join_metrics import publish_joins
 from weir.join_stage import JoinStage, JoinStep
 from weir.join_table import JoinStore
 from weir.metrics import WorkerMetrics
 from weir.tasks import Task
-from weir.testing.broker import Faults, FaultyStore, InlineExecutor
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import memory_worker
 
 STEP = JoinStep(
     index=2,
@@ -130,18 +128,7 @@ def test_a_job_s_join_metrics_agree_with_its_output_and_dead_letters(tmp_path: P
         if n == 0:
             worker.stop()
 
-    worker = Worker(
-        SINK_GRAPH,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0, 1, tmp_path / "state", batch_size=7, checkpoint_interval_s=0, watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck",
-        ),
-        metrics=m,
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=FaultyStore(Faults()),
-        uploader=InlineExecutor,
-    )
+    worker = memory_worker(SINK_GRAPH, broker, tmp_path / "state", on_consume=on_consume, metrics=m)
     assert worker.run() == 0
     labels = {"streamjob": "test/enrich", "worker": "0", "step": "0", "topic": "catalog"}
 

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 from tests.unit.test_join_pipeline import SINK_GRAPH, WINDOW_GRAPH, broker_with, data, output, run
 
-from weir import kafka as kio
 from weir.graph import JobGraph
 from weir.join import JoinOperator, JoinSpec
 from weir.join_table import JoinStore
 from weir.recovery import ReplayRefused
 from weir.state_migration import StateShapeMismatch
-from weir.testing.broker import Faults, FaultyStore, InlineExecutor, MemoryBroker
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import Faults, FaultyStore, MemoryBroker, memory_worker
+from weir.worker import Worker
 
 SPEC = JoinSpec(fields=("price",), kind="left")
 
@@ -75,16 +74,8 @@ def worker(
         if n == 0 or (stop_after is not None and seen[0] >= stop_after):
             w.stop()
 
-    w = Worker(
-        graph,
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0, 1, state, batch_size=7, checkpoint_interval_s=0, watermark_interval_s=0,
-            checkpoint_url="memory://mem/ck", shutdown_timeout_s=5, allow_state_reset=allow_reset,
-        ),
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=backend,
-        uploader=InlineExecutor,
+    w = memory_worker(
+        graph, broker, state, on_consume=on_consume, backend=backend, allow_state_reset=allow_reset
     )
     return w
 

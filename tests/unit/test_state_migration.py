@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 import pytest
 
-from weir import kafka as kio
 from weir.aggregates import compile_aggregates
 from weir.checkpoint_manifest import CorruptCheckpoint, Manifest
 from weir.config import Environment
@@ -33,8 +32,8 @@ from weir.recovery import IncompatibleState, choose
 from weir.spec import Aggregate, load_job
 from weir.state_migration import StateShapeMismatch, accumulator_migration, layout_of, verdict
 from weir.testing import reference_windows
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, InlineExecutor, MemoryBroker
-from weir.worker import Worker, WorkerSettings
+from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
+from weir.worker import Worker
 
 T0 = 1_704_067_200_000
 PARTITIONS = 2
@@ -178,24 +177,9 @@ class Cluster:
             else:
                 worker.savepoints.ask(SavepointRequest(id=savepoint, stop=True))
 
-        worker = Worker(
-            g,
-            kio.KafkaSettings("memory", {}, {}),
-            WorkerSettings(
-                0,
-                1,
-                state,
-                batch_size=batch_size,
-                checkpoint_interval_s=0,
-                watermark_interval_s=0,
-                checkpoint_url="memory://mem/ck",
-                shutdown_timeout_s=5,
-                restore_from=restore_from,
-                allow_state_reset=allow_reset,
-            ),
-            connect=self.broker.connect(self.faults, on_consume),
-            store_backend=self.backend,
-            uploader=InlineExecutor,
+        worker = memory_worker(
+            g, self.broker, state, on_consume=on_consume, backend=self.backend, faults=self.faults,
+            batch_size=batch_size, restore_from=restore_from, allow_state_reset=allow_reset,
         )
         return worker
 

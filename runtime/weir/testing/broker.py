@@ -21,12 +21,17 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weir.edges import Offset
 from weir.kafka import TopicMissing
 from weir.objectstores import MemoryBackend
 from weir.tasks import EARLIEST, LATEST, Headers, Message, Task
+
+if TYPE_CHECKING:
+    from weir.graph import JobGraph
+    from weir.metrics import WorkerMetrics
+    from weir.worker import Worker
 
 __all__ = [
     "STEPS",
@@ -37,6 +42,7 @@ __all__ = [
     "MemoryBroker",
     "MemoryEdges",
     "MemoryMessage",
+    "memory_worker",
 ]
 
 STEPS = (
@@ -364,3 +370,46 @@ class InlineExecutor(Executor):
         except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a thread would
             future.set_exception(exc)
         return future
+
+
+def memory_worker(
+    graph: JobGraph,
+    broker: MemoryBroker,
+    state: Path,
+    *,
+    on_consume: Callable[[int], None],
+    backend: MemoryBackend | None = None,
+    faults: Faults | None = None,
+    index: int = 0,
+    workers: int = 1,
+    batch_size: int = 7,
+    metrics: WorkerMetrics | None = None,
+    **settings: Any,
+) -> Worker:
+    """A real ``weir.worker.Worker`` on ``broker`` and an in-memory checkpoint store
+    (``memory://mem/ck`` on ``backend``): checkpoints and watermarks on every batch, uploads
+    inline. ``on_consume(n)`` is called after each read of ``n`` records (it stops the worker,
+    asks for savepoints...); ``settings`` are further ``WorkerSettings`` (``restore_from``,
+    ``allow_state_reset``...)."""
+    from weir import kafka as kio
+    from weir.worker import Worker, WorkerSettings
+
+    return Worker(
+        graph,
+        kio.KafkaSettings("memory", {}, {}),
+        WorkerSettings(
+            index,
+            workers,
+            state,
+            batch_size=batch_size,
+            checkpoint_interval_s=0,
+            watermark_interval_s=0,
+            checkpoint_url="memory://mem/ck",
+            shutdown_timeout_s=5,
+            **settings,
+        ),
+        metrics=metrics,
+        connect=broker.connect(faults or Faults(), on_consume),
+        store_backend=backend if backend is not None else MemoryBackend(),
+        uploader=InlineExecutor,
+    )
