@@ -16,11 +16,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXAMPLES", "Example", "Record", "example", "examples"]
+__all__ = ["EXAMPLES", "Example", "Record", "example", "examples", "iso_ms"]
+
+
+def iso_ms(ms: int) -> str:
+    """``2024-01-01T00:01:00.000Z``: how the sink writes window bounds (``windowStart``,
+    ``windowEnd``); references build the same strings from epoch milliseconds."""
+    return f"{datetime.fromtimestamp(ms // 1000, tz=UTC):%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
 @dataclass(frozen=True)

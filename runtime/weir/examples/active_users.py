@@ -22,10 +22,9 @@ dead-letters it (``function_error``) instead of changing a number already writte
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from weir.examples import Example, Record
+from weir.examples import Example, Record, iso_ms
 from weir.examples.clickstream import generate
 from weir.process import Context, KeyedState, ProcessFunction
 from weir.results import iso
@@ -110,12 +109,9 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
         for earlier in range(SPAN_MINUTES):
             span |= users.get((shop, minute - earlier * MINUTE_MS), set())
         one = len(users.get((shop, minute), ()))
-        out.append(_line(shop, minute, _iso(minute), _iso(minute + MINUTE_MS), one, len(span)))
+        out.append(_line(shop, minute, iso_ms(minute), iso_ms(minute + MINUTE_MS), one, len(span)))
     return out
 
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _show(r: dict[str, Any]) -> str:

@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
-from weir.examples import Example, Record
+from weir.examples import Example, Record, iso_ms
 
 __all__ = ["EXAMPLE", "by_category_and_segment", "generate", "reference"]
 
@@ -148,9 +147,6 @@ def by_category_and_segment(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 def _as_of(versions: list[tuple[int, int, dict[str, Any] | None]], ts: int) -> dict[str, Any] | None:
     """The value of the newest version at or before ``ts`` (of two at one time, the later produced)."""
@@ -186,8 +182,8 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
     return [
         {
             "key": group,
-            "windowStart": _iso(start),
-            "windowEnd": _iso(start + MINUTE),
+            "windowStart": iso_ms(start),
+            "windowEnd": iso_ms(start + MINUTE),
             "windowStartMs": start,
             "windowEndMs": start + MINUTE,
             "revenue": revenue,

@@ -13,10 +13,9 @@ minute with the custom aggregates below, all fed the record's ``type``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from weir.examples import Example, Record
+from weir.examples import Example, Record, iso_ms
 from weir.examples.clickstream import generate
 
 __all__ = [
@@ -111,8 +110,8 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
     return [
         {
             "key": shop,
-            "windowStart": _iso(start),
-            "windowEnd": _iso(start + MINUTE_MS),
+            "windowStart": iso_ms(start),
+            "windowEnd": iso_ms(start + MINUTE_MS),
             "windowStartMs": start,
             "windowEndMs": start + MINUTE_MS,
             "views": c["page_view"],
@@ -124,9 +123,6 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
         for (shop, start), c in sorted(counts.items())
     ]
 
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _show(r: dict[str, Any]) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from weir.examples import Example, Record
+from weir.examples import Example, Record, iso_ms
 
 __all__ = ["EXAMPLE", "PRICES", "PRODUCTS", "generate", "reference", "show"]
 
@@ -77,8 +76,8 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
         revenue = sum(paid)
         out.append({
             "key": product,
-            "windowStart": _iso(start),
-            "windowEnd": _iso(start + WINDOW_MS),
+            "windowStart": iso_ms(start),
+            "windowEnd": iso_ms(start + WINDOW_MS),
             "windowStartMs": start,
             "windowEndMs": start + WINDOW_MS,
             "revenue": revenue,
@@ -87,11 +86,6 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
         })
     return out
 
-
-def _iso(ms: int) -> str:
-    """``2024-01-01T00:01:00.000Z``: how the sink writes window bounds."""
-    moment = datetime.fromtimestamp(ms // 1000, tz=UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
 HEADER = f"{'minute':<13} {'product':<8} {'orders':>6} {'revenue':>10} {'avg order':>10}"

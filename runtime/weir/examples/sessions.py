@@ -11,10 +11,9 @@ below: ``duration`` (last minus first event time, ms), ``pages`` (page views) an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from weir.examples import Example, Record
+from weir.examples import Example, Record, iso_ms
 from weir.examples.clickstream import GAP_MS, generate
 from weir.examples.funnel import CountOf
 
@@ -89,8 +88,8 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "key": user,
-                    "windowStart": _iso(first),
-                    "windowEnd": _iso(last + GAP_MS),
+                    "windowStart": iso_ms(first),
+                    "windowEnd": iso_ms(last + GAP_MS),
                     "windowStartMs": first,
                     "windowEndMs": last + GAP_MS,
                     "duration": last - first,
@@ -101,13 +100,10 @@ def reference(records: Sequence[Record]) -> list[dict[str, Any]]:
     return out
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
 
 def _show(r: dict[str, Any]) -> str:
     minutes, ms = divmod(r["duration"], 60_000)
-    last = _iso(r["windowEndMs"] - GAP_MS)
+    last = iso_ms(r["windowEndMs"] - GAP_MS)
     return (
         f"{r['key']:<8} {r['windowStart'][11:19]:>8} {last[11:19]:>10} {minutes:>5}:{ms // 1000:02d}"
         f" {r['pages']:>6}  {'yes' if r['converted'] else 'no':<9}"
