@@ -12,7 +12,6 @@ Savepoints are requested along the way, so aborts also land mid-savepoint.
 from __future__ import annotations
 
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,11 @@ from typing import Any
 import orjson
 import pytest
 
-from weir.controlapi import SavepointRequest
 from weir.examples import dedup
-from weir.graph import JobGraph, compile_job
+from weir.graph import compile_job
 from weir.spec import Job, load_job
 from weir.testing import reference_windows
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
-from weir.worker import Worker
+from weir.testing.broker import STEPS, MemoryBroker, run_through
 
 T0 = 1_704_067_200_000
 PARTITIONS = 2
@@ -125,54 +122,8 @@ def run(
 ) -> int:
     """Run the job to the end of its input through every abort of ``schedule``; returns the
     number of restarts. After an abort the local state is wiped with probability ``wipe``."""
-    rng = random.Random(seed)
-    faults = Faults()
-    backend = FaultyStore(faults)
     graph = compile_job(job(steps), wall_ms=lambda: T0 + 86_400_000)
-    pending = list(schedule)
-    restarts = 0
-    state = root / "state"
-    while True:
-        faults.arm(*pending.pop(0)) if pending else faults.arm(None)
-        backend.faults = faults
-        worker = start_worker(
-            graph, broker, faults, backend, state, rng.randrange(3, 12), savepoint_every, restarts
-        )
-        try:
-            assert worker.run() == 0
-            return restarts
-        except Crash:
-            restarts += 1
-            assert restarts < 50, "the job never got through its schedule"
-            if rng.random() < wipe:
-                shutil.rmtree(state, ignore_errors=True)  # the new pod has no local state
-
-
-def start_worker(
-    graph: JobGraph,
-    broker: MemoryBroker,
-    faults: Faults,
-    backend: FaultyStore,
-    state: Path,
-    batch_size: int,
-    savepoint_every: int,
-    start: int,
-) -> Worker:
-    """A worker on the in-memory edges that stops once its input is read, checkpoints after
-    every batch, and asks for a savepoint every ``savepoint_every`` records."""
-    seen = [0]
-
-    def on_consume(n: int) -> None:
-        seen[0] += n
-        if n == 0:
-            worker.stop()  # the input is read: commit what is left and stop
-        elif savepoint_every and seen[0] % savepoint_every < n:
-            worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
-
-    worker = memory_worker(
-        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch_size
-    )
-    return worker
+    return run_through(graph, broker, root, schedule, seed, savepoint_every=savepoint_every, wipe=wipe)
 
 
 def output(broker: MemoryBroker) -> Counter[tuple[str, bytes | None, bytes | None]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,15 +16,13 @@ from typing import Any
 import orjson
 import pytest
 
-from weir.controlapi import SavepointRequest
 from weir.examples import Example, Record, alerts, anomalies
 from weir.functions import FunctionError
 from weir.graph import JobGraph, compile_job
 from weir.process import NO_WATERMARK, ProcessFunction, ProcessOperator
 from weir.process_store import ProcessStore
 from weir.spec import load_job
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
-from weir.worker import Worker
+from weir.testing.broker import STEPS, MemoryBroker, run_through
 
 T0 = 1_704_067_200_000
 MINUTE = 60_000
@@ -111,48 +108,9 @@ def run(
     """Run the job to the end of its input through every abort of ``schedule`` (a savepoint
     asked now and then; the local state wiped after an abort with probability ``wipe``);
     returns the number of restarts."""
-    rng = random.Random(seed)
-    faults = Faults()
-    backend = FaultyStore(faults)
-    pending = list(schedule)
-    restarts = 0
-    state = root / "state"
-    while True:
-        faults.arm(*pending.pop(0)) if pending else faults.arm(None)
-        backend.faults = faults
-        worker = start_worker(graph, broker, faults, backend, state, rng.randrange(100, 400), restarts)
-        try:
-            assert worker.run() == 0
-            return restarts
-        except Crash:
-            restarts += 1
-            assert restarts < 30, "the job never got through its schedule"
-            if rng.random() < wipe:
-                shutil.rmtree(state, ignore_errors=True)  # the new pod has no local state
-
-
-def start_worker(
-    graph: JobGraph,
-    broker: MemoryBroker,
-    faults: Faults,
-    backend: FaultyStore,
-    state: Path,
-    batch: int,
-    start: int,
-) -> Worker:
-    seen = [0]
-
-    def on_consume(n: int) -> None:
-        seen[0] += n
-        if n == 0:
-            worker.stop()  # the input is read: commit what is left and stop
-        elif seen[0] % 700 < n:
-            worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
-
-    worker = memory_worker(
-        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch
+    return run_through(
+        graph, broker, root, schedule, seed, savepoint_every=700, wipe=wipe, batch=(100, 400), max_restarts=30
     )
-    return worker
 
 
 def canonical(record: dict[str, Any]) -> bytes:

@@ -6,7 +6,6 @@ restarts with and without local state, savepoints on the way)."""
 from __future__ import annotations
 
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from weir.controlapi import SavepointRequest
 from weir.graph import JobGraph, compile_job
 from weir.spec import Job, load_job
 from weir.testing import reference_windows
-from weir.testing.broker import STEPS, Crash, Faults, FaultyStore, MemoryBroker, memory_worker
+from weir.testing.broker import STEPS, Faults, FaultyStore, MemoryBroker, memory_worker, run_through
 from weir.worker import Worker
 
 T0 = 1_704_067_200_000
@@ -196,51 +195,7 @@ def run(
 ) -> int:
     """Run the job to the end of its input through every abort of ``schedule``; returns the
     number of restarts."""
-    rng = random.Random(seed)
-    faults = Faults()
-    backend = FaultyStore(faults)
-    pending = list(schedule)
-    restarts = 0
-    state = root / "state"
-    while True:
-        faults.arm(*pending.pop(0)) if pending else faults.arm(None)
-        backend.faults = faults
-        worker = start_worker(
-            graph, broker, faults, backend, state, rng.randrange(3, 12), savepoint_every, restarts
-        )
-        try:
-            assert worker.run() == 0
-            return restarts
-        except Crash:
-            restarts += 1
-            assert restarts < 50, "the job never got through its schedule"
-            if rng.random() < wipe:
-                shutil.rmtree(state, ignore_errors=True)
-
-
-def start_worker(
-    graph: JobGraph,
-    broker: MemoryBroker,
-    faults: Faults,
-    backend: FaultyStore,
-    state: Path,
-    batch_size: int,
-    savepoint_every: int,
-    start: int,
-) -> Worker:
-    seen = [0]
-
-    def on_consume(n: int) -> None:
-        seen[0] += n
-        if n == 0:
-            worker.stop()
-        elif savepoint_every and seen[0] % savepoint_every < n:
-            worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
-
-    worker = memory_worker(
-        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch_size
-    )
-    return worker
+    return run_through(graph, broker, root, schedule, seed, savepoint_every=savepoint_every, wipe=wipe)
 
 
 def output(broker: MemoryBroker) -> Counter[tuple[str, bytes | None, bytes | None]]:

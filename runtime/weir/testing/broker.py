@@ -16,6 +16,7 @@ broker, store and (or a wiped) state directory: the restart a Kubernetes pod get
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
@@ -43,6 +44,7 @@ __all__ = [
     "MemoryEdges",
     "MemoryMessage",
     "memory_worker",
+    "run_through",
 ]
 
 STEPS = (
@@ -413,3 +415,73 @@ def memory_worker(
         store_backend=backend if backend is not None else MemoryBackend(),
         uploader=InlineExecutor,
     )
+
+
+def run_through(
+    graph: JobGraph,
+    broker: MemoryBroker,
+    root: Path,
+    schedule: Sequence[tuple[str, int]],
+    seed: int,
+    *,
+    savepoint_every: int = 0,
+    wipe: float = 0.5,
+    batch: tuple[int, int] = (3, 12),
+    max_restarts: int = 50,
+) -> int:
+    """Run the job on ``broker`` to the end of its input through every abort of ``schedule``
+    (each a ``Faults.arm`` argument pair, armed one per start); returns the number of restarts.
+
+    Each start is a ``memory_worker`` with a batch size drawn from ``batch`` that stops once its
+    input is read and asks for a savepoint every ``savepoint_every`` records (0: never). After an
+    abort the local state is wiped with probability ``wipe``, as if the pod moved. ``seed``
+    drives both draws, so a run is reproducible."""
+    import random
+
+    rng = random.Random(seed)
+    faults = Faults()
+    backend = FaultyStore(faults)
+    pending = list(schedule)
+    state = root / "state"
+    restarts = 0
+    while True:
+        faults.arm(*pending.pop(0)) if pending else faults.arm(None)
+        size = rng.randrange(*batch)
+        worker = _stopping_worker(graph, broker, state, backend, faults, size, savepoint_every, restarts)
+        try:
+            assert worker.run() == 0
+            return restarts
+        except Crash:
+            restarts += 1
+            assert restarts < max_restarts, "the job never got through its schedule"
+            if rng.random() < wipe:
+                shutil.rmtree(state, ignore_errors=True)
+
+
+def _stopping_worker(
+    graph: JobGraph,
+    broker: MemoryBroker,
+    state: Path,
+    backend: FaultyStore,
+    faults: Faults,
+    batch_size: int,
+    savepoint_every: int,
+    start: int,
+) -> Worker:
+    """``run_through``'s worker for its ``start``-th start: stops once its input is read and asks
+    for a savepoint every ``savepoint_every`` records."""
+    from weir.controlapi import SavepointRequest
+
+    seen = [0]
+
+    def on_consume(n: int) -> None:
+        seen[0] += n
+        if n == 0:
+            worker.stop()  # the input is read: commit what is left and stop
+        elif savepoint_every and seen[0] % savepoint_every < n:
+            worker.savepoints.ask(SavepointRequest(id=f"sp-{start}-{seen[0]}"))
+
+    worker = memory_worker(
+        graph, broker, state, on_consume=on_consume, backend=backend, faults=faults, batch_size=batch_size
+    )
+    return worker
