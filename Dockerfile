@@ -2,19 +2,28 @@
 #
 #   docker build -t weir:dev .
 #
-# Stage 1 builds wheels for weir and every dependency, pinned by constraints.txt, and installs
-# them into a virtualenv. confluent-kafka, rocksdict, orjson and pydantic-core ship manylinux
-# wheels, so no compiler is installed in either stage; a dependency without a wheel for this
-# platform fails the build here instead of dragging a toolchain into the image.
+# Stage 1 builds wheels for weir, its native hot path (native/: Rust through PyO3 and maturin)
+# and every dependency, pinned by constraints.txt, and installs them into a virtualenv. Rust and
+# a C linker live in this stage only. confluent-kafka, rocksdict, orjson and pydantic-core ship
+# manylinux wheels; a dependency without a wheel for this platform fails the build here instead
+# of dragging a toolchain into the image.
 FROM python:3.11-slim-bookworm AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
+COPY --from=rust:1.87-slim-bookworm /usr/local/cargo /usr/local/cargo
+COPY --from=rust:1.87-slim-bookworm /usr/local/rustup /usr/local/rustup
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY runtime ./runtime
 COPY operator ./operator
-RUN pip wheel --wheel-dir /wheels -c constraints.txt . \
+COPY native ./native
+RUN PIP_CONSTRAINT=constraints.txt pip wheel --no-deps --wheel-dir /wheels ./native \
+ && pip wheel --wheel-dir /wheels -c constraints.txt . \
  && python -m venv /opt/weir \
- && /opt/weir/bin/pip install --no-index --find-links /wheels weir \
+ && /opt/weir/bin/pip install --no-index --find-links /wheels weir weir-native \
  && /opt/weir/bin/pip uninstall -y pip \
  && rm -rf /wheels
 

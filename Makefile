@@ -8,8 +8,11 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 HARNESS := PYTHONPATH=tests $(PY) -m harness
-# Go lives in /usr/local/go on Debian images that install it from the tarball.
-export PATH := $(PATH):/usr/local/go/bin
+# Go lives in /usr/local/go on Debian images that install it from the tarball; rustup puts cargo
+# in ~/.cargo/bin.
+export PATH := $(PATH):/usr/local/go/bin:$(HOME)/.cargo/bin
+CACHE := $(or $(WEIR_CACHE),$(HOME)/.cache/weir)
+NATIVE := native/Cargo.toml native/Cargo.lock native/pyproject.toml native/weir_native.pyi $(wildcard native/src/*.rs)
 
 
 .PHONY: help demo bench bench-quick bench-setup setup crds lint servers test-unit test-integration test ci-fresh services-up services-down kube-build kube-up kube-down e2e-kind soak clean
@@ -24,10 +27,13 @@ demo: setup ## Command 1: start a local Kafka broker and run an example job on g
 
 setup: $(STAMP) ## Create .venv and install weir (editable) with the dev tools, pinned by constraints.txt
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(NATIVE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@command -v cargo >/dev/null || { echo "setup: the native hot path needs Rust (cargo), e.g. from https://rustup.rs"; exit 1; }
+	@echo "setup: building the native hot path (native/, Rust; the first build takes about a minute)"
+	CARGO_TARGET_DIR=$(CACHE)/cargo-target PIP_CONSTRAINT=constraints.txt $(BIN)/pip install -q --force-reinstall --no-deps ./native
 	touch $@
 
 crds: setup ## Regenerate the StreamJob CRD from the models into crds/ and the Helm chart

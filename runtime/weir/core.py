@@ -163,6 +163,7 @@ class TaskCore(CoreOutput):
         self, task: Task, path: Path, memory_bytes: int | None = None, rocks: RocksMemory | None = None
     ) -> None:
         window, process = self.graph.window, self.graph.process
+        task.native = None
         if process is not None:
             op = open_process(process.ref, process.on_error, path, rocks, memory_bytes)  # type: ignore[arg-type]
             task.op, task.store = op, op.store
@@ -188,6 +189,8 @@ class TaskCore(CoreOutput):
             window.emit,  # type: ignore[arg-type]
             store,
         )
+        if self.graph.native is not None:
+            task.native = self.graph.native.task()
 
     def close(self) -> None:
         for task in self.tasks.values():
@@ -242,7 +245,9 @@ class TaskCore(CoreOutput):
             accept = (
                 self._forward if task.forward else task.op.process if task.op is not None else self._to_sink
             )
-            if self.graph.prepare_many is not None:
+            if task.native is not None:
+                self._prepare_native(task, batch)
+            elif self.graph.prepare_many is not None:
                 self._prepare_many(task, batch, accept)
             else:
                 self._prepare(task, batch, accept)
@@ -301,6 +306,44 @@ class TaskCore(CoreOutput):
         task.wm = wm
         task.records += len(batch)
         task.bytes += nbytes
+
+    def _prepare_native(self, task: Task, batch: list[Message]) -> None:
+        """``_prepare`` into the window operator through the native hot path (``weir.native``):
+        the extension folds the batch; a late record comes back to be dead-lettered here, and a
+        record it cannot certify runs ``_prepare`` at its place, after its window is handed over.
+        Every changed window is back in the store when this returns."""
+        plan = self.graph.native
+        native = task.native
+        op = task.op
+        assert plan is not None and isinstance(op, WindowOperator)
+        values = [m.value() for m in batch]
+        keys = [m.key() for m in batch] if plan.message_keys else None
+        stamps = [m.timestamp()[1] for m in batch] if plan.kafka_time else None
+        adopt, process = op.adopt, op.process
+
+        def handed_over(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
+            native.evict(key, ts, adopt)
+            return process(key, ts, record, wm)
+
+        run = native.run
+        horizon = plan.horizon()
+        i, n = 0, len(batch)
+        while i < n:
+            i, code, task.wm, op_wm, ts, late_wm = run(
+                values, keys, stamps, i, task.wm, op.watermark, horizon, op.stored
+            )
+            op.lift_watermark(op_wm)
+            if code == 1:
+                task.late += 1
+                self.dead_letter(batch[i], LateRecord(ts, late_wm))
+            elif code == 2:
+                self._prepare(task, batch[i : i + 1], handed_over)  # counts its record itself
+            i += 1
+        records, nbytes = native.take_counts()
+        task.records += records
+        task.bytes += nbytes
+        closed = max(task.wm, op.watermark) - plan.allowed_lateness_ms + 1  # windows ending here fire next
+        native.flush(adopt, max(closed, NO_WATERMARK))
 
     def _forward(self, key: str, ts: int, record: dict[str, Any], _wm: int) -> bool:
         """Stage 1's ``accept`` with a repartition: send the record on by its group key.

@@ -11,6 +11,7 @@ from weir.chain import PrepareMany, aggregate_field_checks, compile_prepare_many
 from weir.custom_aggregates import aggregator_for
 from weir.join import JoinSpec
 from weir.join_stage import JoinStep
+from weir.native import NativePlan, plan_for
 from weir.records import Prepare, compile_prepare
 from weir.spec import Job
 from weir.state_shape import StateShape, shape_of
@@ -73,6 +74,8 @@ class JobGraph:
     join_check: Callable[[dict[str, Any]], None] | None = None
     """Checks the fields an aggregate reads that the joins add (``DeadLetter``): they do not
     exist when records are prepared, so they are checked after the last join."""
+    native: NativePlan | None = None
+    """The native hot path's plan (``weir.native``); None: the Python path runs the records."""
 
     @property
     def table_topics(self) -> tuple[str, ...]:
@@ -85,10 +88,13 @@ class JobGraph:
         return "window" if self.window is not None else "process" if self.process is not None else "none"
 
 
-def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
+def compile_job(
+    job: Job, wall_ms: Callable[[], int] | None = None, native: bool | None = None
+) -> JobGraph:
     """Resolve a loaded job into what the worker runs (``wall_ms``: the clock ``maxFutureSkew``
     is measured from; default the system clock). Imports the user functions the pipeline names:
-    ``SpecError`` with the field path for one that does not resolve."""
+    ``SpecError`` with the field path for one that does not resolve. ``native``: run the native
+    hot path where it can (True), never (False), or as ``WEIR_NATIVE`` says (None, default on)."""
     pipeline = job.pipeline
     stages = pipeline.stages()
     idle_ms = pipeline.watermark.idle_timeout
@@ -143,6 +149,9 @@ def compile_job(job: Job, wall_ms: Callable[[], int] | None = None) -> JobGraph:
         shape=shape_of(stages, job.namespace, job.name),
         joins=joins,
         join_check=join_check,
+        native=None
+        if native is False or window_stage is None
+        else plan_for(pipeline, window_stage.aggregator, wall_ms, force=native is True),
     )
 
 

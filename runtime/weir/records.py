@@ -64,6 +64,7 @@ __all__ = [
     "Reason",
     "compile_prepare",
     "prepare_source",
+    "walk_steps",
 ]
 
 Reason: TypeAlias = Literal[
@@ -299,6 +300,29 @@ def _member_expr(src: _Source, field: str, values: tuple[object, ...]) -> str:
     return "(" + " or ".join(parts) + ")" if parts else "False"
 
 
+def walk_steps(
+    pipeline: Pipeline, on_filter: Callable[[int, Condition, FieldScope], None]
+) -> tuple[FieldScope, str | None]:
+    """Walk the declarative steps before the keyed stage: ``on_filter(index, condition, scope)``
+    for each filter, with the scope as it is there (a filter reads source fields through the
+    select and rename steps before it). Returns the scope at the keyed stage and the source field
+    of a ``keyBy`` field (None without one). ``weir.native`` reads the pipeline the same way."""
+    scope = FieldScope(raw=pipeline.source.format == "raw")
+    key_scope_field: str | None = None
+    for index, step in enumerate(pipeline.steps):
+        if step.filter is not None:
+            on_filter(index, step.filter, scope)
+        elif step.select is not None:
+            scope.select(index, step.select)
+        elif step.rename is not None:
+            scope.rename(index, step.rename)
+        elif step.key_by is not None and step.key_by.field is not None:
+            key_scope_field = scope.source_of(step.key_by.field)
+        elif step.window is not None or step.process is not None:
+            break
+    return scope, key_scope_field
+
+
 def _generate(pipeline: Pipeline) -> _Source:
     plan = pipeline.stages()
     source = pipeline.source
@@ -331,20 +355,11 @@ def _generate(pipeline: Pipeline) -> _Source:
         emit(3, "raise DeadLetter('decode_error', f'not UTF-8: {exc.reason} at byte {exc.start}') from None")
 
     # -- filters (reading source fields through the select/rename mapping so far)
-    scope = FieldScope(raw=source.format == "raw")
-    key_scope_field: str | None = None
-    for index, step in enumerate(pipeline.steps):
-        if step.filter is not None:
-            emit(1, f"if not {_condition_expr(src, step.filter, scope)}:  # steps[{index}]")
-            emit(2, "return None")
-        elif step.select is not None:
-            scope.select(index, step.select)
-        elif step.rename is not None:
-            scope.rename(index, step.rename)
-        elif step.key_by is not None and step.key_by.field is not None:
-            key_scope_field = scope.source_of(step.key_by.field)
-        elif step.window is not None or step.process is not None:
-            break
+    def on_filter(index: int, condition: Condition, scope: FieldScope) -> None:
+        emit(1, f"if not {_condition_expr(src, condition, scope)}:  # steps[{index}]")
+        emit(2, "return None")
+
+    scope, key_scope_field = walk_steps(pipeline, on_filter)
 
     # -- event time
     event_time = source.event_time

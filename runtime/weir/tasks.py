@@ -104,6 +104,8 @@ class Task:
     """Repartitioned tasks: the watermark of every upstream source partition."""
     wm_sent: int = NO_WATERMARK
     metrics: Any = None
+    native: Any = None
+    """The task's ``weir_native.Tumbling`` when the native hot path runs it (``weir.native``)."""
     published: tuple[int, int, int] = (0, 0, 0)
     replay_until: int | None = None
     """Recovery by re-reading (``weir.recovery``): output before this offset is suppressed."""

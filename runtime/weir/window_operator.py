@@ -210,6 +210,31 @@ class WindowOperator:
         """The highest watermark passed to ``process`` or ``advance`` so far."""
         return self._watermark[0]
 
+    # -- the native hot path's seam (weir.native): its write-back cache over this operator's store
+    def stored(self, key: str, start: int, end: int) -> Accumulator | None:
+        """The accumulator the store holds for window ``(key, start, end)``, or None."""
+        return self._store.get((key, start, end))
+
+    def adopt(self, k: WindowKey, acc: Accumulator, new: bool) -> None:
+        """Take a window's accumulator computed outside ``process`` (tumbling windows only):
+        store it and, for a ``new`` window, index its timer, as ``process`` would have."""
+        self._store.put(k, acc)
+        if new:
+            end = k[2]
+            bucket = self._timers.get(end)
+            if bucket is None:
+                self._timers[end] = [k]
+                heapq.heappush(self._heap, end)
+            else:
+                bucket.append(k)
+        if self.emit == "updates":
+            self._changed.add(k)
+
+    def lift_watermark(self, watermark: int) -> None:
+        """Raise the highest watermark seen (records processed outside ``process`` saw it)."""
+        if watermark > self._watermark[0]:
+            self._watermark[0] = watermark
+
     def process_batch(
         self, batch: Iterable[tuple[str, int, dict[str, Any], int]]
     ) -> list[tuple[str, int, dict[str, Any], int]]:

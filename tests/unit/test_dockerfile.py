@@ -105,3 +105,13 @@ def test_the_dockerignore_keeps_the_virtualenv_git_and_tests_out_of_the_context(
     assert {".git", ".venv", "tests", "**/__pycache__"} <= ignored
     for needed in ("runtime", "operator", "pyproject.toml", "constraints.txt", "README.md"):
         assert needed not in ignored
+
+
+def test_the_build_stage_builds_the_native_hot_path_into_the_virtualenv() -> None:
+    build = stages()[0]
+    runs = " ".join(build.all("RUN"))
+
+    assert "COPY native ./native" in [f"COPY {c}" for c in build.all("COPY")]
+    assert "pip wheel --no-deps --wheel-dir /wheels ./native" in runs
+    assert "--find-links /wheels weir weir-native" in runs, "the image runs the native path, not the fallback"
+    assert any(c.startswith("--from=rust:") for c in build.all("COPY")), "Rust comes from the official image"

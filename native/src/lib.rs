@@ -1,0 +1,609 @@
+//! weir's native hot path (see `weir.native` for the Python side and the contract).
+//!
+//! One `Tumbling` per partition task of a declarative tumbling-window pipeline. `run` takes a
+//! consumed batch of message values and folds the records it can certify into a write-back
+//! cache of window accumulators: decode the needed fields, filter, event time, key, window,
+//! lateness, aggregate, per record and in order, building no Python object per record. It
+//! stops at a record that is late (the caller dead-letters it) or that it cannot certify (the
+//! caller runs it through the Python path, after `evict` hands over that window). `flush`
+//! writes every changed window back to the Python store; the caller does so before windows
+//! fire and before any checkpoint, so the store is the truth between batches.
+
+mod json;
+mod num;
+
+use json::{scan, Val};
+use num::{add, cmp, Num};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
+use rustc_hash::FxHashMap;
+use std::cmp::Ordering;
+
+const MAX_EVENT_TIME_MS: i64 = 253_402_300_800_000;
+
+/// Fields one pipeline may read natively (more: the Python path runs it).
+const MAX_FIELDS: usize = 16;
+
+const DONE: u8 = 0;
+const LATE: u8 = 1;
+const FALLBACK: u8 = 2;
+
+#[derive(Clone, Copy)]
+enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Op {
+    fn holds(self, o: Ordering) -> bool {
+        match self {
+            Op::Lt => o == Ordering::Less,
+            Op::Le => o != Ordering::Greater,
+            Op::Gt => o == Ordering::Greater,
+            Op::Ge => o != Ordering::Less,
+        }
+    }
+}
+
+enum Cond {
+    And(Vec<Cond>),
+    Or(Vec<Cond>),
+    Not(Box<Cond>),
+    Exists(usize),
+    EqNull(usize),
+    EqBool(usize, bool),
+    EqStr(usize, Box<str>),
+    EqNum(usize, Num),
+    In { f: usize, strs: Vec<Box<str>>, nums: Vec<Num>, bools: Vec<bool>, null: bool },
+    CmpStr(usize, Op, Box<str>),
+    CmpNum(usize, Op, Num),
+}
+
+fn as_num(v: Val) -> Option<Num> {
+    match v {
+        Val::Int(i) => Some(Num::Int(i)),
+        Val::Float(f) => Some(Num::Float(f)),
+        _ => None,
+    }
+}
+
+impl Cond {
+    /// The condition's value with Python's semantics of `weir.records` (see `Condition`).
+    fn eval(&self, vals: &[Val]) -> bool {
+        match self {
+            Cond::And(cs) => cs.iter().all(|c| c.eval(vals)),
+            Cond::Or(cs) => cs.iter().any(|c| c.eval(vals)),
+            Cond::Not(c) => !c.eval(vals),
+            Cond::Exists(f) => vals[*f] != Val::Missing,
+            Cond::EqNull(f) => vals[*f] == Val::Null,
+            Cond::EqBool(f, b) => vals[*f] == Val::Bool(*b),
+            Cond::EqStr(f, s) => matches!(vals[*f], Val::Str(v) if v == &**s),
+            Cond::EqNum(f, n) => as_num(vals[*f]).is_some_and(|v| cmp(v, *n) == Some(Ordering::Equal)),
+            Cond::In { f, strs, nums, bools, null } => match vals[*f] {
+                Val::Str(v) => strs.iter().any(|s| &**s == v),
+                Val::Int(_) | Val::Float(_) => {
+                    let v = as_num(vals[*f]).unwrap();
+                    nums.iter().any(|n| cmp(v, *n) == Some(Ordering::Equal))
+                }
+                Val::Bool(b) => bools.contains(&b),
+                Val::Null => *null,
+                Val::Missing | Val::Other => false,
+            },
+            Cond::CmpStr(f, op, s) => matches!(vals[*f], Val::Str(v) if op.holds(v.cmp(&**s))),
+            Cond::CmpNum(f, op, n) => {
+                as_num(vals[*f]).is_some_and(|v| cmp(v, *n).is_some_and(|o| op.holds(o)))
+            }
+        }
+    }
+}
+
+fn num_of(v: &Bound<PyAny>) -> PyResult<Num> {
+    if v.is_instance_of::<PyBool>() {
+        return Err(PyValueError::new_err("a boolean is not a number here"));
+    }
+    if v.is_instance_of::<PyInt>() {
+        return Ok(Num::Int(v.extract()?));
+    }
+    if v.is_instance_of::<PyFloat>() {
+        return Ok(Num::Float(v.extract()?));
+    }
+    Err(PyValueError::new_err("expected a number"))
+}
+
+fn cond_of(c: &Bound<PyAny>) -> PyResult<Cond> {
+    let t = c.downcast::<PyTuple>()?;
+    let kind: String = t.get_item(0)?.extract()?;
+    let list = |i: usize| -> PyResult<Vec<Cond>> {
+        t.get_item(i)?.try_iter()?.map(|x| cond_of(&x?)).collect()
+    };
+    Ok(match kind.as_str() {
+        "and" => Cond::And(list(1)?),
+        "or" => Cond::Or(list(1)?),
+        "not" => Cond::Not(Box::new(cond_of(&t.get_item(1)?)?)),
+        "exists" => Cond::Exists(t.get_item(1)?.extract()?),
+        "eq" => {
+            let f: usize = t.get_item(1)?.extract()?;
+            let v = t.get_item(2)?;
+            if v.is_none() {
+                Cond::EqNull(f)
+            } else if v.is_instance_of::<PyBool>() {
+                Cond::EqBool(f, v.extract()?)
+            } else if let Ok(s) = v.extract::<String>() {
+                Cond::EqStr(f, s.into())
+            } else {
+                Cond::EqNum(f, num_of(&v)?)
+            }
+        }
+        "in" => {
+            let f: usize = t.get_item(1)?.extract()?;
+            let (mut strs, mut nums, mut bools, mut null) = (vec![], vec![], vec![], false);
+            for v in t.get_item(2)?.try_iter()? {
+                let v = v?;
+                if v.is_none() {
+                    null = true;
+                } else if v.is_instance_of::<PyBool>() {
+                    bools.push(v.extract()?);
+                } else if let Ok(s) = v.extract::<String>() {
+                    strs.push(s.into());
+                } else {
+                    nums.push(num_of(&v)?);
+                }
+            }
+            Cond::In { f, strs, nums, bools, null }
+        }
+        "lt" | "le" | "gt" | "ge" => {
+            let op = match kind.as_str() {
+                "lt" => Op::Lt,
+                "le" => Op::Le,
+                "gt" => Op::Gt,
+                _ => Op::Ge,
+            };
+            let f: usize = t.get_item(1)?.extract()?;
+            let v = t.get_item(2)?;
+            if let Ok(s) = v.extract::<String>() {
+                Cond::CmpStr(f, op, s.into())
+            } else {
+                Cond::CmpNum(f, op, num_of(&v)?)
+            }
+        }
+        other => return Err(PyValueError::new_err(format!("unknown condition {other:?}"))),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Agg {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+enum Time {
+    Kafka,
+    Millis(usize),
+    Seconds(usize),
+}
+
+enum Key {
+    Message,
+    Field(usize),
+}
+
+type Slots = Vec<Option<Num>>;
+
+struct Entry {
+    start: i64,
+    slots: Slots,
+    dirty: bool,
+    new: bool,
+}
+
+/// The window accumulators of one partition task's tumbling windows; see the module docs.
+#[pyclass(module = "weir_native")]
+struct Tumbling {
+    size: i64,
+    lateness_m1: i64,
+    ooo: i64,
+    max_bytes: usize,
+    cache_limit: usize,
+    fields: Vec<Box<str>>,
+    time: Time,
+    key: Key,
+    filter: Option<Cond>,
+    aggs: Vec<(Agg, Option<usize>)>,
+    n_slots: usize,
+    cache: FxHashMap<Box<str>, Vec<Entry>>,
+    cached: usize,
+    min_end: i64,
+    dirty: Vec<(Box<str>, i64)>,
+    /// Records `run` finished itself (accepted, filtered or late) and their bytes, since `take_counts`.
+    handled: u64,
+    nbytes: u64,
+}
+
+fn slots_to_py<'py>(py: Python<'py>, slots: &Slots) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<PyObject> = slots
+        .iter()
+        .map(|s| match s {
+            None => py.None(),
+            Some(Num::Int(i)) => i.into_pyobject(py).unwrap().into_any().unbind(),
+            Some(Num::Float(f)) => PyFloat::new(py, *f).into_any().unbind(),
+        })
+        .collect();
+    PyList::new(py, items)
+}
+
+impl Tumbling {
+    fn create(&self) -> Slots {
+        let mut s = Vec::with_capacity(self.n_slots);
+        for (agg, _) in &self.aggs {
+            match agg {
+                Agg::Count | Agg::Sum => s.push(Some(Num::Int(0))),
+                Agg::Min | Agg::Max => s.push(None),
+                Agg::Avg => {
+                    s.push(Some(Num::Int(0)));
+                    s.push(Some(Num::Int(0)));
+                }
+            }
+        }
+        s
+    }
+
+    fn slots_of(&self, acc: &Bound<PyAny>) -> Option<Slots> {
+        let list = acc.downcast::<PyList>().ok()?;
+        if list.len() != self.n_slots {
+            return None;
+        }
+        list.iter()
+            .map(|v| if v.is_none() { Some(None) } else { num_of(&v).ok().map(Some) })
+            .collect()
+    }
+}
+
+fn sub(a: i64, b: i64) -> i64 {
+    a.saturating_sub(b)
+}
+
+#[pymethods]
+impl Tumbling {
+    #[new]
+    #[pyo3(signature = (size, lateness, ooo, max_bytes, cache_limit, fields, time, key, filter, aggs))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        size: i64,
+        lateness: i64,
+        ooo: i64,
+        max_bytes: usize,
+        cache_limit: usize,
+        fields: Vec<String>,
+        time: (String, i64),
+        key: (String, i64),
+        filter: Option<Bound<PyAny>>,
+        aggs: Vec<(String, i64)>,
+    ) -> PyResult<Self> {
+        if fields.len() > MAX_FIELDS {
+            return Err(PyValueError::new_err("too many fields for the native path"));
+        }
+        if size <= 0 {
+            return Err(PyValueError::new_err("size must be positive"));
+        }
+        let idx = |i: i64| -> PyResult<usize> {
+            usize::try_from(i).ok().filter(|i| *i < fields.len()).ok_or_else(|| PyValueError::new_err("field index"))
+        };
+        let time = match time.0.as_str() {
+            "kafka" => Time::Kafka,
+            "millis" => Time::Millis(idx(time.1)?),
+            "seconds" => Time::Seconds(idx(time.1)?),
+            t => return Err(PyValueError::new_err(format!("unknown time {t:?}"))),
+        };
+        let key = match key.0.as_str() {
+            "message" => Key::Message,
+            "field" => Key::Field(idx(key.1)?),
+            k => return Err(PyValueError::new_err(format!("unknown key {k:?}"))),
+        };
+        let mut parsed = Vec::new();
+        let mut n_slots = 0;
+        for (f, field) in aggs {
+            let agg = match f.as_str() {
+                "count" => Agg::Count,
+                "sum" => Agg::Sum,
+                "min" => Agg::Min,
+                "max" => Agg::Max,
+                "avg" => Agg::Avg,
+                other => return Err(PyValueError::new_err(format!("no native aggregate {other:?}"))),
+            };
+            n_slots += if agg == Agg::Avg { 2 } else { 1 };
+            let field = if agg == Agg::Count { None } else { Some(idx(field)?) };
+            parsed.push((agg, field));
+        }
+        let filter = match filter {
+            Some(c) if !c.is_none() => Some(cond_of(&c)?),
+            _ => None,
+        };
+        Ok(Tumbling {
+            size,
+            lateness_m1: lateness - 1,
+            ooo,
+            max_bytes,
+            cache_limit,
+            fields: fields.into_iter().map(Into::into).collect(),
+            time,
+            key,
+            filter,
+            aggs: parsed,
+            n_slots,
+            cache: FxHashMap::default(),
+            cached: 0,
+            min_end: i64::MAX,
+            dirty: Vec::new(),
+            handled: 0,
+            nbytes: 0,
+        })
+    }
+
+    /// Fold `values[start:]` in order (see the module docs). Returns `(index, code, task_wm,
+    /// op_wm, late_ts, late_wm)`: code 0 when every record is done, 1 when record `index` is
+    /// late (`late_ts`, at watermark `late_wm`; `task_wm` already includes it), 2 when record
+    /// `index` needs the Python path (nothing of it applied).
+    #[pyo3(signature = (values, keys, kafka_ts, start, task_wm, op_wm, horizon, loader))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &mut self,
+        py: Python<'py>,
+        values: &Bound<'py, PyList>,
+        keys: Option<&Bound<'py, PyList>>,
+        kafka_ts: Option<&Bound<'py, PyList>>,
+        start: usize,
+        mut task_wm: i64,
+        mut op_wm: i64,
+        horizon: i64,
+        loader: &Bound<'py, PyAny>,
+    ) -> PyResult<(usize, u8, i64, i64, i64, i64)> {
+        let n = values.len();
+        let nf = self.fields.len();
+        let mut keybuf = String::new();
+        for i in start..n {
+            let item = values.get_item(i)?;
+            let mut slots = [Val::Missing; MAX_FIELDS];
+            let vals = &mut slots[..nf];
+            let Ok(bytes) = item.downcast::<PyBytes>() else {
+                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+            };
+            let b = bytes.as_bytes();
+            if b.len() > self.max_bytes || scan(b, &self.fields, vals).is_none() {
+                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+            }
+            if let Some(f) = &self.filter {
+                if !f.eval(vals) {
+                    self.handled += 1;
+                    self.nbytes += b.len() as u64;
+                    continue;
+                }
+            }
+            let t = match self.time {
+                Time::Kafka => {
+                    let t: i64 = kafka_ts.expect("kafka timestamps").get_item(i)?.extract()?;
+                    if t < 0 {
+                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+                    }
+                    t
+                }
+                Time::Millis(f) => match vals[f] {
+                    Val::Int(t) if (0..MAX_EVENT_TIME_MS).contains(&t) => t,
+                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
+                },
+                Time::Seconds(f) => match vals[f] {
+                    Val::Int(s) if (0..MAX_EVENT_TIME_MS / 1000).contains(&s) => s * 1000,
+                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
+                },
+            };
+            if t > horizon {
+                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+            }
+            // The key, borrowed from the value, the message key, or a decimal int.
+            let kitem;
+            let key: &str = match self.key {
+                Key::Message => {
+                    kitem = keys.expect("message keys").get_item(i)?;
+                    match kitem.downcast::<PyBytes>().ok().and_then(|k| std::str::from_utf8(k.as_bytes()).ok()) {
+                        Some(k) => k,
+                        None => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
+                    }
+                }
+                Key::Field(f) => match vals[f] {
+                    Val::Str(s) => s,
+                    Val::Int(v) => {
+                        keybuf.clear();
+                        keybuf.push_str(&v.to_string());
+                        keybuf.as_str()
+                    }
+                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
+                },
+            };
+            // Numeric aggregate fields must hold numbers (else Python dead-letters the record).
+            if self.aggs.iter().any(|(_, f)| f.is_some_and(|f| as_num(vals[f]).is_none())) {
+                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+            }
+            // The window operator: watermarks never go back; closed windows take nothing.
+            let mut watermark = task_wm;
+            if watermark > op_wm {
+                op_wm = watermark;
+            } else {
+                watermark = op_wm;
+            }
+            let wstart = t - t.rem_euclid(self.size);
+            let end = wstart + self.size;
+            if end <= sub(watermark, self.lateness_m1) {
+                self.handled += 1;
+                self.nbytes += b.len() as u64;
+                let before = task_wm;
+                if t - self.ooo > task_wm {
+                    task_wm = t - self.ooo;
+                }
+                return Ok((i, LATE, task_wm, op_wm, t, before));
+            }
+            let found = self
+                .cache
+                .get_mut(key)
+                .and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
+            match found {
+                Some(e) => {
+                    let Some(slots) = fold(&self.aggs, &e.slots, vals) else {
+                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+                    };
+                    e.slots = slots;
+                    if !e.dirty {
+                        e.dirty = true;
+                        self.dirty.push((key.into(), wstart));
+                    }
+                }
+                None => {
+                    let loaded = loader.call1((key, wstart, end))?;
+                    let (base, new) = if loaded.is_none() {
+                        (self.create(), true)
+                    } else {
+                        match self.slots_of(&loaded) {
+                            Some(s) => (s, false),
+                            None => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
+                        }
+                    };
+                    let Some(slots) = fold(&self.aggs, &base, vals) else {
+                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+                    };
+                    self.cache
+                        .entry(key.into())
+                        .or_default()
+                        .push(Entry { start: wstart, slots, dirty: true, new });
+                    self.cached += 1;
+                    self.min_end = self.min_end.min(end);
+                    self.dirty.push((key.into(), wstart));
+                }
+            }
+            self.handled += 1;
+            self.nbytes += b.len() as u64;
+            if t - self.ooo > task_wm {
+                task_wm = t - self.ooo;
+            }
+        }
+        let _ = py;
+        Ok((n, DONE, task_wm, op_wm, 0, 0))
+    }
+
+    /// Write every window changed since the last flush back through `adopt((key, start, end),
+    /// accumulator, new)`; then forget the windows closed at `threshold` (they fire next) and,
+    /// past the cache limit, everything (the store has it all).
+    fn flush(&mut self, py: Python, adopt: &Bound<PyAny>, threshold: i64) -> PyResult<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for (key, start) in dirty {
+            let Some(e) = self.cache.get_mut(&key).and_then(|ws| ws.iter_mut().find(|e| e.start == start)) else {
+                continue;
+            };
+            if !e.dirty {
+                continue;
+            }
+            let acc = slots_to_py(py, &e.slots)?;
+            let new = e.new;
+            e.dirty = false;
+            e.new = false;
+            adopt.call1(((&*key, start, start + self.size), acc, new))?;
+        }
+        if self.cached > self.cache_limit {
+            self.cache.clear();
+            self.cached = 0;
+            self.min_end = i64::MAX;
+        } else if threshold >= self.min_end {
+            let size = self.size;
+            let mut min_end = i64::MAX;
+            let mut cached = 0;
+            self.cache.retain(|_, ws| {
+                ws.retain(|e| e.start + size > threshold);
+                for e in ws.iter() {
+                    min_end = min_end.min(e.start + size);
+                }
+                cached += ws.len();
+                !ws.is_empty()
+            });
+            self.min_end = min_end;
+            self.cached = cached;
+        }
+        Ok(())
+    }
+
+    /// Hand the window of `key` holding `ts` to the Python path: written back through `adopt`
+    /// if changed, and forgotten here (the next record of it reads the store again).
+    fn evict(&mut self, py: Python, key: &str, ts: i64, adopt: &Bound<PyAny>) -> PyResult<()> {
+        let start = ts - ts.rem_euclid(self.size);
+        let Some(ws) = self.cache.get_mut(key) else { return Ok(()) };
+        let Some(pos) = ws.iter().position(|e| e.start == start) else { return Ok(()) };
+        let e = ws.swap_remove(pos);
+        if ws.is_empty() {
+            self.cache.remove(key);
+        }
+        self.cached -= 1;
+        if e.dirty {
+            let acc = slots_to_py(py, &e.slots)?;
+            adopt.call1(((key, start, start + self.size), acc, e.new))?;
+        }
+        Ok(())
+    }
+
+    /// Forget every cached window (after a flush: they are all in the store).
+    fn clear(&mut self) {
+        self.cache.clear();
+        self.dirty.clear();
+        self.cached = 0;
+        self.min_end = i64::MAX;
+    }
+
+    /// `(records, bytes)` finished by `run` since the last call.
+    fn take_counts(&mut self) -> (u64, u64) {
+        let out = (self.handled, self.nbytes);
+        self.handled = 0;
+        self.nbytes = 0;
+        out
+    }
+
+    #[getter]
+    fn cached(&self) -> usize {
+        self.cached
+    }
+}
+
+/// `Aggregator.add` of weir.aggregates for these specs: the new slots, or None where Python
+/// would raise Overflow (or a slot holds something unexpected: Python decides).
+fn fold(aggs: &[(Agg, Option<usize>)], slots: &Slots, vals: &[Val]) -> Option<Slots> {
+    let mut out = slots.clone();
+    let mut i = 0;
+    for (agg, field) in aggs {
+        let v = field.map(|f| as_num(vals[f]));
+        match agg {
+            Agg::Count => out[i] = Some(add(out[i]?, Num::Int(1))?),
+            Agg::Sum => out[i] = Some(add(out[i]?, v??)?),
+            Agg::Min | Agg::Max => {
+                let v = v??;
+                let want = if *agg == Agg::Min { Ordering::Less } else { Ordering::Greater };
+                // Strict: of equal values the earliest stays (with its type: 1 vs 1.0).
+                if out[i].is_none() || cmp(v, out[i]?)? == want {
+                    out[i] = Some(v);
+                }
+            }
+            Agg::Avg => {
+                out[i] = Some(add(out[i]?, v??)?);
+                out[i + 1] = Some(add(out[i + 1]?, Num::Int(1))?);
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    Some(out)
+}
+
+#[pymodule]
+fn weir_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Tumbling>()?;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+"""The native hot path: a consumed batch through the declarative steps and tumbling windows in Rust.
+
+``weir_native`` (the Rust extension in ``native/``, built by ``make setup``) runs what
+``weir.records``' generated ``prepare`` and the tumbling ``WindowOperator.process`` do, for a
+whole batch of one partition, without a Python object per record: it scans each JSON value for
+the fields the pipeline reads, filters, takes the event time and the message key, assigns the
+window, checks lateness against the per-record watermark and folds the aggregates into a
+write-back cache of accumulators (``weir_native.Tumbling``, one per partition task).
+
+Semantics are the Python path's, by construction:
+
+- The native side *certifies* a record or hands it back. It handles only records it can decide
+  exactly (a JSON object it fully validates, no string escapes, 64-bit ints, numbers where the
+  aggregates read, an event time in range and under the future-skew horizon, a UTF-8 key, sums
+  that stay representable). Any other record goes through the Python path (``TaskCore._prepare``)
+  at its place in the batch, so dead letters, their reasons and their order are the Python path's.
+- Before a handed-back record touches state, the native side writes that window back to the store
+  (``evict``); after the batch, every changed window (``flush``). The store is the truth between
+  batches: windows fire from it, checkpoints copy it, a restart restores it.
+- Per-record watermarks and lateness are computed in the same order as ``_prepare`` does.
+
+Which pipelines run natively (``plan_for``): JSON source, keyed by the message key (so no
+repartition), declarative steps only (filter, select, rename), a tumbling window, and the
+aggregates count, sum, min, max, avg; event time from a field in epoch milliseconds or seconds
+or from the Kafka timestamp. Everything else, and every pipeline when ``WEIR_NATIVE=0`` or the
+extension is missing, runs the Python path. ``tests/unit/test_native.py`` compares the two on
+random batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from weir.aggregates import INT_MAX, INT_MIN, Aggregator
+from weir.records import walk_steps
+from weir.spec import Condition, FieldScope, Pipeline
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NativePlan", "available", "plan_for"]
+
+weir_native: ModuleType | None
+try:
+    import weir_native as _extension
+except ImportError:  # not built: the Python path runs everything
+    weir_native = None
+else:
+    weir_native = _extension
+
+_NATIVE_FUNCTIONS = frozenset({"count", "sum", "min", "max", "avg"})
+_CACHE_LIMIT = 200_000
+"""Windows one task's native cache holds before it starts over from the store."""
+
+
+def available() -> bool:
+    """Whether the extension is importable and not switched off (``WEIR_NATIVE=0``)."""
+    return weir_native is not None and os.environ.get("WEIR_NATIVE", "1") != "0"
+
+
+class _NotNative(Exception):
+    """Why a pipeline runs the Python path."""
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """What one ``weir_native.Tumbling`` per task is built from (``plan_for``)."""
+
+    size_ms: int
+    allowed_lateness_ms: int
+    max_out_of_orderness_ms: int
+    max_value_bytes: int
+    fields: tuple[str, ...]
+    time: tuple[str, int]
+    key: tuple[str, int]
+    filter: Any
+    aggregates: tuple[tuple[str, int], ...]
+    max_future_skew_ms: int
+    now_ms: Callable[[], int]
+
+    @property
+    def message_keys(self) -> bool:
+        return self.key[0] == "message"
+
+    @property
+    def kafka_time(self) -> bool:
+        return self.time[0] == "kafka"
+
+    def horizon(self) -> int:
+        """The latest event time accepted now (``maxFutureSkew`` past the clock)."""
+        if not self.max_future_skew_ms:
+            return INT_MAX
+        return self.now_ms() + self.max_future_skew_ms
+
+    def task(self) -> Any:
+        """A fresh ``weir_native.Tumbling`` for one partition task."""
+        assert weir_native is not None
+        return weir_native.Tumbling(
+            self.size_ms,
+            self.allowed_lateness_ms,
+            self.max_out_of_orderness_ms,
+            self.max_value_bytes,
+            _CACHE_LIMIT,
+            list(self.fields),
+            self.time,
+            self.key,
+            self.filter,
+            list(self.aggregates),
+        )
+
+
+def plan_for(
+    pipeline: Pipeline,
+    aggregator: Aggregator | None,
+    now_ms: Callable[[], int] | None = None,
+    force: bool = False,
+) -> NativePlan | None:
+    """The native plan of ``pipeline``, or None (logged once, with the reason) when it runs
+    the Python path. ``force`` ignores ``WEIR_NATIVE`` (the equivalence tests)."""
+    if weir_native is None or not (force or available()):
+        return None
+    try:
+        return _plan(pipeline, aggregator, now_ms or _system_ms)
+    except _NotNative as exc:
+        log.info("the Python path runs this pipeline: %s", exc)
+        return None
+
+
+def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[], int]) -> NativePlan:
+    stages = pipeline.stages()
+    source = pipeline.source
+    window = stages.window
+    if stages.functions or stages.joins or stages.process is not None:
+        raise _NotNative("it has Python functions, joins or a process function")
+    if window is None or aggregator is None or window.type != "tumbling" or window.size is None:
+        raise _NotNative("the native path runs tumbling windows only")
+    if stages.repartition is not None or stages.key_from != "messageKey":
+        raise _NotNative("it is keyed by a record field (repartitioned)")
+    if source.format != "json":
+        raise _NotNative("its source format is not json")
+    fields: list[str] = []
+
+    def index(name: str) -> int:
+        if name not in fields:
+            fields.append(name)
+        return fields.index(name)
+
+    filters: list[Any] = []
+    scope, _ = walk_steps(pipeline, lambda _i, c, s: filters.append(_condition(c, s, index)))
+    event_time = source.event_time
+    if event_time is None or event_time.field is None:
+        time_plan = ("kafka", -1)
+    elif event_time.format == "epochMillis":
+        time_plan = ("millis", index(event_time.field))
+    elif event_time.format == "epochSeconds":
+        time_plan = ("seconds", index(event_time.field))
+    else:
+        raise _NotNative(f"event time is {event_time.format}")
+    aggregates = []
+    for _name, fn, field in aggregator.specs:
+        if fn not in _NATIVE_FUNCTIONS:
+            raise _NotNative(f"aggregate {fn} has no native form")
+        aggregates.append((fn, -1 if field is None else index(scope.source_of(field))))
+    if len(fields) > 16:
+        raise _NotNative("it reads more than 16 fields")
+    condition = None if not filters else filters[0] if len(filters) == 1 else ("and", filters)
+    return NativePlan(
+        size_ms=window.size,
+        allowed_lateness_ms=window.allowed_lateness,
+        max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
+        max_value_bytes=source.max_value_bytes,
+        fields=tuple(fields),
+        time=time_plan,
+        key=("message", -1),
+        filter=condition,
+        aggregates=tuple(aggregates),
+        max_future_skew_ms=pipeline.watermark.max_future_skew,
+        now_ms=now_ms,
+    )
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise _NotNative(f"a filter compares with {value}, beyond 64 bits")
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return value
+    raise _NotNative(f"a filter compares with {value!r}")
+
+
+def _condition(c: Condition, scope: FieldScope, index: Callable[[str], int]) -> Any:
+    """A filter condition in the extension's tuple form (see ``weir.records._condition_expr``
+    for the semantics both implement)."""
+    if c.function is not None:
+        raise _NotNative("a filter is a Python function")
+    if c.and_ is not None:
+        return ("and", [_condition(m, scope, index) for m in c.and_])
+    if c.or_ is not None:
+        return ("or", [_condition(m, scope, index) for m in c.or_])
+    if c.not_ is not None:
+        return ("not", _condition(c.not_, scope, index))
+    assert c.field is not None and c.op is not None
+    f = index(scope.source_of(c.field))
+    op, value = c.op, c.value
+    if op == "exists":
+        return ("exists", f)
+    if op in ("eq", "ne"):
+        test = ("eq", f, _scalar(value))
+        return test if op == "eq" else ("not", test)
+    if op in ("in", "notIn"):
+        test = ("in", f, [_scalar(v) for v in value])
+        return test if op == "in" else ("not", test)
+    if value is None or isinstance(value, bool):
+        raise _NotNative(f"{op} with {value!r}")
+    return (op, f, _scalar(value))
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
