@@ -285,7 +285,7 @@ impl Tumbling {
         filter: Option<Bound<PyAny>>,
         aggs: Vec<(String, i64)>,
     ) -> PyResult<Self> {
-        if fields.len() > MAX_FIELDS {
+        if fields.len() > MAX_FIELDS || aggs.len() > MAX_SLOTS / 2 {
             return Err(PyValueError::new_err("too many fields for the native path"));
         }
         if size <= 0 {
@@ -452,10 +452,9 @@ impl Tumbling {
                 .and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
             match found {
                 Some(e) => {
-                    let Some(slots) = fold(&self.aggs, &e.slots, vals) else {
+                    if !fold(&self.aggs, &mut e.slots, vals) {
                         return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-                    };
-                    e.slots = slots;
+                    }
                     if !e.dirty {
                         e.dirty = true;
                         self.dirty.push((key.into(), wstart));
@@ -471,9 +470,10 @@ impl Tumbling {
                             None => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
                         }
                     };
-                    let Some(slots) = fold(&self.aggs, &base, vals) else {
+                    let mut slots = base;
+                    if !fold(&self.aggs, &mut slots, vals) {
                         return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-                    };
+                    }
                     self.cache
                         .entry(key.into())
                         .or_default()
@@ -573,10 +573,23 @@ impl Tumbling {
     }
 }
 
-/// `Aggregator.add` of weir.aggregates for these specs: the new slots, or None where Python
-/// would raise Overflow (or a slot holds something unexpected: Python decides).
-fn fold(aggs: &[(Agg, Option<usize>)], slots: &Slots, vals: &[Val]) -> Option<Slots> {
-    let mut out = slots.clone();
+/// Slots of one accumulator at most (16 aggregates, avg takes two).
+const MAX_SLOTS: usize = 32;
+
+/// `Aggregator.add` of weir.aggregates for these specs, in place: false (and `slots` unchanged)
+/// where Python would raise Overflow or a slot holds something unexpected (Python decides).
+fn fold(aggs: &[(Agg, Option<usize>)], slots: &mut Slots, vals: &[Val]) -> bool {
+    let mut out = [None; MAX_SLOTS];
+    let n = slots.len();
+    out[..n].copy_from_slice(slots);
+    if fold_into(aggs, &mut out[..n], vals).is_none() {
+        return false;
+    }
+    slots.copy_from_slice(&out[..n]);
+    true
+}
+
+fn fold_into(aggs: &[(Agg, Option<usize>)], out: &mut [Option<Num>], vals: &[Val]) -> Option<()> {
     let mut i = 0;
     for (agg, field) in aggs {
         let v = field.map(|f| as_num(vals[f]));
@@ -599,7 +612,7 @@ fn fold(aggs: &[(Agg, Option<usize>)], slots: &Slots, vals: &[Val]) -> Option<Sl
         }
         i += 1;
     }
-    Some(out)
+    Some(())
 }
 
 #[pymodule]
