@@ -56,14 +56,14 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
-NEXMARK_VERSION = 3
+NEXMARK_VERSION = 4
 SEED = 42
 BASE_TS = generate.BASE_TS
-EVENTS_PER_S = 10_000  # bids per second of event time
+EVENTS_PER_S = 5_000  # bids per second of event time
 AUCTIONS = 1_000
 HOT_AUCTIONS = 10
 HOT_PERIOD_MS = 20_000
-BIDDERS = 50_000
+BIDDERS = 20_000
 FIRST_ID = 1_000  # Nexmark's ids start at 1000
 BOUND_MS = generate.OUT_OF_ORDER_MS  # every query's out-of-orderness bound
 DISORDER_MS = generate.DISORDER_MS
@@ -155,8 +155,15 @@ def end_records(n: int, partitions: int) -> list[list[tuple[int, bytes, bytes]]]
                     p,
                     str(ids[p]).encode(),
                     orjson.dumps(
-                        {"auction": ids[p], "bidder": b, "price": 0, "channel": "-", "url": "-",
-                         "dateTime": ts, "extra": ""}
+                        {
+                            "auction": ids[p],
+                            "bidder": b,
+                            "price": 0,
+                            "channel": "-",
+                            "url": "-",
+                            "dateTime": ts,
+                            "extra": "",
+                        }
                     ),
                 )
                 for p in range(partitions)
@@ -292,8 +299,9 @@ def parse_result(query: str, r: dict[str, Any], last: int) -> tuple[Any, Any] | 
 # --------------------------------------------------------------------------- the jobs
 
 
-def _stage(name: str, source: dict[str, Any], bound_ms: int, steps: list[dict[str, Any]], sink: str,
-           bootstrap: str) -> dict[str, Any]:  # fmt: skip
+def _stage(
+    name: str, source: dict[str, Any], bound_ms: int, steps: list[dict[str, Any]], sink: str, bootstrap: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "StreamJob",
@@ -314,7 +322,9 @@ def _stage(name: str, source: dict[str, Any], bound_ms: int, steps: list[dict[st
     }
 
 
-def weir_jobs(query: str, source: str, between: str, sink: str, bootstrap: str, run_id: str) -> list[dict[str, Any]]:
+def weir_jobs(
+    query: str, source: str, between: str, sink: str, bootstrap: str, run_id: str
+) -> list[dict[str, Any]]:
     """The query as weir StreamJobs, as a user writes them: one job, or two chained through the
     one-partition topic ``between`` (stage 1's sink, stage 2's source).
 
@@ -331,40 +341,93 @@ def weir_jobs(query: str, source: str, between: str, sink: str, bootstrap: str, 
     results_source = {"topics": [between], "eventTime": {"field": "windowStartMs", "format": "epochMillis"}}
     if query == "q5":
         return [
-            _stage(f"nx5a-{run_id}", bids_source, BOUND_MS, [
-                {"keyBy": {"messageKey": True}},
-                {"window": {"type": "sliding", "size": f"{Q5_SIZE_MS}ms", "slide": f"{Q5_SLIDE_MS}ms"}},
-                {"aggregate": {"emit": "final", "outputs": {"count": {"fn": "count"}}}},
-            ], between, bootstrap),  # fmt: skip
-            _stage(f"nx5b-{run_id}", results_source, BOUND_MS, [
-                {"keyBy": {"field": "windowStartMs", "partitions": 1}},
-                {"window": {"type": "tumbling", "size": f"{Q5_SLIDE_MS}ms"}},
-                {"aggregate": {"emit": "final", "outputs": {
-                    "hot": {"fn": "custom", "function": "nexmark_functions:HotItems"}}}},
-            ], sink, bootstrap),  # fmt: skip
+            _stage(
+                f"nx5a-{run_id}",
+                bids_source,
+                BOUND_MS,
+                [
+                    {"keyBy": {"messageKey": True}},
+                    {"window": {"type": "sliding", "size": f"{Q5_SIZE_MS}ms", "slide": f"{Q5_SLIDE_MS}ms"}},
+                    {"aggregate": {"emit": "final", "outputs": {"count": {"fn": "count"}}}},
+                ],
+                between,
+                bootstrap,
+            ),
+            _stage(
+                f"nx5b-{run_id}",
+                results_source,
+                BOUND_MS,
+                [
+                    {"keyBy": {"field": "windowStartMs", "partitions": 1}},
+                    {"window": {"type": "tumbling", "size": f"{Q5_SLIDE_MS}ms"}},
+                    {
+                        "aggregate": {
+                            "emit": "final",
+                            "outputs": {"hot": {"fn": "custom", "function": "nexmark_functions:HotItems"}},
+                        }
+                    },
+                ],
+                sink,
+                bootstrap,
+            ),
         ]
     if query == "q7":
         return [
-            _stage(f"nx7a-{run_id}", bids_source, BOUND_MS, [
-                {"keyBy": {"messageKey": True}},
-                {"window": {"type": "tumbling", "size": f"{Q7_SIZE_MS}ms"}},
-                {"aggregate": {"emit": "final", "outputs": {
-                    "best": {"fn": "custom", "function": "nexmark_functions:HighestBid"}}}},
-            ], between, bootstrap),  # fmt: skip
-            _stage(f"nx7b-{run_id}", results_source, BOUND_MS, [
-                {"keyBy": {"field": "windowStartMs", "partitions": 1}},
-                {"window": {"type": "tumbling", "size": f"{Q7_SIZE_MS}ms"}},
-                {"aggregate": {"emit": "final", "outputs": {
-                    "best": {"fn": "custom", "function": "nexmark_functions:HighestOf", "field": "best"}}}},
-            ], sink, bootstrap),  # fmt: skip
+            _stage(
+                f"nx7a-{run_id}",
+                bids_source,
+                BOUND_MS,
+                [
+                    {"keyBy": {"messageKey": True}},
+                    {"window": {"type": "tumbling", "size": f"{Q7_SIZE_MS}ms"}},
+                    {
+                        "aggregate": {
+                            "emit": "final",
+                            "outputs": {"best": {"fn": "custom", "function": "nexmark_functions:HighestBid"}},
+                        }
+                    },
+                ],
+                between,
+                bootstrap,
+            ),
+            _stage(
+                f"nx7b-{run_id}",
+                results_source,
+                BOUND_MS,
+                [
+                    {"keyBy": {"field": "windowStartMs", "partitions": 1}},
+                    {"window": {"type": "tumbling", "size": f"{Q7_SIZE_MS}ms"}},
+                    {
+                        "aggregate": {
+                            "emit": "final",
+                            "outputs": {
+                                "best": {
+                                    "fn": "custom",
+                                    "function": "nexmark_functions:HighestOf",
+                                    "field": "best",
+                                }
+                            },
+                        }
+                    },
+                ],
+                sink,
+                bootstrap,
+            ),
         ]
     if query == "q11":
         return [
-            _stage(f"nx11-{run_id}", bids_source, BOUND_MS, [
-                {"keyBy": {"field": "bidder"}},
-                {"window": {"type": "session", "gap": f"{Q11_GAP_MS}ms"}},
-                {"aggregate": {"emit": "final", "outputs": {"count": {"fn": "count"}}}},
-            ], sink, bootstrap),  # fmt: skip
+            _stage(
+                f"nx11-{run_id}",
+                bids_source,
+                BOUND_MS,
+                [
+                    {"keyBy": {"field": "bidder"}},
+                    {"window": {"type": "session", "gap": f"{Q11_GAP_MS}ms"}},
+                    {"aggregate": {"emit": "final", "outputs": {"count": {"fn": "count"}}}},
+                ],
+                sink,
+                bootstrap,
+            ),
         ]
     raise ValueError(query)
 
@@ -390,9 +453,8 @@ class Started(NamedTuple):
 def start_weir(
     query: str, bootstrap: str, source: str, sink: str, work: Path, run_id: str, partitions: int
 ) -> Started:
-    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
-
     import run as bench_run
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     between = f"{sink}-between"
@@ -408,12 +470,23 @@ def start_weir(
         path.write_text(json.dumps(job, indent=2))
         port = free_port()
         cmd = [
-            sys.executable, "-m", "weir", "run", str(path),
-            "--bootstrap-servers", bootstrap,
-            "--state-dir", str(work / f"state{i + 1}"),
-            "--http-host", "127.0.0.1", "--http-port", str(port),
-            "--log-level", "WARNING", *guarantee,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "weir",
+            "run",
+            str(path),
+            "--bootstrap-servers",
+            bootstrap,
+            "--state-dir",
+            str(work / f"state{i + 1}"),
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--log-level",
+            "WARNING",
+            *guarantee,
+        ]
         procs.append(bench_run.Process(cmd, env, work / f"weir{i + 1}.log"))
         ports.append(port)
     groups = [f"weir-bench-{j['metadata']['name']}" for j in jobs]
@@ -427,19 +500,29 @@ def start_flink(
 
     port = free_port()
     cmd = [
-        "java", *runners.FLINK_JAVA_OPTS,
+        "java",
+        *runners.FLINK_JAVA_OPTS,
         "-Dorg.slf4j.simpleLogger.defaultLogLevel=error",
-        "-cp", install.flink_classpath(),
+        "-cp",
+        install.flink_classpath(),
         "dev.weir.bench.NexmarkJob",
-        "--query", query,
-        "--bootstrap", bootstrap,
-        "--input", source,
-        "--output", sink,
-        "--group", f"weir-nexmark-{run_id}",
-        "--checkpoint-dir", str(work / "checkpoints"),
-        "--checkpoint-interval-ms", "5000",
-        "--rest-port", str(port),
-    ]  # fmt: skip
+        "--query",
+        query,
+        "--bootstrap",
+        bootstrap,
+        "--input",
+        source,
+        "--output",
+        sink,
+        "--group",
+        f"weir-nexmark-{run_id}",
+        "--checkpoint-dir",
+        str(work / "checkpoints"),
+        "--checkpoint-interval-ms",
+        "5000",
+        "--rest-port",
+        str(port),
+    ]
     return Started([bench_run.Process(cmd, {}, work / "flink.log")], [port], [], [f"weir-nexmark-{run_id}"])
 
 
@@ -578,11 +661,19 @@ def run_once(
         for t in started.topics:
             if t.endswith("-dlq") and (dead := measure.topic_records(bootstrap, t)):
                 problems.append(f"{dead} records in the dead-letter topic {t}")
-        problems += [f"worker {i + 1} exited with {p.exit_code} after SIGTERM"
-                     for i, p in enumerate(procs) if p.exit_code not in (0, None)]  # fmt: skip
+        problems += [
+            f"worker {i + 1} exited with {p.exit_code} after SIGTERM"
+            for i, p in enumerate(procs)
+            if p.exit_code not in (0, None)
+        ]
     if problems:
-        return {"status": "failed", "problems": problems, "windows_read": len(reader.results),
-                "kept": str(work), "log_tail": procs[0].tail(2000)}  # fmt: skip
+        return {
+            "status": "failed",
+            "problems": problems,
+            "windows_read": len(reader.results),
+            "kept": str(work),
+            "log_tail": procs[0].tail(2000),
+        }
     measure.delete_topics(bootstrap, [sink, *started.topics], started.groups, containing=run_id)
     subprocess.run(["rm", "-rf", str(work)], check=False)
     assert t_first is not None and t_done is not None
@@ -626,7 +717,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             }
         if row.get("weir", {}).get("status") == "ok" and row.get("flink", {}).get("status") == "ok":
             ratios = [
-                r[query]["weir"]["events_per_s"] / r[query]["flink"]["events_per_s"] for r in runs if query in r
+                r[query]["weir"]["events_per_s"] / r[query]["flink"]["events_per_s"]
+                for r in runs
+                if query in r
             ]
             cpu = [
                 r[query]["weir"]["cpu_us_per_event"] / r[query]["flink"]["cpu_us_per_event"]
@@ -643,14 +736,18 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="bench/nexmark.py", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--events", type=int, help="bids in the input topic (default 1,000,000; --quick 200,000)")
+    parser.add_argument(
+        "--events", type=int, help="bids in the input topic (default 1,000,000; --quick 200,000)"
+    )
     parser.add_argument("--partitions", type=int, default=4, help="input topic partitions (4)")
     parser.add_argument("--repeat", type=int, help="runs of each query on each system (default 2; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="200,000 bids, 1 run, nexmark-quick.json")
     parser.add_argument("--queries", default="q5,q7,q11", help="comma-separated subset of q5,q7,q11")
     parser.add_argument("--runners", default="weir,flink", help="comma-separated subset of weir,flink")
     parser.add_argument("--bootstrap", help="use this broker instead of starting the test harness's")
-    parser.add_argument("--out", help="result file (default bench/results/nexmark.json; --quick nexmark-quick.json)")
+    parser.add_argument(
+        "--out", help="result file (default bench/results/nexmark.json; --quick nexmark-quick.json)"
+    )
     args = parser.parse_args(argv)
     n = args.events or (200_000 if args.quick else 1_000_000)
     repeat = args.repeat or (1 if args.quick else 2)
@@ -727,7 +824,10 @@ def main(argv: list[str] | None = None) -> int:
         "queries": {q: QUERIES[q] for q in queries},
         "status": status,
         "machine": measure.machine(),
-        "versions": {"kafka_broker": kafka_version, **(runners.Flink().versions() if "flink" in active else {})},
+        "versions": {
+            "kafka_broker": kafka_version,
+            **(runners.Flink().versions() if "flink" in active else {}),
+        },
         "runs": runs,
     }
     doc["summary"] = summarise(runs)

@@ -28,7 +28,8 @@ def _higher(a: list[Any] | None, b: list[Any] | None) -> list[Any] | None:
 
 
 class HighestBid:
-    """q7 stage 1: the highest bid of a window, fed whole bid records; ``[price, auction, bidder, dateTime]``."""
+    """q7 stage 1: the highest bid of a window, fed whole bid records:
+    ``[price, auction, bidder, dateTime]``."""
 
     def create(self) -> list[Any] | None:
         return None

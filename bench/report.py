@@ -326,12 +326,15 @@ def nexmark_markdown(path: Path | None = None) -> list[str]:
             if q in r and key in r[q] and r[q][key]["status"] != "ok"
         ][:2]
         ran = [x for x in (w, f) if x]
-        output = "; ".join(problems) if problems else ("checked \u2713" if ran else NA)
+        windows = p.get("windows", {}).get(q)
+        checked = "checked \u2713" + (f" ({windows:,} windows)" if windows else "")
+        output = "; ".join(problems) if problems else (checked if ran else NA)
         rss = f"{_med(w.get('peak_rss_mib'))} / {_med(f.get('peak_rss_mib'))}"
         lines.append(
             f"| {q} | {what} | {_med(w.get('events_per_s'), ranged=True)} "
             f"| {_med(f.get('events_per_s'), ranged=True)} | {_ratio(row.get('weir_over_flink'))} "
-            f"| {_med(w.get('cpu_us_per_event'), 2)} | {_med(f.get('cpu_us_per_event'), 2)} | {rss} | {output} |"
+            f"| {_med(w.get('cpu_us_per_event'), 2)} | {_med(f.get('cpu_us_per_event'), 2)} "
+            f"| {rss} | {output} |"
         )
     for system, st in d.get("status", {}).items():
         if st != "ok":
