@@ -83,7 +83,7 @@ bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Byte
 	$(PY) bench/nexmark.py
 	$(PY) bench/run.py
 
-bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run (~3 min)
+bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run, Nexmark-style queries on 200,000 bids (~5 min)
 	$(HARNESS) up kafka s3
 	$(PY) bench/checkpoint_bench.py --sizes 10,100 --series 0 --out bench/results/checkpoint-quick.json
 	$(PY) bench/rescale_bench.py --quick

@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="bench/nexmark.py", description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
-        "--events", type=int, help="bids in the input topic (default 1,000,000; --quick 200,000)"
+        "--events", type=int, help="bids in the input topic (default 2,000,000; --quick 200,000)"
     )
     parser.add_argument("--partitions", type=int, default=4, help="input topic partitions (4)")
     parser.add_argument("--repeat", type=int, help="runs of each query on each system (default 2; --quick 1)")
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", help="result file (default bench/results/nexmark.json; --quick nexmark-quick.json)"
     )
     args = parser.parse_args(argv)
-    n = args.events or (200_000 if args.quick else 1_000_000)
+    n = args.events or (200_000 if args.quick else 2_000_000)
     repeat = args.repeat or (1 if args.quick else 2)
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
     systems = [s.strip() for s in args.runners.split(",") if s.strip()]
