@@ -310,7 +310,7 @@ def nexmark_markdown(path: Path | None = None) -> list[str]:
         "(summed over both stages). **Output checked**: every window's answer equals the reference "
         "computed in Python from the generator, none missing, extra or duplicated; a run that differs "
         f"is reported as failed and gives no figure. Medians of {p['repeat']} run(s) with the range; "
-        f"run {d['started']} on commit `{d['git']}` with `{d['command']}`.",
+        f"run {d['started']} on commit `{d['git']}` with `{d['command']}`{_nexmark_load(d)}.",
         "",
         "| query | what it computes | weir events/s | Flink events/s | weir ÷ Flink | weir CPU µs/event "
         "| Flink CPU µs/event | weir / Flink peak RSS MiB | output |",
@@ -341,6 +341,21 @@ def nexmark_markdown(path: Path | None = None) -> list[str]:
             lines.append(f"\n{system}: {st}")
     lines.append("")
     return lines
+
+
+def _nexmark_load(d: dict[str, Any]) -> str:
+    """The 1-minute load averages after the runs, as a range (the machine is shared)."""
+    loads = [
+        r[q][system]["loadavg_after"][0]
+        for r in d.get("runs", [])
+        for q in r
+        for system in r[q]
+        if r[q][system].get("loadavg_after")
+    ]
+    if not loads:
+        return ""
+    cpus = d["machine"]["nproc"]
+    return f" (1-minute load average after each run {min(loads):.1f}{NA}{max(loads):.1f} on {cpus} CPUs)"
 
 
 def checkpoint_markdown(path: Path | None = None) -> list[str]:
