@@ -687,6 +687,9 @@ def run_once(
         "events_per_s": n / seconds,
         "cpu_s": cpu_s,
         "cpu_us_per_event": cpu_s / n * 1e6,
+        # Per process (a chained weir query: stage 1, stage 2): where the CPU went.
+        "cpu_s_per_process": [p.cpu.at(t_done) - p.cpu.at(t_first) for p in procs],
+        "peak_rss_mib_per_process": [p.mem.get("peak_rss_mib", 0.0) for p in procs],
         # Both stages of a chained weir query run at once: their peaks add up.
         "peak_rss_mib": round(sum(p.mem.get("peak_rss_mib", 0.0) for p in procs), 1),
         "processes": len(procs),
