@@ -82,16 +82,18 @@ e2e-kind: setup ## End-to-end on a kind cluster (needs docker, kind, kubectl, he
 bench-setup: setup ## Once: Quix Streams and Bytewax virtualenvs and the Flink job (Maven), cached in ~/.cache/weir/bench
 	$(PY) bench/install.py
 
-bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Bytewax, Flink on 2M events + latency + profile, checkpoint and rescale figures; rewrites BENCHMARKS.md (~15-20 min)
+bench: bench-setup ## weir (1 worker) vs the consume ceiling, Quix Streams, Bytewax, Flink on 2M events + latency + profile, checkpoint, rescale and Nexmark-style figures; rewrites BENCHMARKS.md (~25-30 min)
 	$(HARNESS) up kafka s3
 	$(PY) bench/checkpoint_bench.py --sizes 10,100,1000
 	$(PY) bench/rescale_bench.py
+	$(PY) bench/nexmark.py
 	$(PY) bench/run.py
 
-bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run (~3 min)
+bench-quick: bench-setup ## The same on 200,000 events, 2 runs, a 10 s latency run, Nexmark-style queries on 200,000 bids (~5 min)
 	$(HARNESS) up kafka s3
 	$(PY) bench/checkpoint_bench.py --sizes 10,100 --series 0 --out bench/results/checkpoint-quick.json
 	$(PY) bench/rescale_bench.py --quick
+	$(PY) bench/nexmark.py --quick
 	$(PY) bench/run.py --quick
 
 clean: ## Remove the virtualenv and caches inside the repo (the server cache in ~/.cache/weir stays)

@@ -212,6 +212,7 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         f"- Kafka broker {v['kafka_broker']} (single node, KRaft, the test harness's) on the same machine",
         "",
     ]
+    lines += nexmark_markdown()
     lines += checkpoint_markdown()
     lines += rescale_markdown()
     lines += autoscale_markdown()
@@ -284,6 +285,77 @@ def autoscale_markdown(path: Path | None = None) -> list[str]:
         ]
     lines += ["![parallelism, lag and input rate over time](bench/results/autoscale.png)", ""]
     return lines
+
+
+def nexmark_markdown(path: Path | None = None) -> list[str]:
+    """The Nexmark-style queries of ``bench/nexmark.py`` beside Flink (its own run, its own JSON;
+    from the full run's file: ``--quick`` writes ``nexmark-quick.json``)."""
+    path = path or Path(__file__).parent / "results" / "nexmark.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    p, s = d["parameters"], d.get("summary", {})
+    lines = [
+        "## Nexmark-style queries",
+        "",
+        f"Three queries after [Nexmark](https://github.com/nexmark/nexmark) on {p['events']:,} JSON bids "
+        f"(about {p['avg_event_bytes']:.0f} bytes each; {p['events_per_s_event_time']:,} bids per second "
+        f"of event time, {p['auctions']:,} auctions of which {p['hot_auctions']} hot get half the bids, "
+        f"{p['bidders']:,} bidders) in a {p['partitions']}-partition topic keyed by auction, on the same "
+        "broker: weir as `weir run` workers (at-least-once) and Apache Flink as one DataStream job "
+        "(MiniCluster, parallelism 1), each expressed the same way; the adaptations from Nexmark are in "
+        "[bench/README.md](bench/README.md#nexmark-style-queries). events/s: bids over the time from the "
+        "first record consumed to the last expected result readable; CPU µs/event: the processes' "
+        "user + system CPU over that time (both stages of a chained weir query); peak RSS: `VmHWM` "
+        "(summed over both stages). **Output checked**: every window's answer equals the reference "
+        "computed in Python from the generator, none missing, extra or duplicated; a run that differs "
+        f"is reported as failed and gives no figure. Medians of {p['repeat']} run(s) with the range; "
+        f"run {d['started']} on commit `{d['git']}` with `{d['command']}`{_nexmark_load(d)}.",
+        "",
+        "| query | what it computes | weir events/s | Flink events/s | weir ÷ Flink | weir CPU µs/event "
+        "| Flink CPU µs/event | weir / Flink peak RSS MiB | output |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for q, what in d.get("queries", {}).items():
+        row = s.get(q, {})
+        w, f = row.get("weir") or {}, row.get("flink") or {}
+        problems = [
+            f"{name} failed: " + "; ".join(r[q][key].get("problems") or [])[:160]
+            for name, key in (("weir", "weir"), ("Flink", "flink"))
+            for r in d.get("runs", [])
+            if q in r and key in r[q] and r[q][key]["status"] != "ok"
+        ][:2]
+        ran = [x for x in (w, f) if x]
+        windows = p.get("windows", {}).get(q)
+        checked = "checked \u2713" + (f" ({windows:,} windows)" if windows else "")
+        output = "; ".join(problems) if problems else (checked if ran else NA)
+        rss = f"{_med(w.get('peak_rss_mib'))} / {_med(f.get('peak_rss_mib'))}"
+        lines.append(
+            f"| {q} | {what} | {_med(w.get('events_per_s'), ranged=True)} "
+            f"| {_med(f.get('events_per_s'), ranged=True)} | {_ratio(row.get('weir_over_flink'))} "
+            f"| {_med(w.get('cpu_us_per_event'), 2)} | {_med(f.get('cpu_us_per_event'), 2)} "
+            f"| {rss} | {output} |"
+        )
+    for system, st in d.get("status", {}).items():
+        if st != "ok":
+            lines.append(f"\n{system}: {st}")
+    lines.append("")
+    return lines
+
+
+def _nexmark_load(d: dict[str, Any]) -> str:
+    """The 1-minute load averages after the runs, as a range (the machine is shared)."""
+    loads = [
+        r[q][system]["loadavg_after"][0]
+        for r in d.get("runs", [])
+        for q in r
+        for system in r[q]
+        if r[q][system].get("loadavg_after")
+    ]
+    if not loads:
+        return ""
+    cpus = d["machine"]["nproc"]
+    return f" (1-minute load average after each run {min(loads):.1f}{NA}{max(loads):.1f} on {cpus} CPUs)"
 
 
 def checkpoint_markdown(path: Path | None = None) -> list[str]:
