@@ -34,18 +34,39 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _group(pid: int) -> list[int]:
+    """``pid`` and every live process in its process group (a runner starts its own session, so
+    a runner of several processes, like weir with 2 workers, is measured whole)."""
+    members = [pid]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:  # pgrp
+                members.append(int(entry.name))
+    return members
+
+
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process, all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    """User + system CPU seconds of a live process and the rest of its process group, all their
+    threads included (and children they have reaped)."""
+    total = 0
+    for member in _group(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / CLK_TCK
 
 
 def proc_mem_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return {"peak_rss_mib": round(out.get("VmHWM", 0.0), 1), "rss_mib": round(out.get("VmRSS", 0.0), 1)}
+    """High-water mark and current RSS, summed over the process group (see ``proc_cpu_s``)."""
+    out = {"VmHWM": 0.0, "VmRSS": 0.0}
+    for member in _group(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out[line.split(":")[0]] += int(line.split()[1]) / 1024
+    return {"peak_rss_mib": round(out["VmHWM"], 1), "rss_mib": round(out["VmRSS"], 1)}
 
 
 class CpuSamples:

@@ -15,7 +15,7 @@ CEILING_NOTES = (
     "assigned, `consume(num_messages=10000)` in a loop and `orjson.loads` of every value, nothing "
     "else: the fastest a Python process reads and decodes this topic."
 )
-ORDER = ("ceiling", "weir", "weir_eos", "quix", "bytewax", "flink")
+ORDER = ("ceiling", "weir", "weir_py", "weir_eos", "weir_2w", "quix", "bytewax", "flink")
 FIGURES = ("events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib")
 LATENCY_FIGURES = ("latency_p50_s", "latency_p99_s", "close_delay_p50_s", "close_delay_p99_s", "cpu_cores")
 NA = "\u2013"  # an en dash: no figure

@@ -100,7 +100,7 @@ def versions(kafka_version: str, all_runners: list[runners.Runner]) -> dict[str,
         "kafka_broker": kafka_version,
     }
     for r in all_runners:
-        if r.key not in ("weir", "weir_eos") and r.unavailable() is None:
+        if not r.key.startswith("weir") and r.unavailable() is None:
             out[r.key] = r.versions()
     return out
 
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--runners",
-        help="comma-separated subset of ceiling,weir,weir_eos,quix,bytewax,flink (default: all)",
+        help="comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,quix,bytewax,flink (default: all)",
     )
     parser.add_argument("--no-latency", action="store_true", help="skip the rate-limited latency runs")
     parser.add_argument("--latency-rate", type=float, default=5000, help="events/s in the latency run (5000)")
@@ -659,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     latency: dict[str, Any] = {}
     if not args.no_latency:
         for r in active:
+            if not getattr(r, "latency_run", True):
+                continue  # the Python-path and 2-worker rows are throughput figures
             log(
                 f"latency: {r.key} at {args.latency_rate:,.0f} events/s for {latency_s:.0f} s "
                 f"(event time x{args.latency_speedup:g})"

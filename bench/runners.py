@@ -143,11 +143,28 @@ EOS_FLAGS = ("--guarantee", "--checkpoint-url", "--checkpoint-interval")
 class Weir(Runner):
     """`python -m weir run` with one worker; at-least-once or exactly-once."""
 
-    def __init__(self, guarantee: str, checkpoint_interval_s: float) -> None:
+    def __init__(
+        self, guarantee: str, checkpoint_interval_s: float, workers: int = 1, native: bool = True
+    ) -> None:
         self.guarantee = guarantee
         self.checkpoint_interval_s = checkpoint_interval_s
-        self.port = 0
-        if guarantee == "exactly-once":
+        self.workers = workers
+        self.native = native
+        self.ports: list[int] = []
+        self.latency_run = workers == 1 and native
+        if workers > 1:
+            self.key, self.label = f"weir_{workers}w", f"(b3) weir, {workers} workers, at-least-once"
+            self.notes = (
+                f"{workers} `weir run` processes (`--worker-index i --workers {workers}`), each owning "
+                f"every {workers}th partition, started together: the scaling figure."
+            )
+        elif not native:
+            self.key, self.label = "weir_py", "(b1) weir, 1 worker, at-least-once, Python path"
+            self.notes = (
+                "`weir run` with `WEIR_NATIVE=0`: every record through the Python path (the "
+                "generated prepare function and the window operator), as before the native hot path."
+            )
+        elif guarantee == "exactly-once":
             self.key, self.label = "weir_eos", "(b2) weir, 1 worker, exactly-once"
             self.notes = (
                 f"`--guarantee exactly-once --checkpoint-url file://… --checkpoint-interval "
@@ -218,17 +235,26 @@ class Weir(Runner):
         generate.create_topic(AdminClient({"bootstrap.servers": ctx.bootstrap}), self.dlq(ctx), 1)
 
     def command(self, ctx: Context) -> tuple[list[str], dict[str, str]]:
+        env = {} if self.native else {"WEIR_NATIVE": "0"}
+        self.ports = [measure.free_port() for _ in range(self.workers)]
+        if self.workers == 1:
+            return self._worker(ctx, 0), env
+        workers = [self._worker(ctx, i) for i in range(self.workers)]
+        return [sys.executable, "-c", _LAUNCH, json.dumps(workers)], env
+
+    def _worker(self, ctx: Context, index: int) -> list[str]:
         job = ctx.work / "job.json"
         job.write_text(json.dumps(self.manifest(ctx), indent=2))
-        self.port = measure.free_port()
         cmd = [
             sys.executable, "-m", "weir", "run", str(job),
             "--bootstrap-servers", ctx.bootstrap,
-            "--state-dir", str(ctx.work / "state"),
+            "--state-dir", str(ctx.work / f"state-{index}"),
             "--http-host", "127.0.0.1",
-            "--http-port", str(self.port),
+            "--http-port", str(self.ports[index]),
             "--log-level", "WARNING",
         ]  # fmt: skip
+        if self.workers > 1:
+            cmd += ["--worker-index", str(index), "--workers", str(self.workers)]
         flags = weir_run_flags()
         if self.guarantee == "exactly-once":
             cmd += [
@@ -239,15 +265,16 @@ class Weir(Runner):
         elif "--guarantee" in flags:
             # Once exactly-once exists it is the default; this row stays at-least-once.
             cmd += ["--guarantee", "at-least-once"]
-        return cmd, {}
+        return cmd
 
     def ready(self, ctx: Context) -> bool:
-        return measure.http_json(f"http://127.0.0.1:{self.port}/readyz", 0.5)[0] == 200
+        return all(measure.http_json(f"http://127.0.0.1:{p}/readyz", 0.5)[0] == 200 for p in self.ports)
 
     def first_record(self, ctx: Context, log_path: Path) -> float | None:
-        code, status = measure.http_json(f"http://127.0.0.1:{self.port}/status", 0.5)
-        if code == 200 and isinstance(status, dict) and status.get("recordsIn", 0) > 0:
-            return time.time()
+        for port in self.ports:
+            code, status = measure.http_json(f"http://127.0.0.1:{port}/status", 0.5)
+            if code == 200 and isinstance(status, dict) and status.get("recordsIn", 0) > 0:
+                return time.time()
         return None
 
     def dead_letters(self, ctx: Context) -> int:
@@ -381,10 +408,21 @@ def _which(name: str) -> bool:
     )
 
 
+_LAUNCH = """
+import json, signal, subprocess, sys
+procs = [subprocess.Popen(cmd) for cmd in json.loads(sys.argv[1])]
+signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+sys.exit(max(p.wait() for p in procs))
+"""
+"""Starts several workers as one runner process and passes SIGTERM on to each."""
+
+
 def all_runners(eos_checkpoint_interval_s: float) -> list[Runner]:
     return [
         Weir("at-least-once", 5.0),
+        Weir("at-least-once", 5.0, native=False),
         Weir("exactly-once", eos_checkpoint_interval_s),
+        Weir("at-least-once", 5.0, workers=2),
         Quix(),
         Bytewax(),
         Flink(),
