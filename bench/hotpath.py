@@ -184,8 +184,10 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
 
     batches = [msgs[i : i + 5000] for i in range(0, n, 5000)]
 
-    def worker_path() -> None:
-        core = TaskCore(plan)
+    python_plan = compile_job(job, native=False)
+
+    def worker_path(graph: Any = plan) -> None:
+        core = TaskCore(graph)
         producer = _FakeProducer()
         core.send = producer.produce
         core.build({topic: partitions}, 0, 1, time.monotonic())
@@ -209,8 +211,15 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         "orjson.loads of the value": decode,
         "prepare(): decode + checks + key + event time (includes the loads above)": prep,
         "WindowOperator.process(): tumbling window, count + sum into the store": window,
-        "TaskCore.process() per 5,000 records + final fire (the whole path after consume)": worker_path,
+        "TaskCore.process() per 5,000 records + final fire, Python path (WEIR_NATIVE=0)": (
+            lambda: worker_path(python_plan)
+        ),
+        "TaskCore.process() per 5,000 records + final fire, native hot path (the whole path after consume)": (
+            worker_path
+        ),
     }
+    if plan.native is None:
+        raise RuntimeError("the benchmark's job does not run the native hot path: is weir_native built?")
     us: dict[str, float] = {}
     for name, fn in stages.items():
         us[name] = _best(fn, repeat) / n * 1e6

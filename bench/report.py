@@ -173,6 +173,13 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         for k in ("ceiling", "quix", "bytewax", "flink")
         if wo.get(k)
     ]
+    for k, what in (
+        ("weir_py", "the Python path ÷ weir"),
+        ("weir_eos", "exactly-once ÷ at-least-once"),
+        ("weir_2w", "2 workers ÷ 1 worker"),
+    ):
+        if ratios.get(k, {}).get("events_per_s_over_weir"):
+            heads.append(f"{what} = **{_ratio(ratios[k]['events_per_s_over_weir'])}**")
     lines += [
         "",
         ("In events/s: " + ", ".join(heads) + ".") if heads else "",
@@ -180,10 +187,10 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "- The ceiling is timed from its first record to its last record decoded; it writes no "
         "results. weir's first record is when its `/status` first shows `recordsIn > 0` (polled "
         "every ~20 ms); the peers print the wall-clock time of their first deserialisation.",
-        "- CPU is user + system time of the runner's process (all threads: librdkafka's, the "
-        "JVM's JIT and GC) between those two moments, from `/proc/<pid>/stat` sampled every "
-        "~50 ms. Peak RSS is the process's high-water mark (`VmHWM`, last sampled while it ran), "
-        "start-up included.",
+        "- CPU is user + system time of the runner's processes (its process group; all threads: "
+        "librdkafka's, the JVM's JIT and GC) between those two moments, from `/proc/<pid>/stat` "
+        "sampled every ~50 ms. Peak RSS is the high-water mark (`VmHWM`, last sampled while it "
+        "ran, summed over the group), start-up included.",
         "- Load (1 min) is the load average right after each run, on "
         f"{m['nproc']} CPUs shared with the broker, the benchmark's reader and other work on the "
         f"machine. At the start: {doc['loadavg_start']}; at the end: {doc['loadavg_end']}.",
@@ -609,32 +616,30 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     """What limits weir today, in numbers from this run and its profile."""
     stages = list(profile["stages"]["us_per_record"].values())
     thr = doc["summary"]["throughput"]
-    if len(stages) < 5 or "weir" not in thr or "ceiling" not in thr:
+    if len(stages) < 6 or "weir" not in thr or "ceiling" not in thr:
         return []
-    accessors, loads, prepare, window, whole = stages[:5]
+    accessors, loads, prepare, window, python_path, native_path = stages[:6]
     weir_cpu = thr["weir"]["cpu_us_per_event"]["median"]
     ceil_cpu = thr["ceiling"]["cpu_us_per_event"]["median"]
-    rest = max(0.0, whole - prepare - window)
     ratio = thr["weir"]["events_per_s"]["median"] / thr["ceiling"]["events_per_s"]["median"]
     return [
         "### What limits weir today",
         "",
-        f"- weir reaches {ratio:.0%} of the ceiling's events/s. Both pay for fetching, lz4 and "
-        "the JSON decode (the ceiling: "
-        f"{ceil_cpu:.2f} CPU µs/event, much of it in librdkafka's own threads); weir then runs "
-        f"its per-record Python on the one thread that also drives the consumer ({weir_cpu:.2f} "
-        "CPU µs/event in all, measured on the process).",
-        f"- That Python, timed on records already in memory ({whole:.2f} µs/record for "
-        f"`Worker._process`): `prepare()` {prepare:.2f} µs ({prepare / whole:.0%}; of which "
-        f"`orjson.loads` {loads:.2f} and the message accessors {accessors:.2f}), the window "
-        f"operator {window:.2f} µs ({window / whole:.0%}: window assignment, the aggregate "
-        f"functions, the in-memory store's get/put), and {rest:.2f} µs ({rest / whole:.0%}) for "
-        "the loop around them (grouping by partition, watermarks, offsets, firing windows).",
-        "- So the limit is per-record Python function calls on one thread (`prepare`, `process`, "
-        "`add`, `get`/`put`, each called once per record, see the cProfile table): a faster hot "
-        "path has to call fewer Python functions per record (aggregate a batch per key, fold "
-        "decode and window assignment together) or move window + aggregate into native code; "
-        "more throughput per job comes from more workers (partitions).",
+        f"- weir reaches {ratio:.2f}x the ceiling's events/s at {weir_cpu:.2f} CPU µs/event "
+        f"(the ceiling: {ceil_cpu:.2f}, much of it in librdkafka's own threads). Both pay for "
+        "fetching, lz4 and `consume` on one Python thread; the ceiling then decodes every record "
+        "into a dict, weir runs its whole job instead.",
+        f"- On records already in memory the whole path after `consume` costs {native_path:.2f} "
+        f"µs/record with the native hot path, against {python_path:.2f} on the Python path "
+        f"({python_path / native_path:.1f}x) and {loads:.2f} for `orjson.loads` alone; the Python "
+        f"path's parts: `prepare()` {prepare:.2f} µs, the window operator {window:.2f} µs, the "
+        f"message accessors {accessors:.2f} µs (the native path still calls `value()` and "
+        "`key()` once per record to hand the batch over).",
+        "- So what is left is reading: `consume` and librdkafka's fetch and decompression, on the "
+        "thread that also runs the job, against a broker on the same two cores. More throughput "
+        "per job comes from more partitions and workers on more cores, and per core from a "
+        "consumer that hands a batch to native code without a Python object per message "
+        "(librdkafka's batch API or the Rust `rdkafka` crate inside the extension).",
     ]
 
 
