@@ -190,7 +190,7 @@ class TaskCore(CoreOutput):
             store,
         )
         if self.graph.native is not None:
-            task.native = self.graph.native.task()
+            task.native = self.graph.native.task(small=memory_bytes is not None)
 
     def close(self) -> None:
         for task in self.tasks.values():

@@ -55,7 +55,11 @@ else:
 
 _NATIVE_FUNCTIONS = frozenset({"count", "sum", "min", "max", "avg"})
 _CACHE_LIMIT = 200_000
-"""Windows one task's native cache holds before it starts over from the store."""
+"""Windows one task's native cache holds before it starts over from the store (about 150 bytes
+each)."""
+_SMALL_CACHE_LIMIT = 4_096
+"""The same under a memory budget (``--memory-budget``), which the cache is not part of: the
+store keeps within its share, and the cache stays at a few hundred kilobytes a task."""
 
 
 def available() -> bool:
@@ -97,15 +101,16 @@ class NativePlan:
             return INT_MAX
         return self.now_ms() + self.max_future_skew_ms
 
-    def task(self) -> Any:
-        """A fresh ``weir_native.Tumbling`` for one partition task."""
+    def task(self, small: bool = False) -> Any:
+        """A fresh ``weir_native.Tumbling`` for one partition task (``small``: under a memory
+        budget, with a small cache)."""
         assert weir_native is not None
         return weir_native.Tumbling(
             self.size_ms,
             self.allowed_lateness_ms,
             self.max_out_of_orderness_ms,
             self.max_value_bytes,
-            _CACHE_LIMIT,
+            _SMALL_CACHE_LIMIT if small else _CACHE_LIMIT,
             list(self.fields),
             self.time,
             self.key,
