@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +116,33 @@ def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
         return 0, None
 
 
+def window_result(r: dict[str, Any]) -> tuple[Any, Any] | None:
+    """The main benchmark's result record as ((key, window start ms), (count, sum)); None for the
+    end-of-input records' own windows. A window of the wrong size is malformed (raises)."""
+    if r["key"] == generate.END_KEY:
+        return None
+    if r["windowEndMs"] - r["windowStartMs"] != generate.WINDOW_MS:
+        raise ValueError(f"window of {r['windowEndMs'] - r['windowStartMs']} ms")
+    return (r["key"], int(r["windowStartMs"])), (int(r["count"]), float(r["revenue"]))
+
+
 class SinkReader:
     """Reads a runner's result topic as results arrive, as a read_committed consumer.
 
-    ``results`` maps (key, window start ms) to (count, sum); ``arrived`` to the wall time
-    (``time.time()``) the result was first read. Results for ``generate.END_KEY`` are the
-    end-of-input records' own windows and are skipped.
+    ``parse`` turns a decoded result record into (key, answer), or None to skip it (default
+    ``window_result``). ``results`` maps a key to its answer; ``arrived`` to the wall time
+    (``time.time()``) it was first read; a record ``parse`` refuses is ``malformed``.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        parse: Callable[[dict[str, Any]], tuple[Any, Any] | None] = window_result,
+    ) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+        self.parse = parse
         self.consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -138,12 +155,13 @@ class SinkReader:
         )
         parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        self.results: dict[tuple[str, int], tuple[int, float]] = {}
-        self.arrived: dict[tuple[str, int], float] = {}
+        self.results: dict[Any, Any] = {}
+        self.arrived: dict[Any, float] = {}
         self.duplicates = 0
         self.malformed: list[str] = []
 
     def poll(self, timeout: float) -> int:
+        """Read what has arrived (waiting up to ``timeout``); returns the records read."""
         msgs = self.consumer.consume(num_messages=10000, timeout=timeout)
         now = time.time()
         got = 0
@@ -152,19 +170,18 @@ class SinkReader:
                 continue
             got += 1
             try:
-                r = orjson.loads(m.value())
-                if r["key"] == generate.END_KEY:
-                    continue
-                k = (r["key"], int(r["windowStartMs"]))
-                if r["windowEndMs"] - r["windowStartMs"] != generate.WINDOW_MS:
-                    self.malformed.append(m.value().decode()[:200])
-                if k in self.results:
-                    self.duplicates += 1
-                else:
-                    self.arrived[k] = now
-                self.results[k] = (int(r["count"]), float(r["revenue"]))
+                parsed = self.parse(orjson.loads(m.value()))
             except Exception:  # noqa: BLE001 - any unreadable result is reported, not raised
                 self.malformed.append(repr(m.value())[:200])
+                continue
+            if parsed is None:
+                continue
+            k, v = parsed
+            if k in self.results:
+                self.duplicates += 1
+            else:
+                self.arrived[k] = now
+            self.results[k] = v
         return got
 
     def close(self) -> None:

@@ -544,54 +544,6 @@ def flink_first_record(started: Started) -> float | None:
 # --------------------------------------------------------------------------- one run
 
 
-class Reader:
-    """Reads a result topic (read_committed) as results arrive; ``results`` maps a window to its answer."""
-
-    def __init__(self, bootstrap: str, topic: str, query: str, last: int) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        self.query, self.last = query, last
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"weir-nexmark-sink-{os.getpid()}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 10,
-                "fetch.queue.backoff.ms": 10,
-            }
-        )
-        parts = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        self.results: dict[Any, Any] = {}
-        self.arrived: dict[Any, float] = {}
-        self.duplicates = 0
-        self.malformed: list[str] = []
-
-    def poll(self, timeout: float) -> None:
-        msgs = self.consumer.consume(num_messages=10000, timeout=timeout)
-        now = time.time()
-        for m in msgs:
-            if m.error() is not None:
-                continue
-            try:
-                parsed = parse_result(self.query, orjson.loads(m.value()), self.last)
-            except Exception:  # noqa: BLE001 - an unreadable result is reported, not raised
-                self.malformed.append(repr(m.value())[:200])
-                continue
-            if parsed is None:
-                continue
-            k, v = parsed
-            if k in self.results:
-                self.duplicates += 1
-            else:
-                self.arrived[k] = now
-            self.results[k] = v
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
 def verify(results: dict[Any, Any], expected: dict[Any, Any]) -> list[str]:
     problems = []
     missing = expected.keys() - results.keys()
@@ -617,7 +569,8 @@ def run_once(
     work = Path(tempfile.mkdtemp(prefix=f"weir-nexmark-{system}-{query}-"))
     sink = f"weir-nexmark-out-{query}-{system}-{run_id}"
     generate.create_topic(AdminClient({"bootstrap.servers": bootstrap}), sink, 1)
-    reader = Reader(bootstrap, sink, query, horizon(n))
+    last = horizon(n)
+    reader = measure.SinkReader(bootstrap, sink, lambda r: parse_result(query, r, last))
     start = start_weir if system == "weir" else start_flink
     first = weir_first_record if system == "weir" else flink_first_record
     load_before = measure.loadavg()

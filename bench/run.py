@@ -573,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--runners",
-        help="comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,quix,bytewax,flink (default: all)",
+        help=(
+            "comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,quix,bytewax,flink"
+            " (default: all)"
+        ),
     )
     parser.add_argument("--no-latency", action="store_true", help="skip the rate-limited latency runs")
     parser.add_argument("--latency-rate", type=float, default=5000, help="events/s in the latency run (5000)")

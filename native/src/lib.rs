@@ -353,7 +353,6 @@ impl Tumbling {
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &mut self,
-        py: Python<'py>,
         values: &Bound<'py, PyList>,
         keys: Option<&Bound<'py, PyList>>,
         kafka_ts: Option<&Bound<'py, PyList>>,
@@ -489,7 +488,6 @@ impl Tumbling {
                 task_wm = t - self.ooo;
             }
         }
-        let _ = py;
         Ok((n, DONE, task_wm, op_wm, 0, 0))
     }
 

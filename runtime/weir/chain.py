@@ -35,7 +35,6 @@ function must not modify it. Every reference is imported when the chain is compi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
 
@@ -62,6 +61,7 @@ from weir.records import (
     _out_of_range,
     _Source,
     _too_far_ahead,
+    system_ms,
 )
 from weir.spec import Condition, FieldScope, OnError, Pipeline, PipelineLike, SpecError, Step, as_pipeline
 
@@ -82,10 +82,6 @@ StepFn: TypeAlias = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 _PATH: Final = "spec.pipeline.steps"
 _NULL_KEY: Final = "the message key is null and records are keyed by the message key"
-
-
-def _system_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def load_step_function(ref: str, path: str) -> Any:
@@ -136,7 +132,7 @@ def compile_prepare_many(
     """
     built = as_pipeline(pipeline)
     stages = built.stages()
-    clock = now_ms or _system_ms
+    clock = now_ms or system_ms
     source = built.source
     decode = _decoder(source.format, source.max_value_bytes)
     compiled = (_step(index, step) for index, step in enumerate(built.steps[: stages.keyed_index]))

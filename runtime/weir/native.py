@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from weir.aggregates import INT_MAX, INT_MIN, Aggregator
-from weir.records import walk_steps
+from weir.records import system_ms, walk_steps
 from weir.spec import Condition, FieldScope, Pipeline
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def plan_for(
     if weir_native is None or not (force or available()):
         return None
     try:
-        return _plan(pipeline, aggregator, now_ms or _system_ms)
+        return _plan(pipeline, aggregator, now_ms or system_ms)
     except _NotNative as exc:
         log.info("the Python path runs this pipeline: %s", exc)
         return None
@@ -227,6 +226,3 @@ def _condition(c: Condition, scope: FieldScope, index: Callable[[str], int]) -> 
         raise _NotNative(f"{op} with {value!r}")
     return (op, f, _scalar(value))
 
-
-def _system_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -485,7 +485,8 @@ _NAMESPACE: Final[dict[str, object]] = {
 _NULL_KEY: Final = "the message key is null and windows are keyed by the message key"
 
 
-def _system_ms() -> int:
+def system_ms() -> int:
+    """The wall clock in epoch milliseconds (the default ``now`` of ``maxFutureSkew``)."""
     return time.time_ns() // 1_000_000
 
 
@@ -503,7 +504,7 @@ def compile_prepare(pipeline: Pipeline | PipelineLike, now_ms: Callable[[], int]
         raise ValueError("this pipeline has function steps: compile it with weir.chain.compile_prepare_many")
     generated = _generate(built)
     text = "\n".join(generated.lines) + "\n"
-    namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants, "_now_ms": now_ms or _system_ms}
+    namespace: dict[str, Any] = {**_NAMESPACE, **generated.constants, "_now_ms": now_ms or system_ms}
     # The source is generated from a validated spec; names and values enter it only via repr().
     exec(compile(text, "<weir prepare>", "exec"), namespace)
     function: Prepare = namespace["prepare"]
