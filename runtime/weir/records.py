@@ -64,6 +64,7 @@ __all__ = [
     "Reason",
     "compile_prepare",
     "prepare_source",
+    "system_ms",
     "walk_steps",
 ]
 
