@@ -474,7 +474,9 @@ def memory_markdown(path: Path | None = None) -> list[str]:
         "**Output checked**: every window exactly once with its count and sum. "
         "How it measures: `bench/memory_bench.py`'s docstring. The load is the machine's 1-minute "
         "load average at the start and the end of each run, on 2 CPUs shared with the broker and "
-        "other work: the throughput of runs at different loads compares only roughly.",
+        "other work: the throughput of runs at different loads compares only roughly. The peak "
+        "moves with the machine too: the same 10M-key run gave 306 MiB on one 2-core machine "
+        "and 291 on another (both rows are kept).",
         "",
         "| N | run | peak RSS MiB | events/s | all results s | output | load (1 min) | command |",
         "|---:|---|---:|---:|---:|---|---|---|",
@@ -488,7 +490,7 @@ def memory_markdown(path: Path | None = None) -> list[str]:
                 f"| {doc['events']:,} | {what} | {r['peak_rss_mib']:,.0f} | {_num(r.get('events_per_s'))} "
                 f"| {_num(r.get('all_results_s'), 1)} | {output} "
                 f"| {r['loadavg_start'][0]:.1f} \u2192 {r['loadavg_end'][0]:.1f} "
-                f"| `{doc['command']}` on `{doc['commit']}`, {doc['when']} |"
+                f"| `{doc['command']}` on `{doc['commit']}`, {doc.get('machine', {}).get('cpu_model', 'machine not recorded')}, {doc['when']} |"
             )
     lines.append("")
     return lines
