@@ -482,6 +482,7 @@ def memory_markdown(path: Path | None = None) -> list[str]:
         "|---:|---|---:|---:|---:|---|---|---|",
     ]
     for doc in by_events:
+        cpu = doc.get("machine", {}).get("cpu_model", "machine not recorded")
         for r in doc["runs"]:
             what = f"budget {doc['budget']}" if r["kind"] == "budget" else "unlimited"
             ok = r["status"] == "ok"
@@ -490,7 +491,7 @@ def memory_markdown(path: Path | None = None) -> list[str]:
                 f"| {doc['events']:,} | {what} | {r['peak_rss_mib']:,.0f} | {_num(r.get('events_per_s'))} "
                 f"| {_num(r.get('all_results_s'), 1)} | {output} "
                 f"| {r['loadavg_start'][0]:.1f} \u2192 {r['loadavg_end'][0]:.1f} "
-                f"| `{doc['command']}` on `{doc['commit']}`, {doc.get('machine', {}).get('cpu_model', 'machine not recorded')}, {doc['when']} |"
+                f"| `{doc['command']}` on `{doc['commit']}`, {cpu}, {doc['when']} |"
             )
     lines.append("")
     return lines
