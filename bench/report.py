@@ -475,8 +475,7 @@ def memory_markdown(path: Path | None = None) -> list[str]:
         "How it measures: `bench/memory_bench.py`'s docstring. The load is the machine's 1-minute "
         "load average at the start and the end of each run, on 2 CPUs shared with the broker and "
         "other work: the throughput of runs at different loads compares only roughly. The peak "
-        "moves with the machine too: the same 10M-key run gave 306 MiB on one 2-core machine "
-        "and 291 on another (both rows are kept).",
+        "moves with the machine too: each row names the CPU it ran on.",
         "",
         "| N | run | peak RSS MiB | events/s | all results s | output | load (1 min) | command |",
         "|---:|---|---:|---:|---:|---|---|---|",
