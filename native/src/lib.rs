@@ -9,9 +9,11 @@
 //! writes every changed window back to the Python store; the caller does so before windows
 //! fire and before any checkpoint, so the store is the truth between batches.
 
+mod fetch;
 mod json;
 mod num;
 
+use fetch::Fetch;
 use json::{scan, Val};
 use num::{add, cmp, Num};
 use pyo3::exceptions::PyValueError;
@@ -28,6 +30,19 @@ const MAX_FIELDS: usize = 16;
 const DONE: u8 = 0;
 const LATE: u8 = 1;
 const FALLBACK: u8 = 2;
+
+/// What `Tumbling::step` did with a record: done, or stop at it with `(code, late_ts, late_wm)`.
+enum Step {
+    Next,
+    Stop(u8, i64, i64),
+}
+
+/// The watermarks `run` carries from record to record (and a buffer for int keys).
+struct Marks {
+    task: i64,
+    op: i64,
+    keybuf: String,
+}
 
 #[derive(Clone, Copy)]
 enum Op {
@@ -253,6 +268,126 @@ impl Tumbling {
         s
     }
 
+    /// One record of `run`: `value` (None: not bytes), the message `key` (None: absent or not
+    /// bytes), the Kafka timestamp (read only with Kafka event time).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        value: Option<&[u8]>,
+        key: Option<&[u8]>,
+        kafka_ts: i64,
+        marks: &mut Marks,
+        horizon: i64,
+        loader: &Bound<PyAny>,
+    ) -> PyResult<Step> {
+        const FALL: Step = Step::Stop(FALLBACK, 0, 0);
+        let nf = self.fields.len();
+        let mut slots = [Val::Missing; MAX_FIELDS];
+        let vals = &mut slots[..nf];
+        let Some(b) = value else { return Ok(FALL) };
+        if b.len() > self.max_bytes || scan(b, &self.fields, vals).is_none() {
+            return Ok(FALL);
+        }
+        if let Some(f) = &self.filter {
+            if !f.eval(vals) {
+                self.handled += 1;
+                self.nbytes += b.len() as u64;
+                return Ok(Step::Next);
+            }
+        }
+        let t = match self.time {
+            Time::Kafka => {
+                if kafka_ts < 0 {
+                    return Ok(FALL);
+                }
+                kafka_ts
+            }
+            Time::Millis(f) => match vals[f] {
+                Val::Int(t) if (0..MAX_EVENT_TIME_MS).contains(&t) => t,
+                _ => return Ok(FALL),
+            },
+            Time::Seconds(f) => match vals[f] {
+                Val::Int(s) if (0..MAX_EVENT_TIME_MS / 1000).contains(&s) => s * 1000,
+                _ => return Ok(FALL),
+            },
+        };
+        if t > horizon {
+            return Ok(FALL);
+        }
+        // The key, borrowed from the value, the message key, or a decimal int.
+        let key: &str = match self.key {
+            Key::Message => match key.and_then(|k| std::str::from_utf8(k).ok()) {
+                Some(k) => k,
+                None => return Ok(FALL),
+            },
+            Key::Field(f) => match vals[f] {
+                Val::Str(s) => s,
+                Val::Int(v) => {
+                    marks.keybuf.clear();
+                    marks.keybuf.push_str(&v.to_string());
+                    marks.keybuf.as_str()
+                }
+                _ => return Ok(FALL),
+            },
+        };
+        // Numeric aggregate fields must hold numbers (else Python dead-letters the record).
+        if self.aggs.iter().any(|(_, f)| f.is_some_and(|f| as_num(vals[f]).is_none())) {
+            return Ok(FALL);
+        }
+        // The window operator: watermarks never go back; closed windows take nothing.
+        let mut watermark = marks.task;
+        if watermark > marks.op {
+            marks.op = watermark;
+        } else {
+            watermark = marks.op;
+        }
+        let wstart = t - t.rem_euclid(self.size);
+        let end = wstart + self.size;
+        if end <= sub(watermark, self.lateness_m1) {
+            self.handled += 1;
+            self.nbytes += b.len() as u64;
+            let before = marks.task;
+            if t - self.ooo > marks.task {
+                marks.task = t - self.ooo;
+            }
+            return Ok(Step::Stop(LATE, t, before));
+        }
+        let found = self.cache.get_mut(key).and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
+        match found {
+            Some(e) => {
+                if !fold(&self.aggs, &mut e.slots, vals) {
+                    return Ok(FALL);
+                }
+                if !e.dirty {
+                    e.dirty = true;
+                    self.dirty.push((key.into(), wstart));
+                }
+            }
+            None => {
+                let loaded = loader.call1((key, wstart, end))?;
+                let base = if loaded.is_none() {
+                    Some((self.create(), true))
+                } else {
+                    self.slots_of(&loaded).map(|s| (s, false))
+                };
+                let Some((mut slots, new)) = base else { return Ok(FALL) };
+                if !fold(&self.aggs, &mut slots, vals) {
+                    return Ok(FALL);
+                }
+                self.cache.entry(key.into()).or_default().push(Entry { start: wstart, slots, dirty: true, new });
+                self.cached += 1;
+                self.min_end = self.min_end.min(end);
+                self.dirty.push((key.into(), wstart));
+            }
+        }
+        self.handled += 1;
+        self.nbytes += b.len() as u64;
+        if t - self.ooo > marks.task {
+            marks.task = t - self.ooo;
+        }
+        Ok(Step::Next)
+    }
+
     fn slots_of(&self, acc: &Bound<PyAny>) -> Option<Slots> {
         let list = acc.downcast::<PyList>().ok()?;
         if list.len() != self.n_slots {
@@ -357,138 +492,59 @@ impl Tumbling {
         keys: Option<&Bound<'py, PyList>>,
         kafka_ts: Option<&Bound<'py, PyList>>,
         start: usize,
-        mut task_wm: i64,
-        mut op_wm: i64,
+        task_wm: i64,
+        op_wm: i64,
         horizon: i64,
         loader: &Bound<'py, PyAny>,
     ) -> PyResult<(usize, u8, i64, i64, i64, i64)> {
         let n = values.len();
-        let nf = self.fields.len();
-        let mut keybuf = String::new();
+        let mut marks = Marks { task: task_wm, op: op_wm, keybuf: String::new() };
         for i in start..n {
             let item = values.get_item(i)?;
-            let mut slots = [Val::Missing; MAX_FIELDS];
-            let vals = &mut slots[..nf];
-            let Ok(bytes) = item.downcast::<PyBytes>() else {
-                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
+            let value = item.downcast::<PyBytes>().ok().map(|b| b.as_bytes());
+            let kitem = match (&self.key, keys) {
+                (Key::Message, Some(keys)) => Some(keys.get_item(i)?),
+                (Key::Message, None) => return Err(PyValueError::new_err("message keys")),
+                _ => None,
             };
-            let b = bytes.as_bytes();
-            if b.len() > self.max_bytes || scan(b, &self.fields, vals).is_none() {
-                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-            }
-            if let Some(f) = &self.filter {
-                if !f.eval(vals) {
-                    self.handled += 1;
-                    self.nbytes += b.len() as u64;
-                    continue;
-                }
-            }
-            let t = match self.time {
-                Time::Kafka => {
-                    let t: i64 = kafka_ts.expect("kafka timestamps").get_item(i)?.extract()?;
-                    if t < 0 {
-                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-                    }
-                    t
-                }
-                Time::Millis(f) => match vals[f] {
-                    Val::Int(t) if (0..MAX_EVENT_TIME_MS).contains(&t) => t,
-                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
-                },
-                Time::Seconds(f) => match vals[f] {
-                    Val::Int(s) if (0..MAX_EVENT_TIME_MS / 1000).contains(&s) => s * 1000,
-                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
-                },
+            let key = kitem.as_ref().and_then(|k| k.downcast::<PyBytes>().ok()).map(|k| k.as_bytes());
+            let ts: i64 = match self.time {
+                Time::Kafka => kafka_ts.expect("kafka timestamps").get_item(i)?.extract()?,
+                _ => 0,
             };
-            if t > horizon {
-                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-            }
-            // The key, borrowed from the value, the message key, or a decimal int.
-            let kitem;
-            let key: &str = match self.key {
-                Key::Message => {
-                    kitem = keys.expect("message keys").get_item(i)?;
-                    match kitem.downcast::<PyBytes>().ok().and_then(|k| std::str::from_utf8(k.as_bytes()).ok()) {
-                        Some(k) => k,
-                        None => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
-                    }
-                }
-                Key::Field(f) => match vals[f] {
-                    Val::Str(s) => s,
-                    Val::Int(v) => {
-                        keybuf.clear();
-                        keybuf.push_str(&v.to_string());
-                        keybuf.as_str()
-                    }
-                    _ => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
-                },
-            };
-            // Numeric aggregate fields must hold numbers (else Python dead-letters the record).
-            if self.aggs.iter().any(|(_, f)| f.is_some_and(|f| as_num(vals[f]).is_none())) {
-                return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-            }
-            // The window operator: watermarks never go back; closed windows take nothing.
-            let mut watermark = task_wm;
-            if watermark > op_wm {
-                op_wm = watermark;
-            } else {
-                watermark = op_wm;
-            }
-            let wstart = t - t.rem_euclid(self.size);
-            let end = wstart + self.size;
-            if end <= sub(watermark, self.lateness_m1) {
-                self.handled += 1;
-                self.nbytes += b.len() as u64;
-                let before = task_wm;
-                if t - self.ooo > task_wm {
-                    task_wm = t - self.ooo;
-                }
-                return Ok((i, LATE, task_wm, op_wm, t, before));
-            }
-            let found = self
-                .cache
-                .get_mut(key)
-                .and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
-            match found {
-                Some(e) => {
-                    if !fold(&self.aggs, &mut e.slots, vals) {
-                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-                    }
-                    if !e.dirty {
-                        e.dirty = true;
-                        self.dirty.push((key.into(), wstart));
-                    }
-                }
-                None => {
-                    let loaded = loader.call1((key, wstart, end))?;
-                    let (base, new) = if loaded.is_none() {
-                        (self.create(), true)
-                    } else {
-                        match self.slots_of(&loaded) {
-                            Some(s) => (s, false),
-                            None => return Ok((i, FALLBACK, task_wm, op_wm, 0, 0)),
-                        }
-                    };
-                    let mut slots = base;
-                    if !fold(&self.aggs, &mut slots, vals) {
-                        return Ok((i, FALLBACK, task_wm, op_wm, 0, 0));
-                    }
-                    self.cache
-                        .entry(key.into())
-                        .or_default()
-                        .push(Entry { start: wstart, slots, dirty: true, new });
-                    self.cached += 1;
-                    self.min_end = self.min_end.min(end);
-                    self.dirty.push((key.into(), wstart));
-                }
-            }
-            self.handled += 1;
-            self.nbytes += b.len() as u64;
-            if t - self.ooo > task_wm {
-                task_wm = t - self.ooo;
+            if let Step::Stop(code, t, late_wm) = self.step(value, key, ts, &mut marks, horizon, loader)? {
+                return Ok((i, code, marks.task, marks.op, t, late_wm));
             }
         }
-        Ok((n, DONE, task_wm, op_wm, 0, 0))
+        Ok((n, DONE, marks.task, marks.op, 0, 0))
+    }
+
+    /// `run` over group `group` of the batch `fetch` holds (`weir_native.Fetch`): the same
+    /// fold, reading each record where librdkafka put it.
+    #[pyo3(signature = (fetch, group, start, task_wm, op_wm, horizon, loader))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_fetched<'py>(
+        &mut self,
+        fetch: PyRef<'py, Fetch>,
+        group: usize,
+        start: usize,
+        task_wm: i64,
+        op_wm: i64,
+        horizon: i64,
+        loader: &Bound<'py, PyAny>,
+    ) -> PyResult<(usize, u8, i64, i64, i64, i64)> {
+        let msgs = &fetch.groups.get(group).ok_or_else(|| PyValueError::new_err("no such group"))?.msgs;
+        let kafka_time = matches!(self.time, Time::Kafka);
+        let mut marks = Marks { task: task_wm, op: op_wm, keybuf: String::new() };
+        for (i, &m) in msgs.iter().enumerate().skip(start) {
+            // SAFETY: the message stays alive while `fetch` holds its batch (borrowed here).
+            let msg = unsafe { &*m };
+            let ts = if kafka_time { fetch.timestamp(m).1 } else { 0 };
+            if let Step::Stop(code, t, late_wm) = self.step(msg.value(), msg.key(), ts, &mut marks, horizon, loader)? {
+                return Ok((i, code, marks.task, marks.op, t, late_wm));
+            }
+        }
+        Ok((msgs.len(), DONE, marks.task, marks.op, 0, 0))
     }
 
     /// Write every window changed since the last flush back through `adopt((key, start, end),
@@ -616,5 +672,6 @@ fn fold_into(aggs: &[(Agg, Option<usize>)], out: &mut [Option<Num>], vals: &[Val
 #[pymodule]
 fn weir_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tumbling>()?;
+    m.add_class::<Fetch>()?;
     Ok(())
 }

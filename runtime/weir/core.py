@@ -35,6 +35,7 @@ from weir.functions import FunctionError
 from weir.graph import JobGraph, assigned
 from weir.join_feed import TableEnds, TableFeed
 from weir.join_stage import JoinStage, StoreSet, open_join_stage
+from weir.native import Fetched
 from weir.process import ProcessOperator, open_process
 from weir.records import DeadLetter
 from weir.repartition import encode_forward, prepare_repartitioned
@@ -199,8 +200,11 @@ class TaskCore(CoreOutput):
         self.tasks = {}
 
     # -- records ----------------------------------------------------------------------
-    def process(self, msgs: Iterable[Message], now: float) -> None:
+    def process(self, msgs: Iterable[Message] | Fetched, now: float) -> None:
         """Run a batch of consumed messages (any mix of this worker's partitions)."""
+        if isinstance(msgs, Fetched):
+            self._process_fetched(msgs, now)
+            return
         by_task: dict[Task, list[Message]] = {}
         tasks = self.tasks
         touched: Iterable[Task] = ()
@@ -214,29 +218,48 @@ class TaskCore(CoreOutput):
                 bucket = by_task.setdefault(tasks[key], [])
                 last_key = key
             bucket.append(m)
-        saw = self.watermarks.saw_records
         for task, batch in by_task.items():
-            saw(task, now)
-            until = task.replay_until
-            if until is None:
-                self._process_task(task, batch)
-                continue
-            cut = next((i for i, m in enumerate(batch) if m.offset() >= until), len(batch))
-            if cut:
-                self._suppress = True
-                try:
-                    self._process_task(task, batch[:cut])
-                finally:
-                    self._suppress = False
-            if cut < len(batch):
-                self.end_replay(task)
-                self._process_task(task, batch[cut:])
+            self._run_task(task, batch, now)
         for task in touched:  # table records may have made held records due
             self._suppress = task.replay_until is not None
             try:
                 self.fire(task)
             finally:
                 self._suppress = False
+
+    def _process_fetched(self, fetched: Fetched, now: float) -> None:
+        """``process`` for a batch the native reader holds (a natively run pipeline: no join
+        tables, no repartition): each partition's records fold where they lie, unless the task
+        replays (then they run as Python records)."""
+        tasks = self.tasks
+        for group, (topic, partition, _count, last) in enumerate(fetched.groups):
+            task = tasks[(topic, partition)]
+            if task.native is None or task.replay_until is not None:
+                self._run_task(task, fetched.records(group), now)
+                continue
+            self.watermarks.saw_records(task, now)
+            self._prepare_native(task, (fetched, group))
+            task.next_offset = last + 1
+            self.fire(task)
+
+    def _run_task(self, task: Task, batch: list[Message], now: float) -> None:
+        """One task's part of a batch, in order; a replay produces nothing up to the committed
+        offset."""
+        self.watermarks.saw_records(task, now)
+        until = task.replay_until
+        if until is None:
+            self._process_task(task, batch)
+            return
+        cut = next((i for i, m in enumerate(batch) if m.offset() >= until), len(batch))
+        if cut:
+            self._suppress = True
+            try:
+                self._process_task(task, batch[:cut])
+            finally:
+                self._suppress = False
+        if cut < len(batch):
+            self.end_replay(task)
+            self._process_task(task, batch[cut:])
 
     def _process_task(self, task: Task, batch: list[Message]) -> None:
         if task.topic == self.graph.repartition_topic:
@@ -307,37 +330,55 @@ class TaskCore(CoreOutput):
         task.records += len(batch)
         task.bytes += nbytes
 
-    def _prepare_native(self, task: Task, batch: list[Message]) -> None:
+    def _prepare_native(self, task: Task, batch: list[Message] | tuple[Fetched, int]) -> None:
         """``_prepare`` into the window operator through the native hot path (``weir.native``):
-        the extension folds the batch; a late record comes back to be dead-lettered here, and a
-        record it cannot certify runs ``_prepare`` at its place, after its window is handed over.
-        Every changed window is back in the store when this returns."""
+        the extension folds the batch (a list of messages, or a group of a ``Fetched`` batch
+        read where it lies); a late record comes back to be dead-lettered here, and a record it
+        cannot certify runs ``_prepare`` at its place, after its window is handed over. Every
+        changed window is back in the store when this returns."""
         plan = self.graph.native
         native = task.native
         op = task.op
         assert plan is not None and isinstance(op, WindowOperator)
-        values = [m.value() for m in batch]
-        keys = [m.key() for m in batch] if plan.message_keys else None
-        stamps = [m.timestamp()[1] for m in batch] if plan.kafka_time else None
+        horizon = plan.horizon()
+        if isinstance(batch, list):
+            values = [m.value() for m in batch]
+            keys = [m.key() for m in batch] if plan.message_keys else None
+            stamps = [m.timestamp()[1] for m in batch] if plan.kafka_time else None
+
+            def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
+                return native.run(values, keys, stamps, i, task.wm, op.watermark, horizon, op.stored)
+
+            def record(i: int) -> Message:
+                return batch[i]
+
+            n = len(batch)
+        else:
+            fetched, group = batch
+            fetch = fetched.fetch
+
+            def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
+                return native.run_fetched(fetch, group, i, task.wm, op.watermark, horizon, op.stored)
+
+            def record(i: int) -> Message:
+                return fetched.records(group, i, i + 1)[0]
+
+            n = fetched.groups[group][2]
         adopt, process = op.adopt, op.process
 
         def handed_over(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
             native.evict(key, ts, adopt)
             return process(key, ts, record, wm)
 
-        run = native.run
-        horizon = plan.horizon()
-        i, n = 0, len(batch)
+        i = 0
         while i < n:
-            i, code, task.wm, op_wm, ts, late_wm = run(
-                values, keys, stamps, i, task.wm, op.watermark, horizon, op.stored
-            )
+            i, code, task.wm, op_wm, ts, late_wm = run(i)
             op.lift_watermark(op_wm)
             if code == 1:
                 task.late += 1
-                self.dead_letter(batch[i], LateRecord(ts, late_wm))
+                self.dead_letter(record(i), LateRecord(ts, late_wm))
             elif code == 2:
-                self._prepare(task, batch[i : i + 1], handed_over)  # counts its record itself
+                self._prepare(task, [record(i)], handed_over)  # counts its record itself
             i += 1
         records, nbytes = native.take_counts()
         task.records += records

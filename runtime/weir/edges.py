@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from weir import checkpoint as ck
 from weir.tasks import Headers, Message, Task
+
+if TYPE_CHECKING:
+    from weir.native import Fetched
 
 __all__ = [
     "DeliveryFailed",
@@ -89,8 +92,9 @@ class Sink(Protocol):
 class Source(Protocol):
     """The input partitions of one worker."""
 
-    def consume(self, max_records: int, timeout_s: float) -> list[Message]:
-        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+    def consume(self, max_records: int, timeout_s: float) -> list[Message] | Fetched:
+        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first (a
+        natively run pipeline's as a ``weir.native.Fetched`` batch)."""
 
     def assign(self, tasks: Sequence[Task]) -> None:
         """Start reading every task's partition at its ``next_offset``."""

@@ -30,7 +30,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from weir import kafka as kio
-from weir import memory
+from weir import memory, native
 from weir.commit import RETRY_CAP_S, Waits
 from weir.edges import Rollback
 from weir.graph import JobGraph, assigned
@@ -111,6 +111,8 @@ class KafkaEdges:
         self.next_probe = 0.0
         self._hooks: dict[str, Any] = {"error_cb": self._on_kafka_error, "logger": kio.client_logger()}
         self.consumer = kio.new_consumer({**self._consumer_config(), **self._hooks})
+        self.fetch = native.fetcher(self.consumer) if start.graph.native is not None else None
+        """Reads the records of a natively run pipeline (``weir.native.fetcher``), or None."""
         self.producers = self._new_producers()
         self._next = 0
         self.current: Any = self.producers[0]
@@ -196,6 +198,9 @@ class KafkaEdges:
             with contextlib.suppress(Exception):
                 producer.purge()
         self.producers = []
+        if self.fetch is not None:  # before the consumer: it holds records of the consumer's
+            self.fetch.close()
+            self.fetch = None
         with contextlib.suppress(Exception):
             self.consumer.close()
 
@@ -300,7 +305,26 @@ class KafkaEdges:
         raise value
 
     # -- Source -----------------------------------------------------------------------------
-    def consume(self, max_records: int, timeout_s: float) -> list[Message]:
+    def consume(self, max_records: int, timeout_s: float) -> list[Message] | native.Fetched:
+        fetch = self.fetch
+        if fetch is None:
+            return self._consume(max_records, timeout_s)
+        # The consumer's own queue first: its events (errors, logs, statistics) are served
+        # here, and a record that reached it before its partition was routed runs before
+        # anything after it.
+        msgs = self._consume(max_records, 0)
+        if msgs:
+            return msgs
+        groups, errors = fetch.consume(max_records, max(0, round(timeout_s * 1000)))
+        for code, text in errors:
+            self._consume_error(KafkaError(code, text))
+        if not groups:
+            return []
+        if self.waits.deps.is_down("kafka"):
+            self.waits.deps.up("kafka")
+        return native.Fetched(fetch, groups)
+
+    def _consume(self, max_records: int, timeout_s: float) -> list[Message]:
         msgs = self.consumer.consume(max_records, timeout=timeout_s)
         good = msgs
         for m in msgs:
@@ -323,6 +347,8 @@ class KafkaEdges:
 
     def assign(self, tasks: Sequence[Task]) -> None:
         self.consumer.assign([TopicPartition(t.topic, t.partition, t.next_offset) for t in tasks])
+        if self.fetch is not None:
+            self.fetch.route([(t.topic, t.partition) for t in tasks])
 
     def committed(self, tasks: Sequence[Task]) -> dict[str, tuple[int, str | None]]:
         """The group's committed offset per task and the snapshot id committed with it (read

@@ -39,10 +39,11 @@ from typing import Any
 from weir.aggregates import INT_MAX, INT_MIN, Aggregator
 from weir.records import system_ms, walk_steps
 from weir.spec import Condition, FieldScope, Pipeline
+from weir.tasks import Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NativePlan", "available", "plan_for"]
+__all__ = ["Fetched", "FetchedRecord", "NativePlan", "available", "fetcher", "plan_for"]
 
 weir_native: ModuleType | None
 try:
@@ -64,6 +65,83 @@ store keeps within its share, and the cache stays at a few hundred kilobytes a t
 def available() -> bool:
     """Whether the extension is importable and not switched off (``WEIR_NATIVE=0``)."""
     return weir_native is not None and os.environ.get("WEIR_NATIVE", "1") != "0"
+
+
+def fetcher(consumer: Any) -> Any | None:
+    """A ``weir_native.Fetch`` reading ``consumer``'s records without a Python object each, or
+    None (logged, with the reason) when the extension cannot read this consumer: then
+    ``consumer.consume`` reads everything, as it did before. ``WEIR_NATIVE_FETCH=0`` turns it
+    off alone."""
+    if not available() or os.environ.get("WEIR_NATIVE_FETCH", "1") == "0":
+        return None
+    fetch_class = getattr(weir_native, "Fetch", None)
+    if fetch_class is None:
+        return None
+    try:
+        return fetch_class(consumer)
+    except Exception as exc:  # noqa: BLE001 - any reason means: consume the usual way
+        log.info("records are consumed through confluent-kafka: the native reader is unavailable: %s", exc)
+        return None
+
+
+class FetchedRecord:
+    """One record of a ``Fetched`` batch as the Python path reads it (``weir.tasks.Message``)."""
+
+    __slots__ = ("_key", "_offset", "_partition", "_time", "_topic", "_value")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        kind: int,
+        ts: int,
+    ):
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._key, self._value, self._time = key, value, (kind, ts)
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def timestamp(self) -> tuple[int, int]:
+        return self._time
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+
+class Fetched:
+    """A batch ``weir_native.Fetch`` consumed, still in librdkafka's memory until the next
+    consume: per partition (``groups``: topic, partition, count, last offset), its records in
+    order. ``TaskCore.process`` folds a group natively, or runs its ``records`` in Python."""
+
+    __slots__ = ("count", "fetch", "groups")
+
+    def __init__(self, fetch: Any, groups: list[tuple[str, int, int, int]]):
+        self.fetch = fetch
+        self.groups = groups
+        self.count = sum(g[2] for g in groups)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def records(self, group: int, lo: int = 0, hi: int | None = None) -> list[Message]:
+        end = self.groups[group][2] if hi is None else hi
+        return [FetchedRecord(*r) for r in self.fetch.records(group, lo, end)]
 
 
 class _NotNative(Exception):
