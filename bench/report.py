@@ -628,20 +628,18 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
         "### What limits weir today",
         "",
         f"- weir reaches {ratio:.2f}x the ceiling's events/s at {weir_cpu:.2f} CPU µs/event "
-        f"(the ceiling: {ceil_cpu:.2f}, much of it in librdkafka's own threads). Both pay for "
-        "fetching, lz4 and `consume` on one Python thread; the ceiling then decodes every record "
-        "into a dict, weir runs its whole job instead.",
-        f"- On records already in memory the whole path after `consume` costs {native_path:.2f} "
-        f"µs/record with the native hot path, against {python_path:.2f} on the Python path "
-        f"({python_path / native_path:.1f}x) and {loads:.2f} for `orjson.loads` alone; the Python "
-        f"path's parts: `prepare()` {prepare:.2f} µs, the window operator {window:.2f} µs, the "
-        f"message accessors {accessors:.2f} µs (the native path still calls `value()` and "
-        "`key()` once per record to hand the batch over).",
-        "- So what is left is reading: `consume` and librdkafka's fetch and decompression, on the "
-        "thread that also runs the job, against a broker on the same two cores. More throughput "
-        "per job comes from more partitions and workers on more cores, and per core from a "
-        "consumer that hands a batch to native code without a Python object per message "
-        "(librdkafka's batch API or the Rust `rdkafka` crate inside the extension).",
+        f"(the ceiling: {ceil_cpu:.2f}, librdkafka's own threads included). The ceiling builds a "
+        "`Message` per record in `consume` and decodes every value into a dict; weir reads each "
+        "consumed batch where librdkafka put it (`weir_native.Fetch`: librdkafka's batch consume "
+        "into the extension, without the GIL) and runs its whole job there.",
+        f"- On records already in memory as confluent-kafka `Message`s the whole path costs "
+        f"{native_path:.2f} µs/record with the native hot path, against {python_path:.2f} on the "
+        f"Python path ({python_path / native_path:.1f}x) and {loads:.2f} for `orjson.loads` alone; "
+        f"the Python path's parts: `prepare()` {prepare:.2f} µs, the window operator {window:.2f} "
+        f"µs, the message accessors {accessors:.2f} µs (which the native reader does not call).",
+        "- So what is left is librdkafka's fetching and lz4 decompression (its own threads) and "
+        "the broker, on the same two cores as the job: more throughput per job comes from more "
+        "partitions and workers on more cores.",
     ]
 
 
