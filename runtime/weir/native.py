@@ -39,11 +39,11 @@ from typing import Any
 from weir.aggregates import INT_MAX, INT_MIN, Aggregator
 from weir.records import system_ms, walk_steps
 from weir.spec import Condition, FieldScope, Pipeline
-from weir.tasks import Message
+from weir.tasks import Consumed, Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fetched", "FetchedRecord", "NativePlan", "available", "fetcher", "plan_for"]
+__all__ = ["Fetched", "NativePlan", "available", "fetcher", "plan_for"]
 
 weir_native: ModuleType | None
 try:
@@ -84,46 +84,6 @@ def fetcher(consumer: Any) -> Any | None:
         return None
 
 
-class FetchedRecord:
-    """One record of a ``Fetched`` batch as the Python path reads it (``weir.tasks.Message``)."""
-
-    __slots__ = ("_key", "_offset", "_partition", "_time", "_topic", "_value")
-
-    def __init__(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        kind: int,
-        ts: int,
-    ):
-        self._topic, self._partition, self._offset = topic, partition, offset
-        self._key, self._value, self._time = key, value, (kind, ts)
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def timestamp(self) -> tuple[int, int]:
-        return self._time
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def error(self) -> None:
-        return None
-
-
 class Fetched:
     """A batch ``weir_native.Fetch`` consumed, still in librdkafka's memory until the next
     consume: per partition (``groups``: topic, partition, count, last offset), its records in
@@ -141,7 +101,10 @@ class Fetched:
 
     def records(self, group: int, lo: int = 0, hi: int | None = None) -> list[Message]:
         end = self.groups[group][2] if hi is None else hi
-        return [FetchedRecord(*r) for r in self.fetch.records(group, lo, end)]
+        return [
+            Consumed(topic, partition, offset, key, value, ts, None, kind)
+            for topic, partition, offset, key, value, kind, ts in self.fetch.records(group, lo, end)
+        ]
 
 
 class _NotNative(Exception):

@@ -27,6 +27,7 @@ __all__ = [
     "EARLIEST",
     "LATEST",
     "NO_WATERMARK",
+    "Consumed",
     "Headers",
     "LateRecord",
     "Message",
@@ -53,6 +54,53 @@ class Message(Protocol):
     def topic(self) -> str: ...
     def partition(self) -> int: ...
     def offset(self) -> int: ...
+
+
+class Consumed:
+    """A consumed record held as Python values (a ``Message``): the in-memory broker's records,
+    and a natively read record that goes the Python path (``weir.native.Fetched.records``)."""
+
+    __slots__ = ("_headers", "_key", "_kind", "_offset", "_partition", "_timestamp", "_topic", "_value")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp: int = 0,
+        headers: Headers | None = None,
+        kind: int = 1,
+    ) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._key, self._value, self._timestamp, self._kind = key, value, timestamp, kind
+        self._headers = headers
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def timestamp(self) -> tuple[int, int]:
+        """``(type, ms)`` as confluent-kafka gives it (type 1: CreateTime, the default here)."""
+        return (self._kind, self._timestamp)
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+    def headers(self) -> dict[str, bytes | None]:
+        return {k: v if v is None or isinstance(v, bytes) else v.encode() for k, v in self._headers or ()}
 
 
 class Send(Protocol):

@@ -14,8 +14,7 @@ from weir.functions import FunctionFailed
 from weir.graph import JobGraph, compile_job
 from weir.process import Context, ProcessFunction
 from weir.spec import load_job
-from weir.tasks import NO_WATERMARK, Task, Watermarks
-from weir.testing.broker import MemoryMessage
+from weir.tasks import NO_WATERMARK, Consumed, Task, Watermarks
 
 T0 = 1_704_067_200_000
 WALL = T0 + 3_600_000
@@ -139,8 +138,8 @@ def core_with(tmp_path: Path, graph: JobGraph) -> tuple[TaskCore, Recorder]:
     return core, out
 
 
-def messages(*records: dict[str, Any], key: bytes = b"u1") -> list[MemoryMessage]:
-    return [MemoryMessage("events", 0, i, key, orjson.dumps(r)) for i, r in enumerate(records)]
+def messages(*records: dict[str, Any], key: bytes = b"u1") -> list[Consumed]:
+    return [Consumed("events", 0, i, key, orjson.dumps(r)) for i, r in enumerate(records)]
 
 
 def test_a_process_function_emits_at_its_timers_and_its_failures_are_dead_lettered_alone(

@@ -17,7 +17,8 @@ import pytest
 from weir.examples import Example, Record, active_users, clickstream, funnel, sessions
 from weir.graph import compile_job
 from weir.spec import load_job
-from weir.testing.broker import MemoryBroker, MemoryMessage, memory_worker
+from weir.tasks import Consumed
+from weir.testing.broker import MemoryBroker, memory_worker
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 MIN = 60_000
@@ -28,7 +29,7 @@ EXAMPLES = [funnel.EXAMPLE, active_users.EXAMPLE, sessions.EXAMPLE]
 
 def run(
     example: Example, records: list[Record], state: Path, batch_size: int = 97
-) -> tuple[list[dict[str, Any]], list[MemoryMessage]]:
+) -> tuple[list[dict[str, Any]], list[Consumed]]:
     """The example's manifest run to the end of ``records`` (then one record per partition a day
     later, which closes every window and fires every timer before it): the sink's decoded
     values and the dead letters."""

@@ -23,7 +23,7 @@ from weir.core import TaskCore
 from weir.graph import JobGraph, compile_job
 from weir.native import plan_for
 from weir.spec import load_job
-from weir.testing.broker import MemoryMessage
+from weir.tasks import Consumed
 
 T0 = 1_704_067_200_000
 WALL = T0 + 3_600_000
@@ -105,7 +105,7 @@ def snapshot(core: TaskCore) -> Any:
 
 def run_both(
     doc: dict[str, Any],
-    batches: list[list[MemoryMessage]],
+    batches: list[list[Consumed]],
     tmp_path: Path,
     partitions: int = 1,
     max_cached_windows: int = 1_000_000,
@@ -205,7 +205,7 @@ def record_values(draw: st.DrawFn) -> bytes | None:
 
 
 @st.composite
-def batches_of(draw: st.DrawFn, partitions: int = 1) -> list[list[MemoryMessage]]:
+def batches_of(draw: st.DrawFn, partitions: int = 1) -> list[list[Consumed]]:
     values = draw(st.lists(record_values(), min_size=1, max_size=120))
     offsets = [0] * partitions
     messages = []
@@ -217,7 +217,7 @@ def batches_of(draw: st.DrawFn, partitions: int = 1) -> list[list[MemoryMessage]
             else draw(st.sampled_from(KEYS))
         )
         stamp = T0 + draw(st.integers(-1000, 200_000))
-        messages.append(MemoryMessage("events", p, offsets[p], key, value, stamp))
+        messages.append(Consumed("events", p, offsets[p], key, value, stamp))
         offsets[p] += 1
     cuts = sorted(draw(st.lists(st.integers(1, max(1, len(messages) - 1)), max_size=6, unique=True)))
     out, last = [], 0
@@ -341,8 +341,8 @@ def test_sums_past_64_bits_are_dead_lettered_by_the_python_path_and_leave_the_wi
 ) -> None:
     doc = job_doc(windowed(), {"field": "ts"})
     values = [{"ts": T0 + i, "price": p, "qty": 1} for i, p in enumerate([2**62, 2**62, 1, -5, 1.5])]
-    batch = [MemoryMessage("events", 0, i, b"k0", orjson.dumps(v)) for i, v in enumerate(values)]
-    close = [MemoryMessage("events", 0, 5, b"k0", orjson.dumps({"ts": T0 + 600_000, "price": 0, "qty": 0}))]
+    batch = [Consumed("events", 0, i, b"k0", orjson.dumps(v)) for i, v in enumerate(values)]
+    close = [Consumed("events", 0, 5, b"k0", orjson.dumps({"ts": T0 + 600_000, "price": 0, "qty": 0}))]
     run_both(doc, [batch, close], tmp_path)
     core, out = open_core(graphs(doc)[0], tmp_path / "again", 1, 1_000_000)
     core.process(batch + close, now=0.0)

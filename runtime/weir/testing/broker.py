@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from weir.edges import Offset
 from weir.kafka import TopicMissing
 from weir.objectstores import MemoryBackend
-from weir.tasks import EARLIEST, LATEST, Headers, Message, Task
+from weir.tasks import EARLIEST, LATEST, Consumed, Headers, Message, Task
 
 if TYPE_CHECKING:
     from weir.graph import JobGraph
@@ -36,13 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STEPS",
+    "Consumed",
     "Crash",
     "Faults",
     "FaultyStore",
     "InlineExecutor",
     "MemoryBroker",
     "MemoryEdges",
-    "MemoryMessage",
     "memory_worker",
     "run_through",
 ]
@@ -93,52 +93,11 @@ class Faults:
             raise Crash(f"the worker is dead (crashed at {self.step})")
 
 
-class MemoryMessage:
-    """A record as the core reads it (``weir.tasks.Message``)."""
-
-    __slots__ = ("_headers", "_key", "_offset", "_partition", "_timestamp", "_topic", "_value")
-
-    def __init__(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        timestamp: int = 0,
-        headers: Headers | None = None,
-    ) -> None:
-        self._topic, self._partition, self._offset = topic, partition, offset
-        self._key, self._value, self._timestamp = key, value, timestamp
-        self._headers = headers
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, self._timestamp)
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def headers(self) -> dict[str, bytes | None]:
-        return {k: v if v is None or isinstance(v, bytes) else v.encode() for k, v in self._headers or ()}
-
-
 class MemoryBroker:
     """Topics, committed offsets and atomic transactions in memory (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.topics: dict[str, list[list[MemoryMessage]]] = {}
+        self.topics: dict[str, list[list[Consumed]]] = {}
         self.offsets: dict[tuple[str, str, int], tuple[int, str | None]] = {}
         self.commits = 0
 
@@ -162,10 +121,10 @@ class MemoryBroker:
         if partition < 0:
             partition = self.partition_for(topic, key)
         log = self.topics[topic][partition]
-        log.append(MemoryMessage(topic, partition, len(log), key, value, timestamp, headers))
+        log.append(Consumed(topic, partition, len(log), key, value, timestamp, headers))
         return len(log) - 1
 
-    def records(self, topic: str) -> list[MemoryMessage]:
+    def records(self, topic: str) -> list[Consumed]:
         """Every readable record of ``topic``, partition by partition."""
         return [m for part in self.topics[topic] for m in part]
 
