@@ -41,32 +41,32 @@ class _FakeProducer:
 
 
 
-class _TimedConsumer:
-    """Wraps the worker's consumer to split time in ``consume`` into fetching records and waiting."""
+class _ConsumeTimes:
+    """Splits the worker's time in ``consume`` (``KafkaEdges.consume``: the native reader's batch
+    consume, or confluent-kafka's) into reading records and waiting."""
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
+    def __init__(self) -> None:
         self.busy_s = 0.0
         self.busy_calls = 0
         self.empty_s = 0.0
         self.empty_calls = 0
         self.records = 0
 
-    def consume(self, num_messages: int = 1, timeout: float = -1) -> Any:
-        t0 = time.perf_counter()
-        msgs = self._inner.consume(num_messages, timeout)
-        dt = time.perf_counter() - t0
-        if msgs:
-            self.busy_s += dt
-            self.busy_calls += 1
-            self.records += len(msgs)
-        else:
-            self.empty_s += dt
-            self.empty_calls += 1
-        return msgs
+    def wrap(self, consume: Any) -> Any:
+        def timed(edges: Any, max_records: int, timeout_s: float) -> Any:
+            t0 = time.perf_counter()
+            msgs = consume(edges, max_records, timeout_s)
+            dt = time.perf_counter() - t0
+            if msgs:
+                self.busy_s += dt
+                self.busy_calls += 1
+                self.records += len(msgs)
+            else:
+                self.empty_s += dt
+                self.empty_calls += 1
+            return msgs
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return timed
 
 
 def _fetch_all(bootstrap: str, topic: str, events: int) -> list[Any]:
@@ -104,6 +104,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     import pstats
 
     from weir import kafka as kio
+    from weir.kafka_io import KafkaEdges
     from weir.core import TaskCore
     from weir.graph import compile_job
     from weir.metrics import WorkerMetrics
@@ -235,13 +236,8 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     generate.create_topic(admin, sink, partitions)
     generate.create_topic(admin, dlq, 1)
     got: list[int] = [0]
-    timed: list[_TimedConsumer] = []
-    original = kio.new_consumer
-
-    def new_consumer(config: dict[str, Any]) -> Any:
-        c = _TimedConsumer(original(config))
-        timed.append(c)
-        return c
+    consumer = _ConsumeTimes()
+    original = KafkaEdges.consume
 
     worker: Worker
 
@@ -268,7 +264,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
 
     finished = threading.Event()
     threading.Thread(target=watchdog, daemon=True).start()
-    kio.new_consumer = new_consumer  # type: ignore[assignment]
+    KafkaEdges.consume = consumer.wrap(original)  # type: ignore[method-assign]
     profiler = cProfile.Profile()
     say(f"profile: running an in-process Worker under cProfile over {events:,} events")
     t0 = time.perf_counter()
@@ -278,7 +274,7 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
         profiler.disable()
     finally:
         finished.set()
-        kio.new_consumer = original  # type: ignore[assignment]
+        KafkaEdges.consume = original  # type: ignore[method-assign]
     wall = time.perf_counter() - t0
     if got[0] != len(expected) or worker.core.dead_lettered:
         raise RuntimeError(
@@ -300,7 +296,6 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
             }
         )
     rows.sort(key=lambda r: -r["tottime_us"])
-    consumer = timed[0] if timed else None
     measure.delete_topics(bootstrap, admin_topics, [job.consumer_group])
     subprocess.run(["rm", "-rf", str(work)], check=False)
     return {
@@ -311,10 +306,10 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
             "wall_s": wall,
             "records": records,
             "windows": got[0],
-            "consume_with_records_us_per_record": consumer.busy_s / records * 1e6 if consumer else None,
-            "consume_with_records_calls": consumer.busy_calls if consumer else None,
-            "consume_waiting_s": consumer.empty_s if consumer else None,
-            "consume_waiting_calls": consumer.empty_calls if consumer else None,
+            "consume_with_records_us_per_record": consumer.busy_s / records * 1e6,
+            "consume_with_records_calls": consumer.busy_calls,
+            "consume_waiting_s": consumer.empty_s,
+            "consume_waiting_calls": consumer.empty_calls,
             "top": rows[:18],
         },
     }

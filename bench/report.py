@@ -605,7 +605,9 @@ def profile_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     if cp.get("consume_with_records_us_per_record") is not None:
         lines += [
             "",
-            f"`consume` includes waiting: the {cp['consume_with_records_calls']} calls that returned "
+            "The worker's `consume` (`KafkaEdges.consume`: the native reader's batch consume and a "
+            "look at the consumer's own queue) includes waiting: the "
+            f"{cp['consume_with_records_calls']} calls that returned "
             f"records took {cp['consume_with_records_us_per_record']:.2f} µs/record; "
             f"{cp['consume_waiting_calls']} calls returned nothing and waited "
             f"{cp['consume_waiting_s']:.2f} s in all.",
