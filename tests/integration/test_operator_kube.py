@@ -392,7 +392,13 @@ def test_crash_looping_worker_pods_make_the_job_degraded_with_restart_counts(ope
     status = _status(operator, name)
     assert status["workerRestarts"] == 6
     assert "worker 0: CrashLoopBackOff (6 restarts)" in _condition(status, "Degraded")["message"]
-    assert any(e.reason == "WorkersCrashLooping" and e.type == "Warning" for e in _events(operator, name))
+    # kopf posts events from a background queue: the event may land after the status patch.
+    operator.wait(
+        lambda: any(
+            e.reason == "WorkersCrashLooping" and e.type == "Warning" for e in _events(operator, name)
+        ),
+        "a WorkersCrashLooping Warning event",
+    )
 
 
 def test_secret_values_never_reach_the_status_events_or_config_map(operator: Operator) -> None:
