@@ -349,7 +349,7 @@ class TaskCore(CoreOutput):
             def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
                 return native.run(values, keys, stamps, i, task.wm, op.watermark, horizon, op.stored)
 
-            def record(i: int) -> Message:
+            def message_at(i: int) -> Message:
                 return batch[i]
 
             n = len(batch)
@@ -360,7 +360,7 @@ class TaskCore(CoreOutput):
             def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
                 return native.run_fetched(fetch, group, i, task.wm, op.watermark, horizon, op.stored)
 
-            def record(i: int) -> Message:
+            def message_at(i: int) -> Message:
                 return fetched.records(group, i, i + 1)[0]
 
             n = fetched.groups[group][2]
@@ -376,9 +376,9 @@ class TaskCore(CoreOutput):
             op.lift_watermark(op_wm)
             if code == 1:
                 task.late += 1
-                self.dead_letter(record(i), LateRecord(ts, late_wm))
+                self.dead_letter(message_at(i), LateRecord(ts, late_wm))
             elif code == 2:
-                self._prepare(task, [record(i)], handed_over)  # counts its record itself
+                self._prepare(task, [message_at(i)], handed_over)  # counts its record itself
             i += 1
         records, nbytes = native.take_counts()
         task.records += records
