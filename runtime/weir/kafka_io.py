@@ -346,6 +346,14 @@ class KafkaEdges:
         log.warning("consumer: %s", err)
 
     def assign(self, tasks: Sequence[Task]) -> None:
+        # librdkafka resolves a logical start offset (earliest, latest) only once it knows the
+        # partition's leader, and learns the leaders of an assigned topic at its next metadata
+        # refresh: a fresh start sat idle for about a second before its first fetch. Asking for
+        # the topics' metadata first starts it at once; a broker that does not answer in time
+        # only costs the wait, the assignment proceeds (and the outage shows where it always did).
+        for topic in sorted({t.topic for t in tasks if t.next_offset < 0}):
+            with contextlib.suppress(KafkaException):
+                self.consumer.list_topics(topic, timeout=2.0)
         self.consumer.assign([TopicPartition(t.topic, t.partition, t.next_offset) for t in tasks])
         if self.fetch is not None:
             self.fetch.route([(t.topic, t.partition) for t in tasks])
