@@ -570,7 +570,7 @@ def run_once(
     sink = f"weir-nexmark-out-{query}-{system}-{run_id}"
     generate.create_topic(AdminClient({"bootstrap.servers": bootstrap}), sink, 1)
     last = horizon(n)
-    reader = measure.SinkReader(bootstrap, sink, lambda r: parse_result(query, r, last))
+    reader = measure.SinkReader(bootstrap, sink, lambda r: parse_result(query, r, last), expected)
     start = start_weir if system == "weir" else start_flink
     first = weir_first_record if system == "weir" else flink_first_record
     load_before = measure.loadavg()
@@ -586,7 +586,7 @@ def run_once(
             if t_first is None:
                 t_first = first(started)
             reader.poll(0.02 if t_first is None else 0.05)
-            if t_first is not None and len(reader.results.keys() & expected.keys()) >= len(expected):
+            if t_first is not None and not reader.awaiting:
                 t_done = max(reader.arrived[k] for k in expected)
                 break
             dead = [p for p in procs if not p.alive()]

@@ -292,7 +292,7 @@ def run_throughput(
     ctx = new_context(bootstrap, source, False, consumer)
     generate.create_topic(AdminClient({"bootstrap.servers": bootstrap}), ctx.sink, partitions)
     runner.prepare(ctx)
-    reader = measure.SinkReader(bootstrap, ctx.sink)
+    reader = measure.SinkReader(bootstrap, ctx.sink, expected=expected)
     cmd, env = runner.command(ctx)
     load_before = measure.loadavg()
     proc = Process(cmd, env, ctx.work / "runner.log")
@@ -307,7 +307,7 @@ def run_throughput(
             if t_first is None:
                 t_first = runner.first_record(ctx, proc.log_path)
             reader.poll(0.02 if t_first is None else 0.05)
-            if len(reader.results.keys() & expected.keys()) >= len(expected) and t_first is not None:
+            if not reader.awaiting and t_first is not None:
                 t_done = max(reader.arrived[k] for k in expected)
                 break
             if not proc.alive():
