@@ -625,7 +625,9 @@ def limits_markdown(profile: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     accessors, loads, prepare, window, python_path, native_path = stages[:6]
     weir_cpu = thr["weir"]["cpu_us_per_event"]["median"]
     ceil_cpu = thr["ceiling"]["cpu_us_per_event"]["median"]
-    ratio = thr["weir"]["events_per_s"]["median"] / thr["ceiling"]["events_per_s"]["median"]
+    # The same figure as the summary's "weir ÷ ceiling": the median of the runs' paired ratios.
+    paired = doc["summary"].get("weir_over", {}).get("ceiling", {}).get("median")
+    ratio = paired or thr["weir"]["events_per_s"]["median"] / thr["ceiling"]["events_per_s"]["median"]
     return [
         "### What limits weir today",
         "",
