@@ -209,6 +209,14 @@ def _events(op: Operator, name: str) -> list[Any]:
     ]
 
 
+def _wait_events(op: Operator, name: str, found: Callable[[list[Any]], bool], what: str) -> list[Any]:
+    """The job's events once ``found`` holds for them. The operator records a round's events
+    after that round's status patch, so a test that has just seen the status may be one API
+    call ahead of them."""
+    op.wait(lambda: found(_events(op, name)), what, timeout=10)
+    return _events(op, name)
+
+
 def _create_pod(op: Operator, name: str, index: int) -> Any:
     """A worker pod of job ``name`` (no kubelet runs here: it only exists, until deleted)."""
     return client.CoreV1Api(op.admin).create_namespaced_pod(op.watched, client.V1Pod(
@@ -289,9 +297,9 @@ def test_an_applied_stream_job_is_reconciled_into_valid_children_and_a_status(op
         "lastTransitionTime": None,
     }
     assert status["readyWorkers"] == 2 and status["parallelism"] == 2
-    reasons = {e.reason for e in _events(operator, name)}
     # "Deployed" waits for the stability gate (upgrade.stabilityWindow); applied is "Stabilizing".
-    assert {"Deploying", "Stabilizing", "PhaseRunning", "WorkersReady"} <= reasons
+    expected = {"Deploying", "Stabilizing", "PhaseRunning", "WorkersReady"}
+    _wait_events(operator, name, lambda events: expected <= {e.reason for e in events}, "the deploy events")
 
 
 def test_writing_the_scale_subresource_changes_the_stateful_sets_replicas(operator: Operator) -> None:
@@ -366,7 +374,8 @@ def test_a_scale_whose_savepoint_fails_keeps_the_old_workers_and_reports_degrade
     assert _stateful_set(operator, name).spec.replicas == 1
     assert status["lastSavepoint"]["trigger"] == "upgrade" and status["lastSavepoint"]["error"]
     assert "intent" not in status
-    assert any(e.reason == "SavepointFailed" and e.type == "Warning" for e in _events(operator, name))
+    _wait_events(operator, name, lambda events: any(
+        e.reason == "SavepointFailed" and e.type == "Warning" for e in events), "a SavepointFailed Warning")
 
 
 def test_crash_looping_worker_pods_make_the_job_degraded_with_restart_counts(operator: Operator) -> None:
@@ -392,13 +401,9 @@ def test_crash_looping_worker_pods_make_the_job_degraded_with_restart_counts(ope
     status = _status(operator, name)
     assert status["workerRestarts"] == 6
     assert "worker 0: CrashLoopBackOff (6 restarts)" in _condition(status, "Degraded")["message"]
-    # kopf posts events from a background queue: the event may land after the status patch.
-    operator.wait(
-        lambda: any(
-            e.reason == "WorkersCrashLooping" and e.type == "Warning" for e in _events(operator, name)
-        ),
-        "a WorkersCrashLooping Warning event",
-    )
+    _wait_events(operator, name, lambda events: any(
+        e.reason == "WorkersCrashLooping" and e.type == "Warning" for e in events),
+        "a WorkersCrashLooping Warning event")
 
 
 def test_secret_values_never_reach_the_status_events_or_config_map(operator: Operator) -> None:
@@ -453,7 +458,9 @@ def test_a_pod_template_the_api_server_refuses_stalls_the_job_with_its_message_u
     assert status["phase"] == "Failed" and status["error"] in stalled["message"]
     assert status["applyFailure"]["attempts"] >= 1
     assert _stateful_set(operator, name) is None
-    warnings = [e for e in _events(operator, name) if e.type == "Warning" and e.reason == "ApplyFailed"]
+    events = _wait_events(operator, name, lambda events: any(e.reason == "ApplyFailed" for e in events),
+                          "an ApplyFailed event")
+    warnings = [e for e in events if e.type == "Warning" and e.reason == "ApplyFailed"]
     assert len(warnings) == 1 and "nodeAffinity" in warnings[0].message
     time.sleep(3)  # resyncs every 1 s: retried with a back-off (10 s first), not in a loop
     assert _status(operator, name)["applyFailure"]["attempts"] <= 2
@@ -471,7 +478,8 @@ def test_a_pod_template_the_api_server_refuses_stalls_the_job_with_its_message_u
                   "Stalled cleared")
     status = _status(operator, name)
     assert "applyFailure" not in status and "error" not in status
-    assert any(e.reason == "StalledCleared" for e in _events(operator, name))
+    _wait_events(operator, name, lambda events: any(e.reason == "StalledCleared" for e in events),
+                 "a StalledCleared event")
 
 
 def test_a_parallelism_above_the_input_partition_count_is_capped_with_a_condition_naming_both(
@@ -499,8 +507,9 @@ def test_a_parallelism_above_the_input_partition_count_is_capped_with_a_conditio
     message = "parallelism 12 exceeds the 8 partitions of events; running 8 workers"
     assert _condition(_status(operator, name), "Degraded")["message"] == message
     assert _job(operator, name)["spec"]["parallelism"] == 12  # the user's spec is left as written
-    assert any(e.type == "Warning" and e.reason == "ParallelismCapped" and message in e.message
-               for e in _events(operator, name))
+    _wait_events(operator, name, lambda events: any(
+        e.type == "Warning" and e.reason == "ParallelismCapped" and message in e.message for e in events),
+        "a ParallelismCapped Warning")
 
 
 def test_deleting_the_stream_job_removes_its_children(operator: Operator) -> None:
