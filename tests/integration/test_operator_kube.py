@@ -213,8 +213,14 @@ def _wait_events(op: Operator, name: str, found: Callable[[list[Any]], bool], wh
     """The job's events once ``found`` holds for them. The operator records a round's events
     after that round's status patch, so a test that has just seen the status may be one API
     call ahead of them."""
-    op.wait(lambda: found(_events(op, name)), what, timeout=10)
-    return _events(op, name)
+    seen: list[Any] = []
+
+    def holds() -> bool:
+        seen[:] = _events(op, name)
+        return found(seen)
+
+    op.wait(holds, what, timeout=10)
+    return seen
 
 
 def _create_pod(op: Operator, name: str, index: int) -> Any:
@@ -578,9 +584,8 @@ def test_the_lifecycle_states_and_events_follow_the_stateful_sets_status_through
     status = _status(operator, name)
     assert status["lifecycleState"] == "Stable"
     assert status["lastStableSpec"]["env"] == [{"name": "GREETING", "value": "two"}]
-    # Events are recorded after the status is written: wait for them.
-    operator.wait(lambda: {"Deploying", "Stable", "Deployed", "Upgrading", "Upgraded"}
-                  <= {e.reason for e in _events(operator, name)}, "the lifecycle events")
+    lifecycle = {"Deploying", "Stable", "Deployed", "Upgrading", "Upgraded"}
+    _wait_events(operator, name, lambda events: lifecycle <= {e.reason for e in events}, "lifecycle events")
 
 
 def test_an_upgrade_that_never_becomes_ready_is_rolled_back_to_the_last_stable_stateful_set(
@@ -616,8 +621,8 @@ def test_an_upgrade_that_never_becomes_ready_is_rolled_back_to_the_last_stable_s
     assert status["rollback"]["fromGeneration"] == 2 and status["stable"]["generation"] == 1
     time.sleep(3)  # it stays rolled back: the failed spec is not applied again
     assert _env_of(operator, name).get("GREETING") == "stable"
-    operator.wait(lambda: {"RollingBack", "RolledBack"} <= {e.reason for e in _events(operator, name)},
-                  "the rollback events")
+    _wait_events(operator, name, lambda events: {"RollingBack", "RolledBack"} <= {e.reason for e in events},
+                 "the rollback events")
 
 
 def _put_store(s3: S3Helper, prefix: str) -> set[str]:
