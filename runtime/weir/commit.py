@@ -196,12 +196,14 @@ class Committer:
         parts: dict[str, ck.PartitionSnapshot] = {}
         offsets: list[Offset] = []
         shape = self.shape_json
-        for task in self.core.tasks.values():
-            if task.next_offset < 0:
-                continue
-            local = work / task.label
+        tasks = [task for task in self.core.tasks.values() if task.next_offset >= 0]
+        for task in tasks:
             if task.store is not None:
                 task.store.flush({**task.progress(), "id": snapshot_id, **self.state_meta})
+                task.store.start_checkpoint()
+        for task in tasks:
+            local = work / task.label
+            if task.store is not None:
                 task.store.checkpoint(local)
                 if task.metrics is not None:
                     task.metrics.state_size.set(task.store.size_bytes())

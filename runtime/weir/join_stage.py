@@ -332,6 +332,10 @@ class StoreSet:
     def flush(self, progress: dict[str, Any]) -> int:
         return sum(p.flush(progress) for p in self.parts)
 
+    def start_checkpoint(self) -> None:
+        for part in self.parts:
+            part.start_checkpoint()
+
     def checkpoint(self, dest: Path) -> Path:
         self.parts[0].checkpoint(dest)
         for i, part in enumerate(self.parts[1:], start=1):

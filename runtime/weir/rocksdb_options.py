@@ -126,6 +126,11 @@ class RocksStore:
         """
         return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
 
+    def start_checkpoint(self) -> None:
+        """Start writing the memtable out in the background (``checkpoint`` waits for it): a
+        worker starts every partition's before it takes the first checkpoint, so they overlap."""
+        self._db.flush(wait=False)
+
     def checkpoint(self, dest: Path) -> Path:
         """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
 
