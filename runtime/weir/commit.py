@@ -94,6 +94,8 @@ class Pending:
     future: Future[Any]
     started: float
     sync_s: float
+    committing: bool = False
+    """Uploaded, and the transaction's commit begun in the background (``Committer.ready``)."""
 
 
 @dataclass
@@ -257,7 +259,17 @@ class Committer:
         return pending
 
     def ready(self) -> bool:
-        return self.pending is not None and self.pending.future.done()
+        """Whether ``complete`` can run without waiting. Once the snapshot is uploaded, the
+        commit is begun in the background (the worker goes on with the next epoch meanwhile)
+        and this turns true when the broker has answered it."""
+        pending = self.pending
+        if pending is None or not pending.future.done():
+            return False
+        if not pending.committing:
+            pending.committing = True
+            if not pending.future.cancelled() and pending.future.exception() is None:
+                pending.txn.start_commit(pending.offsets)
+        return not pending.txn.committing()
 
     def complete(self) -> Any:
         """The pending snapshot is in the store: commit the output and offsets that match it."""

@@ -77,7 +77,15 @@ class Transaction(Protocol):
 
     def commit(self, offsets: Sequence[Offset]) -> None:
         """Make the epoch's output and these input offsets visible together (exactly-once), or
-        commit the offsets after the output (at-least-once); ``Rollback`` when it cannot."""
+        commit the offsets after the output (at-least-once); ``Rollback`` when it cannot. After
+        ``start_commit`` it finishes that commit (and retries it if it failed)."""
+
+    def start_commit(self, offsets: Sequence[Offset]) -> None:
+        """Begin ``commit(offsets)`` in the background, if the edge can, so the worker goes on
+        with the next epoch while the broker answers; ``commit`` finishes it."""
+
+    def committing(self) -> bool:
+        """Whether a commit begun by ``start_commit`` is still waiting for its answer."""
 
 
 class Sink(Protocol):

@@ -9,6 +9,7 @@ longer commit.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,10 @@ class KafkaTransaction:
         self.edges = edges
         self.producer = producer
         self._paused = 0.0
+        self._attempt: threading.Thread | None = None
+        self._attempt_deadline = 0.0
+        self._attempt_outcome: list[BaseException | None] = []
+        self._attempt_sent = False
 
     def produce(
         self,
@@ -85,6 +90,51 @@ class KafkaTransaction:
         if waited:
             deps.up("kafka")
 
+    def start_commit(self, offsets: Sequence[Offset]) -> None:
+        """Exactly-once: make the first attempt of ``commit`` on a helper thread (send the
+        offsets, commit the transaction: two round trips to the coordinator, 10-50 ms), while
+        the worker writes the next epoch on its other producer. ``commit`` waits for it and
+        retries what failed, as if it had made the attempt itself."""
+        if self.edges.start.guarantee != "exactly-once" or self._attempt is not None:
+            return
+        tps = _partitions(offsets)
+        producer, group = self.producer, self.edges.consumer.consumer_group_metadata()
+        outcome = self._attempt_outcome
+
+        def attempt() -> None:
+            try:
+                if tps:
+                    producer.send_offsets_to_transaction(tps, group, CALL_TIMEOUT_S)
+                self._attempt_sent = True
+                producer.commit_transaction(CALL_TIMEOUT_S)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to ``commit``
+                outcome.append(exc)
+
+        # Each call is bounded like ``KafkaEdges.bounded`` bounds it (librdkafka#5456).
+        self._attempt_deadline = time.monotonic() + 2 * (CALL_TIMEOUT_S + 10.0)
+        self._attempt = threading.Thread(target=attempt, name="weir-kafka-commit", daemon=True)
+        self._attempt.start()
+
+    def committing(self) -> bool:
+        attempt = self._attempt
+        return attempt is not None and attempt.is_alive() and time.monotonic() < self._attempt_deadline
+
+    def _finish_attempt(self) -> tuple[bool, BaseException | None]:
+        """Wait for the attempt ``start_commit`` made: (offsets sent, its error or None)."""
+        attempt, self._attempt = self._attempt, None
+        assert attempt is not None
+        while attempt.is_alive():
+            if time.monotonic() >= self._attempt_deadline:
+                raise Rollback(
+                    "committing a checkpoint's transaction: no answer from Kafka within "
+                    f"{2 * (CALL_TIMEOUT_S + 10.0):.0f}s"
+                )
+            attempt.join(0.2)
+            if attempt.is_alive():
+                self.edges.waits.pause(0)
+        return self._attempt_sent, self._attempt_outcome[0]
+
     def commit(self, offsets: Sequence[Offset]) -> None:
         """Exactly-once: commit the transaction with the offsets, retrying while the broker is
         unreachable. At-least-once: commit the offsets (the output was flushed already).
@@ -94,7 +144,7 @@ class KafkaTransaction:
         fenced, a fatal producer error) raises ``Rollback``: its output is dropped and produced
         again from the last committed state, so nothing is lost or duplicated."""
         edges, deps = self.edges, self.edges.waits.deps
-        tps = [TopicPartition(o.topic, o.partition, o.offset, metadata=o.metadata) for o in offsets]
+        tps = _partitions(offsets)
         if edges.start.guarantee != "exactly-once":
             if tps:
                 try:
@@ -114,12 +164,20 @@ class KafkaTransaction:
         def commit() -> None:
             producer.commit_transaction(CALL_TIMEOUT_S)
 
+        started = self._finish_attempt() if self._attempt is not None else None
         while True:
             try:
-                if not offsets_sent:
-                    edges.bounded(what, send_offsets)
-                    offsets_sent = True
-                edges.bounded(what, commit)
+                if started is not None:  # the attempt start_commit made
+                    sent, error = started
+                    started = None
+                    offsets_sent = offsets_sent or sent
+                    if error is not None:
+                        raise error
+                else:
+                    if not offsets_sent:
+                        edges.bounded(what, send_offsets)
+                        offsets_sent = True
+                    edges.bounded(what, commit)
                 if tps:
                     deps.up("kafka")
                 return
@@ -136,3 +194,7 @@ class KafkaTransaction:
                     edges.check_delivery()
                     if edges.probe():
                         break
+
+
+def _partitions(offsets: Sequence[Offset]) -> list[TopicPartition]:
+    return [TopicPartition(o.topic, o.partition, o.offset, metadata=o.metadata) for o in offsets]

@@ -179,6 +179,8 @@ class MemoryEdges:
                 raise TopicMissing(f"topic {step.topic!r} ({where}) does not exist")
         self.table_partitions = {t: len(broker.topics[t]) for t in graph.table_topics}
         self.positions: dict[tuple[str, int], int] = {}
+        self.open: list[MemoryTransaction] = []
+        """Transactions begun and not committed (a rollback abandons them with these edges)."""
         self._turn = 0
 
     # -- Source -----------------------------------------------------------------------------
@@ -198,9 +200,15 @@ class MemoryEdges:
         self._turn += 1
         if out:
             self.faults.at("records", len(out))
-        if self.on_consume is not None:
+        # Idle only once nothing this worker produced for itself is still uncommitted: a
+        # repartitioned job's stage 2 reads stage 1's records after their commit.
+        if self.on_consume is not None and (out or not self._own_output_pending()):
             self.on_consume(len(out))
         return out
+
+    def _own_output_pending(self) -> bool:
+        read = {topic for topic, _p in self.positions}
+        return any(r[0] in read for txn in self.open for r in txn.records)
 
     def assign(self, tasks: Sequence[Task]) -> None:
         for t in tasks:
@@ -229,7 +237,9 @@ class MemoryEdges:
     # -- Sink -------------------------------------------------------------------------------
     def begin(self) -> MemoryTransaction:
         self.faults.alive()
-        return MemoryTransaction(self)
+        txn = MemoryTransaction(self)
+        self.open.append(txn)
+        return txn
 
     def poll(self) -> None:
         self.faults.alive()
@@ -250,6 +260,7 @@ class MemoryTransaction:
     def __init__(self, edges: MemoryEdges) -> None:
         self.edges = edges
         self.records: list[tuple[Any, ...]] = []
+        self._unanswered = 0
 
     def produce(
         self,
@@ -268,11 +279,24 @@ class MemoryTransaction:
     def flush(self) -> None:
         self.edges.faults.alive()
 
+    def start_commit(self, offsets: Sequence[Offset]) -> None:
+        # Like Kafka's answer, the commit's arrives a round of the worker's loop later: the loop
+        # goes on with the next epoch meanwhile, and the abort steps of ``commit`` come after.
+        self._unanswered = 1
+
+    def committing(self) -> bool:
+        if self._unanswered:
+            self._unanswered -= 1
+            return True
+        return False
+
     def commit(self, offsets: Sequence[Offset]) -> None:
         faults = self.edges.faults
         faults.at("before-commit")
         self.edges.broker.commit(self.edges.group, self.records, offsets)
         self.records = []
+        if self in self.edges.open:
+            self.edges.open.remove(self)
         faults.at("after-commit")
 
 

@@ -1,0 +1,176 @@
+"""The exactly-once commit of a Kafka transaction begun in the background (``start_commit``):
+what ``commit`` does with the attempt's answer, on hand-written fakes of the producer and the
+worker's edges. The broker-backed behaviour is in tests/integration (test_exactly_once,
+test_outages)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from weir import kafka_txn
+from weir.edges import Offset, Rollback
+from weir.kafka_txn import KafkaTransaction
+
+OFFSETS = [Offset("in", 0, 42, "checkpoint:1-w0")]
+
+
+class Producer:
+    """Answers each call from a script of outcomes (None = success, an exception = raised);
+    ``gate`` holds the first commit until it is set."""
+
+    def __init__(self, sends: list[Any] | None = None, commits: list[Any] | None = None) -> None:
+        self.sends = list(sends or [])
+        self.commits = list(commits or [])
+        self.calls: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def send_offsets_to_transaction(self, tps: list[Any], group: Any, timeout: float) -> None:
+        self.calls.append(f"send {[(tp.topic, tp.partition, tp.offset) for tp in tps]}")
+        outcome = self.sends.pop(0) if self.sends else None
+        if outcome is not None:
+            raise outcome
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.calls.append("commit")
+        self.gate.wait(30)
+        outcome = self.commits.pop(0) if self.commits else None
+        if outcome is not None:
+            raise outcome
+
+
+class Deps:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def down(self, name: str, error: str) -> bool:
+        self.events.append(f"down {name}")
+        return True
+
+    def up(self, name: str) -> None:
+        self.events.append(f"up {name}")
+
+
+class Edges:
+    """What a transaction uses of ``KafkaEdges``."""
+
+    def __init__(self) -> None:
+        self.start = type("Start", (), {"guarantee": "exactly-once"})()
+        self.consumer = type("Consumer", (), {"consumer_group_metadata": lambda _self: "group"})()
+        self.deps = Deps()
+        self.pauses = 0
+        self.waits = type("Waits", (), {"deps": self.deps, "pause": self._pause})()
+
+    def _pause(self, seconds: float) -> None:
+        self.pauses += 1
+
+    def bounded(self, what: str, call: Any) -> Any:
+        return call()
+
+    def check_delivery(self) -> None:
+        pass
+
+    def probe(self) -> bool:
+        return True
+
+
+def retriable() -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
+
+
+def fatal() -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+
+
+def begun(producer: Producer) -> tuple[KafkaTransaction, Edges]:
+    edges = Edges()
+    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+    txn.start_commit(OFFSETS)
+    return txn, edges
+
+
+def wait_answered(txn: KafkaTransaction) -> None:
+    deadline = time.monotonic() + 10
+    while txn.committing():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_the_background_attempt_commits_once_and_commit_only_collects_its_answer() -> None:
+    producer = Producer()
+    producer.gate.clear()
+    txn, edges = begun(producer)
+    time.sleep(0.05)
+    assert txn.committing()  # the broker has not answered: the worker goes on meanwhile
+    producer.gate.set()
+    wait_answered(txn)
+    txn.commit(OFFSETS)
+    assert producer.calls == ["send [('in', 0, 42)]", "commit"]
+    assert edges.deps.events == ["up kafka"]
+
+
+def test_commit_waits_for_an_attempt_still_running_keeping_the_worker_alive() -> None:
+    producer = Producer()
+    producer.gate.clear()
+    txn, edges = begun(producer)
+    threading.Timer(0.5, producer.gate.set).start()
+    txn.commit(OFFSETS)
+    assert producer.calls == ["send [('in', 0, 42)]", "commit"]
+    assert edges.pauses >= 1  # alive and /status fresh while it waited
+
+
+def test_a_retriable_commit_failure_is_retried_without_sending_the_offsets_again() -> None:
+    producer = Producer(commits=[retriable()])
+    txn, edges = begun(producer)
+    wait_answered(txn)
+    txn.commit(OFFSETS)
+    assert producer.calls == ["send [('in', 0, 42)]", "commit", "commit"]
+    assert edges.deps.events == ["down kafka", "up kafka"]
+
+
+def test_offsets_that_failed_to_send_are_sent_again_before_the_retry() -> None:
+    producer = Producer(sends=[retriable()])
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    txn.commit(OFFSETS)
+    assert producer.calls == ["send [('in', 0, 42)]", "send [('in', 0, 42)]", "commit"]
+
+
+def test_a_transaction_that_cannot_commit_rolls_back() -> None:
+    producer = Producer(commits=[fatal()])
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    with pytest.raises(Rollback, match="cannot commit"):
+        txn.commit(OFFSETS)
+    assert producer.calls == ["send [('in', 0, 42)]", "commit"]
+
+
+def test_an_attempt_with_no_answer_past_its_bound_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # librdkafka can block past a call's timeout when the broker goes away mid-call (#5456).
+    monkeypatch.setattr(kafka_txn, "CALL_TIMEOUT_S", -9.8)  # a bound of 0.4 s
+    producer = Producer()
+    producer.gate.clear()
+    txn, _edges = begun(producer)
+    time.sleep(0.5)
+    assert not txn.committing()  # the loop stops waiting and lets commit decide
+    with pytest.raises(Rollback, match="no answer from Kafka"):
+        txn.commit(OFFSETS)
+    producer.gate.set()
+
+
+def test_at_least_once_commits_its_offsets_in_commit_only() -> None:
+    producer = Producer()
+    edges = Edges()
+    edges.start.guarantee = "at-least-once"
+    committed: list[Any] = []
+    edges.consumer.commit = lambda offsets, asynchronous: committed.append(offsets)  # type: ignore[attr-defined]
+    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+    txn.start_commit(OFFSETS)
+    assert not txn.committing() and producer.calls == []
+    txn.commit(OFFSETS)
+    assert [(tp.topic, tp.partition, tp.offset) for tp in committed[0]] == [("in", 0, 42)]
