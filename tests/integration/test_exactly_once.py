@@ -215,6 +215,20 @@ class WorkerProcs:
         return codes
 
 
+def stuck_job_report(kafka: KafkaHelper, group: str, source: str, sink: str, procs: WorkerProcs) -> str:
+    """Where a job that has not produced all its output stands: input read and committed per
+    partition, the sink's records committed and not (an open transaction holds back the
+    last stable offset), and the workers' logs."""
+    ends, committed = kafka.end_offsets(source), kafka.committed(group, source)
+    lines = [f"source {p}: committed {committed.get(p)} of {end}" for p, end in ends.items()]
+    readable = len(kafka.read_all(sink, timeout=30))
+    written = len(kafka.read_all(sink, isolation="read_uncommitted", timeout=30))
+    lines.append(f"sink: {readable} records committed, {written} written (committed, open and aborted)")
+    for i in range(procs.workers):
+        lines.append(f"--- worker {i} log (tail) ---\n{procs.log_tail(i)}")
+    return "\n".join(lines)
+
+
 def run_kill_test(
     kafka: KafkaHelper,
     s3: S3Helper,
@@ -235,12 +249,18 @@ def run_kill_test(
     for i in range(2):
         procs.start(i)
     group = f"weir-test-{name}"
+    started = time.monotonic()
     try:
         with Trickle(kafka, source, events, seconds=25):
             wiped = procs.kill_schedule(
                 rng, kills, (0.3, 2.5), lambda: any(o > 0 for o in kafka.committed(group, source).values())
             )
-        got = wait_for_output(kafka, sink, expected, timeout=120, check=procs.check)
+        # Fail before pytest-timeout (120 s) does, with what tells a slow job from a stuck one.
+        left = 100 - (time.monotonic() - started)
+        try:
+            got = wait_for_output(kafka, sink, expected, timeout=max(5.0, left), check=procs.check)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stuck_job_report(kafka, group, source, sink, procs)}") from None
     finally:
         codes = procs.stop_all()
     assert_same(got, expected)
