@@ -94,6 +94,10 @@ class Pending:
     future: Future[Any]
     started: float
     sync_s: float
+    stores: list[Any] = field(default_factory=list)
+    """The task stores fenced for this snapshot (``weir.rocksdb_options.RocksStore``)."""
+    snapped: Future[None] | None = None
+    """The snapshot, taken on the snapshot thread."""
     committing: bool = False
     """Uploaded, and the transaction's commit begun in the background (``Committer.ready``)."""
 
@@ -157,6 +161,8 @@ class Committer:
         self.uploader = (
             uploader if uploader is not None else ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
         )
+        self.snapshotter = ThreadPoolExecutor(1, thread_name_prefix="weir-snapshot")
+        """Takes the stores' snapshots, never queued behind an upload or a retention pass."""
         self.on_commit = on_commit
         """Called with what each commit completed (``lastCheckpoint`` in /status)."""
         self.closing = threading.Event()
@@ -184,7 +190,11 @@ class Committer:
         """Give up what is pending (an upload still retrying stops); idempotent."""
         self.closing.set()
         self.uploader.shutdown(wait=False, cancel_futures=True)
-        self.pending = None
+        self.snapshotter.shutdown(wait=False, cancel_futures=True)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.snapped is not None and pending.snapped.cancelled():
+            for db in pending.stores:  # never taken: its stores may be written and closed
+                db.end_checkpoint()
 
     def trigger(self, kind: str, cid: str, path: str | None = None) -> Pending:
         """Snapshot state and offsets now; upload in the background; commit when uploaded."""
@@ -199,16 +209,13 @@ class Committer:
         offsets: list[Offset] = []
         shape = self.shape_json
         tasks = [task for task in self.core.tasks.values() if task.next_offset >= 0]
-        for task in tasks:
-            if task.store is not None:
-                task.store.flush({**task.progress(), "id": snapshot_id, **self.state_meta})
-                task.store.start_checkpoint()
+        stores: list[tuple[Any, Path, Any]] = []
         for task in tasks:
             local = work / task.label
             if task.store is not None:
-                task.store.checkpoint(local)
-                if task.metrics is not None:
-                    task.metrics.state_size.set(task.store.size_bytes())
+                task.store.flush({**task.progress(), "id": snapshot_id, **self.state_meta})
+                task.store.start_checkpoint()  # fenced until ``snapshot`` below has taken it
+                stores.append((task.store, local, task.metrics))
             else:  # a stage-1 task of a repartitioned job: only its offset and watermark
                 local.mkdir(parents=True)
             wm = None if task.wm == NO_WATERMARK else task.wm
@@ -220,12 +227,30 @@ class Committer:
             # ahead of it, and moving it back would un-suppress output committed before.
             if task.replay_until is None:
                 offsets.append(Offset(task.topic, task.partition, task.next_offset, snapshot_id))
+
+        def snapshot() -> None:
+            # On the snapshot thread: memtable flushes and hard links, the GIL released, while
+            # the worker goes on (a write to a store waits until its snapshot is taken).
+            pending_stores = list(stores)
+            try:
+                while pending_stores:
+                    db, local, task_metrics = pending_stores.pop(0)
+                    db.checkpoint(local)
+                    if task_metrics is not None:
+                        task_metrics.state_size.set(db.size_bytes())
+            finally:
+                for db, _local, _metrics in pending_stores:  # a failed one: unfence the rest
+                    db.end_checkpoint()
+
         worker = (self.policy.index, self.policy.count)
         store, closing, deps, metrics = self.store, self.closing, self.waits.deps, self.metrics
+
+        snapped = self.snapshotter.submit(snapshot)
 
         def upload() -> Any:
             # On the checkpoint thread: an unreachable store is retried (processing goes on and
             # results wait to be committed); one line when it goes down, one when it is back.
+            snapped.result()  # a snapshot that failed fails the checkpoint (and the worker)
             backoff = Backoff(0.5, RETRY_CAP_S)
             while True:
                 try:
@@ -245,7 +270,10 @@ class Committer:
                     if closing.wait(backoff.next()):
                         raise
 
-        pending = Pending(kind, cid, txn, offsets, self.uploader.submit(upload), t0, time.monotonic() - t0)
+        pending = Pending(
+            kind, cid, txn, offsets, self.uploader.submit(upload), t0, time.monotonic() - t0,
+            [db for db, _local, _metrics in stores], snapped,
+        )
         self.pending = pending
         if metrics is not None:
             metrics.checkpoint_sync_seconds.observe(pending.sync_s)

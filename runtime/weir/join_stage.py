@@ -337,15 +337,22 @@ class StoreSet:
             part.start_checkpoint()
 
     def checkpoint(self, dest: Path) -> Path:
-        self.parts[0].checkpoint(dest)
-        for i, part in enumerate(self.parts[1:], start=1):
-            tmp = dest.parent / f"{dest.name}.part{i}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            part.checkpoint(tmp)
-            for f in sorted(tmp.iterdir()):
-                f.rename(dest / f"part{i}-{f.name}")
-            tmp.rmdir()
-        return dest
+        try:
+            self.parts[0].checkpoint(dest)
+            for i, part in enumerate(self.parts[1:], start=1):
+                tmp = dest.parent / f"{dest.name}.part{i}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                part.checkpoint(tmp)
+                for f in sorted(tmp.iterdir()):
+                    f.rename(dest / f"part{i}-{f.name}")
+                tmp.rmdir()
+            return dest
+        finally:
+            self.end_checkpoint()  # a part that failed leaves none of the others fenced
+
+    def end_checkpoint(self) -> None:
+        for part in self.parts:
+            part.end_checkpoint()
 
     def size_bytes(self) -> int:
         return sum(p.size_bytes() for p in self.parts)

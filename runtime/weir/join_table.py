@@ -120,7 +120,7 @@ class JoinStore(RocksStore):
         if self._clean:
             batch.delete(_PROGRESS)  # the database no longer matches the flushed offset
             self._clean = False
-        self._db.write(batch)
+        self._writable().write(batch)
 
     def _scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         for raw_key, raw_value in self._db.items(from_key=start or prefix):
@@ -259,7 +259,7 @@ class JoinStore(RocksStore):
         data, meta = orjson.dumps(progress), orjson.dumps(self.saved_meta)
         batch.put(_PROGRESS, data)
         batch.put(_META, meta)
-        self._db.write(batch)
+        self._writable().write(batch)
         self._clean = True
         return len(data) + len(meta)
 

@@ -368,7 +368,7 @@ class ProcessStore(RocksStore):
                 written += len(k) + len(v)
         meta = orjson.dumps(progress)
         batch.put(_PROGRESS, meta)
-        self._db.write(batch)
+        self._writable().write(batch)
         self._pending.clear()
         self._pending_bytes = 0
         self._groups.clear()

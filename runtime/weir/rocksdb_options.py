@@ -8,6 +8,7 @@ is what both stores do with their database alike (size, background work, checkpo
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from rocksdict import (
@@ -107,9 +108,19 @@ _BACKGROUND_WORK = (
 
 
 class RocksStore:
-    """The part of a partition store that is only its RocksDB database (``_db``)."""
+    """The part of a partition store that is only its RocksDB database (``_db``).
+
+    A checkpoint is taken in two steps: ``start_checkpoint`` on the worker's thread, right after
+    ``flush`` wrote the state it is to hold, and ``checkpoint`` on the checkpoint thread (the
+    memtable flush and the hard links, tens of milliseconds with the GIL released, while the
+    worker goes on). Between the two the database is fenced: a write or ``close`` (through
+    ``_writable``) waits for ``checkpoint`` to finish, so nothing written after ``flush`` can land
+    in the snapshot. Reads go on meanwhile.
+    """
 
     _db: Rdict
+    _fence: threading.Event | None = None
+    """Clear while a snapshot started by ``start_checkpoint`` is not yet taken."""
 
     def size_bytes(self) -> int:
         """Approximate on-disk size (RocksDB's own estimate of live data)."""
@@ -127,24 +138,46 @@ class RocksStore:
         return any(self._db.property_int_value(p) for p in _BACKGROUND_WORK)
 
     def start_checkpoint(self) -> None:
-        """Start writing the memtable out in the background (``checkpoint`` waits for it): a
-        worker starts every partition's before it takes the first checkpoint, so they overlap."""
+        """Fence the database for the snapshot ``checkpoint`` takes next (possibly on another
+        thread) and start writing its memtable out in the background: a worker starts every
+        partition's before it takes the first snapshot, so the flushes overlap. Every
+        ``start_checkpoint`` is followed by ``checkpoint`` or ``end_checkpoint``."""
+        self._writable()  # a snapshot still being taken finishes first
+        self._fence = threading.Event()
         self._db.flush(wait=False)
 
     def checkpoint(self, dest: Path) -> Path:
-        """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it.
+        """Snapshot what ``flush`` last wrote into ``dest`` (which must not exist) and return it;
+        lifts the fence ``start_checkpoint`` set, whether or not it succeeds.
 
         The memtable is flushed first, so the snapshot is SST files (hard links: instant, no
         copy) plus a few small metadata files and needs no write-ahead log. The directory opens
         as a normal store of the same kind, and the working set keeps changing meanwhile without
-        touching it. Changes not yet written by ``flush`` are not in it: call it right after.
+        touching it. Changes not yet written by ``flush`` are not in it: call it right after
+        (or after ``start_checkpoint``).
         """
-        if dest.exists():
-            raise FileExistsError(f"checkpoint directory {dest} already exists")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        self._db.flush(wait=True)
-        Checkpoint(self._db).create_checkpoint(str(dest))
-        return dest
+        try:
+            if dest.exists():
+                raise FileExistsError(f"checkpoint directory {dest} already exists")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._db.flush(wait=True)
+            Checkpoint(self._db).create_checkpoint(str(dest))
+            return dest
+        finally:
+            self.end_checkpoint()
+
+    def end_checkpoint(self) -> None:
+        """Lift the fence of ``start_checkpoint`` (a snapshot that will not be taken)."""
+        fence = self._fence
+        if fence is not None:
+            fence.set()
+
+    def _writable(self) -> Rdict:
+        """The database, once no snapshot of it is being taken: what the state writes with."""
+        fence = self._fence
+        if fence is not None and not fence.is_set():
+            fence.wait()
+        return self._db
 
     def close(self) -> None:
-        self._db.close()
+        self._writable().close()

@@ -322,7 +322,7 @@ class PartitionStore(RocksStore):
         (recovery then restores it from the checkpoint store, not from this half-rewritten one).
         """
         assert not self._cache and not self._dirty and not self._deleted, "rewrite right after opening"
-        db = self._db
+        db = self._writable()
         db.delete(_PROGRESS)
         n = 0
         batch = WriteBatch(raw_mode=True)
@@ -359,7 +359,7 @@ class PartitionStore(RocksStore):
             self._progress_current = False
         written = 0
         n = 0
-        db, dumps, cache = self._db, self._dumps, self._cache
+        db, dumps, cache = self._writable(), self._dumps, self._cache
         for k in self._deleted:
             batch.delete(encode_key(k))
             n += 1

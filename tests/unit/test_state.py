@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import orjson
@@ -242,3 +243,50 @@ def test_what_a_flush_leaves_on_disk_is_exactly_the_windows_alive_at_it(
     assert dict(reopened.items()) == model
     assert len(reopened) == len(model)
     reopened.close()
+
+
+# -- the snapshot fence (``RocksStore.start_checkpoint`` / ``checkpoint`` on another thread) --------
+def test_a_write_after_start_checkpoint_waits_for_the_snapshot_and_stays_out_of_it(tmp_path: Path) -> None:
+    store = _store(tmp_path / "live")
+    store.put(("before", 0, 60_000), [1, 1.0])
+    store.flush({"offset": 1})
+    store.start_checkpoint()
+
+    def later_write() -> None:  # the worker going on while the checkpoint thread snapshots
+        store.put(("after", 0, 60_000), [2, 2.0])
+        store.flush({"offset": 2})
+
+    writer = threading.Thread(target=later_write)
+    writer.start()
+    writer.join(0.3)
+    assert writer.is_alive(), "a write went through while the snapshot was still to be taken"
+    store.checkpoint(tmp_path / "snap")
+    writer.join(5)
+    assert not writer.is_alive()
+
+    snap = _store(tmp_path / "snap")
+    assert snap.progress == {"offset": 1}
+    assert snap.get(("before", 0, 60_000)) == [1, 1.0]
+    assert snap.get(("after", 0, 60_000)) is None
+    assert store.progress == {"offset": 2}
+    snap.close()
+    store.close()
+
+
+def test_a_snapshot_that_fails_or_is_given_up_lifts_the_fence(tmp_path: Path) -> None:
+    store = _store(tmp_path / "live")
+    store.put(("k", 0, 60_000), [1, 1.0])
+    store.flush({"offset": 1})
+    (tmp_path / "taken").mkdir()
+    store.start_checkpoint()
+    with pytest.raises(FileExistsError):
+        store.checkpoint(tmp_path / "taken")
+    store.flush({"offset": 2})  # would wait forever if the failed snapshot kept the fence up
+
+    store.start_checkpoint()
+    store.end_checkpoint()  # given up (the checkpoint was cancelled before it ran)
+    store.flush({"offset": 3})
+    store.close()
+    again = _store(tmp_path / "live")
+    assert again.progress == {"offset": 3}
+    again.close()
