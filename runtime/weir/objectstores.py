@@ -20,6 +20,7 @@ failed a request), which is what a worker does during an outage.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -196,6 +197,10 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES})
+"""Why a hard link can fail where a copy would not: another file system, or one without links."""
+
+
 class FileBackend:
     """A local (or mounted) file system: keys are paths below ``/``; writes go to a temporary
     file in the target directory, are fsynced and renamed into place."""
@@ -241,6 +246,43 @@ class FileBackend:
     def put_file(self, key: str, path: Path) -> None:
         with self._atomic(key) as fh, open(path, "rb") as src:
             shutil.copyfileobj(src, fh, CHUNK)
+
+    def put_synced_files(self, items: Sequence[tuple[str, Path]]) -> None:
+        """Store files whose contents are already synced and never change again (a RocksDB
+        checkpoint's: its SST files are synced when RocksDB writes them, its metadata files
+        when the checkpoint copies them). Each is hard-linked into place when it is on the
+        same file system (no bytes moved), else copied and synced; every directory written
+        into is synced once at the end, so all are durable when this returns."""
+        dirs: dict[Path, None] = {}
+        for key, path in items:
+            target = self._path(key)
+            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError as exc:
+                    if exc.errno not in _NO_LINK:
+                        raise
+                    with open(tmp, "wb") as fh, open(path, "rb") as src:
+                        shutil.copyfileobj(src, fh, CHUNK)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise CheckpointError(f"writing {target} failed: {exc}") from exc
+            dirs[target.parent] = None
+        for d in dirs:
+            try:
+                dir_fd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                raise CheckpointError(f"syncing {d} failed: {exc}") from exc
 
     def get_bytes(self, key: str) -> bytes:
         try:

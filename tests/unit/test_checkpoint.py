@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -715,3 +716,71 @@ def test_checkpoints_ls_and_inspect_show_ids_partitions_offsets_and_verify_detec
     assert code == 2 and "no manifest.json" in err
     live.close()
     store.close()
+
+
+# -- a file store on the state's own file system --------------------------------------------------
+def test_a_file_store_on_the_same_file_system_links_the_checkpoint_files_instead_of_copying(
+    tmp_path: Path,
+) -> None:
+    live = _pstore(tmp_path / "live")
+    expected = _fill(live, 2_000)
+    snap = _snap(live, tmp_path / "s1", 7)
+    with _open(tmp_path) as store:
+        res = store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": snap})
+        files = res.manifest.partitions["orders/0"].files
+        stored = {f.name: tmp_path / "store" / NS / JOB / f.key for f in files}
+        assert res.files_uploaded == len(stored) + 1  # + manifest.json
+        for name, path in stored.items():
+            assert path.stat().st_ino == (snap.path / name).stat().st_ino, name
+        assert not list((tmp_path / "store").rglob("*.tmp"))
+        shutil.rmtree(snap.path)  # what the worker does once the checkpoint is written
+        live.close()
+        shutil.rmtree(tmp_path / "live")
+        restored = _pstore(store.restore(res.manifest, "orders/0", tmp_path / "r"))
+    assert dict(restored.items()) == expected
+    assert restored.progress is not None and restored.progress["offset"] == 7
+    restored.close()
+
+
+@pytest.mark.parametrize("refusal", [errno.EXDEV, errno.EPERM])
+def test_where_a_link_is_refused_the_file_store_copies_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr("weir.objectstores.os.link", refuse)
+    live = _pstore(tmp_path / "live")
+    expected = _fill(live, 500)
+    snap = _snap(live, tmp_path / "s1", 3)
+    with _open(tmp_path) as store:
+        res = store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": snap})
+        for f in res.manifest.partitions["orders/0"].files:
+            path = tmp_path / "store" / NS / JOB / f.key
+            assert path.stat().st_ino != (snap.path / f.name).stat().st_ino
+            assert path.read_bytes() == (snap.path / f.name).read_bytes()
+        restored = _pstore(store.restore(res.manifest, "orders/0", tmp_path / "r"))
+    assert dict(restored.items()) == expected
+    restored.close()
+    live.close()
+
+
+def test_a_file_store_that_cannot_write_fails_the_checkpoint_and_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    live = _pstore(tmp_path / "live")
+    _fill(live, 100)
+    snap = _snap(live, tmp_path / "s1", 1)
+    monkeypatch.setattr("weir.objectstores.os.link", full)
+    with _open(tmp_path) as store:
+        with pytest.raises(CheckpointError, match="No space left on device"):
+            store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": snap})
+        assert store.manifests() == []
+        assert not list((tmp_path / "store").rglob("*.tmp"))
+        monkeypatch.undo()
+        res = store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": snap})  # once it has room
+        assert [m.id for m in store.manifests()] == [res.manifest.id]
+    live.close()
