@@ -154,8 +154,8 @@ class WorkerMetrics:
         self._metrics.append(self.checkpoint_duration_seconds)
         self.checkpoint_sync_seconds = Histogram(
             "weir_checkpoint_sync_seconds",
-            "Time processing stops for a checkpoint (output acknowledged, state written, RocksDB "
-            "snapshot taken); the upload runs in the background, seconds.",
+            "Time processing stops for a checkpoint (output acknowledged, state written); the "
+            "RocksDB snapshot and the upload run in the background, seconds.",
             buckets=CHECKPOINT_DURATION_BUCKETS, registry=None)
         self._metrics.append(self.checkpoint_sync_seconds)
         self.checkpoint_size_bytes = self._gauge(
