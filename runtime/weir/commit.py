@@ -231,15 +231,15 @@ class Committer:
         def snapshot() -> None:
             # On the snapshot thread: memtable flushes and hard links, the GIL released, while
             # the worker goes on (a write to a store waits until its snapshot is taken).
-            pending_stores = list(stores)
+            taken = 0
             try:
-                while pending_stores:
-                    db, local, task_metrics = pending_stores.pop(0)
-                    db.checkpoint(local)
+                for db, local, task_metrics in stores:
+                    db.checkpoint(local)  # lifts this store's fence, whether or not it succeeds
+                    taken += 1
                     if task_metrics is not None:
                         task_metrics.state_size.set(db.size_bytes())
             finally:
-                for db, _local, _metrics in pending_stores:  # a failed one: unfence the rest
+                for db, _local, _metrics in stores[taken:]:  # after a failure: unfence the rest
                     db.end_checkpoint()
 
         worker = (self.policy.index, self.policy.count)

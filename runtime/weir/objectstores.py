@@ -201,6 +201,15 @@ _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, err
 """Why a hard link can fail where a copy would not: another file system, or one without links."""
 
 
+def _sync_dir(path: Path) -> None:
+    """Make the names created in (or renamed into) directory ``path`` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class FileBackend:
     """A local (or mounted) file system: keys are paths below ``/``; writes go to a temporary
     file in the target directory, are fsynced and renamed into place."""
@@ -230,12 +239,7 @@ class FileBackend:
                     tmp.unlink(missing_ok=True)
                     raise
             os.replace(tmp, target)
-            # The rename itself is durable only once the directory is synced.
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _sync_dir(target.parent)  # the rename itself is durable only once its directory is
         except OSError as exc:
             raise CheckpointError(f"writing {target} failed: {exc}") from exc
 
@@ -276,11 +280,7 @@ class FileBackend:
             dirs[target.parent] = None
         for d in dirs:
             try:
-                dir_fd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                _sync_dir(d)
             except OSError as exc:
                 raise CheckpointError(f"syncing {d} failed: {exc}") from exc
 
