@@ -269,8 +269,21 @@ impl Fetch {
         self.batch.reserve(max);
         let (queue, buf) = (self.queue as usize, self.batch.as_mut_ptr() as usize);
         let consume = self.api.consume_batch_queue;
+        // `rd_kafka_consume_batch_queue` waits until it has `max` records or the timeout has
+        // passed, so a batch that ends a burst would sit in the queue for the whole timeout.
+        // Take what is there; only when nothing is, wait for the first record, then take what
+        // came with it.
         let n = py.allow_threads(move || unsafe {
-            consume(queue as Handle, timeout_ms, buf as *mut *mut RdMsg, max)
+            let (queue, buf) = (queue as Handle, buf as *mut *mut RdMsg);
+            let n = consume(queue, 0, buf, max);
+            if n != 0 || timeout_ms == 0 || max == 0 {
+                return n;
+            }
+            let first = consume(queue, timeout_ms, buf, 1);
+            if first <= 0 || max == 1 {
+                return first;
+            }
+            first + consume(queue, 0, buf.add(1), max - 1).max(0)
         });
         if n <= 0 {
             return Ok((Vec::new(), Vec::new()));

@@ -325,7 +325,15 @@ class KafkaEdges:
         return native.Fetched(fetch, groups)
 
     def _consume(self, max_records: int, timeout_s: float) -> list[Message]:
-        msgs = self.consumer.consume(max_records, timeout=timeout_s)
+        # ``Consumer.consume`` waits until it has ``max_records`` or the timeout has passed: the
+        # records that end a burst would wait out the timeout. Take what is there; when nothing
+        # is, wait for the first record and take what came with it (as ``native.Fetch`` does).
+        consume = self.consumer.consume
+        msgs = consume(max_records, timeout=0)
+        if not msgs and timeout_s > 0:
+            msgs = consume(1, timeout=timeout_s)
+            if msgs and max_records > 1:
+                msgs += consume(max_records - 1, timeout=0)
         good = msgs
         for m in msgs:
             if m.error() is not None:  # rare: filter the batch only when it has errors

@@ -5,6 +5,7 @@ consumer keeps serving its own calls, and misuse raises instead of crashing the 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -167,3 +168,49 @@ def test_misuse_raises_instead_of_crashing(kafka: KafkaHelper) -> None:
     closed.close()
     with pytest.raises(RuntimeError, match="closed"):
         native.weir_native.Fetch(closed)
+
+
+def test_a_batch_smaller_than_asked_for_comes_back_when_it_is_there_not_at_the_timeout(
+    kafka: KafkaHelper,
+) -> None:
+    """``rd_kafka_consume_batch_queue`` alone waits for ``max`` records or the whole timeout: the
+    records that end a burst (or the few of a quiet stream) would wait out the timeout. The
+    reader takes what is there, and when nothing is, waits only for the first record."""
+    topic = kafka.create_topic(partitions=2)
+    kafka.produce(topic, [{"value": f"{i}".encode(), "partition": i % 2} for i in range(7)])
+    consumer = _consumer(kafka)
+    fetch = native.weir_native.Fetch(consumer)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(2)])
+    fetch.route([(topic, 0), (topic, 1)])
+    timeout_ms = 30_000
+    started = time.monotonic()
+    got, calls = 0, 0
+    while got < 7:
+        groups, errors = fetch.consume(5000, timeout_ms)
+        assert errors == []
+        got += sum(count for _t, _p, count, _last in groups)
+        calls += 1
+        assert time.monotonic() - started < timeout_ms / 1000 / 2, "a partial batch waited out the timeout"
+    assert got == 7
+
+    # Nothing queued: the call waits for the first record, then takes what came with it.
+    later = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 50})
+
+    def produce_later() -> None:
+        time.sleep(0.5)
+        for i in range(5):
+            later.produce(topic, value=f"late-{i}".encode(), partition=0)
+        later.flush(10)
+
+    thread = threading.Thread(target=produce_later)
+    started = time.monotonic()
+    thread.start()
+    late = 0
+    while late < 5:
+        groups, errors = fetch.consume(5000, timeout_ms)
+        late += sum(count for _t, _p, count, _last in groups)
+        assert time.monotonic() - started < timeout_ms / 1000 / 2, "a partial batch waited out the timeout"
+    thread.join()
+    assert late == 5
+    fetch.close()
+    consumer.close()
