@@ -13,6 +13,7 @@ process (new clients, a new committer, the same task core).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -447,15 +448,22 @@ class Worker:
         next_tick = 0.0
         perf, monotonic = time.perf_counter, time.monotonic
         # Exactly-once results become readable when their checkpoint commits. A worker that has
-        # read all there is and holds results not yet in a checkpoint takes one early, at most
-        # every quarter interval, instead of leaving them unreadable until the interval ends.
+        # read all there is and holds results not yet in a checkpoint takes one early (once the
+        # previous one is committed) instead of leaving them unreadable until the interval ends.
+        # Early ones come at most every quarter interval, so a trickle of records costs at most
+        # four checkpoints per interval; when it is too early for one, the worker wakes up at the
+        # moment it may take it.
         eager = settings.guarantee == "exactly-once"
         min_pause = settings.checkpoint_interval_s / 4
-        last_start, out_mark = time.monotonic(), core.records_out
+        last_eager, out_mark = -math.inf, core.records_out
+        eager_at: float | None = None
         consume, process = edges.consume, core.process
         while not self._stop.is_set():
-            # While a checkpoint uploads, wait less for records: its commit is checked each round.
-            msgs = consume(batch_size, 0.1 if committer.pending is None else 0.01)
+            # While a checkpoint is pending, wait less for records: its commit is checked each round.
+            timeout = 0.1 if committer.pending is None else 0.002
+            if eager_at is not None:
+                timeout = max(0.0, min(timeout, eager_at - monotonic()))
+            msgs = consume(batch_size, timeout)
             t0 = perf()
             if msgs:
                 process(msgs, monotonic())
@@ -468,10 +476,11 @@ class Worker:
             edges.poll()
             if committer.ready():
                 committer.complete()
+            eager_at = None
             if now >= next_checkpoint:
                 if committer.pending is None:
                     committer.checkpoint()
-                    last_start, out_mark = now, core.records_out
+                    out_mark = core.records_out
                 elif self.metrics is not None:
                     self.metrics.checkpoints_skipped_total.labels(reason="previous_in_progress").inc()
                 next_checkpoint = monotonic() + settings.checkpoint_interval_s
@@ -479,12 +488,15 @@ class Worker:
                 eager
                 and core.records_out != out_mark
                 and len(msgs) < batch_size
-                and now - last_start >= min_pause
                 and committer.pending is None
+                and all(edges.caught_up(task) for task in core.tasks.values())
             ):
-                committer.checkpoint()
-                last_start, out_mark = now, core.records_out
-                next_checkpoint = monotonic() + settings.checkpoint_interval_s
+                if now - last_eager >= min_pause:
+                    committer.checkpoint()
+                    last_eager, out_mark = now, core.records_out
+                    next_checkpoint = monotonic() + settings.checkpoint_interval_s
+                else:
+                    eager_at = last_eager + min_pause
             if self.savepoints.asked and self.savepoints.take(committer):
                 self._stopped_by_savepoint = True
                 self._stop.set()
