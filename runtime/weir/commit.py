@@ -52,6 +52,10 @@ from weir.tasks import EARLIEST, LATEST, NO_WATERMARK, Task
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_THREADS = 4
+"""Stores snapshotted at once: a snapshot mostly waits on the disk (the memtable's file and the
+metadata files are synced), so a worker's partitions are taken side by side."""
+
 RETRY_CAP_S = 10.0
 """Longest wait between two attempts to reach an unreachable broker or store: bounds how long a
 worker stays down after its dependency is back."""
@@ -96,8 +100,8 @@ class Pending:
     sync_s: float
     stores: list[Any] = field(default_factory=list)
     """The task stores fenced for this snapshot (``weir.rocksdb_options.RocksStore``)."""
-    snapped: Future[None] | None = None
-    """The snapshot, taken on the snapshot thread."""
+    snapped: list[Future[None]] = field(default_factory=list)
+    """Each store's snapshot (in the order of ``stores``), taken on the snapshot threads."""
     committing: bool = False
     """Uploaded, and the transaction's commit begun in the background (``Committer.ready``)."""
 
@@ -161,8 +165,9 @@ class Committer:
         self.uploader = (
             uploader if uploader is not None else ThreadPoolExecutor(1, thread_name_prefix="weir-checkpoint")
         )
-        self.snapshotter = ThreadPoolExecutor(1, thread_name_prefix="weir-snapshot")
-        """Takes the stores' snapshots, never queued behind an upload or a retention pass."""
+        self.snapshotter = ThreadPoolExecutor(SNAPSHOT_THREADS, thread_name_prefix="weir-snapshot")
+        """Takes the stores' snapshots, several at once, never queued behind an upload or a
+        retention pass."""
         self.on_commit = on_commit
         """Called with what each commit completed (``lastCheckpoint`` in /status)."""
         self.closing = threading.Event()
@@ -192,9 +197,10 @@ class Committer:
         self.uploader.shutdown(wait=False, cancel_futures=True)
         self.snapshotter.shutdown(wait=False, cancel_futures=True)
         pending, self.pending = self.pending, None
-        if pending is not None and pending.snapped is not None and pending.snapped.cancelled():
-            for db in pending.stores:  # never taken: its stores may be written and closed
-                db.end_checkpoint()
+        if pending is not None:
+            for db, snapped in zip(pending.stores, pending.snapped, strict=True):
+                if snapped.cancelled():  # never taken: the store may be written and closed
+                    db.end_checkpoint()
 
     def trigger(self, kind: str, cid: str, path: str | None = None) -> Pending:
         """Snapshot state and offsets now; upload in the background; commit when uploaded."""
@@ -228,29 +234,23 @@ class Committer:
             if task.replay_until is None:
                 offsets.append(Offset(task.topic, task.partition, task.next_offset, snapshot_id))
 
-        def snapshot() -> None:
-            # On the snapshot thread: memtable flushes and hard links, the GIL released, while
-            # the worker goes on (a write to a store waits until its snapshot is taken).
-            taken = 0
-            try:
-                for db, local, task_metrics in stores:
-                    db.checkpoint(local)  # lifts this store's fence, whether or not it succeeds
-                    taken += 1
-                    if task_metrics is not None:
-                        task_metrics.state_size.set(db.size_bytes())
-            finally:
-                for db, _local, _metrics in stores[taken:]:  # after a failure: unfence the rest
-                    db.end_checkpoint()
+        def snapshot(db: Any, local: Path, task_metrics: Any) -> None:
+            # On a snapshot thread: the memtable flush and the hard links, the GIL released,
+            # while the worker goes on (a write to the store waits until its snapshot is taken).
+            db.checkpoint(local)  # lifts the store's fence, whether or not it succeeds
+            if task_metrics is not None:
+                task_metrics.state_size.set(db.size_bytes())
 
         worker = (self.policy.index, self.policy.count)
         store, closing, deps, metrics = self.store, self.closing, self.waits.deps, self.metrics
 
-        snapped = self.snapshotter.submit(snapshot)
+        snapped = [self.snapshotter.submit(snapshot, *each) for each in stores]
 
         def upload() -> Any:
             # On the checkpoint thread: an unreachable store is retried (processing goes on and
             # results wait to be committed); one line when it goes down, one when it is back.
-            snapped.result()  # a snapshot that failed fails the checkpoint (and the worker)
+            for taken in snapped:
+                taken.result()  # a snapshot that failed fails the checkpoint (and the worker)
             backoff = Backoff(0.5, RETRY_CAP_S)
             while True:
                 try:
