@@ -87,21 +87,30 @@ def proc_mem_mib(pid: int) -> dict[str, float]:
     return {"peak_rss_mib": round(out["VmHWM"], 1), "rss_mib": round(out["VmRSS"], 1)}
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot, all CPUs together (``/proc/stat``:
+    user, nice, system, irq and softirq; idle, I/O wait and time stolen by a hypervisor are not)."""
+    with open("/proc/stat", "rb") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in stat.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 class CpuSamples:
-    """(wall time, CPU seconds) of one process, sampled by the driving loop; interpolated between samples.
+    """(wall time, CPU seconds) of one process, sampled by the driving loop; interpolated between
+    samples. ``pid=None``: the whole machine's busy CPU seconds (``machine_busy_s``) instead.
 
     /proc counts CPU in clock ticks (10 ms), so a figure is good to about 10 ms of CPU plus
     the sampling interval around its two ends.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.t: list[float] = []
         self.cpu: list[float] = []
 
     def sample(self) -> None:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            cpu = proc_cpu_s(self.pid)
+            cpu = machine_busy_s() if self.pid is None else proc_cpu_s(self.pid)
             self.t.append(time.time())
             self.cpu.append(cpu)
 
@@ -183,9 +192,19 @@ class SinkReader:
         self.awaiting: set[Any] = set(expected)
 
     def poll(self, timeout: float) -> int:
-        """Read what has arrived (waiting up to ``timeout``); returns the records read."""
-        msgs = self.consumer.consume(num_messages=10000, timeout=timeout)
+        """Read what has arrived (waiting up to ``timeout`` for the first record); returns the
+        records read. Every record readable now is stamped now, before any of it is parsed: a
+        burst of results (exactly-once output becomes readable a checkpoint at a time) is timed
+        when it became readable, not when this reader got through parsing it. (``consume(n, t)``
+        alone would wait for ``n`` records or the whole timeout, and stamp that late.)"""
+        consume = self.consumer.consume
+        msgs = consume(10000, timeout=0) or consume(1, timeout=timeout)
         now = time.time()
+        while msgs and len(msgs) < 200_000:
+            more = consume(10000, timeout=0)
+            if not more:
+                break
+            msgs += more
         got = 0
         for m in msgs:
             if m.error() is not None:
@@ -206,6 +225,12 @@ class SinkReader:
                 self.awaiting.discard(k)
             self.results[k] = v
         return got
+
+    def settle(self, seconds: float) -> None:
+        """Read for ``seconds`` whatever else comes (a straggling duplicate or extra window)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.poll(left)
 
     def close(self) -> None:
         self.consumer.close()

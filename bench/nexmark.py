@@ -597,9 +597,9 @@ def run_once(
                 failure = f"timed out after {RUN_TIMEOUT_S:.0f} s"
                 break
         for p in procs:
-            p.snapshot()
+            p.snapshot(every=0)
         if failure is None:
-            reader.poll(0.5)  # a straggling duplicate or extra window shows up before judging
+            reader.settle(0.5)  # a straggling duplicate or extra window shows up before judging
     finally:
         for p in procs:
             p.stop()

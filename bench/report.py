@@ -16,7 +16,7 @@ CEILING_NOTES = (
     "else: the fastest a Python process reads and decodes this topic."
 )
 ORDER = ("ceiling", "weir", "weir_py", "weir_eos", "weir_2w", "quix", "bytewax", "flink")
-FIGURES = ("events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib")
+FIGURES = ("events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib", "machine_busy_cores")
 LATENCY_FIGURES = ("latency_p50_s", "latency_p99_s", "close_delay_p50_s", "close_delay_p99_s", "cpu_cores")
 NA = "\u2013"  # an en dash: no figure
 PEER_NAMES = {"ceiling": "ceiling", "quix": "Quix Streams", "bytewax": "Bytewax", "flink": "Flink"}
@@ -113,6 +113,23 @@ def _status_cell(doc: dict[str, Any], k: str) -> str:
     return NA
 
 
+def _scaling_note(doc: dict[str, Any]) -> list[str]:
+    """What the machine leaves for a second worker: how busy all of it was while one ran."""
+    thr, nproc = doc["summary"]["throughput"], doc["machine"]["nproc"]
+    one = (thr.get("weir") or {}).get("machine_busy_cores")
+    if not one or "weir_2w" not in thr:
+        return []
+    two = thr["weir_2w"].get("machine_busy_cores")
+    return [
+        f"Scaling on this machine: while one worker ran, the whole machine (weir, the broker, "
+        f"the result reader, everything else) kept **{one['median']:.2f} of its {nproc} CPUs** "
+        f"busy (median); with 2 workers, {_med(two, 2)}. At the same work per event, "
+        f"{nproc} ÷ {one['median']:.2f} = **{nproc / one['median']:.2f}×** one worker is the "
+        "most any number of workers can reach here.",
+        "",
+    ]
+
+
 def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
     s, p, m, v = doc["summary"], doc["parameters"], doc["machine"], doc["versions"]
     thr, ratios, lat = s["throughput"], s["ratios"], s["latency"]
@@ -184,6 +201,7 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
         ("In events/s: " + ", ".join(heads) + ".") if heads else "",
         "",
+        *_scaling_note(doc),
         "- The ceiling is timed from its first record to its last record decoded; it writes no "
         "results. weir's first record is when its `/status` first shows `recordsIn > 0` (polled "
         "every ~20 ms); the peers print the wall-clock time of their first deserialisation.",

@@ -200,9 +200,12 @@ class Process:
             )  # fmt: skip
         self.pid = self.proc.pid
         self.cpu = measure.CpuSamples(self.pid)
+        self.machine = measure.CpuSamples(None)
+        """The whole machine's busy CPU (the broker's, the reader's, everything's)."""
         self.exit_code: int | None = None
         self.rusage: Any = None
         self.mem: dict[str, float] = {}
+        self._sampled = -math.inf
 
     def alive(self) -> bool:
         """Reaps the process when it has exited (keeping its rusage); True while it runs."""
@@ -219,9 +222,15 @@ class Process:
         # while the process lived, is the child's own.
         return False
 
-    def snapshot(self) -> None:
-        """Samples CPU and memory now (while the process lives)."""
+    def snapshot(self, every: float = 0.02) -> None:
+        """Samples CPU and memory now (while the process lives), unless the last sample is less
+        than ``every`` seconds old: a driving loop that wakes per result read stays cheap."""
+        now = time.monotonic()
+        if now - self._sampled < every:
+            return
+        self._sampled = now
         self.cpu.sample()
+        self.machine.sample()
         if self.alive():
             with contextlib.suppress(OSError):
                 mem = measure.proc_mem_mib(self.pid)
@@ -319,9 +328,9 @@ def run_throughput(
             if time.monotonic() > deadline:
                 failure = f"timed out after {RUN_TIMEOUT_S:.0f} s"
                 break
-        proc.snapshot()
+        proc.snapshot(every=0)
         if failure is None:
-            reader.poll(0.5)  # a straggling duplicate or extra window shows up before judging
+            reader.settle(0.5)  # a straggling duplicate or extra window shows up before judging
     finally:
         proc.stop()
         reader.close()
@@ -341,6 +350,7 @@ def run_throughput(
     assert t_first is not None and t_done is not None
     seconds = t_done - t_first
     cpu_s = proc.cpu.at(t_done) - proc.cpu.at(t_first)
+    machine_s = proc.machine.at(t_done) - proc.machine.at(t_first)
     return {
         "status": "ok",
         "records": events,
@@ -350,6 +360,7 @@ def run_throughput(
         "cpu_s": cpu_s,
         "cpu_us_per_event": cpu_s / events * 1e6,
         "cpu_s_process_total": proc.cpu.cpu[-1] if proc.cpu.cpu else None,
+        "machine_busy_cores": machine_s / seconds,
         **proc.mem,
         "loadavg_before": load_before,
         "loadavg_after": measure.loadavg(),
@@ -434,7 +445,7 @@ def run_latency(
         t_cut = time.time()
         ts_cut = producer.event_time(t_cut)
         produced_measured = len(producer.log) - n_measure
-        proc.snapshot()
+        proc.snapshot(every=0)
         # Keep producing a little so every counted window is closed by data in every runner.
         while time.time() < t_cut + tail_s:
             proc.snapshot()
@@ -457,8 +468,8 @@ def run_latency(
             reader.poll(0.05)
             if not proc.alive():
                 break
-        proc.snapshot()
-        reader.poll(0.3)
+        proc.snapshot(every=0)
+        reader.settle(0.3)
     except RuntimeError as exc:
         failure = str(exc)
     finally:
@@ -569,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=4, help="input topic partitions (default 4)")
     parser.add_argument("--quick", action="store_true", help="200,000 events, 2 repeats, a 10 s latency run")
     parser.add_argument(
-        "--repeat", type=int, help="interleaved throughput runs of each runner (default 3; --quick 2)"
+        "--repeat", type=int, help="interleaved throughput runs of each runner (default 5; --quick 2)"
     )
     parser.add_argument(
         "--runners",
@@ -604,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", help="use this broker instead of starting the test harness's")
     args = parser.parse_args(argv)
     events = args.events or (200_000 if args.quick else generate.DEFAULT_EVENTS)
-    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
     latency_s = args.latency_seconds or (10.0 if args.quick else 60.0)
     if repeat < 1 or events < 1:
         parser.error("--repeat and --events must be at least 1")
