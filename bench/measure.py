@@ -96,21 +96,21 @@ def machine_busy_s() -> float:
 
 
 class CpuSamples:
-    """(wall time, CPU seconds) of one process, sampled by the driving loop; interpolated between
-    samples. ``pid=None``: the whole machine's busy CPU seconds (``machine_busy_s``) instead.
+    """(wall time, CPU seconds) as ``read()`` gives them (``proc_cpu_s`` of a process,
+    ``machine_busy_s``), sampled by the driving loop; interpolated between samples.
 
     /proc counts CPU in clock ticks (10 ms), so a figure is good to about 10 ms of CPU plus
     the sampling interval around its two ends.
     """
 
-    def __init__(self, pid: int | None) -> None:
-        self.pid = pid
+    def __init__(self, read: Callable[[], float]) -> None:
+        self.read = read
         self.t: list[float] = []
         self.cpu: list[float] = []
 
     def sample(self) -> None:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            cpu = machine_busy_s() if self.pid is None else proc_cpu_s(self.pid)
+            cpu = self.read()
             self.t.append(time.time())
             self.cpu.append(cpu)
 

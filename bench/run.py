@@ -199,8 +199,8 @@ class Process:
                 start_new_session=True,
             )  # fmt: skip
         self.pid = self.proc.pid
-        self.cpu = measure.CpuSamples(self.pid)
-        self.machine = measure.CpuSamples(None)
+        self.cpu = measure.CpuSamples(lambda: measure.proc_cpu_s(self.pid))
+        self.machine = measure.CpuSamples(measure.machine_busy_s)
         """The whole machine's busy CPU (the broker's, the reader's, everything's)."""
         self.exit_code: int | None = None
         self.rusage: Any = None
