@@ -70,10 +70,17 @@ class KafkaTransaction:
                     self.edges.waits.pause(0)
 
     def flush(self) -> None:
-        """Wait until the output is acknowledged; while the broker is unreachable keep waiting
-        (alive, not ready, status fresh) until the records are delivered or time out (then
-        ``Rollback``)."""
+        """At-least-once: wait until the output is acknowledged; while the broker is unreachable
+        keep waiting (alive, not ready, status fresh) until the records are delivered or time
+        out (then ``Rollback``). Exactly-once: only raise for what has failed already."""
         edges, deps = self.edges, self.edges.waits.deps
+        if edges.start.guarantee == "exactly-once":
+            # Nothing of the epoch is visible before its commit, and ``commit_transaction``
+            # waits for every record itself (a refused one fails it): waiting here too would
+            # only hold the snapshot back. The reports served so far still count.
+            self.producer.poll(0)
+            edges.check_delivery()
+            return
         first_wait = CALL_TIMEOUT_S
         remaining = self.producer.flush(first_wait)
         waited = False
@@ -185,6 +192,10 @@ class KafkaTransaction:
                 err, detail = kafka_error(exc)
                 text = f"{what}: {detail}" + (f" ({err.name()})" if err is not None else "")
                 if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    # A record Kafka refused for good (its report served here, if not yet) stops
+                    # the worker (``DeliveryFailed``): a rollback would produce it again, forever.
+                    producer.poll(0)
+                    edges.check_delivery()
                     raise Rollback(f"the transaction cannot commit: {text}") from exc
                 deps.down("kafka", text)
                 # Retried only once the broker answers again: a retry made while it is down can

@@ -345,6 +345,37 @@ def test_bad_records_are_dead_lettered_with_reasons_and_the_job_keeps_running(
     assert sum(r["n"] for r in results) == 50  # every good record counted, before and after the bad ones
 
 
+def test_a_result_the_broker_refuses_for_good_stops_the_job_without_committing_it(
+    kafka: KafkaHelper, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a rollback loop: a result Kafka will never take (the sink's ``max.message.bytes`` is
+    below any record batch) stops the exactly-once worker with the broker's reason, nothing of
+    the epoch committed. The refusal may surface anywhere from the first delivery report to the
+    transaction's commit (which is then abortable); each must end the same way."""
+    source = kafka.create_topic(partitions=1)
+    sink, dlq = kafka.create_topic(config={"max.message.bytes": "16"}), kafka.create_topic()
+    events = [{"ts": START_MS + i * 1_000, "price": 1, "user": "u"} for i in range(40)]
+    kafka.produce(source, ({"value": orjson.dumps(e), "key": b"a"} for e in events))
+    job = manifest(tmp_path, f"refused-{source[-6:]}", kafka, source, sink, dlq, WINDOWS["tumbling"][0])
+    caplog.set_level("ERROR", logger="weir")
+    running = Running(job, kafka, 1, tmp_path / "state")
+    (worker,), (thread,) = running.workers, running.threads
+    thread.start()
+    try:
+        thread.join(90)
+        stopped = not thread.is_alive()
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert stopped and running.codes == [1]
+    assert worker.rollbacks == 0
+    assert any(
+        "stopping without commit" in r.getMessage() and "MSG_SIZE_TOO_LARGE" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    assert kafka.read_all(sink, isolation="read_uncommitted") == []  # the broker took none
+
+
 def test_metrics_parse_and_move_as_records_flow(kafka: KafkaHelper, tmp_path: Path) -> None:
     source, sink, dlq = kafka.create_topic(partitions=2), kafka.create_topic(), kafka.create_topic()
     job = manifest(tmp_path, f"metrics-{source[-6:]}", kafka, source, sink, dlq, WINDOWS["tumbling"][0])
