@@ -13,7 +13,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from weir import kafka_txn
-from weir.edges import Offset, Rollback
+from weir.edges import DeliveryFailed, Offset, Rollback
+from weir.kafka import Deliveries
 from weir.kafka_txn import KafkaTransaction
 
 OFFSETS = [Offset("in", 0, 42, "checkpoint:1-w0")]
@@ -29,6 +30,15 @@ class Producer:
         self.calls: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.reports: list[tuple[Any, Any]] = []  # failed deliveries, served by ``poll``
+        self.on_delivery: Any = None
+
+    def poll(self, timeout: float) -> int:
+        self.calls.append("poll")
+        reports, self.reports = self.reports, []
+        for err, msg in reports:
+            self.on_delivery(err, msg)
+        return len(reports)
 
     def send_offsets_to_transaction(self, tps: list[Any], group: Any, timeout: float) -> None:
         self.calls.append(f"send {[(tp.topic, tp.partition, tp.offset) for tp in tps]}")
@@ -65,6 +75,7 @@ class Edges:
         self.deps = Deps()
         self.pauses = 0
         self.waits = type("Waits", (), {"deps": self.deps, "pause": self._pause})()
+        self.deliveries = Deliveries()
 
     def _pause(self, seconds: float) -> None:
         self.pauses += 1
@@ -73,7 +84,7 @@ class Edges:
         return call()
 
     def check_delivery(self) -> None:
-        pass
+        self.deliveries.check()
 
     def probe(self) -> bool:
         return True
@@ -87,8 +98,25 @@ def fatal() -> KafkaException:
     return KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
 
 
+def abortable() -> KafkaException:
+    return KafkaException(
+        KafkaError(KafkaError._STATE, "transaction must be aborted", txn_requires_abort=True)
+    )
+
+
+class Refused:
+    """A delivery report's message."""
+
+    def topic(self) -> str:
+        return "out"
+
+    def partition(self) -> int:
+        return 0
+
+
 def begun(producer: Producer) -> tuple[KafkaTransaction, Edges]:
     edges = Edges()
+    producer.on_delivery = edges.deliveries.on_delivery
     txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
     txn.start_commit(OFFSETS)
     return txn, edges
@@ -147,7 +175,38 @@ def test_a_transaction_that_cannot_commit_rolls_back() -> None:
     wait_answered(txn)
     with pytest.raises(Rollback, match="cannot commit"):
         txn.commit(OFFSETS)
-    assert producer.calls == ["send [('in', 0, 42)]", "commit"]
+    assert producer.calls == ["send [('in', 0, 42)]", "commit", "poll"]  # poll: a refusal's report
+
+
+def test_a_record_refused_for_good_stops_the_worker_when_it_fails_the_commit() -> None:
+    # The refusal's delivery report is served only now: the commit, not a flush, met it first.
+    producer = Producer(commits=[abortable()])
+    producer.reports.append((KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Refused()))
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    with pytest.raises(DeliveryFailed, match=r"out \[0\]: .*MSG_SIZE_TOO_LARGE"):
+        txn.commit(OFFSETS)
+
+
+def test_an_abortable_commit_after_an_outage_rolls_back_with_the_undelivered_records() -> None:
+    producer = Producer(commits=[abortable()])
+    producer.reports.append((KafkaError(KafkaError._MSG_TIMED_OUT), Refused()))
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    with pytest.raises(Rollback, match="1 records undelivered"):
+        txn.commit(OFFSETS)
+
+
+def test_exactly_once_flush_leaves_the_wait_to_the_commit_and_raises_what_failed_already() -> None:
+    producer = Producer()  # no ``flush``: calling it would fail the test
+    edges = Edges()
+    producer.on_delivery = edges.deliveries.on_delivery
+    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+    txn.flush()
+    assert producer.calls == ["poll"]
+    producer.reports.append((KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), Refused()))
+    with pytest.raises(DeliveryFailed, match="TOPIC_AUTHORIZATION_FAILED"):
+        txn.flush()
 
 
 def test_an_attempt_with_no_answer_past_its_bound_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
