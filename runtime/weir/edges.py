@@ -72,9 +72,8 @@ class Transaction(Protocol):
         """Write a record into the epoch (back-pressure may block; never drops)."""
 
     def flush(self) -> None:
-        """Called when a checkpoint closes the epoch. At-least-once: return once every record
-        produced is acknowledged. Exactly-once may return at once, when ``commit`` waits for
-        them itself. Raise ``Rollback`` (or ``DeliveryFailed``) for records that failed."""
+        """Return once every record produced is acknowledged; raise ``Rollback`` (or
+        ``DeliveryFailed``) when they cannot be."""
 
     def commit(self, offsets: Sequence[Offset]) -> None:
         """Make the epoch's output and these input offsets visible together (exactly-once), or

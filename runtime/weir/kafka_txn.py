@@ -70,17 +70,10 @@ class KafkaTransaction:
                     self.edges.waits.pause(0)
 
     def flush(self) -> None:
-        """At-least-once: wait until the output is acknowledged; while the broker is unreachable
-        keep waiting (alive, not ready, status fresh) until the records are delivered or time
-        out (then ``Rollback``). Exactly-once: only raise for what has failed already."""
+        """Wait until the output is acknowledged; while the broker is unreachable keep waiting
+        (alive, not ready, status fresh) until the records are delivered or time out (then
+        ``Rollback``)."""
         edges, deps = self.edges, self.edges.waits.deps
-        if edges.start.guarantee == "exactly-once":
-            # Nothing of the epoch is visible before its commit, and ``commit_transaction``
-            # waits for every record itself (a refused one fails it): waiting here too would
-            # only hold the snapshot back. The reports served so far still count.
-            self.producer.poll(0)
-            edges.check_delivery()
-            return
         first_wait = CALL_TIMEOUT_S
         remaining = self.producer.flush(first_wait)
         waited = False

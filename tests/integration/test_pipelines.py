@@ -350,8 +350,7 @@ def test_a_result_the_broker_refuses_for_good_stops_the_job_without_committing_i
 ) -> None:
     """Not a rollback loop: a result Kafka will never take (the sink's ``max.message.bytes`` is
     below any record batch) stops the exactly-once worker with the broker's reason, nothing of
-    the epoch committed. The refusal may surface anywhere from the first delivery report to the
-    transaction's commit (which is then abortable); each must end the same way."""
+    the epoch committed."""
     source = kafka.create_topic(partitions=1)
     sink, dlq = kafka.create_topic(config={"max.message.bytes": "16"}), kafka.create_topic()
     events = [{"ts": START_MS + i * 1_000, "price": 1, "user": "u"} for i in range(40)]

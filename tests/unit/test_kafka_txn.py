@@ -179,7 +179,7 @@ def test_a_transaction_that_cannot_commit_rolls_back() -> None:
 
 
 def test_a_record_refused_for_good_stops_the_worker_when_it_fails_the_commit() -> None:
-    # The refusal's delivery report is served only now: the commit, not a flush, met it first.
+    # The refusal's delivery report is served only now: the commit met it first.
     producer = Producer(commits=[abortable()])
     producer.reports.append((KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Refused()))
     txn, _edges = begun(producer)
@@ -195,18 +195,6 @@ def test_an_abortable_commit_after_an_outage_rolls_back_with_the_undelivered_rec
     wait_answered(txn)
     with pytest.raises(Rollback, match="1 records undelivered"):
         txn.commit(OFFSETS)
-
-
-def test_exactly_once_flush_leaves_the_wait_to_the_commit_and_raises_what_failed_already() -> None:
-    producer = Producer()  # no ``flush``: calling it would fail the test
-    edges = Edges()
-    producer.on_delivery = edges.deliveries.on_delivery
-    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
-    txn.flush()
-    assert producer.calls == ["poll"]
-    producer.reports.append((KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), Refused()))
-    with pytest.raises(DeliveryFailed, match="TOPIC_AUTHORIZATION_FAILED"):
-        txn.flush()
 
 
 def test_an_attempt_with_no_answer_past_its_bound_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
