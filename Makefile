@@ -74,7 +74,7 @@ kube-down: setup ## Stop the kube-apiserver and etcd
 	$(HARNESS) down kube
 
 soak: setup ## The kill test with random seeds, several rounds (WEIR_SOAK_ROUNDS, default 5; ~10 min)
-	$(PY) -m pytest tests/integration/test_exactly_once.py -m slow -q -s
+	$(PY) -X faulthandler -m pytest tests/integration/test_exactly_once.py -m slow -q -s
 
 e2e-kind: setup ## End-to-end on a kind cluster (needs docker, kind, kubectl, helm): image, chart, Kafka, S3, a StreamJob
 	bash tests/e2e/kind/run-kind-e2e.sh
