@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from tests.unit.test_outages import FakeMessage
 
 from weir import kafka_txn
 from weir.edges import DeliveryFailed, Offset, Rollback
@@ -104,16 +105,6 @@ def abortable() -> KafkaException:
     )
 
 
-class Refused:
-    """A delivery report's message."""
-
-    def topic(self) -> str:
-        return "out"
-
-    def partition(self) -> int:
-        return 0
-
-
 def begun(producer: Producer) -> tuple[KafkaTransaction, Edges]:
     edges = Edges()
     producer.on_delivery = edges.deliveries.on_delivery
@@ -181,16 +172,16 @@ def test_a_transaction_that_cannot_commit_rolls_back() -> None:
 def test_a_record_refused_for_good_stops_the_worker_when_it_fails_the_commit() -> None:
     # The refusal's delivery report is served only now: the commit met it first.
     producer = Producer(commits=[abortable()])
-    producer.reports.append((KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Refused()))
+    producer.reports.append((KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage()))
     txn, _edges = begun(producer)
     wait_answered(txn)
-    with pytest.raises(DeliveryFailed, match=r"out \[0\]: .*MSG_SIZE_TOO_LARGE"):
+    with pytest.raises(DeliveryFailed, match=r"revenue-out \[3\]: .*MSG_SIZE_TOO_LARGE"):
         txn.commit(OFFSETS)
 
 
 def test_an_abortable_commit_after_an_outage_rolls_back_with_the_undelivered_records() -> None:
     producer = Producer(commits=[abortable()])
-    producer.reports.append((KafkaError(KafkaError._MSG_TIMED_OUT), Refused()))
+    producer.reports.append((KafkaError(KafkaError._MSG_TIMED_OUT), FakeMessage()))
     txn, _edges = begun(producer)
     wait_answered(txn)
     with pytest.raises(Rollback, match="1 records undelivered"):
