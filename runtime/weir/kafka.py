@@ -450,10 +450,23 @@ _PERMANENT_DELIVERY = frozenset({
 })
 
 
-def kafka_error(exc: KafkaException) -> tuple[KafkaError | None, str]:
+def kafka_error(exc: BaseException) -> tuple[KafkaError | None, str]:
     """The KafkaError a KafkaException carries (None if it carries none) and its text."""
     err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
     return err, (err.str() if err is not None else str(exc))
+
+
+def fatal_rollback(what: str, exc: Exception) -> Rollback:
+    """The ``Rollback`` a fatal producer error calls for (``exc`` itself if it is not one):
+    after one (fenced by a newer instance, ...) every call of the producer fails, and new
+    clients made from the last commit are the only cure. A ``SystemError`` from the client
+    (see ``Deliveries.poll``) leaves it in an unknown state: the same cure."""
+    if isinstance(exc, SystemError):
+        return Rollback(f"{what}: the Kafka client failed: {exc}")
+    err, text = kafka_error(exc)
+    if err is None or not (err.fatal() or err.code() == KafkaError._FATAL):
+        raise exc
+    return Rollback(f"{what}: {text}")
 
 
 class Deliveries:
@@ -478,6 +491,38 @@ class Deliveries:
         """A fatal client error: nothing produced since the last commit can be trusted."""
         self.errors.append(error)
         self.undelivered = max(self.undelivered, 1)
+
+    def poll(self, producer: Any, timeout: float = 0.0) -> None:
+        """``producer.poll``: serve its delivery reports (failures land here).
+
+        confluent-kafka raises a producer's fatal error (fenced by a newer instance, ...) from
+        the first poll or flush after it, instead of passing it to ``error_cb``; it is recorded
+        here like the others, so ``check`` rolls back instead of the exception ending the
+        worker. When the client's log callback runs in the same call, the exception can be lost
+        and the call raise ``SystemError`` ("returned NULL without setting an exception"; seen
+        on fencing): the producer's state is then unknown, and it is handled the same way."""
+        try:
+            producer.poll(timeout)
+        except (KafkaException, SystemError) as exc:
+            self._fatal_raised(exc)
+
+    def flush(self, producer: Any, timeout: float) -> int:
+        """``producer.flush``: the records still unacknowledged (0 after a fatal error, which
+        is recorded as in ``poll``)."""
+        try:
+            return int(producer.flush(timeout))
+        except (KafkaException, SystemError) as exc:
+            self._fatal_raised(exc)
+            return 0
+
+    def _fatal_raised(self, exc: Exception) -> None:
+        if isinstance(exc, SystemError):
+            self.fatal(f"the Kafka client failed: {exc}")
+            return
+        err, text = kafka_error(exc)
+        if err is None or not err.fatal():
+            raise exc
+        self.fatal(f"fatal: {text} ({err.name()})")
 
     def check(self) -> None:
         """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record

@@ -431,9 +431,12 @@ class KafkaEdges:
         self._next += 1
         self.current = producer
         if self.start.guarantee == "exactly-once":
-            producer.begin_transaction()
+            try:
+                producer.begin_transaction()
+            except (KafkaException, SystemError) as exc:
+                raise kio.fatal_rollback("beginning a transaction", exc) from exc
         return KafkaTransaction(self, producer)
 
     def poll(self) -> None:
-        self.current.poll(0)
+        self.deliveries.poll(self.current)
         self.check_delivery()

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from weir.commit import RETRY_CAP_S
 from weir.edges import Offset, Rollback
-from weir.kafka import kafka_error
+from weir.kafka import fatal_rollback, kafka_error
 from weir.outages import Backoff
 from weir.tasks import Headers
 
@@ -57,12 +57,14 @@ class KafkaTransaction:
             try:
                 producer.produce(topic, value, key, partition, headers=headers)
                 return
+            except (KafkaException, SystemError) as exc:
+                raise fatal_rollback("producing a result", exc) from exc
             except BufferError:
                 # The producer's queue is full: back-pressure. Stop taking input until
                 # deliveries make room; never drop and never crash. During an outage this is
                 # where the worker waits: alive, status fresh, until delivery or rollback.
                 self.edges.start.on_queue_full()
-                producer.poll(0.05)
+                self.edges.deliveries.poll(producer, 0.05)
                 self.edges.check_delivery()
                 now = time.monotonic()
                 if now - self._paused >= 1.0:  # alive and status fresh, without a publish per retry
@@ -75,7 +77,7 @@ class KafkaTransaction:
         ``Rollback``)."""
         edges, deps = self.edges, self.edges.waits.deps
         first_wait = CALL_TIMEOUT_S
-        remaining = self.producer.flush(first_wait)
+        remaining = edges.deliveries.flush(self.producer, first_wait)
         waited = False
         while remaining:
             edges.check_delivery()
@@ -85,7 +87,7 @@ class KafkaTransaction:
                 deps.down("kafka", why + (f" ({known})" if known else ""))
                 waited = True
             edges.waits.pause(0)
-            remaining = self.producer.flush(1.0)
+            remaining = edges.deliveries.flush(self.producer, 1.0)
         edges.check_delivery()
         if waited:
             deps.up("kafka")
@@ -181,13 +183,13 @@ class KafkaTransaction:
                 if tps:
                     deps.up("kafka")
                 return
-            except KafkaException as exc:
+            except (KafkaException, SystemError) as exc:  # SystemError: see Deliveries.poll
                 err, detail = kafka_error(exc)
                 text = f"{what}: {detail}" + (f" ({err.name()})" if err is not None else "")
                 if err is None or err.fatal() or err.txn_requires_abort() or not err.retriable():
                     # A record Kafka refused for good (its report served here, if not yet) stops
                     # the worker (``DeliveryFailed``): a rollback would produce it again, forever.
-                    producer.poll(0)
+                    edges.deliveries.poll(producer)
                     edges.check_delivery()
                     raise Rollback(f"the transaction cannot commit: {text}") from exc
                 deps.down("kafka", text)

@@ -411,6 +411,34 @@ def test_s3_outage_pauses_checkpoints_and_loses_and_duplicates_nothing(
     assert_same(got, expected)
 
 
+def test_a_worker_fenced_by_a_newer_instance_rolls_back_and_loses_and_duplicates_nothing(
+    kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
+) -> None:
+    # A zombie's successor (same transactional ids) fences it mid-stream, over and over: the
+    # fenced worker rolls back to its last checkpoint instead of exiting. confluent-kafka raises
+    # the fatal error from whichever call meets it first: poll, flush, produce or commit.
+    events = events_for(20261205, 60_000)
+    expected = expected_of(events)
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    job = manifest(tmp_path, f"fence-{source[-6:]}", kafka, source, sink, dlq, TUMBLING)
+    url = f"s3://{s3_env.new_bucket()}/ck"
+    with Job(job, kafka, 2, tmp_path / "state", url) as running, Trickle(kafka, source, events, seconds=30):
+        running.wait_ready()
+        group = running.workers[0].graph.group_id
+        fences = 0
+        for _ in range(4):
+            time.sleep(3)
+            running.check()
+            for suffix in ("a", "b"):  # both of worker 0's transactional producers
+                successor = kafka.producer(**{"transactional.id": f"{group}-w0-{suffix}"})
+                successor.init_transactions(30)
+                fences += 1
+        got = wait_for_output(kafka, sink, expected, timeout=90, check=running.check)
+        rolled_back = running.workers[0].rollbacks
+    assert fences == 8 and rolled_back >= 1, f"worker 0 fenced {fences} times, rolled back {rolled_back}"
+    assert_same(got, expected)
+
+
 def test_savepoint_at_two_workers_restored_at_one_and_at_four_gives_the_uninterrupted_output(
     kafka: KafkaHelper, s3_env: S3Helper, tmp_path: Path
 ) -> None:

@@ -33,13 +33,29 @@ class Producer:
         self.gate.set()
         self.reports: list[tuple[Any, Any]] = []  # failed deliveries, served by ``poll``
         self.on_delivery: Any = None
+        self.raises: Exception | None = None  # raised once by the next poll, flush or produce
+
+    def _raise(self) -> None:
+        raises, self.raises = self.raises, None
+        if raises is not None:
+            raise raises
 
     def poll(self, timeout: float) -> int:
         self.calls.append("poll")
+        self._raise()
         reports, self.reports = self.reports, []
         for err, msg in reports:
             self.on_delivery(err, msg)
         return len(reports)
+
+    def flush(self, timeout: float) -> int:
+        self.calls.append("flush")
+        self._raise()
+        return 0
+
+    def produce(self, topic: str, value: Any, key: Any, partition: int, headers: Any = None) -> None:
+        self.calls.append("produce")
+        self._raise()
 
     def send_offsets_to_transaction(self, tps: list[Any], group: Any, timeout: float) -> None:
         self.calls.append(f"send {[(tp.topic, tp.partition, tp.offset) for tp in tps]}")
@@ -167,6 +183,60 @@ def test_a_transaction_that_cannot_commit_rolls_back() -> None:
     with pytest.raises(Rollback, match="cannot commit"):
         txn.commit(OFFSETS)
     assert producer.calls == ["send [('in', 0, 42)]", "commit", "poll"]  # poll: a refusal's report
+
+
+def test_a_fenced_producer_rolls_back_even_when_its_poll_raises_the_fatal_error() -> None:
+    # confluent-kafka raises a fatal error from the first poll after it (not via error_cb): the
+    # commit's poll for refusals met it and the worker exited with the KafkaException (a CI run).
+    producer = Producer(commits=[fatal()])
+    producer.raises = fatal()
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    with pytest.raises(Rollback, match="fenced"):
+        txn.commit(OFFSETS)
+
+
+def test_a_fatal_error_met_by_the_checkpoint_flush_rolls_back() -> None:
+    producer = Producer()
+    producer.raises = fatal()
+    edges = Edges()
+    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+    with pytest.raises(Rollback, match="fatal: fenced"):
+        txn.flush()
+
+
+def test_producing_on_a_fenced_producer_rolls_back() -> None:
+    producer = Producer()
+    producer.raises = KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce: Local: Fatal error"))
+    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
+    with pytest.raises(Rollback, match="producing a result: Unable to produce"):
+        txn.produce("out", b"v", b"k")
+
+
+def test_a_client_call_that_lost_its_exception_rolls_back() -> None:
+    # Seen on fencing: the client's log callback ran inside the flush and its exception was lost.
+    lost = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an error")
+    producer = Producer()
+    producer.raises = lost
+    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
+    with pytest.raises(Rollback, match=r"the Kafka client failed: .*returned NULL"):
+        txn.flush()
+    producer = Producer(commits=[lost])
+    txn, _edges = begun(producer)
+    wait_answered(txn)
+    with pytest.raises(Rollback, match=r"cannot commit: .*returned NULL"):
+        txn.commit(OFFSETS)
+
+
+def test_errors_that_are_not_fatal_are_not_turned_into_rollbacks() -> None:
+    producer = Producer()
+    producer.raises = KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
+    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
+    with pytest.raises(KafkaException, match="too large"):
+        txn.produce("out", b"v", b"k")
+    producer.raises = retriable()
+    with pytest.raises(KafkaException, match="timed out"):
+        Deliveries().poll(producer)
 
 
 def test_a_record_refused_for_good_stops_the_worker_when_it_fails_the_commit() -> None:
