@@ -2,9 +2,10 @@
 
 One epoch of output is written into one open ``Transaction``. A checkpoint closes the epoch:
 
-1. *snapshot* (on the worker's thread): wait until the epoch's output is acknowledged
-   (``Transaction.flush``), write every task's changed state to its RocksDB together with its
-   progress (offset, watermark, snapshot id) and take a RocksDB checkpoint (hard links);
+1. *snapshot* (on the worker's thread): close the epoch's output (``Transaction.flush``:
+   at-least-once waits until it is acknowledged, exactly-once leaves that to the commit),
+   write every task's changed state to its RocksDB together with its progress (offset,
+   watermark, snapshot id) and take a RocksDB checkpoint (hard links);
 2. *upload* (on the checkpoint thread): the files, then the manifest, to the ``Store``; a
    manifest present means the checkpoint is complete. Meanwhile the next epoch's output goes to
    a new transaction (``Sink.begin``), so processing does not stop for the upload;

@@ -72,8 +72,9 @@ class Transaction(Protocol):
         """Write a record into the epoch (back-pressure may block; never drops)."""
 
     def flush(self) -> None:
-        """Return once every record produced is acknowledged; raise ``Rollback`` (or
-        ``DeliveryFailed``) when they cannot be."""
+        """Called when a checkpoint closes the epoch. At-least-once: return once every record
+        produced is acknowledged. Exactly-once may return at once, when ``commit`` waits for
+        them itself. Raise ``Rollback`` (or ``DeliveryFailed``) for records that failed."""
 
     def commit(self, offsets: Sequence[Offset]) -> None:
         """Make the epoch's output and these input offsets visible together (exactly-once), or

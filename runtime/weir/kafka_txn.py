@@ -72,10 +72,17 @@ class KafkaTransaction:
                     self.edges.waits.pause(0)
 
     def flush(self) -> None:
-        """Wait until the output is acknowledged; while the broker is unreachable keep waiting
-        (alive, not ready, status fresh) until the records are delivered or time out (then
-        ``Rollback``)."""
+        """At-least-once: wait until the output is acknowledged; while the broker is unreachable
+        keep waiting (alive, not ready, status fresh) until the records are delivered or time
+        out (then ``Rollback``). Exactly-once: only raise for what has failed already."""
         edges, deps = self.edges, self.edges.waits.deps
+        if edges.start.guarantee == "exactly-once":
+            # Nothing of the epoch is visible before its commit, and ``commit_transaction``
+            # waits for every record itself (a refused one fails it): waiting here too would
+            # only hold the snapshot back. The reports served so far still count.
+            edges.deliveries.poll(self.producer)
+            edges.check_delivery()
+            return
         first_wait = CALL_TIMEOUT_S
         remaining = edges.deliveries.flush(self.producer, first_wait)
         waited = False

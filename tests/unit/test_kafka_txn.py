@@ -196,13 +196,36 @@ def test_a_fenced_producer_rolls_back_even_when_its_poll_raises_the_fatal_error(
         txn.commit(OFFSETS)
 
 
-def test_a_fatal_error_met_by_the_checkpoint_flush_rolls_back() -> None:
+@pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
+def test_a_fatal_error_met_by_the_checkpoint_flush_rolls_back(guarantee: str) -> None:
     producer = Producer()
     producer.raises = fatal()
     edges = Edges()
+    edges.start.guarantee = guarantee
     txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
     with pytest.raises(Rollback, match="fatal: fenced"):
         txn.flush()
+
+
+def test_the_exactly_once_checkpoint_leaves_waiting_for_acknowledgements_to_the_commit() -> None:
+    # Nothing of the epoch is visible before the commit, which waits for every record itself.
+    producer = Producer()
+    edges = Edges()
+    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+    txn.flush()
+    assert producer.calls == ["poll"]
+    edges.start.guarantee = "at-least-once"  # there the flush is what makes the output durable
+    txn.flush()
+    assert producer.calls == ["poll", "flush"]
+
+
+def test_the_exactly_once_checkpoint_still_raises_for_a_failure_already_reported() -> None:
+    producer = Producer()
+    producer.reports.append((KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FakeMessage()))
+    edges = Edges()
+    producer.on_delivery = edges.deliveries.on_delivery
+    with pytest.raises(DeliveryFailed, match="MSG_SIZE_TOO_LARGE"):
+        KafkaTransaction(edges, producer).flush()  # type: ignore[arg-type]
 
 
 def test_producing_on_a_fenced_producer_rolls_back() -> None:
@@ -216,11 +239,14 @@ def test_producing_on_a_fenced_producer_rolls_back() -> None:
 def test_a_client_call_that_lost_its_exception_rolls_back() -> None:
     # Seen on fencing: the client's log callback ran inside the flush and its exception was lost.
     lost = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an error")
-    producer = Producer()
-    producer.raises = lost
-    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
-    with pytest.raises(Rollback, match=r"the Kafka client failed: .*returned NULL"):
-        txn.flush()
+    for guarantee in ("exactly-once", "at-least-once"):  # met by poll, by flush
+        producer = Producer()
+        producer.raises = lost
+        edges = Edges()
+        edges.start.guarantee = guarantee
+        txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+        with pytest.raises(Rollback, match=r"the Kafka client failed: .*returned NULL"):
+            txn.flush()
     producer = Producer(commits=[lost])
     txn, _edges = begun(producer)
     wait_answered(txn)
