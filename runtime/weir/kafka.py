@@ -456,17 +456,26 @@ def kafka_error(exc: BaseException) -> tuple[KafkaError | None, str]:
     return err, (err.str() if err is not None else str(exc))
 
 
-def fatal_rollback(what: str, exc: Exception) -> Rollback:
-    """The ``Rollback`` a fatal producer error calls for (``exc`` itself if it is not one):
-    after one (fenced by a newer instance, ...) every call of the producer fails, and new
-    clients made from the last commit are the only cure. A ``SystemError`` from the client
+def fatal_cause(exc: BaseException) -> str | None:
+    """What a producer call's exception says when the producer is done for, else None.
+
+    After a fatal error (fenced by a newer instance, ...) every call of the producer fails, and
+    new clients made from the last commit are the only cure. A ``SystemError`` from the client
     (see ``Deliveries.poll``) leaves it in an unknown state: the same cure."""
     if isinstance(exc, SystemError):
-        return Rollback(f"{what}: the Kafka client failed: {exc}")
+        return f"the Kafka client failed: {exc}"
     err, text = kafka_error(exc)
-    if err is None or not (err.fatal() or err.code() == KafkaError._FATAL):
+    if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+        return f"fatal: {text} ({err.name()})"
+    return None
+
+
+def fatal_rollback(what: str, exc: Exception) -> Rollback:
+    """The ``Rollback`` a fatal producer error calls for (``exc`` itself raised if not one)."""
+    cause = fatal_cause(exc)
+    if cause is None:
         raise exc
-    return Rollback(f"{what}: {text}")
+    return Rollback(f"{what}: {cause}")
 
 
 class Deliveries:
@@ -516,13 +525,10 @@ class Deliveries:
             return 0
 
     def _fatal_raised(self, exc: Exception) -> None:
-        if isinstance(exc, SystemError):
-            self.fatal(f"the Kafka client failed: {exc}")
-            return
-        err, text = kafka_error(exc)
-        if err is None or not err.fatal():
+        cause = fatal_cause(exc)
+        if cause is None:
             raise exc
-        self.fatal(f"fatal: {text} ({err.name()})")
+        self.fatal(cause)
 
     def check(self) -> None:
         """Raise what failed deliveries call for: ``DeliveryFailed`` when Kafka refused a record

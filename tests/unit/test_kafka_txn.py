@@ -121,6 +121,15 @@ def abortable() -> KafkaException:
     )
 
 
+def raising(exc: Exception, guarantee: str = "exactly-once") -> KafkaTransaction:
+    """A transaction whose producer raises ``exc`` from its next poll, flush or produce."""
+    producer = Producer()
+    producer.raises = exc
+    edges = Edges()
+    edges.start.guarantee = guarantee
+    return KafkaTransaction(edges, producer)  # type: ignore[arg-type]
+
+
 def begun(producer: Producer) -> tuple[KafkaTransaction, Edges]:
     edges = Edges()
     producer.on_delivery = edges.deliveries.on_delivery
@@ -198,13 +207,8 @@ def test_a_fenced_producer_rolls_back_even_when_its_poll_raises_the_fatal_error(
 
 @pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
 def test_a_fatal_error_met_by_the_checkpoint_flush_rolls_back(guarantee: str) -> None:
-    producer = Producer()
-    producer.raises = fatal()
-    edges = Edges()
-    edges.start.guarantee = guarantee
-    txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
     with pytest.raises(Rollback, match="fatal: fenced"):
-        txn.flush()
+        raising(fatal(), guarantee).flush()
 
 
 def test_the_exactly_once_checkpoint_leaves_waiting_for_acknowledgements_to_the_commit() -> None:
@@ -229,10 +233,8 @@ def test_the_exactly_once_checkpoint_still_raises_for_a_failure_already_reported
 
 
 def test_producing_on_a_fenced_producer_rolls_back() -> None:
-    producer = Producer()
-    producer.raises = KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce: Local: Fatal error"))
-    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
-    with pytest.raises(Rollback, match="producing a result: Unable to produce"):
+    txn = raising(KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce: Local: Fatal error")))
+    with pytest.raises(Rollback, match="producing a result: fatal: Unable to produce"):
         txn.produce("out", b"v", b"k")
 
 
@@ -240,13 +242,8 @@ def test_a_client_call_that_lost_its_exception_rolls_back() -> None:
     # Seen on fencing: the client's log callback ran inside the flush and its exception was lost.
     lost = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an error")
     for guarantee in ("exactly-once", "at-least-once"):  # met by poll, by flush
-        producer = Producer()
-        producer.raises = lost
-        edges = Edges()
-        edges.start.guarantee = guarantee
-        txn = KafkaTransaction(edges, producer)  # type: ignore[arg-type]
         with pytest.raises(Rollback, match=r"the Kafka client failed: .*returned NULL"):
-            txn.flush()
+            raising(lost, guarantee).flush()
     producer = Producer(commits=[lost])
     txn, _edges = begun(producer)
     wait_answered(txn)
@@ -255,11 +252,10 @@ def test_a_client_call_that_lost_its_exception_rolls_back() -> None:
 
 
 def test_errors_that_are_not_fatal_are_not_turned_into_rollbacks() -> None:
-    producer = Producer()
-    producer.raises = KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
-    txn = KafkaTransaction(Edges(), producer)  # type: ignore[arg-type]
+    txn = raising(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")))
     with pytest.raises(KafkaException, match="too large"):
         txn.produce("out", b"v", b"k")
+    producer = Producer()
     producer.raises = retriable()
     with pytest.raises(KafkaException, match="timed out"):
         Deliveries().poll(producer)
