@@ -40,7 +40,7 @@ crds: setup ## Regenerate the StreamJob CRD from the models into crds/ and the H
 	$(PY) -m weir_operator.crd
 
 lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
-	$(BIN)/ruff check runtime operator tests
+	$(BIN)/ruff check runtime operator tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -104,9 +104,9 @@ def profile_run(bootstrap: str, keys: int, partitions: int, say: Any) -> dict[st
     import pstats
 
     from weir import kafka as kio
-    from weir.kafka_io import KafkaEdges
     from weir.core import TaskCore
     from weir.graph import compile_job
+    from weir.kafka_io import KafkaEdges
     from weir.metrics import WorkerMetrics
     from weir.spec import load_job
     from weir.state import PartitionStore

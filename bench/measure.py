@@ -56,10 +56,10 @@ def _group(pid: int) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == pid:
             continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                if int(stat.read().rsplit(b")", 1)[1].split()[2]) == pid:  # pgrp
-                    members.append(int(entry.name))
+        stat_path = f"/proc/{entry.name}/stat"
+        with contextlib.suppress(OSError, IndexError, ValueError), open(stat_path, "rb") as stat:
+            if int(stat.read().rsplit(b")", 1)[1].split()[2]) == pid:  # pgrp
+                members.append(int(entry.name))
     _GROUPS[pid] = (now, members)
     return members
 
