@@ -87,6 +87,55 @@ def proc_mem_mib(pid: int) -> dict[str, float]:
     return {"peak_rss_mib": round(out["VmHWM"], 1), "rss_mib": round(out["VmRSS"], 1)}
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of every thread of ``pid``'s process group so far, summed by kind: ``python``
+    (the interpreter's threads: weir's loop, its HTTP server, the checkpoint uploader),
+    ``librdkafka`` (its ``rdk:`` threads: fetching, parsing, producing), ``rocksdb`` and ``other``
+    (a JVM's threads, for one). Read twice, it tells which threads a run's CPU went to; a thread
+    that ended in between is missing from the second reading (weir's live as long as the worker)."""
+    out = {"python": 0.0, "librdkafka": 0.0, "rocksdb": 0.0, "other": 0.0}
+    for member in _group(pid):
+        with contextlib.suppress(OSError), os.scandir(f"/proc/{member}/task") as tasks:
+            for task in tasks:
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    with open(f"{task.path}/stat", "rb") as stat:
+                        raw = stat.read()
+                    name = raw[raw.index(b"(") + 1 : raw.rindex(b")")]
+                    fields = raw.rsplit(b")", 1)[1].split()
+                    kind = (
+                        "librdkafka" if name.startswith(b"rdk:")
+                        else "rocksdb" if name.startswith(b"rocksdb:")
+                        else "python" if name.startswith(b"python")
+                        else "other"
+                    )  # fmt: skip
+                    out[kind] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (the broker the benchmark runs
+    against), or None when it is not found or not readable."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    with os.scandir("/proc") as processes:
+        for entry in processes:
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError), os.scandir(f"/proc/{entry.name}/fd") as fds:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd.path) in inodes:
+                            return int(entry.name)
+    return None
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy since boot, all CPUs together (``/proc/stat``:
     user, nice, system, irq and softirq; idle, I/O wait and time stolen by a hypervisor are not)."""

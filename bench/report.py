@@ -16,7 +16,10 @@ CEILING_NOTES = (
     "else: the fastest a Python process reads and decodes this topic."
 )
 ORDER = ("ceiling", "weir", "weir_py", "weir_eos", "weir_2w", "quix", "bytewax", "flink")
-FIGURES = ("events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib", "machine_busy_cores")
+FIGURES = (
+    "events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib", "machine_busy_cores", "broker_cores",
+    "reader_cores", "python_cores", "librdkafka_cores", "rocksdb_cores",
+)  # fmt: skip
 LATENCY_FIGURES = ("latency_p50_s", "latency_p99_s", "close_delay_p50_s", "close_delay_p99_s", "cpu_cores")
 NA = "\u2013"  # an en dash: no figure
 PEER_NAMES = {"ceiling": "ceiling", "quix": "Quix Streams", "bytewax": "Bytewax", "flink": "Flink"}
@@ -127,6 +130,42 @@ def _scaling_note(doc: dict[str, Any]) -> list[str]:
         f"{nproc} ÷ {one['median']:.2f} = **{nproc / one['median']:.2f}×** one worker is the "
         "most any number of workers can reach here.",
         "",
+        *_cores_split(thr["weir"], thr["weir_2w"], nproc),
+    ]
+
+
+SPLIT = (
+    ("python_cores", "weir's Python threads"),
+    ("librdkafka_cores", "its librdkafka threads"),
+    ("rocksdb_cores", "RocksDB's"),
+    ("broker_cores", "the broker"),
+    ("reader_cores", "the benchmark's result reader"),
+)
+
+
+def _cores_split(one: dict[str, Any], two: dict[str, Any], nproc: int) -> list[str]:
+    """Where the busy cores went, one worker beside two (medians of each part, so they need
+    not add up to the machine's median exactly)."""
+    if not one.get("python_cores") or not one.get("broker_cores"):
+        return []
+    parts = [
+        f"{label} {one[key]['median']:.2f} → {_med(two.get(key), 2)}"
+        for key, label in SPLIT
+        if one.get(key) is not None
+    ]
+    rest = [
+        t["machine_busy_cores"]["median"] - sum(t[k]["median"] for k, _ in SPLIT if t.get(k))
+        for t in (one, two)
+        if t.get("machine_busy_cores")
+    ]
+    own = one["python_cores"]["median"] + one["librdkafka_cores"]["median"]
+    return [
+        "Where those cores went, one worker → two (medians): " + "; ".join(parts)
+        + (f"; everything else {rest[0]:.2f} → {rest[1]:.2f}" if len(rest) == 2 else "") + ". "
+        f"For 2 workers to reach 1.7× one, one worker may keep at most {nproc} ÷ 1.7 = "
+        f"{nproc / 1.7:.2f} of the {nproc} CPUs busy, the broker and the reader included; "
+        f"its own threads alone took {own:.2f}.",
+        "",
     ]
 
 
@@ -208,7 +247,9 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "- CPU is user + system time of the runner's processes (its process group; all threads: "
         "librdkafka's, the JVM's JIT and GC) between those two moments, from `/proc/<pid>/stat` "
         "sampled every ~50 ms. Peak RSS is the high-water mark (`VmHWM`, last sampled while it "
-        "ran, summed over the group), start-up included.",
+        "ran, summed over the group), start-up included. The split of weir's CPU by thread "
+        "(Python, librdkafka, RocksDB) is read from `/proc/<pid>/task/*/stat` at the two moments; "
+        "the broker's is its process's CPU (found by its port), the reader's the benchmark's own.",
         "- Load (1 min) is the load average right after each run, on "
         f"{m['nproc']} CPUs shared with the broker, the benchmark's reader and other work on the "
         f"machine. At the start: {doc['loadavg_start']}; at the end: {doc['loadavg_end']}.",

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 RUN_TIMEOUT_S = 900.0
+BROKER_PID: int | None = None
+"""The broker's process when it runs on this machine (found by its port), for its CPU figure."""
 START_TIMEOUT_S = 180.0
 
 
@@ -202,6 +204,12 @@ class Process:
         self.cpu = measure.CpuSamples(lambda: measure.proc_cpu_s(self.pid))
         self.machine = measure.CpuSamples(measure.machine_busy_s)
         """The whole machine's busy CPU (the broker's, the reader's, everything's)."""
+        self.broker = measure.CpuSamples(lambda: measure.proc_cpu_s(BROKER_PID or -1))
+        """The broker's CPU, when it runs on this machine (``BROKER_PID``)."""
+        self.reader = measure.CpuSamples(lambda: sum(os.times()[:2]))
+        """The benchmark's own CPU: reading and checking results, sampling."""
+        self.threads: list[dict[str, float]] = []
+        """``measure.thread_cpu_s`` at the runner's first record and at its last result."""
         self.exit_code: int | None = None
         self.rusage: Any = None
         self.mem: dict[str, float] = {}
@@ -231,6 +239,9 @@ class Process:
         self._sampled = now
         self.cpu.sample()
         self.machine.sample()
+        if BROKER_PID is not None:
+            self.broker.sample()
+        self.reader.sample()
         if self.alive():
             with contextlib.suppress(OSError):
                 mem = measure.proc_mem_mib(self.pid)
@@ -259,6 +270,16 @@ class Process:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-chars:]
         return ""
+
+
+def thread_cores(snapshots: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    """The runner's CPU by kind of thread over the run (``python_cores``, ``librdkafka_cores``, ...)
+    from the two ``measure.thread_cpu_s`` snapshots; read from /proc when the first record and
+    the last result were seen, so good to a clock tick and a loop turn (~50 ms) at each end."""
+    if len(snapshots) < 2:
+        return {}
+    first, last = snapshots[0], snapshots[-1]
+    return {f"{kind}_cores": max(0.0, last[kind] - first[kind]) / seconds for kind in first}
 
 
 def new_context(bootstrap: str, source: str, live: bool, consumer: dict[str, Any]) -> runners.Context:
@@ -315,9 +336,12 @@ def run_throughput(
             proc.snapshot()
             if t_first is None:
                 t_first = runner.first_record(ctx, proc.log_path)
+                if t_first is not None:
+                    proc.threads.append(measure.thread_cpu_s(proc.pid))
             reader.poll(0.02 if t_first is None else 0.05)
             if not reader.awaiting and t_first is not None:
                 t_done = max(reader.arrived[k] for k in expected)
+                proc.threads.append(measure.thread_cpu_s(proc.pid))
                 break
             if not proc.alive():
                 # Bytewax stops at the end of the topic: read what it wrote, then judge.
@@ -351,6 +375,7 @@ def run_throughput(
     seconds = t_done - t_first
     cpu_s = proc.cpu.at(t_done) - proc.cpu.at(t_first)
     machine_s = proc.machine.at(t_done) - proc.machine.at(t_first)
+    broker_s = proc.broker.at(t_done) - proc.broker.at(t_first)
     return {
         "status": "ok",
         "records": events,
@@ -361,6 +386,9 @@ def run_throughput(
         "cpu_us_per_event": cpu_s / events * 1e6,
         "cpu_s_process_total": proc.cpu.cpu[-1] if proc.cpu.cpu else None,
         "machine_busy_cores": machine_s / seconds,
+        "broker_cores": broker_s / seconds if proc.broker.t else None,
+        "reader_cores": (proc.reader.at(t_done) - proc.reader.at(t_first)) / seconds,
+        **thread_cores(proc.threads, seconds),
         **proc.mem,
         "loadavg_before": load_before,
         "loadavg_after": measure.loadavg(),
@@ -644,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap, kafka_version = args.bootstrap, broker_version(args.bootstrap)
     else:
         bootstrap, kafka_version = kafka_up()
-    log(f"broker {bootstrap} (Kafka {kafka_version}); load average {load_start}")
+    global BROKER_PID
+    host, _, port = bootstrap.rpartition(":")
+    if host in ("127.0.0.1", "localhost", "::1", "[::1]") and port.isdigit():
+        BROKER_PID = measure.listener_pid(int(port))
+    log(f"broker {bootstrap} (Kafka {kafka_version}, pid {BROKER_PID}); load average {load_start}")
     for key, st in status.items():
         if st != "ok":
             log(f"{key}: {st}")

@@ -1,0 +1,91 @@
+"""What the throughput benchmark says about where a machine's CPU went (``bench/measure.py``,
+``bench/run.py``, ``bench/report.py``): the broker found by its port, a process's threads by
+kind, and the scaling paragraph built from them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import measure  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+
+
+def test_the_process_listening_on_a_port_is_found_and_a_free_port_has_none() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert measure.listener_pid(port) == os.getpid()
+    assert measure.listener_pid(port) is None  # closed: nothing listens there now
+
+
+def test_thread_cpu_counts_a_busy_python_thread_as_python() -> None:
+    before = measure.thread_cpu_s(os.getpid())
+
+    spun, done = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        done.wait(10)  # alive while read: /proc lists a thread's time only while it lives
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    assert spun.wait(10)
+    after = measure.thread_cpu_s(os.getpid())
+    done.set()
+    worker.join()
+    assert set(after) == {"python", "librdkafka", "rocksdb", "other"}
+    assert after["python"] - before["python"] >= 0.2
+    assert after["librdkafka"] == before["librdkafka"] and after["rocksdb"] == before["rocksdb"]
+
+
+def test_thread_cores_are_the_difference_of_two_snapshots_per_second() -> None:
+    first = {"python": 1.0, "librdkafka": 0.5, "rocksdb": 0.0, "other": 0.0}
+    last = {"python": 3.0, "librdkafka": 1.5, "rocksdb": 0.0, "other": 0.0}
+    assert run.thread_cores([first, last], 2.0) == {
+        "python_cores": 1.0, "librdkafka_cores": 0.5, "rocksdb_cores": 0.0, "other_cores": 0.0,
+    }  # fmt: skip
+    assert run.thread_cores([first], 2.0) == {}, "a run never seen starting has no split"
+
+
+def _figures(**cores: float) -> dict[str, Any]:
+    return {k: {"median": v, "min": v, "max": v} for k, v in cores.items()}
+
+
+def test_the_scaling_note_splits_the_busy_cores_and_states_the_bound() -> None:
+    one = _figures(
+        machine_busy_cores=1.55, python_cores=0.88, librdkafka_cores=0.37, rocksdb_cores=0.0,
+        broker_cores=0.15, reader_cores=0.14,
+    )  # fmt: skip
+    two = _figures(
+        machine_busy_cores=1.87, python_cores=1.11, librdkafka_cores=0.41, rocksdb_cores=0.0,
+        broker_cores=0.18, reader_cores=0.15,
+    )  # fmt: skip
+    doc = {"summary": {"throughput": {"weir": one, "weir_2w": two}}, "machine": {"nproc": 2}}
+    text = "\n".join(report._scaling_note(doc))
+    assert "kept **1.55 of its 2 CPUs**" in text and "**1.29×**" in text
+    assert "weir's Python threads 0.88 → 1.11; its librdkafka threads 0.37 → 0.41" in text
+    assert "the broker 0.15 → 0.18; the benchmark's result reader 0.14 → 0.15" in text
+    assert "everything else 0.01 → 0.02" in text
+    assert "at most 2 ÷ 1.7 = 1.18" in text and "its own threads alone took 1.25" in text
+
+
+def test_a_run_without_the_split_keeps_the_old_note() -> None:
+    one = _figures(machine_busy_cores=1.74)
+    doc = {"summary": {"throughput": {"weir": one, "weir_2w": _figures(machine_busy_cores=1.97)}},
+           "machine": {"nproc": 2}}  # fmt: skip
+    text = "\n".join(report._scaling_note(doc))
+    assert "**1.15×**" in text and "Where those cores went" not in text
