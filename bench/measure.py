@@ -56,9 +56,8 @@ def _group(pid: int) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == pid:
             continue
-        stat_path = f"/proc/{entry.name}/stat"
-        with contextlib.suppress(OSError, IndexError, ValueError), open(stat_path, "rb") as stat:
-            if int(stat.read().rsplit(b")", 1)[1].split()[2]) == pid:  # pgrp
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(_stat(f"/proc/{entry.name}/stat")[1][2]) == pid:  # pgrp
                 members.append(int(entry.name))
     _GROUPS[pid] = (now, members)
     return members
@@ -67,13 +66,27 @@ def _group(pid: int) -> list[int]:
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process and the rest of its process group, all their
     threads included (and children they have reaped)."""
-    total = 0
+    total = 0.0
     for member in _group(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{member}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return total / CLK_TCK
+            total += own_cpu_s(member)
+    return total
+
+
+def own_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads, and children it has reaped),
+    without looking for the rest of its group; OSError when it is gone."""
+    fields = _stat(f"/proc/{pid}/stat")[1]
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime, stime, cutime, cstime
+
+
+def _stat(path: str) -> tuple[bytes, list[bytes]]:
+    """A /proc ``stat`` file: the command name and the fields after it (``fields[0]`` is the
+    state); the name may hold spaces and parentheses, so it is cut at the last ``)``."""
+    with open(path, "rb") as stat:
+        raw = stat.read()
+    head, _, rest = raw.rpartition(b")")
+    return head[head.index(b"(") + 1 :], rest.split()
 
 
 def proc_mem_mib(pid: int) -> dict[str, float]:
@@ -98,10 +111,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         with contextlib.suppress(OSError), os.scandir(f"/proc/{member}/task") as tasks:
             for task in tasks:
                 with contextlib.suppress(OSError, IndexError, ValueError):
-                    with open(f"{task.path}/stat", "rb") as stat:
-                        raw = stat.read()
-                    name = raw[raw.index(b"(") + 1 : raw.rindex(b")")]
-                    fields = raw.rsplit(b")", 1)[1].split()
+                    name, fields = _stat(f"{task.path}/stat")
                     kind = (
                         "librdkafka" if name.startswith(b"rdk:")
                         else "rocksdb" if name.startswith(b"rocksdb:")

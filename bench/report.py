@@ -146,7 +146,7 @@ SPLIT = (
 def _cores_split(one: dict[str, Any], two: dict[str, Any], nproc: int) -> list[str]:
     """Where the busy cores went, one worker beside two (medians of each part, so they need
     not add up to the machine's median exactly)."""
-    if not one.get("python_cores") or not one.get("broker_cores"):
+    if not one.get("python_cores"):  # a result from before the split
         return []
     parts = [
         f"{label} {one[key]['median']:.2f} → {_med(two.get(key), 2)}"

@@ -204,7 +204,7 @@ class Process:
         self.cpu = measure.CpuSamples(lambda: measure.proc_cpu_s(self.pid))
         self.machine = measure.CpuSamples(measure.machine_busy_s)
         """The whole machine's busy CPU (the broker's, the reader's, everything's)."""
-        self.broker = measure.CpuSamples(lambda: measure.proc_cpu_s(BROKER_PID or -1))
+        self.broker = measure.CpuSamples(lambda: measure.own_cpu_s(BROKER_PID or -1))
         """The broker's CPU, when it runs on this machine (``BROKER_PID``)."""
         self.reader = measure.CpuSamples(lambda: sum(os.times()[:2]))
         """The benchmark's own CPU: reading and checking results, sampling."""

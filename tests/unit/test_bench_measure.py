@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -89,3 +91,13 @@ def test_a_run_without_the_split_keeps_the_old_note() -> None:
            "machine": {"nproc": 2}}  # fmt: skip
     text = "\n".join(report._scaling_note(doc))
     assert "**1.15×**" in text and "Where those cores went" not in text
+
+
+def test_own_cpu_reads_one_process_and_a_gone_one_raises() -> None:
+    before = measure.own_cpu_s(os.getpid())
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    assert measure.own_cpu_s(os.getpid()) - before >= 0.15
+    with pytest.raises(OSError):
+        measure.own_cpu_s(2**22 + 1)  # above the kernel's largest pid: no such process
