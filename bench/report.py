@@ -202,7 +202,9 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
         f"Median of {p['repeat']} interleaved runs (range in brackets). Throughput is events/s from "
         "the first record consumed to the last window result readable in the result topic "
-        "(read_committed). Each figure is also given ÷ the ceiling's and ÷ weir's (at-least-once).",
+        "(read_committed; each result is timed by a reader thread that does nothing else, so a "
+        "checkpoint's burst is timed when it became readable, not after the reader parsed the "
+        "burst before it). Each figure is also given ÷ the ceiling's and ÷ weir's (at-least-once).",
         "",
         "| runner | events/s | ÷ ceiling | ÷ weir | CPU s | CPU µs/event | ÷ ceiling | ÷ weir "
         "| peak RSS MiB | ÷ ceiling | ÷ weir | load (1 min) | status |",

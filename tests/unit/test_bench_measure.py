@@ -101,3 +101,90 @@ def test_own_cpu_reads_one_process_and_a_gone_one_raises() -> None:
     assert measure.own_cpu_s(os.getpid()) - before >= 0.15
     with pytest.raises(OSError):
         measure.own_cpu_s(2**22 + 1)  # above the kernel's largest pid: no such process
+
+
+class _Msg:
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+
+class _ScriptedConsumer:
+    """A hand-written stand-in for confluent_kafka's Consumer: each batch becomes readable at
+    its own monotonic time; ``consume(n, timeout)`` hands out what is readable, waiting for it
+    up to ``timeout`` (in steps, like librdkafka's queue)."""
+
+    def __init__(self, batches: list[tuple[float, list[bytes]]], fail: BaseException | None = None) -> None:
+        self.batches = [(at, [_Msg(v) for v in values]) for at, values in batches]
+        self.fail = fail
+        self.closed = False
+
+    def consume(self, n: int, timeout: float) -> list[_Msg]:
+        end = time.monotonic() + timeout
+        while True:
+            if self.fail is not None:
+                raise self.fail
+            out: list[_Msg] = []
+            while self.batches and self.batches[0][0] <= time.monotonic() and len(out) < n:
+                at, msgs = self.batches[0]
+                take, rest = msgs[: n - len(out)], msgs[n - len(out) :]
+                out += take
+                self.batches[0] = (at, rest)
+                if not rest:
+                    self.batches.pop(0)
+            if out or time.monotonic() >= end:
+                return out
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_results_readable_while_the_reader_parses_a_burst_are_stamped_when_they_became_readable() -> None:
+    # A checkpoint's burst of 400 results, then (50 ms later) the next checkpoint's one result,
+    # while parsing the burst takes at least 400 ms: the late result must be stamped about when
+    # it became readable, not when the reader got through the burst before it.
+    start = time.monotonic()
+    burst = [b'{"k": %d}' % i for i in range(400)]
+    consumer = _ScriptedConsumer([(start, burst), (start + 0.05, [b'{"k": "last"}'])])
+    parsed_burst_at: list[float] = []
+
+    def parse(record: dict[str, Any]) -> tuple[Any, Any]:
+        if record["k"] != "last":
+            time.sleep(0.001)
+            if record["k"] == 399:
+                parsed_burst_at.append(time.time())
+        return record["k"], None
+
+    reader = measure.SinkReader("unused", "unused", parse, expected=[*range(400), "last"], consumer=consumer)
+    try:
+        became_readable = time.time() - (time.monotonic() - (start + 0.05))
+        deadline = time.monotonic() + 10
+        while reader.awaiting and time.monotonic() < deadline:
+            reader.poll(0.05)
+        assert not reader.awaiting
+        assert parsed_burst_at and parsed_burst_at[0] - reader.arrived[0] >= 0.35
+        # stamped before the reader had parsed the burst, within a few thread switches of when
+        # it became readable
+        assert reader.arrived["last"] < parsed_burst_at[0] - 0.2
+        assert abs(reader.arrived["last"] - became_readable) < 0.1
+    finally:
+        reader.close()
+    assert consumer.closed
+
+
+def test_a_failing_consumer_fails_the_next_poll() -> None:
+    failing = _ScriptedConsumer([], fail=OSError("gone"))
+    reader = measure.SinkReader("unused", "unused", expected=[1], consumer=failing)
+    try:
+        with pytest.raises(RuntimeError, match="reading the results failed"):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                reader.poll(0.05)
+    finally:
+        reader.close()
