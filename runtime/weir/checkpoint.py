@@ -46,8 +46,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +103,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-UPLOAD_THREADS = 4
-"""Files of one checkpoint uploaded at once (to S3): each PUT mostly waits for the network, and a
-checkpoint of a worker's partitions is a few files per partition (Flink's
-``state.backend.rocksdb.checkpoint.transfer.thread.num`` is 4 too)."""
 
 # RocksDB files that never change once written (named by a file number that is never
 # reused within a database): they can be shared between checkpoints.
@@ -241,7 +235,8 @@ class CheckpointStore(StoreReader):
             uploaded[0] += sum(size for _rel, _path, size, _present in puts)
             uploaded[1] += len(puts)
         else:
-            self._put_files([(rel, path, size) for rel, path, size, _present in puts], uploaded)
+            for rel, path, size, _present in puts:
+                self._put_file(rel, path, size, uploaded)
         for rel, _path, _size, shared in puts:
             if shared is not None:
                 shared.add(rel)
@@ -346,36 +341,6 @@ class CheckpointStore(StoreReader):
 
     def _put_file(self, rel: str, path: Path, size: int, counter: list[int]) -> None:
         _put_counted(self._backend, self._key(rel), path, size, counter)
-
-    def _put_files(self, items: Sequence[tuple[str, Path, int]], counter: list[int]) -> None:
-        """Upload ``(rel, file, size)`` items, ``UPLOAD_THREADS`` at a time. The first failure
-        cancels what has not started, waits for what has, and is raised: an unreachable store
-        fails the checkpoint after one file's timeouts, as one upload after another did."""
-        if len(items) <= 1:
-            for rel, path, size in items:
-                self._put_file(rel, path, size, counter)
-            return
-        pool = ThreadPoolExecutor(min(UPLOAD_THREADS, len(items)), thread_name_prefix="weir-upload")
-        try:
-            put = self._backend.put_file
-            futures = [pool.submit(put, self._key(rel), path) for rel, path, _size in items]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                future.cancel()  # only those not started yet
-        finally:
-            pool.shutdown(wait=True)
-        failed = None
-        for future, (_rel, _path, size) in zip(futures, items, strict=True):
-            if future.cancelled():
-                continue
-            error = future.exception()
-            if error is None:
-                counter[0] += size
-                counter[1] += 1
-            elif failed is None:
-                failed = error
-        if failed is not None:
-            raise failed
 
     def _present_keys(self, pdir: str) -> set[str]:
         present = self._present.get(pdir)

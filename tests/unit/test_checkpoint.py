@@ -7,8 +7,6 @@ import io
 import os
 import random
 import shutil
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 
 from weir import checkpoint_cli
 from weir.checkpoint import (
-    UPLOAD_THREADS,
     CheckpointError,
     CheckpointStore,
     CorruptCheckpoint,
@@ -215,84 +212,6 @@ def test_a_write_that_fails_before_its_manifest_leaves_no_listed_checkpoint(tmp_
     assert store.next_seq(0) == 3  # the failed id is never reused
     assert store.next_seq(1) == 0
     live.close()
-    store.close()
-
-
-class SlowBackend(FailingBackend):
-    """Uploads that take ``seconds`` each (the network), counting how many run at once; with
-    ``fail_first`` the first upload started fails at once (a refused connection)."""
-
-    def __init__(self, fail_first: bool = False, seconds: float = 0.05) -> None:
-        super().__init__("")
-        self.armed = fail_first
-        self.seconds = seconds
-        self.lock = threading.Lock()
-        self.running = self.most = 0
-        self.started: list[str] = []
-
-    def _check(self, key: str) -> None:
-        if self.armed and key == self.started[0]:
-            raise CheckpointError(f"writing {key} failed: simulated outage")
-
-    def put_file(self, key: str, path: Path) -> None:
-        with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
-            self.started.append(key)
-        try:
-            self._check(key)
-            time.sleep(self.seconds)
-            self.inner.put_file(key, path)
-        finally:
-            with self.lock:
-                self.running -= 1
-
-
-def _partitions(tmp_path: Path, n: int) -> tuple[list[PartitionStore], dict[str, PartitionSnapshot]]:
-    lives = [_pstore(tmp_path / f"live-{i}") for i in range(n)]
-    for i, live in enumerate(lives):
-        _fill(live, 50, seed=i)
-    return lives, {f"orders/{i}": _snap(live, tmp_path / f"s-{i}", 10 + i) for i, live in enumerate(lives)}
-
-
-def test_a_checkpoints_files_upload_at_most_upload_threads_at_once_and_restore(tmp_path: Path) -> None:
-    lives, parts = _partitions(tmp_path, 4)
-    backend = SlowBackend()
-    store = _open(tmp_path, backend=backend)
-    res = store.write_checkpoint("0000000001-w0", (0, 1), parts)
-
-    files = sum(len(e.files) for e in res.manifest.partitions.values())
-    assert len(backend.started) == files == res.files_uploaded - 1  # + the manifest
-    assert backend.most == UPLOAD_THREADS
-    for i, live in enumerate(lives):
-        restored = _pstore(store.restore(res.manifest, f"orders/{i}", tmp_path / "r" / str(i)))
-        assert dict(restored.items()) == dict(live.items())
-        restored.close()
-        live.close()
-    store.close()
-
-
-def test_a_failed_upload_cancels_the_files_not_started_and_writes_no_manifest(tmp_path: Path) -> None:
-    lives, parts = _partitions(tmp_path, 4)
-    # The first file uploaded is refused at once; each of the others would take 0.2 s.
-    backend = SlowBackend(fail_first=True, seconds=0.2)
-    store = _open(tmp_path, backend=backend)
-    with pytest.raises(CheckpointError, match="simulated outage"):
-        store.write_checkpoint("0000000001-w0", (0, 1), parts)
-    files = sum(1 for snap in parts.values() for p in snap.path.iterdir() if p.is_file())
-    # Those under way when it failed, and at most one the failed upload's thread took next;
-    # the rest were never started.
-    assert UPLOAD_THREADS <= len(backend.started) <= UPLOAD_THREADS + 1 < files
-    assert backend.running == 0  # those started were waited for
-    found = store.scan_kind("checkpoint")
-    assert found.manifests == [] and found.incomplete == ["0000000001-w0"]
-
-    backend.armed = False  # the store is back: the next checkpoint uploads everything
-    res = store.write_checkpoint("0000000002-w0", (0, 1), parts)
-    assert [m.id for m in store.manifests()] == ["0000000002-w0"]
-    assert not store.verify(res.manifest)
-    for live in lives:
-        live.close()
     store.close()
 
 
