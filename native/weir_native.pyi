@@ -3,10 +3,11 @@
 from collections.abc import Callable
 from typing import Any
 
-class Tumbling:
+class Windows:
     def __init__(
         self,
         size: int,
+        slide: int,
         lateness: int,
         ooo: int,
         max_bytes: int,

@@ -16,7 +16,7 @@
 //! queue before the forwarding comes back there and the Python side runs it first.
 //!
 //! The batch stays in librdkafka's memory, grouped by partition in consumed order, until the
-//! next `consume` or `release`: `Tumbling.run_fetched` folds a group in place; `records` hands a
+//! next `consume` or `release`: `Windows.run_fetched` folds a group in place; `records` hands a
 //! range out as tuples for the Python path (dead letters, fallbacks, replays).
 //!
 //! The Python side must `close` a `Fetch` before it closes the consumer.

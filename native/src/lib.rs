@@ -1,9 +1,9 @@
 //! weir's native hot path (see `weir.native` for the Python side and the contract).
 //!
-//! One `Tumbling` per partition task of a declarative tumbling-window pipeline. `run` takes a
-//! consumed batch of message values and folds the records it can certify into a write-back
-//! cache of window accumulators: decode the needed fields, filter, event time, key, window,
-//! lateness, aggregate, per record and in order, building no Python object per record. It
+//! One `Windows` per partition task of a declarative tumbling- or sliding-window pipeline. `run`
+//! takes a consumed batch of message values and folds the records it can certify into a
+//! write-back cache of window accumulators: decode the needed fields, filter, event time, key,
+//! windows, lateness, aggregate, per record and in order, building no Python object per record. It
 //! stops at a record that is late (the caller dead-letters it) or that it cannot certify (the
 //! caller runs it through the Python path, after `evict` hands over that window). `flush`
 //! writes every changed window back to the Python store; the caller does so before windows
@@ -31,7 +31,7 @@ const DONE: u8 = 0;
 const LATE: u8 = 1;
 const FALLBACK: u8 = 2;
 
-/// What `Tumbling::step` did with a record: done, or stop at it with `(code, late_ts, late_wm)`.
+/// What `Windows::step` did with a record: done, or stop at it with `(code, late_ts, late_wm)`.
 enum Step {
     Next,
     Stop(u8, i64, i64),
@@ -217,10 +217,12 @@ struct Entry {
     new: bool,
 }
 
-/// The window accumulators of one partition task's tumbling windows; see the module docs.
+/// The window accumulators of one partition task's tumbling or sliding windows (tumbling:
+/// `slide == size`); see the module docs.
 #[pyclass(module = "weir_native")]
-struct Tumbling {
+struct Windows {
     size: i64,
+    slide: i64,
     lateness_m1: i64,
     ooo: i64,
     max_bytes: usize,
@@ -235,6 +237,8 @@ struct Tumbling {
     cached: usize,
     min_end: i64,
     dirty: Vec<(Box<str>, i64)>,
+    /// `fold_sliding`'s positions of one record's windows (kept to reuse the allocation).
+    scratch: Vec<usize>,
     /// Records `run` finished itself (accepted, filtered or late) and their bytes, since `take_counts`.
     handled: u64,
     nbytes: u64,
@@ -252,20 +256,73 @@ fn slots_to_py<'py>(py: Python<'py>, slots: &Slots) -> PyResult<Bound<'py, PyLis
     PyList::new(py, items)
 }
 
-impl Tumbling {
+impl Windows {
     fn create(&self) -> Slots {
-        let mut s = Vec::with_capacity(self.n_slots);
-        for (agg, _) in &self.aggs {
-            match agg {
-                Agg::Count | Agg::Sum => s.push(Some(Num::Int(0))),
-                Agg::Min | Agg::Max => s.push(None),
-                Agg::Avg => {
-                    s.push(Some(Num::Int(0)));
-                    s.push(Some(Num::Int(0)));
+        create_slots(&self.aggs, self.n_slots)
+    }
+
+    /// The sliding windows of `key` from `first` to `t` (every `slide`), as the Python path adds
+    /// to them: all or none. False (nothing applied) when a window's accumulator is not what
+    /// this side can fold, or a fold would overflow in any of them: Python decides then.
+    fn fold_sliding(&mut self, key: &str, t: i64, first: i64, vals: &[Val], loader: &Bound<PyAny>) -> PyResult<bool> {
+        let (size, slide, n_slots) = (self.size, self.slide, self.n_slots);
+        if !self.cache.contains_key(key) {
+            self.cache.insert(key.into(), Vec::new());
+        }
+        let ws = self.cache.get_mut(key).expect("inserted above");
+        let pos = &mut self.scratch;
+        pos.clear();
+        let mut start = first;
+        while start <= t {
+            let p = match ws.iter().position(|e| e.start == start) {
+                Some(p) => p,
+                None => {
+                    // Cached clean: it reaches the store only once a fold changes it.
+                    let loaded = loader.call1((key, start, start + size))?;
+                    let (slots, new) = if loaded.is_none() {
+                        (create_slots(&self.aggs, n_slots), true)
+                    } else {
+                        match slots_of(n_slots, &loaded) {
+                            Some(s) => (s, false),
+                            None => return Ok(false),
+                        }
+                    };
+                    ws.push(Entry { start, slots, dirty: false, new });
+                    self.cached += 1;
+                    self.min_end = self.min_end.min(start + size);
+                    ws.len() - 1
                 }
+            };
+            pos.push(p);
+            start += slide;
+        }
+        if !pos.iter().all(|&p| fold_ok(&self.aggs, &ws[p].slots, vals)) {
+            return Ok(false);
+        }
+        for &p in pos.iter() {
+            let e = &mut ws[p];
+            fold(&self.aggs, &mut e.slots, vals);
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty.push((key.into(), e.start));
             }
         }
-        s
+        Ok(true)
+    }
+
+    fn evict_one(&mut self, py: Python, key: &str, start: i64, adopt: &Bound<PyAny>) -> PyResult<()> {
+        let Some(ws) = self.cache.get_mut(key) else { return Ok(()) };
+        let Some(pos) = ws.iter().position(|e| e.start == start) else { return Ok(()) };
+        let e = ws.swap_remove(pos);
+        if ws.is_empty() {
+            self.cache.remove(key);
+        }
+        self.cached -= 1;
+        if e.dirty {
+            let acc = slots_to_py(py, &e.slots)?;
+            adopt.call1(((key, start, start + self.size), acc, e.new))?;
+        }
+        Ok(())
     }
 
     /// One record of `run`: `value` (None: not bytes), the message `key` (None: absent or not
@@ -341,9 +398,20 @@ impl Tumbling {
         } else {
             watermark = marks.op;
         }
-        let wstart = t - t.rem_euclid(self.size);
+        let sliding = self.slide != self.size;
+        let wstart = t - t.rem_euclid(self.size); // tumbling: the window
         let end = wstart + self.size;
-        if end <= sub(watermark, self.lateness_m1) {
+        let mut first = wstart; // sliding: the first open window holding t (as `build_sliding`)
+        let late = if sliding {
+            // Windows holding t start in (t - size, t]; the open ones (end > W - L + 1) start
+            // after W - L + 1 - size. The first multiple of slide past both bounds.
+            let lo = (t - self.size + 1).max(sub(sub(watermark, self.lateness_m1), self.size - 1));
+            first = lo + (-lo).rem_euclid(self.slide);
+            first > t
+        } else {
+            end <= sub(watermark, self.lateness_m1)
+        };
+        if late {
             self.handled += 1;
             self.nbytes += b.len() as u64;
             let before = marks.task;
@@ -351,6 +419,17 @@ impl Tumbling {
                 marks.task = t - self.ooo;
             }
             return Ok(Step::Stop(LATE, t, before));
+        }
+        if sliding {
+            if !self.fold_sliding(key, t, first, vals, loader)? {
+                return Ok(FALL);
+            }
+            self.handled += 1;
+            self.nbytes += b.len() as u64;
+            if t - self.ooo > marks.task {
+                marks.task = t - self.ooo;
+            }
+            return Ok(Step::Next);
         }
         let found = self.cache.get_mut(key).and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
         match found {
@@ -368,7 +447,7 @@ impl Tumbling {
                 let base = if loaded.is_none() {
                     Some((self.create(), true))
                 } else {
-                    self.slots_of(&loaded).map(|s| (s, false))
+                    slots_of(self.n_slots, &loaded).map(|s| (s, false))
                 };
                 let Some((mut slots, new)) = base else { return Ok(FALL) };
                 if !fold(&self.aggs, &mut slots, vals) {
@@ -388,15 +467,6 @@ impl Tumbling {
         Ok(Step::Next)
     }
 
-    fn slots_of(&self, acc: &Bound<PyAny>) -> Option<Slots> {
-        let list = acc.downcast::<PyList>().ok()?;
-        if list.len() != self.n_slots {
-            return None;
-        }
-        list.iter()
-            .map(|v| if v.is_none() { Some(None) } else { num_of(&v).ok().map(Some) })
-            .collect()
-    }
 }
 
 fn sub(a: i64, b: i64) -> i64 {
@@ -404,12 +474,13 @@ fn sub(a: i64, b: i64) -> i64 {
 }
 
 #[pymethods]
-impl Tumbling {
+impl Windows {
     #[new]
-    #[pyo3(signature = (size, lateness, ooo, max_bytes, cache_limit, fields, time, key, filter, aggs))]
+    #[pyo3(signature = (size, slide, lateness, ooo, max_bytes, cache_limit, fields, time, key, filter, aggs))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         size: i64,
+        slide: i64,
         lateness: i64,
         ooo: i64,
         max_bytes: usize,
@@ -423,8 +494,8 @@ impl Tumbling {
         if fields.len() > MAX_FIELDS || aggs.len() > MAX_SLOTS / 2 {
             return Err(PyValueError::new_err("too many fields for the native path"));
         }
-        if size <= 0 {
-            return Err(PyValueError::new_err("size must be positive"));
+        if size <= 0 || slide <= 0 || slide > size {
+            return Err(PyValueError::new_err("size and slide must be positive, slide at most size"));
         }
         let idx = |i: i64| -> PyResult<usize> {
             usize::try_from(i).ok().filter(|i| *i < fields.len()).ok_or_else(|| PyValueError::new_err("field index"))
@@ -459,8 +530,9 @@ impl Tumbling {
             Some(c) if !c.is_none() => Some(cond_of(&c)?),
             _ => None,
         };
-        Ok(Tumbling {
+        Ok(Windows {
             size,
+            slide,
             lateness_m1: lateness - 1,
             ooo,
             max_bytes,
@@ -475,6 +547,7 @@ impl Tumbling {
             cached: 0,
             min_end: i64::MAX,
             dirty: Vec::new(),
+            scratch: Vec::new(),
             handled: 0,
             nbytes: 0,
         })
@@ -587,20 +660,14 @@ impl Tumbling {
         Ok(())
     }
 
-    /// Hand the window of `key` holding `ts` to the Python path: written back through `adopt`
-    /// if changed, and forgotten here (the next record of it reads the store again).
+    /// Hand every window of `key` holding `ts` to the Python path: written back through
+    /// `adopt` if changed, and forgotten here (the next record of them reads the store again).
     fn evict(&mut self, py: Python, key: &str, ts: i64, adopt: &Bound<PyAny>) -> PyResult<()> {
-        let start = ts - ts.rem_euclid(self.size);
-        let Some(ws) = self.cache.get_mut(key) else { return Ok(()) };
-        let Some(pos) = ws.iter().position(|e| e.start == start) else { return Ok(()) };
-        let e = ws.swap_remove(pos);
-        if ws.is_empty() {
-            self.cache.remove(key);
-        }
-        self.cached -= 1;
-        if e.dirty {
-            let acc = slots_to_py(py, &e.slots)?;
-            adopt.call1(((key, start, start + self.size), acc, e.new))?;
+        let lo = ts - self.size + 1;
+        let mut start = lo + (-lo).rem_euclid(self.slide);
+        while start <= ts {
+            self.evict_one(py, key, start, adopt)?;
+            start += self.slide;
         }
         Ok(())
     }
@@ -625,6 +692,39 @@ impl Tumbling {
     fn cached(&self) -> usize {
         self.cached
     }
+}
+
+/// A fresh accumulator (`Aggregator.create`).
+fn create_slots(aggs: &[(Agg, Option<usize>)], n_slots: usize) -> Slots {
+    let mut s = Vec::with_capacity(n_slots);
+    for (agg, _) in aggs {
+        match agg {
+            Agg::Count | Agg::Sum => s.push(Some(Num::Int(0))),
+            Agg::Min | Agg::Max => s.push(None),
+            Agg::Avg => {
+                s.push(Some(Num::Int(0)));
+                s.push(Some(Num::Int(0)));
+            }
+        }
+    }
+    s
+}
+
+/// A stored accumulator as slots, or None when it is not one this side folds.
+fn slots_of(n_slots: usize, acc: &Bound<PyAny>) -> Option<Slots> {
+    let list = acc.downcast::<PyList>().ok()?;
+    if list.len() != n_slots {
+        return None;
+    }
+    list.iter().map(|v| if v.is_none() { Some(None) } else { num_of(&v).ok().map(Some) }).collect()
+}
+
+/// Whether `fold` would succeed (nothing changed either way).
+fn fold_ok(aggs: &[(Agg, Option<usize>)], slots: &Slots, vals: &[Val]) -> bool {
+    let mut out = [None; MAX_SLOTS];
+    let n = slots.len();
+    out[..n].copy_from_slice(slots);
+    fold_into(aggs, &mut out[..n], vals).is_some()
 }
 
 /// Slots of one accumulator at most (16 aggregates, avg takes two).
@@ -671,7 +771,7 @@ fn fold_into(aggs: &[(Agg, Option<usize>)], out: &mut [Option<Num>], vals: &[Val
 
 #[pymodule]
 fn weir_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Tumbling>()?;
+    m.add_class::<Windows>()?;
     m.add_class::<Fetch>()?;
     Ok(())
 }

@@ -1,11 +1,11 @@
-"""The native hot path: a consumed batch through the declarative steps and tumbling windows in Rust.
+"""The native hot path: a consumed batch through declarative steps and tumbling or sliding windows, in Rust.
 
 ``weir_native`` (the Rust extension in ``native/``, built by ``make setup``) runs what
-``weir.records``' generated ``prepare`` and the tumbling ``WindowOperator.process`` do, for a
-whole batch of one partition, without a Python object per record: it scans each JSON value for
-the fields the pipeline reads, filters, takes the event time and the message key, assigns the
-window, checks lateness against the per-record watermark and folds the aggregates into a
-write-back cache of accumulators (``weir_native.Tumbling``, one per partition task).
+``weir.records``' generated ``prepare`` and the tumbling or sliding ``WindowOperator.process``
+do, for a whole batch of one partition, without a Python object per record: it scans each JSON
+value for the fields the pipeline reads, filters, takes the event time and the message key,
+assigns the windows, checks lateness against the per-record watermark and folds the aggregates
+into a write-back cache of accumulators (``weir_native.Windows``, one per partition task).
 
 Semantics are the Python path's, by construction:
 
@@ -14,13 +14,15 @@ Semantics are the Python path's, by construction:
   aggregates read, an event time in range and under the future-skew horizon, a UTF-8 key, sums
   that stay representable). Any other record goes through the Python path (``TaskCore._prepare``)
   at its place in the batch, so dead letters, their reasons and their order are the Python path's.
-- Before a handed-back record touches state, the native side writes that window back to the store
-  (``evict``); after the batch, every changed window (``flush``). The store is the truth between
+- Before a handed-back record touches state, the native side writes the windows holding it back
+  to the store (``evict``); after the batch, every changed window (``flush``). The store is the truth between
   batches: windows fire from it, checkpoints copy it, a restart restores it.
-- Per-record watermarks and lateness are computed in the same order as ``_prepare`` does.
+- Per-record watermarks and lateness are computed in the same order as ``_prepare`` does. A
+  sliding-window record joins its open windows only, and all of them or none (an overflow in
+  one hands the record back), as ``build_sliding`` does.
 
 Which pipelines run natively (``plan_for``): JSON source, keyed by the message key (so no
-repartition), declarative steps only (filter, select, rename), a tumbling window, and the
+repartition), declarative steps only (filter, select, rename), a tumbling or sliding window, and the
 aggregates count, sum, min, max, avg; event time from a field in epoch milliseconds or seconds
 or from the Kafka timestamp. Everything else, and every pipeline when ``WEIR_NATIVE=0`` or the
 extension is missing, runs the Python path. ``tests/unit/test_native.py`` compares the two on
@@ -113,9 +115,11 @@ class _NotNative(Exception):
 
 @dataclass(frozen=True)
 class NativePlan:
-    """What one ``weir_native.Tumbling`` per task is built from (``plan_for``)."""
+    """What one ``weir_native.Windows`` per task is built from (``plan_for``)."""
 
     size_ms: int
+    slide_ms: int
+    """``size_ms`` for tumbling windows."""
     allowed_lateness_ms: int
     max_out_of_orderness_ms: int
     max_value_bytes: int
@@ -142,11 +146,12 @@ class NativePlan:
         return self.now_ms() + self.max_future_skew_ms
 
     def task(self, small: bool = False) -> Any:
-        """A fresh ``weir_native.Tumbling`` for one partition task (``small``: under a memory
+        """A fresh ``weir_native.Windows`` for one partition task (``small``: under a memory
         budget, with a small cache)."""
         assert weir_native is not None
-        return weir_native.Tumbling(
+        return weir_native.Windows(
             self.size_ms,
+            self.slide_ms,
             self.allowed_lateness_ms,
             self.max_out_of_orderness_ms,
             self.max_value_bytes,
@@ -182,8 +187,10 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
     window = stages.window
     if stages.functions or stages.joins or stages.process is not None:
         raise _NotNative("it has Python functions, joins or a process function")
-    if window is None or aggregator is None or window.type != "tumbling" or window.size is None:
-        raise _NotNative("the native path runs tumbling windows only")
+    if window is None or aggregator is None or window.type == "session" or window.size is None:
+        raise _NotNative("the native path runs tumbling and sliding windows only")
+    slide = window.size if window.type == "tumbling" else window.slide
+    assert slide is not None  # the spec requires it of a sliding window
     if stages.repartition is not None or stages.key_from != "messageKey":
         raise _NotNative("it is keyed by a record field (repartitioned)")
     if source.format != "json":
@@ -216,6 +223,7 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
     condition = None if not filters else filters[0] if len(filters) == 1 else ("and", filters)
     return NativePlan(
         size_ms=window.size,
+        slide_ms=slide,
         allowed_lateness_ms=window.allowed_lateness,
         max_out_of_orderness_ms=pipeline.watermark.max_out_of_orderness,
         max_value_bytes=source.max_value_bytes,

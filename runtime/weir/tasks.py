@@ -153,7 +153,7 @@ class Task:
     wm_sent: int = NO_WATERMARK
     metrics: Any = None
     native: Any = None
-    """The task's ``weir_native.Tumbling`` when the native hot path runs it (``weir.native``)."""
+    """The task's ``weir_native.Windows`` when the native hot path runs it (``weir.native``)."""
     published: tuple[int, int, int] = (0, 0, 0)
     replay_until: int | None = None
     """Recovery by re-reading (``weir.recovery``): output before this offset is suppressed."""

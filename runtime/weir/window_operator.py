@@ -216,8 +216,8 @@ class WindowOperator:
         return self._store.get((key, start, end))
 
     def adopt(self, k: WindowKey, acc: Accumulator, new: bool) -> None:
-        """Take a window's accumulator computed outside ``process`` (tumbling windows only):
-        store it and, for a ``new`` window, index its timer, as ``process`` would have."""
+        """Take a window's accumulator computed outside ``process`` (tumbling and sliding
+        windows): store it and, for a ``new`` window, index its timer, as ``process`` would have."""
         self._store.put(k, acc)
         if new:
             end = k[2]

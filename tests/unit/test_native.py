@@ -244,9 +244,15 @@ SETTINGS = settings(
 
 
 def windowed(
-    size: str = "1m", lateness: str | None = None, emit: str = "final", filters: Any = ()
+    size: str = "1m",
+    lateness: str | None = None,
+    emit: str = "final",
+    filters: Any = (),
+    slide: str | None = None,
 ) -> list[Any]:
     window: dict[str, Any] = {"type": "tumbling", "size": size}
+    if slide is not None:
+        window = {"type": "sliding", "size": size, "slide": slide}
     if lateness:
         window["allowedLateness"] = lateness
     return [
@@ -336,6 +342,67 @@ def test_a_restart_from_the_store_and_a_small_memory_budget_match(
     run_both(doc, batches, tmp_path_factory.mktemp("r"), max_cached_windows=3, restart_after=restart)
 
 
+@SETTINGS
+@given(
+    batches=batches_of(partitions=3),
+    shape=st.sampled_from([("20s", "5s"), ("25s", "10s"), ("30s", "30s"), ("7s", "3s")]),
+    lateness=st.sampled_from([None, "4s"]),
+    emit=st.sampled_from(["final", "updates"]),
+)
+def test_sliding_windows_match_with_lateness_several_partitions_and_updates_mode(
+    tmp_path_factory: Any, batches: Any, shape: tuple[str, str], lateness: str | None, emit: str
+) -> None:
+    size, slide = shape  # 25s/10s: a size that is not a multiple of the slide
+    doc = job_doc(
+        windowed(size, lateness=lateness, emit=emit, slide=slide),
+        {"field": "ts"},
+        {"maxOutOfOrderness": "1s", "maxFutureSkew": "1h"},
+        max_value_bytes=400,
+    )
+    run_both(doc, batches, tmp_path_factory.mktemp("s"), partitions=3)
+
+
+@SETTINGS
+@given(batches=batches_of(), restart=st.integers(0, 3))
+def test_sliding_windows_match_after_a_restart_and_with_a_small_cache(
+    tmp_path_factory: Any, batches: Any, restart: int
+) -> None:
+    doc = job_doc(windowed("15s", slide="5s"), {"field": "ts"})
+    run_both(doc, batches, tmp_path_factory.mktemp("sr"), max_cached_windows=3, restart_after=restart)
+
+
+def test_a_sliding_record_that_would_overflow_one_of_its_windows_joins_none_of_them(tmp_path: Path) -> None:
+    """All or none, as the Python path: every window of the record is checked before any changes
+    (here the one that would overflow comes second, after one that would take the value)."""
+    doc = job_doc(windowed("20s", slide="10s"), {"field": "ts"}, {"maxOutOfOrderness": "30s"})
+    # ts 0 is in [-10s, 10s) and [0, 20s); 25s in [10s, 30s) and [20s, 40s); 15s and 16s in
+    # [0, 20s) and [10s, 30s). The third record's 2**62 fits [0, 20s) but takes [10s, 30s) past
+    # 2**63 - 1.
+    values = [(0, 5), (25_000, 2**62), (15_000, 2**62), (16_000, 1)]
+    batch = [
+        Consumed("events", 0, i, b"k0", orjson.dumps({"ts": T0 + t, "price": p, "qty": 1}))
+        for i, (t, p) in enumerate(values)
+    ]
+    close = [Consumed("events", 0, 4, b"k0", orjson.dumps({"ts": T0 + 600_000, "price": 0, "qty": 0}))]
+    run_both(doc, [batch, close], tmp_path)
+    for cut in (1, 2, 3):  # the same split over two batches: the windows come from the store
+        run_both(doc, [batch[:cut], batch[cut:], close], tmp_path / f"cut{cut}")
+    core, out = open_core(graphs(doc)[0], tmp_path / "again", 1, 1_000_000)
+    core.process(batch + close, now=0.0)
+    results = {
+        r["windowStartMs"] - T0: (r["count"], r["revenue"])
+        for r in (orjson.loads(v) for t, v, *_ in out.sent if t == "out" and v)
+        if r["windowStartMs"] < T0 + 600_000 - 20_000
+    }
+    assert core.dead_lettered == {"overflow": 1}
+    assert results == {
+        -10_000: (1, 5),
+        0: (2, 6),  # not 2**62 + 6: the overflowing record joined none of its windows
+        10_000: (2, 2**62 + 1),
+        20_000: (1, 2**62),
+    }
+
+
 def test_sums_past_64_bits_are_dead_lettered_by_the_python_path_and_leave_the_window_exact(
     tmp_path: Path,
 ) -> None:
@@ -360,9 +427,13 @@ def test_which_pipelines_run_natively() -> None:
 
     assert plan(job_doc(windowed(), {"field": "ts"})) is not None
     assert plan(job_doc(windowed(), {"field": "ts", "format": "iso8601"})) is None
-    sliding = windowed()
-    sliding[1] = {"window": {"type": "sliding", "size": "1m", "slide": "10s"}}
-    assert plan(job_doc(sliding, {"field": "ts"})) is None
+    sliding = plan(job_doc(windowed("1m", slide="10s"), {"field": "ts"}))
+    assert sliding is not None and (sliding.size_ms, sliding.slide_ms) == (60_000, 10_000)
+    tumbling = plan(job_doc(windowed("1m"), {"field": "ts"}))
+    assert (tumbling.size_ms, tumbling.slide_ms) == (60_000, 60_000)
+    session = windowed()
+    session[1] = {"window": {"type": "session", "gap": "10s"}}
+    assert plan(job_doc(session, {"field": "ts"})) is None
     by_field = windowed()
     by_field[0] = {"keyBy": {"field": "type"}}
     assert plan(job_doc(by_field, {"field": "ts"})) is None, "a repartitioned job runs the Python path"
