@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_v
 
 from weir.spec_common import FUNCTION_REF, Duration, FieldName, LocatedError, PositiveDuration, SpecModel
 from weir.spec_join import Join
+from weir.window_shapes import MAX_SLIDING_WINDOWS, sliding_windows_per_record
 
 FunctionRef = Annotated[str, Field(pattern=FUNCTION_REF)]
 """``package.module:name`` of a function or class importable in the worker image."""
@@ -197,7 +198,8 @@ class Window(SpecModel):
     size: PositiveDuration | None = None
     """Length of tumbling and sliding windows."""
     slide: PositiveDuration | None = None
-    """How far apart sliding windows start; at most ``size``."""
+    """How far apart sliding windows start; at most ``size``, and at least ``size`` / 10,000 (each
+    record is in ``ceil(size / slide)`` windows)."""
     gap: PositiveDuration | None = None
     """Inactivity that closes a session window."""
     allowed_lateness: Duration = 0
@@ -216,6 +218,14 @@ class Window(SpecModel):
         slide, size = self.slide, self.size
         if self.type == "sliding" and slide is not None and size is not None and slide > size:
             raise LocatedError(("slide",), f"must not exceed size ({self.slide} ms > {self.size} ms)")
+        if self.type == "sliding" and slide is not None and size is not None:
+            per_record = sliding_windows_per_record(size, slide)
+            if per_record > MAX_SLIDING_WINDOWS:
+                raise LocatedError(
+                    ("slide",),
+                    f"puts each record in {per_record} windows (size {size} ms / slide {slide} ms); "
+                    f"at most {MAX_SLIDING_WINDOWS}: use a larger slide",
+                )
         return self
 
 

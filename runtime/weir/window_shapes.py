@@ -14,6 +14,7 @@ from operator import itemgetter
 from typing import Literal, get_args
 
 __all__ = [
+    "MAX_SLIDING_WINDOWS",
     "WindowKey",
     "WindowKind",
     "WindowShape",
@@ -101,11 +102,28 @@ class WindowShape:
                 # Larger slides would leave gaps that no window covers: records there would be
                 # silently dropped, which is never what a user means.
                 raise ValueError(f"slide_ms ({self.slide_ms}) must be <= size_ms ({self.size_ms})")
+            per_record = sliding_windows_per_record(self.size_ms, self.slide_ms)
+            if per_record > MAX_SLIDING_WINDOWS:
+                raise ValueError(
+                    f"a sliding window of size_ms {self.size_ms} and slide_ms {self.slide_ms} puts each "
+                    f"record in {per_record} windows; at most {MAX_SLIDING_WINDOWS}"
+                )
         elif self.kind == "session":
             if self.gap_ms <= 0:
                 raise ValueError(f"session gap_ms must be > 0, got {self.gap_ms}")
         else:
             raise ValueError(f"unknown window kind {self.kind!r}; expected one of {WINDOW_KINDS}")
+
+
+MAX_SLIDING_WINDOWS = 10_000
+"""Most windows a sliding window puts one record in (``ceil(size / slide)``). Each costs a state
+entry and an update per record: a day sliding by a millisecond (86.4 million per record) would
+stall the worker on its first record and fill its memory, so such a spec is refused up front."""
+
+
+def sliding_windows_per_record(size_ms: int, slide_ms: int) -> int:
+    """How many sliding windows hold one record at most."""
+    return -(-size_ms // slide_ms)
 
 
 def _required(value: int | None, name: str) -> int:

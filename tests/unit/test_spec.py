@@ -585,6 +585,16 @@ def test_field_scope_maps_current_names_to_source_fields() -> None:
             {"type": "sliding", "size": "1m", "slide": "2m"},
             "steps[0].window.slide: must not exceed size (120000 ms > 60000 ms)",
         ),
+        (  # 86.4 million windows per record would stall the worker on its first record
+            {"type": "sliding", "size": "1d", "slide": "1ms"},
+            "steps[0].window.slide: puts each record in 86400000 windows (size 86400000 ms / slide 1 ms); "
+            "at most 10000: use a larger slide",
+        ),
+        (
+            {"type": "sliding", "size": "10001ms", "slide": "1ms"},
+            "steps[0].window.slide: puts each record in 10001 windows (size 10001 ms / slide 1 ms); "
+            "at most 10000: use a larger slide",
+        ),
     ],
 )
 def test_window_members_must_match_the_window_type(window: dict[str, Any], expected: str) -> None:

@@ -73,6 +73,8 @@ def test_a_window_closes_when_the_watermark_reaches_its_last_millisecond_plus_la
         ("tumbling", {}, "size_ms is required"),
         ("sliding", {"size_ms": 10, "slide_ms": 11}, "must be <= size_ms"),
         ("sliding", {"size_ms": 10, "slide_ms": 0}, "slide_ms > 0"),
+        ("sliding", {"size_ms": 86_400_000, "slide_ms": 1}, "puts each record in 86400000 windows"),
+        ("sliding", {"size_ms": 20_001, "slide_ms": 2}, "puts each record in 10001 windows"),
         ("session", {"gap_ms": -1}, "gap_ms must be > 0"),
         ("session", {"gap_ms": 5, "allowed_lateness_ms": -1}, "allowed_lateness_ms must be >= 0"),
         ("session", {"gap_ms": True}, "must be an int"),
@@ -82,6 +84,11 @@ def test_a_window_closes_when_the_watermark_reaches_its_last_millisecond_plus_la
 def test_window_shapes_reject_nonsense_parameters(kind: str, kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WindowShape.of(kind, **kwargs)
+
+
+def test_a_sliding_window_may_put_a_record_in_at_most_ten_thousand_windows() -> None:
+    assert WindowShape.of("sliding", size_ms=10_000, slide_ms=1).slide_ms == 1
+    assert WindowShape.of("sliding", size_ms=19_999, slide_ms=2).size_ms == 19_999  # 10,000 windows
 
 
 def test_window_shapes_ignore_parameters_their_kind_does_not_use() -> None:
