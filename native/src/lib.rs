@@ -233,6 +233,7 @@ struct Windows {
     filter: Option<Cond>,
     aggs: Vec<(Agg, Option<usize>)>,
     n_slots: usize,
+    /// Per key, its cached windows sorted by start.
     cache: FxHashMap<Box<str>, Vec<Entry>>,
     cached: usize,
     min_end: i64,
@@ -272,28 +273,28 @@ impl Windows {
         let ws = self.cache.get_mut(key).expect("inserted above");
         let pos = &mut self.scratch;
         pos.clear();
+        // The key's windows are sorted by start, and every start is a multiple of the slide:
+        // walk them from `first` alongside the record's windows, inserting the missing ones.
+        let mut i = find(ws, first).unwrap_or_else(|i| i);
         let mut start = first;
         while start <= t {
-            let p = match ws.iter().position(|e| e.start == start) {
-                Some(p) => p,
-                None => {
-                    // Cached clean: it reaches the store only once a fold changes it.
-                    let loaded = loader.call1((key, start, start + size))?;
-                    let (slots, new) = if loaded.is_none() {
-                        (create_slots(&self.aggs, n_slots), true)
-                    } else {
-                        match slots_of(n_slots, &loaded) {
-                            Some(s) => (s, false),
-                            None => return Ok(false),
-                        }
-                    };
-                    ws.push(Entry { start, slots, dirty: false, new });
-                    self.cached += 1;
-                    self.min_end = self.min_end.min(start + size);
-                    ws.len() - 1
-                }
-            };
-            pos.push(p);
+            if i == ws.len() || ws[i].start != start {
+                // Cached clean: it reaches the store only once a fold changes it.
+                let loaded = loader.call1((key, start, start + size))?;
+                let (slots, new) = if loaded.is_none() {
+                    (create_slots(&self.aggs, n_slots), true)
+                } else {
+                    match slots_of(n_slots, &loaded) {
+                        Some(s) => (s, false),
+                        None => return Ok(false),
+                    }
+                };
+                ws.insert(i, Entry { start, slots, dirty: false, new });
+                self.cached += 1;
+                self.min_end = self.min_end.min(start + size);
+            }
+            pos.push(i);
+            i += 1;
             start += slide;
         }
         if !pos.iter().all(|&p| fold_ok(&self.aggs, &ws[p].slots, vals)) {
@@ -308,21 +309,6 @@ impl Windows {
             }
         }
         Ok(true)
-    }
-
-    fn evict_one(&mut self, py: Python, key: &str, start: i64, adopt: &Bound<PyAny>) -> PyResult<()> {
-        let Some(ws) = self.cache.get_mut(key) else { return Ok(()) };
-        let Some(pos) = ws.iter().position(|e| e.start == start) else { return Ok(()) };
-        let e = ws.swap_remove(pos);
-        if ws.is_empty() {
-            self.cache.remove(key);
-        }
-        self.cached -= 1;
-        if e.dirty {
-            let acc = slots_to_py(py, &e.slots)?;
-            adopt.call1(((key, start, start + self.size), acc, e.new))?;
-        }
-        Ok(())
     }
 
     /// One record of `run`: `value` (None: not bytes), the message `key` (None: absent or not
@@ -431,7 +417,7 @@ impl Windows {
             }
             return Ok(Step::Next);
         }
-        let found = self.cache.get_mut(key).and_then(|ws| ws.iter_mut().find(|e| e.start == wstart));
+        let found = self.cache.get_mut(key).and_then(|ws| find(ws, wstart).ok().map(|i| &mut ws[i]));
         match found {
             Some(e) => {
                 if !fold(&self.aggs, &mut e.slots, vals) {
@@ -453,7 +439,9 @@ impl Windows {
                 if !fold(&self.aggs, &mut slots, vals) {
                     return Ok(FALL);
                 }
-                self.cache.entry(key.into()).or_default().push(Entry { start: wstart, slots, dirty: true, new });
+                let ws = self.cache.entry(key.into()).or_default();
+                let at = find(ws, wstart).unwrap_or_else(|i| i);
+                ws.insert(at, Entry { start: wstart, slots, dirty: true, new });
                 self.cached += 1;
                 self.min_end = self.min_end.min(end);
                 self.dirty.push((key.into(), wstart));
@@ -626,7 +614,7 @@ impl Windows {
     fn flush(&mut self, py: Python, adopt: &Bound<PyAny>, threshold: i64) -> PyResult<()> {
         let dirty = std::mem::take(&mut self.dirty);
         for (key, start) in dirty {
-            let Some(e) = self.cache.get_mut(&key).and_then(|ws| ws.iter_mut().find(|e| e.start == start)) else {
+            let Some(e) = self.cache.get_mut(&key).and_then(|ws| find(ws, start).ok().map(|i| &mut ws[i])) else {
                 continue;
             };
             if !e.dirty {
@@ -663,11 +651,20 @@ impl Windows {
     /// Hand every window of `key` holding `ts` to the Python path: written back through
     /// `adopt` if changed, and forgotten here (the next record of them reads the store again).
     fn evict(&mut self, py: Python, key: &str, ts: i64, adopt: &Bound<PyAny>) -> PyResult<()> {
-        let lo = ts - self.size + 1;
-        let mut start = lo + (-lo).rem_euclid(self.slide);
-        while start <= ts {
-            self.evict_one(py, key, start, adopt)?;
-            start += self.slide;
+        let Some(ws) = self.cache.get_mut(key) else { return Ok(()) };
+        // The windows holding ts start in (ts - size, ts]: a run of the sorted starts.
+        let lo = find(ws, ts - self.size + 1).unwrap_or_else(|i| i);
+        let hi = find(ws, ts).map_or_else(|i| i, |i| i + 1);
+        let gone: Vec<Entry> = ws.drain(lo..hi).collect();
+        if ws.is_empty() {
+            self.cache.remove(key);
+        }
+        self.cached -= gone.len();
+        for e in gone {
+            if e.dirty {
+                let acc = slots_to_py(py, &e.slots)?;
+                adopt.call1(((key, e.start, e.start + self.size), acc, e.new))?;
+            }
         }
         Ok(())
     }
@@ -692,6 +689,12 @@ impl Windows {
     fn cached(&self) -> usize {
         self.cached
     }
+}
+
+/// Where the window starting at `start` is in a key's cached windows (sorted by start), or
+/// where it goes.
+fn find(ws: &[Entry], start: i64) -> Result<usize, usize> {
+    ws.binary_search_by_key(&start, |e| e.start)
 }
 
 /// A fresh accumulator (`Aggregator.create`).
