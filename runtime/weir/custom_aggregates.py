@@ -14,7 +14,9 @@ the pipeline. Per window it keeps one accumulator per custom output, beside the 
 Accumulators are stored with ``weir.functions.encode_state`` (version 1: JSON), so they must be
 JSON values (dicts with string keys, lists, strings, numbers, booleans, null). The functions
 always receive a fresh decoded copy (tuples come back as lists, before a restart as after it)
-and may modify and return it. This is also what makes a record all-or-nothing: a custom
+and may modify and return it. So a window keeps each custom accumulator encoded, in memory too
+(one decode before and one encode after each call, and nothing the user's code holds is shared
+with the state). This is also what makes a record all-or-nothing: a custom
 ``add`` that raises, or returns something state encoding cannot store, raises
 ``FunctionError`` (reason ``function_error``) and the record changes none of its windows,
 like ``Overflow``: ``check`` runs every window's ``add`` on copies before any is changed.
@@ -30,7 +32,13 @@ from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 from weir.aggregates import Accumulator, Aggregator, compile_aggregates
-from weir.functions import FunctionError, FunctionNotFound, StateEncodingError, decode_state, encode_state
+from weir.functions import (
+    FunctionError,
+    FunctionNotFound,
+    decode_state,
+    encode_state,
+    encode_state_list,
+)
 from weir.functions import load_function as _load
 from weir.spec import Aggregate, Pipeline, SpecError
 
@@ -95,7 +103,8 @@ def _instantiate(ref: str, path: str) -> AggregateFunction:
 def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, AggregateFunction]) -> Aggregator:
     """An Aggregator for ``aggregate``'s outputs, ``functions`` giving the instance of each custom one.
 
-    The accumulator is the built-in aggregates' slots followed by one slot per custom output.
+    The accumulator is the built-in aggregates' slots followed by one slot per custom output,
+    which holds the custom accumulator encoded (``encode_state``: bytes).
     Contracts are ``Aggregator``'s, plus ``FunctionError`` as the module docstring says.
     """
     outputs = aggregate.outputs
@@ -119,7 +128,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
                 new.append(slot)
                 continue
             try:
-                new.append(_stored(fn.add(_copy(slot), value)))
+                new.append(encode_state(fn.add(decode_state(slot), value)))
             except Exception as exc:  # the user's add, or a result state encoding refuses
                 raise FunctionError(f"{ref} (add)", exc) from exc
         return new
@@ -128,7 +137,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         acc = base_create()
         for _, ref, _, fn in customs:
             try:
-                acc.append(_stored(fn.create()))
+                acc.append(encode_state(fn.create()))
             except Exception as exc:  # any failure of user code
                 raise FunctionError(f"{ref} (create)", exc) from exc
         return acc
@@ -150,7 +159,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         merged = []
         for i, (_, ref, _, fn) in enumerate(customs):
             try:
-                merged.append(_stored(fn.merge(_copy(a[n + i]), _copy(b[n + i]))))
+                merged.append(encode_state(fn.merge(decode_state(a[n + i]), decode_state(b[n + i]))))
             except Exception as exc:  # any failure of user code
                 raise FunctionError(f"{ref} (merge)", exc) from exc
         return [*base_merge(a[:n], b[:n]), *merged]
@@ -159,7 +168,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         values = base_result(acc[:n])
         for i, (name, ref, _, fn) in enumerate(customs):
             try:
-                values[name] = fn.result(_copy(acc[n + i]))
+                values[name] = fn.result(decode_state(acc[n + i]))
             except Exception as exc:  # noqa: BLE001 - user code; the window's result is dead-lettered
                 values[name] = FunctionError(f"{ref} (result)", exc)
         return {name: values[name] for name in names}
@@ -174,7 +183,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         return base_unrepresentable(values)
 
     def dumps(acc: Accumulator) -> bytes:
-        return base_dumps(acc[:n]) + _SEPARATOR + encode_state(acc[n:])
+        return base_dumps(acc[:n]) + _SEPARATOR + encode_state_list(acc[n:])
 
     def loads(data: bytes) -> Accumulator:
         head, sep, tail = data.partition(_SEPARATOR)
@@ -183,7 +192,7 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         custom = decode_state(tail)
         if type(custom) is not list or len(custom) != len(customs):
             raise ValueError(f"accumulator has the wrong number of custom aggregates (need {len(customs)})")
-        return [*base_loads(head), *custom]
+        return [*base_loads(head), *(encode_state(c) for c in custom)]
 
     wrapped: Callable[[Accumulator, dict[str, Any], int], None] = add
     return replace(
@@ -199,17 +208,3 @@ def compile_custom_aggregates(aggregate: Aggregate, functions: Mapping[str, Aggr
         dumps=dumps,
         loads=loads,
     )
-
-
-def _stored(value: Any) -> Any:
-    """``value`` as state keeps it: refused now (inside the record's function_error) if it cannot be."""
-    data = encode_state(value)  # raises StateEncodingError
-    return decode_state(data)
-
-
-def _copy(value: Any) -> Any:
-    """A fresh copy of a stored accumulator, for a user function that may modify its argument."""
-    try:
-        return decode_state(encode_state(value))
-    except StateEncodingError as exc:  # pragma: no cover - _stored admitted it
-        raise AssertionError("a stored accumulator always re-encodes") from exc

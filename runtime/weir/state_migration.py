@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from weir.aggregates import Aggregator, compile_aggregates, slot_count
-from weir.functions import decode_state
+from weir.functions import decode_state, encode_state
 from weir.state_shape import StateShape, Verdict, compare
 
 __all__ = [
@@ -211,7 +211,8 @@ def accumulator_migration(old: Layout, new: Aggregator) -> Callable[[bytes], byt
             custom = decode_state(tail)
             if not isinstance(custom, list):
                 raise ValueError("accumulator's custom aggregate part is not a list")
-            acc = [*old_loads(head), *custom]
+            # In memory a custom output's slot is its accumulator encoded (weir.custom_aggregates).
+            acc = [*old_loads(head), *(encode_state(c) for c in custom)]
         else:
             acc = old_loads(data)
         out = create()

@@ -12,6 +12,7 @@ from weir.functions import (
     cause,
     decode_state,
     encode_state,
+    encode_state_list,
     load_function,
 )
 
@@ -55,6 +56,15 @@ def test_state_values_round_trip_through_version_1(value: object) -> None:
     data = encode_state(value)
     assert data[:1] == b"\x01"
     assert decode_state(data) == value
+
+
+def test_a_list_of_encoded_values_encodes_as_the_list_of_the_values() -> None:
+    """Custom aggregates keep their accumulators encoded and store the list of them: the bytes
+    must be those of the list itself (what a checkpoint written before holds)."""
+    values = [None, 0, -(2**63), 1.5, "é\n\"", [1, [2]], {"a": {"b": [None, True]}}, [], {}]
+    for k in range(len(values) + 1):
+        part = values[:k]
+        assert encode_state_list([encode_state(v) for v in part]) == encode_state(part)
 
 
 @pytest.mark.parametrize(
