@@ -258,8 +258,37 @@ fn slots_to_py<'py>(py: Python<'py>, slots: &Slots) -> PyResult<Bound<'py, PyLis
 }
 
 impl Windows {
-    fn create(&self) -> Slots {
-        create_slots(&self.aggs, self.n_slots)
+    /// The tumbling window of `key` starting at `start`: false (nothing applied) when its stored
+    /// accumulator is not one this side folds, or the fold would overflow (Python decides).
+    fn fold_tumbling(&mut self, key: &str, start: i64, vals: &[Val], loader: &Bound<PyAny>) -> PyResult<bool> {
+        let end = start + self.size;
+        if let Some(e) = self.cache.get_mut(key).and_then(|ws| find(ws, start).ok().map(|i| &mut ws[i])) {
+            if !fold(&self.aggs, &mut e.slots, vals) {
+                return Ok(false);
+            }
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty.push((key.into(), start));
+            }
+            return Ok(true);
+        }
+        let loaded = loader.call1((key, start, end))?;
+        let base = if loaded.is_none() {
+            Some((create_slots(&self.aggs, self.n_slots), true))
+        } else {
+            slots_of(self.n_slots, &loaded).map(|s| (s, false))
+        };
+        let Some((mut slots, new)) = base else { return Ok(false) };
+        if !fold(&self.aggs, &mut slots, vals) {
+            return Ok(false);
+        }
+        let ws = self.cache.entry(key.into()).or_default();
+        let at = find(ws, start).unwrap_or_else(|i| i);
+        ws.insert(at, Entry { start, slots, dirty: true, new });
+        self.cached += 1;
+        self.min_end = self.min_end.min(end);
+        self.dirty.push((key.into(), start));
+        Ok(true)
     }
 
     /// The sliding windows of `key` from `first` to `t` (every `slide`), as the Python path adds
@@ -406,46 +435,13 @@ impl Windows {
             }
             return Ok(Step::Stop(LATE, t, before));
         }
-        if sliding {
-            if !self.fold_sliding(key, t, first, vals, loader)? {
-                return Ok(FALL);
-            }
-            self.handled += 1;
-            self.nbytes += b.len() as u64;
-            if t - self.ooo > marks.task {
-                marks.task = t - self.ooo;
-            }
-            return Ok(Step::Next);
-        }
-        let found = self.cache.get_mut(key).and_then(|ws| find(ws, wstart).ok().map(|i| &mut ws[i]));
-        match found {
-            Some(e) => {
-                if !fold(&self.aggs, &mut e.slots, vals) {
-                    return Ok(FALL);
-                }
-                if !e.dirty {
-                    e.dirty = true;
-                    self.dirty.push((key.into(), wstart));
-                }
-            }
-            None => {
-                let loaded = loader.call1((key, wstart, end))?;
-                let base = if loaded.is_none() {
-                    Some((self.create(), true))
-                } else {
-                    slots_of(self.n_slots, &loaded).map(|s| (s, false))
-                };
-                let Some((mut slots, new)) = base else { return Ok(FALL) };
-                if !fold(&self.aggs, &mut slots, vals) {
-                    return Ok(FALL);
-                }
-                let ws = self.cache.entry(key.into()).or_default();
-                let at = find(ws, wstart).unwrap_or_else(|i| i);
-                ws.insert(at, Entry { start: wstart, slots, dirty: true, new });
-                self.cached += 1;
-                self.min_end = self.min_end.min(end);
-                self.dirty.push((key.into(), wstart));
-            }
+        let folded = if sliding {
+            self.fold_sliding(key, t, first, vals, loader)?
+        } else {
+            self.fold_tumbling(key, wstart, vals, loader)?
+        };
+        if !folded {
+            return Ok(FALL);
         }
         self.handled += 1;
         self.nbytes += b.len() as u64;
@@ -454,7 +450,6 @@ impl Windows {
         }
         Ok(Step::Next)
     }
-
 }
 
 fn sub(a: i64, b: i64) -> i64 {
