@@ -13,6 +13,11 @@ def add_total(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "total": record["price"] * record["qty"]}
 
 
+def triple_price(record: dict[str, Any]) -> dict[str, Any]:
+    """A map: ``price`` times 3 (exact for the test events' prices: ints and quarters)."""
+    return {**record, "price": record["price"] * 3}
+
+
 def normalise(record: dict[str, Any]) -> dict[str, Any]:
     """A map: ``user`` is ``u`` trimmed and lower-cased, and the record says it was normalised."""
     return {**record, "user": str(record["u"]).strip().lower(), "normalised": True}
@@ -119,3 +124,34 @@ def fail_on_poison(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("poison"):
         raise ValueError("poisoned record")
     return record
+
+
+_ODD_PRICES: list[Any] = [True, "12", 2**70, float("nan"), float("inf"), None, [1], 2.5, -(2**63), 2**63 - 1]
+
+
+class _Int(int):
+    """An int subclass: the native window segment leaves it to the Python path."""
+
+
+def reprice(record: dict[str, Any]) -> dict[str, Any]:
+    """A map for the native window segment's tests: ``price`` doubled, and by ``qty`` sometimes
+    something that is not a plain number (a bool, a str, an int past 64 bits, NaN, an
+    infinity, null, a list, an int subclass) or missing."""
+    qty = record.get("qty")
+    out = {**record}
+    if qty == 5 and isinstance(record.get("price"), int | float):
+        out["price"] = _ODD_PRICES[int(record["price"]) % len(_ODD_PRICES)]
+    elif qty == 4:
+        out["price"] = _Int(7)
+    elif qty == 3:
+        out.pop("price", None)
+    elif isinstance(record.get("price"), int | float) and not isinstance(record.get("price"), bool):
+        out["price"] = record["price"] * 2
+    return out
+
+
+def split_order(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A flatMap for the native window segment's tests: ``qty`` records (none for 0), each with
+    ``price`` and ``qty`` 1."""
+    for _ in range(int(record["qty"])):
+        yield {"price": record["price"], "qty": 1, "ts": record["ts"]}

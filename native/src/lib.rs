@@ -8,6 +8,10 @@
 //! caller runs it through the Python path, after `evict` hands over that window). `flush`
 //! writes every changed window back to the Python store; the caller does so before windows
 //! fire and before any checkpoint, so the store is the truth between batches.
+//!
+//! A pipeline with Python functions runs them per record in Python; its window segment still
+//! runs here: `accept` folds one prepared record (a dict) the same way, reading only the fields
+//! the aggregates need.
 
 mod fetch;
 mod json;
@@ -18,7 +22,7 @@ use json::{scan, Val};
 use num::{add, cmp, Num};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 use std::cmp::Ordering;
 
@@ -228,6 +232,8 @@ struct Windows {
     max_bytes: usize,
     cache_limit: usize,
     fields: Vec<Box<str>>,
+    /// The same names as Python strings (`accept` reads them from dicts).
+    py_fields: Vec<Py<PyString>>,
     time: Time,
     key: Key,
     filter: Option<Cond>,
@@ -402,16 +408,50 @@ impl Windows {
                 _ => return Ok(FALL),
             },
         };
+        match self.place(key, t, vals, marks.task, &mut marks.op, loader)? {
+            Placed::Fall => return Ok(FALL),
+            Placed::Late(before) => {
+                self.handled += 1;
+                self.nbytes += b.len() as u64;
+                if t - self.ooo > marks.task {
+                    marks.task = t - self.ooo;
+                }
+                return Ok(Step::Stop(LATE, t, before));
+            }
+            Placed::Folded => {}
+        }
+        self.handled += 1;
+        self.nbytes += b.len() as u64;
+        if t - self.ooo > marks.task {
+            marks.task = t - self.ooo;
+        }
+        Ok(Step::Next)
+    }
+
+    /// The window operator's part of a record (`process` of `weir.window_record_paths`): the
+    /// record of `key` at event time `t` with the field values `vals`, at the watermark
+    /// `task_wm` (lifting the operator's `op_wm`, which never goes back). Nothing is applied
+    /// unless `Folded`; `Late` carries the task watermark it was late at.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &mut self,
+        key: &str,
+        t: i64,
+        vals: &[Val],
+        task_wm: i64,
+        op_wm: &mut i64,
+        loader: &Bound<PyAny>,
+    ) -> PyResult<Placed> {
         // Numeric aggregate fields must hold numbers (else Python dead-letters the record).
         if self.aggs.iter().any(|(_, f)| f.is_some_and(|f| as_num(vals[f]).is_none())) {
-            return Ok(FALL);
+            return Ok(Placed::Fall);
         }
         // The window operator: watermarks never go back; closed windows take nothing.
-        let mut watermark = marks.task;
-        if watermark > marks.op {
-            marks.op = watermark;
+        let mut watermark = task_wm;
+        if watermark > *op_wm {
+            *op_wm = watermark;
         } else {
-            watermark = marks.op;
+            watermark = *op_wm;
         }
         let sliding = self.slide != self.size;
         let wstart = t - t.rem_euclid(self.size); // tumbling: the window
@@ -427,28 +467,47 @@ impl Windows {
             end <= sub(watermark, self.lateness_m1)
         };
         if late {
-            self.handled += 1;
-            self.nbytes += b.len() as u64;
-            let before = marks.task;
-            if t - self.ooo > marks.task {
-                marks.task = t - self.ooo;
-            }
-            return Ok(Step::Stop(LATE, t, before));
+            return Ok(Placed::Late(task_wm));
         }
         let folded = if sliding {
             self.fold_sliding(key, t, first, vals, loader)?
         } else {
             self.fold_tumbling(key, wstart, vals, loader)?
         };
-        if !folded {
-            return Ok(FALL);
+        Ok(if folded { Placed::Folded } else { Placed::Fall })
+    }
+}
+
+/// What `Windows::place` did with a record.
+enum Placed {
+    Folded,
+    /// Late at this task watermark.
+    Late(i64),
+    /// Not applied: the Python path decides.
+    Fall,
+}
+
+/// A record field's value as the aggregates see it. Only exact ints within 64 bits and finite
+/// floats are numbers here; anything else (a str, a subclass, a container, an int beyond 64
+/// bits, NaN or an infinity) is `Other` or what it is, so that a numeric aggregate reading it
+/// leaves the record to the Python path.
+fn val_of(v: Option<Bound<PyAny>>) -> Val<'static> {
+    let Some(v) = v else { return Val::Missing };
+    if v.is_none() {
+        Val::Null
+    } else if v.is_exact_instance_of::<PyInt>() {
+        v.extract::<i64>().map_or(Val::Other, Val::Int)
+    } else if v.is_exact_instance_of::<PyFloat>() {
+        let f = v.downcast_exact::<PyFloat>().map_or(f64::NAN, |f| f.value());
+        if f.is_finite() {
+            Val::Float(f)
+        } else {
+            Val::Other
         }
-        self.handled += 1;
-        self.nbytes += b.len() as u64;
-        if t - self.ooo > marks.task {
-            marks.task = t - self.ooo;
-        }
-        Ok(Step::Next)
+    } else if v.is_exact_instance_of::<PyBool>() {
+        Val::Bool(v.is_truthy().unwrap_or(false))
+    } else {
+        Val::Other
     }
 }
 
@@ -462,6 +521,7 @@ impl Windows {
     #[pyo3(signature = (size, slide, lateness, ooo, max_bytes, cache_limit, fields, time, key, filter, aggs))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python,
         size: i64,
         slide: i64,
         lateness: i64,
@@ -520,6 +580,7 @@ impl Windows {
             ooo,
             max_bytes,
             cache_limit,
+            py_fields: fields.iter().map(|f| PyString::intern(py, f).unbind()).collect(),
             fields: fields.into_iter().map(Into::into).collect(),
             time,
             key,
@@ -601,6 +662,48 @@ impl Windows {
             }
         }
         Ok((msgs.len(), DONE, marks.task, marks.op, 0, 0))
+    }
+
+    /// One record a pipeline's Python functions prepared (`weir.core`'s `accept` of the keyed
+    /// stage): the window operator's `process(key, ts, record, watermark)` with the aggregates
+    /// folded here. `op_wm` is the operator's one-slot highest watermark (a list), lifted here
+    /// as `process` lifts it. Returns 0 (folded), 1 (late: nothing applied) or 2 (nothing
+    /// applied: the caller `evict`s the key's windows at `ts` and runs `process` itself).
+    #[pyo3(signature = (key, ts, record, watermark, op_wm, loader))]
+    #[allow(clippy::too_many_arguments)]
+    fn accept<'py>(
+        &mut self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+        ts: i64,
+        record: &Bound<'py, PyAny>,
+        watermark: i64,
+        op_wm: &Bound<'py, PyList>,
+        loader: &Bound<'py, PyAny>,
+    ) -> PyResult<u8> {
+        let (Ok(d), Ok(key)) = (record.downcast_exact::<PyDict>(), key.downcast_exact::<PyString>()) else {
+            return Ok(FALLBACK);
+        };
+        let Ok(key) = key.to_str() else { return Ok(FALLBACK) };
+        if !(0..MAX_EVENT_TIME_MS).contains(&ts) {
+            return Ok(FALLBACK);
+        }
+        let mut slots = [Val::Missing; MAX_FIELDS];
+        let vals = &mut slots[..self.py_fields.len()];
+        for (v, name) in vals.iter_mut().zip(&self.py_fields) {
+            *v = val_of(d.get_item(name.bind(py))?);
+        }
+        let before: i64 = op_wm.get_item(0)?.extract()?;
+        let mut op = before;
+        let placed = self.place(key, ts, vals, watermark, &mut op, loader)?;
+        if op != before {
+            op_wm.set_item(0, op)?;
+        }
+        Ok(match placed {
+            Placed::Folded => DONE,
+            Placed::Late(_) => LATE,
+            Placed::Fall => FALLBACK,
+        })
     }
 
     /// Write every window changed since the last flush back through `adopt((key, start, end),

@@ -268,7 +268,10 @@ class TaskCore(CoreOutput):
             accept = (
                 self._forward if task.forward else task.op.process if task.op is not None else self._to_sink
             )
-            if task.native is not None:
+            if task.native is not None and self.graph.prepare_many is not None:
+                self._prepare_many(task, batch, self._native_accept(task))
+                self._flush_native(task)
+            elif task.native is not None:
                 self._prepare_native(task, batch)
             elif self.graph.prepare_many is not None:
                 self._prepare_many(task, batch, accept)
@@ -383,8 +386,33 @@ class TaskCore(CoreOutput):
         records, nbytes = native.take_counts()
         task.records += records
         task.bytes += nbytes
-        closed = max(task.wm, op.watermark) - plan.allowed_lateness_ms + 1  # windows ending here fire next
-        native.flush(adopt, max(closed, NO_WATERMARK))
+        self._flush_native(task)
+
+    def _flush_native(self, task: Task) -> None:
+        """Every window the native cache changed back in the store (the windows closed at the
+        task's watermark are forgotten there: they fire next)."""
+        plan, op = self.graph.native, task.op
+        assert plan is not None and isinstance(op, WindowOperator)
+        closed = max(task.wm, op.watermark) - plan.allowed_lateness_ms + 1
+        task.native.flush(op.adopt, max(closed, NO_WATERMARK))
+
+    def _native_accept(self, task: Task) -> Callable[[str, int, dict[str, Any], int], bool]:
+        """The keyed stage's ``accept`` of a pipeline with Python functions whose window segment
+        runs natively (a ``prepared`` plan): the window operator's ``process``, folded by the
+        extension; a record it hands back gets its windows back in the store first."""
+        op = task.op
+        assert isinstance(op, WindowOperator)
+        fold, evict = task.native.accept, task.native.evict
+        process, adopt, stored, cell = op.process, op.adopt, op.stored, op.watermark_cell
+
+        def accept(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
+            code: int = fold(key, ts, record, wm, cell, stored)
+            if code == 2:
+                evict(key, ts, adopt)
+                return process(key, ts, record, wm)
+            return code == 0
+
+        return accept
 
     def _forward(self, key: str, ts: int, record: dict[str, Any], _wm: int) -> bool:
         """Stage 1's ``accept`` with a repartition: send the record on by its group key.

@@ -111,7 +111,8 @@ class KafkaEdges:
         self.next_probe = 0.0
         self._hooks: dict[str, Any] = {"error_cb": self._on_kafka_error, "logger": kio.client_logger()}
         self.consumer = kio.new_consumer({**self._consumer_config(), **self._hooks})
-        self.fetch = native.fetcher(self.consumer) if start.graph.native is not None else None
+        plan = start.graph.native
+        self.fetch = native.fetcher(self.consumer) if plan is not None and not plan.prepared else None
         """Reads the records of a natively run pipeline (``weir.native.fetcher``), or None."""
         self.producers = self._new_producers()
         self._next = 0

@@ -24,9 +24,13 @@ Semantics are the Python path's, by construction:
 Which pipelines run natively (``plan_for``): JSON source, keyed by the message key (so no
 repartition), declarative steps only (filter, select, rename), a tumbling or sliding window, and the
 aggregates count, sum, min, max, avg; event time from a field in epoch milliseconds or seconds
-or from the Kafka timestamp. Everything else, and every pipeline when ``WEIR_NATIVE=0`` or the
-extension is missing, runs the Python path. ``tests/unit/test_native.py`` compares the two on
-random batches.
+or from the Kafka timestamp. A pipeline with Python functions (and otherwise the same) runs its
+steps per record in Python, as before, and its window segment natively: the prepared records go
+to ``weir_native.Windows.accept`` instead of ``WindowOperator.process`` (a ``prepared`` plan:
+the aggregates read their fields from the record dicts; anything but a plain int or float
+where they read goes the Python path, as above). Everything else, and every pipeline when
+``WEIR_NATIVE=0`` or the extension is missing, runs the Python path.
+``tests/unit/test_native.py`` compares the two on random batches.
 """
 
 from __future__ import annotations
@@ -130,6 +134,9 @@ class NativePlan:
     aggregates: tuple[tuple[str, int], ...]
     max_future_skew_ms: int
     now_ms: Callable[[], int]
+    prepared: bool = False
+    """The window segment alone, after Python functions: records come prepared (key, event time,
+    record dict) to ``accept``; ``fields`` are the record's, nothing else is read."""
 
     @property
     def message_keys(self) -> bool:
@@ -175,26 +182,32 @@ def plan_for(
     if weir_native is None or not (force or available()):
         return None
     try:
-        return _plan(pipeline, aggregator, now_ms or system_ms)
+        plan = _plan(pipeline, aggregator, now_ms or system_ms)
     except _NotNative as exc:
         log.info("the Python path runs this pipeline: %s", exc)
         return None
+    if plan.prepared:
+        log.info("the native hot path runs this pipeline's window segment (its Python functions per record)")
+    else:
+        log.info("the native hot path runs this pipeline")
+    return plan
 
 
 def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[], int]) -> NativePlan:
     stages = pipeline.stages()
     source = pipeline.source
     window = stages.window
-    if stages.functions or stages.joins or stages.process is not None:
-        raise _NotNative("it has Python functions, joins or a process function")
+    if stages.joins or stages.process is not None:
+        raise _NotNative("it has joins or a process function")
     if window is None or aggregator is None or window.type == "session" or window.size is None:
         raise _NotNative("the native path runs tumbling and sliding windows only")
     slide = window.size if window.type == "tumbling" else window.slide
     assert slide is not None  # the spec requires it of a sliding window
-    if stages.repartition is not None or stages.key_from != "messageKey":
+    if stages.repartition is not None:
         raise _NotNative("it is keyed by a record field (repartitioned)")
-    if source.format != "json":
-        raise _NotNative("its source format is not json")
+    for _name, fn, _field in aggregator.specs:
+        if fn not in _NATIVE_FUNCTIONS:
+            raise _NotNative(f"aggregate {fn} has no native form")
     fields: list[str] = []
 
     def index(name: str) -> int:
@@ -202,25 +215,32 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
             fields.append(name)
         return fields.index(name)
 
-    filters: list[Any] = []
-    scope, _ = walk_steps(pipeline, lambda _i, c, s: filters.append(_condition(c, s, index)))
-    event_time = source.event_time
-    if event_time is None or event_time.field is None:
-        time_plan = ("kafka", -1)
-    elif event_time.format == "epochMillis":
-        time_plan = ("millis", index(event_time.field))
-    elif event_time.format == "epochSeconds":
-        time_plan = ("seconds", index(event_time.field))
+    prepared = bool(stages.functions)
+    time_plan: tuple[str, int] = ("kafka", -1)
+    condition: Any = None
+    if prepared:
+        # Python prepares each record (functions, filters, key, event time); the window segment
+        # reads the aggregates' fields from the prepared record.
+        aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in aggregator.specs]
     else:
-        raise _NotNative(f"event time is {event_time.format}")
-    aggregates = []
-    for _name, fn, field in aggregator.specs:
-        if fn not in _NATIVE_FUNCTIONS:
-            raise _NotNative(f"aggregate {fn} has no native form")
-        aggregates.append((fn, -1 if field is None else index(scope.source_of(field))))
+        if stages.key_from != "messageKey":
+            raise _NotNative("it is keyed by a record field (repartitioned)")
+        if source.format != "json":
+            raise _NotNative("its source format is not json")
+        filters: list[Any] = []
+        scope, _ = walk_steps(pipeline, lambda _i, c, s: filters.append(_condition(c, s, index)))
+        event_time = source.event_time
+        if event_time is not None and event_time.field is not None:
+            if event_time.format == "epochMillis":
+                time_plan = ("millis", index(event_time.field))
+            elif event_time.format == "epochSeconds":
+                time_plan = ("seconds", index(event_time.field))
+            else:
+                raise _NotNative(f"event time is {event_time.format}")
+        aggregates = [(fn, -1 if f is None else index(scope.source_of(f))) for _n, fn, f in aggregator.specs]
+        condition = None if not filters else filters[0] if len(filters) == 1 else ("and", filters)
     if len(fields) > 16:
         raise _NotNative("it reads more than 16 fields")
-    condition = None if not filters else filters[0] if len(filters) == 1 else ("and", filters)
     return NativePlan(
         size_ms=window.size,
         slide_ms=slide,
@@ -234,6 +254,7 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
         aggregates=tuple(aggregates),
         max_future_skew_ms=pipeline.watermark.max_future_skew,
         now_ms=now_ms,
+        prepared=prepared,
     )
 
 

@@ -215,6 +215,11 @@ class WindowOperator:
         """The accumulator the store holds for window ``(key, start, end)``, or None."""
         return self._store.get((key, start, end))
 
+    @property
+    def watermark_cell(self) -> list[int]:
+        """The one-slot highest watermark itself: the native path lifts it as ``process`` does."""
+        return self._watermark
+
     def adopt(self, k: WindowKey, acc: Accumulator, new: bool) -> None:
         """Take a window's accumulator computed outside ``process`` (tumbling and sliding
         windows): store it and, for a ``new`` window, index its timer, as ``process`` would have."""

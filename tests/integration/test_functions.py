@@ -27,8 +27,8 @@ from harness.s3 import S3Helper
 from weir.examples.dedup import reference
 from weir.testing import random_events, reference_windows
 
-from .test_exactly_once import Job, Trickle, WorkerProcs, as_records, s3_env  # noqa: F401 - fixture
-from .test_pipelines import LATENESS_MS, OOO_MS, START_MS, WINDOWS, Running, manifest, produce_events
+from .test_exactly_once import Job, Trickle, WorkerProcs, as_records, events_for, s3_env  # noqa: F401 - fixture
+from .test_pipelines import LATENESS_MS, OOO_MS, OUTPUTS, START_MS, WINDOWS, Running, manifest, produce_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
@@ -319,7 +319,63 @@ def test_a_custom_percentile_aggregate_in_a_tumbling_window_gives_the_reference_
     assert kafka.read_all(dlq) == []
 
 
-# --- 6. a stateless pipeline --------------------------------------------------------------------
+# --- 6. a map before a natively folded window ---------------------------------------------------
+
+NATIVE_OUTPUTS = {name: OUTPUTS[name] for name in ("n", "total", "lo", "hi", "mean")}
+
+
+def test_a_map_before_a_natively_folded_window_killed_at_random_gives_the_reference_windows(
+    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
+) -> None:
+    """The map runs per record in Python; the window segment after it in the native extension
+    (``Windows.accept``): 2 exactly-once workers SIGKILLed 6 times (state wiped now and then)
+    write every window of the mapped records once, with the reference's values."""
+    rng = random.Random(20261205)
+    events = events_for(20261205, 30_000)
+    mapped = [(p, key, ts, user_functions.triple_price(r)) for p, key, ts, r in events]
+    window, (size, _, _) = WINDOWS["tumbling"]
+    specs = [(name, o["fn"], o.get("field")) for name, o in NATIVE_OUTPUTS.items()]
+    expected, late = reference_windows(mapped, "tumbling", size, None, None, LATENESS_MS, OOO_MS, specs)
+    assert not late
+    source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
+    steps = [
+        {"map": {"function": "user_functions:triple_price"}},
+        {"keyBy": {"messageKey": True}},
+        {"window": {**window, "allowedLateness": f"{LATENESS_MS}ms"}},
+        {"aggregate": {"emit": "final", "outputs": NATIVE_OUTPUTS}},
+    ]
+    name = f"natfn-{source[-6:]}"
+    job = manifest(tmp_path, name, kafka, source, sink, dlq, window, steps=steps)
+    procs = WorkerProcs(job, 2, tmp_path, subprocess_env(s3.env()), f"s3://{s3.new_bucket()}/checkpoints")
+    for i in range(2):
+        procs.start(i)
+    group = f"weir-test-{name}"
+    try:
+        with Trickle(kafka, source, events, seconds=15):
+            procs.kill_schedule(
+                rng, 6, (0.5, 2.0), lambda: any(o > 0 for o in kafka.committed(group, source).values())
+            )
+        wait_for_count(kafka, sink, len(expected), timeout=90, check=procs.check)
+    finally:
+        codes = procs.stop_all()
+    got: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for m in kafka.read_all(sink, timeout=30):
+        r = orjson.loads(m.value or b"")
+        k = (r["key"], r["windowStartMs"], r["windowEndMs"])
+        assert k not in got, f"window {k} emitted twice"
+        got[k] = {n: r[n] for n in NATIVE_OUTPUTS}
+    assert set(got) == set(expected)
+    for k, want in expected.items():
+        assert got[k]["mean"] == pytest.approx(want["mean"]), k
+        got[k]["mean"] = want["mean"]
+        assert got[k] == want, k
+    assert kafka.read_all(dlq) == []
+    assert codes == [0, 0], [procs.log_tail(i) for i in range(2)]
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
+    assert "the Python path runs this pipeline" not in logs, "the window segment must run natively"
+
+
+# --- 7. a stateless pipeline --------------------------------------------------------------------
 
 
 def test_a_stateless_map_pipeline_killed_twice_writes_exactly_one_output_per_input(

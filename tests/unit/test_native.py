@@ -443,3 +443,73 @@ def test_which_pipelines_run_natively() -> None:
     job = load_job(orjson.dumps(job_doc(windowed(), {"field": "ts"})).decode())
     assert compile_job(job, native=False).native is None
     assert plan_for(job.pipeline, None) is None
+
+
+# -- the window segment after Python functions ------------------------------------------------------
+
+
+def with_functions(functions: list[dict[str, Any]], size: str = "30s", slide: str | None = None) -> list[Any]:
+    steps = windowed(size, slide=slide)
+    return [*functions, *steps]
+
+
+FUNCTIONS = [
+    {"map": {"function": "user_functions:reprice"}},
+    {"flatMap": {"function": "user_functions:split_order"}},
+    {"filter": {"field": "qty", "op": "ge", "value": 1}},
+]
+
+
+@SETTINGS
+@given(
+    batches=batches_of(partitions=2),
+    functions=st.lists(st.sampled_from(FUNCTIONS), min_size=1, max_size=3).filter(
+        lambda fs: any("filter" not in f for f in fs)
+    ),
+    shape=st.sampled_from([("30s", None), ("20s", "5s")]),
+    restart=st.sampled_from([None, 0, 2]),
+)
+def test_python_functions_then_the_native_window_segment_match(
+    tmp_path_factory: Any, batches: Any, functions: Any, shape: tuple[str, str | None], restart: int | None
+) -> None:
+    """Python functions run per record; the prepared records' windows fold natively
+    (``Windows.accept``), handing back what is not a plain number, as the Python path decides."""
+    size, slide = shape
+    doc = job_doc(
+        with_functions(functions, size, slide),
+        {"field": "ts"},
+        {"maxOutOfOrderness": "1s", "maxFutureSkew": "1h"},
+    )
+    run_both(
+        doc,
+        batches,
+        tmp_path_factory.mktemp("fn"),
+        partitions=2,
+        max_cached_windows=3 if restart is not None else 1_000_000,
+        restart_after=restart,
+    )
+
+
+def test_the_window_segment_after_a_python_function_folds_natively(tmp_path: Path) -> None:
+    doc = job_doc(with_functions([FUNCTIONS[0]]), {"field": "ts"})
+    native_graph, _ = graphs(doc)
+    assert native_graph.native is not None and native_graph.native.prepared
+    assert native_graph.native.fields == ("price", "qty")
+    core, out = open_core(native_graph, tmp_path, 1, 1_000_000)
+    batch = [
+        Consumed("events", 0, i, b"k0", orjson.dumps({"ts": T0 + i, "price": 2, "qty": 1})) for i in range(5)
+    ]
+    core.process(batch, now=0.0)
+    (task,) = core.tasks.values()
+    assert task.native.cached == 1, "the window is in the native cache: the extension folded the records"
+    later = [  # the watermark passes the first window's end; then a record of it is late
+        Consumed("events", 0, 5, b"k0", orjson.dumps({"ts": T0 + 40_000, "price": 1, "qty": 1})),
+        Consumed("events", 0, 6, b"k0", orjson.dumps({"ts": T0 + 10, "price": 1, "qty": 1})),
+    ]
+    close = Consumed("events", 0, 7, b"k0", orjson.dumps({"ts": T0 + 600_000, "price": 0, "qty": 1}))
+    core.process(later, now=1.0)
+    core.process([close], now=2.0)
+    assert core.dead_lettered == {"late": 1} and task.late == 1
+    first = next(orjson.loads(v) for t, v, *_ in out.sent if t == "out" and v and b'"k0"' in v)
+    assert (first["count"], first["revenue"], first["low"], first["high"]) == (5, 20, 4, 4)
+    run_both(doc, [batch, later, [close]], tmp_path / "both")
