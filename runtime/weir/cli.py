@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from weir.native import explain
     from weir.spec import SpecError, load_job
 
     try:
@@ -314,6 +315,7 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         print("  stateless: every prepared record goes to the sink")
     print(f"  sink: {job.pipeline.sink.topic}; dead letters: {job.dead_letter_topic}")
+    print(f"  {explain(job.pipeline)}")
     return EXIT_OK
 
 

@@ -151,7 +151,7 @@ def compile_job(
         join_check=join_check,
         native=None
         if native is False or window_stage is None
-        else plan_for(pipeline, window_stage.aggregator, wall_ms, force=native is True),
+        else plan_for(pipeline, wall_ms, force=native is True),
     )
 
 

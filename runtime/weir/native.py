@@ -42,14 +42,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from weir.aggregates import INT_MAX, INT_MIN, Aggregator
+from weir.aggregates import INT_MAX, INT_MIN
 from weir.records import system_ms, walk_steps
 from weir.spec import Condition, FieldScope, Pipeline
 from weir.tasks import Consumed, Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fetched", "NativePlan", "available", "fetcher", "plan_for"]
+__all__ = ["Fetched", "NativePlan", "available", "explain", "fetcher", "plan_for"]
 
 weir_native: ModuleType | None
 try:
@@ -172,40 +172,51 @@ class NativePlan:
 
 
 def plan_for(
-    pipeline: Pipeline,
-    aggregator: Aggregator | None,
-    now_ms: Callable[[], int] | None = None,
-    force: bool = False,
+    pipeline: Pipeline, now_ms: Callable[[], int] | None = None, force: bool = False
 ) -> NativePlan | None:
     """The native plan of ``pipeline``, or None (logged once, with the reason) when it runs
     the Python path. ``force`` ignores ``WEIR_NATIVE`` (the equivalence tests)."""
     if weir_native is None or not (force or available()):
         return None
     try:
-        plan = _plan(pipeline, aggregator, now_ms or system_ms)
+        plan = _plan(pipeline, now_ms or system_ms)
     except _NotNative as exc:
         log.info("the Python path runs this pipeline: %s", exc)
         return None
-    if plan.prepared:
-        log.info("the native hot path runs this pipeline's window segment (its Python functions per record)")
-    else:
-        log.info("the native hot path runs this pipeline")
+    log.info("%s", explain(pipeline))
     return plan
 
 
-def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[], int]) -> NativePlan:
+def explain(pipeline: Pipeline) -> str:
+    """Which path runs ``pipeline``'s records, in a sentence (the worker logs it at start,
+    ``weir validate`` prints it)."""
+    if weir_native is None:
+        return "the Python path runs this pipeline: the native extension (weir_native) is not installed"
+    if not available():
+        return "the Python path runs this pipeline: WEIR_NATIVE=0"
+    try:
+        plan = _plan(pipeline, system_ms)
+    except _NotNative as exc:
+        return f"the Python path runs this pipeline: {exc}"
+    if plan.prepared:
+        return "the native hot path runs this pipeline's window segment (its Python functions per record)"
+    return "the native hot path runs this pipeline"
+
+
+def _plan(pipeline: Pipeline, now_ms: Callable[[], int]) -> NativePlan:
     stages = pipeline.stages()
     source = pipeline.source
-    window = stages.window
+    window, aggregate = stages.window, stages.aggregate
     if stages.joins or stages.process is not None:
         raise _NotNative("it has joins or a process function")
-    if window is None or aggregator is None or window.type == "session" or window.size is None:
+    if window is None or aggregate is None or window.type == "session" or window.size is None:
         raise _NotNative("the native path runs tumbling and sliding windows only")
+    specs = [(name, o.fn, o.field) for name, o in aggregate.outputs.items()]
     slide = window.size if window.type == "tumbling" else window.slide
     assert slide is not None  # the spec requires it of a sliding window
     if stages.repartition is not None:
         raise _NotNative("it is keyed by a record field (repartitioned)")
-    for _name, fn, _field in aggregator.specs:
+    for _name, fn, _field in specs:
         if fn not in _NATIVE_FUNCTIONS:
             raise _NotNative(f"aggregate {fn} has no native form")
     fields: list[str] = []
@@ -221,7 +232,7 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
     if prepared:
         # Python prepares each record (functions, filters, key, event time); the window segment
         # reads the aggregates' fields from the prepared record.
-        aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in aggregator.specs]
+        aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in specs]
     else:
         if stages.key_from != "messageKey":
             raise _NotNative("it is keyed by a record field (repartitioned)")
@@ -237,7 +248,7 @@ def _plan(pipeline: Pipeline, aggregator: Aggregator | None, now_ms: Callable[[]
                 time_plan = ("seconds", index(event_time.field))
             else:
                 raise _NotNative(f"event time is {event_time.format}")
-        aggregates = [(fn, -1 if f is None else index(scope.source_of(f))) for _n, fn, f in aggregator.specs]
+        aggregates = [(fn, -1 if f is None else index(scope.source_of(f))) for _n, fn, f in specs]
         condition = None if not filters else filters[0] if len(filters) == 1 else ("and", filters)
     if len(fields) > 16:
         raise _NotNative("it reads more than 16 fields")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from weir.core import TaskCore
 from weir.graph import JobGraph, compile_job
-from weir.native import plan_for
+from weir.native import explain, plan_for
 from weir.spec import load_job
 from weir.tasks import Consumed
 
@@ -419,7 +419,7 @@ def test_sums_past_64_bits_are_dead_lettered_by_the_python_path_and_leave_the_wi
     assert core.dead_lettered == {"overflow": 1}
 
 
-def test_which_pipelines_run_natively() -> None:
+def test_which_pipelines_run_natively(monkeypatch: Any) -> None:
     def plan(doc: dict[str, Any]) -> Any:
         job = load_job(orjson.dumps(doc).decode())
         graph = compile_job(job, native=True)
@@ -442,15 +442,26 @@ def test_which_pipelines_run_natively() -> None:
     assert plan(job_doc(distinct, {"field": "ts"})) is None
     job = load_job(orjson.dumps(job_doc(windowed(), {"field": "ts"})).decode())
     assert compile_job(job, native=False).native is None
-    assert plan_for(job.pipeline, None) is None
+    assert explain(job.pipeline) == "the native hot path runs this pipeline"
+    assert explain(load_job(orjson.dumps(job_doc(session, {"field": "ts"})).decode()).pipeline) == (
+        "the Python path runs this pipeline: the native path runs tumbling and sliding windows only"
+    )
+    assert explain(load_job(orjson.dumps(job_doc(with_functions([FUNCTIONS[1]]))).decode()).pipeline) == (
+        "the native hot path runs this pipeline's window segment (its Python functions per record)"
+    )
+    monkeypatch.setenv("WEIR_NATIVE", "0")
+    assert explain(job.pipeline) == "the Python path runs this pipeline: WEIR_NATIVE=0"
+    assert plan_for(job.pipeline) is None
+    assert plan_for(job.pipeline, force=True) is not None
 
 
 # -- the window segment after Python functions ------------------------------------------------------
 
 
-def with_functions(functions: list[dict[str, Any]], size: str = "30s", slide: str | None = None) -> list[Any]:
-    steps = windowed(size, slide=slide)
-    return [*functions, *steps]
+def with_functions(
+    functions: list[dict[str, Any]], size: str = "30s", slide: str | None = None, emit: str = "final"
+) -> list[Any]:
+    return [*functions, *windowed(size, emit=emit, slide=slide)]
 
 
 FUNCTIONS = [
@@ -467,16 +478,22 @@ FUNCTIONS = [
         lambda fs: any("filter" not in f for f in fs)
     ),
     shape=st.sampled_from([("30s", None), ("20s", "5s")]),
+    emit=st.sampled_from(["final", "updates"]),
     restart=st.sampled_from([None, 0, 2]),
 )
 def test_python_functions_then_the_native_window_segment_match(
-    tmp_path_factory: Any, batches: Any, functions: Any, shape: tuple[str, str | None], restart: int | None
+    tmp_path_factory: Any,
+    batches: Any,
+    functions: Any,
+    shape: tuple[str, str | None],
+    emit: str,
+    restart: int | None,
 ) -> None:
     """Python functions run per record; the prepared records' windows fold natively
     (``Windows.accept``), handing back what is not a plain number, as the Python path decides."""
     size, slide = shape
     doc = job_doc(
-        with_functions(functions, size, slide),
+        with_functions(functions, size, slide, emit),
         {"field": "ts"},
         {"maxOutOfOrderness": "1s", "maxFutureSkew": "1h"},
     )
@@ -513,3 +530,15 @@ def test_the_window_segment_after_a_python_function_folds_natively(tmp_path: Pat
     first = next(orjson.loads(v) for t, v, *_ in out.sent if t == "out" and v and b'"k0"' in v)
     assert (first["count"], first["revenue"], first["low"], first["high"]) == (5, 20, 4, 4)
     run_both(doc, [batch, later, [close]], tmp_path / "both")
+
+
+def test_weir_validate_says_which_path_runs_the_job(tmp_path: Path, capsys: Any) -> None:
+    from weir import cli
+
+    native, functions = tmp_path / "native.json", tmp_path / "functions.json"
+    native.write_bytes(orjson.dumps(job_doc(windowed(), {"field": "ts"})))
+    functions.write_bytes(orjson.dumps(job_doc(with_functions([FUNCTIONS[0]]), {"field": "ts"})))
+    assert cli.main(["validate", str(native)]) == 0
+    assert capsys.readouterr().out.endswith("\n  the native hot path runs this pipeline\n")
+    assert cli.main(["validate", str(functions)]) == 0
+    assert "the native hot path runs this pipeline's window segment" in capsys.readouterr().out
