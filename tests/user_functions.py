@@ -151,7 +151,7 @@ def reprice(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_order(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """A flatMap for the native window segment's tests: ``qty`` records (none for 0), each with
-    ``price`` and ``qty`` 1."""
-    for _ in range(int(record["qty"])):
+    """A flatMap for the native window segment's tests: ``qty`` records (none for 0, at most 5),
+    each with ``price`` and ``qty`` 1."""
+    for _ in range(min(int(record["qty"]), 5)):
         yield {"price": record["price"], "qty": 1, "ts": record["ts"]}

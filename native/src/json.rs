@@ -278,3 +278,19 @@ pub fn scan<'a>(b: &'a [u8], names: &[Box<str>], out: &mut [Val<'a>]) -> Option<
         None
     }
 }
+
+/// Scan a record as stage 1 forwards it to the repartition topic (`weir.repartition.
+/// encode_forward`: `[event time, record]`, written by orjson without whitespace): the event
+/// time, with `out` filled as `scan` fills it from the record. None for anything else, and for
+/// an event time that is not an int within 64 bits (Python decides).
+pub fn scan_forwarded<'a>(b: &'a [u8], names: &[Box<str>], out: &mut [Val<'a>]) -> Option<i64> {
+    let rest = b.strip_prefix(b"[")?;
+    let comma = rest.iter().position(|&c| c == b',')?;
+    let mut s = Scanner { b: &rest[..comma], i: 0 };
+    let Val::Int(t) = s.number(true)? else { return None };
+    if s.i != comma {
+        return None;
+    }
+    scan(rest[comma + 1..].strip_suffix(b"]")?, names, out)?;
+    Some(t)
+}

@@ -11,14 +11,15 @@
 //!
 //! A pipeline with Python functions runs them per record in Python; its window segment still
 //! runs here: `accept` folds one prepared record (a dict) the same way, reading only the fields
-//! the aggregates need.
+//! the aggregates need. Stage 2 of a job keyed by a record field folds the repartition topic's
+//! forwarded records (`run_forwarded`), at the upstream watermark its caller keeps.
 
 mod fetch;
 mod json;
 mod num;
 
 use fetch::Fetch;
-use json::{scan, Val};
+use json::{scan, scan_forwarded, Val};
 use num::{add, cmp, Num};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -34,6 +35,8 @@ const MAX_FIELDS: usize = 16;
 const DONE: u8 = 0;
 const LATE: u8 = 1;
 const FALLBACK: u8 = 2;
+/// A watermark marker on the repartition topic (no message key): the caller applies it.
+const MARKER: u8 = 3;
 
 /// What `Windows::step` did with a record: done, or stop at it with `(code, late_ts, late_wm)`.
 enum Step {
@@ -205,6 +208,8 @@ enum Time {
     Kafka,
     Millis(usize),
     Seconds(usize),
+    /// Stage 2 of a repartitioned job: in the forwarded value (`run_forwarded`).
+    Forwarded,
 }
 
 enum Key {
@@ -388,6 +393,7 @@ impl Windows {
                 Val::Int(s) if (0..MAX_EVENT_TIME_MS / 1000).contains(&s) => s * 1000,
                 _ => return Ok(FALL),
             },
+            Time::Forwarded => return Ok(FALL),
         };
         if t > horizon {
             return Ok(FALL);
@@ -478,6 +484,37 @@ impl Windows {
     }
 }
 
+impl Windows {
+    /// One message of the repartition topic (stage 2, `run_forwarded`) at the upstream
+    /// watermark `wm`: None when folded, else the code (and the late record's event time) the
+    /// caller handles. Nothing of a record that is not folded is applied.
+    fn forwarded(
+        &mut self,
+        value: Option<&[u8]>,
+        key: Option<&[u8]>,
+        wm: i64,
+        op_wm: &mut i64,
+        loader: &Bound<PyAny>,
+    ) -> PyResult<Option<(u8, i64)>> {
+        let Some(key) = key else { return Ok(Some((MARKER, 0))) };
+        let (Some(b), Ok(key)) = (value, std::str::from_utf8(key)) else { return Ok(Some((FALLBACK, 0))) };
+        let mut slots = [Val::Missing; MAX_FIELDS];
+        let vals = &mut slots[..self.fields.len()];
+        let t = match scan_forwarded(b, &self.fields, vals) {
+            Some(t) if (0..MAX_EVENT_TIME_MS).contains(&t) => t,
+            _ => return Ok(Some((FALLBACK, 0))),
+        };
+        let code = match self.place(key, t, vals, wm, op_wm, loader)? {
+            Placed::Folded => None,
+            Placed::Late(_) => Some((LATE, t)),
+            Placed::Fall => return Ok(Some((FALLBACK, 0))),
+        };
+        self.handled += 1;
+        self.nbytes += b.len() as u64;
+        Ok(code)
+    }
+}
+
 /// What `Windows::place` did with a record.
 enum Placed {
     Folded,
@@ -547,6 +584,7 @@ impl Windows {
             "kafka" => Time::Kafka,
             "millis" => Time::Millis(idx(time.1)?),
             "seconds" => Time::Seconds(idx(time.1)?),
+            "forwarded" => Time::Forwarded,
             t => return Err(PyValueError::new_err(format!("unknown time {t:?}"))),
         };
         let key = match key.0.as_str() {
@@ -662,6 +700,77 @@ impl Windows {
             }
         }
         Ok((msgs.len(), DONE, marks.task, marks.op, 0, 0))
+    }
+
+    /// Stage 2 of a repartitioned job: fold the repartition topic's messages `values[start:]`
+    /// (with their message `keys`) at the upstream watermark `wm`, as `weir.core`'s
+    /// `_keyed_repartitioned` does. `op_wm` is the operator's one-slot highest watermark (a
+    /// list). Returns `(index, code, late_ts)`: code 0 when every message is done, else message
+    /// `index` is late (1, at `late_ts`), needs the Python path (2) or is a watermark marker (3).
+    #[pyo3(signature = (values, keys, start, wm, op_wm, loader))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_forwarded<'py>(
+        &mut self,
+        values: &Bound<'py, PyList>,
+        keys: &Bound<'py, PyList>,
+        start: usize,
+        wm: i64,
+        op_wm: &Bound<'py, PyList>,
+        loader: &Bound<'py, PyAny>,
+    ) -> PyResult<(usize, u8, i64)> {
+        let mut op: i64 = op_wm.get_item(0)?.extract()?;
+        let before = op;
+        let n = values.len();
+        let mut out = (n, DONE, 0);
+        for i in start..n {
+            let item = values.get_item(i)?;
+            let value = item.downcast::<PyBytes>().ok().map(|b| b.as_bytes());
+            let kitem = keys.get_item(i)?;
+            // A key that is not bytes reads as invalid UTF-8: the Python path decides.
+            let key = match kitem.downcast::<PyBytes>() {
+                Ok(k) => Some(k.as_bytes()),
+                Err(_) if kitem.is_none() => None,
+                Err(_) => Some(&b"\xff"[..]),
+            };
+            if let Some((code, t)) = self.forwarded(value, key, wm, &mut op, loader)? {
+                out = (i, code, t);
+                break;
+            }
+        }
+        if op != before {
+            op_wm.set_item(0, op)?;
+        }
+        Ok(out)
+    }
+
+    /// `run_forwarded` over group `group` of the batch `fetch` holds (`weir_native.Fetch`).
+    #[pyo3(signature = (fetch, group, start, wm, op_wm, loader))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_forwarded_fetched<'py>(
+        &mut self,
+        fetch: PyRef<'py, Fetch>,
+        group: usize,
+        start: usize,
+        wm: i64,
+        op_wm: &Bound<'py, PyList>,
+        loader: &Bound<'py, PyAny>,
+    ) -> PyResult<(usize, u8, i64)> {
+        let msgs = &fetch.groups.get(group).ok_or_else(|| PyValueError::new_err("no such group"))?.msgs;
+        let mut op: i64 = op_wm.get_item(0)?.extract()?;
+        let before = op;
+        let mut out = (msgs.len(), DONE, 0);
+        for (i, &m) in msgs.iter().enumerate().skip(start) {
+            // SAFETY: the message stays alive while `fetch` holds its batch (borrowed here).
+            let msg = unsafe { &*m };
+            if let Some((code, t)) = self.forwarded(msg.value(), msg.key(), wm, &mut op, loader)? {
+                out = (i, code, t);
+                break;
+            }
+        }
+        if op != before {
+            op_wm.set_item(0, op)?;
+        }
+        Ok(out)
     }
 
     /// One record a pipeline's Python functions prepared (`weir.core`'s `accept` of the keyed

@@ -238,7 +238,10 @@ class TaskCore(CoreOutput):
                 self._run_task(task, fetched.records(group), now)
                 continue
             self.watermarks.saw_records(task, now)
-            self._prepare_native(task, (fetched, group))
+            if task.topic == self.graph.repartition_topic:
+                self._forwarded_native(task, (fetched, group))
+            else:
+                self._prepare_native(task, (fetched, group))
             task.next_offset = last + 1
             self.fire(task)
 
@@ -344,6 +347,7 @@ class TaskCore(CoreOutput):
         op = task.op
         assert plan is not None and isinstance(op, WindowOperator)
         horizon = plan.horizon()
+        n, message_at = _messages(batch)
         if isinstance(batch, list):
             values = [m.value() for m in batch]
             keys = [m.key() for m in batch] if plan.message_keys else None
@@ -352,21 +356,11 @@ class TaskCore(CoreOutput):
             def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
                 return native.run(values, keys, stamps, i, task.wm, op.watermark, horizon, op.stored)
 
-            def message_at(i: int) -> Message:
-                return batch[i]
-
-            n = len(batch)
         else:
-            fetched, group = batch
-            fetch = fetched.fetch
+            fetch, group = batch[0].fetch, batch[1]
 
             def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
                 return native.run_fetched(fetch, group, i, task.wm, op.watermark, horizon, op.stored)
-
-            def message_at(i: int) -> Message:
-                return fetched.records(group, i, i + 1)[0]
-
-            n = fetched.groups[group][2]
         adopt, process = op.adopt, op.process
 
         def handed_over(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
@@ -462,11 +456,24 @@ class TaskCore(CoreOutput):
 
     def _keyed_repartitioned(self, task: Task, batch: list[Message]) -> None:
         """Stage 2: records and upstream watermark markers from the repartition topic."""
+        if task.native is not None:
+            self._forwarded_native(task, batch)
+            return
         assert task.op is not None
-        process = task.op.process
+        wm = self._forwarded(task, batch, self.watermarks.upstream_min(task), task.op.process)
+        task.wm = max(task.wm, wm)
+
+    def _forwarded(
+        self,
+        task: Task,
+        batch: list[Message],
+        wm: int,
+        process: Callable[[str, int, dict[str, Any], int], bool],
+    ) -> int:
+        """Stage 2's messages at the upstream watermark ``wm``: a record goes to ``process``, a
+        marker may move ``wm``. Returns the watermark after them."""
         loads = orjson.loads
         marks = self.watermarks
-        wm = marks.upstream_min(task)
         nbytes = 0
         for m in batch:
             value = m.value()
@@ -486,9 +493,53 @@ class TaskCore(CoreOutput):
             if not accepted:
                 task.late += 1
                 self.dead_letter(m, LateRecord(ts, wm))
-        task.wm = max(task.wm, wm)
         task.records += len(batch)
         task.bytes += nbytes
+        return wm
+
+    def _forwarded_native(self, task: Task, batch: list[Message] | tuple[Fetched, int]) -> None:
+        """``_keyed_repartitioned`` through the native hot path (a ``forwarded`` plan): the
+        extension folds the forwarded records; a marker, or a record it cannot certify, runs
+        ``_forwarded`` at its place (the record after its windows are handed over), a late
+        record is dead-lettered here."""
+        native, op = task.native, task.op
+        assert isinstance(op, WindowOperator)
+        cell, stored, adopt, process = op.watermark_cell, op.stored, op.adopt, op.process
+        n, message_at = _messages(batch)
+        if isinstance(batch, list):
+            values = [m.value() for m in batch]
+            keys = [m.key() for m in batch]
+
+            def run(i: int, wm: int) -> Any:  # (index, code, late ts)
+                return native.run_forwarded(values, keys, i, wm, cell, stored)
+
+        else:
+            fetch, group = batch[0].fetch, batch[1]
+
+            def run(i: int, wm: int) -> Any:  # (index, code, late ts)
+                return native.run_forwarded_fetched(fetch, group, i, wm, cell, stored)
+
+        def handed_over(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
+            native.evict(key, ts, adopt)
+            return process(key, ts, record, wm)
+
+        wm = self.watermarks.upstream_min(task)
+        i = 0
+        while i < n:
+            i, code, ts = run(i, wm)
+            if i == n:
+                break
+            if code == 1:
+                task.late += 1
+                self.dead_letter(message_at(i), LateRecord(ts, wm))
+            else:  # a marker, or a record for the Python path
+                wm = self._forwarded(task, [message_at(i)], wm, handed_over)
+            i += 1
+        records, nbytes = native.take_counts()
+        task.records += records
+        task.bytes += nbytes
+        task.wm = max(task.wm, wm)
+        self._flush_native(task)
 
     # -- time -------------------------------------------------------------------------
     def tick(
@@ -600,3 +651,12 @@ class TaskCore(CoreOutput):
         self._result_dead_letter(
             reason, f"output of key {key!r}: {detail}", key, record or {"key": key}, task
         )
+
+
+def _messages(batch: list[Message] | tuple[Fetched, int]) -> tuple[int, Callable[[int], Message]]:
+    """How many messages a batch of the native path holds, and the one at an index (of a
+    ``Fetched`` group: built when asked for, for the Python path)."""
+    if isinstance(batch, list):
+        return len(batch), batch.__getitem__
+    fetched, group = batch
+    return fetched.groups[group][2], lambda i: fetched.records(group, i, i + 1)[0]

@@ -28,8 +28,12 @@ or from the Kafka timestamp. A pipeline with Python functions (and otherwise the
 steps per record in Python, as before, and its window segment natively: the prepared records go
 to ``weir_native.Windows.accept`` instead of ``WindowOperator.process`` (a ``prepared`` plan:
 the aggregates read their fields from the record dicts; anything but a plain int or float
-where they read goes the Python path, as above). Everything else, and every pipeline when
-``WEIR_NATIVE=0`` or the extension is missing, runs the Python path.
+where they read goes the Python path, as above). A pipeline keyed by a record field runs stage 1
+(prepare, forward to the repartition topic) in Python and stage 2 natively (a ``forwarded``
+plan: ``Windows.run_forwarded`` reads ``[event time, record]`` as ``encode_forward`` writes it,
+at the upstream watermark; a marker or anything else goes the Python path at its place).
+Everything else, and every pipeline when ``WEIR_NATIVE=0`` or the extension is missing, runs
+the Python path.
 ``tests/unit/test_native.py`` compares the two on random batches.
 """
 
@@ -146,6 +150,11 @@ class NativePlan:
     def kafka_time(self) -> bool:
         return self.time[0] == "kafka"
 
+    @property
+    def forwarded(self) -> bool:
+        """Stage 2 of a repartitioned job: the repartition topic's records fold natively."""
+        return self.time[0] == "forwarded"
+
     def horizon(self) -> int:
         """The latest event time accepted now (``maxFutureSkew`` past the clock)."""
         if not self.max_future_skew_ms:
@@ -200,6 +209,8 @@ def explain(pipeline: Pipeline) -> str:
         return f"the Python path runs this pipeline: {exc}"
     if plan.prepared:
         return "the native hot path runs this pipeline's window segment (its Python functions per record)"
+    if plan.forwarded:
+        return "the native hot path runs this pipeline's keyed stage (stage 1 runs the Python path)"
     return "the native hot path runs this pipeline"
 
 
@@ -214,8 +225,6 @@ def _plan(pipeline: Pipeline, now_ms: Callable[[], int]) -> NativePlan:
     specs = [(name, o.fn, o.field) for name, o in aggregate.outputs.items()]
     slide = window.size if window.type == "tumbling" else window.slide
     assert slide is not None  # the spec requires it of a sliding window
-    if stages.repartition is not None:
-        raise _NotNative("it is keyed by a record field (repartitioned)")
     for _name, fn, _field in specs:
         if fn not in _NATIVE_FUNCTIONS:
             raise _NotNative(f"aggregate {fn} has no native form")
@@ -226,10 +235,15 @@ def _plan(pipeline: Pipeline, now_ms: Callable[[], int]) -> NativePlan:
             fields.append(name)
         return fields.index(name)
 
-    prepared = bool(stages.functions)
+    prepared = bool(stages.functions) and stages.repartition is None
     time_plan: tuple[str, int] = ("kafka", -1)
     condition: Any = None
-    if prepared:
+    if stages.repartition is not None:
+        # Stage 1 (Python) prepares and forwards each record; stage 2 folds the forwarded
+        # records ([event time, record]), reading the aggregates' fields from the record.
+        time_plan = ("forwarded", -1)
+        aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in specs]
+    elif prepared:
         # Python prepares each record (functions, filters, key, event time); the window segment
         # reads the aggregates' fields from the prepared record.
         aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in specs]

@@ -324,12 +324,18 @@ def test_a_custom_percentile_aggregate_in_a_tumbling_window_gives_the_reference_
 NATIVE_OUTPUTS = {name: OUTPUTS[name] for name in ("n", "total", "lo", "hi", "mean")}
 
 
+@pytest.mark.parametrize(
+    "key_by",
+    [{"messageKey": True}, {"field": "k", "partitions": 3}],
+    ids=["window-segment", "repartitioned"],
+)
 def test_a_map_before_a_natively_folded_window_killed_at_random_gives_the_reference_windows(
-    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path
+    kafka: KafkaHelper, s3: S3Helper, tmp_path: Path, key_by: dict[str, Any]
 ) -> None:
-    """The map runs per record in Python; the window segment after it in the native extension
-    (``Windows.accept``): 2 exactly-once workers SIGKILLed 6 times (state wiped now and then)
-    write every window of the mapped records once, with the reference's values."""
+    """The map runs per record in Python; the windows after it fold in the native extension:
+    ``Windows.accept`` after the map, or (keyed by a field) stage 2 reading the repartition
+    topic. 2 exactly-once workers SIGKILLed 6 times (state wiped now and then) write every
+    window of the mapped records once, with the reference's values."""
     rng = random.Random(20261205)
     events = events_for(20261205, 30_000)
     mapped = [(p, key, ts, user_functions.triple_price(r)) for p, key, ts, r in events]
@@ -340,7 +346,7 @@ def test_a_map_before_a_natively_folded_window_killed_at_random_gives_the_refere
     source, sink, dlq = kafka.create_topic(partitions=4), kafka.create_topic(), kafka.create_topic()
     steps = [
         {"map": {"function": "user_functions:triple_price"}},
-        {"keyBy": {"messageKey": True}},
+        {"keyBy": key_by},
         {"window": {**window, "allowedLateness": f"{LATENESS_MS}ms"}},
         {"aggregate": {"emit": "final", "outputs": NATIVE_OUTPUTS}},
     ]

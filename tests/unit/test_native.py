@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -436,7 +437,9 @@ def test_which_pipelines_run_natively(monkeypatch: Any) -> None:
     assert plan(job_doc(session, {"field": "ts"})) is None
     by_field = windowed()
     by_field[0] = {"keyBy": {"field": "type"}}
-    assert plan(job_doc(by_field, {"field": "ts"})) is None, "a repartitioned job runs the Python path"
+    keyed = plan(job_doc(by_field, {"field": "ts"}))
+    assert keyed is not None and keyed.forwarded, "a repartitioned job's keyed stage runs natively"
+    assert keyed.fields == ("price", "qty")
     distinct = windowed()
     distinct[2] = {"aggregate": {"outputs": {"users": {"fn": "count_distinct", "field": "type"}}}}
     assert plan(job_doc(distinct, {"field": "ts"})) is None
@@ -542,3 +545,156 @@ def test_weir_validate_says_which_path_runs_the_job(tmp_path: Path, capsys: Any)
     assert capsys.readouterr().out.endswith("\n  the native hot path runs this pipeline\n")
     assert cli.main(["validate", str(functions)]) == 0
     assert "the native hot path runs this pipeline's window segment" in capsys.readouterr().out
+
+
+# -- stage 2 of a repartitioned job -------------------------------------------------------------------
+
+REPARTITION = "weir-test-native-2-repartition"
+
+
+def by_field(size: str = "20s", slide: str | None = None, emit: str = "final") -> list[Any]:
+    steps = windowed(size, emit=emit, slide=slide)
+    steps[0] = {"keyBy": {"field": "type", "partitions": 2}}
+    return steps
+
+
+@st.composite
+def forwarded_values(draw: st.DrawFn) -> bytes | None:
+    """What a repartition topic may hold besides stage 1's own records: near misses of
+    ``[event time, record]`` the native side must refuse (Python decides) or read exactly."""
+    ts = T0 + draw(st.integers(-5_000, 120_000))
+    record = {"price": draw(numbers), "qty": draw(st.integers(0, 5))}
+    body = orjson.dumps(record)
+    return draw(
+        st.sampled_from(
+            [
+                b"[" + str(ts).encode() + b"," + body + b"]",
+                b"[" + str(ts).encode() + b", " + body + b" ]",
+                b"[ " + str(ts).encode() + b"," + body + b"]",
+                b"[" + str(ts).encode() + b".0," + body + b"]",
+                b"[" + str(ts * 10**9).encode() + b"," + body + b"]",
+                b"[-" + str(ts).encode() + b"," + body + b"]",
+                b'["' + str(ts).encode() + b'",' + body + b"]",
+                b"[" + str(ts).encode() + b"," + body + b"]]",
+                b"[" + str(ts).encode() + b"," + body + b",1]",
+                b"[" + str(ts).encode() + b",[1]]",
+                b"[" + str(ts).encode() + b"," + body[:-1] + b',"price":3}]',
+                b"[" + str(ts).encode() + b"," + body[:-1] + b',"q":"a\\"b"}]',
+                b"[" + str(ts).encode() + b"," + body,
+                orjson.dumps(record),
+                None,
+            ]
+        )
+    )
+
+
+def run_both_repartitioned(
+    doc: dict[str, Any],
+    batches: list[list[Consumed]],
+    strays: list[bytes | None],
+    chunks: list[int],
+    tmp_path: Path,
+    partitions: int = 2,
+    max_cached_windows: int = 1_000_000,
+) -> None:
+    """``run_both`` for a repartitioned job in one worker: what stage 1 forwards (and its
+    watermark markers) goes back in as the repartition topic's records, in chunks of
+    ``chunks`` sizes, with the ``strays`` (as if another writer had put them there) mixed in."""
+    native_graph, python_graph = graphs(doc)
+    assert native_graph.native is not None and native_graph.native.forwarded
+    sends, snaps = [], []
+    for name, graph in (("native", native_graph), ("python", python_graph)):
+        assert graph.repartition_topic is not None
+        topic = graph.repartition_topic
+        core = TaskCore(graph, max_cached_windows=max_cached_windows)
+        out = Recorder()
+        core.send = out.produce
+        core.build({"events": partitions, topic: 2}, 0, 1, 0.0)
+        for task in core.tasks.values():
+            if not task.forward:
+                core.open_state(task, tmp_path / name / task.label)
+        offsets, fed, stray = [0, 0], 0, list(strays)
+        for n, batch in enumerate(batches):
+            core.process(batch, now=float(n))
+            core.tick(float(n), WALL, lambda _t: False, lambda t: t.next_offset)
+            routed = []
+            for t, value, key, partition, _h in out.sent[fed:]:
+                if t == topic:
+                    q = partition if partition >= 0 else zlib.crc32(key or b"") % 2
+                    routed.append((q, key, value))
+                    if stray and len(routed) % 3 == 0:
+                        routed.append((len(routed) % 2, b"k0", stray.pop()))
+            fed = len(out.sent)
+            while routed:
+                size = chunks[len(routed) % len(chunks)]
+                chunk, routed = routed[:size], routed[size:]
+                msgs = []
+                for q, key, value in chunk:
+                    msgs.append(Consumed(topic, q, offsets[q], key, value, 0))
+                    offsets[q] += 1
+                core.process(msgs, now=float(n))
+                core.tick(float(n), WALL, lambda _t: False, lambda t: t.next_offset)
+        sends.append(out.sent)
+        snaps.append(snapshot(core))
+        core.close()
+    assert sends[0] == sends[1]
+    assert snaps[0] == snaps[1]
+
+
+@SETTINGS
+@given(
+    batches=batches_of(partitions=2),
+    strays=st.lists(forwarded_values(), max_size=12),
+    chunks=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    shape=st.sampled_from([("20s", None), ("15s", "5s")]),
+    emit=st.sampled_from(["final", "updates"]),
+    small=st.booleans(),
+)
+def test_the_keyed_stage_of_a_repartitioned_job_matches(
+    tmp_path_factory: Any,
+    batches: Any,
+    strays: Any,
+    chunks: Any,
+    shape: tuple[str, str | None],
+    emit: str,
+    small: bool,
+) -> None:
+    size, slide = shape
+    doc = job_doc(
+        by_field(size, slide, emit), {"field": "ts"}, {"maxOutOfOrderness": "1s", "maxFutureSkew": "1h"}
+    )
+    cache = 3 if small else 1_000_000
+    path = tmp_path_factory.mktemp("rp")
+    run_both_repartitioned(doc, batches, strays, chunks, path, max_cached_windows=cache)
+
+
+def test_the_keyed_stage_folds_forwarded_records_natively_and_dead_letters_a_late_one(tmp_path: Path) -> None:
+    doc = job_doc(by_field(), {"field": "ts"}, {"maxOutOfOrderness": "1s"})
+
+    def event(p: int, offset: int, ms: int, kind: str = "buy") -> Consumed:
+        value = orjson.dumps({"ts": T0 + ms, "price": 2, "qty": 1, "type": kind})
+        return Consumed("events", p, offset, b"k", value)
+
+    first = [event(0, 0, 40_000), event(1, 0, 40_000), event(0, 1, 41_000, "view")]
+    late = [event(0, 2, 10), event(1, 1, 42_000)]  # T0 + 10 ms: its window closed at stage 2
+    strays = [b"[" + str(T0 + 42_500).encode() + b',{"price":1.5,"qty":1}]']
+    run_both_repartitioned(doc, [first, late], strays, [2], tmp_path / "both")
+    # The native core alone: the keyed stage's windows are in the extension's cache.
+    graph = graphs(doc)[0]
+    assert graph.repartition_topic is not None
+    core = TaskCore(graph)
+    out = Recorder()
+    core.send = out.produce
+    core.build({"events": 2, graph.repartition_topic: 1}, 0, 1, 0.0)
+    (keyed,) = [t for t in core.tasks.values() if not t.forward]
+    core.open_state(keyed, tmp_path / "alone")
+    for n, batch in enumerate([first, late]):
+        core.process(batch, now=float(n))
+        core.tick(float(n), WALL, lambda _t: False, lambda t: t.next_offset)
+        sent = [(t, v, k) for t, v, k, *_ in out.sent if t == graph.repartition_topic]
+        out.sent = [s for s in out.sent if s[0] != graph.repartition_topic]
+        fed = [Consumed(t, 0, keyed.next_offset + i, k, v, 0) for i, (t, v, k) in enumerate(sent)]
+        core.process(fed, now=float(n))
+        if n == 0:
+            assert keyed.native.cached == 2, "buy and view: their windows are in the native cache"
+    assert core.dead_lettered == {"late": 1} and keyed.late == 1
