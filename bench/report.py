@@ -15,7 +15,9 @@ CEILING_NOTES = (
     "assigned, `consume(num_messages=10000)` in a loop and `orjson.loads` of every value, nothing "
     "else: the fastest a Python process reads and decodes this topic."
 )
-ORDER = ("ceiling", "weir", "weir_py", "weir_eos", "weir_2w", "quix", "bytewax", "flink")
+ORDER = (
+    "ceiling", "weir", "weir_py", "weir_eos", "weir_2w", "weir_kf", "weir_kf_py", "quix", "bytewax", "flink",
+)  # fmt: skip
 FIGURES = (
     "events_per_s", "cpu_s", "cpu_us_per_event", "peak_rss_mib", "machine_busy_cores", "broker_cores",
     "reader_cores", "python_cores", "librdkafka_cores", "rocksdb_cores",
@@ -65,6 +67,13 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
                     if _ok(r.get("weir")) and _ok(r.get(k))
                 ]
             )
+    out["keyed_native_over_python"] = measure.stat(
+        [
+            r["weir_kf"]["events_per_s"] / r["weir_kf_py"]["events_per_s"]
+            for r in runs
+            if _ok(r.get("weir_kf")) and _ok(r.get("weir_kf_py"))
+        ]
+    )
     lat = doc.get("latency") or {}
     weir_lat = lat.get("weir") if _ok(lat.get("weir")) else None
     for k in keys:
@@ -235,9 +244,13 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         ("weir_py", "the Python path ÷ weir"),
         ("weir_eos", "exactly-once ÷ at-least-once"),
         ("weir_2w", "2 workers ÷ 1 worker"),
+        ("weir_kf", "keyed by a record field ÷ by the message key"),
     ):
         if ratios.get(k, {}).get("events_per_s_over_weir"):
             heads.append(f"{what} = **{_ratio(ratios[k]['events_per_s_over_weir'])}**")
+    if s.get("keyed_native_over_python"):
+        keyed = _ratio(s["keyed_native_over_python"])
+        heads.append(f"keyed by a record field, native ÷ Python path = **{keyed}**")
     lines += [
         "",
         ("In events/s: " + ", ".join(heads) + ".") if heads else "",

@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runners",
         help=(
-            "comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,quix,bytewax,flink"
+            "comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,weir_kf,weir_kf_py,quix,bytewax,flink"
             " (default: all)"
         ),
     )

@@ -144,15 +144,36 @@ class Weir(Runner):
     """`python -m weir run` with one worker; at-least-once or exactly-once."""
 
     def __init__(
-        self, guarantee: str, checkpoint_interval_s: float, workers: int = 1, native: bool = True
+        self,
+        guarantee: str,
+        checkpoint_interval_s: float,
+        workers: int = 1,
+        native: bool = True,
+        key_field: str | None = None,
     ) -> None:
         self.guarantee = guarantee
         self.checkpoint_interval_s = checkpoint_interval_s
         self.workers = workers
         self.native = native
+        self.key_field = key_field
+        """Key by this record field (the job repartitions) instead of by the message key."""
         self.ports: list[int] = []
-        self.latency_run = workers == 1 and native
-        if workers > 1:
+        self.latency_run = workers == 1 and native and key_field is None
+        if key_field is not None:
+            path = "" if native else ", Python path"
+            self.key = "weir_kf" if native else "weir_kf_py"
+            self.label = f"({'b4' if native else 'b5'}) weir, 1 worker, keyed by a record field{path}"
+            self.notes = (
+                f"`keyBy: {{field: {key_field}, partitions: 4}}` (the same key as the message key): "
+                "stage 1 forwards each record to the job's repartition topic, stage 2 reads it back "
+                "and folds the windows"
+                + (
+                    " (natively; stage 1 runs the Python path)."
+                    if native
+                    else " (`WEIR_NATIVE=0`: both stages on the Python path)."
+                )
+            )
+        elif workers > 1:
             self.key, self.label = f"weir_{workers}w", f"(b3) weir, {workers} workers, at-least-once"
             self.notes = (
                 f"{workers} `weir run` processes (`--worker-index i --workers {workers}`), each owning "
@@ -206,7 +227,7 @@ class Weir(Runner):
                     },
                     "watermark": {"maxOutOfOrderness": "5s", "idleTimeout": "2s"},
                     "steps": [
-                        {"keyBy": {"messageKey": True}},
+                        {"keyBy": self.key_by()},
                         {"window": {"type": "tumbling", "size": "1m"}},
                         {
                             "aggregate": {
@@ -223,6 +244,11 @@ class Weir(Runner):
                 },
             },
         }
+
+    def key_by(self) -> dict[str, Any]:
+        if self.key_field is None:
+            return {"messageKey": True}
+        return {"field": self.key_field, "partitions": 4}
 
     @staticmethod
     def dlq(ctx: Context) -> str:
@@ -425,6 +451,8 @@ def all_runners(eos_checkpoint_interval_s: float) -> list[Runner]:
         Weir("exactly-once", eos_checkpoint_interval_s),
         Weir("at-least-once", 5.0, native=False),
         Weir("at-least-once", 5.0, workers=2),
+        Weir("at-least-once", 5.0, key_field="product_id"),
+        Weir("at-least-once", 5.0, native=False, key_field="product_id"),
         Quix(),
         Bytewax(),
         Flink(),
