@@ -613,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runners",
         help=(
-            "comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,weir_kf,weir_kf_py,quix,bytewax,flink"
-            " (default: all)"
+            "comma-separated subset of ceiling,weir,weir_py,weir_eos,weir_2w,weir_kf,weir_kf_py,"
+            "quix,bytewax,flink (default: all)"
         ),
     )
     parser.add_argument("--no-latency", action="store_true", help="skip the rate-limited latency runs")
