@@ -192,7 +192,7 @@ def plan_for(
     except _NotNative as exc:
         log.info("the Python path runs this pipeline: %s", exc)
         return None
-    log.info("%s", explain(pipeline))
+    log.info("%s", _sentence(plan))
     return plan
 
 
@@ -204,9 +204,12 @@ def explain(pipeline: Pipeline) -> str:
     if not available():
         return "the Python path runs this pipeline: WEIR_NATIVE=0"
     try:
-        plan = _plan(pipeline, system_ms)
+        return _sentence(_plan(pipeline, system_ms))
     except _NotNative as exc:
         return f"the Python path runs this pipeline: {exc}"
+
+
+def _sentence(plan: NativePlan) -> str:
     if plan.prepared:
         return "the native hot path runs this pipeline's window segment (its Python functions per record)"
     if plan.forwarded:
@@ -238,14 +241,12 @@ def _plan(pipeline: Pipeline, now_ms: Callable[[], int]) -> NativePlan:
     prepared = bool(stages.functions) and stages.repartition is None
     time_plan: tuple[str, int] = ("kafka", -1)
     condition: Any = None
-    if stages.repartition is not None:
-        # Stage 1 (Python) prepares and forwards each record; stage 2 folds the forwarded
-        # records ([event time, record]), reading the aggregates' fields from the record.
-        time_plan = ("forwarded", -1)
-        aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in specs]
-    elif prepared:
-        # Python prepares each record (functions, filters, key, event time); the window segment
-        # reads the aggregates' fields from the prepared record.
+    if stages.repartition is not None or prepared:
+        # Python prepares each record (functions, filters, key, event time); the keyed stage
+        # reads the aggregates' fields from the prepared record: handed to ``accept`` after the
+        # functions, or (repartitioned) forwarded by stage 1 as ``[event time, record]``.
+        if stages.repartition is not None:
+            time_plan = ("forwarded", -1)
         aggregates = [(fn, -1 if f is None else index(f)) for _n, fn, f in specs]
     else:
         if stages.key_from != "messageKey":
