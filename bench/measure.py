@@ -203,6 +203,20 @@ def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
         return 0, None
 
 
+def weir_first_record(ports: list[int]) -> float | None:
+    """When weir's workers on ``ports`` consumed their first record (epoch s), once every one
+    of them shows ``recordsIn > 0`` in ``/status``: the earliest ``firstRecordAt`` (the worker
+    stamps it when the record came; the status, published at once then, only tells it)."""
+    firsts = []
+    for port in ports:
+        code, status = http_json(f"http://127.0.0.1:{port}/status", 0.5)
+        if code != 200 or not isinstance(status, dict) or status.get("recordsIn", 0) <= 0:
+            return None
+        at = status.get("firstRecordAt")
+        firsts.append(at / 1000 if isinstance(at, int) else time.time())  # an older weir
+    return min(firsts) if firsts else None
+
+
 def window_result(r: dict[str, Any]) -> tuple[Any, Any] | None:
     """The main benchmark's result record as ((key, window start ms), (count, sum)); None for the
     end-of-input records' own windows. A window of the wrong size is malformed (raises)."""

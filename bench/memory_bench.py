@@ -19,8 +19,8 @@ Runs (in the order given, default ``budget,unlimited``): ``budget`` passes
 - **peak RSS**: the worker process's ``VmHWM`` (``/proc/<pid>/status``), sampled every 0.5 s
   while it runs and once more right before it is stopped: the whole run, start-up and the
   closing of all ``N`` windows included;
-- **events/s**: ``N`` over the time from the first record consumed (``/status``
-  ``recordsIn > 0``) to the last of the ``N`` results read from the sink topic (**all results
+- **events/s**: ``N`` over the time from the first record consumed (``firstRecordAt`` in
+  ``/status``) to the last of the ``N`` results read from the sink topic (**all results
   s**), as in the main benchmark: the closing of all ``N`` windows included; **consumed s**:
   first record to every input record consumed (as last seen in ``/status``);
 - **output checked**: every one of the ``N`` windows exactly once, with count 1 and the
@@ -227,7 +227,8 @@ def run_once(kind: str, args: argparse.Namespace, bootstrap: str, source: str) -
                         + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in mem["usedBytes"].items())
                     )
                 if first is None and status.get("recordsIn", 0) > 0:
-                    first = now
+                    at = status.get("firstRecordAt")
+                    first = at / 1000 if isinstance(at, int) else now
                 if consumed is None and status.get("recordsIn", 0) >= total:
                     consumed = now
             results.poll(0.5)

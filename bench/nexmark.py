@@ -527,10 +527,7 @@ def start_flink(
 
 
 def weir_first_record(started: Started) -> float | None:
-    code, status = measure.http_json(f"http://127.0.0.1:{started.ports[0]}/status", 0.5)
-    if code == 200 and isinstance(status, dict) and status.get("recordsIn", 0) > 0:
-        return time.time()
-    return None
+    return measure.weir_first_record(started.ports[:1])
 
 
 def flink_first_record(started: Started) -> float | None:

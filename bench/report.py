@@ -257,8 +257,9 @@ def markdown(doc: dict[str, Any], profile: dict[str, Any] | None) -> str:
         "",
         *_scaling_note(doc),
         "- The ceiling is timed from its first record to its last record decoded; it writes no "
-        "results. weir's first record is when its `/status` first shows `recordsIn > 0` (polled "
-        "every ~20 ms); the peers print the wall-clock time of their first deserialisation.",
+        "results. weir's first record is the `firstRecordAt` its workers stamp when their first "
+        "record comes (read from `/status`); the peers print the wall-clock time of their first "
+        "deserialisation.",
         "- CPU is user + system time of the runner's processes (its process group; all threads: "
         "librdkafka's, the JVM's JIT and GC) between those two moments, from `/proc/<pid>/stat` "
         "sampled every ~50 ms. Peak RSS is the high-water mark (`VmHWM`, last sampled while it "

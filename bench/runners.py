@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,11 +296,7 @@ class Weir(Runner):
         return all(measure.http_json(f"http://127.0.0.1:{p}/readyz", 0.5)[0] == 200 for p in self.ports)
 
     def first_record(self, ctx: Context, log_path: Path) -> float | None:
-        for port in self.ports:
-            code, status = measure.http_json(f"http://127.0.0.1:{port}/status", 0.5)
-            if code == 200 and isinstance(status, dict) and status.get("recordsIn", 0) > 0:
-                return time.time()
-        return None
+        return measure.weir_first_record(self.ports)
 
     def dead_letters(self, ctx: Context) -> int:
         return measure.topic_records(ctx.bootstrap, self.dlq(ctx))

@@ -207,6 +207,9 @@ class WorkerStatus(_Payload):
     records_per_second: Annotated[float, Field(ge=0)] | None = None
     """Records processed per second over the last seconds."""
     records_in: int = 0
+    first_record_at: int | None = None
+    """When this worker first consumed a record since it started, epoch milliseconds (its
+    status is published at once then, not at the next interval); None before."""
     records_out: int = 0
     dead_lettered: dict[str, int] = Field(default_factory=dict)
     """Records sent to the dead-letter topic, by reason."""

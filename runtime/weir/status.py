@@ -72,6 +72,7 @@ def publish(worker: Worker, now: float) -> WorkerStatus:
         busy_ratio_since_start=min(1.0, worker.busy_s / elapsed),
         records_per_second=worker.rate.rate(),
         records_in=sum(t.records for t in core.tasks.values()),
+        first_record_at=worker.first_record_ms,
         records_out=core.records_out,
         dead_lettered=dict(core.dead_lettered),
         producer_queue_full=worker.queue_full,

@@ -225,6 +225,8 @@ class Worker:
         self.alive_at = time.monotonic()
         self.started = time.monotonic()
         self.busy_s = 0.0
+        self.first_record_ms: int | None = None
+        """When the loop first consumed a record since start (epoch ms), for ``/status``."""
         self.queue_full = 0
         self.input_partitions: dict[str, int] = {}
         """Partition count of each input topic, for ``/status``: the operator runs no more
@@ -466,6 +468,9 @@ class Worker:
             msgs = consume(batch_size, timeout)
             t0 = perf()
             if msgs:
+                if self.first_record_ms is None:
+                    self.first_record_ms = self.wall_ms()
+                    next_tick = 0.0  # /status shows the first records at once
                 process(msgs, monotonic())
                 if limit:
                     time.sleep(max(0.0, t0 + len(msgs) / limit - perf()))

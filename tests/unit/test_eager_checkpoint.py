@@ -115,3 +115,58 @@ def test_results_are_committed_early_and_early_checkpoints_keep_a_quarter_interv
     # (not at the next interval).
     second = readable_at[3] - readable_at[2]
     assert INTERVAL_S / 4 * 0.9 <= second < INTERVAL_S * 0.75, f"the next early one after {second:.2f} s"
+
+
+def test_status_shows_the_first_record_and_when_it_came_at_once_not_at_the_next_interval(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    broker.create("events", 1)
+    broker.create("out", 1)
+    clock = [T0]
+    seen: list[tuple[int, int, int | None]] = []  # (records consumed, recordsIn, firstRecordAt)
+    worker: Worker | None = None
+
+    def on_consume(n: int) -> None:
+        assert worker is not None
+        status = worker.status()
+        seen.append((n, status.records_in, status.first_record_at))
+        if len(seen) == 3:  # idle so far
+            clock[0] = T0 + 7_000
+            for i in range(3):
+                broker.append("events", orjson.dumps({"ts": T0 + i}), b"k", 0)
+        elif status.records_in == 3 and clock[0] == T0 + 7_000:
+            clock[0] = T0 + 20_000
+            broker.append("events", orjson.dumps({"ts": T0 + 5}), b"k", 0)
+        elif (n and clock[0] == T0 + 20_000) or len(seen) > 50:
+            worker.stop()
+
+    worker = Worker(
+        compile_job(job(), wall_ms=lambda: T0),
+        kio.KafkaSettings("memory", {}, {}),
+        WorkerSettings(
+            0,
+            1,
+            tmp_path / "state",
+            batch_size=100,
+            checkpoint_interval_s=3600,
+            watermark_interval_s=3600,  # status is otherwise published once, at the loop's start
+            checkpoint_url="memory://mem/ck",
+            shutdown_timeout_s=5,
+            guarantee="exactly-once",
+        ),
+        connect=broker.connect(Faults(), on_consume),
+        store_backend=MemoryBackend(),
+        uploader=InlineExecutor,
+        wall_ms=lambda: clock[0],
+    )
+    worker.run()
+
+    assert seen[:3] == [(0, 0, None)] * 3, seen
+    consumed = [i for i, (n, _in, _at) in enumerate(seen) if n]
+    assert len(consumed) == 2, seen
+    # The consume after the first records sees them in /status, stamped when they came.
+    assert seen[consumed[0] + 1][1:] == (3, T0 + 7_000), seen
+    # Later records do not move it.
+    assert seen[consumed[1]][1:] == (3, T0 + 7_000), seen
+    assert worker.first_record_ms == T0 + 7_000
