@@ -210,14 +210,17 @@ class CheckpointStore(StoreReader):
         uploaded = [0, 0]
         entries: dict[str, PartitionEntry] = {}
         puts: list[tuple[str, Path, int, set[str] | None]] = []  # key, file, size, shared index
+        digests: dict[tuple[int, int, int, int, str], str] = {}  # of the files in this checkpoint
         for name, snap in sorted(partitions.items()):
             pdir = partition_dir(name)
             if not snap.path.is_dir():
                 raise CheckpointError(f"partition {name}: {snap.path} is not a RocksDB checkpoint directory")
             present = self._present_keys(pdir)
             files: list[FileEntry] = []
-            for path in sorted(p for p in snap.path.iterdir() if p.is_file()):
-                size, digest = self._digest(path)
+            with os.scandir(snap.path) as listing:
+                found = sorted((e.name, Path(e.path), e.stat()) for e in listing if e.is_file())
+            for _name, path, st in found:
+                size, digest = self._digest(path, st, digests)
                 if path.name.endswith(_IMMUTABLE_SUFFIXES):
                     rel = join_key(SHARED, pdir, f"{digest}-{path.name}")
                     if rel not in present:
@@ -240,7 +243,7 @@ class CheckpointStore(StoreReader):
         for rel, _path, _size, shared in puts:
             if shared is not None:
                 shared.add(rel)
-        self._forget_digests_except(partitions.values())
+        self._digests = digests  # the next checkpoint shares most of these files
         manifest = self._manifest(
             "checkpoint", checkpoint_id, index, count, entries, "job", self._url(CHECKPOINTS, checkpoint_id),
             state_shape,
@@ -351,23 +354,17 @@ class CheckpointStore(StoreReader):
             self._present[pdir] = present
         return present
 
-    def _digest(self, path: Path) -> tuple[int, str]:
-        st = path.stat()
+    def _digest(
+        self, path: Path, st: os.stat_result, digests: dict[tuple[int, int, int, int, str], str]
+    ) -> tuple[int, str]:
+        """``path``'s size and sha256, remembered in ``digests`` by file identity: a file of an
+        earlier checkpoint (the same inode, size and mtime) is not read again."""
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, path.name)
-        digest = self._digests.get(ident)
+        digest = self._digests.get(ident) or digests.get(ident)
         if digest is None:
             digest = sha256_file(path)
-            self._digests[ident] = digest
+        digests[ident] = digest
         return st.st_size, digest
-
-    def _forget_digests_except(self, snaps: Iterable[PartitionSnapshot]) -> None:
-        live: set[tuple[int, int, int, int, str]] = set()
-        for snap in snaps:
-            for p in snap.path.iterdir():
-                with contextlib.suppress(OSError):
-                    st = p.stat()
-                    live.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, p.name))
-        self._digests = {k: v for k, v in self._digests.items() if k in live}
 
     # retention
     def retain(

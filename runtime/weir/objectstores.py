@@ -262,7 +262,8 @@ class FileBackend:
             target = self._path(key)
             tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent not in dirs:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(path, tmp)
                 except OSError as exc:

@@ -181,6 +181,43 @@ def test_a_second_checkpoint_after_a_small_change_uploads_only_the_new_files(tmp
     store.close()
 
 
+def test_a_file_an_earlier_checkpoint_read_is_not_read_again_and_only_current_files_are_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weir import checkpoint as ck
+
+    read: list[str] = []
+    real = ck.sha256_file
+
+    def counting(path: Path) -> str:
+        read.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(ck, "sha256_file", counting)
+    live = _pstore(tmp_path / "live")
+    _fill(live, 2_000)
+    store = _open(tmp_path)
+    one = store.write_checkpoint("0000000001-w0", (0, 1), {"orders/0": _snap(live, tmp_path / "s1", 1)})
+    first_read = list(read)
+    read.clear()
+    live.put(("key-1", 0, 60_000), [1, "changed"])
+    two = store.write_checkpoint("0000000002-w0", (0, 1), {"orders/0": _snap(live, tmp_path / "s2", 2)})
+
+    ssts_one = {f.name for f in one.manifest.partitions["orders/0"].files if f.name.endswith(".sst")}
+    ssts_two = {f.name for f in two.manifest.partitions["orders/0"].files if f.name.endswith(".sst")}
+    assert ssts_one and ssts_one < ssts_two
+    assert sorted(first_read) == sorted(f.name for f in one.manifest.partitions["orders/0"].files)
+    # The SST files of the first checkpoint (hard links of the same files) are not read again.
+    assert not ssts_one & set(read), read
+    assert ssts_two - ssts_one <= set(read)
+    # What it remembers is this checkpoint's files, not every file it ever read.
+    assert sorted(name for *_, name in store._digests) == sorted(
+        f.name for f in two.manifest.partitions["orders/0"].files
+    )
+    live.close()
+    store.close()
+
+
 def test_a_new_store_object_lists_the_shared_area_once_instead_of_uploading_again(tmp_path: Path) -> None:
     live = _pstore(tmp_path / "live")
     _fill(live, 2_000)
