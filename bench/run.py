@@ -208,7 +208,7 @@ class Process:
         """The broker's CPU, when it runs on this machine (``BROKER_PID``)."""
         self.reader = measure.CpuSamples(lambda: sum(os.times()[:2]))
         """The benchmark's own CPU: reading and checking results, sampling."""
-        self.threads: list[dict[str, float]] = []
+        self.threads: list[tuple[float, dict[str, float]]] = []  # (epoch s, CPU s by kind)
         """``measure.thread_cpu_s`` at the runner's first record and at its last result."""
         self.exit_code: int | None = None
         self.rusage: Any = None
@@ -272,13 +272,15 @@ class Process:
         return ""
 
 
-def thread_cores(snapshots: list[dict[str, float]], seconds: float) -> dict[str, float]:
+def thread_cores(snapshots: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
     """The runner's CPU by kind of thread over the run (``python_cores``, ``librdkafka_cores``, ...)
-    from the two ``measure.thread_cpu_s`` snapshots; read from /proc when the first record and
-    the last result were seen, so good to a clock tick and a loop turn (~50 ms) at each end."""
+    from the two timed ``measure.thread_cpu_s`` snapshots, per second between them; read from
+    /proc once the first record was known (a ``/status`` round trip after it, for weir) and when
+    the last result was seen, so good to a clock tick and a loop turn (~50 ms) at each end."""
     if len(snapshots) < 2:
         return {}
-    first, last = snapshots[0], snapshots[-1]
+    (t0, first), (t1, last) = snapshots[0], snapshots[-1]
+    seconds = max(t1 - t0, 1e-9)
     return {f"{kind}_cores": max(0.0, last[kind] - first[kind]) / seconds for kind in first}
 
 
@@ -337,11 +339,11 @@ def run_throughput(
             if t_first is None:
                 t_first = runner.first_record(ctx, proc.log_path)
                 if t_first is not None:
-                    proc.threads.append(measure.thread_cpu_s(proc.pid))
+                    proc.threads.append((time.time(), measure.thread_cpu_s(proc.pid)))
             reader.poll(0.02 if t_first is None else 0.05)
             if not reader.awaiting and t_first is not None:
                 t_done = max(reader.arrived[k] for k in expected)
-                proc.threads.append(measure.thread_cpu_s(proc.pid))
+                proc.threads.append((time.time(), measure.thread_cpu_s(proc.pid)))
                 break
             if not proc.alive():
                 # Bytewax stops at the end of the topic: read what it wrote, then judge.
@@ -388,7 +390,7 @@ def run_throughput(
         "machine_busy_cores": machine_s / seconds,
         "broker_cores": broker_s / seconds if proc.broker.t else None,
         "reader_cores": (proc.reader.at(t_done) - proc.reader.at(t_first)) / seconds,
-        **thread_cores(proc.threads, seconds),
+        **thread_cores(proc.threads),
         **proc.mem,
         "loadavg_before": load_before,
         "loadavg_after": measure.loadavg(),
