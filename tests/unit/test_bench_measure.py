@@ -54,13 +54,16 @@ def test_thread_cpu_counts_a_busy_python_thread_as_python() -> None:
     assert after["librdkafka"] == before["librdkafka"] and after["rocksdb"] == before["rocksdb"]
 
 
-def test_thread_cores_are_the_difference_of_two_snapshots_per_second() -> None:
-    first = {"python": 1.0, "librdkafka": 0.5, "rocksdb": 0.0, "other": 0.0}
-    last = {"python": 3.0, "librdkafka": 1.5, "rocksdb": 0.0, "other": 0.0}
-    assert run.thread_cores([first, last], 2.0) == {
+def test_thread_cores_are_the_difference_of_two_snapshots_per_second_between_them() -> None:
+    first = (100.0, {"python": 1.0, "librdkafka": 0.5, "rocksdb": 0.0, "other": 0.0})
+    last = (102.0, {"python": 3.0, "librdkafka": 1.5, "rocksdb": 0.0, "other": 0.0})
+    assert run.thread_cores([first, last]) == {
         "python_cores": 1.0, "librdkafka_cores": 0.5, "rocksdb_cores": 0.0, "other_cores": 0.0,
     }  # fmt: skip
-    assert run.thread_cores([first], 2.0) == {}, "a run never seen starting has no split"
+    # Read later than the run's start: the split is per second of what it saw, not of the run.
+    late = (101.0, {"python": 2.0, "librdkafka": 1.0, "rocksdb": 0.0, "other": 0.0})
+    assert run.thread_cores([late, last])["python_cores"] == 1.0
+    assert run.thread_cores([first]) == {}, "a run never seen starting has no split"
 
 
 def _figures(**cores: float) -> dict[str, Any]:
@@ -188,3 +191,41 @@ def test_a_failing_consumer_fails_the_next_poll() -> None:
                 reader.poll(0.05)
     finally:
         reader.close()
+
+
+def test_weirs_first_record_is_the_earliest_worker_stamp_once_every_worker_shows_records() -> None:
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    statuses: list[dict[str, Any]] = [{"recordsIn": 0}, {"recordsIn": 0}]
+    servers = []
+    for status in statuses:
+
+        class Handler(BaseHTTPRequestHandler):
+            body = status
+
+            def do_GET(self) -> None:
+                data = json.dumps(self.body).encode()
+                self.send_response(200 if self.path == "/status" else 404)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    ports = [s.server_address[1] for s in servers]
+    try:
+        assert measure.weir_first_record(ports) is None
+        statuses[1].update(recordsIn=10, firstRecordAt=1_700_000_000_250)
+        assert measure.weir_first_record(ports) is None, "worker 0 has no record yet"
+        statuses[0].update(recordsIn=3, firstRecordAt=1_700_000_000_100)
+        assert measure.weir_first_record(ports) == 1_700_000_000.1
+        assert measure.weir_first_record(ports[1:]) == 1_700_000_000.25
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
