@@ -50,6 +50,36 @@ def burst(broker: MemoryBroker, window: int) -> None:
         broker.append("events", orjson.dumps({"ts": ts}), b"k", 0)
 
 
+def exactly_once_worker(
+    tmp_path: Path,
+    broker: MemoryBroker,
+    on_consume: Any,
+    checkpoint_interval_s: float,
+    watermark_interval_s: float,
+    wall_ms: Any = None,
+) -> Worker:
+    """The real worker loop, exactly-once, on ``broker`` and an in-memory store."""
+    return Worker(
+        compile_job(job(), wall_ms=lambda: T0),
+        kio.KafkaSettings("memory", {}, {}),
+        WorkerSettings(
+            0,
+            1,
+            tmp_path / "state",
+            batch_size=100,
+            checkpoint_interval_s=checkpoint_interval_s,
+            watermark_interval_s=watermark_interval_s,
+            checkpoint_url="memory://mem/ck",
+            shutdown_timeout_s=5,
+            guarantee="exactly-once",
+        ),
+        connect=broker.connect(Faults(), on_consume),
+        store_backend=MemoryBackend(),
+        uploader=InlineExecutor,
+        wall_ms=wall_ms,
+    )
+
+
 def test_results_are_committed_early_and_early_checkpoints_keep_a_quarter_interval_apart(
     tmp_path: Path,
 ) -> None:
@@ -84,24 +114,7 @@ def test_results_are_committed_early_and_early_checkpoints_keep_a_quarter_interv
                 assert worker is not None
                 worker.stop()
 
-    worker = Worker(
-        compile_job(job(), wall_ms=lambda: T0),
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0,
-            1,
-            tmp_path / "state",
-            batch_size=100,
-            checkpoint_interval_s=INTERVAL_S,
-            watermark_interval_s=0.01,
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-            guarantee="exactly-once",
-        ),
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=MemoryBackend(),
-        uploader=InlineExecutor,
-    )
+    worker = exactly_once_worker(tmp_path, broker, on_consume, INTERVAL_S, watermark_interval_s=0.01)
     worker.run()
 
     assert sorted(readable_at) == [0, 1, 2, 3], f"results readable over time: {readable_at}"
@@ -141,24 +154,9 @@ def test_status_shows_the_first_record_and_when_it_came_at_once_not_at_the_next_
         elif (n and clock[0] == T0 + 20_000) or len(seen) > 50:
             worker.stop()
 
-    worker = Worker(
-        compile_job(job(), wall_ms=lambda: T0),
-        kio.KafkaSettings("memory", {}, {}),
-        WorkerSettings(
-            0,
-            1,
-            tmp_path / "state",
-            batch_size=100,
-            checkpoint_interval_s=3600,
-            watermark_interval_s=3600,  # status is otherwise published once, at the loop's start
-            checkpoint_url="memory://mem/ck",
-            shutdown_timeout_s=5,
-            guarantee="exactly-once",
-        ),
-        connect=broker.connect(Faults(), on_consume),
-        store_backend=MemoryBackend(),
-        uploader=InlineExecutor,
-        wall_ms=lambda: clock[0],
+    # With a 1-hour interval the status is otherwise published once, at the loop's start.
+    worker = exactly_once_worker(
+        tmp_path, broker, on_consume, 3600, watermark_interval_s=3600, wall_ms=lambda: clock[0]
     )
     worker.run()
 
