@@ -53,6 +53,7 @@ __all__ = ["TaskCore"]
 _FIRE_CHUNK = 5000
 """Window results produced per ``advance`` call when many windows close at once."""
 
+
 def _drop(
     topic: str, value: bytes | None, key: bytes | None, partition: int = -1, headers: Headers | None = None
 ) -> None:
@@ -248,7 +249,10 @@ class TaskCore(CoreOutput):
     def _run_task(self, task: Task, batch: list[Message], now: float) -> None:
         """One task's part of a batch, in order; a replay produces nothing up to the committed
         offset."""
+        back = task.idle
         self.watermarks.saw_records(task, now)
+        if back and task.forward:
+            self._send_markers(task)  # before its records: the keyed stage waits for it again
         until = task.replay_until
         if until is None:
             self._process_task(task, batch)
@@ -361,6 +365,7 @@ class TaskCore(CoreOutput):
 
             def run(i: int) -> Any:  # (index, code, task wm, op wm, late ts, late wm)
                 return native.run_fetched(fetch, group, i, task.wm, op.watermark, horizon, op.stored)
+
         adopt, process = op.adopt, op.process
 
         def handed_over(key: str, ts: int, record: dict[str, Any], wm: int) -> bool:
@@ -479,10 +484,10 @@ class TaskCore(CoreOutput):
             value = m.value()
             nbytes += len(value) if value is not None else 0
             k = m.key()
-            if k is None:  # a watermark marker: {"src": "<topic>-<partition>", "wm": ms}
+            if k is None:  # a watermark marker: {"src": "<topic>-<partition>", "wm": ms[, "idle": true]}
                 marker = loads(value)  # type: ignore[arg-type]
-                if marks.marker(task, marker["src"], marker["wm"]):
-                    wm = marks.upstream_min(task)
+                if marks.marker(task, marker["src"], marker["wm"], marker.get("idle") is True):
+                    wm = max(wm, marks.upstream_min(task))
                 continue
             try:
                 key, ts, record = prepare_repartitioned(value, k, 0)
@@ -570,14 +575,21 @@ class TaskCore(CoreOutput):
                 self.fire(task)
 
     def _send_markers(self, task: Task) -> None:
-        if task.wm == task.wm_sent or task.wm == NO_WATERMARK:
+        """Write a stage-1 task's watermark to every repartition partition, when it has news:
+        ``{"src": "<topic>-<partition>", "wm": ms}``, with ``"idle": true`` while it is idle."""
+        mark = self.watermarks.marker_due(task)
+        if mark is None:
             return
         topic = self.graph.repartition_topic
         assert topic is not None
-        marker = orjson.dumps({"src": task.label, "wm": task.wm})
+        wm, idle = mark
+        fields: dict[str, Any] = {"src": task.label, "wm": wm}
+        if idle:
+            fields["idle"] = True
+        marker = orjson.dumps(fields)
         for q in range(self.repartition_partitions):
             self.out(topic, marker, None, q)
-        task.wm_sent = task.wm
+        task.sent = mark
 
     # -- results ----------------------------------------------------------------------
     def fire(self, task: Task) -> None:

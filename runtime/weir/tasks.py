@@ -3,17 +3,21 @@
 Watermarks (``Watermarks``). A task's watermark is ``max event time seen - maxOutOfOrderness``
 and only rises; it is read per record, so whether a record is late does not depend on batching.
 When a task has consumed everything its partition holds and then had no record for
-``idleTimeout``, its watermark follows the wall clock (``now - maxOutOfOrderness``): windows of
-a quiet partition still close, and a quiet upstream partition does not hold back the
-repartitioned stage. A repartitioned task's watermark is the minimum over every upstream source
-partition, learnt from the watermark markers (records with a null key) that each upstream task
-writes to every repartition partition; until every upstream partition has reported, it does not
-advance.
+``idleTimeout``, it is idle: its watermark follows the wall clock (``now - maxOutOfOrderness``),
+so windows of a quiet partition still close. A repartitioned task's watermark is the minimum
+over every upstream source partition, learnt from the watermark markers (records with a null
+key) that each upstream task writes to every repartition partition; until every upstream
+partition has reported, it does not advance. A quiet upstream partition marks itself idle at
+the wall clock instead of holding the repartitioned stage back, and keeps its own watermark:
+when its records come again, its next marker (sent before them) holds the stage back again from
+where that partition is (as a Flink input that turns active again). Without that, a partition
+that woke up behind the others would have them close its windows under it, and lose every
+record they passed as late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -150,7 +154,12 @@ class Task:
     late: int = 0
     upstream: dict[str, int] = field(default_factory=dict)
     """Repartitioned tasks: the watermark of every upstream source partition."""
-    wm_sent: int = NO_WATERMARK
+    upstream_idle: set[str] = field(default_factory=set)
+    """Repartitioned tasks: the upstream partitions whose last marker said idle."""
+    idle_wm: int = NO_WATERMARK
+    """Stage-1 tasks: the watermark an idle one's markers carry (the wall clock's)."""
+    sent: tuple[int, bool] | None = None
+    """Stage-1 tasks: the last marker written (watermark, idle); None: none since the start."""
     metrics: Any = None
     native: Any = None
     """The task's ``weir_native.Windows`` when the native hot path runs it (``weir.native``)."""
@@ -165,15 +174,28 @@ class Task:
         return f"{self.topic}/{self.partition}"
 
     def progress(self) -> dict[str, Any]:
-        return {"offset": self.next_offset, "wm": self.wm, "upstream": dict(self.upstream)}
+        return {"offset": self.next_offset, "wm": self.wm, **self.upstream_progress()}
+
+    def upstream_progress(self) -> dict[str, Any]:
+        """The upstream watermarks a checkpoint records (and which of them are idle)."""
+        return upstream_progress(self.upstream, self.upstream_idle)
 
     def restore_progress(self, progress: Mapping[str, Any] | None) -> None:
         """Take the watermark (and upstream watermarks) recorded with restored state."""
         if progress is None:
             return
         self.wm = int(progress.get("wm", NO_WATERMARK))
-        self.wm_sent = NO_WATERMARK
+        self.sent = None
         self.upstream = {k: int(v) for k, v in (progress.get("upstream") or {}).items()}
+        self.upstream_idle = set(progress.get("upstreamIdle") or ()) & self.upstream.keys()
+
+
+def upstream_progress(upstream: Mapping[str, int], idle: Collection[str]) -> dict[str, Any]:
+    """``{"upstream": ..., "upstreamIdle": [...]}`` (the latter only when some are idle)."""
+    out: dict[str, Any] = {"upstream": dict(upstream)}
+    if idle:
+        out["upstreamIdle"] = sorted(idle)
+    return out
 
 
 class Watermarks:
@@ -195,24 +217,45 @@ class Watermarks:
 
     def idle(self, task: Task, now: float, wall_ms: int, caught_up: Callable[[Task], bool]) -> None:
         """A task that has read all its partition holds and had no record for ``idleTimeout``
-        is idle: its watermark follows the wall clock. ``caught_up`` is asked last (it may ask
-        the client): a slow partition with records waiting must not be taken for a quiet one."""
+        is idle: its watermark follows the wall clock (a stage-1 task's markers do, and its own
+        watermark stays where its records put it). ``caught_up`` is asked last (it may ask the
+        client): a slow partition with records waiting must not be taken for a quiet one."""
         if self.idle_after <= 0 or now - task.last_record < self.idle_after or not caught_up(task):
             return
         task.idle = True
         floor = wall_ms - self.ooo
-        if floor > task.wm:
+        if task.forward:
+            task.idle_wm = max(task.idle_wm, floor, task.wm)
+        elif floor > task.wm:
             task.wm = floor
 
     def upstream_min(self, task: Task) -> int:
-        """A repartitioned task's watermark: the minimum over every upstream partition."""
+        """A repartitioned task's watermark: the minimum over every upstream partition, never
+        below the task's own (an upstream partition back from idleness holds it, not lowers it)."""
         if len(task.upstream) < self.upstream_count:
-            return NO_WATERMARK
-        return min(task.upstream.values())
+            return task.wm
+        return max(task.wm, min(task.upstream.values()))
 
-    def marker(self, task: Task, source: str, wm: int) -> bool:
-        """Record an upstream partition's watermark marker; True when it moved."""
+    def marker(self, task: Task, source: str, wm: int, idle: bool = False) -> bool:
+        """Record an upstream partition's watermark marker; True when it moved. An idle
+        partition's marks rise with the wall clock; its first marker after that counts even
+        lower, since it holds the task back again from where it is."""
+        if not idle and source in task.upstream_idle:
+            task.upstream_idle.discard(source)
+            task.upstream[source] = wm
+            return True
+        if idle:
+            task.upstream_idle.add(source)
         if wm > task.upstream.get(source, NO_WATERMARK):
             task.upstream[source] = wm
             return True
         return False
+
+    def marker_due(self, task: Task) -> tuple[int, bool] | None:
+        """The marker a stage-1 task writes now (watermark, idle), or None: nothing new to say.
+        Its first marker goes out even without a watermark: after a restart the stage behind
+        it may still take it for idle."""
+        mark = (task.idle_wm, True) if task.idle else (task.wm, False)
+        if mark == task.sent or (mark[0] == NO_WATERMARK and task.sent is not None and not task.sent[1]):
+            return None
+        return mark

@@ -12,6 +12,7 @@ import pytest
 from weir.core import TaskCore
 from weir.functions import FunctionFailed
 from weir.graph import JobGraph, compile_job
+from weir.native import available as native_available
 from weir.process import Context, ProcessFunction
 from weir.spec import load_job
 from weir.tasks import NO_WATERMARK, Consumed, Task, Watermarks
@@ -229,3 +230,155 @@ def test_a_flat_map_feeds_every_record_it_makes_to_the_window(tmp_path: Path) ->
     )
 
     assert [(r["windowStartMs"], r["n"]) for r in out.to("out")] == [(T0, 3)]
+
+
+# -- an upstream partition back from idleness ----------------------------------------------------
+
+
+class Pipe:
+    """A repartitioned job's core on two source partitions and one repartition partition: what
+    stage 1 writes to the repartition topic comes back to stage 2 when ``deliver`` is called."""
+
+    def __init__(self, tmp_path: Path, native: bool) -> None:
+        doc = {
+            "apiVersion": "weir.dev/v1alpha1",
+            "kind": "StreamJob",
+            "metadata": {"name": "idle", "namespace": "test"},
+            "spec": {
+                "kafka": {"bootstrapServers": "memory"},
+                "pipeline": {
+                    "source": {"topics": ["events"], "eventTime": {"field": "ts"}},
+                    "watermark": {"maxOutOfOrderness": "0ms", "idleTimeout": "5s"},
+                    "steps": [
+                        {"keyBy": {"field": "user"}},
+                        {"window": {"type": "tumbling", "size": "10s"}},
+                        {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
+                    ],
+                    "sink": {"topic": "out"},
+                    "deadLetter": {"topic": "dlq"},
+                },
+            },
+        }
+        graph = compile_job(load_job(orjson.dumps(doc).decode()), wall_ms=lambda: WALL, native=native)
+        assert (graph.native is not None) == native
+        self.rp = graph.repartition_topic
+        assert self.rp is not None
+        self.core = TaskCore(graph)
+        self.core.send = self.send
+        self.core.build({"events": 2, self.rp: 1}, 0, 1, 0.0)
+        for task in self.core.tasks.values():
+            if not task.forward:
+                self.core.open_state(task, tmp_path / task.label)
+            task.next_offset = 0
+        self.pending: list[Consumed] = []
+        self.offsets = {0: 0, 1: 0}
+        self.results: list[tuple[int, int]] = []
+        self.late: list[int] = []
+
+    def send(
+        self, topic: str, value: bytes | None, key: bytes | None, partition: int = -1, headers: Any = None
+    ) -> None:
+        if topic == self.rp:
+            self.pending.append(Consumed(topic, 0, 0, key, value))
+        elif topic == "out":
+            r = orjson.loads(value or b"null")
+            self.results.append(((r["windowStartMs"] - T0) // 1000, r["n"]))
+        elif topic == "dlq":
+            self.late.append((orjson.loads(value or b"null")[0] - T0) // 1000)  # a forwarded record: [ts, record]
+
+    def records(self, partition: int, *seconds: float, now: float) -> None:
+        batch = []
+        for s in seconds:
+            value = orjson.dumps({"user": "u", "ts": T0 + int(s * 1000)})
+            batch.append(Consumed("events", partition, self.offsets[partition], b"k", value))
+            self.offsets[partition] += 1
+        self.core.process(batch, now)
+
+    def tick(self, now: float) -> None:
+        self.core.tick(now, WALL, lambda _t: True, lambda t: t.next_offset)
+
+    def deliver(self, now: float) -> None:
+        batch = [Consumed(m.topic(), 0, i, m.key(), m.value()) for i, m in enumerate(self.pending)]
+        self.pending = []
+        if batch:
+            self.core.process(batch, now)
+        self.tick(now)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_an_upstream_partition_back_from_idleness_holds_the_keyed_stage_again_and_loses_nothing_past_it(
+    tmp_path: Path, native: bool
+) -> None:
+    if native and not native_available():
+        pytest.skip("the native extension is not built (make setup builds it)")
+    pipe = Pipe(tmp_path, native)
+    pipe.records(0, 1, now=1.0)
+    pipe.tick(now=1.0)
+    pipe.records(0, 12, now=5.5)
+    pipe.tick(now=6.0)  # partition 1 empty for longer than idleTimeout: idle
+    pipe.deliver(now=6.0)
+    idle = {t.partition: t.idle for t in pipe.core.tasks.values() if t.forward}
+    assert idle == {0: False, 1: True}
+    assert pipe.results == [(0, 1)], "the idle partition does not hold the window [0 s, 10 s) open"
+
+    # Partition 1 wakes up behind partition 0, which runs far ahead in the same delivery.
+    pipe.records(1, 13, 15, now=8.0)
+    pipe.records(0, 35, now=8.0)
+    pipe.tick(now=8.0)
+    pipe.deliver(now=8.0)
+    assert pipe.results == [(0, 1)], "partition 1 holds the window [10 s, 20 s) open again"
+
+    pipe.records(1, 18, 40, now=9.0)
+    pipe.records(0, 41, now=9.0)
+    pipe.tick(now=9.0)
+    pipe.deliver(now=9.0)
+
+    assert pipe.late == [], "no record of the partition that came back is late"
+    assert pipe.results == [(0, 1), (10, 4), (30, 1)]
+    stage2 = pipe.core.tasks[(pipe.rp, 0)]
+    assert stage2.upstream_idle == set() and stage2.wm == T0 + 40_000
+
+
+def test_an_idle_stage_1_partition_marks_idle_at_the_wall_clock_and_keeps_its_own_watermark() -> None:
+    marks = Watermarks(max_out_of_orderness_ms=2_000, idle_timeout_ms=5_000)
+    task = Task("events", 0, "events-0", forward=True, wm=T0)
+    marks.saw_records(task, now=100.0)
+    assert marks.marker_due(task) == (T0, False)
+    task.sent = (T0, False)
+    assert marks.marker_due(task) is None, "nothing new"
+
+    marks.idle(task, now=105.0, wall_ms=WALL, caught_up=lambda _t: True)
+    assert (task.idle, task.wm, marks.marker_due(task)) == (True, T0, (WALL - 2_000, True))
+    task.sent = (WALL - 2_000, True)
+
+    marks.saw_records(task, now=106.0)
+    assert marks.marker_due(task) == (T0, False), "back: its own watermark again, not the wall clock's"
+
+    fresh = Task("events", 1, "events-1", forward=True)
+    assert marks.marker_due(fresh) == (NO_WATERMARK, False), "the first marker says it is not idle"
+    fresh.sent = (NO_WATERMARK, False)
+    assert marks.marker_due(fresh) is None
+
+
+def test_an_upstream_partition_back_from_idleness_counts_though_lower_and_never_lowers_the_task() -> None:
+    marks = Watermarks(0, 0, upstream_count=2)
+    task = Task("rp", 0, "rp-0")
+    assert marks.marker(task, "events-0", T0 + 50)
+    assert marks.marker(task, "events-1", WALL, idle=True)
+    task.wm = marks.upstream_min(task)
+    assert task.wm == T0 + 50
+    assert marks.marker(task, "events-0", T0 + 90)
+    task.wm = marks.upstream_min(task)
+    assert task.wm == T0 + 90, "the idle partition does not hold it back"
+
+    assert marks.marker(task, "events-1", T0 + 20), "back from idleness: it counts though lower"
+    assert task.upstream == {"events-0": T0 + 90, "events-1": T0 + 20} and task.upstream_idle == set()
+    assert marks.upstream_min(task) == T0 + 90, "the task's watermark never goes back"
+    assert not marks.marker(task, "events-1", T0 + 10), "a non-idle partition's marks only rise"
+    assert marks.marker(task, "events-0", T0 + 200)
+    assert marks.upstream_min(task) == T0 + 90, "held by the partition that came back"
+
+    restored = Task("rp", 0, "rp-0")
+    assert marks.marker(restored, "events-1", WALL, idle=True)
+    restored.restore_progress({"wm": T0, **restored.upstream_progress()})
+    assert restored.upstream_idle == {"events-1"}, "which upstream partitions are idle survives a restart"
