@@ -39,10 +39,12 @@ $(STAMP): pyproject.toml constraints.txt $(NATIVE)
 crds: setup ## Regenerate the StreamJob CRD from the models into crds/ and the Helm chart
 	$(PY) -m weir_operator.crd
 
-lint: setup ## ruff, mypy (strict) and the import-linter layer contracts
+lint: setup ## ruff, mypy (strict), the import-linter layer contracts and rustfmt on native/
 	$(BIN)/ruff check runtime operator tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	@if cargo fmt --version >/dev/null 2>&1; then cd native && cargo fmt --check; \
+	else echo "lint: rustfmt is not installed (rustup component add rustfmt): native/ formatting unchecked"; fi
 
 test-unit: setup ## Fast tests of the pure logic; no servers
 	$(PY) -m pytest tests/unit -q

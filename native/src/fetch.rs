@@ -308,7 +308,11 @@ impl Fetch {
                     let g = match self.groups.iter().position(|g| g.partition == msg.partition && g.topic == topic) {
                         Some(g) => g,
                         None => {
-                            self.groups.push(Group { topic: topic.into_owned(), partition: msg.partition, msgs: Vec::new() });
+                            self.groups.push(Group {
+                                topic: topic.into_owned(),
+                                partition: msg.partition,
+                                msgs: Vec::new(),
+                            });
                             self.groups.len() - 1
                         }
                     };

@@ -115,9 +115,7 @@ impl Cond {
                 Val::Missing | Val::Other => false,
             },
             Cond::CmpStr(f, op, s) => matches!(vals[*f], Val::Str(v) if op.holds(v.cmp(&**s))),
-            Cond::CmpNum(f, op, n) => {
-                as_num(vals[*f]).is_some_and(|v| cmp(v, *n).is_some_and(|o| op.holds(o)))
-            }
+            Cond::CmpNum(f, op, n) => as_num(vals[*f]).is_some_and(|v| cmp(v, *n).is_some_and(|o| op.holds(o))),
         }
     }
 }
@@ -138,9 +136,7 @@ fn num_of(v: &Bound<PyAny>) -> PyResult<Num> {
 fn cond_of(c: &Bound<PyAny>) -> PyResult<Cond> {
     let t = c.downcast::<PyTuple>()?;
     let kind: String = t.get_item(0)?.extract()?;
-    let list = |i: usize| -> PyResult<Vec<Cond>> {
-        t.get_item(i)?.try_iter()?.map(|x| cond_of(&x?)).collect()
-    };
+    let list = |i: usize| -> PyResult<Vec<Cond>> { t.get_item(i)?.try_iter()?.map(|x| cond_of(&x?)).collect() };
     Ok(match kind.as_str() {
         "and" => Cond::And(list(1)?),
         "or" => Cond::Or(list(1)?),
