@@ -49,7 +49,7 @@ from weir.state_migration import (
     verdict,
 )
 from weir.state_shape import StateShape
-from weir.tasks import EARLIEST, LATEST, NO_WATERMARK, Task, upstream_progress
+from weir.tasks import EARLIEST, LATEST, NO_WATERMARK, Task
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,8 @@ class _Snap:
         entry = self.manifest.partitions.get(partition)
         if entry is None:
             return None
-        wm, progress = entry.watermark, entry.progress
-        return {
-            "offset": entry.offset,
-            "wm": NO_WATERMARK if wm is None else wm,
-            **upstream_progress(progress.get("upstream") or {}, progress.get("upstreamIdle") or ()),
-        }
+        wm = NO_WATERMARK if entry.watermark is None else entry.watermark
+        return {"upstream": {}, **entry.progress, "offset": entry.offset, "wm": wm}
 
 
 def _compatible(s: recovery.Snapshot) -> bool:
@@ -226,7 +222,7 @@ class Committer:
             else:  # a stage-1 task of a repartitioned job: only its offset and watermark
                 local.mkdir(parents=True)
             wm = None if task.wm == NO_WATERMARK else task.wm
-            parts[task.name] = ck.PartitionSnapshot(local, task.next_offset, wm, task.upstream_progress())
+            parts[task.name] = ck.PartitionSnapshot(local, task.next_offset, wm, task.marks())
             # The snapshot's id rides along as offset metadata: it names the committed state. A
             # task still re-reading up to its committed offset commits none: the committed one is
             # ahead of it, and moving it back would un-suppress output committed before.

@@ -17,7 +17,7 @@ record they passed as late.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,11 +174,19 @@ class Task:
         return f"{self.topic}/{self.partition}"
 
     def progress(self) -> dict[str, Any]:
-        return {"offset": self.next_offset, "wm": self.wm, **self.upstream_progress()}
+        return {"offset": self.next_offset, "wm": self.wm, **self.marks()}
 
-    def upstream_progress(self) -> dict[str, Any]:
-        """The upstream watermarks a checkpoint records (and which of them are idle)."""
-        return upstream_progress(self.upstream, self.upstream_idle)
+    def marks(self) -> dict[str, Any]:
+        """What a checkpoint records of the task's event time besides its offset and watermark:
+        a repartitioned task's upstream watermarks (``upstream``) and which of them are idle
+        (``upstreamIdle``); an idle stage-1 task's idle mark (``idleWm``), so a restart neither
+        holds the keyed stage back for an idle timeout nor forgets that it stopped waiting."""
+        out: dict[str, Any] = {"upstream": dict(self.upstream)}
+        if self.upstream_idle:
+            out["upstreamIdle"] = sorted(self.upstream_idle)
+        if self.forward and self.idle:
+            out["idleWm"] = self.idle_wm
+        return out
 
     def restore_progress(self, progress: Mapping[str, Any] | None) -> None:
         """Take the watermark (and upstream watermarks) recorded with restored state."""
@@ -188,14 +196,9 @@ class Task:
         self.sent = None
         self.upstream = {k: int(v) for k, v in (progress.get("upstream") or {}).items()}
         self.upstream_idle = set(progress.get("upstreamIdle") or ()) & self.upstream.keys()
-
-
-def upstream_progress(upstream: Mapping[str, int], idle: Collection[str]) -> dict[str, Any]:
-    """``{"upstream": ..., "upstreamIdle": [...]}`` (the latter only when some are idle)."""
-    out: dict[str, Any] = {"upstream": dict(upstream)}
-    if idle:
-        out["upstreamIdle"] = sorted(idle)
-    return out
+        idle_wm = progress.get("idleWm")
+        if self.forward and idle_wm is not None:
+            self.idle, self.idle_wm = True, int(idle_wm)
 
 
 class Watermarks:
@@ -253,8 +256,8 @@ class Watermarks:
 
     def marker_due(self, task: Task) -> tuple[int, bool] | None:
         """The marker a stage-1 task writes now (watermark, idle), or None: nothing new to say.
-        Its first marker goes out even without a watermark: after a restart the stage behind
-        it may still take it for idle."""
+        Its first marker goes out even without a watermark: the stage behind it may still take
+        it for idle (from before a restart)."""
         mark = (task.idle_wm, True) if task.idle else (task.wm, False)
         if mark == task.sent or (mark[0] == NO_WATERMARK and task.sent is not None and not task.sent[1]):
             return None

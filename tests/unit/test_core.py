@@ -284,7 +284,8 @@ class Pipe:
             r = orjson.loads(value or b"null")
             self.results.append(((r["windowStartMs"] - T0) // 1000, r["n"]))
         elif topic == "dlq":
-            self.late.append((orjson.loads(value or b"null")[0] - T0) // 1000)  # a forwarded record: [ts, record]
+            forwarded = orjson.loads(value or b"null")  # [ts, record]
+            self.late.append((forwarded[0] - T0) // 1000)
 
     def records(self, partition: int, *seconds: float, now: float) -> None:
         batch = []
@@ -354,6 +355,13 @@ def test_an_idle_stage_1_partition_marks_idle_at_the_wall_clock_and_keeps_its_ow
     marks.saw_records(task, now=106.0)
     assert marks.marker_due(task) == (T0, False), "back: its own watermark again, not the wall clock's"
 
+    task.sent = (T0, False)
+    marks.idle(task, now=112.0, wall_ms=WALL + 1_000, caught_up=lambda _t: True)
+    restarted = Task("events", 0, "events-0", forward=True)
+    restarted.restore_progress(task.progress())
+    assert (restarted.idle, restarted.wm) == (True, T0), "a restart keeps its idleness and its own watermark"
+    assert marks.marker_due(restarted) == (WALL - 1_000, True), "so the keyed stage is not held back again"
+
     fresh = Task("events", 1, "events-1", forward=True)
     assert marks.marker_due(fresh) == (NO_WATERMARK, False), "the first marker says it is not idle"
     fresh.sent = (NO_WATERMARK, False)
@@ -380,5 +388,5 @@ def test_an_upstream_partition_back_from_idleness_counts_though_lower_and_never_
 
     restored = Task("rp", 0, "rp-0")
     assert marks.marker(restored, "events-1", WALL, idle=True)
-    restored.restore_progress({"wm": T0, **restored.upstream_progress()})
+    restored.restore_progress({"wm": T0, **restored.marks()})
     assert restored.upstream_idle == {"events-1"}, "which upstream partitions are idle survives a restart"
