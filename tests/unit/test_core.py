@@ -96,7 +96,9 @@ class Counter(ProcessFunction):
         return {"key": ctx.key, "count": self.count.get(), "at": timestamp}
 
 
-def graph_of(tmp_path: Path, steps: list[dict[str, Any]]) -> JobGraph:
+def graph_of(
+    tmp_path: Path, steps: list[dict[str, Any]], idle_timeout: str = "0s", native: bool | None = None
+) -> JobGraph:
     doc = {
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "StreamJob",
@@ -105,14 +107,14 @@ def graph_of(tmp_path: Path, steps: list[dict[str, Any]]) -> JobGraph:
             "kafka": {"bootstrapServers": "memory"},
             "pipeline": {
                 "source": {"topics": ["events"], "eventTime": {"field": "ts"}},
-                "watermark": {"maxOutOfOrderness": "0ms"},
+                "watermark": {"maxOutOfOrderness": "0ms", "idleTimeout": idle_timeout},
                 "steps": steps,
                 "sink": {"topic": "out"},
                 "deadLetter": {"topic": "dlq"},
             },
         },
     }
-    return compile_job(load_job(orjson.dumps(doc).decode()), wall_ms=lambda: WALL)
+    return compile_job(load_job(orjson.dumps(doc).decode()), wall_ms=lambda: WALL, native=native)
 
 
 class Recorder:
@@ -240,26 +242,12 @@ class Pipe:
     stage 1 writes to the repartition topic comes back to stage 2 when ``deliver`` is called."""
 
     def __init__(self, tmp_path: Path, native: bool) -> None:
-        doc = {
-            "apiVersion": "weir.dev/v1alpha1",
-            "kind": "StreamJob",
-            "metadata": {"name": "idle", "namespace": "test"},
-            "spec": {
-                "kafka": {"bootstrapServers": "memory"},
-                "pipeline": {
-                    "source": {"topics": ["events"], "eventTime": {"field": "ts"}},
-                    "watermark": {"maxOutOfOrderness": "0ms", "idleTimeout": "5s"},
-                    "steps": [
-                        {"keyBy": {"field": "user"}},
-                        {"window": {"type": "tumbling", "size": "10s"}},
-                        {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
-                    ],
-                    "sink": {"topic": "out"},
-                    "deadLetter": {"topic": "dlq"},
-                },
-            },
-        }
-        graph = compile_job(load_job(orjson.dumps(doc).decode()), wall_ms=lambda: WALL, native=native)
+        steps = [
+            {"keyBy": {"field": "user"}},
+            {"window": {"type": "tumbling", "size": "10s"}},
+            {"aggregate": {"outputs": {"n": {"fn": "count"}}}},
+        ]
+        graph = graph_of(tmp_path, steps, idle_timeout="5s", native=native)
         assert (graph.native is not None) == native
         self.rp = graph.repartition_topic
         assert self.rp is not None
